@@ -1,0 +1,424 @@
+//! Events: everything that happens in a session, as past-tense facts inside one [`Envelope`].
+//!
+//! Events are encoded with `rmp_serde::to_vec_named` (MessagePack with field names), so a field
+//! added later with `#[serde(default)]` keeps old recordings readable. Recordings live forever:
+//! never rename or remove a field, only add defaulted ones.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The current envelope version.
+pub const ENVELOPE_VERSION: u16 = 1;
+
+/// A session id (UUIDv7, so ids sort by start time and carry their date).
+pub type SessionId = Uuid;
+/// A hold id.
+pub type HoldId = Uuid;
+
+/// Microseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    pub fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    pub fn to_system_time(self) -> SystemTime {
+        if self.0 >= 0 {
+            UNIX_EPOCH + Duration::from_micros(self.0 as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_micros(self.0.unsigned_abs())
+        }
+    }
+
+    /// `self + d`, saturating.
+    pub fn plus(self, d: Duration) -> Self {
+        Self(self.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
+    }
+
+    /// The calendar date (UTC) as `YYYY-MM-DD`.
+    pub fn date(self) -> String {
+        self.to_string()[..10].to_string()
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Self(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+            Err(e) => Self(-i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// The latest instant RFC 3339 can write (9999-12-31T23:59:59.999999Z), in microseconds.
+const MAX_RFC3339_MICROS: i64 = 253_402_300_799_999_999;
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // humantime cannot write instants before 1970 or after 9999: clamp rather than panic.
+        let t = Timestamp(self.0.clamp(0, MAX_RFC3339_MICROS));
+        write!(f, "{}", humantime::format_rfc3339_micros(t.to_system_time()))
+    }
+}
+
+/// One event, with its identity and session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Envelope format version ([`ENVELOPE_VERSION`]).
+    pub v: u16,
+    /// Unique event id; consumers deduplicate by it.
+    pub id: Uuid,
+    /// The session this event belongs to.
+    pub session: SessionId,
+    /// When it happened.
+    pub at: Timestamp,
+    pub event: Event,
+}
+
+impl Envelope {
+    pub fn new(session: SessionId, event: Event) -> Self {
+        Self { v: ENVELOPE_VERSION, id: Uuid::now_v7(), session, at: Timestamp::now(), event }
+    }
+
+    /// The NATS subject this envelope is published on.
+    pub fn subject(&self) -> String {
+        crate::subjects::session_subject(self.session, self.event.kind())
+    }
+}
+
+/// Who is connected: an OIDC subject or a service account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Principal {
+    /// The token's `sub` (OIDC) or the service account's name.
+    pub subject: String,
+    /// Groups from the token's groups claim, or the service account's groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `oidc` or `service_account`.
+    #[serde(default)]
+    pub kind: String,
+}
+
+impl Principal {
+    pub fn in_any_group(&self, groups: &[String]) -> bool {
+        groups.iter().any(|g| self.groups.iter().any(|mine| mine == g))
+    }
+}
+
+/// A policy decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Hold,
+    Deny,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decision::Allow => "allow",
+            Decision::Hold => "hold",
+            Decision::Deny => "deny",
+        })
+    }
+}
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldOutcome {
+    Approved,
+    Denied,
+    /// Nobody decided before the rule's timeout: a denial.
+    Expired,
+}
+
+impl std::fmt::Display for HoldOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HoldOutcome::Approved => "approved",
+            HoldOutcome::Denied => "denied",
+            HoldOutcome::Expired => "expired",
+        })
+    }
+}
+
+/// Who may approve a hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ApproverSpec {
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default = "one")]
+    pub min: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A statement waiting for a human.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldRequest {
+    pub hold_id: HoldId,
+    /// The request this hold is for (see [`Event::RequestReceived`]).
+    pub seq: u64,
+    pub connection: String,
+    pub principal: Principal,
+    /// The exact statement text the approval binds to.
+    pub statement: String,
+    /// Hex SHA-256 of the statement and its parameters: what an approval binds to.
+    pub fingerprint: String,
+    pub rule: String,
+    pub reason: String,
+    pub approvers: ApproverSpec,
+    pub requested_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// The end of a hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldDecision {
+    pub hold_id: HoldId,
+    pub outcome: HoldOutcome,
+    /// Who decided (an approver's identity, or the component that expired it).
+    pub decided_by: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// An error as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// SQLSTATE (or protocol-specific code).
+    pub code: String,
+    pub message: String,
+}
+
+/// The result rows as the client saw them (already masked), capped in size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ResultCapture {
+    pub columns: Vec<String>,
+    /// Text values; `None` is SQL NULL. Binary-format values are shown as `\x` hex.
+    pub rows: Vec<Vec<Option<String>>>,
+    /// True when rows were left out because the result exceeded the capture limit.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// Everything that happens in a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    SessionStarted {
+        principal: Principal,
+        connection: String,
+        /// `postgres`, `mysql` or `http`.
+        protocol: String,
+        client_addr: String,
+        /// The proxy node that served it.
+        node: String,
+        #[serde(default)]
+        policy_version: u64,
+    },
+    SessionEnded {
+        /// `client closed`, or what ended it.
+        reason: String,
+    },
+    RequestReceived {
+        /// The request's number within the session, from 1.
+        seq: u64,
+        statement: String,
+    },
+    PolicyDecided {
+        seq: u64,
+        decision: Decision,
+        /// The deciding rule, or a default (`defaults.unparsed`, ...).
+        rule: Option<String>,
+        operations: Vec<String>,
+        tables: Vec<String>,
+        reason: String,
+        policy_version: u64,
+    },
+    HoldRequested(HoldRequest),
+    HoldDecided(HoldDecision),
+    ResponseSent {
+        seq: u64,
+        /// Rows returned or affected.
+        rows: u64,
+        duration_us: u64,
+        #[serde(default)]
+        command_tag: Option<String>,
+        #[serde(default)]
+        error: Option<ErrorInfo>,
+        #[serde(default)]
+        result: Option<ResultCapture>,
+    },
+}
+
+impl Event {
+    /// The last token of the event's subject.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::SessionStarted { .. } => "session_started",
+            Event::SessionEnded { .. } => "session_ended",
+            Event::RequestReceived { .. } => "request",
+            Event::PolicyDecided { .. } => "policy_decision",
+            Event::HoldRequested(_) => "hold_requested",
+            Event::HoldDecided(_) => "hold_decided",
+            Event::ResponseSent { .. } => "response",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("encoding event: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("decoding event: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+}
+
+/// Encode an envelope as MessagePack with field names.
+pub fn encode(e: &Envelope) -> Result<Vec<u8>, CodecError> {
+    Ok(rmp_serde::to_vec_named(e)?)
+}
+
+/// Decode an envelope.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Event> {
+        let p = Principal { subject: "agent-1".into(), groups: vec!["agents".into()], kind: "oidc".into() };
+        vec![
+            Event::SessionStarted {
+                principal: p.clone(),
+                connection: "shop".into(),
+                protocol: "postgres".into(),
+                client_addr: "127.0.0.1:5555".into(),
+                node: "n1".into(),
+                policy_version: 3,
+            },
+            Event::RequestReceived { seq: 1, statement: "select 1".into() },
+            Event::PolicyDecided {
+                seq: 1,
+                decision: Decision::Hold,
+                rule: Some("r".into()),
+                operations: vec!["delete".into()],
+                tables: vec!["orders".into()],
+                reason: "matched".into(),
+                policy_version: 3,
+            },
+            Event::HoldRequested(HoldRequest {
+                hold_id: Uuid::nil(),
+                seq: 1,
+                connection: "shop".into(),
+                principal: p,
+                statement: "delete from orders".into(),
+                fingerprint: "ab".into(),
+                rule: "r".into(),
+                reason: "x".into(),
+                approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
+                requested_at: Timestamp(1),
+                expires_at: Timestamp(2),
+            }),
+            Event::HoldDecided(HoldDecision {
+                hold_id: Uuid::nil(),
+                outcome: HoldOutcome::Expired,
+                decided_by: "approval-service".into(),
+                reason: None,
+            }),
+            Event::ResponseSent {
+                seq: 1,
+                rows: 2,
+                duration_us: 10,
+                command_tag: Some("SELECT 2".into()),
+                error: None,
+                result: Some(ResultCapture {
+                    columns: vec!["a".into()],
+                    rows: vec![vec![Some("1".into())], vec![None]],
+                    truncated: false,
+                }),
+            },
+            Event::SessionEnded { reason: "client closed".into() },
+        ]
+    }
+
+    #[test]
+    fn every_event_round_trips_with_field_names() {
+        for ev in samples() {
+            let env = Envelope::new(Uuid::now_v7(), ev);
+            let bytes = encode(&env).expect("encode");
+            assert_eq!(decode(&bytes).expect("decode"), env);
+            // Field names are on the wire, not positions.
+            let as_value: rmpv_like::Value = rmp_serde::from_slice(&bytes).expect("generic");
+            assert!(as_value.0.contains_key("session"));
+        }
+    }
+
+    #[test]
+    fn unknown_fields_from_newer_versions_are_ignored() {
+        #[derive(Serialize)]
+        struct Newer {
+            v: u16,
+            id: Uuid,
+            session: Uuid,
+            at: i64,
+            event: Event,
+            added_later: String,
+        }
+        let n = Newer {
+            v: 2,
+            id: Uuid::nil(),
+            session: Uuid::nil(),
+            at: 5,
+            event: Event::SessionEnded { reason: "x".into() },
+            added_later: "y".into(),
+        };
+        let bytes = rmp_serde::to_vec_named(&n).expect("encode");
+        let env = decode(&bytes).expect("decode newer envelope");
+        assert_eq!(env.at, Timestamp(5));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(decode(b"\xff\x00garbage").is_err());
+        assert!(decode(b"").is_err());
+    }
+
+    #[test]
+    fn out_of_range_timestamps_format_without_panicking() {
+        assert!(Timestamp(i64::MIN).to_string().starts_with("1970-01-01"));
+        assert!(Timestamp(i64::MAX).to_string().starts_with("9999-12-31"));
+        assert_eq!(Timestamp(-5).date(), "1970-01-01");
+    }
+
+    #[test]
+    fn timestamps_format_and_date() {
+        let t = Timestamp(1_764_288_000_000_000); // 2025-11-28T00:00:00Z
+        assert_eq!(t.date(), "2025-11-28");
+        assert!(t.to_string().starts_with("2025-11-28T00:00:00"));
+    }
+
+    /// Decode any MessagePack map's keys, to check field names are written.
+    mod rmpv_like {
+        use std::collections::BTreeMap;
+
+        #[derive(serde::Deserialize)]
+        pub(super) struct Value(pub(super) BTreeMap<String, serde::de::IgnoredAny>);
+    }
+}
