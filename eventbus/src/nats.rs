@@ -1,0 +1,258 @@
+//! The JetStream implementation: one stream ([`proto::subjects::STREAM`]) captures every
+//! `airlock.>` subject; durable consumers are explicit-ack pull consumers; live subscriptions are
+//! core NATS subscriptions (JetStream-published messages reach core subscribers too).
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, Consumer, DeliverPolicy, pull},
+    context::PublishErrorKind,
+    message::PublishMessage,
+    stream::{self, StorageType},
+};
+use futures::StreamExt;
+use proto::events::{self, Envelope};
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::{debug, info, warn};
+
+use crate::{Acker, BusError, Delivery, NatsConfig};
+
+/// How long the server waits for an ack before redelivering (the default for [`NatsBus::durable`]).
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Extra time a fetch may take beyond its `wait` before we give up on the server.
+const FETCH_GRACE: Duration = Duration::from_secs(5);
+
+/// A connection to NATS with the Airlock stream in place.
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    ack_timeout: Duration,
+}
+
+impl NatsBus {
+    /// Connect and create (or reuse) the stream.
+    pub async fn connect(cfg: &NatsConfig) -> Result<Self, BusError> {
+        // async-nats brings ring while object_store brings aws-lc-rs: pick one for rustls, or it
+        // panics on the first TLS connection. A provider installed earlier wins.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let url = cfg.url.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name("airlock")
+            .connection_timeout(cfg.ack_timeout.max(Duration::from_secs(1)))
+            .event_callback(move |event| {
+                let url = url.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => info!(nats.url = %url, "connected to NATS"),
+                        async_nats::Event::Disconnected => warn!(nats.url = %url, "disconnected from NATS"),
+                        other => debug!(nats.url = %url, event = %other, "NATS event"),
+                    }
+                }
+            })
+            .connect(cfg.url.as_str())
+            .await
+            .map_err(|e| BusError::Connect { url: cfg.url.clone(), message: e.to_string() })?;
+        let js = jetstream::ContextBuilder::new().timeout(cfg.ack_timeout).build(client.clone());
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: proto::subjects::STREAM.to_string(),
+                subjects: vec![proto::subjects::STREAM_SUBJECTS.to_string()],
+                storage: StorageType::File,
+                max_age: cfg.max_age,
+                num_replicas: cfg.stream_replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Setup(format!("stream {}: {e}", proto::subjects::STREAM)))?;
+        Ok(Self { inner: Arc::new(Inner { client, js, stream, ack_timeout: cfg.ack_timeout }) })
+    }
+
+    /// The underlying NATS client (for health checks).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Publish all envelopes pipelined, with `Nats-Msg-Id` set to the envelope id (so a retried
+    /// publish is deduplicated by the stream), then wait for every ack. The whole call is bounded
+    /// by the configured ack timeout, also while NATS is unreachable.
+    pub async fn publish_all(&self, envs: &[Envelope]) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.inner.ack_timeout;
+        let timed_out = |subject: &str| BusError::AckTimeout {
+            subject: subject.to_string(),
+            timeout: self.inner.ack_timeout,
+        };
+        let mut acks = Vec::with_capacity(envs.len());
+        for env in envs {
+            let subject = env.subject();
+            let payload = events::encode(env)?;
+            let message = PublishMessage::build().payload(payload.into()).message_id(env.id.to_string());
+            let ack = timeout_at(deadline, self.inner.js.send_publish(subject.clone(), message))
+                .await
+                .map_err(|_| timed_out(&subject))?
+                .map_err(|e| publish_error(&subject, e, self.inner.ack_timeout))?;
+            acks.push((subject, ack));
+        }
+        for (subject, ack) in acks {
+            let ack = timeout_at(deadline, ack.into_future()).await.map_err(|_| timed_out(&subject))?;
+            ack.map_err(|e| publish_error(&subject, e, self.inner.ack_timeout))?;
+        }
+        Ok(())
+    }
+
+    /// A durable pull consumer with the default ack wait ([`DEFAULT_ACK_WAIT`]).
+    pub async fn durable(&self, name: &str, filter: &str) -> Result<NatsDurable, BusError> {
+        self.durable_with_ack_wait(name, filter, DEFAULT_ACK_WAIT).await
+    }
+
+    /// A durable pull consumer: explicit ack, delivers everything the stream holds for `filter`,
+    /// redelivers what is not acked within `ack_wait`. Processes using the same `name` share
+    /// the work. If the consumer already exists, its server-side configuration is reused.
+    pub async fn durable_with_ack_wait(
+        &self,
+        name: &str,
+        filter: &str,
+        ack_wait: Duration,
+    ) -> Result<NatsDurable, BusError> {
+        let consumer = self
+            .inner
+            .stream
+            .get_or_create_consumer(
+                name,
+                pull::Config {
+                    durable_name: Some(name.to_string()),
+                    filter_subject: filter.to_string(),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait,
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| BusError::Setup(format!("consumer {name}: {e}")))?;
+        Ok(NatsDurable { consumer: Box::new(consumer), name: name.to_string() })
+    }
+
+    /// Live events on `filter` from now on.
+    pub async fn subscribe(&self, filter: &str) -> Result<NatsSubscription, BusError> {
+        let subscriber = self
+            .inner
+            .client
+            .subscribe(filter.to_string())
+            .await
+            .map_err(|e| BusError::Setup(format!("subscribing to {filter}: {e}")))?;
+        // Make sure the server has registered the subscription before we return, so that an
+        // event published right after (from any connection) is seen.
+        timeout(self.inner.ack_timeout, self.inner.client.flush())
+            .await
+            .map_err(|_| BusError::Setup(format!("subscribing to {filter}: flush timed out")))?
+            .map_err(|e| BusError::Setup(format!("subscribing to {filter}: {e}")))?;
+        Ok(NatsSubscription { subscriber })
+    }
+}
+
+fn publish_error(subject: &str, e: jetstream::context::PublishError, timeout: Duration) -> BusError {
+    match e.kind() {
+        PublishErrorKind::TimedOut => BusError::AckTimeout { subject: subject.to_string(), timeout },
+        _ => BusError::Publish { subject: subject.to_string(), message: e.to_string() },
+    }
+}
+
+/// A durable pull consumer.
+pub struct NatsDurable {
+    consumer: Box<Consumer<pull::Config>>,
+    name: String,
+}
+
+impl NatsDurable {
+    /// Up to `max` deliveries. Returns at once with whatever is pending; if nothing is, waits up
+    /// to `wait` for the first message and then takes whatever else is pending.
+    pub async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        let max = max.max(1);
+        let mut out = self.pull(max, None).await?;
+        if out.is_empty() && !wait.is_zero() {
+            out = self.pull(1, Some(wait)).await?;
+            if !out.is_empty() && max > 1 {
+                out.extend(self.pull(max - 1, None).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One pull request: `wait = None` returns what is pending right now (no-wait fetch).
+    async fn pull(&self, max: usize, wait: Option<Duration>) -> Result<Vec<Delivery>, BusError> {
+        let consume = |e: &dyn std::fmt::Display| BusError::Consume(format!("consumer {}: {e}", self.name));
+        let bound = wait.unwrap_or_default() + FETCH_GRACE;
+        let collect = async {
+            let mut batch = match wait {
+                None => self.consumer.fetch().max_messages(max).messages().await,
+                Some(w) => self.consumer.batch().max_messages(max).expires(w).messages().await,
+            }
+            .map_err(|e| consume(&e))?;
+            let mut out = Vec::with_capacity(max);
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| consume(&e))?;
+                if let Some(d) = self.delivery(message).await {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        };
+        timeout(bound, collect).await.map_err(|_| consume(&"fetch timed out"))?
+    }
+
+    async fn delivery(&self, message: jetstream::Message) -> Option<Delivery> {
+        let (stream_seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, u64::try_from(info.delivered).unwrap_or(1)),
+            Err(e) => {
+                warn!(consumer = %self.name, error = %e, "message without JetStream metadata, skipped");
+                return None;
+            }
+        };
+        match events::decode(&message.payload) {
+            Ok(envelope) => {
+                Some(Delivery { envelope, stream_seq, delivered, acker: Acker::Nats(Box::new(message)) })
+            }
+            Err(e) => {
+                warn!(
+                    consumer = %self.name,
+                    subject = %message.subject,
+                    stream.seq = stream_seq,
+                    error = %e,
+                    "undecodable event, terminating it"
+                );
+                if let Err(e) = message.ack_with(AckKind::Term).await {
+                    warn!(consumer = %self.name, error = %e, "terminating undecodable event failed");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A live core-NATS subscription.
+pub struct NatsSubscription {
+    subscriber: async_nats::Subscriber,
+}
+
+impl NatsSubscription {
+    /// The next decodable event; undecodable ones are logged and skipped.
+    pub async fn next(&mut self) -> Option<Envelope> {
+        loop {
+            let message = self.subscriber.next().await?;
+            match events::decode(&message.payload) {
+                Ok(env) => return Some(env),
+                Err(e) => warn!(subject = %message.subject, error = %e, "undecodable event skipped"),
+            }
+        }
+    }
+}
