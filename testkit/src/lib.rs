@@ -1,0 +1,92 @@
+//! Test support for Airlock: starts real servers on free loopback ports for integration tests.
+//!
+//! There is no Docker engine on the machines that run these tests, so every helper spawns a real
+//! binary (or, for the OIDC issuer, a small in-process axum server) and tears it down on `Drop`,
+//! removing its temporary directory. `scripts/test.sh` installs the binaries on a fresh machine.
+//!
+//! # Layout
+//!
+//! - [`proc`]: [`Proc`], a child process killed on `Drop` whose output goes to a log file.
+//! - [`nats`]: [`Nats`], a `nats-server` with JetStream enabled.
+//! - [`postgres`]: [`Postgres`], a throwaway PostgreSQL cluster made by `initdb` (SCRAM-SHA-256 auth).
+//! - [`s3`]: [`S3`], an S3-compatible server (`moto_server`) with a bucket already created.
+//! - [`oidc`]: [`OidcIssuer`], an OIDC discovery + JWKS endpoint and token minting (ES256, RS256).
+//! - this file: [`free_port`], [`init_crypto`], [`wait_for_port`].
+
+pub mod nats;
+pub mod oidc;
+pub mod postgres;
+pub mod proc;
+pub mod s3;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+pub use nats::Nats;
+pub use oidc::OidcIssuer;
+pub use postgres::Postgres;
+pub use proc::Proc;
+pub use s3::S3;
+
+/// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read the port, drop).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// Installs the aws-lc-rs crypto provider for rustls (and for jsonwebtoken) as the process default.
+///
+/// async-nats enables ring while object_store/reqwest enable aws-lc-rs, so rustls cannot pick one by
+/// itself. Idempotent: later calls (and calls after someone else installed a provider) do nothing.
+pub fn init_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("nothing accepted connections on {addr} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Like [`wait_for_port`], but fails early (with the log) when the process exits first.
+pub(crate) fn wait_for_proc_port(proc: &mut Proc, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if let Some(status) = proc.try_wait() {
+            bail!("{} exited ({status}) before listening on {addr}; log:\n{}", proc.name(), proc.log());
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{} did not listen on {addr} within {timeout:?}; log:\n{}", proc.name(), proc.log());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Runs `kill -SIGNAL -- PID` (no unsafe code needed); errors are ignored.
+pub(crate) fn send_signal(signal: &str, pid: i64) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
