@@ -1,0 +1,185 @@
+//! Following the store's Watch stream in the background, for proxies.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::pb::policy_store_client::PolicyStoreClient;
+use proto::pb::{PolicyVersion, WatchRequest};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::ClientError;
+
+/// The first wait after a failed attempt; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// HTTP/2 pings detect a dead store while no versions arrive.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// While a stream is open and pings answered, contact is refreshed this often.
+const CONTACT_TICK: Duration = Duration::from_millis(500);
+
+/// A parsed, validated version the proxy enforces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivePolicy {
+    pub version: u64,
+    pub document: proto::policy::PolicyDocument,
+    /// Hex SHA-256 of the document's YAML.
+    pub digest: String,
+}
+
+/// A background follower of the store's Watch stream (see [`follow`]).
+#[derive(Debug)]
+pub struct Follower {
+    /// The last good version; `None` until the first one arrives.
+    pub policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
+    last_contact: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Follower {
+    /// When the follower last had a live stream to a store (a version received, or the open stream
+    /// confirmed alive by HTTP/2 keepalive); `None` if never.
+    pub fn last_contact(&self) -> Option<Instant> {
+        *self.last_contact.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Follow the store's Watch stream in a background task: keeps the last version; on disconnect,
+/// retries with backoff (100ms doubling to 2s) cycling through `endpoints`, resuming from the last
+/// version it has. A received document that fails `proto::policy::parse` is logged and skipped
+/// (the last good one stays). The receiver starts at `None`. The task ends when every receiver of
+/// [`Follower::policy`] is dropped. Must be called inside a tokio runtime.
+pub fn follow(endpoints: Vec<String>) -> Follower {
+    let (tx, policy) = watch::channel(None);
+    let last_contact = Arc::new(Mutex::new(None));
+    let contact = Contact(last_contact.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = follow_loop(endpoints, &tx, &contact) => {}
+            () = tx.closed() => debug!("policy follower dropped"),
+        }
+    });
+    Follower { policy, last_contact }
+}
+
+#[derive(Debug, Clone)]
+struct Contact(Arc<Mutex<Option<Instant>>>);
+
+impl Contact {
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+}
+
+async fn follow_loop(
+    endpoints: Vec<String>,
+    tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
+    contact: &Contact,
+) {
+    if endpoints.is_empty() {
+        warn!("no policy-store endpoints to follow");
+        return;
+    }
+    let mut last_seen = 0u64;
+    let mut backoff = MIN_BACKOFF;
+    for endpoint in endpoints.iter().cycle() {
+        match stream_once(endpoint, &mut last_seen, tx, contact, &mut backoff).await {
+            Ok(()) => info!(endpoint = %endpoint, "policy watch stream ended; reconnecting"),
+            Err(e) => warn!(endpoint = %endpoint, error = %e, "policy watch failed; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection: stream versions into `tx` until the stream ends or fails.
+async fn stream_once(
+    endpoint: &str,
+    last_seen: &mut u64,
+    tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
+    contact: &Contact,
+    backoff: &mut Duration,
+) -> Result<(), ClientError> {
+    let channel = super::endpoint(endpoint)?
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
+    let mut stream =
+        PolicyStoreClient::new(channel).watch(WatchRequest { from_version: *last_seen }).await?.into_inner();
+    contact.touch();
+    *backoff = MIN_BACKOFF;
+    debug!(endpoint = %endpoint, policy.version = *last_seen, "following policy store");
+    let mut tick = tokio::time::interval(CONTACT_TICK);
+    loop {
+        tokio::select! {
+            message = stream.message() => match message? {
+                Some(version) => {
+                    contact.touch();
+                    *last_seen = (*last_seen).max(version.version);
+                    if let Some(active) = activate(version) {
+                        tx.send_replace(Some(Arc::new(active)));
+                    }
+                }
+                None => return Ok(()),
+            },
+            _ = tick.tick() => contact.touch(),
+        }
+    }
+}
+
+/// Parse and check a received version; `None` (logged) when it cannot be enforced.
+fn activate(v: PolicyVersion) -> Option<ActivePolicy> {
+    let digest = crate::version::digest(&v.document_yaml);
+    if digest != v.digest {
+        warn!(policy.version = v.version, "policy version digest mismatch; keeping the last good version");
+        return None;
+    }
+    match proto::policy::parse(&v.document_yaml) {
+        Ok(document) => {
+            info!(policy.version = v.version, policy.digest = %digest, "policy version active");
+            Some(ActivePolicy { version: v.version, document, digest })
+        }
+        Err(errors) => {
+            warn!(policy.version = v.version, error = %errors, "invalid policy version skipped; keeping the last good version");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(n: u64, yaml: &str) -> PolicyVersion {
+        PolicyVersion {
+            version: n,
+            document_yaml: yaml.to_string(),
+            author: "test".into(),
+            applied_at_unix_ms: 0,
+            digest: crate::version::digest(yaml),
+        }
+    }
+
+    #[test]
+    fn valid_version_becomes_active() {
+        let active = activate(version(3, "defaults: { unparsed: deny }\n")).expect("valid");
+        assert_eq!(active.version, 3);
+        assert_eq!(active.digest, crate::version::digest("defaults: { unparsed: deny }\n"));
+    }
+
+    #[test]
+    fn invalid_document_is_skipped() {
+        assert!(activate(version(4, "rules: [{ name: x, action: explode }]\n")).is_none());
+        assert!(activate(version(5, ": : :\n\t- [")).is_none());
+    }
+
+    #[test]
+    fn digest_mismatch_is_skipped() {
+        let mut v = version(6, "rules: []\n");
+        v.digest = "00".into();
+        assert!(activate(v).is_none());
+    }
+}
