@@ -1,0 +1,57 @@
+//! Errors of the recorder, its storage setup and the audit readers.
+
+use object_store::path::Path;
+use uuid::Uuid;
+
+/// Opening the object store.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage url {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("creating recordings directory {path}")]
+    CreateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuring object store for {url}")]
+    Build {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// The recorder loop.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    #[error("creating the recorder's durable consumer")]
+    Consumer(#[source] eventbus::BusError),
+    #[error("encoding a chunk of session {session}")]
+    Encode {
+        session: Uuid,
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+}
+
+/// Reading recordings back.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("no recording of session {0}")]
+    NotFound(Uuid),
+    #[error("listing recordings")]
+    List(#[source] object_store::Error),
+    #[error("reading chunk {path}")]
+    Read {
+        path: Path,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("decoding chunk {path}")]
+    Decode {
+        path: Path,
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+}
