@@ -1,0 +1,317 @@
+//! Who is connecting: an OIDC JWT (checked against the issuer's JWKS, found through its
+//! discovery document) or a service account's API key (checked against the SHA-256 in the
+//! policy). The credential arrives as the Postgres password.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use proto::events::Principal;
+use proto::policy::PolicyDocument;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+
+/// OIDC settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer URL; its discovery document is `{issuer}/.well-known/openid-configuration`.
+    /// No default: without it only API keys are accepted.
+    pub issuer: String,
+    /// The audience tokens must carry. Default `airlock`.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// The claim that lists the principal's groups. Default `groups`.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Accepted signature algorithms (pinned). Default `[RS256, ES256]`.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// Clock skew tolerated on exp and nbf. Default 30s.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// How long fetched keys are trusted before they are fetched again. Default 10m.
+    #[serde(default = "default_jwks_ttl", with = "humantime_serde")]
+    pub jwks_ttl: Duration,
+}
+
+fn default_audience() -> String {
+    "airlock".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::RS256, Algorithm::ES256]
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl OidcConfig {
+    /// Settings for an issuer with every other field at its default.
+    pub fn for_issuer(issuer: &str) -> Self {
+        Self {
+            issuer: issuer.to_string(),
+            audience: default_audience(),
+            groups_claim: default_groups_claim(),
+            algorithms: default_algorithms(),
+            leeway: default_leeway(),
+            jwks_ttl: default_jwks_ttl(),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.algorithms.is_empty() {
+            return Err("oidc.algorithms must not be empty".into());
+        }
+        if let Some(a) = self
+            .algorithms
+            .iter()
+            .find(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+        {
+            return Err(format!(
+                "oidc.algorithms: {a:?} is a shared-secret algorithm; only public-key algorithms are allowed"
+            ));
+        }
+        if !(self.issuer.starts_with("https://") || self.issuer.starts_with("http://")) {
+            return Err("oidc.issuer must be an http(s) URL".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential was sent (put the token or API key in the password)")]
+    Missing,
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    #[error("token algorithm {0:?} is not accepted")]
+    Algorithm(Algorithm),
+    #[error("tokens are not accepted: no OIDC issuer is configured")]
+    NoIssuer,
+    #[error("unknown API key")]
+    UnknownKey,
+    #[error("identity provider unavailable: {0}")]
+    Provider(String),
+}
+
+struct Keys {
+    set: JwkSet,
+    fetched: Instant,
+}
+
+/// Validates OIDC tokens; keys are cached and refreshed on expiry or an unknown `kid`.
+pub struct OidcVerifier {
+    cfg: OidcConfig,
+    http: reqwest::Client,
+    keys: Mutex<Option<Keys>>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+/// The least time between two key fetches caused by unknown `kid`s.
+const MIN_REFETCH: Duration = Duration::from_secs(10);
+
+impl OidcVerifier {
+    pub fn new(cfg: OidcConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Self { cfg, http, keys: Mutex::new(None) }
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, AuthError> {
+        let issuer = self.cfg.issuer.trim_end_matches('/');
+        let url = format!("{issuer}/.well-known/openid-configuration");
+        let p = |e: reqwest::Error| AuthError::Provider(e.to_string());
+        let d: Discovery = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(p)?
+            .error_for_status()
+            .map_err(p)?
+            .json()
+            .await
+            .map_err(p)?;
+        if d.issuer.trim_end_matches('/') != issuer {
+            return Err(AuthError::Provider(format!(
+                "discovery document names issuer {} , not {issuer}",
+                d.issuer
+            )));
+        }
+        self.http
+            .get(&d.jwks_uri)
+            .send()
+            .await
+            .map_err(p)?
+            .error_for_status()
+            .map_err(p)?
+            .json()
+            .await
+            .map_err(p)
+    }
+
+    async fn key_for(&self, kid: Option<&str>) -> Result<DecodingKey, AuthError> {
+        let mut guard = self.keys.lock().await;
+        let fresh = |k: &Keys| k.fetched.elapsed() < self.cfg.jwks_ttl;
+        let find = |set: &JwkSet| -> Option<DecodingKey> {
+            let jwk = match kid {
+                Some(k) => set.find(k),
+                None if set.keys.len() == 1 => set.keys.first(),
+                None => None,
+            }?;
+            DecodingKey::from_jwk(jwk).ok()
+        };
+        if let Some(k) = guard.as_ref().filter(|k| fresh(k)) {
+            if let Some(key) = find(&k.set) {
+                return Ok(key);
+            }
+            if k.fetched.elapsed() < MIN_REFETCH {
+                return Err(AuthError::InvalidToken("unknown key id".into()));
+            }
+        }
+        let set = self.fetch().await?;
+        let key = find(&set);
+        *guard = Some(Keys { set, fetched: Instant::now() });
+        key.ok_or_else(|| AuthError::InvalidToken("unknown key id".into()))
+    }
+
+    /// Check a token and return its principal.
+    pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        if !self.cfg.algorithms.contains(&header.alg) {
+            return Err(AuthError::Algorithm(header.alg));
+        }
+        let key = self.key_for(header.kid.as_deref()).await?;
+        let mut v = Validation::new(header.alg);
+        v.algorithms = vec![header.alg];
+        v.set_issuer(&[self.cfg.issuer.trim_end_matches('/'), self.cfg.issuer.as_str()]);
+        v.set_audience(&[&self.cfg.audience]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.leeway = self.cfg.leeway.as_secs();
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let claims = data.claims;
+        let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default().to_string();
+        if subject.is_empty() {
+            return Err(AuthError::InvalidToken("empty sub".into()));
+        }
+        let groups = match claims.get(&self.cfg.groups_claim) {
+            Some(serde_json::Value::Array(a)) => {
+                a.iter().filter_map(|g| g.as_str().map(str::to_string)).collect()
+            }
+            Some(serde_json::Value::String(s)) => {
+                s.split([' ', ',']).filter(|g| !g.is_empty()).map(str::to_string).collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(Principal { subject, groups, kind: "oidc".into() })
+    }
+}
+
+/// Authenticates credentials against OIDC and the policy's service accounts.
+#[derive(Clone)]
+pub struct Authenticator {
+    oidc: Option<Arc<OidcVerifier>>,
+}
+
+/// Does this credential look like a JWT (three base64url parts, a JSON header)?
+fn looks_like_jwt(s: &str) -> bool {
+    s.starts_with("eyJ") && s.matches('.').count() == 2
+}
+
+/// Hex SHA-256 of an API key, as stored in the policy.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Authenticator {
+    pub fn new(oidc: Option<OidcConfig>) -> Self {
+        Self { oidc: oidc.map(|c| Arc::new(OidcVerifier::new(c))) }
+    }
+
+    pub async fn authenticate(
+        &self,
+        credential: &str,
+        policy: &PolicyDocument,
+    ) -> Result<Principal, AuthError> {
+        if credential.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if looks_like_jwt(credential) {
+            return match &self.oidc {
+                Some(v) => v.verify(credential).await,
+                None => Err(AuthError::NoIssuer),
+            };
+        }
+        let digest = hash_api_key(credential);
+        // Compare against every account in constant time, so timing says nothing about which matched.
+        let mut found = None;
+        for sa in &policy.service_accounts {
+            let eq: bool = sa.api_key_sha256.to_ascii_lowercase().as_bytes().ct_eq(digest.as_bytes()).into();
+            if eq && found.is_none() {
+                found = Some(sa);
+            }
+        }
+        let sa = found.ok_or(AuthError::UnknownKey)?;
+        Ok(Principal { subject: sa.name.clone(), groups: sa.groups.clone(), kind: "service_account".into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_shape_detection() {
+        assert!(looks_like_jwt("eyJhbGciOi.eyJzdWIi.sig"));
+        assert!(!looks_like_jwt("ak_live_123"));
+        assert!(!looks_like_jwt("eyJ.only-one-dot"));
+    }
+
+    #[test]
+    fn shared_secret_algorithms_are_refused_in_config() {
+        let mut c = OidcConfig::for_issuer("http://127.0.0.1:1");
+        c.algorithms = vec![Algorithm::HS256];
+        assert!(c.validate().is_err());
+        c.algorithms = vec![];
+        assert!(c.validate().is_err());
+    }
+
+    #[tokio::test]
+    async fn api_keys_match_their_hash_only() {
+        let doc = proto::policy::PolicyDocument {
+            service_accounts: vec![proto::policy::ServiceAccount {
+                name: "etl".into(),
+                groups: vec!["batch".into()],
+                api_key_sha256: hash_api_key("ak_secret"),
+            }],
+            ..Default::default()
+        };
+        let a = Authenticator::new(None);
+        let p = a.authenticate("ak_secret", &doc).await.expect("valid key");
+        assert_eq!((p.subject.as_str(), p.groups.as_slice()), ("etl", &["batch".to_string()][..]));
+        assert!(matches!(a.authenticate("ak_wrong", &doc).await, Err(AuthError::UnknownKey)));
+        assert!(matches!(a.authenticate("", &doc).await, Err(AuthError::Missing)));
+        assert!(matches!(a.authenticate("eyJa.eyJb.c", &doc).await, Err(AuthError::NoIssuer)));
+    }
+}

@@ -1,0 +1,174 @@
+//! The proxy node: it accepts agents' connections, authenticates them, parses and decides every
+//! statement, holds the ones that need a human, relays the rest to the target with the
+//! gateway's own credentials, and publishes every event of the session to the event bus.
+//!
+//! It is stateless: policies arrive from the policy store over a gRPC watch stream, events go
+//! to the bus, and any number of nodes can run behind a TCP load balancer.
+//!
+//! # Layout
+//! - [`wire`]: sans-I/O codecs (the Postgres v3 protocol).
+//! - [`identity`]: OIDC token and API key authentication.
+//! - [`policy`]: statement classification and rule evaluation.
+//! - [`hold`]: statements waiting for a decision.
+//! - [`upstream`]: connecting to targets with held credentials.
+//! - `session`: one client session, from startup to the end.
+//! - [`cancel`]: routing CancelRequests to the right target backend.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus::EventBus;
+use policy_store::client::ActivePolicy;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub mod cancel;
+pub mod hold;
+pub mod identity;
+pub mod policy;
+mod session;
+pub mod upstream;
+pub mod wire;
+
+pub use identity::OidcConfig;
+
+/// Proxy node settings (`[proxy]` in airlock.toml).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Postgres listener. Default 127.0.0.1:15432.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Policy store gRPC endpoints to follow. Default `["http://127.0.0.1:17070"]`.
+    #[serde(default = "default_policy_store")]
+    pub policy_store: Vec<String>,
+    /// This node's name in events. Default `proxy-<pid>`.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// OIDC issuer for agents' tokens. Default none (API keys only).
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
+    /// The largest protocol message accepted, from clients or targets. Default 16 MiB.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Timeout for connecting to and authenticating with a target. Default 10s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Extra time a held statement waits past its rule's timeout for the approval service's
+    /// expiry before denying on its own. Default 5s.
+    #[serde(default = "default_hold_grace", with = "humantime_serde")]
+    pub hold_grace: Duration,
+    /// Result rows kept in each response event. Default 1000.
+    #[serde(default = "default_capture_rows")]
+    pub capture_rows: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15432))
+}
+fn default_policy_store() -> Vec<String> {
+    vec!["http://127.0.0.1:17070".into()]
+}
+fn default_max_message() -> usize {
+    16 * 1024 * 1024
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_hold_grace() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_capture_rows() -> usize {
+    1000
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            policy_store: default_policy_store(),
+            node_name: None,
+            oidc: None,
+            max_message_bytes: default_max_message(),
+            connect_timeout: default_connect_timeout(),
+            hold_grace: default_hold_grace(),
+            capture_rows: default_capture_rows(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(o) = &self.oidc {
+            o.validate()?;
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("proxy.max_message_bytes must be at least 1024".into());
+        }
+        if self.policy_store.is_empty() {
+            return Err("proxy.policy_store must list at least one endpoint".into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| format!("proxy-{}", std::process::id()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("event bus: {0}")]
+    Bus(#[from] eventbus::BusError),
+    #[error("accepting connections: {0}")]
+    Accept(#[source] std::io::Error),
+}
+
+/// What every session of a node shares.
+pub(crate) struct Shared {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) bus: EventBus,
+    pub(crate) policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
+    pub(crate) auth: identity::Authenticator,
+    pub(crate) holds: hold::Holds,
+    pub(crate) cancels: cancel::Cancels,
+}
+
+/// Serve Postgres clients on `listener` until `shutdown` resolves.
+pub async fn run(
+    cfg: ProxyConfig,
+    bus: EventBus,
+    policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ProxyError> {
+    let holds = hold::Holds::start(&bus).await?;
+    let shared = Arc::new(Shared {
+        auth: identity::Authenticator::new(cfg.oidc.clone()),
+        cfg,
+        bus,
+        policy,
+        holds,
+        cancels: cancel::Cancels::default(),
+    });
+    info!(listen = ?listener.local_addr().ok(), "proxy listening");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(session::serve(shared.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Policy: what a statement does ([`classify`]) and what the rules say about it ([`evaluate`]).
+
+pub mod classify;
+pub mod evaluate;
+
+pub use classify::{Access, Classification, TableName, classify};
+pub use evaluate::{Verdict, evaluate};

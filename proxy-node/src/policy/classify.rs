@@ -1,0 +1,616 @@
+//! Statement classification: parse with sqlparser and list every (operation, table) access.
+//!
+//! The classifier errs on the side of restriction: a write statement's operation is paired with
+//! every table it mentions (so `UPDATE a ... FROM b` yields `update a` and `update b`, plus
+//! `select` on both). Extra accesses can only make a decision stricter, never looser, because
+//! the decision is the most restrictive over all accesses. Anything whose effect cannot be
+//! known (an unknown function, `EXECUTE` of a prepared statement, an unmapped statement kind)
+//! is flagged [`Classification::unknown`]; anything that does not parse is
+//! [`Classification::unparsed`].
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+
+use proto::policy::Operation;
+use sqlparser::ast::{
+    Expr, ObjectName, ObjectNamePart, SetExpr, Statement, visit_expressions, visit_relations,
+    visit_statements,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+/// A table name as PostgreSQL resolves it: unquoted parts folded to lower case.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    /// `schema.table` or `table` (catalog parts dropped).
+    pub parts: Vec<String>,
+}
+
+impl TableName {
+    fn from_object_name(n: &ObjectName) -> Option<Self> {
+        let mut parts = Vec::new();
+        for p in &n.0 {
+            match p {
+                ObjectNamePart::Identifier(id) => parts.push(match id.quote_style {
+                    Some(_) => id.value.clone(),
+                    None => id.value.to_lowercase(),
+                }),
+                ObjectNamePart::Function(_) => return None,
+            }
+        }
+        let keep = parts.len().min(2);
+        Some(Self { parts: parts.split_off(parts.len() - keep) })
+    }
+
+    /// The unqualified name.
+    pub fn table(&self) -> &str {
+        self.parts.last().map(String::as_str).unwrap_or_default()
+    }
+
+    /// Does a rule pattern (`orders`, `public.orders`, `audit_*`) match this table?
+    pub fn matches(&self, pattern: &str) -> bool {
+        let pat: Vec<&str> = pattern.split('.').collect();
+        match pat.as_slice() {
+            [t] => glob(&t.to_lowercase(), self.table()),
+            [s, t] => {
+                // An unqualified name in a statement may resolve to any schema: match on the table.
+                let schema_ok = self.parts.len() < 2 || glob(&s.to_lowercase(), &self.parts[0]);
+                schema_ok && glob(&t.to_lowercase(), self.table())
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.parts.join("."))
+    }
+}
+
+/// `*` matches any run of characters.
+fn glob(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, tail)) => {
+            let Some(rest) = s.strip_prefix(head) else { return false };
+            (0..=rest.len()).filter(|i| rest.is_char_boundary(*i)).any(|i| glob(tail, &rest[i..]))
+        }
+    }
+}
+
+/// One thing a statement does to one table (or to no table: `SET`, `SELECT 1`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Access {
+    pub operation: Operation,
+    pub table: Option<TableName>,
+}
+
+/// What a message (one or more statements) does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Classification {
+    pub accesses: BTreeSet<Access>,
+    /// Why the effect cannot be known, if it cannot.
+    pub unknown: Option<String>,
+    /// The parser's error, if the text did not parse.
+    pub unparsed: Option<String>,
+    /// A dangerous built-in was called.
+    pub denied_function: Option<String>,
+    /// Number of statements.
+    pub statements: usize,
+}
+
+impl Classification {
+    pub fn operations(&self) -> Vec<String> {
+        let ops: BTreeSet<&str> = self.accesses.iter().map(|a| a.operation.as_str()).collect();
+        ops.into_iter().map(str::to_string).collect()
+    }
+
+    pub fn tables(&self) -> Vec<String> {
+        let t: BTreeSet<String> =
+            self.accesses.iter().filter_map(|a| a.table.as_ref()).map(|t| t.to_string()).collect();
+        t.into_iter().collect()
+    }
+}
+
+/// Built-ins that are never allowed through the gateway, whatever the rules say.
+const DENIED_FUNCTIONS: &[&str] = &[
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_ls_logdir",
+    "pg_ls_waldir",
+    "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir",
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+    "set_config",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "dblink_connect_u",
+    "dblink_send_query",
+    "pg_create_restore_point",
+    "pg_switch_wal",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_drop_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot",
+    "pg_replication_origin_create",
+    "pg_import_system_collations",
+    "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "cursor_to_xml",
+];
+
+/// Built-ins known to have no side effects.
+const READ_ONLY_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "every",
+    "bool_and",
+    "bool_or",
+    "string_agg",
+    "array_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "stddev",
+    "variance",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "ntile",
+    "now",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "localtimestamp",
+    "clock_timestamp",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "date_trunc",
+    "date_part",
+    "extract",
+    "age",
+    "to_char",
+    "to_date",
+    "to_timestamp",
+    "to_number",
+    "make_date",
+    "make_interval",
+    "lower",
+    "upper",
+    "initcap",
+    "length",
+    "char_length",
+    "octet_length",
+    "substring",
+    "substr",
+    "position",
+    "strpos",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "lpad",
+    "rpad",
+    "replace",
+    "concat",
+    "concat_ws",
+    "left",
+    "right",
+    "split_part",
+    "repeat",
+    "reverse",
+    "format",
+    "md5",
+    "sha256",
+    "encode",
+    "decode",
+    "regexp_replace",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_split_to_array",
+    "string_to_array",
+    "array_to_string",
+    "array_length",
+    "cardinality",
+    "unnest",
+    "generate_series",
+    "coalesce",
+    "nullif",
+    "greatest",
+    "least",
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "trunc",
+    "mod",
+    "power",
+    "sqrt",
+    "exp",
+    "ln",
+    "log",
+    "random",
+    "sign",
+    "to_json",
+    "to_jsonb",
+    "row_to_json",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "jsonb_set",
+    "json_extract_path",
+    "jsonb_extract_path",
+    "json_extract_path_text",
+    "jsonb_extract_path_text",
+    "jsonb_pretty",
+    "json_array_length",
+    "jsonb_array_length",
+    "jsonb_each",
+    "json_each",
+    "jsonb_object_keys",
+    "json_object_keys",
+    "version",
+    "current_user",
+    "session_user",
+    "current_schema",
+    "current_database",
+    "pg_typeof",
+    "exists",
+    "cast",
+    "gen_random_uuid",
+    "uuid_generate_v4",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "pg_backend_pid",
+    "pg_postmaster_start_time",
+    "has_table_privilege",
+    "has_schema_privilege",
+    "pg_table_size",
+    "pg_total_relation_size",
+    "pg_relation_size",
+    "pg_size_pretty",
+    "pg_database_size",
+    "obj_description",
+    "col_description",
+    "format_type",
+    "pg_get_viewdef",
+    "pg_get_indexdef",
+    "pg_get_constraintdef",
+    "array_position",
+    "bit_length",
+    "chr",
+    "ascii",
+    "translate",
+    "starts_with",
+    "width_bucket",
+    "date",
+    "timezone",
+    "isfinite",
+    "justify_days",
+    "justify_hours",
+    "array_remove",
+    "array_append",
+    "array_prepend",
+    "array_cat",
+    "to_tsvector",
+    "to_tsquery",
+    "plainto_tsquery",
+    "ts_rank",
+    "any",
+    "all",
+    "filter",
+    "in",
+];
+
+fn function_name(n: &ObjectName) -> String {
+    n.0.iter()
+        .filter_map(|p| match p {
+            ObjectNamePart::Identifier(id) => {
+                Some(if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() })
+            }
+            ObjectNamePart::Function(_) => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// What a single statement node does, without looking inside it. `None`: effect unknown.
+fn operation(stmt: &Statement) -> Option<Operation> {
+    use Operation as O;
+    Some(match stmt {
+        Statement::Query(q) => {
+            if let SetExpr::Select(s) = q.body.as_ref()
+                && s.into.is_some()
+            {
+                return Some(O::Create);
+            }
+            if !q.locks.is_empty() { O::Lock } else { O::Select }
+        }
+        Statement::Insert(_) => O::Insert,
+        Statement::Update(_) => O::Update,
+        Statement::Delete(_) => O::Delete,
+        Statement::Merge(_) => O::Merge,
+        Statement::Truncate(_) => O::Truncate,
+        Statement::CreateTable(_)
+        | Statement::CreateView(_)
+        | Statement::CreateIndex(_)
+        | Statement::CreateSchema { .. }
+        | Statement::CreateDatabase { .. }
+        | Statement::CreateRole(_)
+        | Statement::CreateSequence { .. }
+        | Statement::CreateType { .. }
+        | Statement::CreateDomain(_)
+        | Statement::CreateExtension(_)
+        | Statement::CreateFunction(_)
+        | Statement::CreateProcedure { .. }
+        | Statement::CreateTrigger(_)
+        | Statement::CreatePolicy(_)
+        | Statement::CreateVirtualTable { .. }
+        | Statement::CreateServer(_)
+        | Statement::CreateUser(_) => O::Create,
+        Statement::AlterTable(_)
+        | Statement::AlterIndex { .. }
+        | Statement::AlterView { .. }
+        | Statement::AlterRole { .. }
+        | Statement::AlterSchema(_)
+        | Statement::AlterType(_)
+        | Statement::AlterPolicy(_)
+        | Statement::AlterFunction(_)
+        | Statement::AlterUser(_)
+        | Statement::RenameTable(_) => O::Alter,
+        Statement::Drop { .. }
+        | Statement::DropFunction(_)
+        | Statement::DropProcedure { .. }
+        | Statement::DropTrigger(_)
+        | Statement::DropPolicy(_)
+        | Statement::DropExtension(_)
+        | Statement::DropDomain(_) => O::Drop,
+        Statement::Grant(_) | Statement::GrantRole(_) => O::Grant,
+        Statement::Revoke(_) | Statement::RevokeRole(_) => O::Revoke,
+        Statement::Copy { .. } => O::Copy,
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => O::Transaction,
+        Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowDatabases { .. }
+        | Statement::ShowSchemas { .. } => O::Show,
+        Statement::Explain { .. } | Statement::ExplainTable { .. } => O::Explain,
+        Statement::Prepare { .. } => O::Prepare,
+        Statement::Deallocate { .. } => O::Deallocate,
+        Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => O::Cursor,
+        Statement::Comment { .. } => O::Comment,
+        Statement::Lock(_) | Statement::LockTables { .. } => O::Lock,
+        Statement::Vacuum(_) => O::Vacuum,
+        Statement::Analyze(_) => O::Analyze,
+        Statement::LISTEN { .. } | Statement::UNLISTEN { .. } => O::Listen,
+        Statement::NOTIFY { .. } => O::Notify,
+        Statement::Discard { .. } => O::Discard,
+        Statement::Set(_) | Statement::Reset(_) => O::Set,
+        // CALL runs a procedure, EXECUTE a prepared statement the gateway has not tracked:
+        // either can do anything.
+        _ => return None,
+    })
+}
+
+/// Classify the text of one simple-protocol message (one or more statements).
+pub fn classify(sql: &str) -> Classification {
+    let mut c = Classification::default();
+    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => s,
+        Err(e) => {
+            c.unparsed = Some(e.to_string());
+            return c;
+        }
+    };
+    c.statements = statements.len();
+    if statements.is_empty() {
+        // Only comments or semicolons: the server answers EmptyQueryResponse.
+        return c;
+    }
+    for stmt in &statements {
+        classify_statement(stmt, &mut c);
+    }
+    c
+}
+
+fn relations_of(stmt: &Statement) -> BTreeSet<TableName> {
+    let mut out = BTreeSet::new();
+    let _ = visit_relations(stmt, |name| {
+        if let Some(t) = TableName::from_object_name(name) {
+            out.insert(t);
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    // Names the visitor does not report as relations.
+    if let Statement::Drop { names, .. } = stmt {
+        out.extend(names.iter().filter_map(TableName::from_object_name));
+    }
+    out
+}
+
+fn classify_statement(top: &Statement, c: &mut Classification) {
+    // Every statement node, the top one and any nested in CTEs, EXPLAIN, PREPARE, DECLARE.
+    let _ = visit_statements(top, |stmt| {
+        match operation(stmt) {
+            None => {
+                let kind = format!("{stmt}");
+                let kind: String = kind.split_whitespace().next().unwrap_or("statement").to_uppercase();
+                c.unknown.get_or_insert_with(|| format!("the effect of {kind} cannot be known"));
+            }
+            Some(op) => {
+                let rels = relations_of(stmt);
+                if rels.is_empty() {
+                    c.accesses.insert(Access { operation: op, table: None });
+                }
+                for t in rels {
+                    if op != Operation::Select {
+                        c.accesses.insert(Access { operation: op, table: Some(t.clone()) });
+                    }
+                    c.accesses.insert(Access { operation: Operation::Select, table: Some(t) });
+                }
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if let Statement::Call(f) = top {
+        c.unknown.get_or_insert_with(|| format!("CALL {} can do anything", function_name(&f.name)));
+        c.accesses.insert(Access { operation: Operation::Call, table: None });
+    }
+    let _ = visit_expressions(top, |e| {
+        if let Expr::Function(f) = e {
+            let full = function_name(&f.name);
+            let bare = full.rsplit('.').next().unwrap_or_default().to_string();
+            let system = full == bare || full.starts_with("pg_catalog.");
+            if system
+                && (DENIED_FUNCTIONS.contains(&bare.as_str())
+                    || bare.starts_with("lo_")
+                    || bare.starts_with("dblink"))
+            {
+                c.denied_function.get_or_insert(bare);
+            } else if !(system && READ_ONLY_FUNCTIONS.contains(&bare.as_str())) {
+                c.unknown.get_or_insert_with(|| format!("function {full}() may have side effects"));
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has(c: &Classification, op: Operation, table: &str) -> bool {
+        c.accesses
+            .iter()
+            .any(|a| a.operation == op && a.table.as_ref().is_some_and(|t| t.to_string() == table))
+    }
+
+    #[test]
+    fn select_reads_its_tables() {
+        let c = classify("SELECT o.id FROM Orders o JOIN public.users u ON u.id = o.user_id");
+        assert!(has(&c, Operation::Select, "orders"));
+        assert!(has(&c, Operation::Select, "public.users"));
+        assert!(c.unknown.is_none() && c.unparsed.is_none());
+        assert_eq!(c.operations(), vec!["select"]);
+    }
+
+    #[test]
+    fn quoted_names_keep_case_unquoted_fold() {
+        let c = classify(r#"DELETE FROM "Orders"; delete from ORDERS"#);
+        assert!(has(&c, Operation::Delete, "Orders"));
+        assert!(has(&c, Operation::Delete, "orders"));
+        assert_eq!(c.statements, 2);
+    }
+
+    #[test]
+    fn writes_hidden_in_ctes_are_found() {
+        let c = classify("WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d");
+        assert!(has(&c, Operation::Delete, "orders"), "{c:?}");
+    }
+
+    #[test]
+    fn explain_analyze_and_prepare_expose_the_inner_write() {
+        assert!(has(&classify("EXPLAIN ANALYZE DELETE FROM orders"), Operation::Delete, "orders"));
+        assert!(has(&classify("PREPARE p AS UPDATE orders SET total = 0"), Operation::Update, "orders"));
+    }
+
+    #[test]
+    fn select_into_is_a_create() {
+        let c = classify("SELECT * INTO stolen FROM users");
+        assert!(c.accesses.iter().any(|a| a.operation == Operation::Create), "{c:?}");
+    }
+
+    #[test]
+    fn execute_and_call_have_unknown_effect() {
+        assert!(classify("EXECUTE p").unknown.is_some());
+        assert!(classify("CALL do_things()").unknown.is_some());
+    }
+
+    #[test]
+    fn dangerous_builtins_are_flagged_and_unknown_functions_are_unknown() {
+        assert_eq!(
+            classify("SELECT pg_terminate_backend(123)").denied_function.as_deref(),
+            Some("pg_terminate_backend")
+        );
+        assert_eq!(classify("select LO_IMPORT('/etc/passwd')").denied_function.as_deref(), Some("lo_import"));
+        assert_eq!(
+            classify("select pg_catalog.set_config('role','x',false)").denied_function.as_deref(),
+            Some("set_config")
+        );
+        assert!(classify("SELECT my_func(1)").unknown.is_some());
+        let c = classify("SELECT count(*), lower(name) FROM users");
+        assert!(c.unknown.is_none() && c.denied_function.is_none(), "{c:?}");
+    }
+
+    #[test]
+    fn garbage_is_unparsed_and_comments_are_seen_through() {
+        assert!(classify("DELTE FROM orders").unparsed.is_some());
+        assert!(classify("SELECT 'unterminated").unparsed.is_some());
+        let c = classify("/* harmless */ DROP TABLE -- x\n orders");
+        assert!(has(&c, Operation::Drop, "orders"), "{c:?}");
+    }
+
+    #[test]
+    fn ddl_targets_are_tables() {
+        for (sql, op) in [
+            ("CREATE TABLE orders_copy (id int)", Operation::Create),
+            ("ALTER TABLE orders ADD COLUMN x int", Operation::Alter),
+            ("TRUNCATE orders", Operation::Truncate),
+            ("DROP TABLE IF EXISTS orders CASCADE", Operation::Drop),
+            ("CREATE INDEX i ON orders (id)", Operation::Create),
+            ("INSERT INTO orders VALUES (1)", Operation::Insert),
+            ("UPDATE orders SET id = 2", Operation::Update),
+            ("DELETE FROM orders", Operation::Delete),
+        ] {
+            let c = classify(sql);
+            let table = if sql.contains("orders_copy") { "orders_copy" } else { "orders" };
+            assert!(has(&c, op, table), "{sql}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn patterns_match_schema_and_globs() {
+        let t = TableName { parts: vec!["public".into(), "orders".into()] };
+        assert!(t.matches("orders"));
+        assert!(t.matches("public.orders"));
+        assert!(t.matches("ORDERS"));
+        assert!(!t.matches("audit.orders"));
+        assert!(t.matches("ord*"));
+        assert!(t.matches("*"));
+        assert!(!t.matches("users"));
+        let bare = TableName { parts: vec!["orders".into()] };
+        assert!(bare.matches("public.orders"), "unqualified may resolve to any schema");
+    }
+}

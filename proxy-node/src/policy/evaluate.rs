@@ -1,0 +1,236 @@
+//! Rule evaluation: the most restrictive decision over every access wins (deny > hold > allow).
+
+use std::time::Duration;
+
+use proto::events::{ApproverSpec, Decision, Principal};
+use proto::policy::{PolicyDocument, Rule};
+
+use super::classify::{Access, Classification};
+
+/// The outcome for one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// The deciding rule's name, or the default that decided (`defaults.unparsed`).
+    pub rule: String,
+    /// Why, for the client and the record.
+    pub reason: String,
+    /// Set when the decision is hold.
+    pub hold: Option<HoldSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldSpec {
+    pub approvers: ApproverSpec,
+    pub timeout: Duration,
+}
+
+fn applies(rule: &Rule, connection: &str, who: &Principal) -> bool {
+    let conn_ok = rule.connections.is_empty() || rule.connections.iter().any(|c| c == connection);
+    let who_ok = match &rule.principals {
+        None => true,
+        Some(p) => {
+            (p.groups.is_empty() && p.subjects.is_empty())
+                || who.in_any_group(&p.groups)
+                || p.subjects.contains(&who.subject)
+        }
+    };
+    conn_ok && who_ok
+}
+
+fn matches(rule: &Rule, a: &Access) -> bool {
+    let op_ok = rule.matches.operations.is_empty() || rule.matches.operations.contains(&a.operation);
+    let table_ok = rule.matches.tables.is_empty()
+        || a.table.as_ref().is_some_and(|t| rule.matches.tables.iter().any(|p| t.matches(p)));
+    op_ok && table_ok
+}
+
+impl Verdict {
+    fn from_rule(rule: &Rule, a: &Access) -> Self {
+        let what = match &a.table {
+            Some(t) => format!("{} on {t}", a.operation),
+            None => a.operation.to_string(),
+        };
+        Self {
+            decision: rule.action,
+            rule: rule.name.clone(),
+            reason: format!("{what} matched rule `{}`", rule.name),
+            hold: Some(HoldSpec {
+                approvers: rule.approvers.clone().unwrap_or(ApproverSpec { groups: vec![], min: 1 }),
+                timeout: rule.hold_timeout(),
+            })
+            .filter(|_| rule.action == Decision::Hold),
+        }
+    }
+
+    fn from_default(doc: &PolicyDocument, decision: Decision, name: &str, reason: String) -> Self {
+        Self {
+            decision,
+            rule: format!("defaults.{name}"),
+            reason,
+            hold: (decision == Decision::Hold).then(|| HoldSpec {
+                approvers: ApproverSpec { groups: vec![], min: 1 },
+                timeout: doc.defaults.hold_timeout,
+            }),
+        }
+    }
+}
+
+/// Decide what to do with a classified message.
+pub fn evaluate(doc: &PolicyDocument, connection: &str, who: &Principal, c: &Classification) -> Verdict {
+    if let Some(e) = &c.unparsed {
+        return Verdict::from_default(
+            doc,
+            doc.defaults.unparsed,
+            "unparsed",
+            format!("the statement could not be parsed ({e})"),
+        );
+    }
+    if let Some(f) = &c.denied_function {
+        return Verdict {
+            decision: Decision::Deny,
+            rule: "builtin.dangerous-functions".into(),
+            reason: format!("{f}() is never allowed through the gateway"),
+            hold: None,
+        };
+    }
+    let rules: Vec<&Rule> = doc.rules.iter().filter(|r| applies(r, connection, who)).collect();
+    let mut best: Option<Verdict> = None;
+    let mut consider = |v: Verdict| {
+        if best.as_ref().is_none_or(|b| v.decision > b.decision) {
+            best = Some(v);
+        }
+    };
+    for a in &c.accesses {
+        let mut matched = false;
+        for r in rules.iter().filter(|r| matches(r, a)) {
+            matched = true;
+            consider(Verdict::from_rule(r, a));
+        }
+        if !matched {
+            let what = match &a.table {
+                Some(t) => format!("{} on {t}", a.operation),
+                None => a.operation.to_string(),
+            };
+            consider(Verdict::from_default(
+                doc,
+                doc.defaults.no_match,
+                "no_match",
+                format!("no rule matched {what}"),
+            ));
+        }
+    }
+    if let Some(why) = &c.unknown {
+        consider(Verdict::from_default(
+            doc,
+            doc.defaults.unknown_operation,
+            "unknown_operation",
+            why.clone(),
+        ));
+    }
+    best.unwrap_or_else(|| Verdict {
+        decision: Decision::Allow,
+        rule: "empty".into(),
+        reason: "empty query".into(),
+        hold: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::classify;
+
+    const DOC: &str = r#"
+connections:
+  - name: shop
+    kind: postgres
+    upstream: { host: 127.0.0.1, port: 5432 }
+    credentials: { user: svc, password_env: X }
+  - name: other
+    kind: postgres
+    upstream: { host: 127.0.0.1, port: 5432 }
+    credentials: { user: svc, password_env: X }
+rules:
+  - name: writes-need-approval
+    connections: [shop]
+    principals: { groups: [agents] }
+    match: { operations: [delete, update, truncate, drop, alter], tables: [orders, users] }
+    action: hold
+    approvers: { groups: [dba], min: 1 }
+    timeout: 2m
+  - name: no-ddl-for-agents
+    match: { operations: [create, drop, alter, grant] }
+    action: deny
+"#;
+
+    fn agent() -> Principal {
+        Principal { subject: "bot".into(), groups: vec!["agents".into()], kind: "oidc".into() }
+    }
+
+    fn decide(sql: &str, conn: &str, who: &Principal) -> Verdict {
+        let doc = proto::policy::parse(DOC).expect("doc");
+        evaluate(&doc, conn, who, &classify(sql))
+    }
+
+    #[test]
+    fn reads_are_allowed_by_default() {
+        assert_eq!(decide("select * from orders", "shop", &agent()).decision, Decision::Allow);
+    }
+
+    #[test]
+    fn ddl_is_denied_naming_the_rule() {
+        let v = decide("CREATE TABLE t (id int)", "shop", &agent());
+        assert_eq!((v.decision, v.rule.as_str()), (Decision::Deny, "no-ddl-for-agents"));
+    }
+
+    #[test]
+    fn most_restrictive_wins() {
+        // DROP matches both the hold and the deny rule.
+        let v = decide("DROP TABLE orders", "shop", &agent());
+        assert_eq!(v.decision, Decision::Deny);
+        // A held write hidden behind a harmless statement still holds the whole message.
+        let v = decide("select 1; delete from orders where id = 1", "shop", &agent());
+        assert_eq!(v.decision, Decision::Hold);
+        assert_eq!(v.hold.expect("hold").timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn rules_respect_connection_and_principal() {
+        assert_eq!(decide("delete from orders", "other", &agent()).decision, Decision::Allow);
+        let human = Principal { subject: "h".into(), groups: vec!["dba".into()], kind: "oidc".into() };
+        assert_eq!(decide("delete from orders", "shop", &human).decision, Decision::Allow);
+    }
+
+    #[test]
+    fn unparsed_and_unknown_take_their_defaults() {
+        let v = decide("DELET FROM orders", "shop", &agent());
+        assert_eq!((v.decision, v.rule.as_str()), (Decision::Deny, "defaults.unparsed"));
+        let v = decide("select my_func()", "shop", &agent());
+        assert_eq!((v.decision, v.rule.as_str()), (Decision::Hold, "defaults.unknown_operation"));
+    }
+
+    #[test]
+    fn dangerous_functions_are_denied() {
+        let v = decide("select pg_terminate_backend(1)", "shop", &agent());
+        assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn allow_rule_on_one_table_cannot_launder_a_write_to_another() {
+        let doc = proto::policy::parse(
+            r#"
+connections:
+  - { name: shop, kind: postgres, upstream: { host: h, port: 1 }, credentials: { user: u, password_env: X } }
+rules:
+  - { name: scratch-writes, match: { operations: [update, select], tables: [scratch] }, action: allow }
+defaults: { no_match: deny }
+"#,
+        )
+        .expect("doc");
+        let v = evaluate(&doc, "shop", &agent(), &classify("UPDATE orders SET x = 1 FROM scratch"));
+        assert_eq!(v.decision, Decision::Deny, "{v:?}");
+        let v = evaluate(&doc, "shop", &agent(), &classify("UPDATE scratch SET x = 1"));
+        assert_eq!(v.decision, Decision::Allow, "{v:?}");
+    }
+}

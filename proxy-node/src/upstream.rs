@@ -1,0 +1,229 @@
+//! Connecting to the target as the gateway's own user: startup, then SCRAM-SHA-256, md5 or
+//! cleartext authentication with the credentials the gateway holds.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use proto::policy::{Connection, TlsMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::wire::postgres::messages::read_error_fields;
+use crate::wire::postgres::{Frame, decode_frame};
+
+/// Client startup parameters passed on to the target. Anything else (notably `options`, which
+/// can set any server setting) is dropped.
+const PASSED_PARAMS: &[&str] =
+    &["application_name", "client_encoding", "datestyle", "timezone", "extra_float_digits", "intervalstyle"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("timed out connecting to {0}")]
+    Timeout(String),
+    #[error("reading the password: {0}")]
+    Password(String),
+    #[error("tls mode {0:?} to the target is not supported by this version")]
+    Tls(TlsMode),
+    #[error("target rejected the gateway: {code} {message}")]
+    Rejected { code: String, message: String },
+    #[error("target asked for an unsupported authentication method ({0})")]
+    Method(String),
+    #[error("protocol error from target: {0}")]
+    Protocol(String),
+    #[error("i/o with target: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An authenticated connection to the target.
+pub struct Upstream {
+    pub stream: TcpStream,
+    /// Bytes read but not yet decoded.
+    pub buf: BytesMut,
+    /// ParameterStatus frames to pass to the client.
+    pub parameters: Vec<Frame>,
+    /// The target backend's (pid, secret), for cancel requests.
+    pub backend_key: Option<(i32, i32)>,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Upstream {
+    /// Read one frame from the target.
+    pub async fn read_frame(&mut self, max: usize) -> Result<Frame, UpstreamError> {
+        loop {
+            match decode_frame(&mut self.buf, max) {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(UpstreamError::Protocol("target closed the connection".into()));
+            }
+        }
+    }
+}
+
+fn password(c: &Connection) -> Result<String, UpstreamError> {
+    if let Some(var) = &c.credentials.password_env {
+        return std::env::var(var)
+            .map_err(|_| UpstreamError::Password(format!("environment variable {var} is not set")));
+    }
+    if let Some(path) = &c.credentials.password_file {
+        let s = std::fs::read_to_string(path).map_err(|e| UpstreamError::Password(format!("{path}: {e}")))?;
+        return Ok(s.trim_end_matches(['\r', '\n']).to_string());
+    }
+    Err(UpstreamError::Password("no password source configured".into()))
+}
+
+/// Open and authenticate a session on the target.
+pub async fn connect(
+    c: &Connection,
+    client_params: &[(String, String)],
+    timeout: Duration,
+    max_message: usize,
+) -> Result<Upstream, UpstreamError> {
+    let addr = format!("{}:{}", c.upstream.host, c.upstream.port);
+    match c.upstream.tls {
+        TlsMode::Disable | TlsMode::Prefer => {}
+        other => return Err(UpstreamError::Tls(other)),
+    }
+    let pw = password(c)?;
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| UpstreamError::Timeout(addr.clone()))?
+        .map_err(|source| UpstreamError::Connect { addr: addr.clone(), source })?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let mut up = Upstream {
+        stream,
+        buf: BytesMut::with_capacity(8192),
+        parameters: vec![],
+        backend_key: None,
+        addr: peer,
+    };
+    tokio::time::timeout(timeout, handshake(&mut up, c, &pw, client_params, max_message))
+        .await
+        .map_err(|_| UpstreamError::Timeout(addr))??;
+    Ok(up)
+}
+
+async fn send(up: &mut Upstream, buf: &mut BytesMut) -> Result<(), UpstreamError> {
+    up.stream.write_all(buf).await?;
+    buf.clear();
+    Ok(())
+}
+
+fn io_err(e: std::io::Error) -> UpstreamError {
+    UpstreamError::Protocol(e.to_string())
+}
+
+async fn handshake(
+    up: &mut Upstream,
+    c: &Connection,
+    pw: &str,
+    client_params: &[(String, String)],
+    max: usize,
+) -> Result<(), UpstreamError> {
+    let database = c.upstream.database.clone().unwrap_or_else(|| c.name.clone());
+    let mut params: Vec<(&str, &str)> =
+        vec![("user", c.credentials.user.as_str()), ("database", database.as_str())];
+    for (k, v) in client_params {
+        if PASSED_PARAMS.contains(&k.to_ascii_lowercase().as_str()) {
+            params.push((k.as_str(), v.as_str()));
+        }
+    }
+    let mut out = BytesMut::new();
+    frontend::startup_message(params.iter().copied(), &mut out).map_err(io_err)?;
+    send(up, &mut out).await?;
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let f = up.read_frame(max).await?;
+        match f.tag {
+            b'R' => {
+                let code = f.body.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let rest = &f.body[4.min(f.body.len())..];
+                match code {
+                    Some(0) => {}
+                    Some(3) => {
+                        frontend::password_message(pw.as_bytes(), &mut out).map_err(io_err)?;
+                        send(up, &mut out).await?;
+                    }
+                    Some(5) => {
+                        let salt: [u8; 4] = rest
+                            .get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| UpstreamError::Protocol("short md5 salt".into()))?;
+                        let hash = md5_hash(c.credentials.user.as_bytes(), pw.as_bytes(), salt);
+                        frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
+                        send(up, &mut out).await?;
+                    }
+                    Some(10) => {
+                        let offers_scram = rest.split(|b| *b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                        if !offers_scram {
+                            return Err(UpstreamError::Method("SASL without SCRAM-SHA-256".into()));
+                        }
+                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                            .map_err(io_err)?;
+                        send(up, &mut out).await?;
+                        scram = Some(s);
+                    }
+                    Some(11) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
+                        s.update(rest).map_err(|e| UpstreamError::Protocol(format!("SCRAM: {e}")))?;
+                        frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
+                        send(up, &mut out).await?;
+                    }
+                    Some(12) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
+                        s.finish(rest)
+                            .map_err(|e| UpstreamError::Protocol(format!("SCRAM server proof: {e}")))?;
+                    }
+                    Some(other) => {
+                        return Err(UpstreamError::Method(format!("authentication request {other}")));
+                    }
+                    None => return Err(UpstreamError::Protocol("short authentication message".into())),
+                }
+            }
+            b'E' => {
+                let (code, message) = read_error_fields(&f.body);
+                return Err(UpstreamError::Rejected { code, message });
+            }
+            b'S' => up.parameters.push(f),
+            b'K' => {
+                if f.body.len() >= 8 {
+                    let pid = i32::from_be_bytes([f.body[0], f.body[1], f.body[2], f.body[3]]);
+                    let key = i32::from_be_bytes([f.body[4], f.body[5], f.body[6], f.body[7]]);
+                    up.backend_key = Some((pid, key));
+                }
+            }
+            b'Z' => return Ok(()),
+            b'N' => {}
+            other => {
+                return Err(UpstreamError::Protocol(format!(
+                    "unexpected message {:?} during startup",
+                    other as char
+                )));
+            }
+        }
+    }
+}
+
+/// Send a CancelRequest for a target backend.
+pub async fn cancel(addr: std::net::SocketAddr, pid: i32, key: i32) -> std::io::Result<()> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel connect timed out"))??;
+    let mut buf = BytesMut::new();
+    frontend::cancel_request(pid, key, &mut buf);
+    s.write_all(&buf).await?;
+    s.shutdown().await
+}

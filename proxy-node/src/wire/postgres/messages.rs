@@ -1,0 +1,219 @@
+//! The messages the proxy writes itself, and readers for the ones it inspects.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::frame::{Frame, take_cstr};
+
+/// Severity of an error or notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+    Notice,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+            Severity::Notice => "NOTICE",
+        }
+    }
+}
+
+/// SQLSTATEs the proxy uses.
+pub mod sqlstate {
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const IN_FAILED_TRANSACTION: &str = "25P02";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const INTERNAL_ERROR: &str = "XX000";
+    pub const WARNING: &str = "01000";
+}
+
+fn put_cstr(out: &mut BytesMut, s: &str) {
+    // A NUL inside would end the string early on the client: replace it.
+    out.put_slice(s.replace('\0', "\u{FFFD}").as_bytes());
+    out.put_u8(0);
+}
+
+fn frame(tag: u8, body: BytesMut) -> Frame {
+    Frame { tag, body: body.freeze() }
+}
+
+/// ErrorResponse or NoticeResponse.
+pub fn error_or_notice(severity: Severity, code: &str, message: &str, hint: Option<&str>) -> Frame {
+    let mut b = BytesMut::with_capacity(64 + message.len());
+    for t in [b'S', b'V'] {
+        b.put_u8(t);
+        put_cstr(&mut b, severity.as_str());
+    }
+    b.put_u8(b'C');
+    put_cstr(&mut b, code);
+    b.put_u8(b'M');
+    put_cstr(&mut b, message);
+    if let Some(h) = hint {
+        b.put_u8(b'H');
+        put_cstr(&mut b, h);
+    }
+    b.put_u8(0);
+    frame(if severity == Severity::Notice { b'N' } else { b'E' }, b)
+}
+
+pub fn error(code: &str, message: &str) -> Frame {
+    error_or_notice(Severity::Error, code, message, None)
+}
+
+pub fn fatal(code: &str, message: &str) -> Frame {
+    error_or_notice(Severity::Fatal, code, message, None)
+}
+
+pub fn notice(message: &str) -> Frame {
+    error_or_notice(Severity::Notice, sqlstate::WARNING, message, None)
+}
+
+pub fn auth_cleartext_request() -> Frame {
+    Frame { tag: b'R', body: Bytes::from_static(&[0, 0, 0, 3]) }
+}
+
+pub fn auth_ok() -> Frame {
+    Frame { tag: b'R', body: Bytes::from_static(&[0, 0, 0, 0]) }
+}
+
+pub fn ready_for_query(status: u8) -> Frame {
+    Frame { tag: b'Z', body: Bytes::copy_from_slice(&[status]) }
+}
+
+pub fn command_complete(tag: &str) -> Frame {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, tag);
+    frame(b'C', b)
+}
+
+pub fn query(sql: &str) -> Frame {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, sql);
+    frame(b'Q', b)
+}
+
+pub fn copy_fail(message: &str) -> Frame {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, message);
+    frame(b'f', b)
+}
+
+/// The string body of Query ('Q') or PasswordMessage ('p').
+pub fn read_cstr_body(body: &[u8]) -> Option<&str> {
+    let mut b = body;
+    let s = take_cstr(&mut b)?;
+    b.is_empty().then_some(s)
+}
+
+/// The fields of an ErrorResponse or NoticeResponse: (code, message).
+pub fn read_error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut b = body;
+    while let Some((&t, rest)) = b.split_first() {
+        if t == 0 {
+            break;
+        }
+        b = rest;
+        let Some(v) = take_cstr(&mut b) else { break };
+        match t {
+            b'C' => code = v.to_string(),
+            b'M' => message = v.to_string(),
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+/// The column names of a RowDescription.
+pub fn read_row_description(body: &[u8]) -> Option<Vec<String>> {
+    let (n, mut b) = split_i16(body)?;
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let name = take_cstr(&mut b)?;
+        cols.push(name.to_string());
+        b = b.get(18..)?;
+    }
+    Some(cols)
+}
+
+/// The values of a DataRow (`None` = NULL).
+pub fn read_data_row(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let (n, mut b) = split_i16(body)?;
+    let mut vals = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(b.get(..4)?.try_into().ok()?);
+        b = &b[4..];
+        if len < 0 {
+            vals.push(None);
+        } else {
+            let len = len as usize;
+            vals.push(Some(b.get(..len)?));
+            b = &b[len..];
+        }
+    }
+    Some(vals)
+}
+
+fn split_i16(b: &[u8]) -> Option<(i16, &[u8])> {
+    Some((i16::from_be_bytes(b.get(..2)?.try_into().ok()?), &b[2..]))
+}
+
+/// The row count at the end of a CommandComplete tag (`SELECT 3`, `INSERT 0 1`, `DELETE 2`).
+pub fn rows_in_tag(tag: &str) -> Option<u64> {
+    tag.rsplit(' ').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_round_trips_through_reader() {
+        let f = error(sqlstate::INSUFFICIENT_PRIVILEGE, "denied by rule `x`");
+        assert_eq!(f.tag, b'E');
+        assert_eq!(read_error_fields(&f.body), ("42501".into(), "denied by rule `x`".into()));
+    }
+
+    #[test]
+    fn nul_in_message_cannot_truncate_fields() {
+        let f = error("42501", "a\0b");
+        assert_eq!(read_error_fields(&f.body).1, "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn data_row_reader_handles_nulls_and_rejects_truncation() {
+        let mut b = BytesMut::new();
+        b.put_i16(2);
+        b.put_i32(-1);
+        b.put_i32(2);
+        b.put_slice(b"hi");
+        assert_eq!(read_data_row(&b), Some(vec![None, Some(&b"hi"[..])]));
+        assert_eq!(read_data_row(&b[..b.len() - 1]), None);
+        assert_eq!(read_data_row(&[]), None);
+    }
+
+    #[test]
+    fn tags_give_row_counts() {
+        assert_eq!(rows_in_tag("SELECT 3"), Some(3));
+        assert_eq!(rows_in_tag("INSERT 0 7"), Some(7));
+        assert_eq!(rows_in_tag("CREATE TABLE"), None);
+    }
+
+    #[test]
+    fn query_body_requires_exactly_one_string() {
+        assert_eq!(read_cstr_body(b"select 1\0"), Some("select 1"));
+        assert_eq!(read_cstr_body(b"select 1"), None);
+        assert_eq!(read_cstr_body(b"a\0b\0"), None);
+    }
+}
