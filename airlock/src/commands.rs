@@ -1,0 +1,199 @@
+//! Admin and audit commands: thin clients of the policy store, the approval service and the
+//! archive.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use uuid::Uuid;
+
+use crate::config::AirlockConfig;
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Validate and store a policy document as a new version.
+    Apply {
+        /// The YAML file.
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Who is applying it (recorded in the history). Default: $USER.
+        #[arg(long)]
+        author: Option<String>,
+        /// Policy store endpoint. Default: http://<policy_store.listen>.
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Print one version's document (default: the latest).
+    Get {
+        version: Option<u64>,
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// List every version.
+    History {
+        #[arg(long)]
+        store: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ApprovalsCommand {
+    /// List pending holds.
+    List(ApprovalsTarget),
+    /// Approve a hold: its statement runs.
+    Approve {
+        id: Uuid,
+        /// Your name, for the record.
+        #[arg(long = "as")]
+        approver: Option<String>,
+        #[command(flatten)]
+        target: ApprovalsTarget,
+    },
+    /// Deny a hold: its statement never runs.
+    Deny {
+        id: Uuid,
+        /// Why (required; the agent sees it).
+        #[arg(long)]
+        reason: String,
+        #[arg(long = "as")]
+        approver: Option<String>,
+        #[command(flatten)]
+        target: ApprovalsTarget,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ApprovalsTarget {
+    /// Approval service URL. Default: http://<approvals.listen>.
+    #[arg(long)]
+    url: Option<String>,
+    /// Admin token. Default: $AIRLOCK_ADMIN_TOKEN, else approvals.admin_token(_file), else ./data/admin-token.
+    #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCommand {
+    /// List recorded sessions, newest first.
+    Sessions,
+    /// Print a session's events.
+    Show { id: Uuid },
+    /// Print a readable transcript of a session.
+    Replay { id: Uuid },
+}
+
+fn store_endpoint(cfg: &AirlockConfig, store: Option<String>) -> String {
+    store.unwrap_or_else(|| format!("http://{}", cfg.policy_store.listen))
+}
+
+pub(crate) async fn policy(cfg: &AirlockConfig, cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Apply { file, author, store } => {
+            let yaml =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            // Check locally first, so errors name the file's lines even if the store is down.
+            if let Err(e) = proto::policy::parse(&yaml) {
+                anyhow::bail!("{}: {e}", file.display());
+            }
+            let author = author.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
+            let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
+            let r = c.apply(&yaml, &author).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if r.changed {
+                println!("applied {} as version {}", file.display(), r.version);
+            } else {
+                println!("unchanged: version {} already has this document", r.version);
+            }
+        }
+        PolicyCommand::Get { version, store } => {
+            let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
+            let v = c.get(version.unwrap_or(0)).await?;
+            print!("{}", v.document_yaml);
+        }
+        PolicyCommand::History { store } => {
+            let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
+            println!("{:>8}  {:<24}  {:<16}  DIGEST", "VERSION", "APPLIED", "AUTHOR");
+            for v in c.history().await? {
+                let at = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(v.applied_at_unix_ms.max(0) as u64);
+                println!(
+                    "{:>8}  {:<24}  {:<16}  {}",
+                    v.version,
+                    proto::events::Timestamp::from(at).to_string().chars().take(19).collect::<String>(),
+                    v.author,
+                    v.digest.chars().take(12).collect::<String>()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn approvals_client(
+    cfg: &AirlockConfig,
+    t: ApprovalsTarget,
+) -> anyhow::Result<approval_service::client::ApprovalsClient> {
+    let acfg = cfg.approvals();
+    let url = t.url.unwrap_or_else(|| format!("http://{}", acfg.listen));
+    let token = match t.token {
+        Some(t) => t,
+        None => match acfg.token() {
+            Ok(t) => t,
+            Err(_) => std::fs::read_to_string("data/admin-token").map(|s| s.trim().to_string()).context(
+                "no admin token: pass --token, set AIRLOCK_ADMIN_TOKEN, or configure approvals.admin_token",
+            )?,
+        },
+    };
+    Ok(approval_service::client::ApprovalsClient::new(&url, &token))
+}
+
+pub(crate) async fn approvals(cfg: &AirlockConfig, cmd: ApprovalsCommand) -> anyhow::Result<()> {
+    match cmd {
+        ApprovalsCommand::List(t) => {
+            let holds = approvals_client(cfg, t)?.list().await?;
+            print!("{}", approval_service::client::render_holds(&holds));
+        }
+        ApprovalsCommand::Approve { id, approver, target } => {
+            let d = approvals_client(cfg, target)?.approve(id, approver.as_deref()).await?;
+            println!("{}", serde_json_line(&d));
+        }
+        ApprovalsCommand::Deny { id, reason, approver, target } => {
+            let d = approvals_client(cfg, target)?.deny(id, &reason, approver.as_deref()).await?;
+            println!("{}", serde_json_line(&d));
+        }
+    }
+    Ok(())
+}
+
+fn serde_json_line<T: std::fmt::Debug>(d: &T) -> String {
+    format!("{d:?}")
+}
+
+pub(crate) async fn audit(cfg: &AirlockConfig, cmd: AuditCommand) -> anyhow::Result<()> {
+    let store = recorder::open_store(&cfg.storage()).context("opening the archive")?;
+    match cmd {
+        AuditCommand::Sessions => {
+            let s = recorder::audit::list_sessions(store.as_ref()).await?;
+            print!("{}", recorder::audit::render_sessions(&s));
+        }
+        AuditCommand::Show { id } => {
+            for e in recorder::audit::read_session(store.as_ref(), id).await? {
+                println!("{} {} {:?}", e.at, e.event.kind(), e.event);
+            }
+        }
+        AuditCommand::Replay { id } => {
+            let events = recorder::audit::read_session(store.as_ref(), id).await?;
+            print!("{}", recorder::audit::render_replay(&events));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn keygen() -> anyhow::Result<()> {
+    let key = format!("ak_{}", hex::encode(rand::random::<[u8; 24]>()));
+    println!("api key (give it to the agent; it is not stored):\n  {key}");
+    println!(
+        "policy entry:\n  service_accounts:\n    - name: CHANGE-ME\n      groups: [agents]\n      api_key_sha256: {}",
+        proxy_node::identity::hash_api_key(&key)
+    );
+    Ok(())
+}

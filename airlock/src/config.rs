@@ -1,0 +1,128 @@
+//! `airlock.toml`: one file with a section per component, overridable by `AIRLOCK_*` variables
+//! (`AIRLOCK_PROXY__LISTEN=0.0.0.0:15432` sets `proxy.listen`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration. Every section is optional and every field has a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AirlockConfig {
+    #[serde(default)]
+    pub(crate) nats: eventbus::NatsConfig,
+    #[serde(default)]
+    pub(crate) storage: Option<recorder::StorageConfig>,
+    #[serde(default)]
+    pub(crate) proxy: proxy_node::ProxyConfig,
+    #[serde(default)]
+    pub(crate) approvals: Option<approval_service::ApprovalsConfig>,
+    #[serde(default)]
+    pub(crate) recorder: Option<recorder::RecorderConfig>,
+    #[serde(default)]
+    pub(crate) policy_store: policy_store::PolicyStoreConfig,
+    #[serde(default)]
+    pub(crate) log: LogConfig,
+}
+
+/// Logging (`[log]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogConfig {
+    /// `pretty` or `json`. Default pretty.
+    #[serde(default)]
+    pub(crate) format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+impl proto::config::Validate for AirlockConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.proxy.validate()?;
+        proto::config::Validate::validate(&self.policy_store)?;
+        if self.nats.ack_timeout.is_zero() {
+            return Err("nats.ack_timeout must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+impl AirlockConfig {
+    /// The `[approvals]` section, or its defaults.
+    pub(crate) fn approvals(&self) -> approval_service::ApprovalsConfig {
+        self.approvals.clone().unwrap_or_else(|| {
+            toml::Value::Table(toml::Table::new()).try_into().expect("every approvals field has a default")
+        })
+    }
+
+    /// The `[recorder]` section, or its defaults.
+    pub(crate) fn recorder(&self) -> recorder::RecorderConfig {
+        self.recorder.clone().unwrap_or_else(|| {
+            toml::Value::Table(toml::Table::new()).try_into().expect("every recorder field has a default")
+        })
+    }
+
+    /// The `[storage]` section, or its defaults (local disk).
+    pub(crate) fn storage(&self) -> recorder::StorageConfig {
+        self.storage.clone().unwrap_or_else(|| {
+            toml::Value::Table(toml::Table::new()).try_into().expect("every storage field has a default")
+        })
+    }
+}
+
+/// Find and load the configuration: `--config`, else `$AIRLOCK_CONFIG`, else `./airlock.toml`
+/// if it exists, else the defaults.
+pub(crate) fn load(explicit: Option<&Path>) -> anyhow::Result<(AirlockConfig, Option<PathBuf>)> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| env.iter().find(|(k, _)| k == "AIRLOCK_CONFIG").map(|(_, v)| PathBuf::from(v)))
+        .or_else(|| Some(PathBuf::from("airlock.toml")).filter(|p| p.exists()));
+    let text = match &path {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?)
+        }
+        None => None,
+    };
+    let env = env.into_iter().filter(|(k, _)| k != "AIRLOCK_CONFIG" && k != "AIRLOCK_ADMIN_TOKEN");
+    let cfg = proto::config::load::<AirlockConfig>(text.as_deref(), env, "AIRLOCK_")?;
+    Ok((cfg, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_working_defaults() {
+        let cfg: AirlockConfig = proto::config::load(None, vec![], "AIRLOCK_").expect("defaults");
+        assert_eq!(cfg.proxy.listen.port(), 15432);
+        assert_eq!(cfg.policy_store.listen.port(), 17070);
+        assert_eq!(cfg.approvals().listen.port(), 17080);
+        assert!(cfg.storage().url.starts_with("file://"));
+    }
+
+    #[test]
+    fn sections_and_env_overrides_apply() {
+        let toml = "[proxy]\nlisten = \"127.0.0.1:1\"\n[proxy.oidc]\nissuer = \"http://127.0.0.1:9\"\n";
+        let env = vec![("AIRLOCK_NATS__URL".to_string(), "nats://127.0.0.1:5".to_string())];
+        let cfg: AirlockConfig = proto::config::load(Some(toml), env, "AIRLOCK_").expect("load");
+        assert_eq!(cfg.proxy.listen.port(), 1);
+        assert_eq!(cfg.nats.url, "nats://127.0.0.1:5");
+        assert_eq!(cfg.proxy.oidc.expect("oidc").audience, "airlock");
+    }
+
+    #[test]
+    fn typos_are_rejected_by_name() {
+        let e =
+            proto::config::load::<AirlockConfig>(Some("[proxy]\nlisten_addr = \"x\"\n"), vec![], "AIRLOCK_")
+                .expect_err("unknown field");
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+    }
+}

@@ -1,0 +1,170 @@
+//! Running components: each alone (split deployment) or all together (`airlock up`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use eventbus::EventBus;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::config::AirlockConfig;
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    info!("shutting down");
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
+async fn nats(cfg: &AirlockConfig) -> anyhow::Result<EventBus> {
+    EventBus::connect_nats(&cfg.nats).await.context("connecting to NATS")
+}
+
+pub(crate) async fn proxy(cfg: AirlockConfig) -> anyhow::Result<()> {
+    let bus = nats(&cfg).await?;
+    let follower = policy_store::client::follow(cfg.proxy.policy_store.clone());
+    let listener = bind(cfg.proxy.listen, "postgres").await?;
+    proxy_node::run(cfg.proxy.clone(), bus, follower.policy.clone(), listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub(crate) async fn approvals(cfg: AirlockConfig) -> anyhow::Result<()> {
+    let bus = nats(&cfg).await?;
+    let acfg = cfg.approvals();
+    let listener = bind(acfg.listen, "approvals").await?;
+    approval_service::run(acfg, bus, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub(crate) async fn recorder(cfg: AirlockConfig) -> anyhow::Result<()> {
+    let bus = nats(&cfg).await?;
+    let store = recorder::open_store(&cfg.storage()).context("opening the recordings store")?;
+    recorder::run(cfg.recorder(), bus, store, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
+    let listener = bind(cfg.policy_store.listen, "policy-store").await?;
+    policy_store::run(cfg.policy_store.clone(), listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The admin token of `airlock up`: configured, or made once and kept in the data folder.
+fn admin_token_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("admin-token");
+    if !path.exists() {
+        let token = format!("adm_{}", hex::encode(rand::random::<[u8; 24]>()));
+        std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(path)
+}
+
+/// Everything in one process.
+pub(crate) async fn up(
+    mut cfg: AirlockConfig,
+    data_dir: PathBuf,
+    policy: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    cfg.policy_store.data_dir = data_dir.join("policy-store");
+    let mut storage = cfg.storage();
+    if cfg.storage.is_none() {
+        let dir = data_dir.join("recordings");
+        std::fs::create_dir_all(&dir)?;
+        storage.url = format!("file://{}", dir.display());
+    }
+    let mut acfg = cfg.approvals();
+    if acfg.admin_token.is_none() && acfg.admin_token_file.is_none() {
+        acfg.admin_token_file = Some(admin_token_file(&data_dir)?);
+    }
+    let bus = EventBus::memory();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Consumers first, so the in-process bus delivers every event to them.
+    let store = recorder::open_store(&storage).context("opening the recordings store")?;
+    let recorder = tokio::spawn(recorder::run(cfg.recorder(), bus.clone(), store, stopped()));
+    let approvals_listener = bind(acfg.listen, "approvals").await?;
+    let approvals =
+        tokio::spawn(approval_service::run(acfg.clone(), bus.clone(), approvals_listener, stopped()));
+
+    let ps_listener = bind(cfg.policy_store.listen, "policy-store").await?;
+    let ps_addr = ps_listener.local_addr()?;
+    let ps = tokio::spawn(policy_store::run(cfg.policy_store.clone(), ps_listener, stopped()));
+    let endpoint = format!("http://{ps_addr}");
+    if let Some(path) = policy {
+        let yaml = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut client = connect_retrying(&endpoint).await?;
+        let r = client
+            .apply(&yaml, "airlock up")
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        info!(policy.version = r.version, changed = r.changed, "policy applied");
+    }
+    let follower = policy_store::client::follow(vec![endpoint]);
+    let proxy_listener = bind(cfg.proxy.listen, "postgres").await?;
+    info!(
+        postgres = %cfg.proxy.listen,
+        approvals = %acfg.listen,
+        policy_store = %ps_addr,
+        data = %data_dir.display(),
+        "airlock is up"
+    );
+    let proxy =
+        proxy_node::run(cfg.proxy.clone(), bus, follower.policy.clone(), proxy_listener, shutdown_signal());
+    let result = proxy.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = recorder.await;
+        let _ = approvals.await;
+        let _ = ps.await;
+    })
+    .await;
+    result.map_err(Into::into)
+}
+
+/// The store may still be starting: retry for a few seconds.
+pub(crate) async fn connect_retrying(endpoint: &str) -> anyhow::Result<policy_store::client::PolicyClient> {
+    let mut last = None;
+    for _ in 0..50 {
+        match policy_store::client::PolicyClient::connect(endpoint).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(anyhow::anyhow!(
+        "cannot reach the policy store at {endpoint}: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
