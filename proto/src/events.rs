@@ -176,6 +176,9 @@ pub struct HoldRequest {
     pub principal: Principal,
     /// The exact statement text the approval binds to.
     pub statement: String,
+    /// The bound parameters (extended protocol), as text; binary values as `\x` hex.
+    #[serde(default)]
+    pub parameters: Vec<Option<String>>,
     /// Hex SHA-256 of the statement and its parameters: what an approval binds to.
     pub fingerprint: String,
     pub rule: String,
@@ -192,6 +195,35 @@ pub struct HoldDecision {
     pub outcome: HoldOutcome,
     /// Who decided (an approver's identity, or the component that expired it).
     pub decided_by: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A just-in-time access grant: approving an access request (a hold of a rule with `grant:`)
+/// lets `principal` run statements under `rule` on `connection` until `until`, in any session.
+/// Published on the access request's session as `grant_decided`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantDecision {
+    pub grant_id: Uuid,
+    /// The access request (hold) this grant answers.
+    pub hold_id: HoldId,
+    /// The principal's subject (OIDC `sub` or service-account name).
+    pub principal: String,
+    pub connection: String,
+    pub rule: String,
+    /// Who granted it (the approvers, comma-separated when `min` > 1).
+    pub granted_by: String,
+    pub from: Timestamp,
+    pub until: Timestamp,
+}
+
+/// A grant taken back before its `until`. Published on the access request's session as
+/// `grant_revoked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRevocation {
+    pub grant_id: Uuid,
+    pub hold_id: HoldId,
+    pub revoked_by: String,
     #[serde(default)]
     pub reason: Option<String>,
 }
@@ -238,6 +270,9 @@ pub enum Event {
         /// The request's number within the session, from 1.
         seq: u64,
         statement: String,
+        /// Bound parameters (extended protocol), as text; binary values as `\x` hex.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        parameters: Vec<Option<String>>,
     },
     PolicyDecided {
         seq: u64,
@@ -263,6 +298,18 @@ pub enum Event {
         #[serde(default)]
         result: Option<ResultCapture>,
     },
+    /// A just-in-time access grant (an approved access request).
+    GrantDecided(GrantDecision),
+    /// A grant taken back before it ended.
+    GrantRevoked(GrantRevocation),
+    /// A policy version was committed in the policy store. Published on its own session (one
+    /// per version), so the archive shows who changed what.
+    PolicyApplied {
+        version: u64,
+        author: String,
+        /// Hex SHA-256 of the document.
+        digest: String,
+    },
 }
 
 impl Event {
@@ -276,6 +323,9 @@ impl Event {
             Event::HoldRequested(_) => "hold_requested",
             Event::HoldDecided(_) => "hold_decided",
             Event::ResponseSent { .. } => "response",
+            Event::GrantDecided(_) => "grant_decided",
+            Event::GrantRevoked(_) => "grant_revoked",
+            Event::PolicyApplied { .. } => "policy_applied",
         }
     }
 }
@@ -313,7 +363,12 @@ mod tests {
                 node: "n1".into(),
                 policy_version: 3,
             },
-            Event::RequestReceived { seq: 1, statement: "select 1".into() },
+            Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+            Event::RequestReceived {
+                seq: 2,
+                statement: "select $1".into(),
+                parameters: vec![Some("7".into()), None],
+            },
             Event::PolicyDecided {
                 seq: 1,
                 decision: Decision::Hold,
@@ -329,6 +384,7 @@ mod tests {
                 connection: "shop".into(),
                 principal: p,
                 statement: "delete from orders".into(),
+                parameters: vec![],
                 fingerprint: "ab".into(),
                 rule: "r".into(),
                 reason: "x".into(),

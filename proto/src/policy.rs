@@ -110,6 +110,36 @@ pub struct Rule {
     /// How long a hold waits before it is denied as expired (hold only). Default 5m.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Where the approval service posts this rule's holds in Slack (hold only). Default: the
+    /// service's `slack.default_channel`.
+    #[serde(default)]
+    pub slack: Option<SlackRoute>,
+    /// The name of an outgoing webhook, configured in the approval service, told when a hold of
+    /// this rule is created and when it is decided (hold only). Default: none.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// Just-in-time access (hold only): a hold of this rule is an access request, and approving
+    /// it grants the principal the connection, for statements under this rule, for a duration up
+    /// to `grant.max`. Default: none (an approval releases one statement).
+    #[serde(default)]
+    pub grant: Option<GrantSpec>,
+}
+
+/// A rule's Slack channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackRoute {
+    /// A channel id (`C0123`) or name (`#dba-approvals`).
+    pub channel: String,
+}
+
+/// How long a just-in-time grant may last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    /// The longest grant an approver may give (1m to 30d).
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
 }
 
 impl Rule {
@@ -174,6 +204,9 @@ pub enum Operation {
     Notify,
     Cursor,
     Discard,
+    /// A change of session state that widens rights: `SET ROLE`, `SET SESSION AUTHORIZATION`,
+    /// `RESET ALL`, `BEGIN READ WRITE`, `SET default_transaction_read_only`, ...
+    Escalate,
 }
 
 impl Operation {
@@ -208,6 +241,7 @@ impl Operation {
             Operation::Notify => "notify",
             Operation::Cursor => "cursor",
             Operation::Discard => "discard",
+            Operation::Escalate => "escalate",
         }
     }
 
@@ -435,6 +469,33 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
             if r.timeout.is_some() {
                 err(format!("{p}.timeout"), "only a hold rule has a timeout".into());
             }
+            if r.slack.is_some() {
+                err(format!("{p}.slack"), "only a hold rule is posted to Slack".into());
+            }
+            if r.webhook.is_some() {
+                err(format!("{p}.webhook"), "only a hold rule has a webhook".into());
+            }
+            if r.grant.is_some() {
+                err(format!("{p}.grant"), "only a hold rule grants access".into());
+            }
+        }
+        if let Some(s) = &r.slack
+            && s.channel.trim().is_empty()
+        {
+            err(format!("{p}.slack.channel"), "must not be empty".into());
+        }
+        if let Some(w) = &r.webhook
+            && (w.is_empty() || !w.chars().all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch)))
+        {
+            err(
+                format!("{p}.webhook"),
+                format!("`{w}` is not a valid webhook name (letters, digits, _ - .)"),
+            );
+        }
+        if let Some(g) = &r.grant
+            && (g.max < Duration::from_secs(60) || g.max > Duration::from_secs(30 * 24 * 3600))
+        {
+            err(format!("{p}.grant.max"), "must be between 1m and 30d".into());
         }
         if let Some(a) = &r.approvers
             && a.min == 0
@@ -648,6 +709,34 @@ defaults: { unparsed: deny, unknown_operation: hold }
         }
         assert!(parse("{").is_err());
         assert!(parse("rules: [{name: x}]").is_err());
+    }
+
+    #[test]
+    fn slack_webhook_and_grant_parse_on_hold_rules() {
+        let doc = GOOD.replace(
+            "    timeout: 5m\n",
+            "    timeout: 5m\n    slack: { channel: \"#dba\" }\n    webhook: pager\n    grant: { max: 8h }\n",
+        );
+        let doc = parse(&doc).expect("valid");
+        let r = &doc.rules[0];
+        assert_eq!(r.slack.as_ref().map(|s| s.channel.as_str()), Some("#dba"));
+        assert_eq!(r.webhook.as_deref(), Some("pager"));
+        assert_eq!(r.grant.as_ref().map(|g| g.max), Some(Duration::from_secs(8 * 3600)));
+        assert!(doc.rules[1].slack.is_none() && doc.rules[1].grant.is_none());
+    }
+
+    #[test]
+    fn slack_webhook_and_grant_errors_name_field_and_line() {
+        let bad = GOOD.replace("    action: deny\n", "    action: deny\n    webhook: pager\n");
+        let e = parse(&bad).expect_err("webhook on a deny rule");
+        assert_eq!(e.0[0].path, "rules[1].webhook");
+        assert_eq!(e.0[0].line, Some(18));
+        let bad = GOOD.replace("    timeout: 5m\n", "    timeout: 5m\n    grant: { max: 10s }\n");
+        let e = parse(&bad).expect_err("grant too short");
+        assert!(e.to_string().contains("line 15: rules[0].grant.max"), "{e}");
+        let bad = GOOD.replace("    timeout: 5m\n", "    timeout: 5m\n    slack: { chanel: x }\n");
+        let e = parse(&bad).expect_err("typo");
+        assert!(e.0[0].message.contains("chanel"), "{e}");
     }
 
     #[test]

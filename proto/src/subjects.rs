@@ -14,6 +14,10 @@ pub const ALL_SESSION_EVENTS: &str = "airlock.session.>";
 pub const HOLD_REQUESTED: &str = "airlock.session.*.hold_requested";
 /// Hold decisions, watched by proxy nodes.
 pub const HOLD_DECIDED: &str = "airlock.session.*.hold_decided";
+/// Grants, followed by proxy nodes.
+pub const GRANT_DECIDED: &str = "airlock.session.*.grant_decided";
+/// Grant revocations, followed by proxy nodes.
+pub const GRANT_REVOKED: &str = "airlock.session.*.grant_revoked";
 /// Policy changes (one per applied version).
 pub const POLICY_APPLIED: &str = "airlock.policy.applied";
 /// Durable consumer name of the recorder.

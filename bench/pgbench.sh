@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# pgbench through Airlock, against the same PostgreSQL directly and through pgbouncer (the peer
+# baseline), in one run. Prints TPS, the ratio to direct, and each proxy's CPU µs per transaction
+# (from /proc). Airlock runs split (policy store + proxy) with a 20-rule policy and every event
+# published to a real NATS JetStream.
+#
+#   bench/pgbench.sh [SECONDS_PER_RUN]      (default 10; needs a release build: cargo build --release)
+#
+# Masking is not configured: this version refuses policies with masking (not yet enforced).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SECS="${1:-10}"
+BIN="$(pwd)/target/release/airlock"
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+PGBIN="$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
+WORK="$(mktemp -d /tmp/airlock-bench.XXXXXX)"
+chmod 777 "$WORK"
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PG_PORT=$(free_port); PGB_PORT=$(free_port); PROXY_PORT=$(free_port); STORE_PORT=$(free_port); NATS_PORT=$(free_port)
+PW=bench-Pa55
+echo "$PW" > "$WORK/pw"; chmod 644 "$WORK/pw"
+as_pg "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=scram-sha-256 --pwfile="$WORK/pw" >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $WORK -c max_connections=100" -w -l "$WORK/pg.log" start >/dev/null
+export PGPASSWORD="$PW"
+psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE ROLE airlock_svc LOGIN PASSWORD '$PW'" -c "CREATE DATABASE bench OWNER airlock_svc"
+"$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PG_PORT" -U airlock_svc bench >/dev/null 2>&1
+
+# pgbouncer, transaction pooling (as in the issue's table).
+cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = 8
+max_client_conn = 100
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+INI
+echo "\"airlock_svc\" \"$PW\"" > "$WORK/userlist.txt"
+chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+as_pg "$PGBOUNCER" -d "$WORK/pgbouncer.ini"
+sleep 1
+PGB_PID="$(cat "$WORK/pgbouncer.pid")"
+
+# NATS + Airlock (policy store and proxy as separate processes).
+nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
+KEY="ak_bench_$(date +%s%N)"
+HASH="$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)"
+cat > "$WORK/airlock.toml" <<TOML
+[nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+[policy_store]
+listen = "127.0.0.1:$STORE_PORT"
+data_dir = "$WORK/store"
+[proxy]
+listen = "127.0.0.1:$PROXY_PORT"
+policy_store = ["http://127.0.0.1:$STORE_PORT"]
+[log]
+format = "json"
+TOML
+{
+  cat <<YAML
+connections:
+  - name: bench
+    kind: postgres
+    upstream: { host: 127.0.0.1, port: $PG_PORT, database: bench, tls: disable }
+    credentials: { user: airlock_svc, password_file: $WORK/pw }
+rules:
+YAML
+  for i in $(seq 1 18); do
+    printf '  - { name: hold-writes-%s, match: { operations: [delete, truncate], tables: [table_%s] }, action: hold, timeout: 1m }\n' "$i" "$i"
+  done
+  cat <<YAML
+  - { name: no-ddl, match: { operations: [create, drop, alter, grant, revoke] }, action: deny }
+  - { name: no-escalation, match: { operations: [escalate] }, action: deny }
+service_accounts:
+  - { name: bench, groups: [agents], api_key_sha256: $HASH }
+YAML
+} > "$WORK/policy.yaml"
+RUST_LOG=warn "$BIN" -c "$WORK/airlock.toml" policy-store >"$WORK/store.log" 2>&1 & PIDS+=($!)
+sleep 1
+for _ in $(seq 50); do "$BIN" -c "$WORK/airlock.toml" policy apply -f "$WORK/policy.yaml" >/dev/null 2>&1 && break; sleep 0.2; done
+RUST_LOG=warn "$BIN" -c "$WORK/airlock.toml" proxy >"$WORK/proxy.log" 2>&1 & PROXY_PID=$!; PIDS+=($PROXY_PID)
+sleep 1
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ="$(getconf CLK_TCK)"
+run() { # target port user password pid workload-args...
+    local port=$1 user=$2 pass=$3 pid=$4; shift 4
+    local before after out tps tx
+    before=$([ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
+    out=$(PGPASSWORD="$pass" "$PGBIN/pgbench" -n -c 8 -j 2 -T "$SECS" -h 127.0.0.1 -p "$port" -U "$user" "$@" bench 2>&1) || { echo "0 0 -"; return; }
+    after=$([ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1)
+    tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    if [ "$pid" = - ] || [ -z "$tx" ] || [ "$tx" = 0 ]; then echo "${tps:-0} ${tx:-0} -"; return; fi
+    echo "$tps $tx $(awk -v t=$((after - before)) -v hz="$HZ" -v n="$tx" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')"
+}
+printf '%-20s %10s | %10s %6s %9s | %10s %6s %9s\n' workload direct pgbouncer ratio "µs/tx" airlock ratio "µs/tx"
+for w in "-S -M simple" "-S -M extended" "-S -M prepared" "-M simple"; do
+    name="$w"; [ "$w" = "-M simple" ] && name="TPC-B-like"
+    read -r d_tps _ _ < <(run "$PG_PORT" airlock_svc "$PW" - $w)
+    read -r b_tps _ b_cpu < <(run "$PGB_PORT" airlock_svc "$PW" "$PGB_PID" $w)
+    read -r a_tps _ a_cpu < <(run "$PROXY_PORT" agent "$KEY" "$PROXY_PID" $w)
+    printf '%-20s %10.0f | %10.0f %6.2f %9s | %10.0f %6.2f %9s\n' "$name" "$d_tps" "$b_tps" \
+        "$(awk -v a="$b_tps" -v b="$d_tps" 'BEGIN{print (b>0)?a/b:0}')" "$b_cpu" "$a_tps" \
+        "$(awk -v a="$a_tps" -v b="$d_tps" 'BEGIN{print (b>0)?a/b:0}')" "$a_cpu"
+done
