@@ -10,9 +10,11 @@
 //! - [`identity`]: OIDC token and API key authentication.
 //! - [`policy`]: statement classification and rule evaluation.
 //! - [`hold`]: statements waiting for a decision.
+//! - [`grant`]: just-in-time access grants followed from the bus.
 //! - [`upstream`]: connecting to targets with held credentials.
 //! - `session`: one client session, from startup to the end.
 //! - [`cancel`]: routing CancelRequests to the right target backend.
+//! - [`catalog`]: function volatility from the target's `pg_proc`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub mod cancel;
+pub mod catalog;
+pub mod grant;
 pub mod hold;
 pub mod identity;
 pub mod policy;
@@ -61,6 +65,13 @@ pub struct ProxyConfig {
     /// expiry before denying on its own. Default 5s.
     #[serde(default = "default_hold_grace", with = "humantime_serde")]
     pub hold_grace: Duration,
+    /// How long the node keeps enforcing its last policy version when the policy store cannot
+    /// be reached; past this it refuses every statement and says why. Default 10m.
+    #[serde(default = "default_max_staleness", with = "humantime_serde")]
+    pub policy_max_staleness: Duration,
+    /// How long a client may take from connecting to being authenticated. Default 30s.
+    #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    pub auth_timeout: Duration,
     /// Result rows kept in each response event. Default 1000.
     #[serde(default = "default_capture_rows")]
     pub capture_rows: usize,
@@ -81,6 +92,12 @@ fn default_connect_timeout() -> Duration {
 fn default_hold_grace() -> Duration {
     Duration::from_secs(5)
 }
+fn default_max_staleness() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_capture_rows() -> usize {
     1000
 }
@@ -95,6 +112,8 @@ impl Default for ProxyConfig {
             max_message_bytes: default_max_message(),
             connect_timeout: default_connect_timeout(),
             hold_grace: default_hold_grace(),
+            auth_timeout: default_auth_timeout(),
+            policy_max_staleness: default_max_staleness(),
             capture_rows: default_capture_rows(),
         }
     }
@@ -127,13 +146,49 @@ pub enum ProxyError {
     Accept(#[source] std::io::Error),
 }
 
+/// Where the node's policy comes from.
+pub enum PolicySource {
+    /// Following the policy store: enforced only while the store was reached within
+    /// `policy_max_staleness`.
+    Follow(policy_store::client::Follower),
+    /// A fixed channel (tests, embedding).
+    Fixed(watch::Receiver<Option<Arc<ActivePolicy>>>),
+}
+
+impl From<policy_store::client::Follower> for PolicySource {
+    fn from(f: policy_store::client::Follower) -> Self {
+        Self::Follow(f)
+    }
+}
+
+impl From<watch::Receiver<Option<Arc<ActivePolicy>>>> for PolicySource {
+    fn from(r: watch::Receiver<Option<Arc<ActivePolicy>>>) -> Self {
+        Self::Fixed(r)
+    }
+}
+
+impl Shared {
+    /// The policy to enforce now, or why there is none (the client is told).
+    pub(crate) fn policy_now(&self) -> Result<Arc<ActivePolicy>, String> {
+        match &self.policy {
+            PolicySource::Follow(f) => {
+                f.current(self.cfg.policy_max_staleness).map_err(|e| format!("airlock: {e}"))
+            }
+            PolicySource::Fixed(r) => {
+                r.borrow().clone().ok_or_else(|| "airlock: no policy has been received yet".to_string())
+            }
+        }
+    }
+}
+
 /// What every session of a node shares.
 pub(crate) struct Shared {
     pub(crate) cfg: ProxyConfig,
     pub(crate) bus: EventBus,
-    pub(crate) policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
+    pub(crate) policy: PolicySource,
     pub(crate) auth: identity::Authenticator,
     pub(crate) holds: hold::Holds,
+    pub(crate) grants: grant::Grants,
     pub(crate) cancels: cancel::Cancels,
 }
 
@@ -141,17 +196,19 @@ pub(crate) struct Shared {
 pub async fn run(
     cfg: ProxyConfig,
     bus: EventBus,
-    policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
+    policy: impl Into<PolicySource>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
     let holds = hold::Holds::start(&bus).await?;
+    let grants = grant::Grants::start(&bus).await?;
     let shared = Arc::new(Shared {
         auth: identity::Authenticator::new(cfg.oidc.clone()),
         cfg,
         bus,
-        policy,
+        policy: policy.into(),
         holds,
+        grants,
         cancels: cancel::Cancels::default(),
     });
     info!(listen = ?listener.local_addr().ok(), "proxy listening");

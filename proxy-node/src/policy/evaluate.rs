@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proto::events::{ApproverSpec, Decision, Principal};
-use proto::policy::{PolicyDocument, Rule};
+use proto::policy::{Operation, PolicyDocument, Rule};
 
 use super::classify::{Access, Classification};
 
@@ -76,8 +76,62 @@ impl Verdict {
     }
 }
 
+/// Operations that change data or schema.
+const WRITES: &[Operation] = &[
+    Operation::Insert,
+    Operation::Update,
+    Operation::Delete,
+    Operation::Merge,
+    Operation::Truncate,
+    Operation::Create,
+    Operation::Drop,
+    Operation::Alter,
+    Operation::Grant,
+    Operation::Revoke,
+    Operation::Copy,
+    Operation::Call,
+    Operation::Do,
+];
+
+/// Can any write by `who` on `connection` ever be allowed (or approved)? When not, the proxy
+/// opens the target session read-only, so the target refuses writes the gateway missed.
+pub fn may_write(doc: &PolicyDocument, connection: &str, who: &Principal) -> bool {
+    let rules: Vec<&Rule> = doc.rules.iter().filter(|r| applies(r, connection, who)).collect();
+    WRITES.iter().any(|op| {
+        // A write to a table no table-specific rule names: only rules for every table apply.
+        let denied_everywhere = rules
+            .iter()
+            .filter(|r| r.matches.tables.is_empty())
+            .filter(|r| r.matches.operations.is_empty() || r.matches.operations.contains(op))
+            .any(|r| r.action == Decision::Deny);
+        if denied_everywhere {
+            return false;
+        }
+        // Some rule, or the defaults, could let it through.
+        let any_opening = rules
+            .iter()
+            .filter(|r| r.matches.operations.is_empty() || r.matches.operations.contains(op))
+            .any(|r| r.action != Decision::Deny);
+        any_opening
+            || doc.defaults.no_match != Decision::Deny
+            || doc.defaults.unknown_operation != Decision::Deny
+    })
+}
+
 /// Decide what to do with a classified message.
 pub fn evaluate(doc: &PolicyDocument, connection: &str, who: &Principal, c: &Classification) -> Verdict {
+    evaluate_with_grants(doc, connection, who, c, &|_| None)
+}
+
+/// [`evaluate`], where a hold rule covered by an active just-in-time grant allows instead.
+/// `grant(rule)` names the grant covering `rule` for this principal and connection, if any.
+pub fn evaluate_with_grants(
+    doc: &PolicyDocument,
+    connection: &str,
+    who: &Principal,
+    c: &Classification,
+    grant: &dyn Fn(&Rule) -> Option<String>,
+) -> Verdict {
     if let Some(e) = &c.unparsed {
         return Verdict::from_default(
             doc,
@@ -105,7 +159,16 @@ pub fn evaluate(doc: &PolicyDocument, connection: &str, who: &Principal, c: &Cla
         let mut matched = false;
         for r in rules.iter().filter(|r| matches(r, a)) {
             matched = true;
-            consider(Verdict::from_rule(r, a));
+            let mut v = Verdict::from_rule(r, a);
+            if v.decision == Decision::Hold
+                && r.grant.is_some()
+                && let Some(g) = grant(r)
+            {
+                v.decision = Decision::Allow;
+                v.hold = None;
+                v.reason = format!("{} (allowed by {g})", v.reason);
+            }
+            consider(v);
         }
         if !matched {
             let what = match &a.table {
@@ -120,13 +183,8 @@ pub fn evaluate(doc: &PolicyDocument, connection: &str, who: &Principal, c: &Cla
             ));
         }
     }
-    if let Some(why) = &c.unknown {
-        consider(Verdict::from_default(
-            doc,
-            doc.defaults.unknown_operation,
-            "unknown_operation",
-            why.clone(),
-        ));
+    if let Some(why) = c.unknown_effect() {
+        consider(Verdict::from_default(doc, doc.defaults.unknown_operation, "unknown_operation", why));
     }
     best.unwrap_or_else(|| Verdict {
         decision: Decision::Allow,
@@ -214,6 +272,24 @@ rules:
     fn dangerous_functions_are_denied() {
         let v = decide("select pg_terminate_backend(1)", "shop", &agent());
         assert_eq!(v.decision, Decision::Deny);
+    }
+
+    #[test]
+    fn read_only_sessions_are_detected() {
+        let doc = proto::policy::parse(
+            r#"
+connections:
+  - { name: shop, kind: postgres, upstream: { host: h, port: 1 }, credentials: { user: u, password_env: X } }
+rules:
+  - { name: agents-read-only, principals: { groups: [agents] }, match: { operations: [insert, update, delete, merge, truncate, create, drop, alter, grant, revoke, copy, call, do] }, action: deny }
+"#,
+        )
+        .expect("doc");
+        assert!(!may_write(&doc, "shop", &agent()));
+        let human = Principal { subject: "h".into(), groups: vec!["dba".into()], kind: "oidc".into() };
+        assert!(may_write(&doc, "shop", &human));
+        let doc = proto::policy::parse(DOC).expect("doc");
+        assert!(may_write(&doc, "shop", &agent()), "holds can be approved, so writes are possible");
     }
 
     #[test]

@@ -169,6 +169,86 @@ fn split_i16(b: &[u8]) -> Option<(i16, &[u8])> {
     Some((i16::from_be_bytes(b.get(..2)?.try_into().ok()?), &b[2..]))
 }
 
+/// A Parse message: (statement name, query text).
+pub fn read_parse(body: &[u8]) -> Option<(&str, &str)> {
+    let mut b = body;
+    let name = take_cstr(&mut b)?;
+    let query = take_cstr(&mut b)?;
+    let (n, rest) = split_i16(b)?;
+    (n >= 0 && rest.len() == n as usize * 4).then_some((name, query))
+}
+
+/// A Bind message's names and parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    /// Each parameter: `None` is NULL; the flag is true for binary format.
+    pub params: Vec<(Option<&'a [u8]>, bool)>,
+}
+
+pub fn read_bind(body: &[u8]) -> Option<Bind<'_>> {
+    let mut b = body;
+    let portal = take_cstr(&mut b)?;
+    let statement = take_cstr(&mut b)?;
+    let (nf, mut b) = split_i16(b)?;
+    let mut formats = Vec::with_capacity(nf.max(0) as usize);
+    for _ in 0..nf {
+        let (f, rest) = split_i16(b)?;
+        formats.push(f == 1);
+        b = rest;
+    }
+    let (np, mut b) = split_i16(b)?;
+    if nf > 1 && nf != np {
+        return None;
+    }
+    let mut params = Vec::with_capacity(np.max(0) as usize);
+    for i in 0..np.max(0) as usize {
+        let len = i32::from_be_bytes(b.get(..4)?.try_into().ok()?);
+        b = &b[4..];
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0],
+            _ => formats[i],
+        };
+        if len < 0 {
+            params.push((None, binary));
+        } else {
+            let len = len as usize;
+            params.push((Some(b.get(..len)?), binary));
+            b = &b[len..];
+        }
+    }
+    let (nr, b) = split_i16(b)?;
+    (nr >= 0 && b.len() == nr as usize * 2).then_some(Bind { portal, statement, params })
+}
+
+/// A Describe or Close message: (b'S' or b'P', name).
+pub fn read_target(body: &[u8]) -> Option<(u8, &str)> {
+    let (&kind, mut b) = body.split_first()?;
+    let name = take_cstr(&mut b)?;
+    (matches!(kind, b'S' | b'P') && b.is_empty()).then_some((kind, name))
+}
+
+/// An Execute message's portal name.
+pub fn read_execute(body: &[u8]) -> Option<&str> {
+    let mut b = body;
+    let portal = take_cstr(&mut b)?;
+    (b.len() == 4).then_some(portal)
+}
+
+/// Execute a portal by name.
+pub fn execute(portal: &str) -> Frame {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, portal);
+    b.put_i32(0);
+    frame(b'E', b)
+}
+
+pub fn sync() -> Frame {
+    Frame { tag: b'S', body: Bytes::new() }
+}
+
 /// The row count at the end of a CommandComplete tag (`SELECT 3`, `INSERT 0 1`, `DELETE 2`).
 pub fn rows_in_tag(tag: &str) -> Option<u64> {
     tag.rsplit(' ').next()?.parse().ok()
@@ -201,6 +281,42 @@ mod tests {
         assert_eq!(read_data_row(&b), Some(vec![None, Some(&b"hi"[..])]));
         assert_eq!(read_data_row(&b[..b.len() - 1]), None);
         assert_eq!(read_data_row(&[]), None);
+    }
+
+    #[test]
+    fn bind_reads_params_in_both_formats_and_rejects_garbage() {
+        let mut b = BytesMut::new();
+        put_cstr(&mut b, "p1");
+        put_cstr(&mut b, "s1");
+        b.put_i16(2);
+        b.put_i16(0);
+        b.put_i16(1);
+        b.put_i16(2);
+        b.put_i32(2);
+        b.put_slice(b"42");
+        b.put_i32(-1);
+        b.put_i16(0);
+        let bind = read_bind(&b).expect("valid");
+        assert_eq!((bind.portal, bind.statement), ("p1", "s1"));
+        assert_eq!(bind.params, vec![(Some(&b"42"[..]), false), (None, true)]);
+        for cut in 0..b.len() {
+            assert!(read_bind(&b[..cut]).is_none(), "truncated at {cut}");
+        }
+    }
+
+    #[test]
+    fn parse_describe_close_execute_readers() {
+        let mut b = BytesMut::new();
+        put_cstr(&mut b, "");
+        put_cstr(&mut b, "select $1");
+        b.put_i16(1);
+        b.put_i32(23);
+        assert_eq!(read_parse(&b), Some(("", "select $1")));
+        assert_eq!(read_parse(&b[..b.len() - 1]), None);
+        assert_eq!(read_target(b"Sname"), None, "unterminated");
+        assert_eq!(read_target(&[b'S', b'n', 0]), Some((b'S', "n")));
+        assert_eq!(read_target(&[b'X', b'n', 0]), None);
+        assert_eq!(read_execute(&execute("p").body), Some("p"));
     }
 
     #[test]

@@ -1,0 +1,900 @@
+//! The message loop of an authenticated session: both query protocols, pipelined.
+//!
+//! Client messages are decided one by one, in order, as they arrive; the ones allowed are queued
+//! to the target, and each one that produces a response pushes an [`Expect`] entry. Target
+//! responses are matched against the head of that queue, so the proxy always knows which
+//! statement a row, a completion or an error belongs to, and can answer a message itself (a
+//! refusal) exactly where the target's answer would have been.
+//!
+//! A refusal is made real on the target too: the proxy sends an `Execute` of a portal that cannot
+//! exist, so the target fails the pipeline (and a transaction block) exactly as PostgreSQL would
+//! have for the refused statement, and swallows that error.
+//!
+//! Prepared statements and portals are tracked by name and committed only when the target
+//! confirms them (ParseComplete, BindComplete, a `PREPARE` command tag), so the proxy's idea of
+//! what a name runs can never differ from the target's.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use proto::events::{Decision, Event, HoldDecision, HoldOutcome};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tracing::{debug, info};
+use uuid::Uuid;
+
+use super::{Client, Response, Session, SessionError};
+use crate::policy::{Classification, SessionEffect, Verdict, classify};
+use crate::upstream::Upstream;
+use crate::wire::postgres::messages::{self as msg, sqlstate};
+use crate::wire::postgres::{Frame, decode_frame};
+
+/// Buffers past this size stop reading from the side that fills them (backpressure).
+const HIGH_WATER: usize = 256 * 1024;
+/// Names the proxy reserves for itself; clients may not use them.
+const RESERVED_PREFIX: &str = "__airlock";
+
+/// A statement the target has (or will have, once confirmed) under a name.
+#[derive(Debug, Clone)]
+struct Prepared {
+    sql: Arc<str>,
+    classification: Arc<Classification>,
+}
+
+/// A portal: a prepared statement bound to parameters.
+#[derive(Debug, Clone)]
+struct Portal {
+    stmt: Option<Prepared>,
+    params: Vec<Option<String>>,
+}
+
+/// What the target's next response belongs to.
+enum Expect {
+    Parse {
+        name: String,
+        stmt: Prepared,
+    },
+    Bind {
+        portal: String,
+        entry: Portal,
+    },
+    Close {
+        kind: u8,
+        name: String,
+    },
+    DescribeStatement,
+    DescribePortal,
+    Execute(Box<Response>),
+    /// A simple-protocol query, with what each statement does to prepared statements.
+    Query(Box<Response>, VecDeque<SessionEffect>),
+    Sync,
+    /// Frames the proxy answers itself, emitted when they reach the head.
+    Local(Vec<Frame>),
+    /// The target's error for the proxy's own poison Execute: not shown to the client.
+    SwallowError,
+}
+
+impl Expect {
+    fn name(&self) -> &'static str {
+        match self {
+            Expect::Parse { .. } => "Parse",
+            Expect::Bind { .. } => "Bind",
+            Expect::Close { .. } => "Close",
+            Expect::DescribeStatement => "Describe statement",
+            Expect::DescribePortal => "Describe portal",
+            Expect::Execute(_) => "Execute",
+            Expect::Query(..) => "Query",
+            Expect::Sync => "Sync",
+            Expect::Local(_) => "local answer",
+            Expect::SwallowError => "refusal",
+        }
+    }
+
+    /// Does an error from the target make it skip to the next Sync (the extended protocol)?
+    fn extended(&self) -> bool {
+        !matches!(self, Expect::Query(..) | Expect::Sync | Expect::Local(_))
+    }
+}
+
+/// What the proxy does once a held message is decided.
+enum AfterHold {
+    Query { sql: String, effects: Vec<SessionEffect>, seq: u64 },
+    Execute { frame: Frame, seq: u64 },
+}
+
+struct Held {
+    hold_id: Uuid,
+    rule: String,
+    rx: tokio::sync::oneshot::Receiver<HoldDecision>,
+    deadline: tokio::time::Instant,
+    then: AfterHold,
+    extended: bool,
+}
+
+enum HeldEvent {
+    Decided(HoldDecision),
+    TimedOut,
+}
+
+async fn wait_held(h: &mut Option<Held>) -> HeldEvent {
+    match h {
+        Some(h) => tokio::select! {
+            d = &mut h.rx => match d {
+                Ok(d) => HeldEvent::Decided(d),
+                Err(_) => HeldEvent::TimedOut,
+            },
+            _ = tokio::time::sleep_until(h.deadline) => HeldEvent::TimedOut,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+struct Relay<'s> {
+    s: &'s mut Session,
+    cr: ReadHalf<'s>,
+    cw: WriteHalf<'s>,
+    cin: BytesMut,
+    cout: BytesMut,
+    ur: ReadHalf<'s>,
+    uw: WriteHalf<'s>,
+    uin: BytesMut,
+    uout: BytesMut,
+    max: usize,
+    cap_rows: usize,
+    expect: VecDeque<Expect>,
+    /// A refusal in the extended protocol: drop client messages until Sync, like the server.
+    skip_until_sync: bool,
+    /// The target is in COPY FROM STDIN: client CopyData goes straight through.
+    copy_in: bool,
+    statements: HashMap<String, Prepared>,
+    portals: HashMap<String, Portal>,
+    held: Option<Held>,
+    poison_portal: String,
+    /// Where to send a CancelRequest for the target backend.
+    cancel: Option<(std::net::SocketAddr, i32, i32)>,
+    catalog: crate::catalog::Catalog,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Relay the session until the client leaves or something fails.
+pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream) -> Result<(), SessionError> {
+    let max = s.shared.cfg.max_message_bytes;
+    let cap_rows = s.shared.cfg.capture_rows;
+    let cin = std::mem::take(&mut client.buf);
+    let cout = std::mem::take(&mut client.out);
+    let uin = std::mem::take(&mut up.buf);
+    let cancel = up.backend_key.map(|(pid, key)| (up.addr, pid, key));
+    let (cr, cw) = client.stream.split();
+    let (ur, uw) = up.stream.split();
+    let mut r = Relay {
+        s,
+        cr,
+        cw,
+        cin,
+        cout,
+        ur,
+        uw,
+        uin,
+        uout: BytesMut::with_capacity(8192),
+        max,
+        cap_rows,
+        expect: VecDeque::new(),
+        skip_until_sync: false,
+        copy_in: false,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        held: None,
+        poison_portal: format!("{RESERVED_PREFIX}_{}", Uuid::new_v4().simple()),
+        cancel,
+        catalog: crate::catalog::Catalog::default(),
+    };
+    let result = r.run().await;
+    if let Err(SessionError::Refused(m)) = &result {
+        // Tell the client why, best effort.
+        let mut out = BytesMut::new();
+        msg::fatal(sqlstate::CANNOT_CONNECT_NOW, m).encode_into(&mut out);
+        let _ = r.cw.write_all(&r.cout).await;
+        let _ = r.cw.write_all(&out).await;
+    } else {
+        let _ = r.cw.write_all(&r.cout).await;
+    }
+    let _ = r.cw.shutdown().await;
+    let mut bye = BytesMut::new();
+    Frame { tag: b'X', body: bytes::Bytes::new() }.encode_into(&mut bye);
+    let _ = r.uw.write_all(&bye).await;
+    result
+}
+
+/// A value as the record shows it: text as is, anything else as `\x` hex.
+pub(crate) fn show_value(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if !s.contains('\0') => s.to_string(),
+        _ => format!("\\x{}", hex::encode(b)),
+    }
+}
+
+impl Relay<'_> {
+    async fn run(&mut self) -> Result<(), SessionError> {
+        loop {
+            // Decide what the client sent, unless a hold pauses it or the target is not reading.
+            while self.held.is_none() && self.uout.len() < HIGH_WATER {
+                let f = match decode_frame(&mut self.cin, self.max) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(self.refuse_fatal(sqlstate::PROTOCOL_VIOLATION, format!("airlock: {e}")));
+                    }
+                };
+                if let Flow::Stop = self.on_client(f).await? {
+                    return Ok(());
+                }
+            }
+            // Relay what the target sent.
+            while self.cout.len() < HIGH_WATER {
+                let f = match decode_frame(&mut self.uin, self.max) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(self.refuse_fatal(
+                            sqlstate::CONNECTION_FAILURE,
+                            format!("airlock: protocol error from the target: {e}"),
+                        ));
+                    }
+                };
+                self.on_upstream(f).await?;
+            }
+            self.emit_locals();
+
+            let client_room = self.cin.len() < self.max.max(HIGH_WATER) + 5;
+            let up_room = self.cout.len() < HIGH_WATER;
+            tokio::select! {
+                r = self.cr.read_buf(&mut self.cin), if client_room => {
+                    if r? == 0 {
+                        self.cancel_running();
+                        if let Some(h) = self.held.take() {
+                            let d = self.s.local_decision(h.hold_id, HoldOutcome::Denied, "the client disconnected while waiting");
+                            let _ = self.s.record(vec![Event::HoldDecided(d)]).await;
+                        }
+                        return Err(SessionError::Closed);
+                    }
+                }
+                r = self.ur.read_buf(&mut self.uin), if up_room => {
+                    match r {
+                        Ok(0) | Err(_) => {
+                            return Err(self.refuse_fatal(sqlstate::CONNECTION_FAILURE, "airlock: the target closed the connection".into()));
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                r = self.cw.write(&self.cout), if !self.cout.is_empty() => {
+                    let n = r?;
+                    self.cout.advance(n);
+                }
+                r = self.uw.write(&self.uout), if !self.uout.is_empty() => {
+                    match r {
+                        Ok(n) => self.uout.advance(n),
+                        Err(e) => return Err(self.refuse_fatal(sqlstate::CONNECTION_FAILURE, format!("airlock: target connection lost: {e}"))),
+                    }
+                }
+                ev = wait_held(&mut self.held) => {
+                    self.on_held(ev).await?;
+                }
+            }
+        }
+    }
+
+    /// The client left: stop whatever the target is still running for it.
+    fn cancel_running(&self) {
+        let running = self.expect.iter().any(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)));
+        if let (true, Some((addr, pid, key))) = (running, self.cancel) {
+            debug!("client left mid-query; cancelling it on the target");
+            tokio::spawn(async move {
+                if let Err(e) = crate::upstream::cancel(addr, pid, key).await {
+                    tracing::warn!(error = %e, "cancelling an abandoned query failed");
+                }
+            });
+        }
+    }
+
+    /// Queue a FATAL for the client and end the session.
+    fn refuse_fatal(&mut self, code: &str, message: String) -> SessionError {
+        msg::fatal(code, &message).encode_into(&mut self.cout);
+        SessionError::Refused(message)
+    }
+
+    fn send_upstream(&mut self, f: &Frame) {
+        f.encode_into(&mut self.uout);
+    }
+
+    fn send_client(&mut self, f: &Frame) {
+        f.encode_into(&mut self.cout);
+    }
+
+    /// Emit local answers that have reached the head of the queue.
+    fn emit_locals(&mut self) {
+        while let Some(Expect::Local(_)) = self.expect.front() {
+            if let Some(Expect::Local(frames)) = self.expect.pop_front() {
+                for f in &frames {
+                    f.encode_into(&mut self.cout);
+                }
+            }
+        }
+    }
+
+    async fn record(&mut self, events: Vec<Event>) -> Result<(), SessionError> {
+        match self.s.record(events).await {
+            Ok(()) => Ok(()),
+            Err(m) => Err(SessionError::Refused(m)),
+        }
+    }
+
+    fn protocol_error(&mut self, what: &str) -> SessionError {
+        self.refuse_fatal(sqlstate::PROTOCOL_VIOLATION, format!("airlock: malformed {what} message"))
+    }
+
+    async fn on_client(&mut self, f: Frame) -> Result<Flow, SessionError> {
+        if self.copy_in && matches!(f.tag, b'd' | b'c' | b'f') {
+            if f.tag != b'd' {
+                self.copy_in = false;
+            }
+            self.send_upstream(&f);
+            return Ok(Flow::Continue);
+        }
+        if f.tag == b'X' {
+            return Ok(Flow::Stop);
+        }
+        if self.skip_until_sync && f.tag != b'S' {
+            return Ok(Flow::Continue);
+        }
+        match f.tag {
+            b'Q' => {
+                let Some(sql) = msg::read_cstr_body(&f.body).map(str::to_string) else {
+                    return Err(self.protocol_error("Query"));
+                };
+                self.simple_query(sql).await?;
+            }
+            b'P' => {
+                let Some((name, sql)) = msg::read_parse(&f.body).map(|(n, q)| (n.to_string(), q.to_string()))
+                else {
+                    return Err(self.protocol_error("Parse"));
+                };
+                self.parse(f, name, sql).await?;
+            }
+            b'B' => {
+                let Some(b) = msg::read_bind(&f.body) else {
+                    return Err(self.protocol_error("Bind"));
+                };
+                if reserved(b.portal) || reserved(b.statement) {
+                    return Err(self.protocol_error("Bind"));
+                }
+                let entry = Portal {
+                    stmt: self.lookup_statement(b.statement),
+                    params: b
+                        .params
+                        .iter()
+                        .map(|(v, binary)| {
+                            v.map(|v| if *binary { format!("\\x{}", hex::encode(v)) } else { show_value(v) })
+                        })
+                        .collect(),
+                };
+                let portal = b.portal.to_string();
+                self.send_upstream(&f);
+                self.expect.push_back(Expect::Bind { portal, entry });
+            }
+            b'D' => {
+                let Some((kind, name)) = msg::read_target(&f.body) else {
+                    return Err(self.protocol_error("Describe"));
+                };
+                if reserved(name) {
+                    return Err(self.protocol_error("Describe"));
+                }
+                self.send_upstream(&f);
+                self.expect.push_back(if kind == b'S' {
+                    Expect::DescribeStatement
+                } else {
+                    Expect::DescribePortal
+                });
+            }
+            b'E' => {
+                let Some(portal) = msg::read_execute(&f.body).map(str::to_string) else {
+                    return Err(self.protocol_error("Execute"));
+                };
+                if reserved(&portal) {
+                    return Err(self.protocol_error("Execute"));
+                }
+                self.execute(f, portal).await?;
+            }
+            b'C' => {
+                let Some((kind, name)) = msg::read_target(&f.body).map(|(k, n)| (k, n.to_string())) else {
+                    return Err(self.protocol_error("Close"));
+                };
+                self.send_upstream(&f);
+                self.expect.push_back(Expect::Close { kind, name });
+            }
+            b'S' => {
+                self.skip_until_sync = false;
+                self.send_upstream(&f);
+                self.expect.push_back(Expect::Sync);
+            }
+            b'H' => self.send_upstream(&f),
+            // CopyData, CopyDone or CopyFail outside COPY: ignored, as PostgreSQL does.
+            b'd' | b'c' | b'f' => {}
+            other => {
+                return Err(self.refuse_fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("airlock: unexpected message type {:?}", other as char),
+                ));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The statement a name stands for: the latest Parse still awaiting confirmation, else the
+    /// confirmed one. A pending Parse that fails makes the target skip what follows, so using
+    /// it is safe.
+    fn lookup_statement(&self, name: &str) -> Option<Prepared> {
+        self.expect
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Expect::Parse { name: n, stmt } if n == name => Some(stmt.clone()),
+                _ => None,
+            })
+            .or_else(|| self.statements.get(name).cloned())
+    }
+
+    fn lookup_portal(&self, name: &str) -> Option<Portal> {
+        self.expect
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Expect::Bind { portal, entry } if portal == name => Some(entry.clone()),
+                _ => None,
+            })
+            .or_else(|| self.portals.get(name).cloned())
+    }
+
+    /// Prepared statements as their classifications, for resolving SQL-level EXECUTE.
+    fn prepared_classifications(&self) -> HashMap<String, Classification> {
+        self.statements.iter().map(|(k, v)| (k.clone(), (*v.classification).clone())).collect()
+    }
+
+    fn policy(&mut self) -> Result<Arc<policy_store::client::ActivePolicy>, SessionError> {
+        self.s.shared.policy_now().map_err(SessionError::Refused)
+    }
+
+    fn verdict(&self, policy: &policy_store::client::ActivePolicy, c: &Classification) -> Verdict {
+        if self.s.read_only && c.accesses.iter().any(|a| a.operation == proto::policy::Operation::Escalate) {
+            return Verdict {
+                decision: Decision::Deny,
+                rule: "builtin.read-only-session".into(),
+                reason: "this principal may not write here, so the session cannot be made writable".into(),
+                hold: None,
+            };
+        }
+        let grants = &self.s.shared.grants;
+        let (who, conn) = (&self.s.principal.subject, &self.s.conn.name);
+        crate::policy::evaluate_with_grants(&policy.document, conn, &self.s.principal, c, &|rule| {
+            grants.covering(who, conn, &rule.name)
+        })
+    }
+
+    /// Record a request and its decision. Returns the request's number.
+    async fn decide(
+        &mut self,
+        sql: &str,
+        params: &[Option<String>],
+        c: &Classification,
+    ) -> Result<(u64, Verdict), SessionError> {
+        let policy = self.policy()?;
+        let verdict = self.verdict(&policy, c);
+        self.s.seq += 1;
+        let seq = self.s.seq;
+        debug!(seq, decision = %verdict.decision, rule = %verdict.rule, "policy decision");
+        self.record(vec![
+            Event::RequestReceived { seq, statement: sql.to_string(), parameters: params.to_vec() },
+            Event::PolicyDecided {
+                seq,
+                decision: verdict.decision,
+                rule: Some(verdict.rule.clone()),
+                operations: c.operations(),
+                tables: c.tables(),
+                reason: verdict.reason.clone(),
+                policy_version: policy.version,
+            },
+        ])
+        .await?;
+        Ok((seq, verdict))
+    }
+
+    /// Refuse a message: the client gets `code`/`message` where the target's answer would have
+    /// been, and the target fails its pipeline or transaction as if the statement had failed.
+    async fn refuse(
+        &mut self,
+        seq: u64,
+        code: &str,
+        message: String,
+        extended: bool,
+    ) -> Result<(), SessionError> {
+        let ev = Event::ResponseSent {
+            seq,
+            rows: 0,
+            duration_us: 0,
+            command_tag: None,
+            error: Some(proto::events::ErrorInfo { code: code.into(), message: message.clone() }),
+            result: None,
+        };
+        self.record(vec![ev]).await?;
+        self.expect.push_back(Expect::Local(vec![msg::error(code, &message)]));
+        let poison = msg::execute(&self.poison_portal);
+        self.send_upstream(&poison);
+        self.expect.push_back(Expect::SwallowError);
+        if extended {
+            self.skip_until_sync = true;
+        } else {
+            let sync = msg::sync();
+            self.send_upstream(&sync);
+            self.expect.push_back(Expect::Sync);
+        }
+        Ok(())
+    }
+
+    /// Look up the volatility of the functions a statement calls; DDL invalidates the cache.
+    async fn resolve_functions(&mut self, c: &mut Classification) {
+        use proto::policy::Operation as O;
+        if c.accesses.iter().any(|a| matches!(a.operation, O::Create | O::Alter | O::Drop)) {
+            self.catalog.invalidate();
+        }
+        let cfg = &self.s.shared.cfg;
+        let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
+        let mut read_only = std::collections::HashSet::new();
+        for f in c.functions.clone() {
+            if self.catalog.read_only(&self.s.conn, &f, timeout, max).await {
+                read_only.insert(f);
+            }
+        }
+        c.resolve_functions(|f| read_only.contains(f));
+    }
+
+    async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
+        let mut c = classify(&sql);
+        c.resolve_executes(&self.prepared_classifications());
+        self.resolve_functions(&mut c).await;
+        let (seq, verdict) = self.decide(&sql, &[], &c).await?;
+        let effects: Vec<SessionEffect> = c.effects.clone();
+        match verdict.decision {
+            Decision::Allow => {
+                self.forward_query(&sql, effects, seq);
+                Ok(())
+            }
+            Decision::Deny => {
+                let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
+                self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, false).await
+            }
+            Decision::Hold => {
+                self.hold(
+                    seq,
+                    &sql,
+                    &[],
+                    &verdict,
+                    AfterHold::Query { sql: sql.clone(), effects, seq },
+                    false,
+                )
+                .await
+            }
+        }
+    }
+
+    fn forward_query(&mut self, sql: &str, effects: Vec<SessionEffect>, seq: u64) {
+        let q = msg::query(sql);
+        self.send_upstream(&q);
+        self.expect.push_back(Expect::Query(Box::new(Response::new(seq)), effects.into()));
+    }
+
+    async fn parse(&mut self, f: Frame, name: String, sql: String) -> Result<(), SessionError> {
+        if reserved(&name) {
+            return Err(self.protocol_error("Parse"));
+        }
+        let mut c = classify(&sql);
+        c.resolve_executes(&self.prepared_classifications());
+        self.resolve_functions(&mut c).await;
+        // Evaluated now, and again at Execute with the parameters and the policy of that moment.
+        let policy = self.policy()?;
+        let verdict = self.verdict(&policy, &c);
+        if verdict.decision == Decision::Deny {
+            let (seq, _) = self.decide(&sql, &[], &c).await?;
+            let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
+            return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true).await;
+        }
+        if name.is_empty() {
+            // The target drops the unnamed statement when a new Parse starts.
+            self.statements.remove("");
+        }
+        self.send_upstream(&f);
+        self.expect.push_back(Expect::Parse {
+            name,
+            stmt: Prepared { sql: sql.into(), classification: Arc::new(c) },
+        });
+        Ok(())
+    }
+
+    async fn execute(&mut self, f: Frame, portal: String) -> Result<(), SessionError> {
+        let entry = self.lookup_portal(&portal);
+        let (sql, params, c) = match entry {
+            Some(Portal { stmt: Some(p), params }) => {
+                (p.sql.to_string(), params, (*p.classification).clone())
+            }
+            Some(Portal { stmt: None, params }) => {
+                // Bound to a statement the proxy never saw confirmed: its effect is unknown.
+                let c = Classification {
+                    unknown: Some("a statement not known to the gateway".into()),
+                    statements: 1,
+                    ..Default::default()
+                };
+                (String::new(), params, c)
+            }
+            None => {
+                // Not a protocol portal: a cursor made by DECLARE, whose query was decided then.
+                let c = Classification {
+                    accesses: [crate::policy::Access {
+                        operation: proto::policy::Operation::Cursor,
+                        table: None,
+                    }]
+                    .into(),
+                    statements: 1,
+                    ..Default::default()
+                };
+                (format!("-- fetch from portal \"{portal}\""), vec![], c)
+            }
+        };
+        let (seq, verdict) = self.decide(&sql, &params, &c).await?;
+        match verdict.decision {
+            Decision::Allow => {
+                self.send_upstream(&f);
+                self.expect.push_back(Expect::Execute(Box::new(Response::new(seq))));
+                Ok(())
+            }
+            Decision::Deny => {
+                let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
+                self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true).await
+            }
+            Decision::Hold => {
+                self.hold(seq, &sql, &params, &verdict, AfterHold::Execute { frame: f, seq }, true).await
+            }
+        }
+    }
+
+    async fn hold(
+        &mut self,
+        seq: u64,
+        sql: &str,
+        params: &[Option<String>],
+        verdict: &Verdict,
+        then: AfterHold,
+        extended: bool,
+    ) -> Result<(), SessionError> {
+        let (req, timeout) = self.s.hold_request(seq, sql, params, verdict);
+        let hold_id = req.hold_id;
+        let rx = self.s.shared.holds.register(hold_id);
+        if let Err(e) = self.s.record(vec![Event::HoldRequested(req.clone())]).await {
+            self.s.shared.holds.forget(hold_id);
+            return Err(SessionError::Refused(e));
+        }
+        info!(hold.id = %hold_id, rule = %verdict.rule, "statement held for approval");
+        let notice = msg::notice(&format!(
+            "airlock: waiting for approval of hold {hold_id} (rule \"{}\": {}); it expires at {}",
+            verdict.rule, verdict.reason, req.expires_at
+        ));
+        self.send_client(&notice);
+        self.held = Some(Held {
+            hold_id,
+            rule: verdict.rule.clone(),
+            rx,
+            deadline: tokio::time::Instant::now() + timeout + self.s.shared.cfg.hold_grace,
+            then,
+            extended,
+        });
+        Ok(())
+    }
+
+    async fn on_held(&mut self, ev: HeldEvent) -> Result<(), SessionError> {
+        let Some(h) = self.held.take() else { return Ok(()) };
+        self.s.shared.holds.forget(h.hold_id);
+        let d = match ev {
+            HeldEvent::Decided(d) => {
+                info!(hold.id = %h.hold_id, outcome = %d.outcome, by = %d.decided_by, "hold decided");
+                d
+            }
+            HeldEvent::TimedOut => {
+                let d = self.s.local_decision(
+                    h.hold_id,
+                    HoldOutcome::Expired,
+                    "no decision arrived before the timeout",
+                );
+                self.record(vec![Event::HoldDecided(d.clone())]).await?;
+                d
+            }
+        };
+        if d.outcome == HoldOutcome::Approved {
+            match h.then {
+                AfterHold::Query { sql, effects, seq } => self.forward_query(&sql, effects, seq),
+                AfterHold::Execute { frame, seq } => {
+                    self.send_upstream(&frame);
+                    self.expect.push_back(Expect::Execute(Box::new(Response::new(seq))));
+                }
+            }
+            return Ok(());
+        }
+        let seq = match &h.then {
+            AfterHold::Query { seq, .. } | AfterHold::Execute { seq, .. } => *seq,
+        };
+        let why = d.reason.map(|r| format!(": {r}")).unwrap_or_default();
+        let m = format!(
+            "airlock: hold {} was {} by {}{why} (rule \"{}\")",
+            d.hold_id, d.outcome, d.decided_by, h.rule
+        );
+        self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, h.extended).await
+    }
+
+    /// One frame from the target.
+    async fn on_upstream(&mut self, f: Frame) -> Result<(), SessionError> {
+        // Asynchronous messages may come at any time.
+        if matches!(f.tag, b'N' | b'S' | b'A') {
+            self.send_client(&f);
+            return Ok(());
+        }
+        self.emit_locals();
+        // The poison was skipped by a target already skipping to Sync: nothing to swallow.
+        while f.tag != b'E' && matches!(self.expect.front(), Some(Expect::SwallowError)) {
+            self.expect.pop_front();
+            self.emit_locals();
+        }
+        let cap_rows = self.cap_rows;
+        let Some(head) = self.expect.front_mut() else {
+            return Err(self.refuse_fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("airlock: unexpected message {:?} from the target", f.tag as char),
+            ));
+        };
+        if f.tag == b'E' {
+            if matches!(head, Expect::SwallowError) {
+                self.expect.pop_front();
+                self.skip_failed_pipeline();
+                return Ok(());
+            }
+            let extended = head.extended();
+            match head {
+                Expect::Query(r, _) | Expect::Execute(r) => r.error(&f.body),
+                _ => {}
+            }
+            if let Expect::Query(..) = head {
+                // In a simple query an error ends the statement list; ReadyForQuery follows.
+                self.send_client(&f);
+                return Ok(());
+            }
+            let popped = self.expect.pop_front();
+            if let Some(Expect::Execute(r)) = popped {
+                self.record(vec![r.into_event()]).await?;
+            }
+            self.send_client(&f);
+            if extended {
+                self.skip_failed_pipeline();
+            }
+            return Ok(());
+        }
+        let mut done = false;
+        match (head, f.tag) {
+            (Expect::Parse { .. }, b'1') | (Expect::Bind { .. }, b'2') | (Expect::Close { .. }, b'3') => {
+                done = true
+            }
+            (Expect::DescribeStatement, b't') => {}
+            (Expect::DescribeStatement | Expect::DescribePortal, b'T' | b'n') => done = true,
+            (Expect::Execute(r) | Expect::Query(r, _), b'T') => r.columns(&f.body),
+            (Expect::Execute(r) | Expect::Query(r, _), b'D') => r.row(&f.body, cap_rows),
+            // COPY TO STDOUT: the row count comes with CommandComplete.
+            (Expect::Execute(_) | Expect::Query(..), b'H' | b'd' | b'c') => {}
+            (Expect::Execute(_) | Expect::Query(..), b'G') => {
+                self.copy_in = true;
+                // The target ignores Sync while in COPY FROM STDIN, and any Sync already queued
+                // behind this COPY reached it before the client could send CopyDone.
+                let head = self.expect.pop_front();
+                self.expect.retain(|e| !matches!(e, Expect::Sync));
+                if let Some(h) = head {
+                    self.expect.push_front(h);
+                }
+            }
+            (Expect::Execute(r), b'C') => {
+                r.complete(&f.body);
+                done = true;
+            }
+            (Expect::Execute(_), b'I' | b's') => done = true,
+            (Expect::Query(r, effects), b'C') => {
+                r.complete(&f.body);
+                let effect = effects.pop_front();
+                self.apply_effect(effect);
+            }
+            (Expect::Query(..), b'I') => {}
+            (Expect::Query(..) | Expect::Sync, b'Z') => done = true,
+            (Expect::Execute(_) | Expect::Query(..), b'W') => {
+                return Err(self.refuse_fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "airlock: COPY BOTH is not supported".into(),
+                ));
+            }
+            (head, tag) => {
+                let m = format!(
+                    "airlock: unexpected message {:?} from the target (expected a reply to {})",
+                    tag as char,
+                    head.name()
+                );
+                return Err(self.refuse_fatal(sqlstate::CONNECTION_FAILURE, m));
+            }
+        }
+        if !done {
+            self.send_client(&f);
+            return Ok(());
+        }
+        let Some(entry) = self.expect.pop_front() else { return Ok(()) };
+        match entry {
+            Expect::Parse { name, stmt } => {
+                self.statements.insert(name, stmt);
+            }
+            Expect::Bind { portal, entry } => {
+                self.portals.insert(portal, entry);
+            }
+            Expect::Close { kind, name } => {
+                if kind == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+            }
+            Expect::Execute(r) | Expect::Query(r, _) => {
+                // The response is recorded before its last bytes reach the client.
+                self.copy_in = false;
+                self.record(vec![r.into_event()]).await?;
+            }
+            // Outside a transaction block, portals are gone after Sync.
+            Expect::Sync if f.body.first() == Some(&b'I') => self.portals.clear(),
+            _ => {}
+        }
+        self.send_client(&f);
+        Ok(())
+    }
+
+    /// After an extended-protocol error the target skips to the next Sync: so do the answers
+    /// the proxy expected, including its own refusals queued meanwhile.
+    fn skip_failed_pipeline(&mut self) {
+        while let Some(e) = self.expect.front() {
+            if matches!(e, Expect::Sync | Expect::Query(..)) {
+                break;
+            }
+            self.expect.pop_front();
+        }
+    }
+
+    fn apply_effect(&mut self, effect: Option<SessionEffect>) {
+        match effect {
+            Some(SessionEffect::Prepare(name, c)) => {
+                self.statements.insert(name, Prepared { sql: "".into(), classification: Arc::new(*c) });
+            }
+            Some(SessionEffect::Deallocate(Some(name))) => {
+                self.statements.remove(&name);
+            }
+            Some(SessionEffect::Deallocate(None)) => {
+                self.statements.clear();
+                self.portals.clear();
+            }
+            Some(SessionEffect::None) | None => {}
+        }
+    }
+}
+
+fn reserved(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}

@@ -1,0 +1,654 @@
+//! The proxy against a real PostgreSQL with real clients: the extended protocol, pipelining,
+//! transactions, prepared statements, COPY, cancel, and bad input. The proxy runs in-process on
+//! the in-memory event bus; holds are decided by publishing decisions as the approval service
+//! would.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus::EventBus;
+use futures::SinkExt;
+use policy_store::client::ActivePolicy;
+use proto::events::{Envelope, Event, HoldDecision, HoldOutcome, HoldRequest};
+use testkit::Postgres;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+const KEY: &str = "ak_protocol_tests_0123456789";
+const DB_PASSWORD: &str = "svc-Pa55word";
+
+struct Harness {
+    pg: Postgres,
+    bus: EventBus,
+    port: u16,
+    holds: mpsc::UnboundedReceiver<(uuid::Uuid, HoldRequest)>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn policy(pg_port: u16, pw_file: &str, rules: &str) -> String {
+    let hash = proxy_node::identity::hash_api_key(KEY);
+    format!(
+        r#"connections:
+  - name: shop
+    kind: postgres
+    upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, tls: disable }}
+    credentials: {{ user: airlock_svc, password_file: {pw_file} }}
+rules:
+{rules}
+service_accounts:
+  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
+"#
+    )
+}
+
+async fn start(rules: &str) -> Harness {
+    testkit::init_crypto();
+    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
+    let pg = Postgres::start().unwrap();
+    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
+    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
+    pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE TABLE orders (id int primary key, item text); \
+         INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum'); \
+         CREATE TABLE payments (id int primary key, amount int); \
+         INSERT INTO payments VALUES (1, 10);",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, DB_PASSWORD).unwrap();
+    let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap(), rules)).unwrap();
+    let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
+    let (_tx, rx) = watch::channel(Some(Arc::new(active)));
+    let bus = EventBus::memory();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = proxy_node::ProxyConfig {
+        hold_grace: Duration::from_secs(1),
+        auth_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let b = bus.clone();
+    tokio::spawn(async move {
+        let _keep = _tx;
+        proxy_node::run(cfg, b, rx, listener, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let (htx, holds) = mpsc::unbounded_channel();
+    let mut sub = bus.subscribe(proto::subjects::HOLD_REQUESTED).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(env) = sub.next().await {
+            if let Event::HoldRequested(h) = env.event {
+                let _ = htx.send((env.session, h));
+            }
+        }
+    });
+    Harness { pg, bus, port, holds, _dir: dir, _stop: stop_tx }
+}
+
+impl Harness {
+    async fn connect(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user("agent")
+            .password(KEY)
+            .dbname("shop")
+            .connect(NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    async fn decide(&mut self, outcome: HoldOutcome) -> HoldRequest {
+        let (session, h) =
+            tokio::time::timeout(Duration::from_secs(10), self.holds.recv()).await.unwrap().unwrap();
+        let d = HoldDecision {
+            hold_id: h.hold_id,
+            outcome,
+            decided_by: "tester".into(),
+            reason: Some("test".into()),
+        };
+        self.bus.publish(&Envelope::new(session, Event::HoldDecided(d))).await.unwrap();
+        h
+    }
+
+    fn count(&self, sql: &str) -> String {
+        self.pg.psql("shop", sql).unwrap()
+    }
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_else(|| format!("not a db error: {e}"))
+}
+
+const RULES: &str = r#"  - name: order-deletes-held
+    match: { operations: [delete], tables: [orders] }
+    action: hold
+    timeout: 30s
+  - name: no-ddl
+    match: { operations: [create, drop, alter] }
+    action: deny
+  - name: payments-read-only
+    match: { operations: [insert, update, delete, copy, truncate], tables: [payments] }
+    action: deny
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_with_text_binary_named_and_pipelined_statements() {
+    let h = start(RULES).await;
+    let c = h.connect().await;
+    // tokio-postgres sends parameters in binary and prepares named statements.
+    let rows = c.query("SELECT id, item FROM orders WHERE id >= $1 ORDER BY id", &[&2i32]).await.unwrap();
+    let got: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, vec![(2, "pear".into()), (3, "plum".into())]);
+    let stmt = c.prepare("SELECT item FROM orders WHERE id = $1").await.unwrap();
+    for (id, item) in [(1, "apple"), (3, "plum")] {
+        let r = c.query_one(&stmt, &[&id]).await.unwrap();
+        assert_eq!(r.get::<_, String>(0), item);
+    }
+    // Several queries in flight at once are pipelined on one connection.
+    let (a, b, d) = tokio::join!(
+        c.query_one("SELECT count(*) FROM orders", &[]),
+        c.query_one("SELECT $1::text", &[&"text param"]),
+        c.query_one("SELECT amount FROM payments WHERE id = $1", &[&1i32]),
+    );
+    assert_eq!(a.unwrap().get::<_, i64>(0), 3);
+    assert_eq!(b.unwrap().get::<_, String>(0), "text param");
+    assert_eq!(d.unwrap().get::<_, i32>(0), 10);
+    // NULL parameters and an empty result.
+    let none: Option<i32> = None;
+    assert!(c.query("SELECT id FROM orders WHERE id = $1", &[&none]).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_parse_fails_like_the_server_and_the_connection_goes_on() {
+    let h = start(RULES).await;
+    let c = h.connect().await;
+    let e = c.query("CREATE TABLE stolen AS SELECT * FROM orders", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "42501");
+    let e = c.execute("INSERT INTO payments VALUES ($1, $2)", &[&9i32, &1i32]).await.unwrap_err();
+    assert_eq!(code(&e), "42501");
+    // The next statements on the same connection work.
+    assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
+    assert_eq!(h.count("SELECT count(*) FROM pg_tables WHERE tablename = 'stolen'"), "0");
+    assert_eq!(h.count("SELECT count(*) FROM payments"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_execute_binds_its_parameters_and_runs_only_when_approved() {
+    let mut h = start(RULES).await;
+    let c = Arc::new(h.connect().await);
+    let c2 = c.clone();
+    let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await });
+    let req = h.decide(HoldOutcome::Approved).await;
+    assert_eq!(req.statement, "DELETE FROM orders WHERE id = $1");
+    assert_eq!(req.parameters, vec![Some("\\x00000001".to_string())], "binary int4 parameter");
+    assert_eq!(del.await.unwrap().unwrap(), 1);
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 1"), "0");
+
+    let c2 = c.clone();
+    let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&2i32]).await });
+    h.decide(HoldOutcome::Denied).await;
+    assert_eq!(code(&del.await.unwrap().unwrap_err()), "42501");
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 2"), "1");
+    // Same statement text, other parameters: a new hold, not the old approval.
+    let c2 = c.clone();
+    let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&3i32]).await });
+    let req = h.decide(HoldOutcome::Denied).await;
+    assert_eq!(req.parameters, vec![Some("\\x00000003".to_string())]);
+    assert!(del.await.unwrap().is_err());
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_transaction_fails_it_like_postgres_does() {
+    let h = start(RULES).await;
+    let c = h.connect().await;
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("INSERT INTO orders VALUES (10, 'fig')").await.unwrap();
+    let e = c.simple_query("DROP TABLE orders").await.unwrap_err();
+    assert_eq!(code(&e), "42501");
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02", "the transaction is aborted on the target too");
+    let msgs = c.simple_query("COMMIT").await.unwrap();
+    let tag = msgs.iter().find_map(|m| match m {
+        SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert!(tag.is_some());
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 10"), "0", "COMMIT rolled back");
+    // Extended protocol inside a transaction block behaves the same.
+    let mut c = h.connect().await;
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO orders VALUES ($1, 'kiwi')", &[&11i32]).await.unwrap();
+    assert_eq!(code(&tx.execute("INSERT INTO payments VALUES (5, 5)", &[]).await.unwrap_err()), "42501");
+    // COMMIT of a failed transaction is a ROLLBACK, as in PostgreSQL.
+    let _ = tx.commit().await;
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 11"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_and_execute_cannot_launder_a_write() {
+    let mut h = start(RULES).await;
+    let c = Arc::new(h.connect().await);
+    // The PREPARE of a held write is itself held: approve it, so the target has it.
+    let c2 = c.clone();
+    let prep =
+        tokio::spawn(
+            async move { c2.simple_query("PREPARE p(int) AS DELETE FROM orders WHERE id = $1").await },
+        );
+    h.decide(HoldOutcome::Approved).await;
+    prep.await.unwrap().unwrap();
+    // A PREPARE that fails on the target (the name exists) must not rename what p runs.
+    assert!(c.simple_query("PREPARE p(int) AS SELECT $1").await.is_err());
+    // EXECUTE p runs the DELETE: it is held again, and denied here.
+    let c2 = c.clone();
+    let exec = tokio::spawn(async move { c2.simple_query("EXECUTE p(1)").await });
+    let req = h.decide(HoldOutcome::Denied).await;
+    assert_eq!(req.statement, "EXECUTE p(1)");
+    assert!(exec.await.unwrap().is_err());
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 1"), "1");
+    // A protocol-level named statement is in the same namespace as SQL PREPARE.
+    // (tokio-postgres names a fresh connection's first statement s0.)
+    let fresh = Arc::new(h.connect().await);
+    let _s = fresh.prepare("DELETE FROM orders WHERE id = 2").await.unwrap();
+    let c2 = fresh.clone();
+    let exec = tokio::spawn(async move { c2.simple_query("EXECUTE s0").await });
+    h.decide(HoldOutcome::Denied).await;
+    assert!(exec.await.unwrap().is_err());
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 2"), "1");
+    // Unknown names take unknown_operation (hold by default): denied here.
+    let c2 = c.clone();
+    let exec = tokio::spawn(async move { c2.simple_query("EXECUTE nosuch").await });
+    h.decide(HoldOutcome::Denied).await;
+    assert!(exec.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_and_out_are_relayed_and_decided() {
+    let h = start(RULES).await;
+    let c = h.connect().await;
+    let sink = c.copy_in("COPY orders (id, item) FROM STDIN").await.unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"20\tmango\n21\tlime\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id IN (20, 21)"), "2");
+    let out = c.copy_out("COPY (SELECT item FROM orders WHERE id = 20) TO STDOUT").await.unwrap();
+    let data: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(out).await.unwrap();
+    assert_eq!(data.concat(), b"mango\n");
+    let e = c.copy_in::<_, bytes::Bytes>("COPY payments FROM STDIN").await.err().expect("denied");
+    assert_eq!(code(&e), "42501");
+    assert_eq!(c.query_one("SELECT 1::int", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_requests_reach_the_right_backend() {
+    let h = start(RULES).await;
+    let c = h.connect().await;
+    let token = c.cancel_token();
+    let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(code(&e), "57014");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_huge_messages_close_only_their_own_session() {
+    let h = start(RULES).await;
+    let good = h.connect().await;
+    for garbage in [
+        // A startup packet with a nonsense length.
+        vec![0xff, 0xff, 0xff, 0xff, 0, 3, 0, 0],
+        // A startup packet with an unterminated parameter.
+        vec![0, 0, 0, 12, 0, 3, 0, 0, b'u', b's', b'e', b'r'],
+        // An SSL request, then a protocol version that does not exist.
+        vec![0, 0, 0, 8, 4, 210, 22, 47, 0, 0, 0, 8, 0, 9, 0, 0],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        s.write_all(&garbage).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
+    }
+    // A client that connects and says nothing is dropped after auth_timeout (1s here).
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
+        .await
+        .expect("idle client dropped")
+        .unwrap();
+    // An authenticated session that sends a message claiming to be 1 GiB.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let mut startup = vec![0, 3, 0, 0];
+    for (k, v) in [("user", "agent"), ("database", "shop")] {
+        startup.extend_from_slice(k.as_bytes());
+        startup.push(0);
+        startup.extend_from_slice(v.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut pkt = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend(startup);
+    s.write_all(&pkt).await.unwrap();
+    let mut pw = vec![b'p'];
+    pw.extend_from_slice(&((KEY.len() + 5) as i32).to_be_bytes());
+    pw.extend_from_slice(KEY.as_bytes());
+    pw.push(0);
+    s.write_all(&pw).await.unwrap();
+    s.write_all(&[b'Q', 0x40, 0, 0, 0]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("08P01") && text.contains("exceeds"), "{text}");
+    // The well-behaved session is unaffected.
+    assert_eq!(good.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
+}
+
+/// Every trick an agent might use to write to `orders` while the policy forbids it. Each must
+/// be refused by the gateway itself (42501), and the target must be unchanged afterwards.
+const BYPASSES: &[&str] = &[
+    // Writes hidden in a CTE, EXPLAIN ANALYZE, PREPARE.
+    "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+    "WITH u AS (UPDATE orders SET item = 'x' RETURNING 1) SELECT count(*) FROM u",
+    "EXPLAIN ANALYZE DELETE FROM orders",
+    "EXPLAIN (ANALYZE, FORMAT JSON) UPDATE orders SET item = 'x'",
+    "PREPARE p1 AS DELETE FROM orders",
+    // New tables from queries.
+    "SELECT * INTO stolen FROM orders",
+    "CREATE TABLE stolen AS SELECT * FROM orders",
+    "CREATE TEMP TABLE stolen AS SELECT * FROM orders",
+    // MERGE and upserts.
+    "MERGE INTO orders o USING (SELECT 1 AS id) s ON o.id = s.id WHEN MATCHED THEN DELETE",
+    "INSERT INTO orders VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET item = 'pwned'",
+    "INSERT INTO orders SELECT id + 100, item FROM orders",
+    // COPY, DO, CALL and functions.
+    "COPY orders FROM STDIN",
+    "DO $$ BEGIN DELETE FROM orders; END $$",
+    "CALL wipe_orders()",
+    "SELECT wipe_orders_fn()",
+    "SELECT * FROM wipe_orders_fn()",
+    "SELECT pg_catalog.set_config('default_transaction_read_only', 'off', false)",
+    "SELECT lo_import('/etc/passwd')",
+    "SELECT pg_read_file('/etc/passwd')",
+    // Case, quoting, schemas, comments, several statements.
+    "select 1; DELETE FROM orders",
+    "/* hello */ DeLeTe /* x */ FROM \"orders\"",
+    "DELETE FROM public.orders",
+    "DELETE FROM \"public\".\"orders\"",
+    "DELETE -- a line comment\r FROM orders",
+    "DELETE /* nested /* comment */ still */ FROM orders",
+    "UPDATE orders SET item = $$'; --$$ WHERE true",
+    "TRUNCATE orders",
+    "TRUNCATE TABLE ONLY public.orders CASCADE",
+    "ALTER TABLE orders RENAME TO orders_gone",
+    "DROP TABLE orders",
+    "GRANT ALL ON orders TO PUBLIC",
+    // Strings the gateway must read exactly as the server does.
+    "SELECT 'a\\'; DELETE FROM orders; --'",
+    "SELECT E'\\''; DELETE FROM orders; --'",
+    "SELECT $a$ $$ ; $a$; DELETE FROM orders",
+    "DELETE FROM U&\"ord\\0065rs\"",
+    "DELETE FROM U&\"ord!0065rs\" UESCAPE '!'",
+    // Session state that widens rights.
+    "SET ROLE postgres",
+    "SET SESSION AUTHORIZATION postgres",
+    "RESET ALL",
+    "BEGIN READ WRITE",
+    "SET default_transaction_read_only = off",
+];
+
+const DENY_ORDER_WRITES: &str = r#"  - name: orders-are-read-only
+    match: { operations: [insert, update, delete, merge, truncate, create, drop, alter, grant, revoke, copy, call, do, escalate], tables: [orders] }
+    action: deny
+  - name: no-ddl
+    match: { operations: [create, drop, alter, grant, revoke, escalate] }
+    action: deny
+"#;
+
+fn snapshot(h: &Harness) -> String {
+    h.count(
+        "SELECT (SELECT string_agg(id || ':' || item, ',' ORDER BY id) FROM orders) || ' | ' || \
+         (SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_class c \
+          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast'))",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_bypass_reaches_the_target() {
+    // unknown_operation: deny, so nothing waits for a human in this test.
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE PROCEDURE wipe_orders() LANGUAGE sql AS 'DELETE FROM orders'; \
+         CREATE FUNCTION wipe_orders_fn() RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'; \
+         CREATE FUNCTION order_count() RETURNS bigint STABLE LANGUAGE sql AS 'SELECT count(*) FROM orders';",
+    )
+    .unwrap();
+    let before = snapshot(&h);
+    let c = h.connect().await;
+    for sql in BYPASSES {
+        let simple = tokio::time::timeout(Duration::from_secs(5), c.simple_query(sql)).await;
+        let refused = matches!(&simple, Ok(Err(e)) if code(e) == "42501");
+        assert!(refused, "simple protocol let through {sql:?}: {simple:?}");
+        // The extended protocol (where a single statement is allowed).
+        if !sql.contains(';') || sql.starts_with("DO") {
+            let ext = tokio::time::timeout(Duration::from_secs(5), c.query(*sql, &[])).await;
+            let refused = matches!(&ext, Ok(Err(e)) if code(e) == "42501");
+            assert!(refused, "extended protocol let through {sql:?}: {ext:?}");
+        }
+        // The connection stays usable after every refusal.
+        c.simple_query("ROLLBACK").await.unwrap();
+    }
+    assert_eq!(snapshot(&h), before, "the target changed");
+    // A stable user function is judged read-only by its volatility in pg_proc.
+    assert_eq!(c.query_one("SELECT order_count()", &[]).await.unwrap().get::<_, i64>(0), 3);
+    // Reads still work.
+    assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_that_may_not_write_gets_a_read_only_target_session() {
+    // Writes are denied everywhere, but unknown effects are (carelessly) allowed.
+    let rules = r#"  - name: agents-never-write
+    principals: { groups: [agents] }
+    match: { operations: [insert, update, delete, merge, truncate, create, drop, alter, grant, revoke, copy, call, do] }
+    action: deny
+defaults: { unknown_operation: allow }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE FUNCTION wipe_orders_fn() RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1';",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    // The function's write slips past the classifier, and the target refuses it.
+    let e = c.simple_query("SELECT wipe_orders_fn()").await.unwrap_err();
+    assert_eq!(code(&e), "25006", "read_only_sql_transaction");
+    // Undoing read-only is refused by the gateway.
+    for sql in
+        ["SET default_transaction_read_only = off", "BEGIN READ WRITE", "RESET ALL", "SET ROLE postgres"]
+    {
+        let e = c.simple_query(sql).await.unwrap_err();
+        assert_eq!(code(&e), "42501", "{sql}");
+        c.simple_query("ROLLBACK").await.unwrap();
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3");
+    assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_query_releases_its_target_backend() {
+    let h = start(RULES).await;
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(h.port)
+        .user("agent")
+        .password(KEY)
+        .dbname("shop")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'";
+    let q = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.count(running) != "1" {
+        assert!(std::time::Instant::now() < deadline, "query never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client vanishes (its socket closes).
+    conn_task.abort();
+    q.abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.count(running) != "0" {
+        assert!(std::time::Instant::now() < deadline, "the target kept running the abandoned query");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
+    let rules = r#"  - name: order-writes-by-access-request
+    match: { operations: [delete, update], tables: [orders] }
+    action: hold
+    timeout: 30s
+    grant: { max: 1h }
+"#;
+    let mut h = start(rules).await;
+    let c = Arc::new(h.connect().await);
+    let grant = |until: proto::events::Timestamp| proto::events::GrantDecision {
+        grant_id: uuid::Uuid::now_v7(),
+        hold_id: uuid::Uuid::now_v7(),
+        principal: "agent".into(),
+        connection: "shop".into(),
+        rule: "order-writes-by-access-request".into(),
+        granted_by: "dana".into(),
+        from: proto::events::Timestamp::now(),
+        until,
+    };
+    let session = uuid::Uuid::now_v7();
+    let g = grant(proto::events::Timestamp::now().plus(Duration::from_secs(2)));
+    h.bus.publish(&Envelope::new(session, Event::GrantDecided(g))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Under the grant: no hold.
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), c.execute("DELETE FROM orders WHERE id = $1", &[&1i32]))
+            .await
+            .expect("not held")
+            .unwrap();
+    assert_eq!(n, 1);
+    // After it ends: held again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let c2 = c.clone();
+    let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&2i32]).await });
+    h.decide(HoldOutcome::Denied).await;
+    assert!(del.await.unwrap().is_err());
+    // A revoked grant stops at once.
+    let g = grant(proto::events::Timestamp::now().plus(Duration::from_secs(3600)));
+    let grant_id = g.grant_id;
+    let hold_id = g.hold_id;
+    h.bus.publish(&Envelope::new(session, Event::GrantDecided(g))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.execute("UPDATE orders SET item = 'x' WHERE id = 3", &[]).await.unwrap();
+    let r = proto::events::GrantRevocation { grant_id, hold_id, revoked_by: "dana".into(), reason: None };
+    h.bus.publish(&Envelope::new(session, Event::GrantRevoked(r))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c2 = c.clone();
+    let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&3i32]).await });
+    h.decide(HoldOutcome::Denied).await;
+    assert!(del.await.unwrap().is_err());
+    assert_eq!(h.count("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders"), "2,3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then_fails_closed() {
+    testkit::init_crypto();
+    let pg = Postgres::start().unwrap();
+    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
+    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, DB_PASSWORD).unwrap();
+    // A real policy store, in-process.
+    let store_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", store_listener.local_addr().unwrap());
+    let store_cfg = policy_store::PolicyStoreConfig {
+        listen: store_listener.local_addr().unwrap(),
+        data_dir: dir.path().join("store"),
+        ..Default::default()
+    };
+    let (stop_store, store_stopped) = tokio::sync::oneshot::channel::<()>();
+    let store = tokio::spawn(policy_store::run(store_cfg, store_listener, async {
+        let _ = store_stopped.await;
+    }));
+    let mut client = loop {
+        match policy_store::client::PolicyClient::connect(&endpoint).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let yaml = policy(
+        pg.port,
+        pw.to_str().unwrap(),
+        "  - { name: no-ddl, match: { operations: [create] }, action: deny }\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while client.apply(&yaml, "test").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "store never accepted the policy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let follower = policy_store::client::follow(vec![endpoint]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = proxy_node::ProxyConfig { policy_max_staleness: Duration::from_secs(2), ..Default::default() };
+    tokio::spawn(proxy_node::run(cfg, EventBus::memory(), follower, listener, std::future::pending()));
+    let connect = || async move {
+        tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port)
+            .user("agent")
+            .password(KEY)
+            .dbname("shop")
+            .connect(NoTls)
+            .await
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        match connect().await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                break c;
+            }
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "proxy never got the policy: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    c.simple_query("SELECT 1").await.unwrap();
+    // The store goes away: the last version is still enforced for a while...
+    let _ = stop_store.send(());
+    let _ = store.await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(code(&c.simple_query("CREATE TABLE t (x int)").await.unwrap_err()), "42501");
+    // ...and past the limit the node refuses, saying why.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+    assert!(msg.contains("stale"), "{msg}");
+    let e = connect().await.err().expect("new sessions refused");
+    assert_eq!(code(&e), "57P03");
+}
