@@ -3,12 +3,19 @@
 //! - `GET /healthz` → `ok`
 //! - `GET /v1/holds` → `[PendingHold]`, oldest first
 //! - `GET /v1/holds/{id}` → `PendingHold`
-//! - `POST /v1/holds/{id}/approve`, body optional `{"approver": "alice"}` → `DecisionView`
+//! - `POST /v1/holds/{id}/approve`, body optional `{"approver": "alice", "duration": "2h"}` →
+//!   `DecisionView` (`outcome: null` while the rule's `min` approvals are not reached; `duration`
+//!   is the grant's length for an access request, capped at the rule's `grant.max`)
 //! - `POST /v1/holds/{id}/deny`, body `{"reason": "...", "approver": "alice"}` → `DecisionView`
+//! - `GET /v1/grants` → `[GrantView]` (active just-in-time grants)
+//! - `POST /v1/grants/{id}/revoke`, body optional `{"reason": "..."}` → `GrantView`
 //!
-//! Every `/v1` route requires `Authorization: Bearer <admin token>`. Errors are JSON
-//! `{"error": "..."}` with 400 (bad input), 401 (token), 403 (not allowed), 404 (not pending),
-//! 409 (being decided, or expired) or 503 (the decision could not be published).
+//! Every `/v1` route requires `Authorization: Bearer <token>`: either an approver's OIDC token
+//! (a JWT from `approvals.oidc`; the caller acts as its `sub`, with its groups, and must satisfy
+//! the rule's approver groups and `min`), or the break-glass admin token (which decides at once
+//! and may name the approver it acts for). Errors are JSON `{"error": "..."}` with 400 (bad
+//! input), 401 (token), 403 (not allowed), 404 (not pending), 409 (already approved by you, or
+//! expired) or 503 (the decision could not be published or stored).
 
 use std::sync::Arc;
 
@@ -18,14 +25,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use proto::events::{HoldOutcome, Timestamp};
+use proxy_node::identity::OidcVerifier;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::HoldError;
-use crate::hold::{Decided, Decider, Hold, Holds};
+use crate::hold::{Decided, Decider, Hold, Holds, Via};
+use crate::store::{Change, Status};
 
 /// Longest approver name accepted.
 const MAX_APPROVER_LEN: usize = 200;
@@ -55,6 +65,19 @@ pub struct PendingHold {
     /// RFC 3339.
     #[serde(with = "rfc3339")]
     pub expires_at: Timestamp,
+    /// Who has approved so far.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+    /// Approvals needed.
+    #[serde(default = "one")]
+    pub min: u32,
+    /// Groups whose members may approve (empty: any approver).
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl From<Hold> for PendingHold {
@@ -70,29 +93,46 @@ impl From<Hold> for PendingHold {
             reason: r.reason,
             requested_at: r.requested_at,
             expires_at: r.expires_at,
+            approvals: h.approvals,
+            min: r.approvers.min.max(1),
+            approver_groups: r.approvers.groups,
         }
     }
 }
 
-/// A published decision.
+/// The result of a vote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionView {
     pub hold_id: Uuid,
     pub session: Uuid,
-    pub outcome: HoldOutcome,
+    /// `None` while the hold needs more approvals.
+    pub outcome: Option<HoldOutcome>,
+    /// Who decided (empty while pending).
     pub decided_by: String,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Who has approved so far.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+    /// Approvals needed.
+    #[serde(default = "one")]
+    pub min: u32,
+    /// When the hold was an access request: the grant's end (RFC 3339).
+    #[serde(default)]
+    pub grant_until: Option<String>,
 }
 
-impl From<Decided> for DecisionView {
-    fn from(d: Decided) -> Self {
+impl DecisionView {
+    fn new(hold_id: Uuid, d: Decided) -> Self {
         Self {
-            hold_id: d.decision.hold_id,
+            hold_id,
             session: d.session,
-            outcome: d.decision.outcome,
-            decided_by: d.decision.decided_by,
-            reason: d.decision.reason,
+            outcome: d.decision.as_ref().map(|x| x.outcome),
+            decided_by: d.decision.as_ref().map(|x| x.decided_by.clone()).unwrap_or_default(),
+            reason: d.decision.and_then(|x| x.reason),
+            approvals: d.approvals,
+            min: d.min,
+            grant_until: d.grant.map(|g| g.until.to_string()),
         }
     }
 }
@@ -101,12 +141,46 @@ impl From<Decided> for DecisionView {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecideBody {
-    /// Who decides; default `admin`.
+    /// Who decides (admin token only; an OIDC caller is its token's `sub`); default `admin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approver: Option<String>,
     /// Why; required to deny.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// An access request's grant length (`2h`); default and cap: the rule's `grant.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+}
+
+/// A just-in-time grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    pub grant_id: Uuid,
+    pub hold_id: Uuid,
+    pub principal: String,
+    pub connection: String,
+    pub rule: String,
+    pub granted_by: String,
+    /// RFC 3339.
+    pub until: String,
+    #[serde(default)]
+    pub revoked: Option<String>,
+}
+
+impl GrantView {
+    fn of(rec: &crate::store::HoldRecord) -> Option<Self> {
+        let d = crate::grant::decision(rec)?;
+        Some(Self {
+            grant_id: d.grant_id,
+            hold_id: d.hold_id,
+            principal: d.principal,
+            connection: d.connection,
+            rule: d.rule,
+            granted_by: d.granted_by,
+            until: d.until.to_string(),
+            revoked: rec.grant.as_ref().and_then(|g| g.revoked.clone()),
+        })
+    }
 }
 
 /// An error answer.
@@ -137,17 +211,28 @@ mod rfc3339 {
 #[derive(Clone)]
 struct AppState {
     holds: Arc<Holds>,
-    token: Arc<str>,
+    token: Option<Arc<str>>,
+    oidc: Option<Arc<OidcVerifier>>,
 }
 
-/// The service's HTTP routes.
-pub fn router(holds: Arc<Holds>, token: Arc<str>) -> Router {
-    let state = AppState { holds, token };
+/// Who is calling, from the bearer token.
+#[derive(Debug, Clone)]
+enum Caller {
+    Admin,
+    Approver { subject: String, groups: Vec<String> },
+}
+
+/// The service's REST routes: `token` is the break-glass admin token, `oidc` checks approvers'
+/// tokens.
+pub fn router(holds: Arc<Holds>, token: Option<Arc<str>>, oidc: Option<Arc<OidcVerifier>>) -> Router {
+    let state = AppState { holds, token, oidc };
     let v1 = Router::new()
         .route("/holds", get(list))
         .route("/holds/{id}", get(show))
         .route("/holds/{id}/approve", post(approve))
         .route("/holds/{id}/deny", post(deny))
+        .route("/grants", get(grants))
+        .route("/grants/{id}/revoke", post(revoke))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .fallback(not_found);
     Router::new().route("/healthz", get(healthz)).nest("/v1", v1).fallback(not_found).with_state(state)
@@ -172,8 +257,9 @@ impl From<HoldError> for ApiError {
         let status = match e {
             HoldError::NotFound(_) => StatusCode::NOT_FOUND,
             HoldError::Busy(_) | HoldError::Expired(_) => StatusCode::CONFLICT,
+            HoldError::AlreadyApproved { .. } => StatusCode::CONFLICT,
             HoldError::NotAllowed { .. } => StatusCode::FORBIDDEN,
-            HoldError::Publish { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            HoldError::Publish { .. } | HoldError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self(status, e.to_string())
     }
@@ -183,17 +269,54 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-async fn require_token(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_token(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
-    match given {
-        None => ApiError(StatusCode::UNAUTHORIZED, "missing bearer token".into()).into_response(),
-        Some(t) if bool::from(t.as_bytes().ct_eq(st.token.as_bytes())) => next.run(req).await,
-        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "invalid bearer token".into()).into_response(),
+    let Some(given) = given.filter(|t| !t.is_empty()) else {
+        return ApiError(StatusCode::UNAUTHORIZED, "missing bearer token".into()).into_response();
+    };
+    let caller = if st.token.as_ref().is_some_and(|t| bool::from(given.as_bytes().ct_eq(t.as_bytes()))) {
+        Caller::Admin
+    } else if let Some(v) = &st.oidc
+        && given.matches('.').count() == 2
+    {
+        match v.verify(given).await {
+            Ok(p) => Caller::Approver { subject: p.subject, groups: p.groups },
+            Err(e) => {
+                warn!(error = %e, "rejected an approver token");
+                return ApiError(StatusCode::UNAUTHORIZED, "invalid bearer token".into()).into_response();
+            }
+        }
+    } else {
+        return ApiError(StatusCode::UNAUTHORIZED, "invalid bearer token".into()).into_response();
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+fn decider(caller: Caller, named: Option<String>) -> Result<Decider, ApiError> {
+    match caller {
+        Caller::Admin => Ok(Decider::Admin { approver: named }),
+        Caller::Approver { subject, groups } => match named {
+            Some(n) if n != subject => Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("you are {subject}; an approver's identity comes from its token, not the body"),
+            )),
+            _ => Ok(Decider::Approver { identity: subject, groups, via: Via::Oidc }),
+        },
     }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("reading holds: {e}"))
 }
 
 async fn healthz() -> &'static str {
@@ -204,40 +327,124 @@ async fn not_found() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such route".into())
 }
 
-async fn list(State(st): State<AppState>) -> Json<Vec<PendingHold>> {
-    Json(st.holds.pending().into_iter().map(PendingHold::from).collect())
+async fn list(State(st): State<AppState>) -> Result<Json<Vec<PendingHold>>, ApiError> {
+    let holds = st.holds.pending().await.map_err(unavailable)?;
+    Ok(Json(holds.into_iter().map(PendingHold::from).collect()))
 }
 
 async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<PendingHold>, ApiError> {
     let id = parse_id(&id)?;
-    st.holds.get(id).map(|h| Json(h.into())).ok_or_else(|| HoldError::NotFound(id).into())
+    match st.holds.get(id).await.map_err(unavailable)? {
+        Some(h) => Ok(Json(h.into())),
+        None => Err(HoldError::NotFound(id).into()),
+    }
 }
 
 async fn approve(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<DecisionView>, ApiError> {
     let id = parse_id(&id)?;
     let body = parse_body(&body)?;
-    let decider = Decider::Admin { approver: approver(body.approver)? };
+    let decider = decider(caller, approver(body.approver)?)?;
     let reason = optional_text("reason", body.reason, MAX_REASON_LEN)?;
-    let decided = st.holds.decide(id, HoldOutcome::Approved, &decider, reason).await?;
-    Ok(Json(decided.into()))
+    let duration = match optional_text("duration", body.duration, 64)? {
+        Some(d) => Some(
+            humantime::parse_duration(&d).map_err(|e| bad_request(format!("duration {d:?}: {e}"))).and_then(
+                |d| if d.is_zero() { Err(bad_request("duration must be positive")) } else { Ok(d) },
+            )?,
+        ),
+        None => None,
+    };
+    let decided = st.holds.decide_for(id, HoldOutcome::Approved, &decider, reason, duration).await?;
+    Ok(Json(DecisionView::new(id, decided)))
 }
 
 async fn deny(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<DecisionView>, ApiError> {
     let id = parse_id(&id)?;
     let body = parse_body(&body)?;
-    let decider = Decider::Admin { approver: approver(body.approver)? };
+    let decider = decider(caller, approver(body.approver)?)?;
     let reason = optional_text("reason", body.reason, MAX_REASON_LEN)?
         .ok_or_else(|| bad_request("a denial needs a reason: {\"reason\": \"...\"}"))?;
     let decided = st.holds.decide(id, HoldOutcome::Denied, &decider, Some(reason)).await?;
-    Ok(Json(decided.into()))
+    Ok(Json(DecisionView::new(id, decided)))
+}
+
+async fn grants(State(st): State<AppState>) -> Result<Json<Vec<GrantView>>, ApiError> {
+    let now = Timestamp::now();
+    let mut out: Vec<GrantView> = st
+        .holds
+        .records()
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .filter(|r| r.status == Status::Approved)
+        .filter(|r| r.grant.as_ref().is_some_and(|g| g.revoked.is_none() && g.until > now))
+        .filter_map(GrantView::of)
+        .collect();
+    out.sort_by(|a, b| a.until.cmp(&b.until));
+    Ok(Json(out))
+}
+
+async fn revoke(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<GrantView>, ApiError> {
+    let grant_id = parse_id(&id)?;
+    let body = parse_body(&body)?;
+    let reason = optional_text("reason", body.reason, MAX_REASON_LEN)?;
+    let who = match &caller {
+        Caller::Admin => approver(body.approver)?.unwrap_or_else(|| "admin".into()),
+        Caller::Approver { subject, .. } => subject.clone(),
+    };
+    let records = st.holds.records().await.map_err(unavailable)?;
+    let rec = records
+        .into_iter()
+        .find(|r| r.grant.as_ref().is_some_and(|g| g.grant_id == grant_id))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no grant {grant_id}")))?;
+    if let Caller::Approver { subject, groups } = &caller {
+        let check = Decider::Approver { identity: subject.clone(), groups: groups.clone(), via: Via::Oidc };
+        check.check(&rec.request, HoldOutcome::Denied).map_err(|why| {
+            ApiError(StatusCode::FORBIDDEN, format!("{subject} may not revoke this grant: {why}"))
+        })?;
+    }
+    let hold = rec.id();
+    let changed = st
+        .holds
+        .modify(hold, |r| match r.grant.as_mut() {
+            Some(g) if g.revoked.is_none() => {
+                g.revoked = Some(who.clone());
+                Ok(Change::Write(true))
+            }
+            _ => Ok(Change::Keep(false)),
+        })
+        .await
+        .map_err(unavailable)?;
+    let Some((changed, rec)) = changed else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no grant {grant_id}")));
+    };
+    if changed {
+        info!(
+            hold.id = %hold, grant.id = %grant_id, revoked_by = %who,
+            reason = reason.as_deref().unwrap_or(""), "grant revoked"
+        );
+    }
+    // Tell the proxies (idempotent: the event id is derived from the hold).
+    if let Some(env) = crate::grant::revocation(&rec, reason) {
+        st.holds.publish_event(&env).await.map_err(unavailable)?;
+    }
+    GrantView::of(&rec)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no grant {grant_id}")))
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -288,6 +495,9 @@ mod tests {
             reason: "x".into(),
             requested_at: Timestamp(1_764_288_000_000_000),
             expires_at: Timestamp(1_764_288_300_123_456),
+            approvals: vec![],
+            min: 1,
+            approver_groups: vec![],
         };
         let json = serde_json::to_value(&h).unwrap();
         assert_eq!(json["requested_at"], "2025-11-28T00:00:00.000000Z");
@@ -307,6 +517,9 @@ mod tests {
             reason: "x".into(),
             requested_at: Timestamp(-5),
             expires_at: Timestamp(i64::MAX),
+            approvals: vec![],
+            min: 1,
+            approver_groups: vec![],
         };
         let json = serde_json::to_value(&h).unwrap();
         assert_eq!(json["requested_at"], "1970-01-01T00:00:00.000000Z");

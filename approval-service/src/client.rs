@@ -1,4 +1,4 @@
-//! A client for the approvals REST API, used by `airlock approvals list|approve|deny`.
+//! A client for the approvals REST API, used by `airlock approvals list|show|approve|deny`.
 
 use std::time::{Duration, SystemTime};
 
@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::api::{DecideBody, ErrorBody};
-pub use crate::api::{DecisionView, PendingHold};
+pub use crate::api::{DecisionView, GrantView, PendingHold};
 
 /// How long one API call may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,10 +72,35 @@ impl ApprovalsClient {
         self.call(self.request(Method::GET, &format!("/v1/holds/{id}"))).await
     }
 
-    /// Approve a hold, as `approver` (default `admin`).
+    /// Approve a hold, as `approver` (admin token only; default `admin`).
     pub async fn approve(&self, id: Uuid, approver: Option<&str>) -> Result<DecisionView, ClientError> {
-        let body = DecideBody { approver: approver.map(str::to_string), reason: None };
+        self.approve_for(id, approver, None).await
+    }
+
+    /// Approve an access request, granting it for `duration` (`2h`; default the rule's max).
+    pub async fn approve_for(
+        &self,
+        id: Uuid,
+        approver: Option<&str>,
+        duration: Option<&str>,
+    ) -> Result<DecisionView, ClientError> {
+        let body = DecideBody {
+            approver: approver.map(str::to_string),
+            reason: None,
+            duration: duration.map(str::to_string),
+        };
         self.call(self.request(Method::POST, &format!("/v1/holds/{id}/approve")).json(&body)).await
+    }
+
+    /// The active just-in-time grants.
+    pub async fn grants(&self) -> Result<Vec<GrantView>, ClientError> {
+        self.call(self.request(Method::GET, "/v1/grants")).await
+    }
+
+    /// Revoke a grant.
+    pub async fn revoke(&self, grant: Uuid, reason: Option<&str>) -> Result<GrantView, ClientError> {
+        let body = DecideBody { approver: None, reason: reason.map(str::to_string), duration: None };
+        self.call(self.request(Method::POST, &format!("/v1/grants/{grant}/revoke")).json(&body)).await
     }
 
     /// Deny a hold with a reason, as `approver` (default `admin`).
@@ -85,7 +110,11 @@ impl ApprovalsClient {
         reason: &str,
         approver: Option<&str>,
     ) -> Result<DecisionView, ClientError> {
-        let body = DecideBody { approver: approver.map(str::to_string), reason: Some(reason.to_string()) };
+        let body = DecideBody {
+            approver: approver.map(str::to_string),
+            reason: Some(reason.to_string()),
+            duration: None,
+        };
         self.call(self.request(Method::POST, &format!("/v1/holds/{id}/deny")).json(&body)).await
     }
 
@@ -153,6 +182,30 @@ fn render_holds_at(holds: &[PendingHold], now: Timestamp) -> String {
     out
 }
 
+/// One hold in full, a field per line (the statement as it is, control characters removed).
+pub fn render_hold(h: &PendingHold) -> String {
+    let clean =
+        |s: &str| s.chars().map(|c| if c.is_control() && c != '\n' { ' ' } else { c }).collect::<String>();
+    let groups = if h.approver_groups.is_empty() { "any".to_string() } else { h.approver_groups.join(", ") };
+    let approvals = if h.approvals.is_empty() { "none".to_string() } else { h.approvals.join(", ") };
+    format!(
+        "id:          {}\nsession:     {}\nprincipal:   {} (groups: {})\nconnection:  {}\nrule:        {}\n\
+         reason:      {}\nrequested:   {}\nexpires:     {}\napprovers:   {groups}, {} needed\napprovals:   {approvals}\n\
+         statement:\n{}\n",
+        h.id,
+        h.session,
+        clean(&h.principal.subject),
+        clean(&h.principal.groups.join(", ")),
+        clean(&h.connection),
+        clean(&h.rule),
+        clean(&h.reason),
+        h.requested_at,
+        h.expires_at,
+        h.min,
+        clean(&h.statement),
+    )
+}
+
 /// `42s`, `3m12s`, `2h05m`, `3d04h` from microseconds.
 fn short_duration(micros: i64) -> String {
     let s = micros.max(0) / 1_000_000;
@@ -194,6 +247,9 @@ mod tests {
             reason: "matched".into(),
             requested_at,
             expires_at,
+            approvals: vec![],
+            min: 1,
+            approver_groups: vec![],
         }
     }
 

@@ -1,9 +1,12 @@
-//! The pending holds of this process, and how one is decided.
+//! Holds: who may decide ([`Decider`]), how votes become a decision, and this replica's share of
+//! the work (the deliveries it holds and their deadlines).
 //!
-//! Each hold keeps its bus delivery until it is decided: a decision is published first, then the
-//! hold leaves the pending set and its delivery is acked. If publishing fails the hold stays
-//! pending. Holds are deduplicated by id, and ids decided recently are remembered so that a
-//! redelivered request (or one decided elsewhere before it reached us) is acked, not re-opened.
+//! The state of every hold is a [`HoldRecord`] in the shared [`Store`]; a vote is a
+//! compare-and-set on it, so with several replicas each hold is decided once. The winner
+//! publishes `HoldDecided` with an event id derived from the hold id, so a republish (after a
+//! crash between the write and the publish) is deduplicated by JetStream. Only then is the
+//! hold's delivery acked: a replica killed in between gets the request redelivered, finds the
+//! record decided, republishes if needed and acks.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -11,11 +14,15 @@ use std::time::Duration;
 
 use eventbus::{Delivery, EventBus};
 use proto::events::{Envelope, Event, HoldDecision, HoldId, HoldOutcome, HoldRequest, SessionId, Timestamp};
-use tokio::sync::Notify;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
-use crate::error::HoldError;
+use crate::error::{HoldError, StoreError};
+use crate::routes::Routes;
+use crate::store::{Approval, Change, GrantInfo, HoldRecord, Status, Store};
 
 /// The `decided_by` of holds this service expires.
 pub const SERVICE_IDENTITY: &str = "approval-service";
@@ -23,13 +30,36 @@ pub const SERVICE_IDENTITY: &str = "approval-service";
 const REMEMBERED_DECISIONS: usize = 100_000;
 /// Deadlines further out than this are treated as this far out.
 const MAX_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Republishing a decision whose first publish failed: first wait, doubling to the cap.
+const REPUBLISH_FIRST: Duration = Duration::from_millis(200);
+const REPUBLISH_CAP: Duration = Duration::from_secs(10);
 
-/// Who decides a hold. Approver identities from OIDC and Slack will be further variants; each
-/// variant says in [`Decider::check`] whether it may decide a given hold.
+/// How an approver reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A REST call with the approver's OIDC token.
+    Oidc,
+    /// A Slack button or modal.
+    Slack,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Oidc => "oidc",
+            Via::Slack => "slack",
+        }
+    }
+}
+
+/// Who decides a hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decider {
-    /// A caller holding the REST API's admin token; `approver` is the name it gave, if any.
+    /// Break-glass: a caller holding the admin token; `approver` is the name it gave, if any.
+    /// Its approval decides at once, whatever the rule's groups and `min`.
     Admin { approver: Option<String> },
+    /// A known approver (OIDC subject, or a Slack user mapped to an approver entry).
+    Approver { identity: String, groups: Vec<String>, via: Via },
     /// This service itself (expiry).
     Service,
 }
@@ -40,19 +70,45 @@ impl Decider {
         match self {
             Decider::Admin { approver: Some(name) } => name.clone(),
             Decider::Admin { approver: None } => "admin".to_string(),
+            Decider::Approver { identity, .. } => identity.clone(),
             Decider::Service => SERVICE_IDENTITY.to_string(),
+        }
+    }
+
+    fn via(&self) -> &'static str {
+        match self {
+            Decider::Admin { .. } => "admin",
+            Decider::Approver { via, .. } => via.as_str(),
+            Decider::Service => "service",
         }
     }
 
     /// Whether this decider may give `outcome` to `hold`; `Err` says why not.
     pub fn check(&self, hold: &HoldRequest, outcome: HoldOutcome) -> Result<(), String> {
+        let own = || "a requester can never approve its own hold".to_string();
         match self {
             Decider::Admin { approver: Some(name) }
                 if outcome == HoldOutcome::Approved && *name == hold.principal.subject =>
             {
-                Err("a requester can never approve its own hold".to_string())
+                Err(own())
+            }
+            Decider::Admin { .. } if outcome == HoldOutcome::Expired => {
+                Err("only the service expires holds".to_string())
             }
             Decider::Admin { .. } => Ok(()),
+            Decider::Approver { identity, groups, .. } => {
+                if outcome == HoldOutcome::Expired {
+                    return Err("only the service expires holds".to_string());
+                }
+                if outcome == HoldOutcome::Approved && *identity == hold.principal.subject {
+                    return Err(own());
+                }
+                let wanted = &hold.approvers.groups;
+                if !wanted.is_empty() && !wanted.iter().any(|g| groups.contains(g)) {
+                    return Err(format!("not in the rule's approver groups ({})", wanted.join(", ")));
+                }
+                Ok(())
+            }
             Decider::Service if outcome == HoldOutcome::Expired => Ok(()),
             Decider::Service => Err("the service only expires holds".to_string()),
         }
@@ -65,13 +121,32 @@ pub struct Hold {
     /// The session the hold belongs to (from the request's envelope).
     pub session: SessionId,
     pub request: HoldRequest,
+    /// Approvals so far (a rule with `min: 2` needs two).
+    pub approvals: Vec<String>,
 }
 
-/// A published decision.
+impl From<&HoldRecord> for Hold {
+    fn from(r: &HoldRecord) -> Self {
+        Self {
+            session: r.session,
+            request: r.request.clone(),
+            approvals: r.approvals.iter().map(|a| a.by.clone()).collect(),
+        }
+    }
+}
+
+/// The result of a vote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decided {
     pub session: SessionId,
-    pub decision: HoldDecision,
+    /// The published decision; `None` while more approvals are needed.
+    pub decision: Option<HoldDecision>,
+    /// Who has approved so far.
+    pub approvals: Vec<String>,
+    /// Approvals the rule needs.
+    pub min: u32,
+    /// The grant, when the hold was an access request.
+    pub grant: Option<GrantInfo>,
 }
 
 /// What [`Holds::admit`] did with a hold request.
@@ -83,14 +158,25 @@ pub enum Admitted {
     Redelivered,
     /// The hold was already decided: its delivery was acked.
     AlreadyDecided,
+    /// The store could not be reached: the delivery is left for redelivery.
+    Deferred,
+}
+
+/// What happened to a hold, for Slack and webhooks (handled off the decision path).
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// This replica created the hold's record.
+    Created(HoldRecord),
+    /// A pending hold came back to this replica (restart, or another replica died).
+    Resumed(HoldRecord),
+    /// This replica moved the record to its decision.
+    Decided(HoldRecord),
 }
 
 struct Pending {
-    hold: Hold,
     delivery: Option<Arc<Delivery>>,
     deadline: Instant,
-    /// A decision is being published; nobody else may decide it meanwhile.
-    deciding: bool,
+    timeout: Duration,
 }
 
 #[derive(Default)]
@@ -113,22 +199,38 @@ impl State {
     }
 }
 
-/// The pending holds of this process.
+/// The holds: the shared records plus this replica's deliveries.
 pub struct Holds {
     bus: EventBus,
+    store: Store,
+    routes: Routes,
     state: Mutex<State>,
     /// Woken when the set of deadlines changes.
     changed: Notify,
+    notices: mpsc::UnboundedSender<Notice>,
 }
 
 impl Holds {
-    pub fn new(bus: EventBus) -> Self {
-        Self { bus, state: Mutex::new(State::default()), changed: Notify::new() }
+    /// Holds over `store`; notices go to the returned receiver.
+    pub fn new(bus: EventBus, store: Store, routes: Routes) -> (Self, mpsc::UnboundedReceiver<Notice>) {
+        let (notices, rx) = mpsc::unbounded_channel();
+        let holds =
+            Self { bus, store, routes, state: Mutex::new(State::default()), changed: Notify::new(), notices };
+        (holds, rx)
+    }
+
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         // The state stays consistent at every unlock, so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn notice(&self, n: Notice) {
+        // The receiver lives as long as the service; after shutdown nobody needs notices.
+        let _ = self.notices.send(n);
     }
 
     /// Take in a hold request delivered on `session`; `delivery` is acked once it is decided.
@@ -139,47 +241,112 @@ impl Holds {
         delivery: Option<Delivery>,
     ) -> Admitted {
         let id = request.hold_id;
-        let outcome = {
+        enum Known {
+            Decided(Option<Delivery>),
+            Pending,
+            New(Option<Delivery>),
+        }
+        let known = {
             let mut st = self.state();
             if st.decided.contains(&id) {
-                Err(delivery)
+                Known::Decided(delivery)
             } else if let Some(p) = st.pending.get_mut(&id) {
                 if let Some(d) = delivery {
                     p.delivery = Some(Arc::new(d));
                 }
-                Ok(Admitted::Redelivered)
+                Known::Pending
             } else {
-                let deadline = deadline_for(request.expires_at);
-                let hold = Hold { session, request };
-                let delivery = delivery.map(Arc::new);
-                st.pending.insert(id, Pending { hold, delivery, deadline, deciding: false });
-                Ok(Admitted::New)
+                Known::New(delivery)
             }
         };
-        match outcome {
-            Ok(admitted) => {
-                if admitted == Admitted::New {
-                    info!(hold.id = %id, session.id = %session, "hold pending");
-                    self.changed.notify_one();
-                } else {
-                    debug!(hold.id = %id, session.id = %session, "hold redelivered while pending");
-                }
-                admitted
-            }
-            Err(delivery) => {
+        let delivery = match known {
+            Known::Decided(delivery) => {
                 debug!(hold.id = %id, session.id = %session, "hold already decided; acking its redelivery");
                 if let Some(d) = delivery {
                     ack(&d, id).await;
                 }
-                Admitted::AlreadyDecided
+                return Admitted::AlreadyDecided;
             }
+            Known::Pending => {
+                debug!(hold.id = %id, session.id = %session, "hold redelivered while pending");
+                return Admitted::Redelivered;
+            }
+            Known::New(delivery) => delivery,
+        };
+        let (rec, created) = match self.store.create(HoldRecord::new(session, request)).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(hold.id = %id, session.id = %session, error = %e, "storing a hold failed; it will be redelivered");
+                return Admitted::Deferred;
+            }
+        };
+        if !rec.is_pending() {
+            if !rec.published
+                && let Err(e) = self.publish(&rec).await
+            {
+                warn!(hold.id = %id, error = %e, "republishing a decision failed; it will be redelivered");
+                return Admitted::Deferred;
+            }
+            self.state().remember_decided(id);
+            if let Some(d) = delivery {
+                ack(&d, id).await;
+            }
+            return Admitted::AlreadyDecided;
+        }
+        {
+            let mut st = self.state();
+            let deadline = deadline_for(rec.request.expires_at);
+            let timeout = timeout_of(&rec.request);
+            let delivery = delivery.map(Arc::new);
+            st.pending.insert(id, Pending { delivery, deadline, timeout });
+        }
+        self.changed.notify_one();
+        if created {
+            info!(hold.id = %id, session.id = %session, rule = %rec.request.rule, "hold pending");
+            self.notice(Notice::Created(rec));
+            Admitted::New
+        } else {
+            info!(hold.id = %id, session.id = %session, "pending hold taken over");
+            self.notice(Notice::Resumed(rec));
+            Admitted::New
         }
     }
 
-    /// A decision seen on the bus (ours, another replica's, or a proxy's). Drops the hold if it
-    /// was pending and acks its delivery; returns whether it was pending.
+    /// A decision seen on the bus (ours, another replica's, or a proxy's). Drops the hold from
+    /// this replica and acks its delivery; if the record was still pending (a proxy's own
+    /// timeout), records the decision. Returns whether the hold was pending here.
     pub async fn observe(&self, decision: &HoldDecision) -> bool {
         let id = decision.hold_id;
+        let was_local = self.forget_local(id).await;
+        let recorded = self
+            .store
+            .modify(id, |rec| {
+                if !rec.is_pending() {
+                    return Ok::<_, StoreError>(Change::Keep(false));
+                }
+                rec.status = Status::from(decision.outcome);
+                rec.decision = Some(decision.clone());
+                rec.decided_at = Some(Timestamp::now());
+                rec.published = true;
+                Ok(Change::Write(true))
+            })
+            .await;
+        match recorded {
+            Ok(Some((true, rec))) => {
+                info!(
+                    hold.id = %id, session.id = %rec.session, outcome = %decision.outcome,
+                    decided_by = %decision.decided_by, "hold decided elsewhere"
+                );
+                self.notice(Notice::Decided(rec));
+            }
+            Ok(_) => {}
+            Err(e) => warn!(hold.id = %id, error = %e, "recording a decision made elsewhere failed"),
+        }
+        was_local
+    }
+
+    /// Drop `id` from this replica, remember it as decided, ack its delivery.
+    async fn forget_local(&self, id: HoldId) -> bool {
         let removed = {
             let mut st = self.state();
             st.remember_decided(id);
@@ -187,10 +354,6 @@ impl Holds {
         };
         match removed {
             Some(p) => {
-                info!(
-                    hold.id = %id, session.id = %p.hold.session, outcome = %decision.outcome,
-                    decided_by = %decision.decided_by, "hold decided elsewhere"
-                );
                 self.changed.notify_one();
                 if let Some(d) = p.delivery {
                     ack(&d, id).await;
@@ -201,7 +364,8 @@ impl Holds {
         }
     }
 
-    /// Decide a pending hold: publish the decision, then drop the hold and ack its delivery.
+    /// Vote on a hold: approve (counted towards the rule's `min`), deny, or expire. Publishes
+    /// the decision once one is reached.
     pub async fn decide(
         &self,
         id: HoldId,
@@ -209,61 +373,204 @@ impl Holds {
         decider: &Decider,
         reason: Option<String>,
     ) -> Result<Decided, HoldError> {
-        let session = {
-            let mut st = self.state();
-            let p = st.pending.get_mut(&id).ok_or(HoldError::NotFound(id))?;
-            if p.deciding {
-                return Err(HoldError::Busy(id));
-            }
-            decider.check(&p.hold.request, outcome).map_err(|why| HoldError::NotAllowed {
-                id,
-                decider: decider.identity(),
-                why,
-            })?;
-            if outcome != HoldOutcome::Expired && Instant::now() >= p.deadline {
+        self.decide_for(id, outcome, decider, reason, None).await
+    }
+
+    /// [`Holds::decide`], with the grant's duration when the hold is an access request
+    /// (default and cap: the rule's `grant.max`).
+    pub async fn decide_for(
+        &self,
+        id: HoldId,
+        outcome: HoldOutcome,
+        decider: &Decider,
+        reason: Option<String>,
+        grant_for: Option<Duration>,
+    ) -> Result<Decided, HoldError> {
+        if outcome != HoldOutcome::Expired {
+            let local = self.state().pending.get(&id).map(|p| p.deadline);
+            let late = match local {
+                Some(deadline) => Instant::now() >= deadline,
+                None => false,
+            };
+            if late {
                 // Too late for a human answer; the expiry task publishes the outcome.
                 self.changed.notify_one();
                 return Err(HoldError::Expired(id));
             }
-            p.deciding = true;
-            p.hold.session
-        };
-        let decision = HoldDecision { hold_id: id, outcome, decided_by: decider.identity(), reason };
-        let env = Envelope::new(session, Event::HoldDecided(decision.clone()));
-        if let Err(source) = self.bus.publish(&env).await {
-            warn!(hold.id = %id, session.id = %session, error = %source, "publishing a hold decision failed");
-            if let Some(p) = self.state().pending.get_mut(&id) {
-                p.deciding = false;
+        }
+        let now = Timestamp::now();
+        let result = self
+            .store
+            .modify(id, |rec| {
+                if !rec.is_pending() {
+                    return Err(HoldError::NotFound(id));
+                }
+                if outcome != HoldOutcome::Expired
+                    && now >= rec.request.expires_at
+                    && !self.state().pending.contains_key(&id)
+                {
+                    return Err(HoldError::Expired(id));
+                }
+                decider.check(&rec.request, outcome).map_err(|why| HoldError::NotAllowed {
+                    id,
+                    decider: decider.identity(),
+                    why,
+                })?;
+                let who = decider.identity();
+                let by_vote = matches!(decider, Decider::Approver { .. }) && outcome == HoldOutcome::Approved;
+                if by_vote {
+                    if rec.approvals.iter().any(|a| a.by == who) {
+                        return Err(HoldError::AlreadyApproved { id, decider: who });
+                    }
+                    rec.approvals.push(Approval { by: who.clone(), at: now, via: decider.via().into() });
+                    if u32::try_from(rec.approvals.len()).unwrap_or(u32::MAX)
+                        < rec.request.approvers.min.max(1)
+                    {
+                        return Ok(Change::Write(()));
+                    }
+                } else if outcome == HoldOutcome::Approved {
+                    rec.approvals.push(Approval { by: who.clone(), at: now, via: decider.via().into() });
+                }
+                let decided_by = if by_vote {
+                    rec.approvals.iter().map(|a| a.by.as_str()).collect::<Vec<_>>().join(", ")
+                } else {
+                    who
+                };
+                rec.status = Status::from(outcome);
+                rec.decision =
+                    Some(HoldDecision { hold_id: id, outcome, decided_by, reason: reason.clone() });
+                rec.decided_at = Some(now);
+                if outcome == HoldOutcome::Approved
+                    && let Some(max) = self.routes.for_rule(&rec.request.rule).grant_max
+                {
+                    let dur = grant_for.unwrap_or(max).min(max);
+                    rec.grant = Some(GrantInfo {
+                        grant_id: derived_id("grant", id),
+                        until: now.plus(dur),
+                        revoked: None,
+                    });
+                }
+                Ok(Change::Write(()))
+            })
+            .await;
+        let rec = match result {
+            Ok(Some(((), rec))) => rec,
+            Ok(None) => return Err(HoldError::NotFound(id)),
+            Err(HoldError::NotFound(_)) => {
+                // Decided elsewhere and we missed it: stop tracking it here.
+                self.forget_local(id).await;
+                return Err(HoldError::NotFound(id));
             }
-            self.changed.notify_one();
+            Err(e) => return Err(e),
+        };
+        let view = Decided {
+            session: rec.session,
+            decision: rec.decision.clone(),
+            approvals: rec.approvals.iter().map(|a| a.by.clone()).collect(),
+            min: rec.request.approvers.min.max(1),
+            grant: rec.grant.clone(),
+        };
+        let Some(decision) = rec.decision.clone() else {
+            info!(
+                hold.id = %id, session.id = %rec.session, approver = %decider.identity(),
+                approvals = view.approvals.len(), min = view.min, "approval recorded; more needed"
+            );
+            return Ok(view);
+        };
+        if let Err(source) = self.publish(&rec).await {
+            warn!(hold.id = %id, session.id = %rec.session, error = %source, "publishing a hold decision failed; retrying in the background");
+            self.republish_later(rec);
             return Err(HoldError::Publish { id, source });
         }
         info!(
-            hold.id = %id, session.id = %session, outcome = %outcome,
+            hold.id = %id, session.id = %rec.session, outcome = %outcome,
             decided_by = %decision.decided_by, "hold decided"
         );
-        let removed = {
-            let mut st = self.state();
-            st.remember_decided(id);
-            st.pending.remove(&id)
-        };
-        self.changed.notify_one();
-        if let Some(d) = removed.and_then(|p| p.delivery) {
-            ack(&d, id).await;
+        self.after_publish(rec).await;
+        Ok(view)
+    }
+
+    async fn publish(&self, rec: &HoldRecord) -> Result<(), eventbus::BusError> {
+        publish_record(&self.bus, rec).await
+    }
+
+    /// Mark published, drop locally, ack, tell Slack and webhooks.
+    async fn after_publish(&self, rec: HoldRecord) {
+        let id = rec.id();
+        let marked = self
+            .store
+            .modify(id, |r| {
+                if r.published {
+                    Ok::<_, StoreError>(Change::Keep(()))
+                } else {
+                    r.published = true;
+                    Ok(Change::Write(()))
+                }
+            })
+            .await;
+        if let Err(e) = marked {
+            debug!(hold.id = %id, error = %e, "marking a decision published failed (a redelivery republishes it)");
         }
-        Ok(Decided { session, decision })
+        self.forget_local(id).await;
+        self.notice(Notice::Decided(rec));
+    }
+
+    fn republish_later(&self, rec: HoldRecord) {
+        let bus = self.bus.clone();
+        let notices = self.notices.clone();
+        tokio::spawn(async move {
+            let id = rec.id();
+            let mut wait = REPUBLISH_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                match publish_record(&bus, &rec).await {
+                    Ok(()) => {
+                        info!(hold.id = %id, "decision published after a retry");
+                        let _ = notices.send(Notice::Decided(rec));
+                        return;
+                    }
+                    Err(e) => warn!(hold.id = %id, error = %e, "republishing a decision failed; retrying"),
+                }
+                wait = (wait * 2).min(REPUBLISH_CAP);
+            }
+        });
     }
 
     /// The pending holds, oldest request first.
-    pub fn pending(&self) -> Vec<Hold> {
-        let mut holds: Vec<Hold> = self.state().pending.values().map(|p| p.hold.clone()).collect();
+    pub async fn pending(&self) -> Result<Vec<Hold>, StoreError> {
+        let mut holds: Vec<Hold> =
+            self.store.all().await?.iter().filter(|r| r.is_pending()).map(Hold::from).collect();
         holds.sort_by_key(|h| (h.request.requested_at, h.request.hold_id));
-        holds
+        Ok(holds)
     }
 
     /// One pending hold.
-    pub fn get(&self, id: HoldId) -> Option<Hold> {
-        self.state().pending.get(&id).map(|p| p.hold.clone())
+    pub async fn get(&self, id: HoldId) -> Result<Option<Hold>, StoreError> {
+        Ok(self.store.get(id).await?.filter(|(r, _)| r.is_pending()).map(|(r, _)| Hold::from(&r)))
+    }
+
+    /// One record, whatever its state.
+    pub async fn record(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError> {
+        Ok(self.store.get(id).await?.map(|(r, _)| r))
+    }
+
+    /// Every record.
+    pub async fn records(&self) -> Result<Vec<HoldRecord>, StoreError> {
+        self.store.all().await
+    }
+
+    /// Read-modify-write one record (Slack post bookkeeping, grant revocation).
+    pub async fn modify<T>(
+        &self,
+        id: HoldId,
+        f: impl FnMut(&mut HoldRecord) -> Result<Change<T>, StoreError>,
+    ) -> Result<Option<(T, HoldRecord)>, StoreError> {
+        self.store.modify(id, f).await
+    }
+
+    /// Publish an event on a session (grant revocations).
+    pub async fn publish_event(&self, env: &Envelope) -> Result<(), eventbus::BusError> {
+        self.bus.publish(env).await
     }
 
     /// The deliveries of pending holds (to report progress on).
@@ -271,18 +578,18 @@ impl Holds {
         self.state().pending.iter().filter_map(|(id, p)| p.delivery.clone().map(|d| (*id, d))).collect()
     }
 
-    /// The earliest deadline of a hold that is not being decided.
+    /// The earliest deadline of a pending hold here.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.state().pending.values().filter(|p| !p.deciding).map(|p| p.deadline).min()
+        self.state().pending.values().map(|p| p.deadline).min()
     }
 
-    /// Holds past their deadline at `now` and not being decided, with their timeouts.
+    /// Holds past their deadline at `now`, with their timeouts.
     pub(crate) fn due(&self, now: Instant) -> Vec<(HoldId, Duration)> {
         self.state()
             .pending
             .iter()
-            .filter(|(_, p)| !p.deciding && p.deadline <= now)
-            .map(|(id, p)| (*id, timeout_of(&p.hold.request)))
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, p)| (*id, p.timeout))
             .collect()
     }
 
@@ -297,6 +604,32 @@ impl Holds {
     pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
+}
+
+/// Publish a decided record's events, with ids derived from the hold id (so a republish is
+/// deduplicated by JetStream).
+async fn publish_record(bus: &EventBus, rec: &HoldRecord) -> Result<(), eventbus::BusError> {
+    let Some(decision) = rec.decision.clone() else { return Ok(()) };
+    let id = rec.id();
+    let at = rec.decided_at.unwrap_or_else(Timestamp::now);
+    let mut envs = vec![Envelope {
+        v: proto::events::ENVELOPE_VERSION,
+        id: derived_id("hold_decided", id),
+        session: rec.session,
+        at,
+        event: Event::HoldDecided(decision),
+    }];
+    envs.extend(crate::grant::events(rec, at));
+    bus.publish_all(&envs).await
+}
+
+/// A stable id derived from a hold id: the same hold always gets the same decision event id,
+/// so JetStream deduplicates a republished decision.
+pub fn derived_id(kind: &str, hold: HoldId) -> Uuid {
+    let digest = Sha256::new().chain_update(kind.as_bytes()).chain_update(hold.as_bytes()).finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// The hold's timeout as the rule set it: `expires_at - requested_at`.
@@ -324,7 +657,6 @@ async fn ack(d: &Delivery, id: HoldId) {
 mod tests {
     use super::*;
     use proto::events::{ApproverSpec, Principal};
-    use uuid::Uuid;
 
     fn request(expires_in: Duration) -> HoldRequest {
         let now = Timestamp::now();
@@ -338,6 +670,7 @@ mod tests {
                 kind: "oidc".into(),
             },
             statement: "delete from orders".into(),
+            parameters: vec![],
             fingerprint: "ab".into(),
             rule: "writes-need-approval".into(),
             reason: "matched rule".into(),
@@ -351,10 +684,19 @@ mod tests {
         Decider::Admin { approver: Some(name.into()) }
     }
 
+    fn dba(name: &str) -> Decider {
+        Decider::Approver { identity: name.into(), groups: vec!["dba".into()], via: Via::Slack }
+    }
+
+    fn holds(bus: EventBus) -> Holds {
+        Holds::new(bus, Store::memory(), Routes::new(None, None)).0
+    }
+
     #[test]
     fn decider_identity_defaults_to_admin() {
         assert_eq!(Decider::Admin { approver: None }.identity(), "admin");
         assert_eq!(admin("alice").identity(), "alice");
+        assert_eq!(dba("dana").identity(), "dana");
         assert_eq!(Decider::Service.identity(), "approval-service");
     }
 
@@ -364,7 +706,24 @@ mod tests {
         assert!(admin("agent-1").check(&req, HoldOutcome::Approved).is_err());
         assert!(admin("agent-1").check(&req, HoldOutcome::Denied).is_ok());
         assert!(admin("alice").check(&req, HoldOutcome::Approved).is_ok());
+        let own =
+            Decider::Approver { identity: "agent-1".into(), groups: vec!["dba".into()], via: Via::Oidc };
+        assert!(own.check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
         assert!(Decider::Service.check(&req, HoldOutcome::Approved).is_err());
+    }
+
+    #[test]
+    fn approvers_outside_the_rule_groups_may_not_decide() {
+        let req = request(Duration::from_secs(60));
+        let outsider =
+            Decider::Approver { identity: "eve".into(), groups: vec!["agents".into()], via: Via::Oidc };
+        assert!(outsider.check(&req, HoldOutcome::Approved).unwrap_err().contains("dba"));
+        assert!(outsider.check(&req, HoldOutcome::Denied).is_err());
+        assert!(dba("dana").check(&req, HoldOutcome::Approved).is_ok());
+        assert!(dba("dana").check(&req, HoldOutcome::Expired).is_err());
+        let mut open = req.clone();
+        open.approvers.groups.clear();
+        assert!(outsider.check(&open, HoldOutcome::Approved).is_ok());
     }
 
     #[test]
@@ -373,23 +732,32 @@ mod tests {
         assert_eq!(timeout_of(&req), Duration::from_secs(300));
     }
 
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let h = Uuid::now_v7();
+        assert_eq!(derived_id("hold_decided", h), derived_id("hold_decided", h));
+        assert_ne!(derived_id("hold_decided", h), derived_id("grant", h));
+        assert_ne!(derived_id("hold_decided", h), derived_id("hold_decided", Uuid::now_v7()));
+    }
+
     #[tokio::test]
     async fn decide_publishes_on_the_hold_session_then_forgets_the_hold() {
         let bus = EventBus::memory();
         let mut sub = bus.subscribe(proto::subjects::HOLD_DECIDED).await.unwrap();
-        let holds = Holds::new(bus);
+        let holds = holds(bus);
         let session = Uuid::now_v7();
         let req = request(Duration::from_secs(60));
         let id = req.hold_id;
         assert_eq!(holds.admit(session, req, None).await, Admitted::New);
-        assert_eq!(holds.pending().len(), 1);
+        assert_eq!(holds.pending().await.unwrap().len(), 1);
 
         let decided = holds.decide(id, HoldOutcome::Approved, &admin("alice"), None).await.unwrap();
         assert_eq!(decided.session, session);
         let env = sub.next().await.unwrap();
         assert_eq!(env.session, session);
-        assert_eq!(env.event, Event::HoldDecided(decided.decision));
-        assert!(holds.pending().is_empty());
+        assert_eq!(env.id, derived_id("hold_decided", id));
+        assert_eq!(env.event, Event::HoldDecided(decided.decision.unwrap()));
+        assert!(holds.pending().await.unwrap().is_empty());
         assert!(matches!(
             holds.decide(id, HoldOutcome::Denied, &admin("bob"), None).await,
             Err(HoldError::NotFound(_))
@@ -397,33 +765,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn min_two_needs_two_distinct_approvers() {
+        let bus = EventBus::memory();
+        let mut sub = bus.subscribe(proto::subjects::HOLD_DECIDED).await.unwrap();
+        let holds = holds(bus);
+        let mut req = request(Duration::from_secs(60));
+        req.approvers.min = 2;
+        let id = req.hold_id;
+        holds.admit(Uuid::now_v7(), req, None).await;
+        let first = holds.decide(id, HoldOutcome::Approved, &dba("dana"), None).await.unwrap();
+        assert_eq!((first.decision, first.approvals.clone(), first.min), (None, vec!["dana".to_string()], 2));
+        assert_eq!(holds.get(id).await.unwrap().unwrap().approvals, vec!["dana".to_string()]);
+        assert!(matches!(
+            holds.decide(id, HoldOutcome::Approved, &dba("dana"), None).await,
+            Err(HoldError::AlreadyApproved { .. })
+        ));
+        let second = holds.decide(id, HoldOutcome::Approved, &dba("erin"), None).await.unwrap();
+        let d = second.decision.unwrap();
+        assert_eq!((d.outcome, d.decided_by.as_str()), (HoldOutcome::Approved, "dana, erin"));
+        let Event::HoldDecided(seen) = sub.next().await.unwrap().event else { panic!("not a decision") };
+        assert_eq!(seen, d);
+    }
+
+    #[tokio::test]
     async fn redelivered_and_already_decided_holds_are_not_reopened() {
-        let holds = Holds::new(EventBus::memory());
+        let holds = holds(EventBus::memory());
         let session = Uuid::now_v7();
         let req = request(Duration::from_secs(60));
         let id = req.hold_id;
         assert_eq!(holds.admit(session, req.clone(), None).await, Admitted::New);
         assert_eq!(holds.admit(session, req.clone(), None).await, Admitted::Redelivered);
-        assert_eq!(holds.pending().len(), 1);
+        assert_eq!(holds.pending().await.unwrap().len(), 1);
         holds.decide(id, HoldOutcome::Denied, &admin("alice"), Some("no".into())).await.unwrap();
         assert_eq!(holds.admit(session, req, None).await, Admitted::AlreadyDecided);
-        assert!(holds.pending().is_empty());
+        assert!(holds.pending().await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn a_decision_seen_on_the_bus_drops_the_pending_hold() {
-        let holds = Holds::new(EventBus::memory());
+        let holds = holds(EventBus::memory());
         let req = request(Duration::from_secs(60));
         let id = req.hold_id;
         holds.admit(Uuid::now_v7(), req.clone(), None).await;
         let elsewhere = HoldDecision {
             hold_id: id,
-            outcome: HoldOutcome::Approved,
-            decided_by: "other".into(),
+            outcome: HoldOutcome::Expired,
+            decided_by: "proxy".into(),
             reason: None,
         };
         assert!(holds.observe(&elsewhere).await);
-        assert!(holds.get(id).is_none());
+        assert!(holds.get(id).await.unwrap().is_none());
+        assert_eq!(holds.record(id).await.unwrap().unwrap().status, Status::Expired);
         assert!(!holds.observe(&elsewhere).await);
         // A decision that arrives before its request keeps the request from opening.
         let late = request(Duration::from_secs(60));
@@ -434,7 +826,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_deadline_holds_are_due_and_cannot_be_approved() {
-        let holds = Holds::new(EventBus::memory());
+        let holds = holds(EventBus::memory());
         let mut req = request(Duration::ZERO);
         req.requested_at = Timestamp(req.requested_at.as_micros() - 5_000_000);
         let id = req.hold_id;

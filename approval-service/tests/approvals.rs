@@ -63,6 +63,7 @@ fn hold_request(requested_at: Timestamp, timeout: Duration) -> HoldRequest {
             kind: "oidc".into(),
         },
         statement: "DELETE FROM orders WHERE id = 42".into(),
+        parameters: vec![],
         fingerprint: "f00d".into(),
         rule: "writes-need-approval".into(),
         reason: "delete on orders".into(),
@@ -127,7 +128,7 @@ async fn approve_flow(bus: EventBus) -> anyhow::Result<()> {
     assert_eq!(svc.client.get(req.hold_id).await?, shown);
 
     let view = svc.client.approve(req.hold_id, Some("alice")).await?;
-    assert_eq!(view.outcome, HoldOutcome::Approved);
+    assert_eq!(view.outcome, Some(HoldOutcome::Approved));
     assert_eq!(view.decided_by, "alice");
     assert_eq!(view.session, session);
 
@@ -180,7 +181,7 @@ async fn deny_requires_a_reason_and_publishes_it() -> anyhow::Result<()> {
     assert_eq!(listed(&svc.client, req.hold_id).await?.id, req.hold_id, "still pending after bad requests");
 
     let view = svc.client.deny(req.hold_id, "too risky on a Friday", None).await?;
-    assert_eq!(view.outcome, HoldOutcome::Denied);
+    assert_eq!(view.outcome, Some(HoldOutcome::Denied));
     assert_eq!(view.decided_by, "admin");
     // The first decision seen is this one: the rejected requests published nothing.
     let (env, d) = decision_for(&mut decisions, req.hold_id).await?;

@@ -1,0 +1,107 @@
+//! Per-rule settings the service reads from the policy: the rule's Slack channel, its webhook and
+//! its just-in-time grant limit. The policy comes from the policy store (followed over gRPC);
+//! without one, every hold goes to `slack.default_channel` and no rule grants access.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use policy_store::client::ActivePolicy;
+use tokio::sync::watch;
+
+/// The policy as the service sees it: `None` until the first version arrives.
+pub type PolicyWatch = watch::Receiver<Option<Arc<ActivePolicy>>>;
+
+/// What a hold's rule asks of the service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// Where the hold is posted in Slack.
+    pub channel: Option<String>,
+    /// The webhook told about it.
+    pub webhook: Option<String>,
+    /// Approving it grants access for up to this long.
+    pub grant_max: Option<Duration>,
+}
+
+/// Looks rules up by name in the latest policy.
+#[derive(Clone)]
+pub struct Routes {
+    policy: Option<PolicyWatch>,
+    default_channel: Option<String>,
+}
+
+impl Routes {
+    pub fn new(policy: Option<PolicyWatch>, default_channel: Option<String>) -> Self {
+        Self { policy, default_channel }
+    }
+
+    /// Wait (up to `within`) until the first policy version is known, so holds that arrive
+    /// while the service is starting still find their rule's channel and webhook.
+    pub async fn ready(&self, within: Duration) {
+        if let Some(p) = &self.policy {
+            let mut p = p.clone();
+            let _ = tokio::time::timeout(within, p.wait_for(Option::is_some)).await;
+        }
+    }
+
+    /// The route of the rule named `rule` (a default such as `defaults.unknown_operation` has
+    /// only the default channel).
+    pub fn for_rule(&self, rule: &str) -> Route {
+        let found = self.policy.as_ref().and_then(|p| {
+            let p = p.borrow();
+            let active = p.as_ref()?;
+            active.document.rules.iter().find(|r| r.name == rule).map(|r| Route {
+                channel: r.slack.as_ref().map(|s| s.channel.clone()),
+                webhook: r.webhook.clone(),
+                grant_max: r.grant.as_ref().map(|g| g.max),
+            })
+        });
+        let mut route = found.unwrap_or_default();
+        if route.channel.is_none() {
+            route.channel.clone_from(&self.default_channel);
+        }
+        route
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_waits_for_the_first_policy_version() {
+        let (tx, rx) = watch::channel(None);
+        let routes = Routes::new(Some(rx), None);
+        let document =
+            proto::policy::parse("rules:\n  - name: r\n    action: hold\n    slack: { channel: C9 }\n")
+                .unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
+            std::future::pending::<()>().await;
+        });
+        assert_eq!(routes.for_rule("r").channel, None);
+        routes.ready(Duration::from_secs(15)).await;
+        assert_eq!(routes.for_rule("r").channel.as_deref(), Some("C9"));
+        // Without a policy source there is nothing to wait for.
+        Routes::new(None, None).ready(Duration::from_secs(3600)).await;
+    }
+
+    #[test]
+    fn rules_route_to_their_channel_else_the_default() {
+        let yaml = "rules:\n  - name: r\n    action: hold\n    slack: { channel: C9 }\n    webhook: w\n    grant: { max: 1h }\n  - name: plain\n    action: hold\n";
+        let document = proto::policy::parse(yaml).unwrap();
+        let (_tx, rx) =
+            watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
+        let routes = Routes::new(Some(rx), Some("C0".into()));
+        let r = routes.for_rule("r");
+        assert_eq!(r.channel.as_deref(), Some("C9"));
+        assert_eq!(r.webhook.as_deref(), Some("w"));
+        assert_eq!(r.grant_max, Some(Duration::from_secs(3600)));
+        assert_eq!(routes.for_rule("plain").channel.as_deref(), Some("C0"));
+        assert_eq!(
+            routes.for_rule("defaults.unknown_operation"),
+            Route { channel: Some("C0".into()), ..Default::default() }
+        );
+        assert_eq!(Routes::new(None, None).for_rule("r"), Route::default());
+    }
+}

@@ -1,0 +1,606 @@
+//! The Slack bot: posts each hold as a Block Kit message with Approve and Deny buttons, opens a
+//! modal asking for a reason on Deny, takes interactivity callbacks, and updates the message
+//! with the outcome.
+//!
+//! Every callback is checked with the app's signing secret (HMAC `v0`, timestamp within 5
+//! minutes, by slack-morphism's `SlackEventSignatureVerifier`) before anything else; a request
+//! that fails gets 401 and changes nothing. The clicking Slack user is mapped to an approver
+//! entry (explicit `slack_user`, else the e-mail `users.info` reports) and then checked like any
+//! approver: the rule's groups, `min`, and never the requester itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use proto::events::{HoldId, HoldOutcome};
+use serde::Deserialize;
+use serde_json::json;
+use slack_morphism::prelude::*;
+use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
+use tracing::{debug, info, warn};
+
+use crate::config::{ApproverEntry, SlackConfig, secret};
+use crate::error::{ApprovalError, HoldError};
+use crate::hold::{Decider, Holds, Via};
+use crate::store::{Change, HoldRecord, SlackMessage, Status};
+
+/// The Approve button's action id.
+pub const APPROVE_ACTION: &str = "airlock_approve";
+/// The Deny button's action id.
+pub const DENY_ACTION: &str = "airlock_deny";
+/// The deny modal's callback id.
+pub const DENY_CALLBACK: &str = "airlock_deny";
+/// The deny modal's reason input (block id and action id).
+pub const REASON_INPUT: &str = "reason";
+/// A claim to post older than this (the claimer died) may be taken over.
+const CLAIM_STALE_MICROS: i64 = 60_000_000;
+/// Section text limit is 3000 characters; keep room for the code fence.
+const MAX_STATEMENT_CHARS: usize = 2800;
+
+pub mod fake;
+
+type Client = SlackClient<SlackClientHyperHttpsConnector>;
+
+/// Calling Slack.
+#[derive(Debug, thiserror::Error)]
+pub enum SlackError {
+    #[error("Slack API {method}: {message}")]
+    Api { method: &'static str, message: String },
+    #[error("building a Slack message: {0}")]
+    Build(#[from] serde_json::Error),
+}
+
+/// The bot: a Web API client, the signature verifier and the approver directory.
+pub struct Slack {
+    client: Client,
+    token: SlackApiToken,
+    verifier: SlackEventSignatureVerifier,
+    approvers: Vec<ApproverEntry>,
+}
+
+impl Slack {
+    /// The bot from its config; secrets are read from their values or files.
+    pub fn from_config(cfg: &SlackConfig, approvers: &[ApproverEntry]) -> Result<Self, ApprovalError> {
+        let bot = secret("Slack bot token", cfg.bot_token.as_ref(), cfg.bot_token_file.as_ref())?
+            .ok_or(ApprovalError::MissingSecret("Slack bot token"))?;
+        let signing =
+            secret("Slack signing secret", cfg.signing_secret.as_ref(), cfg.signing_secret_file.as_ref())?
+                .ok_or(ApprovalError::MissingSecret("Slack signing secret"))?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match builder.with_native_roots() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "no system root certificates; only plain-HTTP Slack URLs will work");
+                let roots = rustls::RootCertStore::empty();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                    rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+                )
+            }
+        };
+        let https = builder.https_or_http().enable_http1().build();
+        // slack-morphism joins the base and the method with a `/`.
+        let api_url = cfg.api_url.trim_end_matches('/');
+        let connector = SlackClientHyperConnector::with_connector(https).with_slack_api_url(api_url);
+        Ok(Self {
+            client: SlackClient::new(connector),
+            token: SlackApiToken::new(SlackApiTokenValue::new(bot)),
+            verifier: SlackEventSignatureVerifier::new(&SlackSigningSecret::new(signing)),
+            approvers: approvers.to_vec(),
+        })
+    }
+
+    /// Check a callback's signature and timestamp.
+    pub fn verify(&self, headers: &HeaderMap, body: &str) -> Result<(), String> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let sig = header(SlackEventSignatureVerifier::SLACK_SIGNED_HASH_HEADER).ok_or("missing signature")?;
+        let ts = header(SlackEventSignatureVerifier::SLACK_SIGNED_TIMESTAMP).ok_or("missing timestamp")?;
+        self.verifier.verify(sig, body, ts).map_err(|e| e.to_string())
+    }
+
+    /// Post `rec` to `channel`.
+    pub async fn post(&self, channel: &str, rec: &HoldRecord) -> Result<SlackMessage, SlackError> {
+        let content = message(rec)?;
+        let req = SlackApiChatPostMessageRequest::new(channel.to_string().into(), content);
+        let resp = self
+            .client
+            .open_session(&self.token)
+            .chat_post_message(&req)
+            .await
+            .map_err(|e| SlackError::Api { method: "chat.postMessage", message: e.to_string() })?;
+        Ok(SlackMessage { channel: resp.channel.to_string(), ts: resp.ts.to_string() })
+    }
+
+    /// Show `rec`'s current state in its message.
+    pub async fn update(&self, msg: &SlackMessage, rec: &HoldRecord) -> Result<(), SlackError> {
+        let content = message(rec)?;
+        let req = SlackApiChatUpdateRequest::new(msg.channel.clone().into(), content, msg.ts.clone().into());
+        self.client
+            .open_session(&self.token)
+            .chat_update(&req)
+            .await
+            .map_err(|e| SlackError::Api { method: "chat.update", message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Open the modal asking why `hold` is denied.
+    async fn open_deny_modal(&self, trigger_id: &str, hold: HoldId) -> Result<(), SlackError> {
+        let view: SlackView = serde_json::from_value(json!({
+            "type": "modal",
+            "callback_id": DENY_CALLBACK,
+            "private_metadata": hold.to_string(),
+            "title": { "type": "plain_text", "text": "Deny hold" },
+            "submit": { "type": "plain_text", "text": "Deny" },
+            "close": { "type": "plain_text", "text": "Cancel" },
+            "blocks": [{
+                "type": "input",
+                "block_id": REASON_INPUT,
+                "label": { "type": "plain_text", "text": "Why? The agent sees this." },
+                "element": { "type": "plain_text_input", "action_id": REASON_INPUT, "multiline": true }
+            }]
+        }))?;
+        let req = SlackApiViewsOpenRequest::new(trigger_id.to_string().into(), view);
+        self.client
+            .open_session(&self.token)
+            .views_open(&req)
+            .await
+            .map_err(|e| SlackError::Api { method: "views.open", message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Tell one user something only they see.
+    async fn ephemeral(&self, channel: &str, user: &str, text: &str) {
+        let content = SlackMessageContent::new().with_text(text.to_string());
+        let req = SlackApiChatPostEphemeralRequest::new(
+            channel.to_string().into(),
+            user.to_string().into(),
+            content,
+        );
+        if let Err(e) = self.client.open_session(&self.token).chat_post_ephemeral(&req).await {
+            debug!(error = %e, "posting an ephemeral Slack message failed");
+        }
+    }
+
+    /// The approver a Slack user is: an explicit `slack_user` entry, else the entry whose e-mail
+    /// matches the user's profile. `Ok(None)`: not a known approver.
+    pub async fn identify(&self, user: &str) -> Result<Option<Decider>, SlackError> {
+        let as_decider = |a: &ApproverEntry| Decider::Approver {
+            identity: a.name.clone(),
+            groups: a.groups.clone(),
+            via: Via::Slack,
+        };
+        if let Some(a) = self.approvers.iter().find(|a| a.slack_user.as_deref() == Some(user)) {
+            return Ok(Some(as_decider(a)));
+        }
+        let req = SlackApiUsersInfoRequest::new(user.to_string().into());
+        let info = self
+            .client
+            .open_session(&self.token)
+            .users_info(&req)
+            .await
+            .map_err(|e| SlackError::Api { method: "users.info", message: e.to_string() })?;
+        let email = info.user.profile.and_then(|p| p.email).map(|e| e.to_string());
+        let Some(email) = email.filter(|e| !e.is_empty()) else { return Ok(None) };
+        Ok(self
+            .approvers
+            .iter()
+            .find(|a| a.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(&email)))
+            .map(as_decider))
+    }
+}
+
+/// Post a hold's message once across replicas: claim the post with a compare-and-set on the
+/// record, post, record the message, and show the outcome if it was decided meanwhile.
+pub async fn post_hold(holds: &Holds, slack: &Slack, id: HoldId, channel: &str) {
+    let now = proto::events::Timestamp::now();
+    let claimed = holds
+        .modify(id, |r| {
+            let fresh =
+                r.slack_claimed_at.is_some_and(|t| now.as_micros() - t.as_micros() < CLAIM_STALE_MICROS);
+            if r.slack.is_some() || fresh || !r.is_pending() {
+                return Ok(Change::Keep(false));
+            }
+            r.slack_claimed_at = Some(now);
+            Ok(Change::Write(true))
+        })
+        .await;
+    let rec = match claimed {
+        Ok(Some((true, rec))) => rec,
+        Ok(_) => return,
+        Err(e) => {
+            warn!(hold.id = %id, error = %e, "claiming the Slack post failed");
+            return;
+        }
+    };
+    let msg = match slack.post(channel, &rec).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(hold.id = %id, error = %e, "posting the hold to Slack failed");
+            return;
+        }
+    };
+    info!(hold.id = %id, slack.channel = %msg.channel, "hold posted to Slack");
+    let stored = holds
+        .modify(id, |r| {
+            r.slack = Some(msg.clone());
+            Ok(Change::Write(()))
+        })
+        .await;
+    match stored {
+        Ok(Some(((), rec))) if !rec.is_pending() => show_outcome(holds, slack, id).await,
+        Ok(_) => {}
+        Err(e) => warn!(hold.id = %id, error = %e, "recording the Slack message failed"),
+    }
+}
+
+/// Update a decided hold's message with its outcome, once.
+pub async fn show_outcome(holds: &Holds, slack: &Slack, id: HoldId) {
+    let claimed = holds
+        .modify(id, |r| {
+            if r.slack.is_none() || r.slack_final || r.is_pending() {
+                return Ok(Change::Keep(false));
+            }
+            r.slack_final = true;
+            Ok(Change::Write(true))
+        })
+        .await;
+    let rec = match claimed {
+        Ok(Some((true, rec))) => rec,
+        Ok(_) => return,
+        Err(e) => {
+            warn!(hold.id = %id, error = %e, "claiming the Slack update failed");
+            return;
+        }
+    };
+    let Some(msg) = rec.slack.clone() else { return };
+    if let Err(e) = slack.update(&msg, &rec).await {
+        warn!(hold.id = %id, error = %e, "updating the Slack message failed");
+    }
+}
+
+/// Escape text for mrkdwn (`&`, `<`, `>`), so a statement cannot mention or link.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The statement in a code block, cut to fit, with no way to close the fence early.
+fn code(statement: &str) -> String {
+    let mut s: String = statement.replace("```", "`\u{200b}``");
+    if s.chars().count() > MAX_STATEMENT_CHARS {
+        s = s.chars().take(MAX_STATEMENT_CHARS).collect::<String>() + "…";
+    }
+    format!("```{}```", escape(&s))
+}
+
+/// The message for a hold in its current state.
+pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Error> {
+    let r = &rec.request;
+    let groups =
+        if r.principal.groups.is_empty() { "none".to_string() } else { r.principal.groups.join(", ") };
+    let expires_unix = r.expires_at.as_micros() / 1_000_000;
+    let approvers = if r.approvers.groups.is_empty() {
+        "any approver".to_string()
+    } else {
+        r.approvers.groups.join(", ")
+    };
+    let min = r.approvers.min.max(1);
+    let mut blocks = vec![
+        json!({ "type": "header", "text": { "type": "plain_text", "text": format!("Approval needed: {}", r.rule) } }),
+        json!({ "type": "section", "fields": [
+            { "type": "mrkdwn", "text": format!("*Agent*\n`{}` (groups: {})", escape(&r.principal.subject), escape(&groups)) },
+            { "type": "mrkdwn", "text": format!("*Connection*\n{}", escape(&r.connection)) },
+            { "type": "mrkdwn", "text": format!("*Rule*\n{}", escape(&r.rule)) },
+            { "type": "mrkdwn", "text": format!("*Expires*\n<!date^{expires_unix}^{{date_short_pretty}} {{time_secs}}|{}>", r.expires_at) },
+        ]}),
+        json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!("*Why held*\n{}", escape(&r.reason)) } }),
+        json!({ "type": "section", "text": { "type": "mrkdwn", "text": code(&r.statement) } }),
+        json!({ "type": "context", "elements": [{ "type": "mrkdwn", "text": format!(
+            "hold `{}` · approvers: {} · approvals {}/{}{}",
+            r.hold_id, escape(&approvers), rec.approvals.len(), min,
+            if rec.approvals.is_empty() { String::new() } else {
+                format!(" ({})", escape(&rec.approvals.iter().map(|a| a.by.as_str()).collect::<Vec<_>>().join(", ")))
+            }
+        ) }] }),
+    ];
+    let (summary, outcome) = match (&rec.status, &rec.decision) {
+        (Status::Pending, _) => (format!("Approval needed: {} on {}", r.rule, r.connection), None),
+        (Status::Approved, Some(d)) => {
+            let mut t = format!(":white_check_mark: *Approved* by {}", escape(&d.decided_by));
+            if let Some(g) = &rec.grant {
+                t.push_str(&format!(" · access granted until {}", g.until));
+            }
+            ("Hold approved".to_string(), Some(t))
+        }
+        (Status::Denied, Some(d)) => (
+            "Hold denied".to_string(),
+            Some(format!(
+                ":no_entry: *Denied* by {}: {}",
+                escape(&d.decided_by),
+                escape(d.reason.as_deref().unwrap_or("no reason given"))
+            )),
+        ),
+        (Status::Expired, d) => (
+            "Hold expired".to_string(),
+            Some(format!(
+                ":hourglass: *Expired*: {}",
+                escape(d.as_ref().and_then(|d| d.reason.as_deref()).unwrap_or("nobody decided in time"))
+            )),
+        ),
+        (_, None) => ("Hold decided".to_string(), Some("*Decided*".to_string())),
+    };
+    match outcome {
+        None => blocks.push(json!({ "type": "actions", "block_id": "airlock_hold", "elements": [
+            { "type": "button", "action_id": APPROVE_ACTION, "style": "primary", "value": r.hold_id.to_string(),
+              "text": { "type": "plain_text", "text": "Approve" } },
+            { "type": "button", "action_id": DENY_ACTION, "style": "danger", "value": r.hold_id.to_string(),
+              "text": { "type": "plain_text", "text": "Deny" } },
+        ]})),
+        Some(t) => blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": t } })),
+    }
+    let blocks: Vec<SlackBlock> = serde_json::from_value(serde_json::Value::Array(blocks))?;
+    Ok(SlackMessageContent::new().with_text(summary).with_blocks(blocks))
+}
+
+/// What the interactivity endpoint reads from a callback's `payload`.
+#[derive(Debug, Deserialize)]
+struct Interaction {
+    #[serde(rename = "type")]
+    kind: String,
+    user: IdOnly,
+    #[serde(default)]
+    trigger_id: Option<String>,
+    #[serde(default)]
+    channel: Option<IdOnly>,
+    #[serde(default)]
+    actions: Vec<Action>,
+    #[serde(default)]
+    view: Option<View>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Action {
+    action_id: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct View {
+    #[serde(default)]
+    callback_id: Option<String>,
+    #[serde(default)]
+    private_metadata: Option<String>,
+    #[serde(default)]
+    state: Option<ViewState>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ViewState {
+    #[serde(default)]
+    values: HashMap<String, HashMap<String, InputValue>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputValue {
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    holds: Arc<Holds>,
+    slack: Arc<Slack>,
+}
+
+/// The interactivity route, `POST /slack/interactions`.
+pub fn router(holds: Arc<Holds>, slack: Arc<Slack>) -> Router {
+    Router::new()
+        .route("/slack/interactions", axum::routing::post(interactions))
+        .with_state(AppState { holds, slack })
+}
+
+fn reject(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+async fn interactions(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return reject(StatusCode::UNAUTHORIZED, "invalid Slack signature");
+    };
+    if let Err(why) = st.slack.verify(&headers, text) {
+        warn!(error = %why, "rejected a Slack callback");
+        return reject(StatusCode::UNAUTHORIZED, "invalid Slack signature");
+    }
+    let form: HashMap<String, String> = match serde_urlencoded::from_str(text) {
+        Ok(f) => f,
+        Err(_) => return reject(StatusCode::BAD_REQUEST, "not a form"),
+    };
+    let Some(payload) = form.get("payload") else { return reject(StatusCode::BAD_REQUEST, "no payload") };
+    let ia: Interaction = match serde_json::from_str(payload) {
+        Ok(i) => i,
+        Err(e) => {
+            debug!(error = %e, "unreadable Slack payload");
+            return reject(StatusCode::BAD_REQUEST, "unreadable payload");
+        }
+    };
+    match ia.kind.as_str() {
+        "block_actions" => block_actions(&st, &ia).await,
+        "view_submission" => view_submission(&st, &ia).await,
+        other => {
+            debug!(kind = %other, "ignoring a Slack interaction");
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+async fn block_actions(st: &AppState, ia: &Interaction) -> Response {
+    let channel = ia.channel.as_ref().map(|c| c.id.as_str());
+    for action in &ia.actions {
+        let Some(id) = action.value.as_deref().and_then(|v| uuid::Uuid::parse_str(v).ok()) else { continue };
+        match action.action_id.as_str() {
+            APPROVE_ACTION => {
+                if let Err(why) = vote(st, &ia.user.id, id, HoldOutcome::Approved, None).await
+                    && let Some(c) = channel
+                {
+                    st.slack.ephemeral(c, &ia.user.id, &why).await;
+                }
+            }
+            DENY_ACTION => {
+                let Some(trigger) = ia.trigger_id.as_deref() else { continue };
+                if let Err(e) = st.slack.open_deny_modal(trigger, id).await {
+                    warn!(hold.id = %id, error = %e, "opening the deny modal failed");
+                }
+            }
+            other => debug!(action = %other, "ignoring a Slack action"),
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
+async fn view_submission(st: &AppState, ia: &Interaction) -> Response {
+    let Some(view) = &ia.view else { return StatusCode::OK.into_response() };
+    if view.callback_id.as_deref() != Some(DENY_CALLBACK) {
+        return StatusCode::OK.into_response();
+    }
+    let Some(id) = view.private_metadata.as_deref().and_then(|v| uuid::Uuid::parse_str(v).ok()) else {
+        return StatusCode::OK.into_response();
+    };
+    let reason = view
+        .state
+        .as_ref()
+        .and_then(|s| s.values.get(REASON_INPUT))
+        .and_then(|b| b.get(REASON_INPUT))
+        .and_then(|v| v.value.as_deref())
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_string);
+    let Some(reason) = reason else { return modal_error("A denial needs a reason.") };
+    match vote(st, &ia.user.id, id, HoldOutcome::Denied, Some(reason)).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(why) => modal_error(&why),
+    }
+}
+
+fn modal_error(msg: &str) -> Response {
+    Json(json!({ "response_action": "errors", "errors": { REASON_INPUT: msg } })).into_response()
+}
+
+/// One Slack user's vote; `Err` is what to tell them.
+async fn vote(
+    st: &AppState,
+    user: &str,
+    id: HoldId,
+    outcome: HoldOutcome,
+    reason: Option<String>,
+) -> Result<(), String> {
+    let decider = match st.slack.identify(user).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            warn!(hold.id = %id, slack.user = %user, "a Slack user who is not a known approver tried to decide");
+            return Err("You are not a known Airlock approver.".into());
+        }
+        Err(e) => {
+            warn!(hold.id = %id, error = %e, "identifying a Slack user failed");
+            return Err("Could not check who you are; try again.".into());
+        }
+    };
+    match st.holds.decide(id, outcome, &decider, reason).await {
+        Ok(d) => {
+            if d.decision.is_none() {
+                // More approvals needed: show the progress.
+                if let Ok(Some(rec)) = st.holds.record(id).await
+                    && let Some(msg) = &rec.slack
+                    && let Err(e) = st.slack.update(msg, &rec).await
+                {
+                    warn!(hold.id = %id, error = %e, "updating the Slack message failed");
+                }
+            }
+            Ok(())
+        }
+        Err(e @ HoldError::NotAllowed { .. }) => {
+            warn!(hold.id = %id, slack.user = %user, error = %e, "Slack vote refused");
+            Err(e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::events::{ApproverSpec, HoldDecision, HoldRequest, Principal, Timestamp};
+
+    fn record() -> HoldRecord {
+        let now = Timestamp(1_764_288_000_000_000);
+        HoldRecord::new(
+            uuid::Uuid::nil(),
+            HoldRequest {
+                hold_id: uuid::Uuid::nil(),
+                seq: 1,
+                connection: "shop".into(),
+                principal: Principal {
+                    subject: "agent-7".into(),
+                    groups: vec!["agents".into()],
+                    kind: "oidc".into(),
+                },
+                statement: "DELETE FROM orders WHERE note = '<@U1> ```'".into(),
+                parameters: vec![],
+                fingerprint: "f".into(),
+                rule: "writes".into(),
+                reason: "delete on orders".into(),
+                approvers: ApproverSpec { groups: vec!["dba".into()], min: 2 },
+                requested_at: now,
+                expires_at: now.plus(std::time::Duration::from_secs(300)),
+            },
+        )
+    }
+
+    #[test]
+    fn pending_message_shows_everything_and_has_both_buttons() {
+        let rec = record();
+        let json = serde_json::to_string(&message(&rec).unwrap()).unwrap();
+        for needle in [
+            "agent-7",
+            "agents",
+            "shop",
+            "writes",
+            "delete on orders",
+            "approvals 0/2",
+            APPROVE_ACTION,
+            DENY_ACTION,
+            "2025-11-28T00:05:00",
+        ] {
+            assert!(json.contains(needle), "{needle} missing: {json}");
+        }
+        // The statement cannot mention anyone or break out of its code block.
+        assert!(json.contains("&lt;@U1&gt;"), "{json}");
+        assert!(!json.contains("<@U1>"), "{json}");
+    }
+
+    #[test]
+    fn decided_messages_say_who_and_why_and_lose_the_buttons() {
+        let mut rec = record();
+        rec.status = Status::Denied;
+        rec.decision = Some(HoldDecision {
+            hold_id: rec.id(),
+            outcome: HoldOutcome::Denied,
+            decided_by: "dana".into(),
+            reason: Some("not on a Friday".into()),
+        });
+        let json = serde_json::to_string(&message(&rec).unwrap()).unwrap();
+        assert!(json.contains("Denied* by dana: not on a Friday"), "{json}");
+        assert!(!json.contains(APPROVE_ACTION), "{json}");
+        rec.status = Status::Expired;
+        rec.decision.as_mut().unwrap().reason = Some("no decision within 5m".into());
+        let json = serde_json::to_string(&message(&rec).unwrap()).unwrap();
+        assert!(json.contains("Expired*: no decision within 5m"), "{json}");
+    }
+}

@@ -1,0 +1,649 @@
+//! Approvals through Slack, OIDC approvers, webhooks, grants and replicas: the service against a
+//! real nats-server and a fake Slack that records every Web API call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use approval_service::client::ApprovalsClient;
+use approval_service::config::{ApproverEntry, SlackConfig, WebhookConfig};
+use approval_service::slack::fake::{self, FakeSlack};
+use approval_service::slack::{APPROVE_ACTION, DENY_ACTION};
+use approval_service::{ApprovalError, ApprovalsConfig};
+use eventbus::{EventBus, NatsConfig, Subscription};
+use policy_store::client::ActivePolicy;
+use proto::events::{
+    ApproverSpec, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, SessionId, Timestamp,
+};
+use proto::subjects;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+const TOKEN: &str = "test-admin-token";
+const SECRET: &str = "slack-signing-secret";
+const CHANNEL: &str = "C_APPROVALS";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Service {
+    url: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ApprovalError>>,
+}
+
+impl Service {
+    async fn start(bus: EventBus, cfg: ApprovalsConfig, policy: Option<&str>) -> anyhow::Result<Service> {
+        testkit::init_crypto();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let policy = policy.map(|yaml| {
+            let document = proto::policy::parse(yaml).expect("test policy is valid");
+            let (tx, rx) =
+                watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
+            // Keep the sender alive for the test's lifetime.
+            std::mem::forget(tx);
+            rx
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(approval_service::run_with_policy(cfg, bus, policy, listener, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Service { url, stop, task })
+    }
+
+    fn client(&self) -> ApprovalsClient {
+        ApprovalsClient::new(&self.url, TOKEN)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.task).await.context("service did not stop")??.context("run failed")
+    }
+
+    /// POST a Slack callback with the given timestamp and signature headers.
+    async fn callback(
+        &self,
+        body: &str,
+        ts: Option<&str>,
+        sig: Option<&str>,
+    ) -> anyhow::Result<(StatusCode, String)> {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/slack/interactions", self.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_string());
+        if let Some(ts) = ts {
+            req = req.header("x-slack-request-timestamp", ts);
+        }
+        if let Some(sig) = sig {
+            req = req.header("x-slack-signature", sig);
+        }
+        let resp = req.send().await?;
+        Ok((resp.status(), resp.text().await?))
+    }
+
+    /// POST a correctly signed Slack callback.
+    async fn signed(&self, body: &str) -> anyhow::Result<(StatusCode, String)> {
+        let ts = fake::now_ts();
+        self.callback(body, Some(&ts), Some(&fake::sign(SECRET, &ts, body))).await
+    }
+}
+
+fn entry(name: &str, email: Option<&str>, slack_user: Option<&str>, groups: &[&str]) -> ApproverEntry {
+    ApproverEntry {
+        name: name.into(),
+        email: email.map(str::to_string),
+        slack_user: slack_user.map(str::to_string),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    }
+}
+
+/// A service config wired to `slack`, with these Slack users:
+/// `U_DANA`, `U_ERIN` (dba, by e-mail), `U_OLLY` (support, by e-mail), `U_AGENT` (the requester
+/// `agent-7`, by explicit mapping, in dba), `U_STRANGER` (an e-mail no approver has).
+fn config(slack: &FakeSlack) -> ApprovalsConfig {
+    for (u, e) in [
+        ("U_DANA", "dana@example.com"),
+        ("U_ERIN", "Erin@Example.com"),
+        ("U_OLLY", "olly@example.com"),
+        ("U_STRANGER", "stranger@example.com"),
+    ] {
+        slack.add_user(u, e);
+    }
+    ApprovalsConfig {
+        admin_token: Some(TOKEN.into()),
+        approvers: vec![
+            entry("dana", Some("dana@example.com"), None, &["dba"]),
+            entry("erin", Some("erin@example.com"), None, &["dba"]),
+            entry("olly", Some("olly@example.com"), None, &["support"]),
+            entry("agent-7", None, Some("U_AGENT"), &["dba"]),
+        ],
+        slack: Some(SlackConfig {
+            bot_token: Some("xoxb-test".into()),
+            bot_token_file: None,
+            signing_secret: Some(SECRET.into()),
+            signing_secret_file: None,
+            api_url: slack.api_url.clone(),
+            default_channel: Some(CHANNEL.into()),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn nats_bus(nats: &testkit::Nats) -> anyhow::Result<EventBus> {
+    testkit::init_crypto();
+    Ok(EventBus::connect_nats(&NatsConfig { url: nats.url.clone(), ..Default::default() }).await?)
+}
+
+fn hold_request(timeout: Duration, min: u32) -> HoldRequest {
+    let now = Timestamp::now();
+    HoldRequest {
+        hold_id: Uuid::now_v7(),
+        seq: 3,
+        connection: "shop".into(),
+        principal: Principal {
+            subject: "agent-7".into(),
+            groups: vec!["agents".into()],
+            kind: "oidc".into(),
+        },
+        statement: "DELETE FROM orders WHERE id = 42".into(),
+        parameters: vec![],
+        fingerprint: "f00d".into(),
+        rule: "writes-need-approval".into(),
+        reason: "delete on orders".into(),
+        approvers: ApproverSpec { groups: vec!["dba".into()], min },
+        requested_at: now,
+        expires_at: now.plus(timeout),
+    }
+}
+
+async fn request_hold(bus: &EventBus, req: &HoldRequest) -> anyhow::Result<SessionId> {
+    let session = Uuid::now_v7();
+    bus.publish(&Envelope::new(session, Event::HoldRequested(req.clone()))).await?;
+    Ok(session)
+}
+
+async fn decision_for(sub: &mut Subscription, hold: Uuid, within: Duration) -> anyhow::Result<HoldDecision> {
+    let wait = async {
+        while let Some(env) = sub.next().await {
+            if let Event::HoldDecided(d) = env.event
+                && d.hold_id == hold
+            {
+                return Ok(d);
+            }
+        }
+        bail!("the bus closed")
+    };
+    tokio::time::timeout(within, wait).await.context("no decision in time")?
+}
+
+async fn no_decision_for(sub: &mut Subscription, hold: Uuid, within: Duration) {
+    let r = decision_for(sub, hold, within).await;
+    assert!(r.is_err(), "unexpected decision: {r:?}");
+}
+
+fn text_of(v: &Value) -> String {
+    v.to_string()
+}
+
+/// The hold's message, once posted.
+async fn posted(slack: &FakeSlack, hold: Uuid) -> Value {
+    slack
+        .wait_for("chat.postMessage", WAIT, |b| text_of(b).contains(&hold.to_string()))
+        .await
+        .expect("the hold was posted to Slack")
+        .body
+}
+
+async fn updated(slack: &FakeSlack, needle: &str) -> Value {
+    slack
+        .wait_for("chat.update", WAIT, |b| text_of(b).contains(needle))
+        .await
+        .unwrap_or_else(|| panic!("no chat.update containing {needle:?}: {:?}", slack.bodies("chat.update")))
+        .body
+}
+
+#[tokio::test]
+async fn slack_approve_click_publishes_the_approval_and_updates_the_message() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &req).await?;
+
+    let msg = posted(&slack, req.hold_id).await;
+    assert_eq!(msg["channel"], CHANNEL);
+    let text = text_of(&msg);
+    for needle in [
+        "agent-7",
+        "agents",
+        "shop",
+        "DELETE FROM orders WHERE id = 42",
+        "writes-need-approval",
+        "delete on orders",
+        APPROVE_ACTION,
+        DENY_ACTION,
+    ] {
+        assert!(text.contains(needle), "message lacks {needle}: {text}");
+    }
+
+    let (status, _) = svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    assert_eq!(status, StatusCode::OK);
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!((d.outcome, d.decided_by.as_str()), (HoldOutcome::Approved, "dana"));
+    let upd = updated(&slack, "Approved").await;
+    assert!(text_of(&upd).contains("by dana"), "{upd}");
+    assert_eq!(upd["ts"], "1700000000.000001");
+    assert!(!text_of(&upd).contains(APPROVE_ACTION), "buttons are gone: {upd}");
+    // users.info mapped the clicker by e-mail.
+    assert!(slack.bodies("users.info").iter().any(|b| b["user"] == "U_DANA"));
+    // A second click changes nothing.
+    svc.signed(&fake::click("U_ERIN", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn slack_deny_opens_a_modal_and_its_reason_denies() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+
+    let (status, _) = svc.signed(&fake::click("U_DANA", DENY_ACTION, req.hold_id, CHANNEL)).await?;
+    assert_eq!(status, StatusCode::OK);
+    let modal = slack.wait_for("views.open", WAIT, |_| true).await.context("no modal")?.body;
+    assert_eq!(modal["view"]["private_metadata"], req.hold_id.to_string());
+    assert_eq!(modal["trigger_id"], format!("trigger-U_DANA-{}", req.hold_id));
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
+
+    // An empty reason keeps the modal open with an error.
+    let (status, body) = svc.signed(&fake::deny_submission("U_DANA", req.hold_id, "  ")).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"response_action\":\"errors\""), "{body}");
+
+    let (status, _) =
+        svc.signed(&fake::deny_submission("U_DANA", req.hold_id, "not during the sale")).await?;
+    assert_eq!(status, StatusCode::OK);
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!(d.outcome, HoldOutcome::Denied);
+    assert_eq!((d.decided_by.as_str(), d.reason.as_deref()), ("dana", Some("not during the sale")));
+    updated(&slack, "Denied* by dana: not during the sale").await;
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn forged_stale_tampered_and_unsigned_callbacks_get_401_and_change_nothing() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+    let users_info_before = slack.bodies("users.info").len();
+
+    let body = fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL);
+    let now = fake::now_ts();
+    let stale = (now.parse::<i64>()? - 301).to_string();
+    let future = (now.parse::<i64>()? + 301).to_string();
+    let tampered = fake::click("U_ERIN", APPROVE_ACTION, req.hold_id, CHANNEL);
+    let cases: Vec<(&str, String, Option<String>, Option<String>)> = vec![
+        (
+            "forged signature",
+            body.clone(),
+            Some(now.clone()),
+            Some(fake::sign("not-the-secret", &now, &body)),
+        ),
+        ("garbage signature", body.clone(), Some(now.clone()), Some("v0=deadbeef".into())),
+        (
+            "stale timestamp, validly signed",
+            body.clone(),
+            Some(stale.clone()),
+            Some(fake::sign(SECRET, &stale, &body)),
+        ),
+        (
+            "future timestamp, validly signed",
+            body.clone(),
+            Some(future.clone()),
+            Some(fake::sign(SECRET, &future, &body)),
+        ),
+        (
+            "replayed signature with a new timestamp",
+            body.clone(),
+            Some(now.clone()),
+            Some(fake::sign(SECRET, &stale, &body)),
+        ),
+        ("tampered body", tampered, Some(now.clone()), Some(fake::sign(SECRET, &now, &body))),
+        ("missing signature", body.clone(), Some(now.clone()), None),
+        ("missing timestamp", body.clone(), None, Some(fake::sign(SECRET, &now, &body))),
+        ("no headers", body.clone(), None, None),
+        ("non-numeric timestamp", body.clone(), Some("soon".into()), Some(fake::sign(SECRET, "soon", &body))),
+    ];
+    for (what, body, ts, sig) in cases {
+        let (status, _) = svc.callback(&body, ts.as_deref(), sig.as_deref()).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+    }
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    assert_eq!(slack.bodies("users.info").len(), users_info_before, "nothing was even looked up");
+    assert!(slack.bodies("chat.update").is_empty());
+    assert_eq!(svc.client().get(req.hold_id).await?.approvals, Vec::<String>::new());
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn unknown_users_outsiders_and_the_requester_cannot_decide_from_slack() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+
+    for (user, why) in [
+        ("U_NOBODY", "not a Slack user"),
+        ("U_STRANGER", "not a known approver"),
+        ("U_OLLY", "not in the approver groups"),
+        ("U_AGENT", "the requester itself"),
+    ] {
+        let (status, _) = svc.signed(&fake::click(user, APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+        assert_eq!(status, StatusCode::OK, "{why}");
+        let told = slack
+            .wait_for("chat.postEphemeral", WAIT, |b| b["user"] == user)
+            .await
+            .unwrap_or_else(|| panic!("{why}: the user was not told"));
+        assert_eq!(told.body["channel"], CHANNEL);
+    }
+    // Olly cannot deny either.
+    let (_, body) = svc.signed(&fake::deny_submission("U_OLLY", req.hold_id, "no")).await?;
+    assert!(body.contains("approver groups"), "{body}");
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    assert!(slack.bodies("chat.update").is_empty());
+    let still = svc.client().get(req.hold_id).await?;
+    assert!(still.approvals.is_empty(), "{still:?}");
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn min_two_leaves_the_hold_pending_after_one_approval_and_releases_on_the_second() -> anyhow::Result<()>
+{
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let req = hold_request(Duration::from_secs(300), 2);
+    request_hold(&bus, &req).await?;
+    assert!(text_of(&posted(&slack, req.hold_id).await).contains("approvals 0/2"));
+
+    svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    updated(&slack, "approvals 1/2 (dana)").await;
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    let pending = svc.client().get(req.hold_id).await?;
+    assert_eq!((pending.approvals.clone(), pending.min), (vec!["dana".to_string()], 2));
+    // The same approver twice still counts once.
+    svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
+
+    svc.signed(&fake::click("U_ERIN", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!((d.outcome, d.decided_by.as_str()), (HoldOutcome::Approved, "dana, erin"));
+    updated(&slack, "Approved* by dana, erin").await;
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn an_expired_hold_is_denied_and_its_message_says_so() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let req = hold_request(Duration::from_secs(1), 1);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!(d.outcome, HoldOutcome::Expired);
+    updated(&slack, "Expired*: no decision within 1s").await;
+    // A late click changes nothing.
+    svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    assert_eq!(slack.bodies("chat.update").len(), 1);
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn two_replicas_post_each_hold_once_and_decide_it_once() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let a = Service::start(nats_bus(&nats).await?, config(&slack), None).await?;
+    let b = Service::start(nats_bus(&nats).await?, config(&slack), None).await?;
+    let reqs: Vec<HoldRequest> = (0..6).map(|_| hold_request(Duration::from_secs(300), 1)).collect();
+    for r in &reqs {
+        request_hold(&bus, r).await?;
+    }
+    for r in &reqs {
+        posted(&slack, r.hold_id).await;
+    }
+    // Both replicas see every hold.
+    assert_eq!(a.client().list().await?.len(), 6);
+    assert_eq!(b.client().list().await?.len(), 6);
+    // Each hold clicked on both replicas at once, by two approvers.
+    for r in &reqs {
+        let click_a = fake::click("U_DANA", APPROVE_ACTION, r.hold_id, CHANNEL);
+        let click_b = fake::click("U_ERIN", APPROVE_ACTION, r.hold_id, CHANNEL);
+        let (ra, rb) = tokio::join!(a.signed(&click_a), b.signed(&click_b));
+        assert_eq!(ra?.0, StatusCode::OK);
+        assert_eq!(rb?.0, StatusCode::OK);
+    }
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let collect = async {
+        while let Some(env) = decisions.next().await {
+            if let Event::HoldDecided(d) = env.event {
+                *seen.entry(d.hold_id).or_default() += 1;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), collect).await;
+    for r in &reqs {
+        assert_eq!(
+            seen.get(&r.hold_id),
+            Some(&1),
+            "hold {} decided {:?} times",
+            r.hold_id,
+            seen.get(&r.hold_id)
+        );
+    }
+    for r in &reqs {
+        let id = r.hold_id.to_string();
+        let posts = slack.bodies("chat.postMessage").iter().filter(|b| text_of(b).contains(&id)).count();
+        assert_eq!(posts, 1, "hold {id} posted {posts} times");
+    }
+    a.stop().await?;
+    b.stop().await
+}
+
+#[tokio::test]
+async fn webhooks_are_signed_retried_and_never_block_a_decision() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    // A receiver that fails every first and second attempt of each delivery.
+    type Got = Arc<Mutex<Vec<(HashMap<String, String>, String)>>>;
+    let got: Got = Arc::default();
+    let app = {
+        let got = got.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let got = got.clone();
+                async move {
+                    let h: HashMap<String, String> = headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+                        .collect();
+                    let mut g = got.lock().unwrap();
+                    let delivery = h.get("x-airlock-delivery").cloned().unwrap_or_default();
+                    let tries =
+                        g.iter().filter(|(x, _)| x.get("x-airlock-delivery") == Some(&delivery)).count();
+                    g.push((h, body));
+                    if tries < 2 { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK }
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook_url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let mut cfg = ApprovalsConfig { admin_token: Some(TOKEN.into()), ..Default::default() };
+    cfg.webhooks.insert(
+        "pager".into(),
+        WebhookConfig {
+            url: hook_url,
+            secret: Some("hook-secret".into()),
+            secret_file: None,
+            max_attempts: 5,
+            backoff: Duration::from_millis(50),
+            timeout: Duration::from_secs(2),
+        },
+    );
+    let policy = "rules:\n  - name: writes-need-approval\n    action: hold\n    webhook: pager\n";
+    let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    let started = std::time::Instant::now();
+    request_hold(&bus, &req).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while svc.client().get(req.hold_id).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    svc.client().approve(req.hold_id, Some("dana")).await?;
+    decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    let decided_in = started.elapsed();
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ok = got.lock().unwrap().len() >= 6;
+        if ok {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "deliveries: {:?}", got.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = got.lock().unwrap().clone();
+    let mut events: HashMap<String, usize> = HashMap::new();
+    for (h, body) in &got {
+        let ts = &h["x-airlock-timestamp"];
+        assert_eq!(
+            h["x-airlock-signature"],
+            approval_service::webhook::sign("hook-secret", ts, body.as_bytes())
+        );
+        assert_ne!(h["x-airlock-signature"], approval_service::webhook::sign("other", ts, body.as_bytes()));
+        let v: Value = serde_json::from_str(body)?;
+        assert_eq!(v["hold"]["id"], req.hold_id.to_string());
+        assert_eq!(v["event"], h["x-airlock-event"]);
+        *events.entry(h["x-airlock-event"].clone()).or_default() += 1;
+    }
+    assert_eq!(events.get("hold.created"), Some(&3), "two failures then success: {events:?}");
+    assert_eq!(events.get("hold.decided"), Some(&3), "{events:?}");
+    let decided = got.iter().find(|(h, _)| h["x-airlock-event"] == "hold.decided").unwrap();
+    let v: Value = serde_json::from_str(&decided.1)?;
+    assert_eq!((v["status"].as_str(), v["decided_by"].as_str()), (Some("approved"), Some("dana")));
+    assert!(decided_in < Duration::from_secs(5), "the failing webhook did not hold the decision up");
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn oidc_approvers_act_as_their_token_and_their_groups_are_enforced() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let oidc = testkit::OidcIssuer::start()?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let mut oidc_cfg = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
+    oidc_cfg.audience = oidc.audience.clone();
+    let cfg = ApprovalsConfig { oidc: Some(oidc_cfg), ..Default::default() };
+    let svc = Service::start(bus.clone(), cfg, None).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &req).await?;
+
+    let dana = ApprovalsClient::new(&svc.url, &oidc.token("dana", &["dba"]));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while dana.get(req.hold_id).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outsider = ApprovalsClient::new(&svc.url, &oidc.token("olly", &["support"]));
+    assert_eq!(outsider.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::FORBIDDEN));
+    let requester = ApprovalsClient::new(&svc.url, &oidc.token("agent-7", &["dba"]));
+    let e = requester.approve(req.hold_id, None).await.unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN));
+    assert!(e.to_string().contains("own hold"), "{e}");
+    let forged = ApprovalsClient::new(&svc.url, &oidc.token_signed_by_stranger("dana", &["dba"]));
+    assert_eq!(forged.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::UNAUTHORIZED));
+    // No admin token is configured: nothing else gets in.
+    let guess = ApprovalsClient::new(&svc.url, TOKEN);
+    assert_eq!(guess.list().await.unwrap_err().status(), Some(StatusCode::UNAUTHORIZED));
+    // An approver cannot claim to be someone else.
+    assert_eq!(
+        dana.approve(req.hold_id, Some("erin")).await.unwrap_err().status(),
+        Some(StatusCode::FORBIDDEN)
+    );
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
+
+    let view = dana.approve(req.hold_id, None).await?;
+    assert_eq!((view.outcome, view.decided_by.as_str()), (Some(HoldOutcome::Approved), "dana"));
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!(d.decided_by, "dana");
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn approving_an_access_request_grants_until_a_capped_time_and_the_grant_can_be_revoked()
+-> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let svc = Service::start(
+        bus.clone(),
+        ApprovalsConfig { admin_token: Some(TOKEN.into()), ..Default::default() },
+        Some("rules:\n  - name: writes-need-approval\n    action: hold\n    grant: { max: 1h }\n"),
+    )
+    .await?;
+    let req = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &req).await?;
+    let c = svc.client();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while c.get(req.hold_id).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = Timestamp::now();
+    let view = c.approve_for(req.hold_id, Some("dana"), Some("3h")).await?;
+    let until = view.grant_until.clone().context("a grant")?;
+    let until = Timestamp::from(humantime::parse_rfc3339_weak(&until)?);
+    let hour = Duration::from_secs(3600);
+    assert!(
+        until <= Timestamp::now().plus(hour) && until >= before.plus(hour - Duration::from_secs(5)),
+        "capped at 1h"
+    );
+    let grants = c.grants().await?;
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].principal.as_str(), grants[0].connection.as_str()), ("agent-7", "shop"));
+    let revoked = c.revoke(grants[0].grant_id, Some("done")).await?;
+    assert_eq!(revoked.revoked.as_deref(), Some("admin"));
+    assert!(c.grants().await?.is_empty());
+    svc.stop().await
+}
