@@ -20,7 +20,10 @@ async fn nats_bus(nats: &testkit::Nats) -> Result<EventBus> {
 }
 
 fn request(session: Uuid, seq: u64) -> Envelope {
-    Envelope::new(session, Event::RequestReceived { seq, statement: format!("select {seq}") })
+    Envelope::new(
+        session,
+        Event::RequestReceived { seq, statement: format!("select {seq}"), parameters: vec![] },
+    )
 }
 
 fn statement_seqs(ds: &[Delivery]) -> Vec<u64> {
@@ -107,6 +110,7 @@ async fn durable_only_sees_its_filter(bus: EventBus) -> Result<()> {
             connection: "shop".into(),
             principal: Default::default(),
             statement: "delete from orders".into(),
+            parameters: vec![],
             fingerprint: "ab".into(),
             rule: "writes".into(),
             reason: "matched".into(),

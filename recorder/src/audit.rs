@@ -1,5 +1,8 @@
-//! Reading recordings back: one session's events, a summary of every session, and renderings
-//! for people (`airlock audit sessions|show|replay`).
+//! Reading recordings back: one session's events, a summary of every session, renderings for
+//! people (`airlock audit sessions|show|replay|search`), and verification (`airlock audit verify`).
+//!
+//! Everything here reads the bucket alone. Chunks of both formats (chained `.mpk.zst` and the
+//! walking skeleton's `.mpk`) are read.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -13,8 +16,10 @@ use crate::chunk;
 use crate::error::AuditError;
 
 mod render;
+mod verify;
 
 pub use render::{render_replay, render_sessions};
+pub use verify::{SessionVerdict, Verdict, VerifyReport, verify, verify_with};
 
 /// How many chunks are read at once.
 const READ_CONCURRENCY: usize = 16;
@@ -33,6 +38,8 @@ pub struct SessionSummary {
     pub ended_at: Option<Timestamp>,
     /// Statements (requests) received.
     pub requests: u64,
+    /// Requests whose policy decision was allow.
+    pub allowed: u64,
     /// Requests whose policy decision was deny.
     pub denied: u64,
     /// Requests whose policy decision was hold (whatever the approvers decided).
@@ -50,6 +57,7 @@ impl SessionSummary {
             started_at: events.iter().map(|e| e.at).min().unwrap_or(Timestamp(0)),
             ended_at: None,
             requests: 0,
+            allowed: 0,
             denied: 0,
             held: 0,
         };
@@ -63,6 +71,7 @@ impl SessionSummary {
                 }
                 Event::SessionEnded { .. } => s.ended_at = Some(env.at),
                 Event::RequestReceived { .. } => s.requests += 1,
+                Event::PolicyDecided { decision: Decision::Allow, .. } => s.allowed += 1,
                 Event::PolicyDecided { decision: Decision::Deny, .. } => s.denied += 1,
                 Event::PolicyDecided { decision: Decision::Hold, .. } => s.held += 1,
                 _ => {}
@@ -113,7 +122,7 @@ pub async fn read_session(store: &dyn ObjectStore, id: Uuid) -> Result<Vec<Envel
 }
 
 /// Chunk keys under `prefix`, sorted (which is stream order within a session).
-async fn list_chunks(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<Path>, AuditError> {
+pub(crate) async fn list_chunks(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<Path>, AuditError> {
     let mut paths = Vec::new();
     let mut listing = store.list(Some(prefix));
     while let Some(meta) = listing.next().await {
@@ -138,7 +147,7 @@ async fn read_chunks(store: &dyn ObjectStore, mut paths: Vec<Path>) -> Result<Ve
                 Err(e) => Err(e),
             }
             .map_err(|source| AuditError::Read { path: path.clone(), source })?;
-            chunk::decode(&bytes).map_err(|source| AuditError::Decode { path, source })
+            chunk::decode_any(&path, &bytes).map_err(|source| AuditError::Decode { path, source })
         })
         .buffered(READ_CONCURRENCY)
         .try_collect()
@@ -147,4 +156,65 @@ async fn read_chunks(store: &dyn ObjectStore, mut paths: Vec<Path>) -> Result<Ve
     let mut events: Vec<Envelope> = chunks.into_iter().flatten().filter(|e| seen.insert(e.id)).collect();
     events.sort_by_key(|e| e.at);
     Ok(events)
+}
+
+/// Which sessions `airlock audit sessions` lists.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    /// Started at or after.
+    pub since: Option<Timestamp>,
+    /// Started before.
+    pub until: Option<Timestamp>,
+    pub principal: Option<String>,
+    pub connection: Option<String>,
+    /// Has at least one request with this policy decision.
+    pub decision: Option<Decision>,
+}
+
+impl SessionFilter {
+    pub fn matches(&self, s: &SessionSummary) -> bool {
+        self.since.is_none_or(|t| s.started_at >= t)
+            && self.until.is_none_or(|t| s.started_at < t)
+            && self.principal.as_ref().is_none_or(|p| *p == s.principal)
+            && self.connection.as_ref().is_none_or(|c| *c == s.connection)
+            && self.decision.is_none_or(|d| match d {
+                Decision::Allow => s.allowed > 0,
+                Decision::Hold => s.held > 0,
+                Decision::Deny => s.denied > 0,
+            })
+    }
+}
+
+/// Parse `YYYY-MM-DD` (midnight UTC) or an RFC 3339 time (`2026-11-28T10:00:00Z`).
+pub fn parse_time(text: &str) -> Option<Timestamp> {
+    let text = text.trim();
+    let full = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_string() };
+    humantime::parse_rfc3339_weak(full.trim_end_matches('Z')).ok().map(Timestamp::from)
+}
+
+/// Every line of every session's transcript that contains `text` (case-insensitive), as
+/// `(session, line)`, newest session first.
+pub async fn search(store: &dyn ObjectStore, text: &str) -> Result<Vec<(Uuid, String)>, AuditError> {
+    let needle = text.to_lowercase();
+    let sessions = list_sessions(store).await?;
+    let found: Vec<Vec<(Uuid, String)>> = futures::stream::iter(sessions)
+        .map(|s| {
+            let needle = &needle;
+            async move {
+                let events = read_session(store, s.id).await?;
+                let replay = render_replay(&events);
+                Ok::<_, AuditError>(
+                    replay
+                        .lines()
+                        .skip(1)
+                        .filter(|l| l.to_lowercase().contains(needle))
+                        .map(|l| (s.id, l.trim().to_string()))
+                        .collect(),
+                )
+            }
+        })
+        .buffered(READ_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
 }

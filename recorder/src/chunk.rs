@@ -1,21 +1,69 @@
 //! The key layout and encoding of recorded chunks.
 //!
-//! `sessions/date=YYYY-MM-DD/{session}/{first_stream_seq:020}-{digest}.mpk`, where a chunk is a
-//! MessagePack array (with field names) of the envelopes of one session taken from one fetched
-//! batch, in stream order. The date comes from the session id (a UUIDv7 carries its creation
-//! time), or from the first event when the id is not a UUIDv7. `digest` is 16 hex digits of the
-//! SHA-256 of the chunk's envelope ids: a redelivered batch with the same events rewrites the same
-//! key with the same bytes, and a batch with different events never overwrites an earlier chunk.
+//! Current format (2), one hash chain per session:
+//!
+//! ```text
+//! sessions/date=YYYY-MM-DD/{session}/{index:08}.mpk.zst   a chunk: zstd(MessagePack ChainedChunk)
+//! sessions/date=YYYY-MM-DD/{session}/manifest.json        the session's manifest
+//! ```
+//!
+//! A [`ChainedChunk`] carries its own index and the SHA-256 (hex) of the previous chunk's stored
+//! bytes ([`GENESIS`] for chunk 0), so editing, deleting or swapping chunks breaks the chain.
+//! Chunk keys are created with a conditional put (`PutMode::Create`): an index is written once,
+//! whoever writes it first.
+//!
+//! Format 1 (the walking skeleton), still read: `{first_stream_seq:020}-{digest}.mpk`, an
+//! uncompressed MessagePack array of envelopes, not chained.
+//!
+//! The date comes from the session id (a UUIDv7 carries its creation time), or from the first
+//! event when the id is not a UUIDv7.
 
 use object_store::path::Path;
 use proto::events::{Envelope, Timestamp};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::error::ChunkError;
+
 /// The top folder of all session recordings.
 pub(crate) const ROOT: &str = "sessions";
-/// The file extension of a chunk.
-const EXTENSION: &str = ".mpk";
+/// The file extension of a format-1 (legacy) chunk.
+const LEGACY_EXTENSION: &str = ".mpk";
+/// The file extension of a chained chunk.
+const EXTENSION: &str = ".mpk.zst";
+/// The manifest's file name.
+pub(crate) const MANIFEST: &str = "manifest.json";
+/// The chained chunk format.
+pub(crate) const CHUNK_FORMAT: u16 = 2;
+/// `prev_hash` of chunk 0.
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// zstd level: fast, still about 5x on events.
+const ZSTD_LEVEL: i32 = 3;
+
+/// One link of a session's chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ChainedChunk {
+    /// [`CHUNK_FORMAT`].
+    pub(crate) format: u16,
+    pub(crate) session: Uuid,
+    /// Position in the chain, from 0; also in the key.
+    pub(crate) index: u64,
+    /// Hex SHA-256 of the previous chunk's stored bytes, [`GENESIS`] for chunk 0.
+    pub(crate) prev_hash: String,
+    /// Events in arrival order (readers sort by time).
+    pub(crate) events: Vec<Envelope>,
+}
+
+/// What a key under [`ROOT`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Key {
+    /// A format-1 chunk.
+    Legacy,
+    /// A chained chunk with its index.
+    Chained(u64),
+    Manifest,
+}
 
 /// The date folder of a session: from its UUIDv7, else from `fallback`.
 pub(crate) fn session_date(session: Uuid, fallback: Timestamp) -> String {
@@ -38,56 +86,101 @@ pub(crate) fn session_prefix(date: &str, session: Uuid) -> Path {
     Path::from_iter([ROOT.to_string(), format!("date={date}"), session.to_string()])
 }
 
-/// The key of a chunk holding `envs` (non-empty, all of `session`), the first at `first_seq`.
-pub(crate) fn chunk_path(session: Uuid, first_seq: u64, envs: &[Envelope]) -> Path {
-    let fallback = envs.first().map_or_else(Timestamp::now, |e| e.at);
-    let mut digest = Sha256::new();
-    for env in envs {
-        digest.update(env.id.as_bytes());
-    }
-    let digest = hex::encode(&digest.finalize()[..8]);
-    session_prefix(&session_date(session, fallback), session)
-        .join(format!("{first_seq:020}-{digest}{EXTENSION}"))
+/// The key of chunk `index` of a session.
+pub(crate) fn chained_path(date: &str, session: Uuid, index: u64) -> Path {
+    session_prefix(date, session).join(format!("{index:08}{EXTENSION}"))
 }
 
-/// The session a chunk key belongs to, if `path` is a chunk key.
-pub(crate) fn session_of(path: &Path) -> Option<Uuid> {
+/// The key of a session's manifest.
+pub(crate) fn manifest_path(date: &str, session: Uuid) -> Path {
+    session_prefix(date, session).join(MANIFEST)
+}
+
+/// `(session, date, kind)` of a key under [`ROOT`], if it is one of ours.
+pub(crate) fn parse_key(path: &Path) -> Option<(Uuid, String, Key)> {
     let parts: Vec<_> = path.parts().collect();
-    match parts.as_slice() {
-        [root, date, session, file]
-            if root.as_ref() == ROOT
-                && date.as_ref().starts_with("date=")
-                && file.as_ref().ends_with(EXTENSION) =>
-        {
-            session.as_ref().parse().ok()
-        }
+    let [root, date, session, file] = parts.as_slice() else { return None };
+    if root.as_ref() != ROOT {
+        return None;
+    }
+    let date = date.as_ref().strip_prefix("date=")?.to_string();
+    let session: Uuid = session.as_ref().parse().ok()?;
+    let file = file.as_ref();
+    let key = if file == MANIFEST {
+        Key::Manifest
+    } else if let Some(index) = file.strip_suffix(EXTENSION) {
+        Key::Chained(index.parse().ok()?)
+    } else if file.ends_with(LEGACY_EXTENSION) {
+        Key::Legacy
+    } else {
+        return None;
+    };
+    Some((session, date, key))
+}
+
+/// The session a chunk key (either format) belongs to.
+pub(crate) fn session_of(path: &Path) -> Option<Uuid> {
+    match parse_key(path) {
+        Some((session, _, Key::Legacy | Key::Chained(_))) => Some(session),
         _ => None,
     }
 }
 
-pub(crate) fn encode(envs: &[Envelope]) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-    rmp_serde::to_vec_named(envs)
+/// Hex SHA-256.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<Envelope>, rmp_serde::decode::Error> {
-    rmp_serde::from_slice(bytes)
+pub(crate) fn encode_chained(chunk: &ChainedChunk) -> Result<Vec<u8>, ChunkError> {
+    let raw = rmp_serde::to_vec_named(chunk)?;
+    zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(ChunkError::Compress)
+}
+
+pub(crate) fn decode_chained(bytes: &[u8]) -> Result<ChainedChunk, ChunkError> {
+    let raw = zstd::stream::decode_all(bytes).map_err(ChunkError::Decompress)?;
+    Ok(rmp_serde::from_slice(&raw)?)
+}
+
+/// Decode a format-1 chunk.
+pub(crate) fn decode_legacy(bytes: &[u8]) -> Result<Vec<Envelope>, ChunkError> {
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+/// The events of a chunk of either format, by its key.
+pub(crate) fn decode_any(path: &Path, bytes: &[u8]) -> Result<Vec<Envelope>, ChunkError> {
+    match parse_key(path) {
+        Some((_, _, Key::Chained(_))) => Ok(decode_chained(bytes)?.events),
+        _ => decode_legacy(bytes),
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proto::events::Event;
+
+    /// A format-1 key, as the walking skeleton wrote it.
+    pub(crate) fn legacy_path(session: Uuid, first_seq: u64, envs: &[Envelope]) -> Path {
+        let mut digest = Sha256::new();
+        for env in envs {
+            digest.update(env.id.as_bytes());
+        }
+        let digest = hex::encode(&digest.finalize()[..8]);
+        let date = session_date(session, envs.first().map_or(Timestamp(0), |e| e.at));
+        session_prefix(&date, session).join(format!("{first_seq:020}-{digest}{LEGACY_EXTENSION}"))
+    }
 
     #[test]
     fn keys_follow_the_documented_layout() {
         let session = Uuid::parse_str("019ac7a0-0000-7000-8000-000000000000").expect("uuid");
-        let env = Envelope::new(session, Event::SessionEnded { reason: "x".into() });
-        let path = chunk_path(session, 42, std::slice::from_ref(&env));
-        let s = path.to_string();
         let date = session_date(session, Timestamp(0));
-        assert!(s.starts_with(&format!("sessions/date={date}/{session}/00000000000000000042-")), "{s}");
-        assert!(s.ends_with(".mpk"));
-        assert_eq!(session_of(&path), Some(session));
+        let path = chained_path(&date, session, 42);
+        assert_eq!(path.to_string(), format!("sessions/date={date}/{session}/00000042.mpk.zst"));
+        assert_eq!(parse_key(&path), Some((session, date.clone(), Key::Chained(42))));
+        assert_eq!(parse_key(&manifest_path(&date, session)), Some((session, date.clone(), Key::Manifest)));
+        let env = Envelope::new(session, Event::SessionEnded { reason: "x".into() });
+        let legacy = legacy_path(session, 42, std::slice::from_ref(&env));
+        assert_eq!(parse_key(&legacy), Some((session, date, Key::Legacy)));
         assert_eq!(session_of(&Path::from("sessions/other")), None);
     }
 
@@ -101,23 +194,27 @@ mod tests {
     }
 
     #[test]
-    fn different_events_get_different_keys() {
-        let session = Uuid::now_v7();
-        let a = Envelope::new(session, Event::SessionEnded { reason: "a".into() });
-        let b = Envelope::new(session, Event::SessionEnded { reason: "b".into() });
-        let one = chunk_path(session, 1, &[a.clone(), b.clone()]);
-        assert_eq!(one, chunk_path(session, 1, &[a.clone(), b]));
-        assert_ne!(one, chunk_path(session, 1, &[a]));
-    }
-
-    #[test]
-    fn chunks_round_trip() {
+    fn chained_chunks_round_trip_and_legacy_chunks_still_decode() {
         let session = Uuid::now_v7();
         let envs = vec![
-            Envelope::new(session, Event::RequestReceived { seq: 1, statement: "select 1".into() }),
+            Envelope::new(
+                session,
+                Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+            ),
             Envelope::new(session, Event::SessionEnded { reason: "bye".into() }),
         ];
-        assert_eq!(decode(&encode(&envs).expect("encode")).expect("decode"), envs);
-        assert!(decode(b"\xc1garbage").is_err());
+        let chunk = ChainedChunk {
+            format: CHUNK_FORMAT,
+            session,
+            index: 0,
+            prev_hash: GENESIS.into(),
+            events: envs.clone(),
+        };
+        let bytes = encode_chained(&chunk).expect("encode");
+        assert_eq!(decode_chained(&bytes).expect("decode"), chunk);
+        let legacy = rmp_serde::to_vec_named(&envs).expect("encode legacy");
+        assert_eq!(decode_any(&legacy_path(session, 1, &envs), &legacy).expect("decode legacy"), envs);
+        assert!(decode_chained(b"\xc1garbage").is_err());
+        assert!(decode_legacy(b"\xc1garbage").is_err());
     }
 }

@@ -31,8 +31,36 @@ pub enum RecorderError {
     Encode {
         session: Uuid,
         #[source]
-        source: rmp_serde::encode::Error,
+        source: ChunkError,
     },
+    #[error("reading the signing key {path}")]
+    SigningKey {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signing key {path}: expected 64 hex digits (an Ed25519 seed)")]
+    SigningKeyFormat { path: String },
+}
+
+/// Encoding or decoding one chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("encoding MessagePack")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("decoding MessagePack")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("compressing")]
+    Compress(#[source] std::io::Error),
+    #[error("decompressing")]
+    Decompress(#[source] std::io::Error),
+}
+
+/// Writing the Parquet index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("writing Parquet")]
+    Parquet(#[from] parquet::errors::ParquetError),
 }
 
 /// Reading recordings back.
@@ -52,6 +80,8 @@ pub enum AuditError {
     Decode {
         path: Path,
         #[source]
-        source: rmp_serde::decode::Error,
+        source: ChunkError,
     },
+    #[error("public key: expected 64 hex digits (an Ed25519 public key)")]
+    PublicKey,
 }

@@ -1,101 +1,170 @@
 //! The recorder: consumes every session event from the event bus and writes each session to
-//! object storage (S3-compatible or a local directory), and reads recordings back for audits.
+//! object storage (S3, GCS, Azure or a local directory, through `object_store`) as a hash chain of
+//! compressed chunks, with a signed manifest per session, an archive-wide log of manifests, and a
+//! Parquet index for auditors' own tools; [`audit`] reads it all back and verifies it.
 //!
 //! # Key layout
 //!
 //! ```text
-//! sessions/date=YYYY-MM-DD/{session_uuid}/{first_stream_seq:020}-{digest}.mpk
+//! sessions/date=YYYY-MM-DD/{session}/{index:08}.mpk.zst   chunk `index` of the session's chain
+//! sessions/date=YYYY-MM-DD/{session}/manifest.json        chain head, counts, incomplete, signature
+//! archive/log/{seq:020}.json                              one entry per manifest written, chained
+//! index/date=YYYY-MM-DD/{session}.parquet                 one row per request (Hive partitioning)
 //! ```
 //!
-//! - `date` is the session's start date (UTC), taken from the session id (a UUIDv7 carries its
-//!   creation time), or from the chunk's first event when the id is not a UUIDv7.
-//! - Each object is a *chunk*: a MessagePack array of [`proto::events::Envelope`]s (written with
-//!   field names, `rmp_serde::to_vec_named`), all of one session, taken from one fetched batch, in
-//!   stream order. `first_stream_seq` is the stream position of its first event, so listing a
-//!   session's folder in key order gives its chunks in stream order.
-//! - `digest` is 16 hex digits of the SHA-256 of the chunk's envelope ids: redelivering the same
-//!   events rewrites the same key with the same bytes, and different events never overwrite an
-//!   earlier chunk.
-//! - Delivery is at least once: a batch's events are acked only after all of its chunks are
-//!   stored. A crash (or a failed ack) before that means redelivery and possibly a second chunk
-//!   with some of the same events; readers ([`audit::read_session`]) deduplicate by envelope id.
-//!   A failed write is retried with backoff, forever; events are never dropped.
-//! - With the in-process bus (`airlock up`), the recorder only sees events published after its
-//!   durable consumer was created: start it before the proxy.
-//!
-//! Later versions add compression, per-session hash chains and manifests, and a Parquet index
-//! next to `sessions/`; readers must keep reading this layout.
+//! - A chunk is zstd-compressed MessagePack (field names) of `{format, session, index, prev_hash,
+//!   events}`; `prev_hash` is the SHA-256 of the previous chunk's stored bytes. Chunk keys are
+//!   created with a conditional put, so an index is written once, by one writer.
+//! - Exactly once: for every session it writes, the recorder knows the ids in its chain (read back
+//!   from storage after a restart, or when another replica extended the chain, which the
+//!   conditional put reveals) and writes only events not in it. Deliveries are acked only after
+//!   their chunk is stored, so a crash at any point loses nothing and duplicates nothing.
+//! - Several replicas may share the durable consumer: a conflicting chunk write makes the loser
+//!   read the winner's chunk, drop the events already in it, and write the rest as the next link.
+//! - A session's manifest is written when `SessionEnded` is recorded, or, marked `incomplete`,
+//!   after [`RecorderConfig::session_timeout`] without events; late events extend the chain and
+//!   rewrite it. Order per session end: index file, archive log entry, manifest.
+//! - Format 1 chunks (`{first_stream_seq:020}-{digest}.mpk`, the walking skeleton's) are still
+//!   read by [`audit`].
 //!
 //! # Layout
 //! - this file: [`RecorderConfig`] and [`run`], the consume-write-ack loop.
 //! - [`storage`]: [`StorageConfig`] and [`open_store`].
 //! - `chunk`: the key layout and chunk encoding.
-//! - [`audit`]: reading sessions back, listing them, and rendering them for people.
+//! - `session`: the per-session writer state.
+//! - [`manifest`]: session manifests and their signatures.
+//! - [`archive`]: the archive log of manifests.
+//! - [`index`]: the Parquet index.
+//! - [`retention`]: deleting expired date partitions.
+//! - [`audit`]: reading sessions back, listing, searching, rendering and verifying them.
 //! - [`error`]: the error types.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use ed25519_dalek::SigningKey;
 use eventbus::{Delivery, EventBus};
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use proto::events::Envelope;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use proto::events::{Envelope, Timestamp};
 use proto::subjects;
 use serde::Deserialize;
+use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+pub mod archive;
 pub mod audit;
 mod chunk;
 pub mod error;
+pub mod index;
+pub mod manifest;
+pub mod retention;
+mod session;
 pub mod storage;
 
-pub use error::{AuditError, RecorderError, StorageError};
+/// The storage interface every function here takes, re-exported for callers.
+pub use object_store::ObjectStore;
+
+pub use error::{AuditError, ChunkError, IndexError, RecorderError, StorageError};
 pub use storage::{StorageConfig, open_store};
 
-/// How many chunk writes run at once.
-const PUT_CONCURRENCY: usize = 8;
+use archive::{ArchiveLog, LogEntry};
+use session::SessionState;
+
+/// How many sessions of a batch are written at once.
+const PUT_CONCURRENCY: usize = 16;
 /// First retry delay after a failed write or fetch; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// While writes are slow or retried, tell the bus we are still working this often, so that the
 /// batch is not redelivered meanwhile (the NATS consumer's ack wait is 30s).
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often open sessions are checked for the timeout, and finished ones forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The largest batch: the durable consumer allows 1000 deliveries out unacked (the server's
+/// default); larger fetches were seen to stall.
+const MAX_BATCH: usize = 1000;
+/// How often retention runs (when configured).
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// A finished session's state is kept this long after its last event (late events are cheap).
+const FORGET_AFTER: Duration = Duration::from_secs(30);
 
 /// The recorder's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecorderConfig {
-    /// Max events per fetch. Default 500.
+    /// Max events per fetch; larger batches make larger chunks (fewer writes). At most 1000 (the
+    /// consumer's limit of unacked deliveries). Default 1000.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
     /// Max wait for a batch. Default 200ms.
     #[serde(default = "default_batch_wait", with = "humantime_serde")]
     pub batch_wait: Duration,
+    /// A session with no event for this long and no `SessionEnded` (its proxy crashed) is closed:
+    /// its manifest is written with `incomplete: true`. Default 10m.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// A file holding an Ed25519 seed as 64 hex digits: manifests are signed with it.
+    /// Default none (manifests unsigned; chains and the archive log still detect tampering).
+    #[serde(default)]
+    pub signing_key_file: Option<String>,
+    /// At start, sessions of the last this many days that have chunks but no manifest are picked
+    /// up again, so that they time out even if their proxy never comes back. Default 2.
+    #[serde(default = "default_recover_days")]
+    pub recover_days: u32,
+    /// Delete recordings (and index files) whose session date is older than this, checked
+    /// hourly; e.g. `400d`. Default none: keep everything (or use storage lifecycle rules).
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for RecorderConfig {
     fn default() -> Self {
-        Self { batch_max: default_batch_max(), batch_wait: default_batch_wait() }
+        Self {
+            batch_max: default_batch_max(),
+            batch_wait: default_batch_wait(),
+            session_timeout: default_session_timeout(),
+            signing_key_file: None,
+            recover_days: default_recover_days(),
+            retention: None,
+        }
     }
 }
 
 fn default_batch_max() -> usize {
-    500
+    1000
 }
 fn default_batch_wait() -> Duration {
     Duration::from_millis(200)
+}
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_recover_days() -> u32 {
+    2
+}
+
+impl RecorderConfig {
+    /// The signing key, if one is configured.
+    pub fn signing_key(&self) -> Result<Option<SigningKey>, RecorderError> {
+        let Some(path) = &self.signing_key_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| RecorderError::SigningKey { path: path.clone(), source })?;
+        manifest::parse_signing_key(&text)
+            .map(Some)
+            .ok_or_else(|| RecorderError::SigningKeyFormat { path: path.clone() })
+    }
 }
 
 /// Consume every session event ([`subjects::ALL_SESSION_EVENTS`], durable
 /// [`subjects::RECORDER_DURABLE`]) and write it to `store` until `shutdown` completes. Several
 /// recorders may run against NATS: they share the work.
 ///
-/// Returns `Err` only if the durable consumer cannot be created at start, or a chunk cannot be
-/// encoded; outages of the bus or the store are waited out.
+/// Returns `Err` only if the durable consumer cannot be created at start, the signing key cannot
+/// be read, or a chunk cannot be encoded; outages of the bus or the store are waited out.
 pub async fn run(
     cfg: RecorderConfig,
     bus: EventBus,
@@ -103,18 +172,43 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RecorderError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let signer = cfg.signing_key()?;
+    let batch_max = cfg.batch_max.clamp(1, MAX_BATCH);
     let mut durable = bus
         .durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS)
         .await
         .map_err(RecorderError::Consumer)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Backoff::default();
-    info!(store = %store, "recorder started");
+    let ctx = Ctx { store: store.clone(), log: Mutex::new(None), signer, cfg: cfg.clone() };
+    let mut sessions: HashMap<Uuid, SessionState> = HashMap::new();
+    let mut recovered = false;
+    let mut last_sweep = Instant::now();
+    let mut last_retention: Option<Instant> = None;
+    info!(store = %store, signed = ctx.signer.is_some(), "recorder started");
     loop {
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            if !recovered {
+                recovered = recover_open_sessions(&ctx, &mut sessions).await;
+            }
+            sweep(&ctx, &mut sessions).await;
+            if let Some(retention) = cfg.retention
+                && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
+            {
+                match retention::expire(store.as_ref(), retention).await {
+                    Ok(removed) => {
+                        last_retention = Some(Instant::now());
+                        info!(removed, "expired recordings removed");
+                    }
+                    Err(e) => warn!(error = %e, "removing expired recordings failed"),
+                }
+            }
+        }
         let batch = tokio::select! {
             biased;
             () = &mut shutdown => break,
-            batch = durable.next_batch(cfg.batch_max, cfg.batch_wait) => batch,
+            batch = durable.next_batch(batch_max, cfg.batch_wait) => batch,
         };
         let batch = match batch {
             Ok(batch) => {
@@ -133,7 +227,7 @@ pub async fn run(
         if batch.is_empty() {
             continue;
         }
-        if !store_batch(store.as_ref(), &batch, &mut shutdown).await? {
+        if !store_batch(&ctx, &mut sessions, &batch, &mut shutdown).await? {
             break;
         }
         ack_all(&batch).await;
@@ -142,83 +236,97 @@ pub async fn run(
     Ok(())
 }
 
-/// One object to write.
-struct Chunk {
-    session: Uuid,
-    path: Path,
-    events: usize,
-    bytes: Bytes,
+/// What every session writer shares.
+struct Ctx {
+    store: Arc<dyn ObjectStore>,
+    /// The archive log's end, loaded on first use.
+    log: Mutex<Option<ArchiveLog>>,
+    signer: Option<SigningKey>,
+    cfg: RecorderConfig,
 }
 
-/// Split a batch into one chunk per session, each in stream order.
-fn chunks(batch: &[Delivery]) -> Result<Vec<Chunk>, RecorderError> {
-    let mut order: Vec<Uuid> = Vec::new();
-    let mut by_session: HashMap<Uuid, (u64, Vec<Envelope>)> = HashMap::new();
-    for d in batch {
-        let entry = by_session.entry(d.envelope.session).or_insert_with(|| {
-            order.push(d.envelope.session);
-            (d.stream_seq, Vec::new())
-        });
-        entry.0 = entry.0.min(d.stream_seq);
-        entry.1.push(d.envelope.clone());
+/// Why writing a session's events failed.
+enum StepError {
+    /// Retry later.
+    Store(object_store::Error),
+    /// A bug: give up.
+    Encode(RecorderError),
+}
+
+impl From<object_store::Error> for StepError {
+    fn from(e: object_store::Error) -> Self {
+        StepError::Store(e)
     }
-    order
-        .into_iter()
-        .filter_map(|session| by_session.remove(&session).map(|v| (session, v)))
-        .map(|(session, (first_seq, envs))| {
-            let bytes = chunk::encode(&envs).map_err(|source| RecorderError::Encode { session, source })?;
-            Ok(Chunk {
-                session,
-                path: chunk::chunk_path(session, first_seq, &envs),
-                events: envs.len(),
-                bytes: bytes.into(),
-            })
-        })
-        .collect()
 }
 
-/// Write every chunk of the batch, retrying failed ones with backoff until all are stored.
+/// Split a batch by session, each in delivery order.
+fn by_session(batch: &[Delivery]) -> Vec<(Uuid, Vec<Envelope>)> {
+    let mut order: Vec<Uuid> = Vec::new();
+    let mut groups: HashMap<Uuid, Vec<Envelope>> = HashMap::new();
+    for d in batch {
+        groups
+            .entry(d.envelope.session)
+            .or_insert_with(|| {
+                order.push(d.envelope.session);
+                Vec::new()
+            })
+            .push(d.envelope.clone());
+    }
+    order.into_iter().filter_map(|id| groups.remove(&id).map(|envs| (id, envs))).collect()
+}
+
+/// Write every session of the batch, retrying failed ones with backoff until all are stored.
 /// `Ok(false)` when shutdown came first (nothing is acked then; the bus redelivers).
 async fn store_batch(
-    store: &dyn ObjectStore,
+    ctx: &Ctx,
+    sessions: &mut HashMap<Uuid, SessionState>,
     batch: &[Delivery],
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<bool, RecorderError> {
-    let mut pending = chunks(batch)?;
+    let mut pending = by_session(batch);
     let mut backoff = Backoff::default();
     let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     loop {
-        let puts = futures::stream::iter(pending)
-            .map(|c| async move {
-                let result = store.put(&c.path, PutPayload::from_bytes(c.bytes.clone())).await;
-                (c, result)
+        let work: Vec<_> = pending.into_iter().map(|(id, envs)| (id, envs, sessions.remove(&id))).collect();
+        let writes = futures::stream::iter(work)
+            .map(|(id, envs, mut state)| async move {
+                let result = record_session(ctx, id, &envs, &mut state).await;
+                (id, envs, state, result)
             })
             .buffer_unordered(PUT_CONCURRENCY)
             .collect::<Vec<_>>();
-        let mut puts = std::pin::pin!(puts);
+        let mut writes = std::pin::pin!(writes);
         let results = loop {
             tokio::select! {
                 biased;
                 () = &mut *shutdown => return Ok(false),
-                results = &mut puts => break results,
+                results = &mut writes => break results,
                 _ = progress.tick() => in_progress(batch).await,
             }
         };
         pending = Vec::new();
-        for (c, result) in results {
-            match result {
-                Ok(_) => debug!(session.id = %c.session, path = %c.path, events = c.events, "chunk stored"),
-                Err(e) => {
-                    warn!(session.id = %c.session, path = %c.path, error = %e, "storing chunk failed");
-                    pending.push(c);
-                }
+        let mut fatal = None;
+        for (id, envs, state, result) in results {
+            if let Some(state) = state {
+                sessions.insert(id, state);
             }
+            match result {
+                Ok(()) => {}
+                Err(StepError::Store(e)) => {
+                    warn!(session.id = %id, error = %e, "storing session events failed");
+                    pending.push((id, envs));
+                }
+                Err(StepError::Encode(e)) => fatal = Some(e),
+            }
+        }
+        if let Some(e) = fatal {
+            return Err(e);
         }
         if pending.is_empty() {
             return Ok(true);
         }
         let delay = backoff.next_delay();
-        warn!(chunks = pending.len(), retry_in = ?delay, "retrying chunk writes");
+        warn!(sessions = pending.len(), retry_in = ?delay, "retrying session writes");
         let wait = sleep_or_shutdown(delay, shutdown);
         let mut wait = std::pin::pin!(wait);
         loop {
@@ -228,6 +336,189 @@ async fn store_batch(
             }
         }
     }
+}
+
+/// Append the events of `envs` not yet in the session's chain as its next chunk, then write the
+/// manifest if the session has ended.
+async fn record_session(
+    ctx: &Ctx,
+    id: Uuid,
+    envs: &[Envelope],
+    state: &mut Option<SessionState>,
+) -> Result<(), StepError> {
+    let store = ctx.store.as_ref();
+    if state.is_none() {
+        let fallback = envs.first().map_or_else(Timestamp::now, |e| e.at);
+        let mut fresh = SessionState::new(id, chunk::session_date(id, fallback));
+        fresh.catch_up(store).await?;
+        *state = Some(fresh);
+    }
+    let s = state.as_mut().expect("set just above");
+    loop {
+        let events = s.fresh(envs);
+        if events.is_empty() {
+            break;
+        }
+        let c = chunk::ChainedChunk {
+            format: chunk::CHUNK_FORMAT,
+            session: id,
+            index: s.next_index,
+            prev_hash: s.head.clone(),
+            events,
+        };
+        let bytes = chunk::encode_chained(&c)
+            .map_err(|source| StepError::Encode(RecorderError::Encode { session: id, source }))?;
+        let hash = chunk::sha256_hex(&bytes);
+        let path = chunk::chained_path(&s.date, id, c.index);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match store.put_opts(&path, PutPayload::from(bytes), opts).await {
+            Ok(_) => {
+                debug!(session.id = %id, path = %path, events = c.events.len(), "chunk stored");
+                s.absorb(&c, hash);
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // Written by an earlier run or another replica: learn it, keep only what is new.
+                debug!(session.id = %id, path = %path, "chunk index taken, catching up");
+                s.catch_up(store).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    s.last_activity = Instant::now();
+    if s.ended {
+        finalize(ctx, s).await?;
+    }
+    Ok(())
+}
+
+/// Write the index file, the archive log entry and the manifest of the chain as it stands,
+/// unless that manifest is already written.
+async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::Error> {
+    let incomplete = !s.ended;
+    if s.finalized.as_ref().is_some_and(|(head, inc)| *head == s.head && *inc == incomplete) {
+        return Ok(());
+    }
+    let store = ctx.store.as_ref();
+    let mut manifest = s.manifest();
+    if let Some(key) = &ctx.signer {
+        manifest.sign(key);
+    }
+    let bytes = manifest.to_bytes();
+    let path = chunk::manifest_path(&s.date, s.id);
+    let existing = match store.get(&path).await {
+        Ok(got) => Some(got.bytes().await?),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    if existing.is_some_and(|b| b == bytes.as_slice()) {
+        s.finalized = Some((s.head.clone(), incomplete));
+        return Ok(());
+    }
+    match s.index.to_parquet(s.id) {
+        Ok(parquet) => {
+            store.put(&index::index_path(&s.date, s.id), PutPayload::from(parquet)).await?;
+        }
+        Err(e) => warn!(session.id = %s.id, error = %e, "building the index file failed; skipped"),
+    }
+    {
+        let mut log = ctx.log.lock().await;
+        if log.is_none() {
+            *log = Some(ArchiveLog::load(store).await?);
+        }
+        let entry = LogEntry {
+            seq: 0,
+            prev: String::new(),
+            session: s.id,
+            date: s.date.clone(),
+            head: s.head.clone(),
+            chunks: s.next_index,
+            incomplete,
+            manifest_sha256: chunk::sha256_hex(&bytes),
+        };
+        log.as_mut().expect("loaded just above").append(store, entry).await?;
+    }
+    store.put(&path, PutPayload::from(bytes)).await?;
+    info!(session.id = %s.id, chunks = s.next_index, incomplete, "session manifest written");
+    s.finalized = Some((s.head.clone(), incomplete));
+    Ok(())
+}
+
+/// Close sessions that timed out (checking storage first: another replica may be writing them),
+/// and forget finished ones.
+async fn sweep(ctx: &Ctx, sessions: &mut HashMap<Uuid, SessionState>) {
+    let timeout = ctx.cfg.session_timeout;
+    let mut forget = Vec::new();
+    for s in sessions.values_mut() {
+        let done = s.finalized.as_ref().is_some_and(|(head, inc)| *head == s.head && *inc != s.ended);
+        if done {
+            if s.last_activity.elapsed() >= FORGET_AFTER.min(timeout) {
+                forget.push(s.id);
+            }
+            continue;
+        }
+        if s.ended || s.last_activity.elapsed() < timeout {
+            continue;
+        }
+        match s.catch_up(ctx.store.as_ref()).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(session.id = %s.id, error = %e, "checking a quiet session failed");
+                continue;
+            }
+        }
+        info!(session.id = %s.id, "session timed out without SessionEnded: closing it as incomplete");
+        if let Err(e) = finalize(ctx, s).await {
+            warn!(session.id = %s.id, error = %e, "closing a timed-out session failed");
+        }
+    }
+    for id in forget {
+        sessions.remove(&id);
+    }
+}
+
+/// Pick up sessions of the last `recover_days` days that have chunks but no manifest, so that
+/// they time out even when nothing more arrives for them. `true` once done.
+async fn recover_open_sessions(ctx: &Ctx, sessions: &mut HashMap<Uuid, SessionState>) -> bool {
+    let store = ctx.store.as_ref();
+    let now = Timestamp::now();
+    for day in 0..ctx.cfg.recover_days {
+        let date = now.as_micros() - i64::from(day) * 86_400_000_000;
+        let date = Timestamp(date).date();
+        let prefix = Path::from_iter([chunk::ROOT.to_string(), format!("date={date}")]);
+        let mut open: HashMap<Uuid, bool> = HashMap::new();
+        let mut listing = store.list(Some(&prefix));
+        while let Some(meta) = listing.next().await {
+            match meta {
+                Ok(meta) => match chunk::parse_key(&meta.location) {
+                    Some((id, _, chunk::Key::Manifest)) => {
+                        open.insert(id, false);
+                    }
+                    Some((id, _, chunk::Key::Chained(_))) => {
+                        open.entry(id).or_insert(true);
+                    }
+                    _ => {}
+                },
+                Err(e) => {
+                    warn!(error = %e, "listing sessions to recover failed");
+                    return false;
+                }
+            }
+        }
+        for (id, is_open) in open {
+            if !is_open || sessions.contains_key(&id) {
+                continue;
+            }
+            let mut s = SessionState::new(id, date.clone());
+            if let Err(e) = s.catch_up(store).await {
+                warn!(session.id = %id, error = %e, "reading a session to recover failed");
+                return false;
+            }
+            debug!(session.id = %id, chunks = s.next_index, "recovered an open session");
+            sessions.insert(id, s);
+        }
+    }
+    true
 }
 
 async fn in_progress(batch: &[Delivery]) {
@@ -241,7 +532,7 @@ async fn in_progress(batch: &[Delivery]) {
 async fn ack_all(batch: &[Delivery]) {
     for d in batch {
         if let Err(e) = d.ack().await {
-            // It will be redelivered and stored again; readers deduplicate.
+            // It will be redelivered; the session's chain already holds it, so it is not rewritten.
             warn!(session.id = %d.envelope.session, stream.seq = d.stream_seq, error = %e, "ack failed");
         }
     }

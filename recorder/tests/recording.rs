@@ -33,7 +33,7 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
     }];
     for seq in 1..=requests {
         let statement = format!("select * from orders where id = {seq}");
-        events.push(Event::RequestReceived { seq, statement: statement.clone() });
+        events.push(Event::RequestReceived { seq, statement: statement.clone(), parameters: vec![] });
         let decision = match seq {
             s if s % 3 == 0 => Decision::Deny,
             s if s % 4 == 0 => Decision::Hold,
@@ -56,6 +56,7 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
                 connection: "shop".into(),
                 principal: p.clone(),
                 statement: statement.clone(),
+                parameters: vec![],
                 fingerprint: "f".into(),
                 rule: "rule-hold".into(),
                 reason: "matched".into(),
@@ -110,7 +111,7 @@ struct Running {
 
 fn start_recorder(bus: &EventBus, store: &Arc<dyn ObjectStore>) -> Running {
     let (stop, stopped) = oneshot::channel::<()>();
-    let cfg = RecorderConfig { batch_max: 50, batch_wait: Duration::from_millis(100) };
+    let cfg = RecorderConfig { batch_max: 50, batch_wait: Duration::from_millis(100), ..Default::default() };
     let task = tokio::spawn(recorder::run(cfg, bus.clone(), store.clone(), async move {
         let _ = stopped.await;
     }));
@@ -161,6 +162,9 @@ fn s3_store(s3: &testkit::S3) -> Result<Arc<dyn ObjectStore>> {
         access_key_id: Some(s3.access_key_id.clone()),
         secret_access_key: Some(s3.secret_access_key.clone()),
         allow_http: true,
+        // No retries inside object_store: outages go through the recorder's own retry loop.
+        max_retries: 0,
+        retry_timeout: Duration::from_secs(1),
     };
     Ok(recorder::open_store(&cfg)?)
 }

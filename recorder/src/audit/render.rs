@@ -70,7 +70,7 @@ pub fn render_replay(events: &[Envelope]) -> String {
                 )
             }
             Event::SessionEnded { reason } => format!("session ended: {reason}"),
-            Event::RequestReceived { seq, statement } => format!("#{seq} > {statement}"),
+            Event::RequestReceived { seq, statement, .. } => format!("#{seq} > {statement}"),
             Event::PolicyDecided { seq, decision, rule, operations, tables, reason, policy_version } => {
                 let mut line = format!(
                     "#{seq} policy: {decision} (rule: {}; operations: {}; tables: {}; policy v{policy_version})",
@@ -95,6 +95,19 @@ pub fn render_replay(events: &[Envelope]) -> String {
                     h.expires_at,
                 )
             }
+            Event::PolicyApplied { version, author, digest } => {
+                format!("policy version {version} applied by {author} (sha256 {digest})")
+            }
+            Event::GrantDecided(g) => format!(
+                "grant {}: {} may use {} under rule {} until {} (granted by {})",
+                g.grant_id, g.principal, g.connection, g.rule, g.until, g.granted_by
+            ),
+            Event::GrantRevoked(r) => format!(
+                "grant {} revoked by {}{}",
+                r.grant_id,
+                r.revoked_by,
+                r.reason.as_deref().map(|x| format!(": {x}")).unwrap_or_default()
+            ),
             Event::HoldDecided(d) => {
                 let seq = hold_seq.get(&d.hold_id).map_or_else(|| "#?".to_string(), |s| format!("#{s}"));
                 let mut line = format!("{seq} hold decided: {} by {}", d.outcome, d.decided_by);
@@ -213,7 +226,14 @@ mod tests {
                     policy_version: 2,
                 },
             ),
-            env(1_500, Event::RequestReceived { seq: 1, statement: "select id from users".into() }),
+            env(
+                1_500,
+                Event::RequestReceived {
+                    seq: 1,
+                    statement: "select id from users".into(),
+                    parameters: vec![],
+                },
+            ),
             env(
                 2_000,
                 Event::PolicyDecided {

@@ -1,0 +1,192 @@
+//! End-to-end recorder throughput, NATS JetStream to object storage: publish EVENTS events of
+//! SESSIONS concurrent sessions, then start RECORDERS recorders (each with its own NATS
+//! connection, sharing the durable consumer) and time until every event is acked, i.e. stored
+//! in its session's chain. Starts its own nats-server and moto (S3) unless `--store file`.
+//!
+//! `cargo run --release -p recorder --example record_bench -- [--events N] [--sessions N]
+//!  [--recorders N] [--batch N] [--store s3|file]` (run by `bench/recorder.sh`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use eventbus::{EventBus, NatsConfig};
+use proto::events::{Decision, Envelope, Event, Principal, ResultCapture};
+use proto::subjects;
+use recorder::{RecorderConfig, StorageConfig};
+use uuid::Uuid;
+
+struct Args {
+    events: usize,
+    sessions: usize,
+    recorders: usize,
+    batch: usize,
+    store: String,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args { events: 200_000, sessions: 20, recorders: 1, batch: 1000, store: "s3".into() };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--events" => a.events = value.parse()?,
+            "--sessions" => a.sessions = value.parse()?,
+            "--recorders" => a.recorders = value.parse()?,
+            "--batch" => a.batch = value.parse()?,
+            "--store" => a.store = value,
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// Event `i` of a session: statements, decisions and responses with a small result, as a proxy
+/// publishes them (about 200-300 bytes each).
+fn event(i: usize) -> Event {
+    let seq = (i / 3) as u64 + 1;
+    match i % 3 {
+        0 => Event::RequestReceived {
+            seq,
+            statement: format!("select id, name, price from products where id = {seq}"),
+            parameters: vec![],
+        },
+        1 => Event::PolicyDecided {
+            seq,
+            decision: Decision::Allow,
+            rule: Some("reads".into()),
+            operations: vec!["select".into()],
+            tables: vec!["products".into()],
+            reason: String::new(),
+            policy_version: 3,
+        },
+        _ => Event::ResponseSent {
+            seq,
+            rows: 1,
+            duration_us: 420,
+            command_tag: Some("SELECT 1".into()),
+            error: None,
+            result: Some(ResultCapture {
+                columns: vec!["id".into(), "name".into(), "price".into()],
+                rows: vec![vec![Some(seq.to_string()), Some("apple".into()), Some("1.20".into())]],
+                truncated: false,
+            }),
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    testkit::init_crypto();
+    let nats = testkit::Nats::start()?;
+    let s3 = testkit::S3::start()?;
+    let dir = tempfile::tempdir()?;
+    let storage = match a.store.as_str() {
+        "s3" => StorageConfig {
+            url: format!("s3://{}/bench", s3.bucket),
+            endpoint: Some(s3.endpoint.clone()),
+            region: Some(s3.region.clone()),
+            access_key_id: Some(s3.access_key_id.clone()),
+            secret_access_key: Some(s3.secret_access_key.clone()),
+            allow_http: true,
+            ..Default::default()
+        },
+        _ => StorageConfig { url: format!("file://{}", dir.path().display()), ..Default::default() },
+    };
+    let nats_cfg =
+        NatsConfig { url: nats.url.clone(), ack_timeout: Duration::from_secs(30), ..Default::default() };
+    let bus = EventBus::connect_nats(&nats_cfg).await?;
+    bus.durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS).await?;
+
+    // Publish everything first, so the measurement is the recorders' alone.
+    let sessions: Vec<Uuid> = (0..a.sessions).map(|_| Uuid::now_v7()).collect();
+    let mut batch = Vec::with_capacity(1000);
+    let published = Instant::now();
+    for i in 0..a.events {
+        let session = sessions[i % a.sessions];
+        let n = i / a.sessions;
+        let ev = if n == 0 {
+            Event::SessionStarted {
+                principal: Principal {
+                    subject: "bench".into(),
+                    groups: vec!["agents".into()],
+                    kind: "oidc".into(),
+                },
+                connection: "shop".into(),
+                protocol: "postgres".into(),
+                client_addr: "127.0.0.1:1".into(),
+                node: "bench".into(),
+                policy_version: 3,
+            }
+        } else if i + a.sessions >= a.events {
+            Event::SessionEnded { reason: "done".into() }
+        } else {
+            event(n)
+        };
+        batch.push(Envelope::new(session, ev));
+        if batch.len() == 1000 {
+            bus.publish_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    bus.publish_all(&batch).await?;
+    eprintln!("published {} events in {:.1?}", a.events, published.elapsed());
+
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(subjects::STREAM).await?;
+    let start = Instant::now();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..a.recorders {
+        let bus = EventBus::connect_nats(&nats_cfg).await?;
+        let store = recorder::open_store(&storage)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let cfg = RecorderConfig {
+            batch_max: a.batch,
+            batch_wait: Duration::from_millis(50),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(recorder::run(cfg, bus, Arc::clone(&store), async move {
+            let _ = stopped.await;
+        })));
+        stops.push(stop);
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let info = stream.consumer_info(subjects::RECORDER_DURABLE).await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!(
+                "not done after 10 minutes: {} pending",
+                info.num_pending + info.num_ack_pending as u64
+            );
+        }
+    }
+    let took = start.elapsed();
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let store = recorder::open_store(&storage)?;
+    let report = recorder::audit::verify(store.as_ref(), None, None).await?;
+    let per_s = a.events as f64 / took.as_secs_f64();
+    println!(
+        "| {} | {} | {} | {} | {} | {:.2}s | {:.0} | {:.0} | {} |",
+        a.store,
+        a.recorders,
+        a.events,
+        a.sessions,
+        a.batch,
+        took.as_secs_f64(),
+        per_s,
+        per_s / a.recorders as f64,
+        if report.ok() { "ok" } else { "FAILED" },
+    );
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! `airlock audit verify`: check sessions' hash chains against their manifests, and the
+//! manifests against the archive log, and report by session what was edited, reordered or deleted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use ed25519_dalek::VerifyingKey;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use uuid::Uuid;
+
+use crate::archive::{self, LogEntry};
+use crate::chunk::{self, GENESIS, Key, sha256_hex};
+use crate::error::AuditError;
+use crate::manifest::{Manifest, SignatureCheck};
+
+/// How many objects are read at once.
+const READ_CONCURRENCY: usize = 16;
+
+/// The outcome for one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Chain, manifest and archive log agree.
+    Intact,
+    /// No manifest yet (still being recorded, or not yet timed out), or only format-1 chunks:
+    /// what is there is consistent, but a deleted tail cannot be detected yet.
+    Open,
+    /// Something was edited, reordered or deleted: see the problems.
+    Tampered,
+    /// Removed by retention (its date is before the retention cutoff).
+    Expired,
+}
+
+/// One session's verification.
+#[derive(Debug, Clone)]
+pub struct SessionVerdict {
+    pub id: Uuid,
+    pub verdict: Verdict,
+    /// What is wrong (or, for [`Verdict::Open`], why it cannot be fully checked), one per line.
+    pub problems: Vec<String>,
+    pub chunks: u64,
+    pub events: u64,
+    /// The manifest carries a valid signature.
+    pub signed: bool,
+}
+
+/// The whole verification.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub sessions: Vec<SessionVerdict>,
+    /// Problems with the archive log itself.
+    pub archive_problems: Vec<String>,
+    pub log_entries: u64,
+    /// The retention cutoff applied (from `archive/retention.json` or the caller).
+    pub expired_before: Option<String>,
+}
+
+impl VerifyReport {
+    /// Nothing was tampered with.
+    pub fn ok(&self) -> bool {
+        self.archive_problems.is_empty() && self.sessions.iter().all(|s| s.verdict != Verdict::Tampered)
+    }
+
+    /// A report for people: one line per session, problems indented below it, then a summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for s in &self.sessions {
+            let verdict = match s.verdict {
+                Verdict::Intact => "OK",
+                Verdict::Open => "OPEN",
+                Verdict::Tampered => "TAMPERED",
+                Verdict::Expired => "EXPIRED",
+            };
+            let signed = if s.signed { ", signed" } else { "" };
+            let _ = writeln!(out, "{} {verdict} ({} chunks, {} events{signed})", s.id, s.chunks, s.events);
+            for p in &s.problems {
+                let _ = writeln!(out, "  - {p}");
+            }
+        }
+        if self.archive_problems.is_empty() {
+            let _ = writeln!(out, "archive log: {} entries, chain OK", self.log_entries);
+        } else {
+            let _ = writeln!(out, "archive log: {} entries, TAMPERED", self.log_entries);
+            for p in &self.archive_problems {
+                let _ = writeln!(out, "  - {p}");
+            }
+        }
+        let count = |v| self.sessions.iter().filter(|s| s.verdict == v).count();
+        if let Some(before) = &self.expired_before {
+            let _ = writeln!(out, "retention: sessions dated before {before} are expired");
+        }
+        let _ = writeln!(
+            out,
+            "{}: {} sessions intact, {} open, {} tampered, {} expired",
+            if self.ok() { "verified" } else { "FAILED" },
+            count(Verdict::Intact),
+            count(Verdict::Open),
+            count(Verdict::Tampered),
+            count(Verdict::Expired),
+        );
+        out
+    }
+}
+
+/// The objects of one session.
+#[derive(Debug, Default)]
+struct Keys {
+    chained: BTreeMap<u64, Path>,
+    legacy: Vec<Path>,
+    manifest: Option<Path>,
+}
+
+/// Verify session `only` (else every session and the whole archive log). With `key`, every
+/// manifest must be signed by it. Sessions the recorder's retention removed are reported as
+/// expired.
+pub async fn verify(
+    store: &dyn ObjectStore,
+    only: Option<Uuid>,
+    key: Option<&VerifyingKey>,
+) -> Result<VerifyReport, AuditError> {
+    verify_with(store, only, key, None).await
+}
+
+/// [`verify`], also treating sessions dated before `expired_before` (`YYYY-MM-DD`) as expired:
+/// for archives whose retention is done by storage lifecycle rules.
+pub async fn verify_with(
+    store: &dyn ObjectStore,
+    only: Option<Uuid>,
+    key: Option<&VerifyingKey>,
+    expired_before: Option<String>,
+) -> Result<VerifyReport, AuditError> {
+    let mut report = VerifyReport::default();
+    let marker = crate::retention::read_marker(store).await.map_err(AuditError::List)?;
+    report.expired_before = marker.map(|m| m.expired_before).max(expired_before);
+    let log = read_log(store, &mut report).await?;
+
+    let mut keys: HashMap<Uuid, Keys> = HashMap::new();
+    let mut prefixes = Vec::new();
+    if let Some(id) = only {
+        if let Some(e) = log.get(&id) {
+            prefixes.push(chunk::session_prefix(&e.date, id));
+        } else if id.get_version_num() == 7 {
+            prefixes.push(chunk::session_prefix(&chunk::session_date(id, proto::events::Timestamp(0)), id));
+        }
+    }
+    prefixes.push(Path::from(chunk::ROOT));
+    for prefix in prefixes {
+        let mut listing = store.list(Some(&prefix));
+        while let Some(meta) = listing.next().await {
+            let meta = match meta {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(AuditError::List(e)),
+            };
+            let Some((id, _, kind)) = chunk::parse_key(&meta.location) else { continue };
+            if only.is_some_and(|o| o != id) {
+                continue;
+            }
+            let k = keys.entry(id).or_default();
+            match kind {
+                Key::Chained(i) => {
+                    k.chained.insert(i, meta.location);
+                }
+                Key::Legacy if !k.legacy.contains(&meta.location) => k.legacy.push(meta.location),
+                Key::Legacy => {}
+                Key::Manifest => k.manifest = Some(meta.location),
+            }
+        }
+        if only.is_some_and(|o| keys.contains_key(&o)) {
+            break;
+        }
+    }
+    let mut ids: Vec<Uuid> = keys.keys().copied().collect();
+    ids.extend(log.keys().filter(|id| only.is_none_or(|o| o == **id) && !keys.contains_key(id)));
+    if let Some(id) = only
+        && !ids.contains(&id)
+    {
+        return Err(AuditError::NotFound(id));
+    }
+    ids.sort();
+    let log = &log;
+    let expired_before = report.expired_before.clone();
+    let expired_before = expired_before.as_deref();
+    let jobs: Vec<(Uuid, Keys)> =
+        ids.into_iter().map(|id| (id, keys.remove(&id).unwrap_or_default())).collect();
+    report.sessions = futures::stream::iter(jobs)
+        .map(|(id, k)| async move { verify_session(store, id, k, log.get(&id), key, expired_before).await })
+        .buffered(READ_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(report)
+}
+
+/// Read and check the archive log; the latest entry per session.
+async fn read_log(
+    store: &dyn ObjectStore,
+    report: &mut VerifyReport,
+) -> Result<HashMap<Uuid, LogEntry>, AuditError> {
+    let mut seqs = BTreeMap::new();
+    let mut listing = store.list(Some(&Path::from(archive::LOG_ROOT)));
+    while let Some(meta) = listing.next().await {
+        match meta {
+            Ok(meta) => {
+                if let Some(seq) = archive::seq_of(&meta.location) {
+                    seqs.insert(seq, meta.location);
+                }
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(AuditError::List(e)),
+        }
+    }
+    report.log_entries = u64::try_from(seqs.len()).unwrap_or(u64::MAX);
+    let entries: Vec<(u64, Bytes)> = futures::stream::iter(seqs)
+        .map(|(seq, path)| async move { read(store, &path).await.map(|b| (seq, b)) })
+        .buffered(READ_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let mut latest: HashMap<Uuid, LogEntry> = HashMap::new();
+    let mut prev: Option<(u64, String)> = None;
+    let mut expected = 0;
+    for (seq, bytes) in entries {
+        if seq > expected {
+            let missing = if seq - expected == 1 {
+                format!("entry {expected}")
+            } else {
+                format!("entries {expected} to {}", seq - 1)
+            };
+            report.archive_problems.push(format!("archive log {missing} deleted"));
+        }
+        expected = seq + 1;
+        let hash = sha256_hex(&bytes);
+        match serde_json::from_slice::<LogEntry>(&bytes) {
+            Err(_) => report.archive_problems.push(format!("archive log entry {seq} edited (unreadable)")),
+            Ok(e) => {
+                if e.seq != seq {
+                    report.archive_problems.push(format!(
+                        "archive log entry {seq} holds entry {}: entries reordered or replaced",
+                        e.seq
+                    ));
+                }
+                let want = match &prev {
+                    Some((p, h)) if *p + 1 == seq => Some(h.as_str()),
+                    None if seq == 0 => Some(GENESIS),
+                    _ => None,
+                };
+                if let Some(want) = want
+                    && e.prev != want
+                {
+                    report.archive_problems.push(format!(
+                        "archive log entry {seq}: link to entry {} broken (that entry edited or replaced)",
+                        seq.saturating_sub(1)
+                    ));
+                }
+                latest.insert(e.session, e);
+            }
+        }
+        prev = Some((seq, hash));
+    }
+    Ok(latest)
+}
+
+async fn read(store: &dyn ObjectStore, path: &Path) -> Result<Bytes, AuditError> {
+    match store.get(path).await {
+        Ok(got) => got.bytes().await,
+        Err(e) => Err(e),
+    }
+    .map_err(|source| AuditError::Read { path: path.clone(), source })
+}
+
+async fn verify_session(
+    store: &dyn ObjectStore,
+    id: Uuid,
+    keys: Keys,
+    logged: Option<&LogEntry>,
+    key: Option<&VerifyingKey>,
+    expired_before: Option<&str>,
+) -> Result<SessionVerdict, AuditError> {
+    let mut v = SessionVerdict {
+        id,
+        verdict: Verdict::Intact,
+        problems: Vec::new(),
+        chunks: 0,
+        events: 0,
+        signed: false,
+    };
+    let tampered = |v: &mut SessionVerdict, p: String| {
+        v.verdict = Verdict::Tampered;
+        v.problems.push(p);
+    };
+    if keys.chained.is_empty() && keys.legacy.is_empty() && keys.manifest.is_none() {
+        if let Some(e) = logged
+            && expired_before.is_some_and(|before| e.date.as_str() < before)
+        {
+            v.verdict = Verdict::Expired;
+            v.problems.push(format!("expired by retention (dated {})", e.date));
+        } else if let Some(e) = logged {
+            tampered(
+                &mut v,
+                format!(
+                    "session deleted: the archive log records it ({} chunks, date {}) but nothing is stored",
+                    e.chunks, e.date
+                ),
+            );
+        }
+        return Ok(v);
+    }
+
+    // The manifest, if any.
+    let mut manifest: Option<Manifest> = None;
+    if let Some(path) = &keys.manifest {
+        let bytes = read(store, path).await?;
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Err(_) => tampered(&mut v, "manifest edited (unreadable)".into()),
+            Ok(m) => {
+                match m.check_signature() {
+                    SignatureCheck::Valid => v.signed = true,
+                    SignatureCheck::Invalid => {
+                        tampered(&mut v, "manifest signature invalid: manifest edited".into())
+                    }
+                    SignatureCheck::Unsigned => {}
+                }
+                if let Some(key) = key {
+                    let want = hex::encode(key.as_bytes());
+                    if m.public_key.as_deref() != Some(want.as_str()) {
+                        tampered(&mut v, "manifest not signed by the expected key".into());
+                    }
+                }
+                manifest = Some(m);
+            }
+        }
+        match logged {
+            Some(e) if e.manifest_sha256 != sha256_hex(&bytes) => tampered(
+                &mut v,
+                "manifest differs from the one the archive log records: manifest edited or replaced".into(),
+            ),
+            Some(_) => {}
+            None => tampered(
+                &mut v,
+                "manifest missing from the archive log (forged, or its log entry deleted)".into(),
+            ),
+        }
+    } else if let Some(e) = logged {
+        tampered(&mut v, format!("manifest deleted (the archive log records one with {} chunks)", e.chunks));
+    }
+
+    // The chain.
+    let recorded = manifest.as_ref().map(|m| m.chunks).or(logged.map(|e| e.chunks)).unwrap_or(0);
+    let stored_end = keys.chained.keys().next_back().map_or(0, |i| i + 1);
+    let end = recorded.max(stored_end);
+    v.chunks = u64::try_from(keys.chained.len()).unwrap_or(u64::MAX);
+    let reads: Vec<(u64, Bytes)> = futures::stream::iter(keys.chained.clone())
+        .map(|(i, path)| async move { read(store, &path).await.map(|b| (i, b)) })
+        .buffered(READ_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let mut hashes: HashMap<u64, String> = HashMap::new();
+    let mut decoded = HashMap::new();
+    for (i, bytes) in reads {
+        hashes.insert(i, sha256_hex(&bytes));
+        decoded.insert(i, chunk::decode_chained(&bytes));
+    }
+    let mut seen = HashSet::new();
+    for i in 0..end {
+        let Some(result) = decoded.get(&i) else {
+            let why = if i >= stored_end { "deleted from the end of the chain" } else { "deleted" };
+            tampered(&mut v, format!("chunk {i} {why}"));
+            continue;
+        };
+        let c = match result {
+            Ok(c) => c,
+            Err(_) => {
+                tampered(&mut v, format!("chunk {i} edited (does not decode)"));
+                continue;
+            }
+        };
+        if c.index != i {
+            tampered(&mut v, format!("chunk {i} holds chunk {}: chunks swapped or reordered", c.index));
+        }
+        if c.session != id {
+            tampered(
+                &mut v,
+                format!("chunk {i} belongs to session {}: moved from another session", c.session),
+            );
+        }
+        let want = if i == 0 { Some(GENESIS.to_string()) } else { hashes.get(&(i - 1)).cloned() };
+        if let Some(want) = want
+            && c.prev_hash != want
+            && c.index == i
+        {
+            let what = if i == 0 {
+                "chunk 0 does not start the chain".to_string()
+            } else {
+                format!("chunk {} edited or replaced (chunk {i}'s link to it is broken)", i - 1)
+            };
+            tampered(&mut v, what);
+        }
+        for e in &c.events {
+            if !seen.insert(e.id) {
+                tampered(&mut v, format!("event {} recorded twice (chunk {i})", e.id));
+            }
+        }
+    }
+    v.events = u64::try_from(seen.len()).unwrap_or(u64::MAX);
+    if let Some(m) = &manifest {
+        if stored_end > m.chunks {
+            tampered(
+                &mut v,
+                format!(
+                    "{} chunk(s) after the manifest's head (inserted, or still being written)",
+                    stored_end - m.chunks
+                ),
+            );
+        }
+        let head = match m.chunks {
+            0 => Some(GENESIS.to_string()),
+            n => hashes.get(&(n - 1)).cloned(),
+        };
+        if let Some(head) = head
+            && head != m.head
+        {
+            tampered(
+                &mut v,
+                format!(
+                    "chunk {} edited or replaced: the chain head differs from the manifest",
+                    m.chunks.saturating_sub(1)
+                ),
+            );
+        }
+    }
+    if !keys.legacy.is_empty() {
+        v.problems
+            .push(format!("{} format-1 chunks: not hash-chained, cannot be verified", keys.legacy.len()));
+        if v.verdict == Verdict::Intact {
+            v.verdict = Verdict::Open;
+        }
+    }
+    if manifest.is_none() && logged.is_none() && v.verdict == Verdict::Intact {
+        v.verdict = Verdict::Open;
+        v.problems.push(
+            "no manifest yet (open, or not yet timed out): a deleted last chunk cannot be detected".into(),
+        );
+    }
+    Ok(v)
+}

@@ -1,0 +1,465 @@
+//! The tamper-evident archive: chains, manifests and the archive log detect edits, reorders and
+//! deletions; replicas share the work without writing an event twice; sessions without an end
+//! are closed as incomplete; the Parquet index answers an auditor's DuckDB query.
+//! Real NATS and a real S3 server (testkit), or the in-process bus with a local directory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use eventbus::{EventBus, NatsConfig};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use proto::events::{
+    ApproverSpec, Decision, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, Timestamp,
+};
+use proto::subjects;
+use recorder::audit::{self, Verdict, VerifyReport};
+use recorder::manifest::Manifest;
+use recorder::{RecorderConfig, StorageConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// A session of `requests` statements: every third denied, every fifth held (approved by
+/// alice), with `SessionEnded` unless `ended` is false. Times are 1ms apart from `start`.
+fn session(principal: &str, requests: u64, start: i64, ended: bool) -> Vec<Envelope> {
+    session_with_id(Uuid::now_v7(), principal, requests, start, ended)
+}
+
+fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: bool) -> Vec<Envelope> {
+    let p = Principal { subject: principal.into(), groups: vec!["agents".into()], kind: "oidc".into() };
+    let mut events = vec![Event::SessionStarted {
+        principal: p.clone(),
+        connection: "shop".into(),
+        protocol: "postgres".into(),
+        client_addr: "127.0.0.1:5000".into(),
+        node: "n1".into(),
+        policy_version: 1,
+    }];
+    for seq in 1..=requests {
+        events.push(Event::RequestReceived {
+            seq,
+            statement: format!("select * from users where email = 'user{seq}@example.com'"),
+            parameters: vec![],
+        });
+        let decision = match seq {
+            s if s % 3 == 0 => Decision::Deny,
+            s if s % 5 == 0 => Decision::Hold,
+            _ => Decision::Allow,
+        };
+        events.push(Event::PolicyDecided {
+            seq,
+            decision,
+            rule: Some(format!("rule-{decision}")),
+            operations: vec!["select".into()],
+            tables: vec!["users".into()],
+            reason: String::new(),
+            policy_version: 1,
+        });
+        if decision == Decision::Hold {
+            let hold_id = Uuid::now_v7();
+            events.push(Event::HoldRequested(HoldRequest {
+                hold_id,
+                seq,
+                connection: "shop".into(),
+                principal: p.clone(),
+                statement: String::new(),
+                parameters: vec![],
+                fingerprint: String::new(),
+                rule: "rule-hold".into(),
+                reason: String::new(),
+                approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
+                requested_at: Timestamp(start),
+                expires_at: Timestamp(start + 60_000_000),
+            }));
+            events.push(Event::HoldDecided(HoldDecision {
+                hold_id,
+                outcome: HoldOutcome::Approved,
+                decided_by: "alice".into(),
+                reason: None,
+            }));
+        }
+        if decision != Decision::Deny {
+            events.push(Event::ResponseSent {
+                seq,
+                rows: 1,
+                duration_us: 900,
+                command_tag: Some("SELECT 1".into()),
+                error: None,
+                result: None,
+            });
+        }
+    }
+    if ended {
+        events.push(Event::SessionEnded { reason: "client closed".into() });
+    }
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let mut env = Envelope::new(id, event);
+            env.at = Timestamp(start + i64::try_from(i).expect("small") * 1_000);
+            env
+        })
+        .collect()
+}
+
+fn interleave(sessions: &[Vec<Envelope>]) -> Vec<Envelope> {
+    let longest = sessions.iter().map(Vec::len).max().unwrap_or(0);
+    (0..longest).flat_map(|i| sessions.iter().filter_map(move |s| s.get(i).cloned())).collect()
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), recorder::RecorderError>>,
+}
+
+fn start_recorder(bus: &EventBus, store: &Arc<dyn ObjectStore>, cfg: RecorderConfig) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(recorder::run(cfg, bus.clone(), store.clone(), async move {
+        let _ = stopped.await;
+    }));
+    Running { stop, task }
+}
+
+impl Running {
+    async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .context("recorder did not stop")??
+            .context("recorder failed")
+    }
+}
+
+fn small_batches() -> RecorderConfig {
+    RecorderConfig { batch_max: 7, batch_wait: Duration::from_millis(50), ..Default::default() }
+}
+
+async fn nats_bus(nats: &testkit::Nats) -> Result<EventBus> {
+    testkit::init_crypto();
+    let cfg = NatsConfig { url: nats.url.clone(), ..Default::default() };
+    EventBus::connect_nats(&cfg).await.context("connecting to NATS")
+}
+
+fn s3_store(s3: &testkit::S3) -> Result<Arc<dyn ObjectStore>> {
+    testkit::init_crypto();
+    Ok(recorder::open_store(&StorageConfig {
+        url: format!("s3://{}/archive", s3.bucket),
+        endpoint: Some(s3.endpoint.clone()),
+        region: Some(s3.region.clone()),
+        access_key_id: Some(s3.access_key_id.clone()),
+        secret_access_key: Some(s3.secret_access_key.clone()),
+        allow_http: true,
+        max_retries: 0,
+        retry_timeout: Duration::from_secs(1),
+    })?)
+}
+
+async fn local_setup(dir: &std::path::Path) -> Result<(EventBus, Arc<dyn ObjectStore>)> {
+    let store = recorder::open_store(&StorageConfig {
+        url: format!("file://{}", dir.display()),
+        ..Default::default()
+    })?;
+    let bus = EventBus::memory();
+    bus.durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS).await?;
+    Ok((bus, store))
+}
+
+/// Poll `verify` until every one of `sessions` is intact (manifests are written just after the
+/// last chunk).
+async fn wait_intact(
+    store: &dyn ObjectStore,
+    sessions: &[Vec<Envelope>],
+    within: Duration,
+) -> Result<VerifyReport> {
+    let until = Instant::now() + within;
+    loop {
+        let report = audit::verify(store, None, None).await?;
+        let intact = sessions
+            .iter()
+            .all(|s| report.sessions.iter().any(|v| v.id == s[0].session && v.verdict == Verdict::Intact));
+        if intact && report.ok() {
+            return Ok(report);
+        }
+        if Instant::now() > until {
+            bail!("not all sessions intact in time:\n{}", report.render());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn keys_of(store: &dyn ObjectStore, session: Uuid) -> Result<Vec<Path>> {
+    let all: Vec<_> = store.list(Some(&Path::from("sessions"))).try_collect().await?;
+    let mut keys: Vec<Path> =
+        all.into_iter().map(|m| m.location).filter(|p| p.as_ref().contains(&session.to_string())).collect();
+    keys.sort();
+    Ok(keys)
+}
+
+async fn chunk_key(store: &dyn ObjectStore, session: Uuid, index: u64) -> Result<Path> {
+    let name = format!("{index:08}.mpk.zst");
+    keys_of(store, session)
+        .await?
+        .into_iter()
+        .find(|p| p.filename() == Some(name.as_str()))
+        .with_context(|| format!("chunk {index} of {session}"))
+}
+
+async fn get(store: &dyn ObjectStore, path: &Path) -> Result<Vec<u8>> {
+    Ok(store.get(path).await?.bytes().await?.to_vec())
+}
+
+fn problems_of(report: &VerifyReport, session: Uuid) -> Result<String> {
+    let v = report.sessions.iter().find(|v| v.id == session).context("session missing from the report")?;
+    ensure!(v.verdict == Verdict::Tampered, "{session} should be tampered:\n{}", report.render());
+    Ok(v.problems.join("\n"))
+}
+
+#[tokio::test]
+async fn edits_deletions_and_swaps_fail_verify_and_are_named_by_session() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let s3 = testkit::S3::start()?;
+    let bus = nats_bus(&nats).await?;
+    let store = s3_store(&s3)?;
+    let key_dir = tempfile::tempdir()?;
+    let key_file = key_dir.path().join("signing.key");
+    std::fs::write(&key_file, "2a".repeat(32))?;
+    let cfg = RecorderConfig { signing_key_file: Some(key_file.display().to_string()), ..small_batches() };
+    let public = cfg.signing_key()?.context("key configured")?.verifying_key();
+
+    let base = Timestamp::now().as_micros();
+    let sessions: Vec<_> =
+        (0..6).map(|i| session(&format!("agent-{i}"), 6, base + i * 1_000_000, true)).collect();
+    let running = start_recorder(&bus, &store, cfg);
+    bus.publish_all(&interleave(&sessions)).await?;
+    let clean = wait_intact(store.as_ref(), &sessions, Duration::from_secs(30)).await?;
+    running.shutdown().await?;
+    ensure!(
+        clean.sessions.iter().all(|s| s.signed && s.chunks >= 3),
+        "signed, several chunks:\n{}",
+        clean.render()
+    );
+    ensure!(
+        audit::verify(store.as_ref(), None, Some(&public)).await?.ok(),
+        "verifies against the public key"
+    );
+
+    let [edited, deleted_chunk, swapped, deleted_session, edited_manifest, untouched] =
+        std::array::from_fn(|i| sessions[i][0].session);
+    let s = store.as_ref();
+
+    // Edit one byte in the middle of chunk 1.
+    let path = chunk_key(s, edited, 1).await?;
+    let mut bytes = get(s, &path).await?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    s.put(&path, PutPayload::from(bytes)).await?;
+    // Delete chunk 1.
+    s.delete(&chunk_key(s, deleted_chunk, 1).await?).await?;
+    // Swap chunks 1 and 2.
+    let (one, two) = (chunk_key(s, swapped, 1).await?, chunk_key(s, swapped, 2).await?);
+    let (b1, b2) = (get(s, &one).await?, get(s, &two).await?);
+    s.put(&one, PutPayload::from(b2)).await?;
+    s.put(&two, PutPayload::from(b1)).await?;
+    // Delete a whole session: every chunk and the manifest.
+    for path in keys_of(s, deleted_session).await? {
+        s.delete(&path).await?;
+    }
+    // Rewrite a manifest to hide the last chunk.
+    let manifest_key = keys_of(s, edited_manifest)
+        .await?
+        .into_iter()
+        .find(|p| p.filename() == Some("manifest.json"))
+        .context("manifest")?;
+    let mut m: Manifest = serde_json::from_slice(&get(s, &manifest_key).await?)?;
+    m.chunks -= 1;
+    s.put(&manifest_key, PutPayload::from(m.to_bytes())).await?;
+
+    let report = audit::verify(s, None, None).await?;
+    ensure!(!report.ok(), "tampering must fail verify:\n{}", report.render());
+    let text = report.render();
+    for (session, needle) in [
+        (edited, "chunk 1 edited"),
+        (deleted_chunk, "chunk 1 deleted"),
+        (swapped, "swapped or reordered"),
+        (deleted_session, "session deleted"),
+        (edited_manifest, "manifest signature invalid"),
+    ] {
+        let problems = problems_of(&report, session)?;
+        ensure!(problems.contains(needle), "{session}: expected {needle:?}, got:\n{text}");
+    }
+    let clean = report.sessions.iter().find(|v| v.id == untouched).context("untouched session")?;
+    ensure!(clean.verdict == Verdict::Intact, "an untouched session stays intact:\n{text}");
+    ensure!(report.archive_problems.is_empty(), "the archive log itself is intact:\n{text}");
+
+    // One session at a time.
+    ensure!(audit::verify(s, Some(untouched), None).await?.ok(), "the untouched session verifies alone");
+    let one = audit::verify(s, Some(deleted_session), None).await?;
+    ensure!(!one.ok() && one.render().contains("session deleted"), "{}", one.render());
+
+    // Deleting an archive log entry (to hide a deleted session) breaks the log's chain.
+    s.delete(&Path::from("archive/log/00000000000000000000.json")).await?;
+    let report = audit::verify(s, None, None).await?;
+    ensure!(report.archive_problems.iter().any(|p| p.contains("entry 0 deleted")), "{}", report.render());
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_recorders_share_the_sessions_and_write_every_event_once() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let s3 = testkit::S3::start()?;
+    let bus = nats_bus(&nats).await?;
+    let store = s3_store(&s3)?;
+    let base = Timestamp::now().as_micros();
+    let sessions: Vec<_> =
+        (0..12).map(|i| session(&format!("agent-{i}"), 10, base + i * 1_000_000, true)).collect();
+    let cfg = RecorderConfig { batch_max: 10, batch_wait: Duration::from_millis(20), ..Default::default() };
+    let a = start_recorder(&bus, &store, cfg.clone());
+    let b = start_recorder(&bus, &store, cfg);
+    let all = interleave(&sessions);
+    for part in all.chunks(40) {
+        bus.publish_all(part).await?;
+    }
+    let report = wait_intact(store.as_ref(), &sessions, Duration::from_secs(60)).await?;
+    a.shutdown().await?;
+    b.shutdown().await?;
+    for s in &sessions {
+        let v = report.sessions.iter().find(|v| v.id == s[0].session).context("in report")?;
+        ensure!(v.events == s.len() as u64, "{}: {} of {} events", v.id, v.events, s.len());
+        ensure!(audit::read_session(store.as_ref(), s[0].session).await? == *s, "read back exactly");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_that_never_ends_is_closed_as_incomplete_after_the_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (bus, store) = local_setup(dir.path()).await?;
+    let cfg = RecorderConfig { session_timeout: Duration::from_secs(1), ..small_batches() };
+    let running = start_recorder(&bus, &store, cfg);
+    let events = session("agent-crashed", 4, Timestamp::now().as_micros(), false);
+    let id = events[0].session;
+    bus.publish_all(&events).await?;
+
+    let manifest = |store: Arc<dyn ObjectStore>| async move {
+        let key =
+            keys_of(store.as_ref(), id).await?.into_iter().find(|p| p.filename() == Some("manifest.json"));
+        match key {
+            Some(key) => Ok::<_, anyhow::Error>(Some(serde_json::from_slice::<Manifest>(
+                &get(store.as_ref(), &key).await?,
+            )?)),
+            None => Ok(None),
+        }
+    };
+    let until = Instant::now() + Duration::from_secs(15);
+    let m = loop {
+        if let Some(m) = manifest(store.clone()).await? {
+            break m;
+        }
+        ensure!(Instant::now() < until, "no manifest after the timeout");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(m.incomplete && m.events == events.len() as u64, "{m:?}");
+    ensure!(audit::verify(store.as_ref(), Some(id), None).await?.ok(), "an incomplete session verifies");
+
+    // The end arrives late: the chain grows and the manifest is rewritten, complete.
+    let mut end = Envelope::new(id, Event::SessionEnded { reason: "late".into() });
+    end.at = Timestamp(events.last().expect("events").at.as_micros() + 1_000);
+    bus.publish(&end).await?;
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(m) = manifest(store.clone()).await?
+            && !m.incomplete
+        {
+            ensure!(m.events == events.len() as u64 + 1, "{m:?}");
+            break;
+        }
+        ensure!(Instant::now() < until, "manifest not rewritten after the late end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await?;
+    let report = audit::verify(store.as_ref(), None, None).await?;
+    ensure!(report.ok() && report.sessions.len() == 1, "{}", report.render());
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_removes_old_sessions_and_verify_reports_them_expired_not_deleted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (bus, store) = local_setup(dir.path()).await?;
+    let now = Timestamp::now().as_micros();
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(400 * 86_400);
+    let secs = long_ago.duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let old_id = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0));
+    let sessions =
+        vec![session_with_id(old_id, "agent-old", 3, now, true), session("agent-new", 3, now, true)];
+    let running = start_recorder(&bus, &store, small_batches());
+    bus.publish_all(&interleave(&sessions)).await?;
+    wait_intact(store.as_ref(), &sessions, Duration::from_secs(20)).await?;
+    running.shutdown().await?;
+
+    let cfg = RecorderConfig { retention: Some(Duration::from_secs(30 * 86_400)), ..small_batches() };
+    let running = start_recorder(&bus, &store, cfg);
+    let until = Instant::now() + Duration::from_secs(15);
+    while !keys_of(store.as_ref(), old_id).await?.is_empty() {
+        ensure!(Instant::now() < until, "the old session was not removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await?;
+    let report = audit::verify(store.as_ref(), None, None).await?;
+    ensure!(report.ok(), "{}", report.render());
+    let verdict = |id: Uuid| report.sessions.iter().find(|v| v.id == id).map(|v| v.verdict);
+    ensure!(verdict(old_id) == Some(Verdict::Expired), "{}", report.render());
+    ensure!(verdict(sessions[1][0].session) == Some(Verdict::Intact), "{}", report.render());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_parquet_index_answers_an_auditors_duckdb_query() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (bus, store) = local_setup(dir.path()).await?;
+    let base = Timestamp::now().as_micros();
+    let sessions = vec![session("agent-a", 7, base, true), session("agent-b", 4, base + 1_000_000, true)];
+    let running = start_recorder(&bus, &store, small_batches());
+    bus.publish_all(&interleave(&sessions)).await?;
+    wait_intact(store.as_ref(), &sessions, Duration::from_secs(20)).await?;
+    running.shutdown().await?;
+
+    // The auditor's question: who was denied what, with the statement as recorded (masked)?
+    let query = format!(
+        "SELECT principal, seq, statement, decision, rule, date \
+         FROM read_parquet('{}/index/*/*.parquet', hive_partitioning = true) \
+         WHERE decision = 'deny' AND list_contains(groups, 'agents') ORDER BY principal, seq",
+        dir.path().display()
+    );
+    let rows = duckdb(&query)?;
+    let date = Timestamp(base).date();
+    let expected: Vec<String> = [("agent-a", 3), ("agent-a", 6), ("agent-b", 3)]
+        .iter()
+        .map(|(p, seq)| format!("{p}|{seq}|select * from users where email = ?|deny|rule-deny|{date}"))
+        .collect();
+    ensure!(rows == expected, "duckdb returned:\n{}", rows.join("\n"));
+
+    let held = duckdb(&format!(
+        "SELECT count(*), min(approver), sum(rows) FROM read_parquet('{}/index/*/*.parquet', hive_partitioning = true) \
+         WHERE hold_outcome = 'approved'",
+        dir.path().display()
+    ))?;
+    ensure!(held == vec!["1|alice|1".to_string()], "holds: {held:?}");
+    Ok(())
+}
+
+/// Run a query with DuckDB's Python package; rows as `a|b|c`.
+fn duckdb(query: &str) -> Result<Vec<String>> {
+    let script = "import duckdb, sys\n\
+                  for row in duckdb.sql(sys.argv[1]).fetchall():\n    print('|'.join(str(v) for v in row))\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, query])
+        .output()
+        .context("running python3 (scripts/test.sh installs the duckdb package)")?;
+    ensure!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?.lines().map(str::to_string).collect())
+}
