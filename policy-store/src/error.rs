@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{AnyError, BasicNode, ErrorSubject, ErrorVerb, StorageIOError};
 
 use crate::NodeId;
@@ -82,6 +82,30 @@ pub enum StoreError {
     NoVersions,
     #[error("policy version {0} does not exist")]
     VersionNotFound(u64),
+    #[error("confirming leadership for a linearizable read")]
+    CheckLeader(#[source] Box<RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>>),
+    #[error("no raft leader elected yet; retry")]
+    NoLeader,
+    #[error("invalid node address {addr:?}")]
+    PeerAddress {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("missing or wrong admin token")]
+    Unauthenticated,
+    #[error("the admin API is off: set policy_store.admin_token or admin_token_file")]
+    AdminDisabled,
+    #[error("reading the admin token file {path}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("raft RPC payload is not valid")]
+    Payload(#[source] serde_json::Error),
+    #[error("node {0} is not a member of the cluster")]
+    NotAMember(NodeId),
 }
 
 impl From<StoreError> for tonic::Status {
@@ -104,8 +128,15 @@ impl From<StoreError> for tonic::Status {
                     tonic::Status::unavailable(message)
                 }
                 RaftError::Fatal(_) => tonic::Status::unavailable(error_chain(&e)),
-                RaftError::APIError(_) => tonic::Status::internal(error_chain(&e)),
+                RaftError::APIError(W::ChangeMembershipError(_)) => {
+                    tonic::Status::failed_precondition(error_chain(&e))
+                }
             },
+            StoreError::CheckLeader(_) | StoreError::NoLeader => tonic::Status::unavailable(error_chain(&e)),
+            StoreError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
+            StoreError::AdminDisabled => tonic::Status::permission_denied(e.to_string()),
+            StoreError::Payload(_) => tonic::Status::invalid_argument(error_chain(&e)),
+            StoreError::NotAMember(_) => tonic::Status::not_found(e.to_string()),
             StoreError::RaftFatal(_) => tonic::Status::unavailable(error_chain(&e)),
             other => tonic::Status::internal(error_chain(&other)),
         }
@@ -139,6 +170,8 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("the admin token is not a valid header value")]
+    InvalidToken,
     /// The server's answer; displays the server's message verbatim.
     #[error("{}", .0.message())]
     Server(tonic::Status),

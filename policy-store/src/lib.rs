@@ -6,30 +6,37 @@
 //! one redb file under [`PolicyStoreConfig::data_dir`], so a restarted node has the same history.
 //! Proxies follow the `Watch` stream with [`client::follow`].
 //!
-//! Today a node runs as a single-member cluster; [`network`] is the seam where raft RPCs over
-//! tonic will go when the store becomes a 3- or 5-node cluster.
+//! A node runs alone (no `peers`) or as one of a 3- or 5-node cluster: raft RPCs go over tonic
+//! ([`network`] out, `grpc::raft` in), followers forward writes to the leader, reads can be
+//! linearizable, and the admin API changes the membership (see [`cluster`]).
 //!
 //! # Layout
+//! - [`config`]: [`PolicyStoreConfig`], one node's config (peers, admin token, snapshots).
 //! - [`store`]: durable raft storage in redb: the log store and the state machine (the versions).
 //! - [`command`]: what is proposed to raft ([`Command`]) and what applying it yields ([`ApplyOutcome`]).
 //! - [`version`]: one stored policy version and its digest.
-//! - [`network`]: the raft network factory (peers are not wired yet: every RPC is `Unreachable`).
-//! - `grpc`: the tonic `PolicyStore` service (Apply, Get, History, Watch).
-//! - [`client`]: [`client::PolicyClient`] for admin commands and [`client::follow`] for proxies.
+//! - [`publish`]: every committed version as a `PolicyApplied` event on the bus.
+//! - [`network`]: the raft network: openraft RPCs to peers over tonic.
+//! - [`cluster`]: leader lookup, channels for forwarding, the admin-token check, routing headers.
+//! - `grpc`: the tonic services: `PolicyStore` (Apply, Get, History, Watch), `Raft`, `PolicyStoreAdmin`.
+//! - [`client`]: [`client::PolicyClient`] for policy commands, [`client::AdminClient`] for the
+//!   cluster, [`client::follow`] for proxies, [`client::diff`] between versions.
 //! - [`error`]: [`StoreError`] (server side, mapped once to `tonic::Status`) and [`ClientError`].
 
 pub mod client;
+pub mod cluster;
 pub mod command;
+pub mod config;
 pub mod error;
 mod grpc;
 pub mod network;
+pub mod publish;
 pub mod store;
 pub mod version;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use command::{ApplyOutcome, Command};
+pub use config::PolicyStoreConfig;
 pub use error::{ClientError, DbError, StoreError};
 
 /// A raft node id.
@@ -57,71 +65,59 @@ openraft::declare_raft_types!(
 /// The raft handle of a policy-store node.
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// How long `run` waits for a leader before serving anyway (requests then get UNAVAILABLE).
+/// How long `run` waits for a single node to elect itself before serving anyway.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long `run` waits, after raft stopped, for the storage file to be closed.
 const STORAGE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Raft timing: a leader sends heartbeats this often; a follower that hears nothing for a random
+/// time between the election timeouts starts an election.
+const HEARTBEAT_MS: u64 = 100;
+const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
+/// Snapshots travel to lagging nodes in chunks of this size.
+const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
-/// Config for one node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyStoreConfig {
-    /// gRPC listen address. Default 127.0.0.1:17070.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// Where the raft log and state live. Default ./data/policy-store.
-    #[serde(default = "default_data_dir")]
-    pub data_dir: PathBuf,
-    /// This node's raft id. Default 1.
-    #[serde(default = "default_node_id")]
-    pub node_id: NodeId,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 17070))
-}
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("./data/policy-store")
-}
-fn default_node_id() -> NodeId {
-    1
-}
-
-impl Default for PolicyStoreConfig {
-    fn default() -> Self {
-        Self { listen: default_listen(), data_dir: default_data_dir(), node_id: default_node_id() }
-    }
-}
-
-impl proto::config::Validate for PolicyStoreConfig {
-    fn validate(&self) -> Result<(), String> {
-        if self.data_dir.as_os_str().is_empty() {
-            return Err("data_dir: must not be empty".into());
-        }
-        Ok(())
-    }
-}
-
-/// Start the node: open storage, start raft, initialize a single-node cluster if new, serve gRPC on
-/// `listener` until `shutdown` resolves. Returns once raft has stopped and the storage is closed, so
-/// the same `data_dir` can be opened again right away.
+/// Start the node: open storage, start raft, serve gRPC on `listener` until `shutdown` resolves.
+///
+/// A new node initializes its cluster: alone when no `peers` are configured (then it waits for
+/// its own election before serving, so the first request finds a leader), else with itself plus
+/// `peers` (every node of a new cluster does the same; raft accepts identical initializations).
+/// With `join = true` it initializes nothing and waits to be added as a learner. Returns once raft
+/// has stopped and the storage is closed, so the same `data_dir` can be opened again right away.
 pub async fn run(
     cfg: PolicyStoreConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StoreError> {
     let addr = listener.local_addr().map_err(StoreError::Listener)?;
+    let token: Option<Arc<str>> = cfg
+        .token()
+        .map_err(|source| StoreError::TokenFile {
+            path: cfg.admin_token_file.clone().unwrap_or_default(),
+            source,
+        })?
+        .map(Arc::from);
     let (log_store, state_machine) = store::open(&cfg.data_dir)?;
     let storage = log_store.database();
     let versions = state_machine.subscribe();
 
-    let raft_config = openraft::Config { cluster_name: "airlock-policy-store".into(), ..Default::default() };
+    let raft_config = openraft::Config {
+        cluster_name: "airlock-policy-store".into(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+        max_in_snapshot_log_to_keep: cfg.snapshot_logs,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        ..Default::default()
+    };
     let raft_config = Arc::new(raft_config.validate().map_err(|e| StoreError::RaftConfig(Box::new(e)))?);
-    let raft = Raft::new(cfg.node_id, raft_config, network::Network, log_store, state_machine)
+    let network = network::Network::new(token.clone(), cfg.peers.clone());
+    let raft = Raft::new(cfg.node_id, raft_config, network, log_store, state_machine)
         .await
         .map_err(|e| StoreError::RaftFatal(Box::new(e)))?;
 
-    let served = serve(&cfg, addr, raft.clone(), versions, listener, shutdown).await;
+    let served = serve(&cfg, addr, token, raft.clone(), versions, listener, shutdown).await;
 
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft did not shut down cleanly");
@@ -132,35 +128,85 @@ pub async fn run(
     served
 }
 
+/// The members a new cluster starts with: this node plus the configured peers.
+fn initial_members(cfg: &PolicyStoreConfig, addr: SocketAddr) -> BTreeMap<NodeId, BasicNode> {
+    let own =
+        if cfg.advertise.is_some() || cfg.listen.port() != 0 { cfg.advertised() } else { addr.to_string() };
+    let mut members = BTreeMap::from([(cfg.node_id, BasicNode::new(own))]);
+    for (id, peer) in &cfg.peers {
+        members.insert(*id, BasicNode::new(peer.clone()));
+    }
+    members
+}
+
+async fn initialize(
+    raft: &Raft,
+    members: BTreeMap<NodeId, BasicNode>,
+    node_id: NodeId,
+) -> Result<(), StoreError> {
+    if raft.is_initialized().await.map_err(|e| StoreError::RaftFatal(Box::new(e)))? {
+        return Ok(());
+    }
+    let ids: Vec<NodeId> = members.keys().copied().collect();
+    match raft.initialize(members).await {
+        Ok(()) => {
+            info!(node.id = node_id, members = ?ids, "initialized the policy-store cluster");
+            Ok(())
+        }
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(StoreError::Initialize(Box::new(e))),
+    }
+}
+
 async fn serve(
     cfg: &PolicyStoreConfig,
     addr: SocketAddr,
+    token: Option<Arc<str>>,
     raft: Raft,
     versions: tokio::sync::watch::Receiver<store::Versions>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StoreError> {
-    if !raft.is_initialized().await.map_err(|e| StoreError::RaftFatal(Box::new(e)))? {
-        let members = BTreeMap::from([(cfg.node_id, BasicNode::new(addr.to_string()))]);
-        match raft.initialize(members).await {
-            Ok(()) => info!(node.id = cfg.node_id, "initialized a single-node policy-store cluster"),
-            Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
-            Err(e) => return Err(StoreError::Initialize(Box::new(e))),
+    let members = initial_members(cfg, addr);
+    if cfg.join {
+        info!(node.id = cfg.node_id, "waiting to be added to a cluster (join = true)");
+    } else if cfg.peers.is_empty() {
+        initialize(&raft, members, cfg.node_id).await?;
+        let elected =
+            raft.wait(Some(LEADER_WAIT)).metrics(|m| m.current_leader.is_some(), "leader elected").await;
+        if let Err(e) = elected {
+            warn!(error = %e, "no raft leader yet; serving anyway");
         }
-    }
-    let elected =
-        raft.wait(Some(LEADER_WAIT)).metrics(|m| m.current_leader.is_some(), "leader elected").await;
-    if let Err(e) = elected {
-        warn!(error = %e, "no raft leader yet; serving anyway");
+    } else {
+        // Peers reach this node through the server below, so initialize beside it.
+        let raft = raft.clone();
+        let node_id = cfg.node_id;
+        tokio::spawn(async move {
+            if let Err(e) = initialize(&raft, members, node_id).await {
+                warn!(error = %e, node.id = node_id, "initializing the policy-store cluster failed");
+            }
+        });
     }
     let latest = versions.borrow().last().map_or(0, |v| v.version);
     info!(listen = %addr, node.id = cfg.node_id, policy.version = latest, "policy store serving");
 
     let cancel = CancellationToken::new();
-    let service = grpc::PolicyStoreService::new(raft, versions, cancel.clone());
+    let auth = cluster::Auth::new(token);
+    let channels = Arc::new(cluster::Channels::new(cfg.peers.clone()));
+    let service =
+        grpc::PolicyStoreService::new(raft.clone(), versions.clone(), cancel.clone(), channels.clone());
+    let admin = grpc::AdminService::new(cfg.node_id, raft.clone(), versions, auth.clone(), channels);
+    let raft_rpc = grpc::RaftService::new(raft, auth);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true)
         .add_service(proto::pb::policy_store_server::PolicyStoreServer::new(service))
+        .add_service(proto::pb::policy_store_admin_server::PolicyStoreAdminServer::new(admin))
+        .add_service(
+            proto::pb::raft_server::RaftServer::new(raft_rpc)
+                .max_decoding_message_size(network::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(network::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             shutdown.await;
             // Ends open Watch streams, so the graceful shutdown does not wait for them forever.
@@ -179,31 +225,5 @@ async fn wait_closed(storage: std::sync::Weak<redb::Database>) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_defaults_apply_per_field() {
-        let cfg: PolicyStoreConfig =
-            proto::config::load(Some("node_id = 3"), Vec::<(String, String)>::new(), "AIRLOCK_POLICY_STORE_")
-                .expect("valid config");
-        assert_eq!(cfg.node_id, 3);
-        assert_eq!(cfg.listen, "127.0.0.1:17070".parse().expect("an address"));
-        assert_eq!(cfg.data_dir, PathBuf::from("./data/policy-store"));
-        assert_eq!(PolicyStoreConfig { node_id: 1, ..cfg }, PolicyStoreConfig::default());
-    }
-
-    #[test]
-    fn unknown_config_field_is_rejected() {
-        let loaded = proto::config::load::<PolicyStoreConfig>(
-            Some("lissten = \"0.0.0.0:1\""),
-            Vec::<(String, String)>::new(),
-            "AIRLOCK_POLICY_STORE_",
-        );
-        assert!(loaded.is_err());
     }
 }

@@ -1,78 +1,177 @@
-//! The raft network: how a node reaches its peers.
+//! The raft network: raft RPCs to peers over tonic (`proto/raft.proto`, service `Raft`).
 //!
-//! A single-member cluster never sends a raft RPC, so peers are not wired yet: every RPC fails
-//! with [`Unreachable`], which makes openraft back off and retry. Raft RPCs over tonic replace
-//! [`Peer`] when the store runs as a 3- or 5-node cluster.
+//! openraft's request and response types travel as JSON inside a protobuf `bytes` field; the
+//! answer is the JSON of `Result<response, RaftError>`, so a remote raft error comes back as
+//! [`RPCError::RemoteError`]. A transport failure is [`Unreachable`] (openraft backs off), any
+//! other gRPC status a [`NetworkError`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::BasicNode;
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use proto::pb::RaftPayload;
+use proto::pb::raft_client::RaftClient;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::{NodeId, TypeConfig};
 
-/// Creates a [`Peer`] per target node.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Network;
+/// Connecting to a peer may take this long before the RPC counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Raft messages (entries carry whole documents; snapshots come in chunks).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Creates a [`Peer`] per target node. Carries the admin token, sent on every RPC, and the
+/// configured peer addresses, which win over the addresses in the membership.
+#[derive(Debug, Clone, Default)]
+pub struct Network {
+    token: Option<Arc<str>>,
+    overrides: Arc<BTreeMap<NodeId, String>>,
+}
+
+impl Network {
+    /// A network whose RPCs carry `token` as a bearer token (when set) and reach the nodes in
+    /// `overrides` at those addresses.
+    pub fn new(token: Option<Arc<str>>, overrides: BTreeMap<NodeId, String>) -> Self {
+        Self { token, overrides: Arc::new(overrides) }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        Peer { target, addr: node.addr.clone() }
+        let addr = self.overrides.get(&target).unwrap_or(&node.addr).clone();
+        let client = Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
+            .map(|channel| {
+                RaftClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            })
+            .map_err(|e| e.to_string());
+        Peer { target, addr, client, token: self.token.clone() }
     }
 }
 
-/// A connection to one peer (not wired yet).
+/// A connection to one peer (connected lazily, reconnected by tonic when it drops).
 #[derive(Debug, Clone)]
 pub struct Peer {
     target: NodeId,
     addr: String,
+    client: Result<RaftClient<Channel>, String>,
+    token: Option<Arc<str>>,
 }
 
-/// Why a peer cannot be reached.
+/// Why a peer's address cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("raft RPCs to peers are not implemented yet (node {target} at {addr})")]
-pub struct PeersNotWired {
+#[error("node {target} has an invalid address {addr:?}: {message}")]
+pub struct BadPeerAddress {
     target: NodeId,
     addr: String,
+    message: String,
+}
+
+/// A payload that could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("raft RPC {what}: {source}")]
+pub struct CodecError {
+    what: &'static str,
+    #[source]
+    source: serde_json::Error,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Snapshot,
+    Vote,
 }
 
 impl Peer {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
-        let why = PeersNotWired { target: self.target, addr: self.addr.clone() };
-        RPCError::Unreachable(Unreachable::new(&why))
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(message) => {
+                let why =
+                    BadPeerAddress { target: self.target, addr: self.addr.clone(), message: message.clone() };
+                return Err(RPCError::Unreachable(Unreachable::new(&why)));
+            }
+        };
+        let payload = serde_json::to_vec(request).map_err(|source| {
+            RPCError::Network(NetworkError::new(&CodecError { what: "request", source }))
+        })?;
+        let mut request = tonic::Request::new(RaftPayload { payload });
+        request.set_timeout(option.hard_ttl());
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}").parse().map_err(
+                |e: tonic::metadata::errors::InvalidMetadataValue| RPCError::Network(NetworkError::new(&e)),
+            )?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut client = client;
+        let answer = match rpc {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+            Rpc::Vote => client.vote(request).await,
+        };
+        let answer = answer.map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&answer.into_inner().payload)
+            .map_err(|source| {
+                RPCError::Network(NetworkError::new(&CodecError { what: "response", source }))
+            })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        self.call(Rpc::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        self.call(Rpc::Snapshot, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        self.call(Rpc::Vote, &rpc, &option).await
     }
 }

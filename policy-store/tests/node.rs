@@ -30,6 +30,7 @@ impl Node {
             listen: listener.local_addr()?,
             data_dir: data_dir.to_path_buf(),
             node_id: 1,
+            ..PolicyStoreConfig::default()
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(policy_store::run(cfg, listener, async move {
@@ -209,7 +210,12 @@ async fn follower_reconnects_to_another_endpoint_and_resumes() -> anyhow::Result
     node.stop().await?;
     let addr: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let cfg = PolicyStoreConfig { listen: addr, data_dir: dir.path().to_path_buf(), node_id: 1 };
+    let cfg = PolicyStoreConfig {
+        listen: addr,
+        data_dir: dir.path().to_path_buf(),
+        node_id: 1,
+        ..PolicyStoreConfig::default()
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(policy_store::run(cfg, listener, async move {
         let _ = stopped.await;

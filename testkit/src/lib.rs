@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`fault`]: [`FaultProxy`], a TCP relay that can cut and heal a link (partition tests).
 //! - [`proc`]: [`Proc`], a child process killed on `Drop` whose output goes to a log file.
 //! - [`nats`]: [`Nats`], a `nats-server` with JetStream enabled.
 //! - [`postgres`]: [`Postgres`], a throwaway PostgreSQL cluster made by `initdb` (SCRAM-SHA-256 auth).
@@ -13,6 +14,7 @@
 //! - [`oidc`]: [`OidcIssuer`], an OIDC discovery + JWKS endpoint and token minting (ES256, RS256).
 //! - this file: [`free_port`], [`init_crypto`], [`wait_for_port`].
 
+pub mod fault;
 pub mod nats;
 pub mod oidc;
 pub mod postgres;
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+pub use fault::FaultProxy;
 pub use nats::Nats;
 pub use oidc::OidcIssuer;
 pub use postgres::Postgres;

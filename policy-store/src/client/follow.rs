@@ -1,7 +1,7 @@
 //! Following the store's Watch stream in the background, for proxies.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use proto::pb::policy_store_client::PolicyStoreClient;
 use proto::pb::{PolicyVersion, WatchRequest};
@@ -33,14 +33,65 @@ pub struct ActivePolicy {
 pub struct Follower {
     /// The last good version; `None` until the first one arrives.
     pub policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
-    last_contact: Arc<Mutex<Option<Instant>>>,
+    last_contact: Arc<Mutex<Option<(Instant, SystemTime)>>>,
+    started: (Instant, SystemTime),
+}
+
+/// Why [`Follower::current`] refuses to hand out a policy: enforcing it would not be safe.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StalePolicy {
+    /// No version was ever received.
+    #[error(
+        "no policy version received from the policy store in {} (following since {})",
+        humantime::format_duration(*.waited),
+        humantime::format_rfc3339_seconds(*.since)
+    )]
+    NeverReceived { waited: Duration, since: SystemTime },
+    /// Versions were received, but the store has not been reached for longer than the limit.
+    #[error(
+        "policy version {version} is stale: no contact with the policy store for {} since {} (limit {})",
+        humantime::format_duration(*.silent_for),
+        humantime::format_rfc3339_seconds(*.last_contact),
+        humantime::format_duration(*.limit)
+    )]
+    Stale { version: u64, silent_for: Duration, last_contact: SystemTime, limit: Duration },
 }
 
 impl Follower {
     /// When the follower last had a live stream to a store (a version received, or the open stream
     /// confirmed alive by HTTP/2 keepalive); `None` if never.
     pub fn last_contact(&self) -> Option<Instant> {
+        self.contact().map(|(at, _)| at)
+    }
+
+    fn contact(&self) -> Option<(Instant, SystemTime)> {
         *self.last_contact.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The policy to enforce now: the last version received, as long as the store was reached
+    /// within `max_staleness`. Past that (or before any version arrived) the caller must fail
+    /// closed; the error says why, for the client and the log.
+    pub fn current(&self, max_staleness: Duration) -> Result<Arc<ActivePolicy>, StalePolicy> {
+        let policy = self.policy.borrow().clone();
+        let (policy, (contact_at, contact_wall)) = match (policy, self.contact()) {
+            (Some(p), Some(c)) => (p, c),
+            _ => {
+                return Err(StalePolicy::NeverReceived {
+                    waited: self.started.0.elapsed(),
+                    since: self.started.1,
+                });
+            }
+        };
+        let silent_for = contact_at.elapsed();
+        if silent_for > max_staleness {
+            return Err(StalePolicy::Stale {
+                version: policy.version,
+                silent_for: Duration::from_millis(silent_for.as_millis() as u64),
+                last_contact: contact_wall,
+                limit: max_staleness,
+            });
+        }
+        Ok(policy)
     }
 }
 
@@ -59,15 +110,16 @@ pub fn follow(endpoints: Vec<String>) -> Follower {
             () = tx.closed() => debug!("policy follower dropped"),
         }
     });
-    Follower { policy, last_contact }
+    Follower { policy, last_contact, started: (Instant::now(), SystemTime::now()) }
 }
 
 #[derive(Debug, Clone)]
-struct Contact(Arc<Mutex<Option<Instant>>>);
+struct Contact(Arc<Mutex<Option<(Instant, SystemTime)>>>);
 
 impl Contact {
     fn touch(&self) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((Instant::now(), SystemTime::now()));
     }
 }
 
@@ -174,6 +226,41 @@ mod tests {
     fn invalid_document_is_skipped() {
         assert!(activate(version(4, "rules: [{ name: x, action: explode }]\n")).is_none());
         assert!(activate(version(5, ": : :\n\t- [")).is_none());
+    }
+
+    fn follower_with(policy: Option<ActivePolicy>, contact_ago: Option<Duration>) -> Follower {
+        let (_tx, rx) = watch::channel(policy.map(Arc::new));
+        let now = (Instant::now(), SystemTime::now());
+        let contact = contact_ago.map(|ago| (now.0 - ago, now.1 - ago));
+        Follower { policy: rx, last_contact: Arc::new(Mutex::new(contact)), started: now }
+    }
+
+    #[test]
+    fn current_policy_is_served_while_contact_is_recent() {
+        let active = activate(version(7, "rules: []\n")).expect("valid");
+        let f = follower_with(Some(active), Some(Duration::from_secs(1)));
+        assert_eq!(f.current(Duration::from_secs(30)).expect("fresh").version, 7);
+    }
+
+    #[test]
+    fn stale_policy_fails_closed_and_says_why() {
+        let active = activate(version(7, "rules: []\n")).expect("valid");
+        let f = follower_with(Some(active), Some(Duration::from_secs(45)));
+        let err = f.current(Duration::from_secs(30)).expect_err("stale");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("policy version 7 is stale: no contact with the policy store for 45s since "),
+            "{message}"
+        );
+        assert!(message.ends_with("(limit 30s)"), "{message}");
+    }
+
+    #[test]
+    fn no_version_yet_fails_closed() {
+        let f = follower_with(None, None);
+        let err = f.current(Duration::from_secs(30)).expect_err("nothing received");
+        assert!(matches!(err, StalePolicy::NeverReceived { .. }));
+        assert!(err.to_string().starts_with("no policy version received from the policy store"), "{err}");
     }
 
     #[test]

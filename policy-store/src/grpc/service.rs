@@ -2,8 +2,12 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
+use openraft::BasicNode;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use proto::pb::policy_store_client::PolicyStoreClient;
 use proto::pb::policy_store_server::PolicyStore;
 use proto::pb::{
     ApplyRequest, ApplyResponse, GetRequest, HistoryRequest, HistoryResponse, PolicyVersion, WatchRequest,
@@ -11,27 +15,104 @@ use proto::pb::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{debug, info};
 
-use crate::Raft;
+use crate::cluster::{CONSISTENCY_HEADER, Channels, LINEARIZABLE, MAX_HOPS};
 use crate::command::Command;
 use crate::error::StoreError;
 use crate::store::Versions;
 use crate::version::StoredVersion;
+use crate::{NodeId, Raft};
 
 /// How many versions a Watch stream buffers for a slow reader.
 const WATCH_BUFFER: usize = 16;
+/// How long a write or linearizable read waits for a leader to be elected.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) struct PolicyStoreService {
     raft: Raft,
     versions: watch::Receiver<Versions>,
     shutdown: CancellationToken,
+    channels: Arc<Channels>,
+}
+
+/// What a request asks of the node that received it.
+struct Routing {
+    hops: u32,
+    linearizable: bool,
+}
+
+impl Routing {
+    /// Whether this node may forward the request (again).
+    fn may_forward(&self) -> bool {
+        self.hops < MAX_HOPS
+    }
+
+    fn of<T>(request: &Request<T>) -> Self {
+        let metadata = request.metadata();
+        Self {
+            hops: crate::cluster::hops(metadata),
+            linearizable: metadata
+                .get(CONSISTENCY_HEADER)
+                .is_some_and(|v| v.as_bytes() == LINEARIZABLE.as_bytes()),
+        }
+    }
+
+    /// `message` as a request to the leader: marked forwarded, with the same consistency.
+    fn forward<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        crate::cluster::mark_forwarded(&mut request, self.hops);
+        if self.linearizable {
+            request
+                .metadata_mut()
+                .insert(CONSISTENCY_HEADER, tonic::metadata::MetadataValue::from_static(LINEARIZABLE));
+        }
+        request
+    }
 }
 
 impl PolicyStoreService {
-    pub(crate) fn new(raft: Raft, versions: watch::Receiver<Versions>, shutdown: CancellationToken) -> Self {
-        Self { raft, versions, shutdown }
+    pub(crate) fn new(
+        raft: Raft,
+        versions: watch::Receiver<Versions>,
+        shutdown: CancellationToken,
+        channels: Arc<Channels>,
+    ) -> Self {
+        Self { raft, versions, shutdown, channels }
+    }
+
+    fn client(&self, id: NodeId, node: &BasicNode) -> Result<PolicyStoreClient<Channel>, StoreError> {
+        Ok(PolicyStoreClient::new(self.channels.node(id, node)?))
+    }
+
+    /// For a linearizable read: `None` when this node is the leader and has applied everything
+    /// committed before the call; else a client of the leader to forward the read to.
+    async fn read_barrier(
+        &self,
+        routing: &Routing,
+    ) -> Result<Option<PolicyStoreClient<Channel>>, StoreError> {
+        if !routing.linearizable {
+            return Ok(None);
+        }
+        for _ in 0..2 {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(None),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) if routing.may_forward() => {
+                    match (f.leader_id, f.leader_node) {
+                        (Some(id), Some(node)) => return self.client(id, &node).map(Some),
+                        _ => {
+                            crate::cluster::leader(&self.raft, LEADER_WAIT)
+                                .await
+                                .ok_or(StoreError::NoLeader)?;
+                        }
+                    }
+                }
+                Err(e) => return Err(StoreError::CheckLeader(Box::new(e))),
+            }
+        }
+        Err(StoreError::NoLeader)
     }
 
     fn find(&self, version: u64) -> Result<Arc<StoredVersion>, StoreError> {
@@ -55,25 +136,60 @@ fn now_unix_ms() -> i64 {
 #[tonic::async_trait]
 impl PolicyStore for PolicyStoreService {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let routing = Routing::of(&request);
         let ApplyRequest { document_yaml, author } = request.into_inner();
         if let Err(errors) = proto::policy::parse(&document_yaml) {
             info!(errors = errors.0.len(), author = %author, "rejected an invalid policy document");
             return Err(StoreError::InvalidDocument(errors).into());
         }
-        let command =
-            Command::Apply { document_yaml, author: author.clone(), applied_at_unix_ms: now_unix_ms() };
-        let written = self.raft.client_write(command).await.map_err(|e| StoreError::Write(Box::new(e)))?;
-        let outcome = written.data;
-        info!(policy.version = outcome.version, changed = outcome.changed, author = %author, "policy applied");
-        Ok(Response::new(ApplyResponse { version: outcome.version, changed: outcome.changed }))
+        let command = Command::Apply {
+            document_yaml: document_yaml.clone(),
+            author: author.clone(),
+            applied_at_unix_ms: now_unix_ms(),
+        };
+        // Once when this node leads; else forward to the leader, or wait for one to be elected.
+        let mut last_error = None;
+        for _ in 0..3 {
+            match self.raft.client_write(command.clone()).await {
+                Ok(written) => {
+                    let outcome = written.data;
+                    info!(policy.version = outcome.version, changed = outcome.changed, author = %author, "policy applied");
+                    return Ok(Response::new(ApplyResponse {
+                        version: outcome.version,
+                        changed: outcome.changed,
+                    }));
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if routing.may_forward() => {
+                    if let (Some(id), Some(node)) = (f.leader_id, &f.leader_node) {
+                        debug!(leader = id, "forwarding a policy write to the leader");
+                        let request = routing.forward(ApplyRequest { document_yaml, author });
+                        return self.client(id, node)?.apply(request).await;
+                    }
+                    crate::cluster::leader(&self.raft, LEADER_WAIT).await;
+                    last_error = Some(RaftError::APIError(ClientWriteError::ForwardToLeader(f)));
+                }
+                Err(e) => return Err(StoreError::Write(Box::new(e)).into()),
+            }
+        }
+        Err(last_error.map_or(StoreError::NoLeader, |e| StoreError::Write(Box::new(e))).into())
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<PolicyVersion>, Status> {
-        let found = self.find(request.into_inner().version)?;
+        let routing = Routing::of(&request);
+        let message = request.into_inner();
+        if let Some(mut leader) = self.read_barrier(&routing).await? {
+            return leader.get(routing.forward(message)).await;
+        }
+        let found = self.find(message.version)?;
         Ok(Response::new(PolicyVersion::from(found.as_ref())))
     }
 
-    async fn history(&self, _request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
+    async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
+        let routing = Routing::of(&request);
+        let message = request.into_inner();
+        if let Some(mut leader) = self.read_barrier(&routing).await? {
+            return leader.history(routing.forward(message)).await;
+        }
         let versions = self.versions.borrow().clone();
         let versions = versions
             .iter()

@@ -1,0 +1,179 @@
+//! [`PolicyStoreConfig`]: one node's config (`[policy_store]` in `airlock.toml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::NodeId;
+
+/// Config for one node.
+///
+/// A node with no `peers` (the default) runs as a single-node cluster, exactly as `airlock up`
+/// does. A 3- or 5-node cluster lists the *other* initial voters in `peers` on every node:
+///
+/// ```toml
+/// [policy_store]
+/// node_id = 1
+/// listen = "10.0.0.1:17070"
+/// peers = { 2 = "10.0.0.2:17070", 3 = "10.0.0.3:17070" }
+/// admin_token_file = "/etc/airlock/admin-token"
+/// ```
+///
+/// A node that joins an existing cluster later sets `join = true` and is added with
+/// `airlock policy-store add-learner`, then `promote`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyStoreConfig {
+    /// gRPC listen address (the API, the admin API and raft RPCs). Default 127.0.0.1:17070.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The `host:port` other nodes use to reach this one. Default: `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where the raft log and state live. Default ./data/policy-store.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// This node's raft id (unique in the cluster, not 0). Default 1.
+    #[serde(default = "default_node_id")]
+    pub node_id: NodeId,
+    /// The other voters of the initial cluster: node id → `host:port` of their gRPC listener.
+    /// Every node of a new cluster initializes it with itself plus these (same members
+    /// everywhere). This node also reaches those nodes at these addresses, whatever the
+    /// membership says (useful behind NAT). Default: none (a single-node cluster).
+    #[serde(default, deserialize_with = "peers")]
+    pub peers: BTreeMap<NodeId, String>,
+    /// Start without initializing a cluster and wait to be added by `add-learner`. Default false.
+    #[serde(default)]
+    pub join: bool,
+    /// Bearer token for the admin API and for raft RPCs between nodes (every node of a cluster
+    /// needs the same one). Default: none (the admin API refuses every call; raft RPCs are open).
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (trimmed); used when `admin_token` is not set. Default: none.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Build a snapshot (and compact the log) after this many log entries. Default 1000.
+    #[serde(default = "default_snapshot_logs")]
+    pub snapshot_logs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 17070))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data/policy-store")
+}
+fn default_node_id() -> NodeId {
+    1
+}
+fn default_snapshot_logs() -> u64 {
+    1000
+}
+
+/// TOML keys are strings: `{ 2 = "..." }` arrives as `"2"`.
+fn peers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<NodeId, String>, D::Error> {
+    let raw = BTreeMap::<String, String>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            k.parse::<NodeId>()
+                .map(|id| (id, v))
+                .map_err(|_| serde::de::Error::custom(format!("peers: `{k}` is not a node id")))
+        })
+        .collect()
+}
+
+impl Default for PolicyStoreConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            advertise: None,
+            data_dir: default_data_dir(),
+            node_id: default_node_id(),
+            peers: BTreeMap::new(),
+            join: false,
+            admin_token: None,
+            admin_token_file: None,
+            snapshot_logs: default_snapshot_logs(),
+        }
+    }
+}
+
+impl PolicyStoreConfig {
+    /// The address peers reach this node at.
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The admin token, from `admin_token` or `admin_token_file`; `None` when neither is set.
+    pub fn token(&self) -> std::io::Result<Option<String>> {
+        if let Some(t) = &self.admin_token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.admin_token_file {
+            Some(path) => Ok(Some(std::fs::read_to_string(path)?.trim().to_string())),
+            None => Ok(None),
+        }
+    }
+}
+
+impl proto::config::Validate for PolicyStoreConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir: must not be empty".into());
+        }
+        if self.node_id == 0 {
+            return Err("node_id: must not be 0".into());
+        }
+        if self.peers.contains_key(&self.node_id) {
+            return Err(format!("peers: must not list this node ({})", self.node_id));
+        }
+        if let Some((id, _)) = self.peers.iter().find(|(id, addr)| **id == 0 || addr.is_empty()) {
+            return Err(format!("peers.{id}: needs a non-zero id and a host:port"));
+        }
+        if self.snapshot_logs == 0 {
+            return Err("snapshot_logs: must be at least 1".into());
+        }
+        if self.admin_token.as_deref().is_some_and(str::is_empty) {
+            return Err("admin_token: must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> Result<PolicyStoreConfig, proto::config::ConfigError> {
+        proto::config::load(Some(toml), Vec::<(String, String)>::new(), "AIRLOCK_POLICY_STORE_")
+    }
+
+    #[test]
+    fn config_defaults_apply_per_field() {
+        let cfg = load("node_id = 3").expect("valid config");
+        assert_eq!(cfg.node_id, 3);
+        assert_eq!(cfg.listen, "127.0.0.1:17070".parse().expect("an address"));
+        assert_eq!(cfg.data_dir, PathBuf::from("./data/policy-store"));
+        assert!(cfg.peers.is_empty());
+        assert_eq!(cfg.snapshot_logs, 1000);
+        assert_eq!(PolicyStoreConfig { node_id: 1, ..cfg }, PolicyStoreConfig::default());
+    }
+
+    #[test]
+    fn peers_are_a_table_of_node_ids_to_addresses() {
+        let cfg = load("node_id = 1\npeers = { 2 = \"127.0.0.1:2\", 3 = \"127.0.0.1:3\" }\n").expect("valid");
+        assert_eq!(cfg.peers.get(&2).map(String::as_str), Some("127.0.0.1:2"));
+        assert_eq!(cfg.peers.len(), 2);
+        assert!(load("peers = { x = \"127.0.0.1:2\" }").is_err());
+        let own = load("node_id = 2\npeers = { 2 = \"127.0.0.1:2\" }").expect_err("self as peer");
+        assert!(own.to_string().contains("peers"), "{own}");
+    }
+
+    #[test]
+    fn unknown_config_field_is_rejected() {
+        assert!(load("lissten = \"0.0.0.0:1\"").is_err());
+        assert!(load("node_id = 0").is_err());
+    }
+}
