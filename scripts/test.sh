@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what a fresh Debian bookworm machine lacks (PostgreSQL, pgbouncer,
-# nats-server, moto_server, rustfmt, clippy), then runs exactly what CI runs:
+# nats-server, moto_server, duckdb, rustfmt, clippy), then runs exactly what CI runs:
 #   cargo fmt --all --check
 #   cargo clippy --workspace --all-targets -- -D warnings
 #   cargo test --workspace "$@"
@@ -87,6 +87,18 @@ install_deps() {
         pip_install 'moto[server]'
     else
         echo "moto_server present"
+    fi
+    if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+        echo "installing psycopg 3 (a client the proxy tests drive)"
+        pip_install 'psycopg[binary]'
+    else
+        echo "psycopg present"
+    fi
+    if ! python3 -c 'import duckdb' >/dev/null 2>&1; then
+        echo "installing duckdb (the recorder's index tests query it)"
+        pip_install duckdb
+    else
+        echo "duckdb present"
     fi
     add_pip_path
     nats_ok || { echo "nats-server >= 2.10 still not on PATH" >&2; exit 1; }

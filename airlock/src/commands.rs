@@ -34,18 +34,43 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         store: Option<String>,
     },
+    /// Show what changed between two versions (a unified diff of their documents).
+    Diff {
+        from: u64,
+        to: u64,
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Apply an old version's document again, as a new version (the history keeps both).
+    Rollback {
+        version: u64,
+        /// Who is rolling back (recorded in the history). Default: $USER.
+        #[arg(long)]
+        author: Option<String>,
+        #[arg(long)]
+        store: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
 pub(crate) enum ApprovalsCommand {
     /// List pending holds.
     List(ApprovalsTarget),
-    /// Approve a hold: its statement runs.
+    /// Show one pending hold in full.
+    Show {
+        id: Uuid,
+        #[command(flatten)]
+        target: ApprovalsTarget,
+    },
+    /// Approve a hold: its statement runs (once the rule's `min` approvals are in).
     Approve {
         id: Uuid,
-        /// Your name, for the record.
+        /// Your name, for the record (admin token only; an OIDC token names you itself).
         #[arg(long = "as")]
         approver: Option<String>,
+        /// For an access request: how long the grant lasts (`2h`); default the rule's maximum.
+        #[arg(long = "for")]
+        duration: Option<String>,
         #[command(flatten)]
         target: ApprovalsTarget,
     },
@@ -67,19 +92,10 @@ pub(crate) struct ApprovalsTarget {
     /// Approval service URL. Default: http://<approvals.listen>.
     #[arg(long)]
     url: Option<String>,
-    /// Admin token. Default: $AIRLOCK_ADMIN_TOKEN, else approvals.admin_token(_file), else ./data/admin-token.
+    /// Your OIDC token, or the break-glass admin token. Default: $AIRLOCK_ADMIN_TOKEN, else
+    /// approvals.admin_token(_file), else ./data/admin-token.
     #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
-}
-
-#[derive(Subcommand)]
-pub(crate) enum AuditCommand {
-    /// List recorded sessions, newest first.
-    Sessions,
-    /// Print a session's events.
-    Show { id: Uuid },
-    /// Print a readable transcript of a session.
-    Replay { id: Uuid },
 }
 
 fn store_endpoint(cfg: &AirlockConfig, store: Option<String>) -> String {
@@ -108,6 +124,13 @@ pub(crate) async fn policy(cfg: &AirlockConfig, cmd: PolicyCommand) -> anyhow::R
             let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
             let v = c.get(version.unwrap_or(0)).await?;
             print!("{}", v.document_yaml);
+        }
+        PolicyCommand::Diff { from, to, store } => {
+            crate::store_admin::diff(&store_endpoint(cfg, store), from, to).await?;
+        }
+        PolicyCommand::Rollback { version, author, store } => {
+            let author = author.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
+            crate::store_admin::rollback(&store_endpoint(cfg, store), version, &author).await?;
         }
         PolicyCommand::History { store } => {
             let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
@@ -152,8 +175,14 @@ pub(crate) async fn approvals(cfg: &AirlockConfig, cmd: ApprovalsCommand) -> any
             let holds = approvals_client(cfg, t)?.list().await?;
             print!("{}", approval_service::client::render_holds(&holds));
         }
-        ApprovalsCommand::Approve { id, approver, target } => {
-            let d = approvals_client(cfg, target)?.approve(id, approver.as_deref()).await?;
+        ApprovalsCommand::Show { id, target } => {
+            let hold = approvals_client(cfg, target)?.get(id).await?;
+            print!("{}", approval_service::client::render_hold(&hold));
+        }
+        ApprovalsCommand::Approve { id, approver, duration, target } => {
+            let d = approvals_client(cfg, target)?
+                .approve_for(id, approver.as_deref(), duration.as_deref())
+                .await?;
             println!("{}", serde_json_line(&d));
         }
         ApprovalsCommand::Deny { id, reason, approver, target } => {
@@ -166,26 +195,6 @@ pub(crate) async fn approvals(cfg: &AirlockConfig, cmd: ApprovalsCommand) -> any
 
 fn serde_json_line<T: std::fmt::Debug>(d: &T) -> String {
     format!("{d:?}")
-}
-
-pub(crate) async fn audit(cfg: &AirlockConfig, cmd: AuditCommand) -> anyhow::Result<()> {
-    let store = recorder::open_store(&cfg.storage()).context("opening the archive")?;
-    match cmd {
-        AuditCommand::Sessions => {
-            let s = recorder::audit::list_sessions(store.as_ref()).await?;
-            print!("{}", recorder::audit::render_sessions(&s));
-        }
-        AuditCommand::Show { id } => {
-            for e in recorder::audit::read_session(store.as_ref(), id).await? {
-                println!("{} {} {:?}", e.at, e.event.kind(), e.event);
-            }
-        }
-        AuditCommand::Replay { id } => {
-            let events = recorder::audit::read_session(store.as_ref(), id).await?;
-            print!("{}", recorder::audit::render_replay(&events));
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn keygen() -> anyhow::Result<()> {

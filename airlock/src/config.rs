@@ -54,11 +54,19 @@ impl proto::config::Validate for AirlockConfig {
 }
 
 impl AirlockConfig {
-    /// The `[approvals]` section, or its defaults.
+    /// The `[approvals]` section, or its defaults; approvers' OIDC and the policy stores to
+    /// follow default to the proxy's.
     pub(crate) fn approvals(&self) -> approval_service::ApprovalsConfig {
-        self.approvals.clone().unwrap_or_else(|| {
+        let mut a: approval_service::ApprovalsConfig = self.approvals.clone().unwrap_or_else(|| {
             toml::Value::Table(toml::Table::new()).try_into().expect("every approvals field has a default")
-        })
+        });
+        if a.oidc.is_none() {
+            a.oidc.clone_from(&self.proxy.oidc);
+        }
+        if a.policy_store.is_empty() {
+            a.policy_store.clone_from(&self.proxy.policy_store);
+        }
+        a
     }
 
     /// The `[recorder]` section, or its defaults.
@@ -116,6 +124,19 @@ mod tests {
         assert_eq!(cfg.proxy.listen.port(), 1);
         assert_eq!(cfg.nats.url, "nats://127.0.0.1:5");
         assert_eq!(cfg.proxy.oidc.expect("oidc").audience, "airlock");
+    }
+
+    #[test]
+    fn approvals_follow_the_proxy_oidc_and_policy_store_unless_set() {
+        let toml = "[proxy]\npolicy_store = [\"http://127.0.0.1:7\"]\n[proxy.oidc]\nissuer = \"http://127.0.0.1:9\"\n\
+                    [approvals]\nadmin_token = \"t\"\n";
+        let cfg: AirlockConfig = proto::config::load(Some(toml), vec![], "AIRLOCK_").expect("load");
+        let a = cfg.approvals();
+        assert_eq!(a.oidc.expect("from the proxy").issuer, "http://127.0.0.1:9");
+        assert_eq!(a.policy_store, vec!["http://127.0.0.1:7".to_string()]);
+        let toml = format!("{toml}policy_store = [\"http://127.0.0.1:8\"]\n");
+        let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
+        assert_eq!(cfg.approvals().policy_store, vec!["http://127.0.0.1:8".to_string()]);
     }
 
     #[test]

@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
 mod commands;
 mod config;
 mod serve;
+mod store_admin;
 mod telemetry;
 
 #[derive(Parser)]
@@ -46,8 +48,11 @@ enum Command {
     },
     /// Run the recorder (NATS to object storage).
     Recorder,
-    /// Run a policy-store node.
-    PolicyStore,
+    /// Run a policy-store node, or manage the cluster: status, add-learner, promote, remove.
+    PolicyStore {
+        #[command(subcommand)]
+        command: Option<store_admin::StoreAdminCommand>,
+    },
     /// Manage policies in the policy store.
     Policy {
         #[command(subcommand)]
@@ -56,7 +61,7 @@ enum Command {
     /// Read recorded sessions from the archive.
     Audit {
         #[command(subcommand)]
-        command: commands::AuditCommand,
+        command: audit_cmd::AuditCommand,
     },
     /// Make a new API key for a service account; prints the key and the hash for the policy.
     Keygen,
@@ -105,12 +110,13 @@ fn main() -> ExitCode {
                 telemetry::init(&cfg.log);
                 serve::recorder(cfg).await
             }
-            Command::PolicyStore => {
+            Command::PolicyStore { command: Some(c) } => store_admin::run(&cfg, c).await,
+            Command::PolicyStore { command: None } => {
                 telemetry::init(&cfg.log);
                 serve::policy_store(cfg).await
             }
             Command::Policy { command } => commands::policy(&cfg, command).await,
-            Command::Audit { command } => commands::audit(&cfg, command).await,
+            Command::Audit { command } => audit_cmd::audit(&cfg, command).await,
             Command::Keygen => commands::keygen(),
         }
     });

@@ -43,7 +43,7 @@ pub(crate) async fn proxy(cfg: AirlockConfig) -> anyhow::Result<()> {
     let bus = nats(&cfg).await?;
     let follower = policy_store::client::follow(cfg.proxy.policy_store.clone());
     let listener = bind(cfg.proxy.listen, "postgres").await?;
-    proxy_node::run(cfg.proxy.clone(), bus, follower.policy.clone(), listener, shutdown_signal()).await?;
+    proxy_node::run(cfg.proxy.clone(), bus, follower, listener, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -64,7 +64,24 @@ pub(crate) async fn recorder(cfg: AirlockConfig) -> anyhow::Result<()> {
 
 pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
     let listener = bind(cfg.policy_store.listen, "policy-store").await?;
-    policy_store::run(cfg.policy_store.clone(), listener, shutdown_signal()).await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    // Publish every committed version to NATS, so the archive shows who changed what.
+    let nats = cfg.nats.clone();
+    let publisher = tokio::spawn(async move {
+        let bus = loop {
+            match EventBus::connect_nats(&nats).await {
+                Ok(b) => break b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy events wait for NATS");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        };
+        policy_store::publish::publish_versions(endpoint, bus, std::future::pending()).await;
+    });
+    let result = policy_store::run(cfg.policy_store.clone(), listener, shutdown_signal()).await;
+    publisher.abort();
+    result?;
     Ok(())
 }
 
@@ -131,6 +148,11 @@ pub(crate) async fn up(
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         info!(policy.version = r.version, changed = r.changed, "policy applied");
     }
+    let publisher = tokio::spawn(policy_store::publish::publish_versions(
+        endpoint.clone(),
+        bus.clone(),
+        std::future::pending(),
+    ));
     let follower = policy_store::client::follow(vec![endpoint]);
     let proxy_listener = bind(cfg.proxy.listen, "postgres").await?;
     info!(
@@ -140,9 +162,9 @@ pub(crate) async fn up(
         data = %data_dir.display(),
         "airlock is up"
     );
-    let proxy =
-        proxy_node::run(cfg.proxy.clone(), bus, follower.policy.clone(), proxy_listener, shutdown_signal());
+    let proxy = proxy_node::run(cfg.proxy.clone(), bus, follower, proxy_listener, shutdown_signal());
     let result = proxy.await;
+    publisher.abort();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = recorder.await;

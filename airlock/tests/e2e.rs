@@ -344,6 +344,22 @@ fn replay_of_agent_session(dir: &Path, cfg: &Path) -> String {
     }
 }
 
+/// The policy store published the applied version, and the recorder archived it.
+fn assert_policy_change_recorded(dir: &Path, cfg: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listing = stdout(&airlock(dir, cfg, &["audit", "sessions"]));
+        for id in listing.split_whitespace().filter(|w| uuid::Uuid::parse_str(w).is_ok()) {
+            let text = stdout(&airlock(dir, cfg, &["audit", "replay", id]));
+            if text.contains("policy version 1 applied by") {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no recorded policy change in: {listing}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn assert_replay_in_order(text: &str) {
     let order = [
         "SELECT id, item FROM orders",
@@ -390,6 +406,7 @@ async fn split_deployment_allows_denies_holds_and_records() {
     allow_deny_hold(dir.path(), &cfg, &pg, &ports, &oidc).await;
     let text = replay_of_agent_session(dir.path(), &cfg);
     assert_replay_in_order(&text);
+    assert_policy_change_recorded(dir.path(), &cfg);
 
     // NATS down: the gateway cannot record, so it serves nothing.
     let token = oidc.token("agent-8", &["agents"]);

@@ -1,0 +1,421 @@
+//! The policy store as a real cluster: `airlock policy-store` processes on loopback ports, killed
+//! with SIGKILL, restarted from disk, cut off by a TCP fault proxy, grown and shrunk with the
+//! `airlock policy-store` admin commands. Proxies are stood in for by
+//! [`policy_store::client::follow`], the follower every proxy node runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use policy_store::client::{AdminClient, Follower, PolicyClient, follow};
+use proto::pb::PolicyVersion;
+use testkit::{FaultProxy, Proc, free_port, wait_for_port};
+
+const TOKEN: &str = "cluster-test-admin-token";
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_airlock"))
+}
+
+/// A valid document that differs for every `n`.
+fn doc(n: u64) -> String {
+    format!("rules:\n  - name: rule-{n}\n    match: {{ operations: [drop] }}\n    action: deny\n")
+}
+
+/// One `airlock policy-store` process and what it needs to be restarted.
+struct StoreNode {
+    id: u64,
+    port: u64,
+    config: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl StoreNode {
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin());
+        cmd.arg("-c").arg(&self.config).arg("policy-store").env("RUST_LOG", "info,openraft=warn");
+        let proc = Proc::spawn(cmd, &format!("policy-store-{}", self.id))?;
+        wait_for_port(self.port as u16, Duration::from_secs(20))?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill9();
+        }
+        self.proc = None;
+    }
+}
+
+/// Write a node's config into `dir` (which also holds its data).
+fn write_config(
+    dir: &Path,
+    id: u64,
+    port: u16,
+    peers: &BTreeMap<u64, String>,
+    join: bool,
+) -> anyhow::Result<PathBuf> {
+    let peers = peers.iter().map(|(id, addr)| format!("{id} = \"{addr}\"")).collect::<Vec<_>>().join(", ");
+    let text = format!(
+        "[policy_store]\nnode_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npeers = {{ {peers} }}\n\
+         join = {join}\nadmin_token = \"{TOKEN}\"\n",
+        dir.join("data").display()
+    );
+    let path = dir.join("airlock.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+struct Cluster {
+    nodes: Vec<StoreNode>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// `n` nodes that each reach node j at `route(i, j)` (default: j's own port).
+    fn start(n: u64, route: impl Fn(u64, u64, u16) -> String) -> anyhow::Result<Cluster> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut dirs = Vec::new();
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let dir = tempfile::tempdir()?;
+            let peers: BTreeMap<u64, String> =
+                (1..=n).filter(|j| *j != i).map(|j| (j, route(i, j, ports[j as usize - 1]))).collect();
+            let config = write_config(dir.path(), i, ports[i as usize - 1], &peers, false)?;
+            nodes.push(StoreNode { id: i, port: u64::from(ports[i as usize - 1]), config, proc: None });
+            dirs.push(dir);
+        }
+        for node in &mut nodes {
+            node.start()?;
+        }
+        Ok(Cluster { nodes, _dirs: dirs })
+    }
+
+    fn node(&mut self, id: u64) -> &mut StoreNode {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("a node with this id")
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(StoreNode::endpoint).collect()
+    }
+}
+
+fn direct(_from: u64, _to: u64, port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// The leader that a running node reports, other than `not`.
+async fn leader(endpoints: &[String], not: Option<u64>) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        for e in endpoints {
+            if let Ok(mut admin) = AdminClient::connect(e, TOKEN).await
+                && let Ok(s) = admin.status().await
+                && s.leader_id != 0
+                && Some(s.leader_id) != not
+            {
+                return Ok(s.leader_id);
+            }
+        }
+        ensure!(Instant::now() < deadline, "no leader elected within 15s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Apply through `endpoint`, retrying while the cluster has no leader (an election under way).
+async fn apply(endpoint: &str, yaml: &str, author: &str) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let attempt = async { PolicyClient::connect(endpoint).await?.apply(yaml, author).await };
+        match attempt.await {
+            Ok(r) => return Ok(r.version),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "apply failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => bail!("apply through {endpoint} kept failing: {e}"),
+        }
+    }
+}
+
+async fn history(endpoint: &str) -> anyhow::Result<Vec<PolicyVersion>> {
+    Ok(PolicyClient::connect(endpoint).await?.history().await?)
+}
+
+/// Wait until `endpoint` (not linearizable: its own state) has at least `version`.
+async fn caught_up(endpoint: &str, version: u64) -> anyhow::Result<Vec<PolicyVersion>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(h) = history(endpoint).await
+            && h.last().is_some_and(|v| v.version >= version)
+        {
+            return Ok(h);
+        }
+        ensure!(Instant::now() < deadline, "{endpoint} did not reach version {version} within 15s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until every follower enforces `version`; how long it took.
+async fn enforced(followers: &mut [Follower], version: u64, within: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for f in followers.iter_mut() {
+        let waited = tokio::time::timeout(within.saturating_sub(start.elapsed()), async {
+            f.policy.wait_for(|p| p.as_ref().is_some_and(|p| p.version >= version)).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => bail!("a follower stopped"),
+            Err(_) => bail!("a follower did not enforce version {version} within {within:?}"),
+        }
+    }
+    Ok(start.elapsed())
+}
+
+fn airlock(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin()).args(args).env("AIRLOCK_ADMIN_TOKEN", TOKEN).output()?;
+    ensure!(
+        out.status.success(),
+        "airlock {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_follower_enforces_an_applied_change_within_a_second_on_three_nodes() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, direct)?;
+    let endpoints = cluster.endpoints();
+    leader(&endpoints, None).await?;
+    apply(&endpoints[0], &doc(0), "setup").await?;
+    // Six proxies, two attached to each node first.
+    let mut followers: Vec<Follower> = (0..6)
+        .map(|i| {
+            let mut e = endpoints.clone();
+            e.rotate_left(i % 3);
+            follow(e)
+        })
+        .collect();
+    enforced(&mut followers, 1, Duration::from_secs(10)).await?;
+    for n in 1..=5u64 {
+        // Through every node in turn: followers forward to the leader.
+        let applied_at = Instant::now();
+        let version = apply(&endpoints[n as usize % 3], &doc(n), "alice").await?;
+        assert_eq!(version, n + 1);
+        let remaining = Duration::from_secs(1).saturating_sub(applied_at.elapsed());
+        enforced(&mut followers, version, remaining).await?;
+        assert!(applied_at.elapsed() < Duration::from_secs(1));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_loses_no_committed_version() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, direct)?;
+    let endpoints = cluster.endpoints();
+    let old = leader(&endpoints, None).await?;
+    for n in 1..=3 {
+        apply(&endpoints[0], &doc(n), "before").await?;
+    }
+    let mut follower = follow(endpoints.clone());
+    cluster.node(old).kill9();
+
+    let survivors: Vec<String> =
+        cluster.nodes.iter().filter(|n| n.id != old).map(StoreNode::endpoint).collect();
+    let new = leader(&survivors, Some(old)).await?;
+    assert_ne!(new, old);
+    for n in 4..=6 {
+        assert_eq!(apply(&survivors[n as usize % 2], &doc(n), "after").await?, n);
+    }
+    let expected = PolicyClient::connect(&survivors[0]).await?.history_linearizable().await?;
+    assert_eq!(expected.iter().map(|v| v.version).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    // The follower moved to another node and has the latest version.
+    enforced(std::slice::from_mut(&mut follower), 6, Duration::from_secs(10)).await?;
+
+    // The killed node comes back from its disk and catches up.
+    cluster.node(old).start()?;
+    let back = caught_up(&cluster.node(old).endpoint(), 6).await?;
+    assert_eq!(back, expected);
+
+    // The whole cluster killed and restarted from disk has the same state, and takes writes.
+    for n in &mut cluster.nodes {
+        n.kill9();
+    }
+    for n in &mut cluster.nodes {
+        n.start()?;
+    }
+    leader(&endpoints, None).await?;
+    for e in &endpoints {
+        assert_eq!(caught_up(e, 6).await?, expected, "{e} after a full restart");
+    }
+    assert_eq!(apply(&endpoints[1], &doc(7), "restarted").await?, 7);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_and_leave_through_the_cli_while_writes_continue() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, direct)?;
+    let endpoints = cluster.endpoints();
+    leader(&endpoints, None).await?;
+
+    // A writer that keeps applying through node 2 (which stays) while the membership changes.
+    let writer_endpoint = endpoints[1].clone();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        let mut n = 100;
+        while !*stop_rx.borrow_and_update() {
+            n += 1;
+            acknowledged.push((
+                apply(&writer_endpoint, &doc(n), "writer").await?,
+                policy_store::version::digest(&doc(n)),
+            ));
+        }
+        anyhow::Ok(acknowledged)
+    });
+
+    // Node 4 starts empty and waits to be added.
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let config = write_config(dir.path(), 4, port, &BTreeMap::new(), true)?;
+    let mut node4 = StoreNode { id: 4, port: u64::from(port), config, proc: None };
+    node4.start()?;
+    let store = endpoints[0].clone();
+    let added = airlock(&["policy-store", "add-learner", "4", &node4.addr(), "--store", &store])?;
+    assert!(added.contains("node 4") && added.contains("learner"), "{added}");
+    let promoted = airlock(&["policy-store", "promote", "4", "--store", &store])?;
+    assert!(promoted.lines().any(|l| l.contains("node 4") && l.contains("voter")), "{promoted}");
+    let removed = airlock(&["policy-store", "remove", "1", "--store", &endpoints[2]])?;
+    assert!(!removed.contains("node 1 "), "{removed}");
+    cluster.node(1).kill9();
+
+    stop_tx.send(true)?;
+    let acknowledged = writer.await??;
+    assert!(acknowledged.len() >= 2, "the writer made progress: {acknowledged:?}");
+    // Every acknowledged write is in the history of the new member, in order.
+    let last = acknowledged.last().map_or(0, |(v, _)| *v);
+    let on_node4 = caught_up(&node4.endpoint(), last).await?;
+    for (version, digest) in &acknowledged {
+        let found = on_node4.iter().find(|v| v.version == *version).context("acknowledged version lost")?;
+        assert_eq!(&found.digest, digest);
+    }
+    let status = airlock(&["policy-store", "status", "--store", &node4.endpoint()])?;
+    let members: Vec<&str> =
+        status.lines().filter(|l| l.trim_start().starts_with("node ") && l.contains("voter")).collect();
+    assert_eq!(members.len(), 3, "{status}");
+    assert!(!status.contains(&format!("127.0.0.1:{}", cluster.node(1).port)), "{status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_minority_refuses_writes_keeps_its_version_and_catches_up_after_healing()
+-> anyhow::Result<()> {
+    // Node i reaches node j through its own fault proxy, so links can be cut one by one.
+    let ports: BTreeMap<u64, u16> = (1..=3).map(|i| (i, free_port())).collect();
+    let mut links: BTreeMap<(u64, u64), FaultProxy> = BTreeMap::new();
+    for &from in ports.keys() {
+        for (&to, &port) in &ports {
+            if from != to {
+                links.insert((from, to), FaultProxy::start(0, ([127, 0, 0, 1], port).into())?);
+            }
+        }
+    }
+    let routes: BTreeMap<(u64, u64), String> =
+        links.iter().map(|(k, p)| (*k, p.addr().to_string())).collect();
+    // Cluster::start picks its own ports, so build the nodes here with the ones the proxies target.
+    let mut dirs = Vec::new();
+    let mut nodes = Vec::new();
+    for (&id, &port) in &ports {
+        let dir = tempfile::tempdir()?;
+        let peers: BTreeMap<u64, String> =
+            ports.keys().filter(|j| **j != id).map(|j| (*j, routes[&(id, *j)].clone())).collect();
+        let config = write_config(dir.path(), id, port, &peers, false)?;
+        nodes.push(StoreNode { id, port: u64::from(port), config, proc: None });
+        dirs.push(dir);
+    }
+    for n in &mut nodes {
+        n.start()?;
+    }
+    let cluster = Cluster { nodes, _dirs: dirs };
+    let endpoints = cluster.endpoints();
+    let leader_id = leader(&endpoints, None).await?;
+    let minority = (1..=3).find(|id| *id != leader_id).context("a follower")?;
+    let majority_endpoint =
+        cluster.nodes.iter().find(|n| n.id != minority).map(StoreNode::endpoint).context("node")?;
+    let minority_endpoint =
+        cluster.nodes.iter().find(|n| n.id == minority).map(StoreNode::endpoint).context("node")?;
+    apply(&majority_endpoint, &doc(1), "before").await?;
+    let mut on_minority = follow(vec![minority_endpoint.clone()]);
+    let mut on_majority = follow(vec![majority_endpoint.clone()]);
+    enforced(std::slice::from_mut(&mut on_minority), 1, Duration::from_secs(10)).await?;
+
+    for ((from, to), link) in &links {
+        if *from == minority || *to == minority {
+            link.cut();
+        }
+    }
+    assert_eq!(apply(&majority_endpoint, &doc(2), "majority").await?, 2);
+    enforced(std::slice::from_mut(&mut on_majority), 2, Duration::from_secs(10)).await?;
+    let refused = PolicyClient::connect(&minority_endpoint).await?.apply(&doc(3), "minority").await;
+    assert!(refused.is_err(), "the minority accepted a write: {refused:?}");
+    // The proxy attached to the minority keeps enforcing the last version it has.
+    let kept = on_minority.policy.borrow().clone().context("a version")?;
+    assert_eq!(kept.version, 1);
+    assert!(on_minority.current(Duration::from_secs(30)).is_ok());
+
+    for link in links.values() {
+        link.heal();
+    }
+    enforced(std::slice::from_mut(&mut on_minority), 2, Duration::from_secs(15)).await?;
+    let healed = caught_up(&minority_endpoint, 2).await?;
+    assert_eq!(healed, history(&majority_endpoint).await?);
+    assert!(healed.iter().all(|v| v.author != "minority"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_diff_and_rollback_through_the_cli() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let config = write_config(dir.path(), 1, port, &BTreeMap::new(), false)?;
+    let mut node = StoreNode { id: 1, port: u64::from(port), config, proc: None };
+    node.start()?;
+    let store = node.endpoint();
+    let v1 = dir.path().join("v1.yaml");
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v1, doc(1))?;
+    std::fs::write(&v2, doc(2))?;
+    let file = |p: &Path| p.display().to_string();
+    airlock(&["policy", "apply", "-f", &file(&v1), "--author", "alice", "--store", &store])?;
+    airlock(&["policy", "apply", "-f", &file(&v2), "--author", "bob", "--store", &store])?;
+
+    let diff = airlock(&["policy", "diff", "1", "2", "--store", &store])?;
+    assert!(diff.contains("--- version 1\n+++ version 2\n"), "{diff}");
+    assert!(diff.contains("\n-  - name: rule-1\n+  - name: rule-2\n"), "{diff}");
+
+    let rolled = airlock(&["policy", "rollback", "1", "--author", "carol", "--store", &store])?;
+    assert!(rolled.contains("as version 3"), "{rolled}");
+    let latest = PolicyClient::connect(&store).await?.get(0).await?;
+    assert_eq!(
+        (latest.version, latest.document_yaml.as_str(), latest.author.as_str()),
+        (3, doc(1).as_str(), "carol")
+    );
+
+    let listed = airlock(&["policy", "history", "--store", &store])?;
+    let authors: Vec<&str> = listed.lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).collect();
+    assert_eq!(authors, vec!["alice", "bob", "carol"], "{listed}");
+    Ok(())
+}
