@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Approval latency on loopback, with a real nats-server and a fake Slack that answers at once:
-#   - hold created -> Slack post (HoldRequested published until chat.postMessage is received);
-#   - approving click -> decision (a signed Approve callback until HoldDecided is on the bus,
-#     which is what the waiting proxy acts on: the statement then runs on its session).
+# Approval latency on loopback, with a real nats-server and PostgreSQL, the proxy in-process and a
+# fake Slack that answers at once:
+#   - hold created -> Slack post (the held UPDATE leaving the client until chat.postMessage);
+#   - approving click -> statement run (a signed Approve callback until the client has the
+#     UPDATE's result back from PostgreSQL).
 # Holds are created one after another; p50, p99 and max over N holds (default 200).
 # Target: p99 < 100 ms for both.
 #

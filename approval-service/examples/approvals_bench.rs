@@ -1,9 +1,10 @@
-//! Approval latency on loopback: a real nats-server, the approval service in-process, a fake
-//! Slack. For each of N holds (one after another), times
-//! - hold created → Slack post: `HoldRequested` published until the fake Slack has recorded the
-//!   hold's `chat.postMessage`;
-//! - approving click → decision: a signed Approve callback sent until `HoldDecided` is seen on
-//!   the bus (what a waiting proxy acts on).
+//! Approval latency on loopback: a real nats-server and PostgreSQL, the proxy and the approval
+//! service in-process, a fake Slack. For each of N holds (one after another), an agent sends an
+//! UPDATE that a rule holds, and the bench times
+//! - hold created → Slack post: from the statement leaving the client (the proxy then decides,
+//!   records and publishes the hold) until the fake Slack has recorded its `chat.postMessage`;
+//! - approving click → statement run: from a signed Approve callback until the agent has the
+//!   UPDATE's result back, having run on PostgreSQL.
 //!
 //! Prints a Markdown table row per measure: p50, p99, max. Run through `bench/approvals.sh`.
 
@@ -14,10 +15,12 @@ use approval_service::config::{ApproverEntry, SlackConfig};
 use approval_service::slack::APPROVE_ACTION;
 use approval_service::slack::fake::{self, FakeSlack};
 use eventbus::{EventBus, NatsConfig};
-use proto::events::{ApproverSpec, Envelope, Event, HoldRequest, Principal, Timestamp};
+use proto::events::Event;
 use uuid::Uuid;
 
 const SECRET: &str = "bench-secret";
+const KEY: &str = "ak_bench_approvals_0123456789";
+const DB_PASSWORD: &str = "bench-Pa55word";
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -65,62 +68,98 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let svc = tokio::spawn(approval_service::run(cfg, bus.clone(), listener, std::future::pending()));
-    let mut decisions = bus.subscribe(proto::subjects::HOLD_DECIDED).await?;
-    // Warm up connections (NATS KV, the Slack client) with one hold that is not counted.
+    // The target and the proxy.
+    let pg = testkit::Postgres::start()?;
+    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'"))?;
+    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc")?;
+    pg.psql("shop", "SET ROLE airlock_svc; CREATE TABLE counters (id int primary key, n int); INSERT INTO counters VALUES (1, 0);")?;
+    let dir = tempfile::tempdir()?;
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, DB_PASSWORD)?;
+    let yaml = format!(
+        r#"connections:
+  - name: shop
+    kind: postgres
+    upstream: {{ host: 127.0.0.1, port: {port}, database: shop, tls: disable }}
+    credentials: {{ user: airlock_svc, password_file: {pw} }}
+rules:
+  - name: counter-writes
+    match: {{ operations: [update], tables: [counters] }}
+    action: hold
+    approvers: {{ groups: [dba] }}
+    timeout: 10m
+service_accounts:
+  - {{ name: agent-1, groups: [agents], api_key_sha256: {hash} }}
+"#,
+        port = pg.port,
+        pw = pw.display(),
+        hash = proxy_node::identity::hash_api_key(KEY)
+    );
+    let doc = proto::policy::parse(&yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let active = policy_store::client::ActivePolicy { version: 1, document: doc, digest: "bench".into() };
+    let (_policy_tx, policy_rx) = tokio::sync::watch::channel(Some(Arc::new(active)));
+    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_port = proxy_listener.local_addr()?.port();
+    tokio::spawn(proxy_node::run(
+        proxy_node::ProxyConfig::default(),
+        bus.clone(),
+        policy_rx,
+        proxy_listener,
+        std::future::pending(),
+    ));
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(proxy_port)
+        .user("agent-1")
+        .password(KEY)
+        .dbname("shop")
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    let client = Arc::new(client);
+    let mut holds = bus.subscribe(proto::subjects::HOLD_REQUESTED).await?;
+
+    // The first hold warms up connections (NATS KV, the Slack client) and is not counted.
     let mut post = Vec::with_capacity(n);
     let mut click = Vec::with_capacity(n);
     for i in 0..=n {
-        let now = Timestamp::now();
-        let id = Uuid::now_v7();
-        let req = HoldRequest {
-            hold_id: id,
-            seq: 1,
-            connection: "shop".into(),
-            principal: Principal {
-                subject: "agent-1".into(),
-                groups: vec!["agents".into()],
-                kind: "oidc".into(),
-            },
-            statement: format!("DELETE FROM orders WHERE id = {i}"),
-            parameters: vec![],
-            fingerprint: "f".into(),
-            rule: "writes".into(),
-            reason: "delete on orders".into(),
-            approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
-            requested_at: now,
-            expires_at: now.plus(Duration::from_secs(600)),
+        let c = client.clone();
+        let t0 = Instant::now();
+        let update =
+            tokio::spawn(async move { c.simple_query("UPDATE counters SET n = n + 1 WHERE id = 1").await });
+        let id: Uuid = loop {
+            let env = tokio::time::timeout(Duration::from_secs(10), holds.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("bus closed"))?;
+            if let Event::HoldRequested(h) = env.event {
+                break h.hold_id;
+            }
         };
         let needle = id.to_string();
-        let t0 = Instant::now();
-        bus.publish(&Envelope::new(Uuid::now_v7(), Event::HoldRequested(req))).await?;
         let posted = slack
             .wait_for("chat.postMessage", Duration::from_secs(10), |b| b.to_string().contains(&needle))
             .await
             .ok_or_else(|| anyhow::anyhow!("hold {i} never posted"))?;
         let t_post = posted.at.duration_since(t0);
-        // The post is recorded before the service stores the message ts; clicks may come sooner.
         let body = fake::click("U_DANA", APPROVE_ACTION, id, "C_BENCH");
         let t1 = Instant::now();
         let status = fake::send(&url, SECRET, &body).await?;
         anyhow::ensure!(status == 200, "click answered {status}");
-        loop {
-            let env = tokio::time::timeout(Duration::from_secs(10), decisions.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("bus closed"))?;
-            if matches!(&env.event, Event::HoldDecided(d) if d.hold_id == id) {
-                break;
-            }
-        }
+        tokio::time::timeout(Duration::from_secs(10), update).await???;
         let t_click = t1.elapsed();
         if i > 0 {
             post.push(t_post);
             click.push(t_click);
         }
     }
+    anyhow::ensure!(
+        pg.psql("shop", "SELECT n FROM counters")? == (n + 1).to_string(),
+        "every approved UPDATE ran once"
+    );
     println!("| measure | holds | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
     row("hold created → Slack post", post);
-    row("approving click → HoldDecided on the bus", click);
+    row("approving click → statement run on PostgreSQL", click);
     svc.abort();
     Ok(())
 }
