@@ -183,18 +183,23 @@ pub(crate) async fn approvals(cfg: &AirlockConfig, cmd: ApprovalsCommand) -> any
             let d = approvals_client(cfg, target)?
                 .approve_for(id, approver.as_deref(), duration.as_deref())
                 .await?;
-            println!("{}", serde_json_line(&d));
+            println!("{}", describe_decision(&d));
         }
         ApprovalsCommand::Deny { id, reason, approver, target } => {
             let d = approvals_client(cfg, target)?.deny(id, &reason, approver.as_deref()).await?;
-            println!("{}", serde_json_line(&d));
+            println!("{}", describe_decision(&d));
         }
     }
     Ok(())
 }
 
-fn serde_json_line<T: std::fmt::Debug>(d: &T) -> String {
-    format!("{d:?}")
+/// One line for the CLI: the hold, its outcome (or that it still waits), who and why.
+fn describe_decision(d: &approval_service::client::DecisionView) -> String {
+    let why = d.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+    match d.outcome {
+        Some(o) => format!("hold {} {o} by {}{why}", d.hold_id, d.decided_by),
+        None => format!("hold {} still pending: more approvals are needed", d.hold_id),
+    }
 }
 
 pub(crate) fn keygen() -> anyhow::Result<()> {

@@ -146,7 +146,7 @@ impl Classification {
     /// Unknown names leave the classification unknown (and so subject to `unknown_operation`).
     ///
     /// Statements prepared earlier in the same message take precedence over `prepared`.
-    pub fn resolve_executes(&mut self, prepared: &std::collections::HashMap<String, Classification>) {
+    pub fn resolve_executes(&mut self, prepared: impl Fn(&str) -> Option<Classification>) {
         if self.executes.is_empty() {
             return;
         }
@@ -156,7 +156,7 @@ impl Classification {
                 here.insert(n.clone(), (**c).clone());
             }
         }
-        let lookup = |n: &str| here.get(n).or_else(|| prepared.get(n)).cloned();
+        let lookup = |n: &str| here.get(n).cloned().or_else(|| prepared(n));
         let resolved: Vec<Option<Classification>> = self.executes.iter().map(|n| lookup(n)).collect();
         if resolved.iter().any(Option::is_none) {
             return;
@@ -765,18 +765,18 @@ mod tests {
             .collect();
         assert_eq!(prepared.len(), 1);
         let mut same = classify("PREPARE q AS UPDATE orders SET id = 1; EXECUTE q");
-        same.resolve_executes(&Default::default());
+        same.resolve_executes(|_| None);
         assert!(has(&same, Operation::Update, "orders") && same.unknown_effect().is_none(), "{same:?}");
         let mut e = classify("EXECUTE p(1)");
         assert!(e.unknown_effect().is_some(), "unknown until resolved");
-        e.resolve_executes(&prepared);
+        e.resolve_executes(|n| prepared.get(n).cloned());
         assert!(e.unknown_effect().is_none(), "{e:?}");
         assert!(has(&e, Operation::Delete, "orders"), "{e:?}");
         let mut other = classify("EXECUTE q(1)");
-        other.resolve_executes(&prepared);
+        other.resolve_executes(|n| prepared.get(n).cloned());
         assert!(other.unknown_effect().is_some(), "an unknown name stays unknown");
         let mut mixed = classify("EXECUTE p(1); SELECT my_func()");
-        mixed.resolve_executes(&prepared);
+        mixed.resolve_executes(|n| prepared.get(n).cloned());
         assert!(mixed.unknown_effect().is_some(), "other unknowns stay");
     }
 

@@ -459,9 +459,10 @@ impl Relay<'_> {
             .or_else(|| self.portals.get(name).cloned())
     }
 
-    /// Prepared statements as their classifications, for resolving SQL-level EXECUTE.
-    fn prepared_classifications(&self) -> HashMap<String, Classification> {
-        self.statements.iter().map(|(k, v)| (k.clone(), (*v.classification).clone())).collect()
+    /// What a prepared statement name runs, for resolving SQL-level EXECUTE (looked up only
+    /// for the names a message executes).
+    fn prepared(&self, name: &str) -> Option<Classification> {
+        self.statements.get(name).map(|p| (*p.classification).clone())
     }
 
     fn policy(&mut self) -> Result<Arc<policy_store::client::ActivePolicy>, SessionError> {
@@ -563,7 +564,7 @@ impl Relay<'_> {
 
     async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
         let mut c = classify(&sql);
-        c.resolve_executes(&self.prepared_classifications());
+        c.resolve_executes(|n| self.prepared(n));
         self.resolve_functions(&mut c).await;
         let (seq, verdict) = self.decide(&sql, &[], &c).await?;
         let effects: Vec<SessionEffect> = c.effects.clone();
@@ -601,7 +602,7 @@ impl Relay<'_> {
             return Err(self.protocol_error("Parse"));
         }
         let mut c = classify(&sql);
-        c.resolve_executes(&self.prepared_classifications());
+        c.resolve_executes(|n| self.prepared(n));
         self.resolve_functions(&mut c).await;
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
