@@ -1,4 +1,5 @@
-//! The policy document: connections, rules, masking, service accounts and defaults.
+//! The policy document: connections, rules, masking, service accounts, approver groups and
+//! defaults.
 //!
 //! Users write it as YAML and apply it with `airlock policy apply -f FILE`. [`parse`] checks both
 //! shape and meaning, and every error names the field (`rules[1].action`) and its line.
@@ -24,8 +25,59 @@ pub struct PolicyDocument {
     pub masking: Vec<Masking>,
     #[serde(default)]
     pub service_accounts: Vec<ServiceAccount>,
+    /// Named groups of approvers, held in the store. A person is in a group when their token's
+    /// groups claim (or the approval service's Slack mapping) says so, or when the group lists
+    /// them here. Once this section is non-empty, every group a hold rule names must be defined
+    /// in it.
+    #[serde(default)]
+    pub approver_groups: Vec<ApproverGroup>,
     #[serde(default)]
     pub defaults: Defaults,
+}
+
+impl PolicyDocument {
+    /// The names of the [`approver_groups`](Self::approver_groups) that list this person: by
+    /// OIDC subject, by e-mail (compared case-insensitively) or by Slack user id.
+    pub fn approver_groups_of(&self, who: &ApproverIdentity<'_>) -> Vec<String> {
+        self.approver_groups.iter().filter(|g| g.lists(who)).map(|g| g.name.clone()).collect()
+    }
+}
+
+/// A named group of approvers (see [`PolicyDocument::approver_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverGroup {
+    /// What hold rules name in `approvers.groups` (letters, digits, _ - .).
+    pub name: String,
+    /// OIDC subjects (`sub`) or e-mail addresses (matched against a token's `email` claim, or a
+    /// Slack user's profile e-mail). Default: none.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Slack user ids (`U012345`), for approvers who answer in Slack. Default: none.
+    #[serde(default)]
+    pub slack_users: Vec<String>,
+}
+
+/// Who an approver is, as far as the approval service knows: each part is optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApproverIdentity<'a> {
+    /// The OIDC subject (`sub`), or the approver's configured name.
+    pub subject: Option<&'a str>,
+    /// A verified e-mail address.
+    pub email: Option<&'a str>,
+    /// A Slack user id.
+    pub slack_user: Option<&'a str>,
+}
+
+impl ApproverGroup {
+    /// Does the group list this person?
+    pub fn lists(&self, who: &ApproverIdentity<'_>) -> bool {
+        let member = self.members.iter().any(|m| {
+            who.subject.is_some_and(|s| !s.is_empty() && m == s)
+                || who.email.is_some_and(|e| !e.is_empty() && m.contains('@') && m.eq_ignore_ascii_case(e))
+        });
+        member || who.slack_user.is_some_and(|u| !u.is_empty() && self.slack_users.iter().any(|s| s == u))
+    }
 }
 
 /// A target the gateway connects to on the agent's behalf.
@@ -265,20 +317,121 @@ impl std::fmt::Display for Operation {
     }
 }
 
-/// Masking of response values (enforced by the masking pipeline).
+/// Masking of response values: columns masked by their origin, and detectors run on every value.
+/// Several entries may apply to a session; a principal in `exempt` skips the entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Masking {
+    /// Connections the entry applies to. Empty or omitted = every connection.
     #[serde(default)]
     pub connections: Vec<String>,
+    /// Columns by origin: `table.column`, `schema.table.column`, `table.*` or `schema.table.*`.
+    /// Identifiers fold like PostgreSQL's: unquoted ones are lower-cased, `"Quoted"` ones kept.
+    /// A pattern without a schema matches the table in any schema.
     #[serde(default)]
     pub columns: Vec<String>,
+    /// Detectors run on every text value of every column (JSON included): `email`, `phone`,
+    /// `credit_card`, `iban`, `ssn`, `ipv4`, `ipv6`, `jwt`, `api_key`.
     #[serde(default)]
     pub detectors: Vec<String>,
+    /// `redact` (default), `partial` (keeps the last 4 characters), `partial:N`, or `hash`
+    /// (keyed and stable per value, so joins and group-bys still work).
     #[serde(default)]
     pub strategy: Option<String>,
+    /// Principals who see these values unmasked.
     #[serde(default)]
     pub exempt: Option<Principals>,
+}
+
+/// A masked column's origin pattern, folded (see [`Masking::columns`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ColumnPattern {
+    pub schema: Option<String>,
+    pub table: String,
+    /// `None` for `table.*`.
+    pub column: Option<String>,
+}
+
+impl ColumnPattern {
+    /// Parse `table.column`, `schema.table.column`, `table.*` or `schema.table.*`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut cur = String::new();
+        let mut quoted = false;
+        let mut was_quoted = false;
+        let mut chars = text.trim().chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    chars.next();
+                    cur.push('"');
+                }
+                '"' => {
+                    quoted = !quoted;
+                    was_quoted = true;
+                }
+                '.' if !quoted => {
+                    parts.push(Self::fold(std::mem::take(&mut cur), was_quoted)?);
+                    was_quoted = false;
+                }
+                c => cur.push(c),
+            }
+        }
+        if quoted {
+            return Err(format!("`{text}`: unterminated quoted identifier"));
+        }
+        let last = if !was_quoted && cur == "*" { None } else { Some(Self::fold(cur, was_quoted)?) };
+        let mut pattern = match (parts.len(), last) {
+            (1, column) => Self { schema: None, table: parts.remove(0), column },
+            (2, column) => {
+                let table = parts.remove(1);
+                Self { schema: Some(parts.remove(0)), table, column }
+            }
+            _ => {
+                return Err(format!(
+                    "`{text}` is not a column: write table.column, schema.table.column or table.*"
+                ));
+            }
+        };
+        if pattern.table == "*" || pattern.schema.as_deref() == Some("*") {
+            return Err(format!("`{text}`: only the column may be `*`"));
+        }
+        pattern.table.shrink_to_fit();
+        Ok(pattern)
+    }
+
+    fn fold(ident: String, quoted: bool) -> Result<String, String> {
+        if ident.is_empty() {
+            return Err("an empty identifier".into());
+        }
+        Ok(if quoted { ident } else { ident.to_lowercase() })
+    }
+
+    /// Does the pattern cover `schema.table.column` (`column` `None`: some column of the table)?
+    /// An unknown schema matches any pattern schema (the conservative reading).
+    pub fn covers(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> bool {
+        if self.table != table {
+            return false;
+        }
+        if let (Some(want), Some(have)) = (&self.schema, schema)
+            && want != have
+        {
+            return false;
+        }
+        match (&self.column, column) {
+            (None, _) | (_, None) => true,
+            (Some(want), Some(have)) => want == have,
+        }
+    }
+}
+
+impl std::fmt::Display for ColumnPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(s) = &self.schema {
+            write!(f, "{s}.")?;
+        }
+        write!(f, "{}.{}", self.table, self.column.as_deref().unwrap_or("*"))
+    }
 }
 
 /// A non-human principal that authenticates with an API key.
@@ -308,11 +461,30 @@ pub struct Defaults {
     /// Hold timeout for holds that come from a default. Default 5m.
     #[serde(default = "five_minutes", with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// A result column whose origin the gateway cannot tell, in a statement that reads masked
+    /// columns: `mask` it (default) or `deny` the statement.
+    #[serde(default)]
+    pub unknown_lineage: UnknownLineage,
+}
+
+/// See [`Defaults::unknown_lineage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownLineage {
+    #[default]
+    Mask,
+    Deny,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Self { unparsed: deny(), unknown_operation: hold(), no_match: allow(), hold_timeout: five_minutes() }
+        Self {
+            unparsed: deny(),
+            unknown_operation: hold(),
+            no_match: allow(),
+            hold_timeout: five_minutes(),
+            unknown_lineage: UnknownLineage::Mask,
+        }
     }
 }
 
@@ -443,6 +615,7 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
             _ => {}
         }
     }
+    let group_names = validate_approver_groups(&doc.approver_groups, err);
     let mut rule_names = HashSet::new();
     for (i, r) in doc.rules.iter().enumerate() {
         let p = format!("rules[{i}]");
@@ -502,17 +675,49 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
         {
             err(format!("{p}.approvers.min"), "must be at least 1".into());
         }
+        if let Some(a) = &r.approvers
+            && !group_names.is_empty()
+        {
+            for (j, g) in a.groups.iter().enumerate() {
+                if !group_names.contains(g.as_str()) {
+                    err(
+                        format!("{p}.approvers.groups[{j}]"),
+                        format!("unknown approver group `{g}` (not defined in approver_groups)"),
+                    );
+                }
+            }
+        }
         if let Some(t) = r.timeout
             && (t.is_zero() || t > Duration::from_secs(7 * 24 * 3600))
         {
             err(format!("{p}.timeout"), "must be between 1s and 7d".into());
         }
     }
-    for (i, _) in doc.masking.iter().enumerate() {
-        err(
-            format!("masking[{i}]"),
-            "masking is not enforced by this version of the proxy; refusing a policy it cannot honour".into(),
-        );
+    for (i, m) in doc.masking.iter().enumerate() {
+        let p = format!("masking[{i}]");
+        for (j, c) in m.connections.iter().enumerate() {
+            if !names.contains(c.as_str()) {
+                err(format!("{p}.connections[{j}]"), format!("unknown connection `{c}`"));
+            }
+        }
+        for (j, c) in m.columns.iter().enumerate() {
+            if let Err(e) = ColumnPattern::parse(c) {
+                err(format!("{p}.columns[{j}]"), e);
+            }
+        }
+        for (j, d) in m.detectors.iter().enumerate() {
+            if let Err(e) = d.parse::<masking::detect::Detector>() {
+                err(format!("{p}.detectors[{j}]"), e.to_string());
+            }
+        }
+        if let Some(s) = &m.strategy
+            && let Err(e) = masking::strategy::Strategy::parse(s)
+        {
+            err(format!("{p}.strategy"), e.to_string());
+        }
+        if m.columns.is_empty() && m.detectors.is_empty() {
+            err(p, "masks nothing: list columns, detectors, or both".into());
+        }
     }
     let mut sa_names = HashSet::new();
     for (i, s) in doc.service_accounts.iter().enumerate() {
@@ -527,6 +732,56 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
             err(format!("{p}.api_key_sha256"), "must be 64 hex characters (a SHA-256)".into());
         }
     }
+}
+
+/// Check `approver_groups` and return the names it defines.
+fn validate_approver_groups<'a>(
+    groups: &'a [ApproverGroup],
+    err: &mut dyn FnMut(String, String),
+) -> HashSet<&'a str> {
+    let mut names = HashSet::new();
+    for (i, g) in groups.iter().enumerate() {
+        let p = format!("approver_groups[{i}]");
+        if g.name.is_empty() || !g.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch)) {
+            err(
+                format!("{p}.name"),
+                format!("`{}` is not a valid group name (letters, digits, _ - .)", g.name),
+            );
+        }
+        if !names.insert(g.name.as_str()) {
+            err(format!("{p}.name"), format!("approver group `{}` is defined twice", g.name));
+        }
+        let mut seen = HashSet::new();
+        for (j, m) in g.members.iter().enumerate() {
+            if m.trim().is_empty() || m.trim() != m || m.chars().any(char::is_control) {
+                err(
+                    format!("{p}.members[{j}]"),
+                    format!(
+                        "`{m}` is not an OIDC subject or e-mail (empty, padded or with control characters)"
+                    ),
+                );
+            } else if !seen.insert(m.to_ascii_lowercase()) {
+                err(format!("{p}.members[{j}]"), format!("`{m}` is listed twice"));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (j, u) in g.slack_users.iter().enumerate() {
+            let well_formed = u.len() >= 2
+                && (u.starts_with('U') || u.starts_with('W'))
+                && u.chars().all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit());
+            if !well_formed {
+                err(
+                    format!("{p}.slack_users[{j}]"),
+                    format!(
+                        "`{u}` is not a Slack user id (like U012AB3CD: U or W, then capitals and digits)"
+                    ),
+                );
+            } else if !seen.insert(u.as_str()) {
+                err(format!("{p}.slack_users[{j}]"), format!("`{u}` is listed twice"));
+            }
+        }
+    }
+    names
 }
 
 pub mod locate {
@@ -689,6 +944,84 @@ defaults: { unparsed: deny, unknown_operation: hold }
         assert!(e.to_string().contains("line 9: rules[0].connections[0]: unknown connection `shp`"), "{e}");
     }
 
+    const GROUPS: &str = "approver_groups:\n  - name: dba\n    members: [alice@example.com, oidc-subject-123]\n    \
+                          slack_users: [U012345]\n  - name: sre\n";
+
+    #[test]
+    fn approver_groups_parse_and_list_their_members() {
+        let doc = parse(&format!("{GOOD}{GROUPS}")).expect("valid");
+        assert_eq!(doc.approver_groups.len(), 2);
+        let dba = |who: ApproverIdentity<'_>| doc.approver_groups_of(&who) == vec!["dba".to_string()];
+        assert!(dba(ApproverIdentity { subject: Some("oidc-subject-123"), ..Default::default() }));
+        assert!(dba(ApproverIdentity { email: Some("Alice@Example.com"), ..Default::default() }));
+        assert!(dba(ApproverIdentity { slack_user: Some("U012345"), ..Default::default() }));
+        let nobody = |who: ApproverIdentity<'_>| doc.approver_groups_of(&who).is_empty();
+        assert!(nobody(ApproverIdentity {
+            subject: Some("mallory"),
+            email: Some("m@example.com"),
+            slack_user: Some("U9")
+        }));
+        assert!(
+            nobody(ApproverIdentity { email: Some("oidc-subject-123"), ..Default::default() }),
+            "e-mails only"
+        );
+        assert!(nobody(ApproverIdentity { subject: Some(""), email: Some(""), slack_user: Some("") }));
+        assert!(nobody(ApproverIdentity::default()));
+    }
+
+    #[test]
+    fn the_deploy_example_parses() {
+        let doc = parse(include_str!("../../deploy/policy.example.yaml")).expect("valid");
+        assert_eq!(doc.approver_groups[0].name, "dba");
+    }
+
+    #[test]
+    fn without_approver_groups_rules_may_name_any_group() {
+        let doc = parse(GOOD).expect("valid: the section is optional");
+        assert!(doc.approver_groups.is_empty());
+    }
+
+    #[test]
+    fn with_approver_groups_rules_must_name_defined_groups() {
+        let yaml = format!("{GOOD}{GROUPS}").replace("groups: [dba], min: 1", "groups: [dba, dbas], min: 1");
+        let e = parse(&yaml).expect_err("dbas is not defined");
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].path, "rules[0].approvers.groups[1]");
+        assert_eq!(e.0[0].line, Some(13));
+        assert!(
+            e.to_string().contains("line 13: rules[0].approvers.groups[1]: unknown approver group `dbas`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn approver_group_mistakes_name_field_and_line() {
+        let yaml = format!(
+            "{GOOD}approver_groups:\n  - name: dba\n    members: [a@example.com, A@example.com, \"\"]\n    \
+             slack_users: [alice, U1, U1]\n  - name: dba\n  - name: \"no spaces\"\n    membres: [x]\n"
+        );
+        let e = parse(&yaml).expect_err("invalid");
+        // An unknown field is a shape error, reported alone.
+        assert_eq!(e.0[0].path, "approver_groups[2]", "{e}");
+        assert!(e.0[0].message.contains("membres"), "{e}");
+        let yaml = yaml.replace("    membres: [x]\n", "");
+        let e = parse(&yaml).expect_err("invalid");
+        let got: Vec<(&str, Option<usize>)> = e.0.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("approver_groups[0].members[1]", Some(21)),
+                ("approver_groups[0].members[2]", Some(21)),
+                ("approver_groups[0].slack_users[0]", Some(22)),
+                ("approver_groups[0].slack_users[2]", Some(22)),
+                ("approver_groups[1].name", Some(23)),
+                ("approver_groups[2].name", Some(24)),
+            ],
+            "{e}"
+        );
+        assert!(e.to_string().contains("approver group `dba` is defined twice"), "{e}");
+    }
+
     #[test]
     fn every_meaning_error_is_reported() {
         let bad =
@@ -740,9 +1073,55 @@ defaults: { unparsed: deny, unknown_operation: hold }
     }
 
     #[test]
-    fn masking_is_refused_until_enforced() {
-        let doc = format!("{GOOD}masking:\n  - columns: [users.email]\n");
-        let e = parse(&doc).expect_err("masking refused");
-        assert_eq!(e.0[0].path, "masking[0]");
+    fn design_masking_example_parses() {
+        let doc = format!(
+            "{GOOD}masking:\n  - connections: [shop]\n    columns: [users.email, users.phone, customers.*]\n    \
+             detectors: [email, credit_card, phone, iban, ssn]\n    strategy: redact\n"
+        );
+        let doc = parse(&doc).expect("valid");
+        assert_eq!(doc.masking[0].columns.len(), 3);
+        assert_eq!(doc.defaults.unknown_lineage, UnknownLineage::Mask);
+    }
+
+    #[test]
+    fn masking_mistakes_are_named() {
+        let doc = format!(
+            "{GOOD}masking:\n  - connections: [nope]\n    columns: [email, a.b.c.d, '\"x.y']\n    \
+             detectors: [emails]\n    strategy: shred\n  - strategy: hash\n"
+        );
+        let e = parse(&doc).expect_err("invalid");
+        let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "masking[0].connections[0]",
+            "masking[0].columns[0]",
+            "masking[0].columns[1]",
+            "masking[0].columns[2]",
+            "masking[0].detectors[0]",
+            "masking[0].strategy",
+            "masking[1]",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+        assert!(e.0.iter().all(|e| e.line.is_some()), "{e}");
+    }
+
+    #[test]
+    fn column_patterns_fold_like_postgres() {
+        let p = ColumnPattern::parse("Users.EMAIL").expect("valid");
+        assert_eq!((p.schema, p.table.as_str(), p.column.as_deref()), (None, "users", Some("email")));
+        let p = ColumnPattern::parse(r#"crm."Contacts"."E.Mail""#).expect("valid");
+        assert_eq!(p.schema.as_deref(), Some("crm"));
+        assert_eq!((p.table.as_str(), p.column.as_deref()), ("Contacts", Some("E.Mail")));
+        let star = ColumnPattern::parse("public.customers.*").expect("valid");
+        assert!(star.covers(Some("public"), "customers", Some("anything")));
+        assert!(star.covers(None, "customers", Some("anything")));
+        assert!(!star.covers(Some("other"), "customers", Some("anything")));
+        let email = ColumnPattern::parse("users.email").expect("valid");
+        assert!(email.covers(Some("any_schema"), "users", Some("email")));
+        assert!(email.covers(Some("public"), "users", None), "a whole-row reference carries the column");
+        assert!(!email.covers(Some("public"), "users", Some("name")));
+        assert!(!email.covers(Some("public"), "Users", Some("email")), "quoted \"Users\" is another table");
+        assert!(ColumnPattern::parse("*.email").is_err());
+        assert!(ColumnPattern::parse("users.").is_err());
     }
 }

@@ -6,6 +6,9 @@
 //! schema, so `search_path` cannot make a volatile function look stable. Lookups go over a
 //! side connection to the same target and are cached per session, and dropped whenever the
 //! session runs DDL.
+//!
+//! Masking looks up result columns' origins, relations by name (with view definitions) and
+//! table columns the same way.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,16 +28,63 @@ const VOLATILITY_SQL: &str = "SELECT coalesce(max(p.provolatile::text), 'v') \
 /// Cached entries live this long at most.
 const TTL: Duration = Duration::from_secs(30);
 
+/// A table column's origin, as the catalog names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub schema: String,
+    pub table: String,
+    pub column: String,
+    /// `pg_class.relkind`: `r` table, `p` partitioned, `v` view, `m` materialized view, …
+    pub relkind: char,
+}
+
+/// A relation found by name, with its definition when it is a view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub schema: String,
+    pub relkind: char,
+    pub view_sql: Option<String>,
+}
+
+const ORIGIN_SQL: &str = "SELECT n.nspname, c.relname, a.attname, c.relkind::text \
+     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE a.attrelid = $1::text::oid AND a.attnum = $2::text::int2";
+
+const RELATION_SQL: &str = "SELECT n.nspname, c.relkind::text, \
+     CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
+     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
+
+const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
+     WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
+       ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
+       AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+
 #[derive(Default)]
 pub struct Catalog {
     conn: Option<Upstream>,
     cache: HashMap<FunctionRef, (bool, Instant)>,
+    origins: HashMap<(u32, i16), (Option<Origin>, Instant)>,
+    relations: HashMap<(Option<String>, String), (Vec<Relation>, Instant)>,
+    columns: HashMap<(Option<String>, String), (Vec<String>, Instant)>,
+}
+
+/// How a catalog lookup reaches the target.
+#[derive(Clone, Copy)]
+pub struct Reach<'a> {
+    pub target: &'a Connection,
+    pub timeout: Duration,
+    pub max: usize,
 }
 
 impl Catalog {
     /// Forget what was looked up (after DDL).
     pub fn invalidate(&mut self) {
         self.cache.clear();
+        self.origins.clear();
+        self.relations.clear();
+        self.columns.clear();
     }
 
     /// Is `f` known not to be volatile? Lookup failures count as volatile.
@@ -50,11 +100,15 @@ impl Catalog {
         {
             return *ro;
         }
-        let ro = match self.lookup(target, f, timeout, max).await {
-            Ok(v) => v != 'v',
+        let reach = Reach { target, timeout, max };
+        let ro = match self.rows(reach, VOLATILITY_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await {
+            Ok(rows) => {
+                let v =
+                    rows.first().and_then(|r| r.first().cloned().flatten()).and_then(|v| v.chars().next());
+                v.is_some_and(|v| v != 'v')
+            }
             Err(e) => {
                 tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating the function as volatile");
-                self.conn = None;
                 false
             }
         };
@@ -62,13 +116,104 @@ impl Catalog {
         ro
     }
 
-    async fn lookup(
+    /// The origin of a result column (RowDescription's table OID and attribute number).
+    pub async fn origin(
         &mut self,
-        target: &Connection,
-        f: &FunctionRef,
-        timeout: Duration,
-        max: usize,
-    ) -> Result<char, UpstreamError> {
+        reach: Reach<'_>,
+        oid: u32,
+        attnum: i16,
+    ) -> Result<Option<Origin>, UpstreamError> {
+        if let Some((o, at)) = self.origins.get(&(oid, attnum))
+            && at.elapsed() < TTL
+        {
+            return Ok(o.clone());
+        }
+        let (oid_s, att_s) = (oid.to_string(), attnum.to_string());
+        let rows = self.rows(reach, ORIGIN_SQL, &[Some(&oid_s), Some(&att_s)]).await?;
+        let o = rows.into_iter().next().and_then(|r| {
+            let mut r = r.into_iter();
+            Some(Origin {
+                schema: r.next()??,
+                table: r.next()??,
+                column: r.next()??,
+                relkind: r.next()??.chars().next()?,
+            })
+        });
+        self.origins.insert((oid, attnum), (o.clone(), Instant::now()));
+        Ok(o)
+    }
+
+    /// Every relation called `name` (in `schema`, or in any schema).
+    pub async fn relations(
+        &mut self,
+        reach: Reach<'_>,
+        schema: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<Relation>, UpstreamError> {
+        let key = (schema.map(str::to_string), name.to_string());
+        if let Some((r, at)) = self.relations.get(&key)
+            && at.elapsed() < TTL
+        {
+            return Ok(r.clone());
+        }
+        let rows = self.rows(reach, RELATION_SQL, &[Some(name), schema]).await?;
+        let rels: Vec<Relation> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut r = r.into_iter();
+                Some(Relation {
+                    schema: r.next()??,
+                    relkind: r.next()??.chars().next()?,
+                    view_sql: r.next().flatten(),
+                })
+            })
+            .collect();
+        self.relations.insert(key, (rels.clone(), Instant::now()));
+        Ok(rels)
+    }
+
+    /// The live columns of a table, in order, as the target's `search_path` resolves `name`.
+    pub async fn columns(
+        &mut self,
+        reach: Reach<'_>,
+        schema: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<String>, UpstreamError> {
+        let key = (schema.map(str::to_string), name.to_string());
+        if let Some((c, at)) = self.columns.get(&key)
+            && at.elapsed() < TTL
+        {
+            return Ok(c.clone());
+        }
+        let rows = self.rows(reach, COLUMNS_SQL, &[Some(name), schema]).await?;
+        let cols: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+        self.columns.insert(key, (cols.clone(), Instant::now()));
+        Ok(cols)
+    }
+
+    /// Run one catalog query with text parameters over the side connection; rows as text.
+    async fn rows(
+        &mut self,
+        reach: Reach<'_>,
+        sql: &str,
+        params: &[Option<&str>],
+    ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+        let result = self.rows_inner(reach, sql, params).await;
+        if result.is_err() {
+            // A failed connection is not reused; a rejected query leaves it usable, but
+            // starting afresh is simpler and rare.
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn rows_inner(
+        &mut self,
+        reach: Reach<'_>,
+        sql: &str,
+        params: &[Option<&str>],
+    ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+        let Reach { target, timeout, max } = reach;
         if self.conn.is_none() {
             self.conn = Some(upstream::connect(target, &[], timeout, max, true).await?);
         }
@@ -76,7 +221,7 @@ impl Catalog {
         let mut out = BytesMut::new();
         message(&mut out, b'P', |b| {
             b.put_u8(0);
-            b.put_slice(VOLATILITY_SQL.as_bytes());
+            b.put_slice(sql.as_bytes());
             b.put_u8(0);
             b.put_i16(0);
         });
@@ -84,11 +229,11 @@ impl Catalog {
             b.put_u8(0);
             b.put_u8(0);
             b.put_i16(0);
-            b.put_i16(2);
-            for v in [Some(f.name.as_str()), f.schema.as_deref()] {
+            b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+            for v in params {
                 match v {
                     Some(v) => {
-                        b.put_i32(v.len() as i32);
+                        b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
                         b.put_slice(v.as_bytes());
                     }
                     None => b.put_i32(-1),
@@ -103,25 +248,28 @@ impl Catalog {
         message(&mut out, b'S', |_| {});
         tokio::time::timeout(timeout, async {
             up.stream.write_all(&out).await?;
-            let mut answer = None;
+            let mut rows = Vec::new();
             let mut error = None;
             loop {
                 let fr = up.read_frame(max).await?;
                 match fr.tag {
                     b'D' => {
-                        answer = read_data_row(&fr.body)
-                            .and_then(|v| v.first().copied().flatten().and_then(|b| b.first().copied()))
-                            .map(char::from);
+                        let row = read_data_row(&fr.body)
+                            .ok_or_else(|| UpstreamError::Protocol("malformed catalog row".into()))?;
+                        rows.push(
+                            row.into_iter()
+                                .map(|v| v.map(|v| String::from_utf8_lossy(v).into_owned()))
+                                .collect(),
+                        );
                     }
                     b'E' => error = Some(read_error_fields(&fr.body)),
                     b'Z' => break,
                     _ => {}
                 }
             }
-            match (answer, error) {
-                (_, Some((code, message))) => Err(UpstreamError::Rejected { code, message }),
-                (Some(v), None) => Ok(v),
-                (None, None) => Err(UpstreamError::Protocol("empty catalog answer".into())),
+            match error {
+                Some((code, message)) => Err(UpstreamError::Rejected { code, message }),
+                None => Ok(rows),
             }
         })
         .await

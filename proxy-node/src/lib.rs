@@ -14,7 +14,9 @@
 //! - [`upstream`]: connecting to targets with held credentials.
 //! - `session`: one client session, from startup to the end.
 //! - [`cancel`]: routing CancelRequests to the right target backend.
-//! - [`catalog`]: function volatility from the target's `pg_proc`.
+//! - [`catalog`]: function volatility, result column origins and view definitions from the
+//!   target's catalog.
+//! - [`mask`]: masking rules of a session and the rewriting of every message carrying data.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +34,7 @@ pub mod catalog;
 pub mod grant;
 pub mod hold;
 pub mod identity;
+pub mod mask;
 pub mod policy;
 mod session;
 pub mod upstream;
@@ -75,6 +78,12 @@ pub struct ProxyConfig {
     /// Result rows kept in each response event. Default 1000.
     #[serde(default = "default_capture_rows")]
     pub capture_rows: usize,
+    /// A file holding the secret key of the `hash` masking strategy (at least 32 bytes, e.g. 64
+    /// hex digits from `airlock keygen`). Every node of a deployment needs the same key for
+    /// hashed values to match across nodes. Default none: a random key per process, so hashes
+    /// are stable only until the node restarts.
+    #[serde(default)]
+    pub masking_key_file: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -115,11 +124,29 @@ impl Default for ProxyConfig {
             auth_timeout: default_auth_timeout(),
             policy_max_staleness: default_max_staleness(),
             capture_rows: default_capture_rows(),
+            masking_key_file: None,
         }
     }
 }
 
 impl ProxyConfig {
+    /// The key of the `hash` masking strategy: from [`ProxyConfig::masking_key_file`], or random.
+    pub fn masking_key(&self) -> Result<Vec<u8>, String> {
+        let Some(path) = &self.masking_key_file else {
+            let mut key = Vec::with_capacity(32);
+            key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+            key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+            return Ok(key);
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("proxy.masking_key_file {path}: {e}"))?;
+        let key = text.trim().as_bytes().to_vec();
+        if key.len() < 32 {
+            return Err(format!("proxy.masking_key_file {path}: the key must be at least 32 bytes"));
+        }
+        Ok(key)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if let Some(o) = &self.oidc {
             o.validate()?;
@@ -142,6 +169,8 @@ impl ProxyConfig {
 pub enum ProxyError {
     #[error("event bus: {0}")]
     Bus(#[from] eventbus::BusError),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("accepting connections: {0}")]
     Accept(#[source] std::io::Error),
 }
@@ -190,6 +219,8 @@ pub(crate) struct Shared {
     pub(crate) holds: hold::Holds,
     pub(crate) grants: grant::Grants,
     pub(crate) cancels: cancel::Cancels,
+    /// The key of the `hash` masking strategy.
+    pub(crate) masking_key: Vec<u8>,
 }
 
 /// Serve Postgres clients on `listener` until `shutdown` resolves.
@@ -200,6 +231,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
+    let masking_key = cfg.masking_key().map_err(ProxyError::Config)?;
+    if cfg.masking_key_file.is_none() {
+        info!("no proxy.masking_key_file: hashed masking values are stable only until this node restarts");
+    }
     let holds = hold::Holds::start(&bus).await?;
     let grants = grant::Grants::start(&bus).await?;
     let shared = Arc::new(Shared {
@@ -210,6 +245,7 @@ pub async fn run(
         holds,
         grants,
         cancels: cancel::Cancels::default(),
+        masking_key,
     });
     info!(listen = ?listener.local_addr().ok(), "proxy listening");
     tokio::pin!(shutdown);

@@ -358,6 +358,16 @@ pub(crate) struct Response {
     pub(crate) error: Option<ErrorInfo>,
     pub(crate) capture: ResultCapture,
     pub(crate) captured_bytes: usize,
+    /// The statement text that produced the response (for masking lineage); `None` if unknown.
+    pub(crate) sql: Option<Arc<str>>,
+    /// Which statement of a multi-statement simple query is answering.
+    pub(crate) stmt: usize,
+    /// How result rows are masked, once the row description is known.
+    pub(crate) plan: Option<crate::mask::RowPlan>,
+    /// How COPY TO rows are masked: the plan, the CSV quoting (None = text format), the delimiter.
+    pub(crate) copy: Option<(crate::mask::RowPlan, Option<crate::mask::CsvShape>, u8)>,
+    /// Does the statement read masked columns (so error texts are withheld)? Computed once.
+    pub(crate) reads_masked: Option<bool>,
 }
 
 impl Response {
@@ -370,7 +380,25 @@ impl Response {
             error: None,
             capture: ResultCapture::default(),
             captured_bytes: 0,
+            sql: None,
+            stmt: 0,
+            plan: None,
+            copy: None,
+            reads_masked: None,
         }
+    }
+
+    pub(crate) fn with_sql(mut self, sql: Option<Arc<str>>) -> Self {
+        self.sql = sql;
+        self
+    }
+
+    /// The next statement of a simple query starts answering.
+    pub(crate) fn next_statement(&mut self) {
+        self.stmt += 1;
+        self.plan = None;
+        self.copy = None;
+        self.reads_masked = None;
     }
 
     pub(crate) fn columns(&mut self, body: &[u8]) {

@@ -237,6 +237,8 @@ const DENIED_FUNCTIONS: &[&str] = &[
 
 /// Built-ins known to have no side effects.
 const READ_ONLY_FUNCTIONS: &[&str] = &[
+    // The row constructor `ROW(...)` parses as a function call.
+    "row",
     "count",
     "sum",
     "avg",

@@ -25,10 +25,15 @@ use tracing::{debug, info};
 use uuid::Uuid;
 
 use super::{Client, Response, Session, SessionError};
+use crate::mask::{self, Field, Rules};
 use crate::policy::{Classification, SessionEffect, Verdict, classify};
 use crate::upstream::Upstream;
 use crate::wire::postgres::messages::{self as msg, sqlstate};
 use crate::wire::postgres::{Frame, decode_frame};
+use masking::lineage::{ColumnRef, Lineage, Output};
+use masking::strategy::Masker;
+
+mod masked;
 
 /// Buffers past this size stop reading from the side that fills them (backpressure).
 const HIGH_WATER: usize = 256 * 1024;
@@ -63,8 +68,11 @@ enum Expect {
         kind: u8,
         name: String,
     },
-    DescribeStatement,
-    DescribePortal,
+    DescribeStatement(String),
+    DescribePortal(String),
+    /// The proxy's own Describe of a portal before an Execute, to learn how to mask its rows:
+    /// not shown to the client.
+    HiddenDescribe,
     Execute(Box<Response>),
     /// A simple-protocol query, with what each statement does to prepared statements.
     Query(Box<Response>, VecDeque<SessionEffect>),
@@ -81,8 +89,9 @@ impl Expect {
             Expect::Parse { .. } => "Parse",
             Expect::Bind { .. } => "Bind",
             Expect::Close { .. } => "Close",
-            Expect::DescribeStatement => "Describe statement",
-            Expect::DescribePortal => "Describe portal",
+            Expect::DescribeStatement(_) => "Describe statement",
+            Expect::DescribePortal(_) => "Describe portal",
+            Expect::HiddenDescribe => "Describe",
             Expect::Execute(_) => "Execute",
             Expect::Query(..) => "Query",
             Expect::Sync => "Sync",
@@ -100,7 +109,7 @@ impl Expect {
 /// What the proxy does once a held message is decided.
 enum AfterHold {
     Query { sql: String, effects: Vec<SessionEffect>, seq: u64 },
-    Execute { frame: Frame, seq: u64 },
+    Execute { frame: Frame, portal: String, sql: Option<Arc<str>>, seq: u64 },
 }
 
 struct Held {
@@ -154,6 +163,9 @@ struct Relay<'s> {
     /// Where to send a CancelRequest for the target backend.
     cancel: Option<(std::net::SocketAddr, i32, i32)>,
     catalog: crate::catalog::Catalog,
+    /// The masking rules of this session under policy version `rules_version`.
+    rules: Option<Arc<Rules>>,
+    rules_version: Option<u64>,
 }
 
 enum Flow {
@@ -192,6 +204,8 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         poison_portal: format!("{RESERVED_PREFIX}_{}", Uuid::new_v4().simple()),
         cancel,
         catalog: crate::catalog::Catalog::default(),
+        rules: None,
+        rules_version: None,
     };
     let result = r.run().await;
     if let Err(SessionError::Refused(m)) = &result {
@@ -394,10 +408,11 @@ impl Relay<'_> {
                     return Err(self.protocol_error("Describe"));
                 }
                 self.send_upstream(&f);
+                let name = name.to_string();
                 self.expect.push_back(if kind == b'S' {
-                    Expect::DescribeStatement
+                    Expect::DescribeStatement(name)
                 } else {
-                    Expect::DescribePortal
+                    Expect::DescribePortal(name)
                 });
             }
             b'E' => {
@@ -493,12 +508,19 @@ impl Relay<'_> {
         c: &Classification,
     ) -> Result<(u64, Verdict), SessionError> {
         let policy = self.policy()?;
-        let verdict = self.verdict(&policy, c);
+        self.refresh_rules(&policy);
+        let verdict = match self.mask_precheck(sql) {
+            Some(reason) => {
+                Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None }
+            }
+            None => self.verdict(&policy, c),
+        };
+        let (shown_sql, shown_params) = self.shown(sql, params);
         self.s.seq += 1;
         let seq = self.s.seq;
         debug!(seq, decision = %verdict.decision, rule = %verdict.rule, "policy decision");
         self.record(vec![
-            Event::RequestReceived { seq, statement: sql.to_string(), parameters: params.to_vec() },
+            Event::RequestReceived { seq, statement: shown_sql, parameters: shown_params },
             Event::PolicyDecided {
                 seq,
                 decision: verdict.decision,
@@ -594,7 +616,20 @@ impl Relay<'_> {
     fn forward_query(&mut self, sql: &str, effects: Vec<SessionEffect>, seq: u64) {
         let q = msg::query(sql);
         self.send_upstream(&q);
-        self.expect.push_back(Expect::Query(Box::new(Response::new(seq)), effects.into()));
+        let r = Response::new(seq).with_sql(Some(sql.into()));
+        self.expect.push_back(Expect::Query(Box::new(r), effects.into()));
+    }
+
+    /// Send an Execute to the target; with masking, preceded by the proxy's own Describe of the
+    /// portal, so the rows' columns are known even when the client did not ask.
+    fn forward_execute(&mut self, frame: &Frame, portal: &str, sql: Option<Arc<str>>, seq: u64) {
+        if self.rules.is_some() {
+            let d = msg::describe(b'P', portal);
+            self.send_upstream(&d);
+            self.expect.push_back(Expect::HiddenDescribe);
+        }
+        self.send_upstream(frame);
+        self.expect.push_back(Expect::Execute(Box::new(Response::new(seq).with_sql(sql))));
     }
 
     async fn parse(&mut self, f: Frame, name: String, sql: String) -> Result<(), SessionError> {
@@ -606,7 +641,13 @@ impl Relay<'_> {
         self.resolve_functions(&mut c).await;
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
-        let verdict = self.verdict(&policy, &c);
+        self.refresh_rules(&policy);
+        let verdict = match self.mask_precheck(&sql) {
+            Some(reason) => {
+                Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None }
+            }
+            None => self.verdict(&policy, &c),
+        };
         if verdict.decision == Decision::Deny {
             let (seq, _) = self.decide(&sql, &[], &c).await?;
             let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
@@ -626,6 +667,8 @@ impl Relay<'_> {
 
     async fn execute(&mut self, f: Frame, portal: String) -> Result<(), SessionError> {
         let entry = self.lookup_portal(&portal);
+        let stmt_sql =
+            entry.as_ref().and_then(|e| e.stmt.as_ref()).map(|p| p.sql.clone()).filter(|s| !s.is_empty());
         let (sql, params, c) = match entry {
             Some(Portal { stmt: Some(p), params }) => {
                 (p.sql.to_string(), params, (*p.classification).clone())
@@ -656,8 +699,7 @@ impl Relay<'_> {
         let (seq, verdict) = self.decide(&sql, &params, &c).await?;
         match verdict.decision {
             Decision::Allow => {
-                self.send_upstream(&f);
-                self.expect.push_back(Expect::Execute(Box::new(Response::new(seq))));
+                self.forward_execute(&f, &portal, stmt_sql, seq);
                 Ok(())
             }
             Decision::Deny => {
@@ -665,7 +707,8 @@ impl Relay<'_> {
                 self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true).await
             }
             Decision::Hold => {
-                self.hold(seq, &sql, &params, &verdict, AfterHold::Execute { frame: f, seq }, true).await
+                let then = AfterHold::Execute { frame: f, portal, sql: stmt_sql, seq };
+                self.hold(seq, &sql, &params, &verdict, then, true).await
             }
         }
     }
@@ -679,7 +722,9 @@ impl Relay<'_> {
         then: AfterHold,
         extended: bool,
     ) -> Result<(), SessionError> {
-        let (req, timeout) = self.s.hold_request(seq, sql, params, verdict);
+        let (mut req, timeout) = self.s.hold_request(seq, sql, params, verdict);
+        // Approvers see the statement as recorded: masked. The fingerprint binds the original.
+        (req.statement, req.parameters) = self.shown(sql, params);
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
         if let Err(e) = self.s.record(vec![Event::HoldRequested(req.clone())]).await {
@@ -724,9 +769,8 @@ impl Relay<'_> {
         if d.outcome == HoldOutcome::Approved {
             match h.then {
                 AfterHold::Query { sql, effects, seq } => self.forward_query(&sql, effects, seq),
-                AfterHold::Execute { frame, seq } => {
-                    self.send_upstream(&frame);
-                    self.expect.push_back(Expect::Execute(Box::new(Response::new(seq))));
+                AfterHold::Execute { frame, portal, sql, seq } => {
+                    self.forward_execute(&frame, &portal, sql, seq)
                 }
             }
             return Ok(());
@@ -744,6 +788,13 @@ impl Relay<'_> {
 
     /// One frame from the target.
     async fn on_upstream(&mut self, f: Frame) -> Result<(), SessionError> {
+        let f = match self.rules.clone() {
+            Some(rules) => match self.mask_upstream(&rules, f).await? {
+                Some(f) => f,
+                None => return Ok(()),
+            },
+            None => f,
+        };
         // Asynchronous messages may come at any time.
         if matches!(f.tag, b'N' | b'S' | b'A') {
             self.send_client(&f);
@@ -793,8 +844,8 @@ impl Relay<'_> {
             (Expect::Parse { .. }, b'1') | (Expect::Bind { .. }, b'2') | (Expect::Close { .. }, b'3') => {
                 done = true
             }
-            (Expect::DescribeStatement, b't') => {}
-            (Expect::DescribeStatement | Expect::DescribePortal, b'T' | b'n') => done = true,
+            (Expect::DescribeStatement(_), b't') => {}
+            (Expect::DescribeStatement(_) | Expect::DescribePortal(_), b'T' | b'n') => done = true,
             (Expect::Execute(r) | Expect::Query(r, _), b'T') => r.columns(&f.body),
             (Expect::Execute(r) | Expect::Query(r, _), b'D') => r.row(&f.body, cap_rows),
             // COPY TO STDOUT: the row count comes with CommandComplete.
@@ -816,6 +867,7 @@ impl Relay<'_> {
             (Expect::Execute(_), b'I' | b's') => done = true,
             (Expect::Query(r, effects), b'C') => {
                 r.complete(&f.body);
+                r.next_statement();
                 let effect = effects.pop_front();
                 self.apply_effect(effect);
             }

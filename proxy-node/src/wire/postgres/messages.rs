@@ -245,6 +245,14 @@ pub fn execute(portal: &str) -> Frame {
     frame(b'E', b)
 }
 
+/// Describe of a portal (`P`) or statement (`S`).
+pub fn describe(kind: u8, name: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_u8(kind);
+    put_cstr(&mut b, name);
+    frame(b'D', b)
+}
+
 pub fn sync() -> Frame {
     Frame { tag: b'S', body: Bytes::new() }
 }

@@ -1,0 +1,2571 @@
+//! Column lineage of SQL statements: for each output column of a statement, the table columns it
+//! is computed from.
+//!
+//! PostgreSQL's `RowDescription` names the origin table and column only for plain column
+//! references; a computed output column (an expression, a function, an aggregate, a subquery, a
+//! `UNION` branch, `row_to_json(t)` …) has no origin. [`lineage`] tells, without a catalog, which
+//! table columns each output column derives from, so that the proxy can mask a computed column
+//! whenever any of its sources is masked.
+//!
+//! The analysis is conservative: when it cannot tell which table owns a column it lists every
+//! candidate, when an output derives from something whose columns cannot be known it sets
+//! [`Output::Column::opaque`], when positions may not line up it clears [`Lineage::exact`], and
+//! for statements returning rows of a shape it cannot know it returns
+//! [`LineageError::Unsupported`]. An extra source only over-masks; a missing one would leak.
+//!
+//! Names are folded the way PostgreSQL folds them: unquoted identifiers are lower-cased (ASCII
+//! only, as PostgreSQL does for multi-byte encodings), quoted ones are kept exactly, and both are
+//! truncated to 63 bytes. sqlparser does not decode `U&"…"` identifiers (it reads `U & "…"`), so
+//! such an expression is marked opaque.
+
+use std::collections::BTreeSet;
+
+use sqlparser::ast::{
+    AccessExpr, BinaryOperator, ConnectByKind, CopySource, CopyTarget, Cte, Distinct, Expr, FromTable,
+    Function, FunctionArg, FunctionArgExpr, FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident,
+    InTarget, JoinConstraint, JoinOperator, JsonPathElem, ListAggOnOverflow, MergeAction, MergeInsertKind,
+    MergeUpdateKind, NamedWindowExpr, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, OrderBy,
+    OrderByExpr, OrderByKind, OutputClause, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
+    Statement, Subscript, TableAlias, TableFactor, TableObject, TableWithJoins, UpdateTableFromKind, Values,
+    WildcardAdditionalOptions, WindowFrameBound, WindowSpec, WindowType,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::{Parser, ParserError};
+
+/// How deeply expressions, queries and table factors may nest before [`lineage`] gives up with
+/// [`LineageError::TooDeep`] (left-deep chains of binary operators and set operations are walked
+/// iteratively and do not count).
+pub const MAX_DEPTH: usize = 200;
+
+/// How many nodes [`lineage`] may visit in one statement (recursive CTEs are analysed several
+/// times) before it gives up with [`LineageError::TooComplex`].
+const MAX_STEPS: usize = 1_000_000;
+
+/// How many times the body of a recursive CTE is re-analysed while looking for a fixpoint.
+const MAX_RECURSIVE_ROUNDS: usize = 16;
+
+/// PostgreSQL truncates identifiers to `NAMEDATALEN - 1` bytes.
+const MAX_IDENT_BYTES: usize = 63;
+
+/// Functions that run SQL given as text, or read whole tables by name: their results derive from
+/// columns that the statement does not name, so the statement is refused.
+const SQL_EXECUTING_FUNCTIONS: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "dblink",
+    "dblink_exec",
+    "dblink_fetch",
+    "dblink_get_result",
+    "dblink_send_query",
+    "dblink_open",
+];
+
+/// A table column, or a whole row of a table when `column` is `None`.
+///
+/// Names are folded the way PostgreSQL folds them (see the [module docs](self)). `schema` is the
+/// schema as written in the statement; `None` means "resolved through `search_path`".
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ColumnRef {
+    /// Schema as written, if any.
+    pub schema: Option<String>,
+    /// Table (or view) name.
+    pub table: String,
+    /// Column name; `None` for a whole-row reference (any column of the table).
+    pub column: Option<String>,
+}
+
+impl ColumnRef {
+    /// A reference to one column of a table.
+    pub fn column(schema: Option<&str>, table: &str, column: &str) -> Self {
+        Self { schema: schema.map(str::to_owned), table: table.to_owned(), column: Some(column.to_owned()) }
+    }
+
+    /// A reference to a whole row of a table (any of its columns).
+    pub fn whole_row(schema: Option<&str>, table: &str) -> Self {
+        Self { schema: schema.map(str::to_owned), table: table.to_owned(), column: None }
+    }
+
+    fn of_table(table: &TableRef, column: Option<&str>) -> Self {
+        Self { schema: table.schema.clone(), table: table.table.clone(), column: column.map(str::to_owned) }
+    }
+}
+
+/// A base table (or view) named in a statement, names folded as for [`ColumnRef`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableRef {
+    /// Schema as written, if any.
+    pub schema: Option<String>,
+    /// Table (or view) name.
+    pub table: String,
+}
+
+impl TableRef {
+    /// A table reference.
+    pub fn new(schema: Option<&str>, table: &str) -> Self {
+        Self { schema: schema.map(str::to_owned), table: table.to_owned() }
+    }
+}
+
+/// One item of a statement's result, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// One result column, computed or direct.
+    Column {
+        /// The column's name as PostgreSQL would report it, when it can be told.
+        name: Option<String>,
+        /// Every table column it derives from (a `column: None` entry means any column of that
+        /// table). Empty for literals and `count(*)`.
+        sources: BTreeSet<ColumnRef>,
+        /// It derives from something whose columns cannot be known (a set-returning function
+        /// over a column, an unresolvable name, …): the proxy treats it as masked if ANY column
+        /// in [`Lineage::referenced`] is masked.
+        opaque: bool,
+    },
+    /// `*` or `t.*` over base tables: expands, in order, to all columns of these tables (the
+    /// proxy knows the columns from the catalog).
+    Star {
+        /// The tables, in order.
+        tables: Vec<TableRef>,
+    },
+}
+
+/// The lineage of one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    /// The result's columns, in order; empty for statements that return no rows.
+    pub outputs: Vec<Output>,
+    /// `false` when the positions of `outputs` may not line up with the result's columns (a
+    /// star over `NATURAL JOIN`/`USING`, a star over a function's result, set-operation branches
+    /// that cannot be aligned, …): the proxy then masks every computed column if any column in
+    /// `referenced` is masked.
+    pub exact: bool,
+    /// Every table column or whole table referenced anywhere in the statement (projection,
+    /// `WHERE`, `JOIN … ON`, `GROUP BY`, `HAVING`, `ORDER BY`, subqueries, CTE bodies …), for the
+    /// conservative fallback.
+    pub referenced: BTreeSet<ColumnRef>,
+}
+
+/// Why a statement's lineage cannot be told.
+#[derive(Debug, thiserror::Error)]
+pub enum LineageError {
+    /// The SQL text does not parse.
+    #[error("parsing SQL for lineage")]
+    Parse(#[source] ParserError),
+    /// The statement returns rows whose shape or origin cannot be analysed.
+    #[error("cannot tell the lineage of {0}")]
+    Unsupported(String),
+    /// The statement nests deeper than [`MAX_DEPTH`].
+    #[error("statement nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// The statement is too large to analyse.
+    #[error("statement too complex to analyse")]
+    TooComplex,
+}
+
+/// The lineage of one parsed statement.
+///
+/// Statements that return no rows (plain `INSERT`/`UPDATE`/`DELETE`/`MERGE`, DDL, `SET`,
+/// `BEGIN` …) give no outputs. `DECLARE … CURSOR FOR q` and `PREPARE p AS s` give the lineage
+/// of `q` and `s` (for the proxy to use on `FETCH`/`EXECUTE`); `EXPLAIN` gives the single
+/// `QUERY PLAN` column; `COPY … TO STDOUT` gives the copied columns.
+///
+/// # Errors
+///
+/// [`LineageError::Unsupported`] for `SHOW`, `FETCH`, `EXECUTE`, `CALL` and other statements
+/// returning rows whose shape cannot be known, for functions that run SQL given as text
+/// (`query_to_xml`, `dblink` …) and for syntax of other dialects; [`LineageError::TooDeep`] and
+/// [`LineageError::TooComplex`] for statements too deep or too large to analyse.
+pub fn lineage(stmt: &Statement) -> Result<Lineage, LineageError> {
+    let mut a = Analyzer::default();
+    let d = a.statement(stmt)?;
+    for out in &d.outputs {
+        match out {
+            Output::Column { sources, .. } => a.referenced.extend(sources.iter().cloned()),
+            Output::Star { tables } => {
+                a.referenced.extend(tables.iter().map(|t| ColumnRef::of_table(t, None)));
+            }
+        }
+    }
+    Ok(Lineage { outputs: d.outputs, exact: d.exact, referenced: a.referenced })
+}
+
+/// Parses `sql` with the PostgreSQL dialect and returns the lineage of each statement, in order.
+///
+/// # Errors
+///
+/// [`LineageError::Parse`] if the text does not parse, else the first error of [`lineage`].
+pub fn lineage_sql(sql: &str) -> Result<Vec<Lineage>, LineageError> {
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(LineageError::Parse)?;
+    stmts.iter().map(lineage).collect()
+}
+
+/// Folds an identifier the way PostgreSQL does: unquoted ones lower-cased (ASCII only), quoted
+/// ones kept, both truncated to 63 bytes on a character boundary.
+pub fn fold_ident(ident: &Ident) -> String {
+    let mut s = match ident.quote_style {
+        None => ident.value.to_ascii_lowercase(),
+        Some(_) => ident.value.clone(),
+    };
+    if s.len() > MAX_IDENT_BYTES {
+        let mut end = MAX_IDENT_BYTES;
+        while end > 0 && !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internal model
+// ---------------------------------------------------------------------------------------------
+
+/// Sources gathered for one expression.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Acc {
+    sources: BTreeSet<ColumnRef>,
+    opaque: bool,
+}
+
+impl Acc {
+    fn merge(&mut self, other: &Acc) {
+        self.sources.extend(other.sources.iter().cloned());
+        self.opaque |= other.opaque;
+    }
+
+    /// Adds what an output item derives from: a column's sources, or a star's whole tables.
+    fn add_output(&mut self, out: &Output) {
+        match out {
+            Output::Column { sources, opaque, .. } => {
+                self.sources.extend(sources.iter().cloned());
+                self.opaque |= *opaque;
+            }
+            Output::Star { tables } => {
+                self.sources.extend(tables.iter().map(|t| ColumnRef::of_table(t, None)));
+            }
+        }
+    }
+
+    fn into_column(self, name: Option<String>) -> Output {
+        Output::Column { name, sources: self.sources, opaque: self.opaque }
+    }
+}
+
+/// The outputs of a query, a derived table or a CTE.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Derived {
+    outputs: Vec<Output>,
+    exact: bool,
+}
+
+impl Derived {
+    fn exact(outputs: Vec<Output>) -> Self {
+        Self { outputs, exact: true }
+    }
+
+    /// Everything any output derives from.
+    fn all(&self) -> Acc {
+        let mut acc = Acc::default();
+        for out in &self.outputs {
+            acc.add_output(out);
+        }
+        acc
+    }
+
+    /// Applies a column alias list (`AS s(a, b)`, `WITH x(a, b)`): renames the first outputs by
+    /// position when positions are known, else gives every alias all the sources.
+    fn renamed(mut self, names: &[String]) -> Self {
+        if names.is_empty() {
+            return self;
+        }
+        let positional = self.exact
+            && self.outputs.len() >= names.len()
+            && self.outputs.iter().take(names.len()).all(|o| matches!(o, Output::Column { .. }));
+        if positional {
+            for (out, new) in self.outputs.iter_mut().zip(names) {
+                if let Output::Column { name, .. } = out {
+                    *name = Some(new.clone());
+                }
+            }
+            return self;
+        }
+        let all = self.all();
+        let mut outputs: Vec<Output> =
+            names.iter().map(|n| all.clone().into_column(Some(n.clone()))).collect();
+        outputs.append(&mut self.outputs);
+        Self { outputs, exact: false }
+    }
+
+    /// Looks a column name up among the outputs. Returns `(definite, maybe)`: a named output
+    /// matched, or a star or an output of unknown name may hold it.
+    fn column(&self, c: &str, acc: &mut Acc) -> (bool, bool) {
+        let (mut definite, mut maybe) = (false, false);
+        for out in &self.outputs {
+            match out {
+                Output::Column { name: Some(n), .. } if n == c => {
+                    acc.add_output(out);
+                    definite = true;
+                }
+                Output::Column { name: Some(_), .. } => {}
+                Output::Column { name: None, .. } => {
+                    acc.add_output(out);
+                    maybe = true;
+                }
+                Output::Star { tables } => {
+                    acc.sources.extend(tables.iter().map(|t| ColumnRef::of_table(t, Some(c))));
+                    maybe = true;
+                }
+            }
+        }
+        (definite, maybe)
+    }
+}
+
+/// Something in a FROM clause (or a DML target).
+#[derive(Debug, Clone)]
+struct Relation {
+    /// The name it is referred to by (its alias, else its table or CTE name).
+    name: Option<String>,
+    /// The schema it was written with, for `schema.table.column` references (`None` if aliased).
+    schema: Option<String>,
+    /// Whether it has an alias (then `schema.table.column` cannot reach it).
+    aliased: bool,
+    kind: RelKind,
+}
+
+#[derive(Debug, Clone)]
+enum RelKind {
+    /// A base table or view.
+    Base(TableRef),
+    /// A derived table, a CTE or a base table with a column alias list.
+    Derived(Derived),
+    /// A table function: every column derives from all its arguments. `columns` are the alias
+    /// list's names; `complete` when that list is a full column definition list.
+    Func { acc: Acc, columns: Vec<String>, complete: bool },
+    /// An aliased parenthesized join; `merged` when it merges columns (`USING`, `NATURAL`).
+    Join { members: Vec<Relation>, merged: bool },
+}
+
+impl Relation {
+    /// Looks a column up in this relation. Returns `(definite, maybe)` as [`Derived::column`].
+    fn column(&self, c: &str, acc: &mut Acc) -> (bool, bool) {
+        match &self.kind {
+            RelKind::Base(t) => {
+                acc.sources.insert(ColumnRef::of_table(t, Some(c)));
+                (false, true)
+            }
+            RelKind::Derived(d) => d.column(c, acc),
+            RelKind::Func { acc: f, columns, complete } => {
+                if columns.iter().any(|n| n == c) {
+                    acc.merge(f);
+                    (true, false)
+                } else if *complete {
+                    (false, false)
+                } else {
+                    acc.merge(f);
+                    (false, true)
+                }
+            }
+            RelKind::Join { members, .. } => {
+                let (mut definite, mut maybe) = (false, false);
+                for m in members {
+                    let (d, m) = m.column(c, acc);
+                    definite |= d;
+                    maybe |= m;
+                }
+                (definite, maybe)
+            }
+        }
+    }
+
+    /// Adds everything a whole-row reference to this relation derives from.
+    fn whole_row(&self, acc: &mut Acc) {
+        match &self.kind {
+            RelKind::Base(t) => {
+                acc.sources.insert(ColumnRef::of_table(t, None));
+            }
+            RelKind::Derived(d) => acc.merge(&d.all()),
+            RelKind::Func { acc: f, .. } => acc.merge(f),
+            RelKind::Join { members, .. } => {
+                for m in members {
+                    m.whole_row(acc);
+                }
+            }
+        }
+    }
+
+    /// Appends the expansion of `rel.*` to `out`; returns whether the positions are exact.
+    fn star(&self, out: &mut Vec<Output>) -> bool {
+        match &self.kind {
+            RelKind::Base(t) => {
+                push_star(out, t.clone());
+                true
+            }
+            RelKind::Derived(d) => {
+                for o in &d.outputs {
+                    match o {
+                        Output::Star { tables } => {
+                            for t in tables {
+                                push_star(out, t.clone());
+                            }
+                        }
+                        Output::Column { .. } => out.push(o.clone()),
+                    }
+                }
+                d.exact
+            }
+            RelKind::Func { acc, columns, complete } => {
+                if columns.is_empty() {
+                    out.push(acc.clone().into_column(self.name.clone()));
+                } else {
+                    out.extend(columns.iter().map(|c| acc.clone().into_column(Some(c.clone()))));
+                }
+                *complete
+            }
+            RelKind::Join { members, merged } => {
+                let mut exact = !merged;
+                for m in members {
+                    exact &= m.star(out);
+                }
+                exact
+            }
+        }
+    }
+
+    /// Whether a qualifier (`t`, `s.t` or `db.s.t`) names this relation.
+    fn matches(&self, qualifier: &[String]) -> bool {
+        let Some((table, rest)) = qualifier.split_last() else { return false };
+        if self.name.as_deref() != Some(table.as_str()) {
+            return false;
+        }
+        match rest.last() {
+            None => true,
+            Some(schema) => !self.aliased && self.schema.as_ref().is_none_or(|s| s == schema),
+        }
+    }
+}
+
+fn push_star(out: &mut Vec<Output>, t: TableRef) {
+    if let Some(Output::Star { tables }) = out.last_mut() {
+        tables.push(t);
+    } else {
+        out.push(Output::Star { tables: vec![t] });
+    }
+}
+
+/// One query level's FROM scope.
+#[derive(Debug, Default)]
+struct Level {
+    rels: Vec<Relation>,
+    /// Some join merges columns (`USING`, `NATURAL`), so `*` does not line up.
+    merged: bool,
+    /// Sources of the named windows (`WINDOW w AS (…)`) of this level.
+    windows: Acc,
+}
+
+/// Combines the outputs of two set-operation branches (or two rounds of a recursive CTE):
+/// output i is the union of both outputs i, names from the left.
+fn combine(left: Derived, right: Derived) -> Derived {
+    let aligned = left.outputs.len() == right.outputs.len()
+        && left.outputs.iter().zip(&right.outputs).all(|pair| match pair {
+            (Output::Column { .. }, Output::Column { .. }) => true,
+            (Output::Star { tables: a }, Output::Star { tables: b }) => a == b,
+            _ => false,
+        });
+    let exact = left.exact && right.exact;
+    if aligned {
+        let outputs = left
+            .outputs
+            .into_iter()
+            .zip(&right.outputs)
+            .map(|(l, r)| match l {
+                Output::Column { name, mut sources, opaque } => {
+                    let mut acc = Acc::default();
+                    acc.add_output(r);
+                    sources.extend(acc.sources);
+                    Output::Column { name, sources, opaque: opaque || acc.opaque }
+                }
+                star @ Output::Star { .. } => star,
+            })
+            .collect();
+        return Derived { outputs, exact };
+    }
+    let all_right = right.all();
+    let mut outputs: Vec<Output> = left
+        .outputs
+        .iter()
+        .map(|l| {
+            let mut acc = Acc::default();
+            acc.add_output(l);
+            acc.merge(&all_right);
+            let name = match l {
+                Output::Column { name, .. } => name.clone(),
+                Output::Star { .. } => None,
+            };
+            acc.into_column(name)
+        })
+        .collect();
+    if outputs.is_empty() && !right.outputs.is_empty() {
+        outputs.push(all_right.into_column(None));
+    }
+    Derived { outputs, exact: false }
+}
+
+/// The name PostgreSQL gives an unaliased output column (`FigureColname`), with its strength:
+/// 2 for a real name, 0 for `?column?`. `None` when it cannot be told here.
+fn figure_name(e: &Expr) -> Option<(String, u8)> {
+    let named = |s: &str| Some((s.to_owned(), 2));
+    match e {
+        Expr::Identifier(id) => Some((fold_ident(id), 2)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(|id| (fold_ident(id), 2)),
+        Expr::Function(f) => f.name.0.last().and_then(ObjectNamePart::as_ident).map(|id| (fold_ident(id), 2)),
+        Expr::Nested(inner) | Expr::Collate { expr: inner, .. } => figure_name(inner),
+        Expr::Cast { expr, .. } => match figure_name(expr) {
+            Some((n, 2)) => Some((n, 2)),
+            _ => None,
+        },
+        Expr::CompoundFieldAccess { root, access_chain } => match access_chain.last() {
+            Some(AccessExpr::Dot(Expr::Identifier(id))) => Some((fold_ident(id), 2)),
+            Some(AccessExpr::Dot(_)) => None,
+            Some(AccessExpr::Subscript(_)) | None => figure_name(root),
+        },
+        Expr::Case { else_result, .. } => match else_result.as_deref().map(figure_name) {
+            Some(Some((n, 2))) => Some((n, 2)),
+            Some(None) => None,
+            Some(Some(_)) | None => named("case"),
+        },
+        Expr::Exists { .. } => named("exists"),
+        Expr::Subquery(q) => first_output_name(q),
+        Expr::Array(_) => named("array"),
+        Expr::Tuple(_) => named("row"),
+        Expr::Value(_)
+        | Expr::BinaryOp { .. }
+        | Expr::UnaryOp { .. }
+        | Expr::IsNull(_)
+        | Expr::IsNotNull(_)
+        | Expr::IsTrue(_)
+        | Expr::IsNotTrue(_)
+        | Expr::IsFalse(_)
+        | Expr::IsNotFalse(_)
+        | Expr::IsUnknown(_)
+        | Expr::IsNotUnknown(_)
+        | Expr::IsDistinctFrom(..)
+        | Expr::IsNotDistinctFrom(..)
+        | Expr::Like { .. }
+        | Expr::ILike { .. }
+        | Expr::SimilarTo { .. }
+        | Expr::Between { .. }
+        | Expr::In { .. }
+        | Expr::AnyOp { .. }
+        | Expr::AllOp { .. } => Some(("?column?".to_owned(), 0)),
+        _ => None,
+    }
+}
+
+/// The name of a subquery's first output, read from its leftmost SELECT.
+fn first_output_name(q: &Query) -> Option<(String, u8)> {
+    let mut body = q.body.as_ref();
+    loop {
+        match body {
+            SetExpr::SetOperation { left, .. } => body = left,
+            SetExpr::Query(inner) => body = &inner.body,
+            SetExpr::Select(s) => {
+                return match s.projection.first()? {
+                    SelectItem::UnnamedExpr(e) => figure_name(e),
+                    SelectItem::ExprWithAlias { alias, .. } => Some((fold_ident(alias), 2)),
+                    _ => None,
+                };
+            }
+            _ => return None,
+        }
+    }
+}
+
+fn output_name(e: &Expr) -> Option<String> {
+    figure_name(e).map(|(n, _)| n)
+}
+
+fn object_idents(name: &ObjectName) -> Result<Vec<String>, LineageError> {
+    name.0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(id) => Ok(fold_ident(id)),
+            ObjectNamePart::Function(_) => Err(LineageError::Unsupported(format!("the name {name}"))),
+        })
+        .collect()
+}
+
+fn table_ref(name: &ObjectName) -> Result<TableRef, LineageError> {
+    let parts = object_idents(name)?;
+    match parts.as_slice() {
+        [t] => Ok(TableRef { schema: None, table: t.clone() }),
+        [s, t] | [_, s, t] => Ok(TableRef { schema: Some(s.clone()), table: t.clone() }),
+        _ => Err(LineageError::Unsupported(format!("the table name {name}"))),
+    }
+}
+
+fn alias_columns(alias: Option<&TableAlias>) -> Vec<String> {
+    alias.map(|a| a.columns.iter().map(|c| fold_ident(&c.name)).collect()).unwrap_or_default()
+}
+
+fn function_name(name: &ObjectName) -> Option<String> {
+    name.0.last().and_then(ObjectNamePart::as_ident).map(fold_ident)
+}
+
+fn check_function(name: &ObjectName) -> Result<(), LineageError> {
+    match function_name(name) {
+        Some(n) if SQL_EXECUTING_FUNCTIONS.contains(&n.as_str()) => {
+            Err(LineageError::Unsupported(format!("the function {n}, which reads tables it is not given")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `U&"…"` is read by sqlparser as `U & "…"`: the quoted identifier is not decoded.
+fn is_unicode_ident(left: &Expr, op: &BinaryOperator) -> bool {
+    matches!(op, BinaryOperator::BitwiseAnd)
+        && matches!(left, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("u"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Analyzer
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Analyzer {
+    /// FROM scopes, innermost last.
+    levels: Vec<Level>,
+    /// CTEs in scope, innermost last.
+    ctes: Vec<(String, Derived)>,
+    referenced: BTreeSet<ColumnRef>,
+    depth: usize,
+    steps: usize,
+}
+
+impl Analyzer {
+    fn enter(&mut self) -> Result<(), LineageError> {
+        self.depth += 1;
+        self.steps += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(LineageError::TooDeep);
+        }
+        if self.steps > MAX_STEPS {
+            return Err(LineageError::TooComplex);
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+    }
+
+    fn note(&mut self, acc: &Acc) {
+        self.referenced.extend(acc.sources.iter().cloned());
+    }
+
+    fn level_mut(&mut self) -> Result<&mut Level, LineageError> {
+        self.levels.last_mut().ok_or_else(|| LineageError::Unsupported("a relation outside any scope".into()))
+    }
+
+    // ---- statements ------------------------------------------------------------------------
+
+    fn statement(&mut self, stmt: &Statement) -> Result<Derived, LineageError> {
+        self.enter()?;
+        let r = self.statement_inner(stmt);
+        self.leave();
+        r
+    }
+
+    fn statement_inner(&mut self, stmt: &Statement) -> Result<Derived, LineageError> {
+        match stmt {
+            Statement::Query(q) => {
+                let d = self.query(q)?;
+                Ok(if is_select_into(q) { Derived::exact(vec![]) } else { d })
+            }
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => {
+                self.dml(stmt)
+            }
+            Statement::Declare { stmts, .. } => match stmts.iter().find_map(|d| d.for_query.as_deref()) {
+                Some(q) => self.query(q),
+                None => Ok(Derived::exact(vec![])),
+            },
+            Statement::Prepare { statement, .. } => self.statement(statement),
+            Statement::Explain { statement, .. } => {
+                // The plan is not data; the inner statement only contributes `referenced`.
+                let depth = self.depth;
+                let (levels, ctes) = (self.levels.len(), self.ctes.len());
+                if self.statement(statement).is_err() {
+                    self.depth = depth;
+                    self.levels.truncate(levels);
+                    self.ctes.truncate(ctes);
+                }
+                let plan = Output::Column {
+                    name: Some("QUERY PLAN".into()),
+                    sources: BTreeSet::new(),
+                    opaque: false,
+                };
+                Ok(Derived::exact(vec![plan]))
+            }
+            Statement::Copy { source, to, target, .. } => {
+                if !*to {
+                    return Ok(Derived::exact(vec![]));
+                }
+                let d = match source {
+                    CopySource::Query(q) => self.query(q)?,
+                    CopySource::Table { table_name, columns } => {
+                        let t = table_ref(table_name)?;
+                        if columns.is_empty() {
+                            Derived::exact(vec![Output::Star { tables: vec![t] }])
+                        } else {
+                            Derived::exact(
+                                columns
+                                    .iter()
+                                    .map(|c| {
+                                        let c = fold_ident(c);
+                                        let sources = BTreeSet::from([ColumnRef::of_table(&t, Some(&c))]);
+                                        Output::Column { name: Some(c), sources, opaque: false }
+                                    })
+                                    .collect(),
+                            )
+                        }
+                    }
+                };
+                Ok(if matches!(target, CopyTarget::Stdout) { d } else { Derived::exact(vec![]) })
+            }
+            Statement::ShowFunctions { .. }
+            | Statement::ShowVariable { .. }
+            | Statement::ShowStatus { .. }
+            | Statement::ShowVariables { .. }
+            | Statement::ShowCreate { .. }
+            | Statement::ShowColumns { .. }
+            | Statement::ShowCatalogs { .. }
+            | Statement::ShowDatabases { .. }
+            | Statement::ShowProcessList { .. }
+            | Statement::ShowSchemas { .. }
+            | Statement::ShowCharset(_)
+            | Statement::ShowObjects(_)
+            | Statement::ShowTables { .. }
+            | Statement::ShowViews { .. }
+            | Statement::ShowCollation { .. } => Err(LineageError::Unsupported("SHOW".into())),
+            Statement::Fetch { .. } => Err(LineageError::Unsupported("FETCH".into())),
+            Statement::Execute { .. } => Err(LineageError::Unsupported("EXECUTE".into())),
+            Statement::Call(_) => Err(LineageError::Unsupported("CALL".into())),
+            Statement::ExplainTable { .. } => Err(LineageError::Unsupported("DESCRIBE".into())),
+            Statement::Pragma { .. } => Err(LineageError::Unsupported("PRAGMA".into())),
+            _ => Ok(Derived::exact(vec![])),
+        }
+    }
+
+    /// INSERT / UPDATE / DELETE / MERGE: the outputs of RETURNING.
+    fn dml(&mut self, stmt: &Statement) -> Result<Derived, LineageError> {
+        let mark = self.levels.len();
+        let r = self.dml_inner(stmt);
+        self.levels.truncate(mark);
+        r
+    }
+
+    fn dml_inner(&mut self, stmt: &Statement) -> Result<Derived, LineageError> {
+        // `extra`: what the statement writes into the target, hence what RETURNING may return.
+        let mut extra = Acc::default();
+        let returning = match stmt {
+            Statement::Insert(ins) => {
+                if !ins.multi_table_into_clauses.is_empty() || ins.multi_table_else_clause.is_some() {
+                    return Err(LineageError::Unsupported("multi-table INSERT".into()));
+                }
+                if let Some(src) = &ins.source {
+                    let d = self.query(src)?;
+                    extra.merge(&d.all());
+                }
+                self.levels.push(Level::default());
+                let table = match &ins.table {
+                    TableObject::TableName(name) => table_ref(name)?,
+                    TableObject::TableFunction(_) | TableObject::TableQuery(_) => {
+                        return Err(LineageError::Unsupported("INSERT into a table function".into()));
+                    }
+                };
+                let alias = ins.table_alias.as_ref().map(|a| fold_ident(&a.alias));
+                let target = Relation {
+                    name: Some(alias.clone().unwrap_or_else(|| table.table.clone())),
+                    schema: if alias.is_some() { None } else { table.schema.clone() },
+                    aliased: alias.is_some(),
+                    kind: RelKind::Base(table),
+                };
+                self.level_mut()?.rels.push(target);
+                for a in &ins.assignments {
+                    self.expr(&a.value, &mut extra)?;
+                }
+                match &ins.on {
+                    Some(OnInsert::OnConflict(oc)) => {
+                        if let OnConflictAction::DoUpdate(du) = &oc.action {
+                            let excluded = Relation {
+                                name: Some("excluded".into()),
+                                schema: None,
+                                aliased: true,
+                                kind: RelKind::Func { acc: extra.clone(), columns: vec![], complete: false },
+                            };
+                            self.level_mut()?.rels.push(excluded);
+                            for a in &du.assignments {
+                                self.expr(&a.value, &mut extra)?;
+                            }
+                            if let Some(sel) = &du.selection {
+                                self.referenced_expr(sel)?;
+                            }
+                            self.level_mut()?.rels.pop();
+                        }
+                    }
+                    Some(OnInsert::DuplicateKeyUpdate(assignments)) => {
+                        for a in assignments {
+                            self.expr(&a.value, &mut extra)?;
+                        }
+                    }
+                    Some(_) | None => {}
+                }
+                ins.returning.as_deref().or(output_items(ins.output.as_ref()))
+            }
+            Statement::Update(up) => {
+                self.levels.push(Level::default());
+                self.add_from(&up.table)?;
+                if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) = &up.from {
+                    for twj in f {
+                        self.add_from(twj)?;
+                    }
+                }
+                for a in &up.assignments {
+                    self.expr(&a.value, &mut extra)?;
+                }
+                if let Some(sel) = &up.selection {
+                    self.referenced_expr(sel)?;
+                }
+                for o in &up.order_by {
+                    self.order_by_expr(o, &mut Acc::default())?;
+                }
+                if let Some(l) = &up.limit {
+                    self.referenced_expr(l)?;
+                }
+                up.returning.as_deref().or(output_items(up.output.as_ref()))
+            }
+            Statement::Delete(del) => {
+                self.levels.push(Level::default());
+                let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &del.from;
+                for twj in from {
+                    self.add_from(twj)?;
+                }
+                for twj in del.using.iter().flatten() {
+                    self.add_from(twj)?;
+                }
+                if let Some(sel) = &del.selection {
+                    self.referenced_expr(sel)?;
+                }
+                for o in &del.order_by {
+                    self.order_by_expr(o, &mut Acc::default())?;
+                }
+                if let Some(l) = &del.limit {
+                    self.referenced_expr(l)?;
+                }
+                del.returning.as_deref().or(output_items(del.output.as_ref()))
+            }
+            Statement::Merge(m) => {
+                self.levels.push(Level::default());
+                for rel in self.table_factor(&m.table)? {
+                    self.level_mut()?.rels.push(rel);
+                }
+                for rel in self.table_factor(&m.source)? {
+                    self.level_mut()?.rels.push(rel);
+                }
+                self.referenced_expr(&m.on)?;
+                for clause in &m.clauses {
+                    if let Some(p) = &clause.predicate {
+                        self.referenced_expr(p)?;
+                    }
+                    match &clause.action {
+                        MergeAction::Insert(ins) => {
+                            match &ins.kind {
+                                MergeInsertKind::Values(v) => {
+                                    let d = self.values(v)?;
+                                    extra.merge(&d.all());
+                                }
+                                MergeInsertKind::Row | MergeInsertKind::Wildcard => {
+                                    let mut all = Acc::default();
+                                    if let Some(level) = self.levels.last() {
+                                        for rel in &level.rels {
+                                            rel.whole_row(&mut all);
+                                        }
+                                    }
+                                    extra.merge(&all);
+                                }
+                            }
+                            if let Some(p) = &ins.insert_predicate {
+                                self.referenced_expr(p)?;
+                            }
+                        }
+                        MergeAction::Update(up) => {
+                            match &up.kind {
+                                MergeUpdateKind::Set(assignments) => {
+                                    for a in assignments {
+                                        self.expr(&a.value, &mut extra)?;
+                                    }
+                                }
+                                MergeUpdateKind::Wildcard => {
+                                    let mut all = Acc::default();
+                                    if let Some(level) = self.levels.last() {
+                                        for rel in &level.rels {
+                                            rel.whole_row(&mut all);
+                                        }
+                                    }
+                                    extra.merge(&all);
+                                }
+                            }
+                            for p in [&up.update_predicate, &up.delete_predicate].into_iter().flatten() {
+                                self.referenced_expr(p)?;
+                            }
+                        }
+                        MergeAction::Delete { .. } | MergeAction::DoNothing { .. } => {}
+                    }
+                }
+                output_items(m.output.as_ref())
+            }
+            _ => return Err(LineageError::Unsupported("this statement as a data-modifying query".into())),
+        };
+        self.note(&extra);
+        match returning {
+            None => Ok(Derived::exact(vec![])),
+            Some(items) => {
+                let extra = (extra != Acc::default()).then_some(extra);
+                self.project(items, extra.as_ref())
+            }
+        }
+    }
+
+    // ---- queries ---------------------------------------------------------------------------
+
+    fn query(&mut self, q: &Query) -> Result<Derived, LineageError> {
+        self.enter()?;
+        let mark = self.ctes.len();
+        let r = self.query_inner(q);
+        self.ctes.truncate(mark);
+        self.leave();
+        r
+    }
+
+    fn query_inner(&mut self, q: &Query) -> Result<Derived, LineageError> {
+        if !q.pipe_operators.is_empty() {
+            return Err(LineageError::Unsupported("pipe operators".into()));
+        }
+        if q.for_clause.is_some() {
+            return Err(LineageError::Unsupported("FOR XML / FOR JSON".into()));
+        }
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                self.cte(cte, with.recursive)?;
+            }
+        }
+        let d = self.set_expr(&q.body, q.order_by.as_ref())?;
+        let mut sink = Acc::default();
+        if let Some(limit) = &q.limit_clause {
+            match limit {
+                sqlparser::ast::LimitClause::LimitOffset { limit, offset, limit_by } => {
+                    for e in limit.iter().chain(offset.as_ref().map(|o| &o.value)).chain(limit_by) {
+                        self.expr(e, &mut sink)?;
+                    }
+                }
+                sqlparser::ast::LimitClause::OffsetCommaLimit { offset, limit } => {
+                    self.expr(offset, &mut sink)?;
+                    self.expr(limit, &mut sink)?;
+                }
+            }
+        }
+        if let Some(e) = q.fetch.as_ref().and_then(|f| f.quantity.as_ref()) {
+            self.expr(e, &mut sink)?;
+        }
+        Ok(d)
+    }
+
+    fn cte(&mut self, cte: &Cte, recursive: bool) -> Result<(), LineageError> {
+        let name = fold_ident(&cte.alias.name);
+        let columns: Vec<String> = cte.alias.columns.iter().map(|c| fold_ident(&c.name)).collect();
+        if !recursive {
+            let d = self.query(&cte.query)?.renamed(&columns);
+            self.ctes.push((name, d));
+            return Ok(());
+        }
+        // A recursive CTE sees itself: iterate from "no outputs" until its outputs stop growing.
+        self.ctes.push((name.clone(), Derived::exact(vec![])));
+        let mut current: Option<Derived> = None;
+        let mut converged = false;
+        for _ in 0..MAX_RECURSIVE_ROUNDS {
+            let d = self.query(&cte.query)?.renamed(&columns);
+            let next = match current.take() {
+                None => d,
+                Some(prev) => combine(prev.clone(), d),
+            };
+            let same = self.ctes.last().is_some_and(|(_, prev)| *prev == next);
+            if let Some(slot) = self.ctes.last_mut() {
+                slot.1 = next.clone();
+            }
+            current = Some(next);
+            if same {
+                converged = true;
+                break;
+            }
+        }
+        if !converged && let Some((_, d)) = self.ctes.last_mut() {
+            for out in &mut d.outputs {
+                if let Output::Column { opaque, .. } = out {
+                    *opaque = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_expr(&mut self, body: &SetExpr, order_by: Option<&OrderBy>) -> Result<Derived, LineageError> {
+        self.enter()?;
+        let r = self.set_expr_inner(body, order_by);
+        self.leave();
+        r
+    }
+
+    fn set_expr_inner(
+        &mut self,
+        body: &SetExpr,
+        order_by: Option<&OrderBy>,
+    ) -> Result<Derived, LineageError> {
+        let d = match body {
+            SetExpr::Select(s) => return self.select(s, order_by),
+            SetExpr::Query(q) => self.query(q)?,
+            SetExpr::SetOperation { .. } => {
+                // Walk the left spine iteratively: long UNION chains are left-deep.
+                let mut rights = Vec::new();
+                let mut cur = body;
+                while let SetExpr::SetOperation { left, right, .. } = cur {
+                    rights.push(right.as_ref());
+                    cur = left;
+                }
+                let mut d = self.set_expr(cur, None)?;
+                for right in rights.into_iter().rev() {
+                    let r = self.set_expr(right, None)?;
+                    d = combine(d, r);
+                }
+                d
+            }
+            SetExpr::Values(v) => self.values(v)?,
+            SetExpr::Insert(stmt) | SetExpr::Update(stmt) | SetExpr::Delete(stmt) | SetExpr::Merge(stmt) => {
+                self.dml(stmt)?
+            }
+            SetExpr::Table(t) => {
+                let Some(table) = &t.table_name else {
+                    return Err(LineageError::Unsupported("TABLE without a name".into()));
+                };
+                let table = fold_ident(table);
+                let schema = t.schema_name.as_ref().map(fold_ident);
+                let cte = if schema.is_none() { self.find_cte(&table) } else { None };
+                match cte {
+                    Some(d) => d,
+                    None => Derived::exact(vec![Output::Star { tables: vec![TableRef { schema, table }] }]),
+                }
+            }
+        };
+        // ORDER BY of a set operation names its outputs; only subqueries in it can reference.
+        if let Some(ob) = order_by {
+            self.order_by(ob, &mut Acc::default())?;
+        }
+        Ok(d)
+    }
+
+    fn values(&mut self, v: &Values) -> Result<Derived, LineageError> {
+        let width = v.rows.iter().map(|r| r.content.len()).max().unwrap_or(0);
+        let mut accs = vec![Acc::default(); width];
+        for row in &v.rows {
+            for (e, acc) in row.content.iter().zip(accs.iter_mut()) {
+                self.expr(e, acc)?;
+            }
+        }
+        let outputs = accs
+            .into_iter()
+            .enumerate()
+            .map(|(i, acc)| acc.into_column(Some(format!("column{}", i + 1))))
+            .collect();
+        Ok(Derived::exact(outputs))
+    }
+
+    fn find_cte(&self, name: &str) -> Option<Derived> {
+        self.ctes.iter().rev().find(|(n, _)| n == name).map(|(_, d)| d.clone())
+    }
+
+    fn select(
+        &mut self,
+        s: &sqlparser::ast::Select,
+        order_by: Option<&OrderBy>,
+    ) -> Result<Derived, LineageError> {
+        if !s.lateral_views.is_empty() {
+            return Err(LineageError::Unsupported("LATERAL VIEW".into()));
+        }
+        if s.value_table_mode.is_some() {
+            return Err(LineageError::Unsupported("SELECT AS STRUCT / VALUE".into()));
+        }
+        let mark = self.levels.len();
+        self.levels.push(Level::default());
+        let r = self.select_inner(s, order_by);
+        self.levels.truncate(mark);
+        r
+    }
+
+    fn select_inner(
+        &mut self,
+        s: &sqlparser::ast::Select,
+        order_by: Option<&OrderBy>,
+    ) -> Result<Derived, LineageError> {
+        for twj in &s.from {
+            self.add_from(twj)?;
+        }
+        let mut windows = Acc::default();
+        for def in &s.named_window {
+            if let NamedWindowExpr::WindowSpec(spec) = &def.1 {
+                self.window_spec(spec, &mut windows)?;
+            }
+        }
+        self.level_mut()?.windows = windows;
+        let mut d = self.project(&s.projection, None)?;
+        d.exact &= s.exclude.is_none();
+        let mut sink = Acc::default();
+        for e in [&s.prewhere, &s.selection, &s.having, &s.qualify].into_iter().flatten() {
+            self.expr(e, &mut sink)?;
+        }
+        if let Some(Distinct::On(exprs)) = &s.distinct {
+            for e in exprs {
+                self.expr(e, &mut sink)?;
+            }
+        }
+        if let GroupByExpr::Expressions(exprs, _) = &s.group_by {
+            for e in exprs {
+                self.expr(e, &mut sink)?;
+            }
+        }
+        for e in s.cluster_by.iter().chain(&s.distribute_by) {
+            self.expr(e, &mut sink)?;
+        }
+        for o in &s.sort_by {
+            self.order_by_expr(o, &mut sink)?;
+        }
+        for c in &s.connect_by {
+            match c {
+                ConnectByKind::ConnectBy { relationships, .. } => {
+                    for e in relationships {
+                        self.expr(e, &mut sink)?;
+                    }
+                }
+                ConnectByKind::StartWith { condition, .. } => self.expr(condition, &mut sink)?,
+            }
+        }
+        if let Some(ob) = order_by {
+            self.order_by(ob, &mut sink)?;
+        }
+        Ok(d)
+    }
+
+    /// Resolves the items of a projection or RETURNING list in the innermost level. `extra` is
+    /// added to every output (what a DML statement wrote into its target).
+    fn project(&mut self, items: &[SelectItem], extra: Option<&Acc>) -> Result<Derived, LineageError> {
+        let mut outputs = Vec::new();
+        let mut exact = true;
+        for item in items {
+            match item {
+                SelectItem::UnnamedExpr(e) => {
+                    let acc = self.expr_acc(e)?;
+                    outputs.push(acc.into_column(output_name(e)));
+                }
+                SelectItem::ExprWithAlias { expr, alias } => {
+                    let acc = self.expr_acc(expr)?;
+                    outputs.push(acc.into_column(Some(fold_ident(alias))));
+                }
+                SelectItem::ExprWithAliases { expr, aliases } => {
+                    let acc = self.expr_acc(expr)?;
+                    exact = false;
+                    if aliases.is_empty() {
+                        outputs.push(acc.clone().into_column(None));
+                    }
+                    for a in aliases {
+                        outputs.push(acc.clone().into_column(Some(fold_ident(a))));
+                    }
+                }
+                SelectItem::Wildcard(opts) => {
+                    exact &= self.wildcard_options(opts)?;
+                    let Some(level) = self.levels.last() else { continue };
+                    exact &= !level.merged;
+                    for rel in &level.rels {
+                        exact &= rel.star(&mut outputs);
+                    }
+                }
+                SelectItem::QualifiedWildcard(kind, opts) => {
+                    exact &= self.wildcard_options(opts)?;
+                    match kind {
+                        SelectItemQualifiedWildcardKind::ObjectName(name) => {
+                            let qualifier = object_idents(name)?;
+                            match self.find_relations(&qualifier) {
+                                Some(rels) => {
+                                    for rel in rels {
+                                        exact &= rel.star(&mut outputs);
+                                    }
+                                }
+                                None => {
+                                    let acc = Acc { opaque: true, ..Acc::default() };
+                                    outputs.push(acc.into_column(None));
+                                    exact = false;
+                                }
+                            }
+                        }
+                        SelectItemQualifiedWildcardKind::Expr(e) => {
+                            // `(composite).*`: an unknown number of columns.
+                            let acc = self.expr_acc(e)?;
+                            outputs.push(acc.into_column(None));
+                            exact = false;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(extra) = extra {
+            for out in &mut outputs {
+                match out {
+                    Output::Column { sources, opaque, .. } => {
+                        sources.extend(extra.sources.iter().cloned());
+                        *opaque |= extra.opaque;
+                    }
+                    Output::Star { .. } => {
+                        let mut acc = Acc::default();
+                        acc.add_output(out);
+                        acc.merge(extra);
+                        *out = acc.into_column(None);
+                        exact = false;
+                    }
+                }
+            }
+        }
+        Ok(Derived { outputs, exact })
+    }
+
+    /// Non-PostgreSQL options of `*`; returns whether positions stay exact.
+    fn wildcard_options(&mut self, opts: &WildcardAdditionalOptions) -> Result<bool, LineageError> {
+        if opts.opt_replace.is_some() {
+            return Err(LineageError::Unsupported("SELECT * REPLACE".into()));
+        }
+        Ok(opts.opt_ilike.is_none()
+            && opts.opt_exclude.is_none()
+            && opts.opt_except.is_none()
+            && opts.opt_rename.is_none())
+    }
+
+    fn order_by(&mut self, ob: &OrderBy, acc: &mut Acc) -> Result<(), LineageError> {
+        if let OrderByKind::Expressions(exprs) = &ob.kind {
+            for o in exprs {
+                self.order_by_expr(o, acc)?;
+            }
+        }
+        if let Some(exprs) = ob.interpolate.as_ref().and_then(|i| i.exprs.as_ref()) {
+            for e in exprs.iter().filter_map(|i| i.expr.as_ref()) {
+                self.expr(e, acc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn order_by_expr(&mut self, o: &OrderByExpr, acc: &mut Acc) -> Result<(), LineageError> {
+        self.expr(&o.expr, acc)?;
+        if let Some(fill) = &o.with_fill {
+            for e in [&fill.from, &fill.to, &fill.step].into_iter().flatten() {
+                self.expr(e, acc)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- FROM ------------------------------------------------------------------------------
+
+    /// Adds a FROM item and its joins to the innermost level.
+    fn add_from(&mut self, twj: &TableWithJoins) -> Result<(), LineageError> {
+        for rel in self.table_factor(&twj.relation)? {
+            self.level_mut()?.rels.push(rel);
+        }
+        for join in &twj.joins {
+            for rel in self.table_factor(&join.relation)? {
+                self.level_mut()?.rels.push(rel);
+            }
+            let constraint = match &join.join_operator {
+                JoinOperator::Join(c)
+                | JoinOperator::Inner(c)
+                | JoinOperator::Left(c)
+                | JoinOperator::LeftOuter(c)
+                | JoinOperator::Right(c)
+                | JoinOperator::RightOuter(c)
+                | JoinOperator::FullOuter(c)
+                | JoinOperator::CrossJoin(c)
+                | JoinOperator::Semi(c)
+                | JoinOperator::LeftSemi(c)
+                | JoinOperator::RightSemi(c)
+                | JoinOperator::Anti(c)
+                | JoinOperator::LeftAnti(c)
+                | JoinOperator::RightAnti(c)
+                | JoinOperator::StraightJoin(c) => Some(c),
+                JoinOperator::AsOf { match_condition, constraint } => {
+                    self.referenced_expr(match_condition)?;
+                    Some(constraint)
+                }
+                JoinOperator::CrossApply
+                | JoinOperator::OuterApply
+                | JoinOperator::ArrayJoin
+                | JoinOperator::LeftArrayJoin
+                | JoinOperator::InnerArrayJoin => None,
+            };
+            match constraint {
+                Some(JoinConstraint::On(e)) => self.referenced_expr(e)?,
+                Some(JoinConstraint::Using(_) | JoinConstraint::UsingAlias(..) | JoinConstraint::Natural) => {
+                    self.level_mut()?.merged = true;
+                }
+                Some(JoinConstraint::None) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The relations a table factor brings into scope (several for an unaliased nested join).
+    fn table_factor(&mut self, tf: &TableFactor) -> Result<Vec<Relation>, LineageError> {
+        self.enter()?;
+        let r = self.table_factor_inner(tf);
+        self.leave();
+        r
+    }
+
+    fn table_factor_inner(&mut self, tf: &TableFactor) -> Result<Vec<Relation>, LineageError> {
+        let rel = match tf {
+            TableFactor::Table { name, alias, args, with_ordinality, .. } => {
+                if let Some(args) = args {
+                    check_function(name)?;
+                    let mut acc = Acc::default();
+                    self.function_args_list(&args.args, None, &mut acc)?;
+                    func_relation(function_name(name), acc, alias.as_ref(), *with_ordinality)
+                } else {
+                    let parts = object_idents(name)?;
+                    let cte = match parts.as_slice() {
+                        [single] => self.find_cte(single).map(|d| (single.clone(), d)),
+                        _ => None,
+                    };
+                    let columns = alias_columns(alias.as_ref());
+                    let alias_name = alias.as_ref().map(|a| fold_ident(&a.name));
+                    match cte {
+                        Some((cte_name, d)) => Relation {
+                            name: Some(alias_name.clone().unwrap_or(cte_name)),
+                            schema: None,
+                            aliased: alias_name.is_some(),
+                            kind: RelKind::Derived(d.renamed(&columns)),
+                        },
+                        None => {
+                            let t = table_ref(name)?;
+                            let kind = if columns.is_empty() {
+                                RelKind::Base(t.clone())
+                            } else {
+                                // `users AS u(a, b)` renames the first columns, whatever they are.
+                                RelKind::Derived(
+                                    Derived::exact(vec![Output::Star { tables: vec![t.clone()] }])
+                                        .renamed(&columns),
+                                )
+                            };
+                            Relation {
+                                name: Some(alias_name.clone().unwrap_or_else(|| t.table.clone())),
+                                schema: if alias_name.is_some() { None } else { t.schema.clone() },
+                                aliased: alias_name.is_some(),
+                                kind,
+                            }
+                        }
+                    }
+                }
+            }
+            TableFactor::Derived { subquery, alias, .. } => {
+                let d = self.query(subquery)?.renamed(&alias_columns(alias.as_ref()));
+                Relation {
+                    name: alias.as_ref().map(|a| fold_ident(&a.name)),
+                    schema: None,
+                    aliased: true,
+                    kind: RelKind::Derived(d),
+                }
+            }
+            TableFactor::TableFunction { expr, alias } => {
+                let acc = self.expr_acc(expr)?;
+                func_relation(None, acc, alias.as_ref(), false)
+            }
+            TableFactor::Function { name, args, with_ordinality, alias, .. } => {
+                check_function(name)?;
+                let mut acc = Acc::default();
+                self.function_args_list(args, None, &mut acc)?;
+                func_relation(function_name(name), acc, alias.as_ref(), *with_ordinality)
+            }
+            TableFactor::UNNEST { alias, array_exprs, with_ordinality, with_offset, .. } => {
+                let mut acc = Acc::default();
+                for e in array_exprs {
+                    self.expr(e, &mut acc)?;
+                }
+                func_relation(Some("unnest".into()), acc, alias.as_ref(), *with_ordinality || *with_offset)
+            }
+            TableFactor::JsonTable { json_expr, alias, .. } => {
+                let acc = self.expr_acc(json_expr)?;
+                func_relation(Some("json_table".into()), acc, alias.as_ref(), true)
+            }
+            TableFactor::OpenJsonTable { json_expr, alias, .. } => {
+                let acc = self.expr_acc(json_expr)?;
+                func_relation(Some("openjson".into()), acc, alias.as_ref(), true)
+            }
+            TableFactor::XmlTable { row_expression, passing, alias, .. } => {
+                let mut acc = self.expr_acc(row_expression)?;
+                for arg in &passing.arguments {
+                    self.expr(&arg.expr, &mut acc)?;
+                }
+                func_relation(Some("xmltable".into()), acc, alias.as_ref(), true)
+            }
+            TableFactor::NestedJoin { table_with_joins, alias } => {
+                let level = self.level_mut()?;
+                let mark = level.rels.len();
+                let merged_before = level.merged;
+                self.add_from(table_with_joins)?;
+                let level = self.level_mut()?;
+                let members = level.rels.split_off(mark.min(level.rels.len()));
+                let Some(alias) = alias else { return Ok(members) };
+                let merged = level.merged && !merged_before;
+                level.merged = merged_before;
+                let join = Relation {
+                    name: None,
+                    schema: None,
+                    aliased: true,
+                    kind: RelKind::Join { members, merged },
+                };
+                let columns = alias_columns(Some(alias));
+                let kind = if columns.is_empty() {
+                    join.kind
+                } else {
+                    // `(a JOIN b) AS j(x, y)` renames the join's first columns, whatever they are.
+                    let mut outputs = Vec::new();
+                    let exact = join.star(&mut outputs);
+                    RelKind::Derived(Derived { outputs, exact }.renamed(&columns))
+                };
+                Relation { name: Some(fold_ident(&alias.name)), schema: None, aliased: true, kind }
+            }
+            TableFactor::Pivot { .. }
+            | TableFactor::Unpivot { .. }
+            | TableFactor::UnpivotExpr { .. }
+            | TableFactor::MatchRecognize { .. }
+            | TableFactor::SemanticView { .. } => {
+                return Err(LineageError::Unsupported(
+                    "PIVOT, UNPIVOT, MATCH_RECOGNIZE and semantic views".into(),
+                ));
+            }
+        };
+        Ok(vec![rel])
+    }
+
+    // ---- name resolution -------------------------------------------------------------------
+
+    /// The relations a qualifier names, from the innermost level that has any.
+    fn find_relations(&self, qualifier: &[String]) -> Option<Vec<&Relation>> {
+        self.levels.iter().rev().find_map(|level| {
+            let found: Vec<&Relation> = level.rels.iter().filter(|r| r.matches(qualifier)).collect();
+            (!found.is_empty()).then_some(found)
+        })
+    }
+
+    /// An unqualified name: a column of any relation that may have it, from the innermost
+    /// level outwards until a level certainly has it, plus a whole-row reference if a relation
+    /// is so named.
+    fn resolve_name(&self, c: &str) -> Acc {
+        let mut acc = Acc::default();
+        let mut row_found = false;
+        for level in self.levels.iter().rev() {
+            let (mut definite, mut maybe) = (false, false);
+            for rel in &level.rels {
+                let (d, m) = rel.column(c, &mut acc);
+                definite |= d;
+                maybe |= m;
+            }
+            if !row_found {
+                for rel in level.rels.iter().filter(|r| r.name.as_deref() == Some(c)) {
+                    rel.whole_row(&mut acc);
+                    row_found = true;
+                }
+            }
+            if definite && !maybe {
+                break;
+            }
+        }
+        if acc.sources.is_empty() && !acc.opaque {
+            // No relation in scope may have this name. PostgreSQL would reject it, unless it
+            // names an output of a derived table differently than here: stay safe.
+            for rel in self.levels.iter().flat_map(|l| &l.rels) {
+                if !matches!(rel.kind, RelKind::Base(_)) {
+                    rel.whole_row(&mut acc);
+                }
+            }
+        }
+        acc
+    }
+
+    /// `t.c`, `s.t.c`, `db.s.t.c`.
+    fn resolve_qualified(&self, parts: &[String]) -> Acc {
+        let Some((column, qualifier)) = parts.split_last() else { return Acc::default() };
+        if qualifier.is_empty() {
+            return self.resolve_name(column);
+        }
+        match self.find_relations(qualifier) {
+            Some(rels) => {
+                let mut acc = Acc::default();
+                for rel in rels {
+                    let (d, m) = rel.column(column, &mut acc);
+                    if !d && !m {
+                        rel.whole_row(&mut acc);
+                    }
+                }
+                acc
+            }
+            None => {
+                // Not a relation in scope: PostgreSQL would reject it, but stay safe.
+                let mut acc = self.resolve_name(column);
+                if let Some(first) = qualifier.first() {
+                    acc.merge(&self.resolve_name(first));
+                }
+                acc.opaque = true;
+                acc
+            }
+        }
+    }
+
+    /// `t.*` inside an expression: the whole row of `t`.
+    fn resolve_row(&self, name: &ObjectName) -> Result<Acc, LineageError> {
+        let qualifier = object_idents(name)?;
+        let mut acc = Acc::default();
+        match self.find_relations(&qualifier) {
+            Some(rels) => rels.iter().for_each(|r| r.whole_row(&mut acc)),
+            None => acc.opaque = true,
+        }
+        Ok(acc)
+    }
+
+    /// A bare `*` inside an expression: every relation of the innermost level.
+    fn all_rows(&self) -> Acc {
+        let mut acc = Acc::default();
+        if let Some(level) = self.levels.last() {
+            level.rels.iter().for_each(|r| r.whole_row(&mut acc));
+        }
+        acc
+    }
+
+    // ---- expressions -----------------------------------------------------------------------
+
+    fn expr_acc(&mut self, e: &Expr) -> Result<Acc, LineageError> {
+        let mut acc = Acc::default();
+        self.expr(e, &mut acc)?;
+        Ok(acc)
+    }
+
+    /// Resolves an expression only for `referenced`.
+    fn referenced_expr(&mut self, e: &Expr) -> Result<(), LineageError> {
+        self.expr(e, &mut Acc::default())
+    }
+
+    fn add(&mut self, acc: &mut Acc, found: Acc) {
+        self.note(&found);
+        acc.merge(&found);
+    }
+
+    fn subquery(&mut self, q: &Query, acc: &mut Acc) -> Result<(), LineageError> {
+        let d = self.query(q)?;
+        acc.merge(&d.all());
+        Ok(())
+    }
+
+    fn exprs<'e>(
+        &mut self,
+        es: impl IntoIterator<Item = &'e Expr>,
+        acc: &mut Acc,
+    ) -> Result<(), LineageError> {
+        for e in es {
+            self.expr(e, acc)?;
+        }
+        Ok(())
+    }
+
+    /// Adds to `acc` every table column `e` derives from.
+    fn expr(&mut self, e: &Expr, acc: &mut Acc) -> Result<(), LineageError> {
+        self.enter()?;
+        let r = self.expr_inner(e, acc);
+        self.leave();
+        r
+    }
+
+    fn expr_inner(&mut self, e: &Expr, acc: &mut Acc) -> Result<(), LineageError> {
+        match e {
+            Expr::Identifier(id) => {
+                let found = self.resolve_name(&fold_ident(id));
+                self.add(acc, found);
+            }
+            Expr::CompoundIdentifier(parts) => {
+                let parts: Vec<String> = parts.iter().map(fold_ident).collect();
+                let found = self.resolve_qualified(&parts);
+                self.add(acc, found);
+            }
+            Expr::QualifiedWildcard(name, _) => {
+                let found = self.resolve_row(name)?;
+                self.add(acc, found);
+            }
+            Expr::Wildcard(_) => {
+                let found = self.all_rows();
+                self.add(acc, found);
+            }
+            Expr::BinaryOp { .. } => {
+                // Walk the left spine iteratively: long AND/OR/|| chains are left-deep.
+                let mut rights = Vec::new();
+                let mut cur = e;
+                while let Expr::BinaryOp { left, op, right } = cur {
+                    acc.opaque |= is_unicode_ident(left, op);
+                    rights.push(right.as_ref());
+                    cur = left;
+                }
+                self.expr(cur, acc)?;
+                self.exprs(rights.into_iter().rev(), acc)?;
+            }
+            Expr::CompoundFieldAccess { root, access_chain } => {
+                self.expr(root, acc)?;
+                for a in access_chain {
+                    match a {
+                        // `(row).field`: the field name is not a column reference.
+                        AccessExpr::Dot(Expr::Identifier(_)) => {}
+                        AccessExpr::Dot(other) => self.expr(other, acc)?,
+                        AccessExpr::Subscript(s) => self.subscript(s, acc)?,
+                    }
+                }
+            }
+            Expr::JsonAccess { value, path } => {
+                self.expr(value, acc)?;
+                for elem in &path.path {
+                    match elem {
+                        JsonPathElem::Bracket { key } | JsonPathElem::ColonBracket { key } => {
+                            self.expr(key, acc)?
+                        }
+                        JsonPathElem::Dot { .. } => {}
+                    }
+                }
+            }
+            Expr::IsFalse(x)
+            | Expr::IsNotFalse(x)
+            | Expr::IsTrue(x)
+            | Expr::IsNotTrue(x)
+            | Expr::IsNull(x)
+            | Expr::IsNotNull(x)
+            | Expr::IsUnknown(x)
+            | Expr::IsNotUnknown(x)
+            | Expr::IsJson { expr: x, .. }
+            | Expr::IsNormalized { expr: x, .. }
+            | Expr::UnaryOp { expr: x, .. }
+            | Expr::Extract { expr: x, .. }
+            | Expr::Ceil { expr: x, .. }
+            | Expr::Floor { expr: x, .. }
+            | Expr::Collate { expr: x, .. }
+            | Expr::Nested(x)
+            | Expr::Prefixed { value: x, .. }
+            | Expr::Named { expr: x, .. }
+            | Expr::OuterJoin(x)
+            | Expr::Prior(x)
+            | Expr::Cast { expr: x, .. } => self.expr(x, acc)?,
+            Expr::IsDistinctFrom(a, b)
+            | Expr::IsNotDistinctFrom(a, b)
+            | Expr::AnyOp { left: a, right: b, .. }
+            | Expr::AllOp { left: a, right: b, .. }
+            | Expr::AtTimeZone { timestamp: a, time_zone: b }
+            | Expr::Position { expr: a, r#in: b }
+            | Expr::RLike { expr: a, pattern: b, .. } => {
+                self.expr(a, acc)?;
+                self.expr(b, acc)?;
+            }
+            Expr::MemberOf(m) => {
+                self.expr(&m.value, acc)?;
+                self.expr(&m.array, acc)?;
+            }
+            Expr::Like { expr, pattern, escape_char, .. }
+            | Expr::ILike { expr, pattern, escape_char, .. }
+            | Expr::SimilarTo { expr, pattern, escape_char, .. } => {
+                self.expr(expr, acc)?;
+                self.expr(pattern, acc)?;
+                self.exprs(escape_char.as_deref(), acc)?;
+            }
+            Expr::In { expr, target, .. } => {
+                self.expr(expr, acc)?;
+                match target {
+                    InTarget::List(list) => self.exprs(list, acc)?,
+                    InTarget::Subquery(q) => self.subquery(q, acc)?,
+                    InTarget::Unnest(x) => self.expr(x, acc)?,
+                    InTarget::Table { name, args } => {
+                        // ClickHouse `IN table`: the whole table.
+                        let t = table_ref(name)?;
+                        let found =
+                            Acc { sources: BTreeSet::from([ColumnRef::of_table(&t, None)]), opaque: false };
+                        self.add(acc, found);
+                        if let Some(args) = args {
+                            self.function_args_list(args, None, acc)?;
+                        }
+                    }
+                }
+            }
+            Expr::Between { expr, low, high, .. } => {
+                self.expr(expr, acc)?;
+                self.expr(low, acc)?;
+                self.expr(high, acc)?;
+            }
+            Expr::Convert { expr, styles, .. } => {
+                self.expr(expr, acc)?;
+                self.exprs(styles, acc)?;
+            }
+            Expr::Substring { expr, substring_from, substring_for, .. } => {
+                self.expr(expr, acc)?;
+                self.exprs(substring_from.as_deref().into_iter().chain(substring_for.as_deref()), acc)?;
+            }
+            Expr::Trim { expr, trim_what, trim_characters, .. } => {
+                self.expr(expr, acc)?;
+                self.exprs(trim_what.as_deref(), acc)?;
+                self.exprs(trim_characters.iter().flatten(), acc)?;
+            }
+            Expr::Overlay { expr, overlay_what, overlay_from, overlay_for } => {
+                self.expr(expr, acc)?;
+                self.expr(overlay_what, acc)?;
+                self.expr(overlay_from, acc)?;
+                self.exprs(overlay_for.as_deref(), acc)?;
+            }
+            Expr::Value(_) | Expr::TypedString(_) => {}
+            Expr::Function(f) => self.function(f, acc)?,
+            Expr::Case { operand, conditions, else_result, .. } => {
+                self.exprs(operand.as_deref(), acc)?;
+                for cw in conditions {
+                    self.expr(&cw.condition, acc)?;
+                    self.expr(&cw.result, acc)?;
+                }
+                self.exprs(else_result.as_deref(), acc)?;
+            }
+            Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => self.subquery(subquery, acc)?,
+            Expr::GroupingSets(sets) | Expr::Cube(sets) | Expr::Rollup(sets) => {
+                self.exprs(sets.iter().flatten(), acc)?;
+            }
+            Expr::Tuple(items) | Expr::Struct { values: items, .. } => self.exprs(items, acc)?,
+            Expr::Array(a) => self.exprs(&a.elem, acc)?,
+            Expr::Dictionary(fields) => self.exprs(fields.iter().map(|f| f.value.as_ref()), acc)?,
+            Expr::Map(m) => {
+                for entry in &m.entries {
+                    self.expr(&entry.key, acc)?;
+                    self.expr(&entry.value, acc)?;
+                }
+            }
+            Expr::Interval(i) => self.expr(&i.value, acc)?,
+            Expr::MatchAgainst { columns, .. } => {
+                for name in columns {
+                    let parts = object_idents(name)?;
+                    let found = self.resolve_qualified(&parts);
+                    self.add(acc, found);
+                }
+            }
+            Expr::Lambda(l) => self.expr(&l.body, acc)?,
+        }
+        Ok(())
+    }
+
+    fn subscript(&mut self, s: &Subscript, acc: &mut Acc) -> Result<(), LineageError> {
+        match s {
+            Subscript::Index { index } => self.expr(index, acc),
+            Subscript::Slice { lower_bound, upper_bound, stride } => {
+                self.exprs([lower_bound, upper_bound, stride].into_iter().flatten(), acc)
+            }
+        }
+    }
+
+    fn function(&mut self, f: &Function, acc: &mut Acc) -> Result<(), LineageError> {
+        check_function(&f.name)?;
+        let name = function_name(&f.name);
+        // `count(x)` says how many values there are, not what they are: its arguments are
+        // referenced (for the conservative fallback) but are not sources of the result.
+        let mut counted = Acc::default();
+        for args in [&f.parameters, &f.args] {
+            match args {
+                FunctionArguments::None => {}
+                FunctionArguments::Subquery(q) => self.subquery(q, acc)?,
+                FunctionArguments::List(list) => {
+                    let arg_acc = if name.as_deref() == Some("count") { &mut counted } else { &mut *acc };
+                    self.function_args_list(&list.args, name.as_deref(), arg_acc)?;
+                    for clause in &list.clauses {
+                        match clause {
+                            FunctionArgumentClause::Where(e) | FunctionArgumentClause::Limit(e) => {
+                                self.expr(e, acc)?;
+                            }
+                            FunctionArgumentClause::Having(h) => self.expr(&h.1, acc)?,
+                            FunctionArgumentClause::OrderBy(exprs) => {
+                                for o in exprs {
+                                    self.order_by_expr(o, acc)?;
+                                }
+                            }
+                            FunctionArgumentClause::OnOverflow(ListAggOnOverflow::Truncate {
+                                filler,
+                                ..
+                            }) => {
+                                self.exprs(filler.as_deref(), acc)?;
+                            }
+                            FunctionArgumentClause::OnOverflow(ListAggOnOverflow::Error)
+                            | FunctionArgumentClause::IgnoreOrRespectNulls(_)
+                            | FunctionArgumentClause::Separator(_)
+                            | FunctionArgumentClause::JsonNullClause(_)
+                            | FunctionArgumentClause::JsonReturningClause(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+        for o in &f.within_group {
+            self.order_by_expr(o, acc)?;
+        }
+        self.exprs(f.filter.as_deref(), acc)?;
+        match &f.over {
+            None => {}
+            Some(WindowType::NamedWindow(_)) => self.named_windows(acc),
+            Some(WindowType::WindowSpec(spec)) => {
+                if spec.window_name.is_some() {
+                    self.named_windows(acc);
+                }
+                self.window_spec(spec, acc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn named_windows(&mut self, acc: &mut Acc) {
+        if let Some(level) = self.levels.last() {
+            acc.merge(&level.windows);
+        }
+    }
+
+    fn window_spec(&mut self, spec: &WindowSpec, acc: &mut Acc) -> Result<(), LineageError> {
+        self.exprs(&spec.partition_by, acc)?;
+        for o in &spec.order_by {
+            self.order_by_expr(o, acc)?;
+        }
+        if let Some(frame) = &spec.window_frame {
+            for bound in std::iter::once(&frame.start_bound).chain(frame.end_bound.as_ref()) {
+                if let WindowFrameBound::Preceding(Some(e)) | WindowFrameBound::Following(Some(e)) = bound {
+                    self.expr(e, acc)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Function arguments; `function` is the function's name, to tell `count(*)` apart.
+    fn function_args_list(
+        &mut self,
+        args: &[FunctionArg],
+        function: Option<&str>,
+        acc: &mut Acc,
+    ) -> Result<(), LineageError> {
+        for arg in args {
+            let arg = match arg {
+                FunctionArg::Named { arg, .. } | FunctionArg::Unnamed(arg) => arg,
+                FunctionArg::ExprNamed { name, arg, .. } => {
+                    self.expr(name, acc)?;
+                    arg
+                }
+            };
+            match arg {
+                FunctionArgExpr::Expr(e) => self.expr(e, acc)?,
+                FunctionArgExpr::QualifiedWildcard(name) => {
+                    let found = self.resolve_row(name)?;
+                    self.add(acc, found);
+                }
+                FunctionArgExpr::Wildcard | FunctionArgExpr::WildcardWithOptions(_) => {
+                    if function != Some("count") {
+                        let found = self.all_rows();
+                        self.add(acc, found);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A table function's relation: every column derives from all its arguments, and is opaque if
+/// those reference any column.
+fn func_relation(
+    name: Option<String>,
+    mut acc: Acc,
+    alias: Option<&TableAlias>,
+    extra_columns: bool,
+) -> Relation {
+    acc.opaque |= !acc.sources.is_empty();
+    let columns = alias_columns(alias);
+    let complete = !extra_columns
+        && !columns.is_empty()
+        && alias.is_some_and(|a| a.columns.iter().all(|c| c.data_type.is_some()));
+    Relation {
+        name: alias.map(|a| fold_ident(&a.name)).or(name),
+        schema: None,
+        aliased: true,
+        kind: RelKind::Func { acc, columns, complete },
+    }
+}
+
+fn output_items(output: Option<&OutputClause>) -> Option<&[SelectItem]> {
+    match output? {
+        OutputClause::Output { select_items, .. } | OutputClause::Returning { select_items, .. } => {
+            Some(select_items)
+        }
+    }
+}
+
+/// `SELECT … INTO t` creates a table and returns no rows.
+fn is_select_into(q: &Query) -> bool {
+    matches!(q.body.as_ref(), SetExpr::Select(s) if s.into.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Lineage {
+        let mut all = lineage_sql(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(all.len(), 1, "{sql}");
+        all.remove(0)
+    }
+
+    fn col(table: &str, column: &str) -> ColumnRef {
+        ColumnRef::column(None, table, column)
+    }
+
+    fn row(table: &str) -> ColumnRef {
+        ColumnRef::whole_row(None, table)
+    }
+
+    fn email() -> ColumnRef {
+        col("users", "email")
+    }
+
+    fn column(l: &Lineage, i: usize) -> (Option<&str>, &BTreeSet<ColumnRef>, bool) {
+        match l.outputs.get(i) {
+            Some(Output::Column { name, sources, opaque }) => (name.as_deref(), sources, *opaque),
+            other => panic!("output {i} is not a column: {other:?} in {l:?}"),
+        }
+    }
+
+    fn set(refs: &[ColumnRef]) -> BTreeSet<ColumnRef> {
+        refs.iter().cloned().collect()
+    }
+
+    /// The first output of `sql` derives from users.email (or the whole users row).
+    fn assert_email_source(sql: &str) {
+        let l = one(sql);
+        let (_, sources, _) = column(&l, 0);
+        assert!(
+            sources.contains(&email()) || sources.contains(&row("users")),
+            "{sql}: users.email missing from {sources:?}"
+        );
+    }
+
+    fn assert_unsupported(sql: &str) {
+        match lineage_sql(sql) {
+            Err(LineageError::Unsupported(_)) => {}
+            other => panic!("{sql}: expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_column_is_its_own_source() {
+        let l = one("SELECT email FROM users");
+        assert!(l.exact);
+        assert_eq!(column(&l, 0), (Some("email"), &set(&[email()]), false));
+        assert!(l.referenced.contains(&email()));
+    }
+
+    #[test]
+    fn qualified_columns_and_aliases_resolve_through_table_alias() {
+        let l = one("SELECT u.email AS e, u.id FROM users u");
+        assert_eq!(column(&l, 0), (Some("e"), &set(&[email()]), false));
+        assert_eq!(column(&l, 1), (Some("id"), &set(&[col("users", "id")]), false));
+    }
+
+    #[test]
+    fn schema_qualified_names_keep_the_schema() {
+        let l = one("SELECT public.users.email, users.id FROM public.users");
+        let expected = ColumnRef::column(Some("public"), "users", "email");
+        assert_eq!(column(&l, 0).1, &set(&[expected]));
+        assert_eq!(column(&l, 1).1, &set(&[ColumnRef::column(Some("public"), "users", "id")]));
+    }
+
+    #[test]
+    fn quoted_identifiers_keep_case_and_unquoted_fold() {
+        let l = one(r#"SELECT "Users"."Email", EMAIL FROM "Users""#);
+        assert_eq!(column(&l, 0), (Some("Email"), &set(&[col("Users", "Email")]), false));
+        assert_eq!(column(&l, 1).1, &set(&[col("Users", "email")]));
+    }
+
+    #[test]
+    fn long_identifiers_are_truncated_like_postgres() {
+        let long = format!("{}xyz", "e".repeat(63));
+        let l = one(&format!("SELECT {long} FROM users"));
+        assert_eq!(column(&l, 0).1, &set(&[col("users", &"e".repeat(63))]));
+    }
+
+    #[test]
+    fn unqualified_column_lists_every_candidate_base_table() {
+        let l = one("SELECT email FROM users u JOIN orders o ON o.user_id = u.id");
+        assert_eq!(column(&l, 0).1, &set(&[email(), col("orders", "email")]));
+        assert!(l.referenced.contains(&col("orders", "user_id")));
+        assert!(l.referenced.contains(&col("users", "id")));
+    }
+
+    #[test]
+    fn unqualified_column_skips_derived_tables_without_that_name() {
+        let l = one("SELECT email FROM users, (SELECT 1 AS x) s");
+        assert_eq!(column(&l, 0).1, &set(&[email()]));
+        // Inside the subquery, `name` may also be an outer (lateral) users.name.
+        let l = one("SELECT x FROM users, (SELECT lower(name) AS x FROM people) s");
+        assert_eq!(column(&l, 0).1, &set(&[col("users", "x"), col("people", "name"), col("users", "name")]));
+    }
+
+    #[test]
+    fn expressions_union_their_arguments() {
+        for sql in [
+            "SELECT lower(email) FROM users",
+            "SELECT email || '' FROM users",
+            "SELECT '' || email FROM users",
+            "SELECT substring(email from 2 for 3) FROM users",
+            "SELECT substring(email, 2) FROM users",
+            "SELECT split_part(email, '@', 2) FROM users",
+            "SELECT coalesce(NULL, email) FROM users",
+            "SELECT cast(email AS bytea) FROM users",
+            "SELECT email::varchar(3) FROM users",
+            "SELECT trim(both 'x' from email) FROM users",
+            "SELECT upper(reverse(email)) FROM users",
+            "SELECT length(email) + 1 FROM users",
+            "SELECT NOT (email LIKE 'a%') FROM users",
+            "SELECT format('%s', email) FROM users",
+            "SELECT CASE WHEN true THEN email END FROM users",
+            "SELECT CASE WHEN email LIKE 'a%' THEN 1 ELSE 0 END FROM users",
+            "SELECT ARRAY[email] FROM users",
+            "SELECT (email, 1) FROM users",
+            "SELECT overlay(email placing 'x' from 1) FROM users",
+            "SELECT position('@' in email) FROM users",
+            "SELECT email COLLATE \"C\" FROM users",
+            "SELECT nullif(email, '') FROM users",
+            "SELECT greatest(email, 'a') FROM users",
+        ] {
+            assert_email_source(sql);
+        }
+    }
+
+    #[test]
+    fn output_names_follow_postgres() {
+        let l =
+            one("SELECT lower(email), email::text, 1, CASE WHEN true THEN email END, count(*) FROM users");
+        let names: Vec<Option<&str>> = (0..5).map(|i| column(&l, i).0).collect();
+        assert_eq!(names, [Some("lower"), Some("email"), Some("?column?"), Some("case"), Some("count")]);
+        let l = one("SELECT CASE WHEN true THEN 1 ELSE email END, (SELECT email FROM users) FROM users");
+        assert_eq!((column(&l, 0).0, column(&l, 1).0), (Some("email"), Some("email")));
+    }
+
+    #[test]
+    fn aggregates_and_windows_union_all_their_arguments() {
+        for sql in [
+            "SELECT string_agg(email, ',') FROM users",
+            "SELECT count(email) FROM users",
+            "SELECT count(DISTINCT email) FROM users",
+            "SELECT max(email) OVER () FROM users",
+            "SELECT array_agg(id ORDER BY email) FROM users",
+            "SELECT count(*) FILTER (WHERE email LIKE 'a%') FROM users",
+            "SELECT first_value(id) OVER (PARTITION BY email) FROM users",
+            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY email) FROM users",
+            "SELECT row_number() OVER w FROM users WINDOW w AS (ORDER BY email)",
+        ] {
+            assert_email_source(sql);
+        }
+    }
+
+    #[test]
+    fn count_star_has_no_source() {
+        let l = one("SELECT count(*) FROM users WHERE email LIKE 'a%'");
+        assert_eq!(column(&l, 0), (Some("count"), &BTreeSet::new(), false));
+        assert!(l.referenced.contains(&email()));
+    }
+
+    #[test]
+    fn whole_row_references_name_the_whole_table() {
+        for sql in [
+            "SELECT row_to_json(u) FROM users u",
+            "SELECT to_jsonb(u) FROM users u",
+            "SELECT to_json(u.*) FROM users u",
+            "SELECT json_agg(u) FROM users u",
+            "SELECT array_agg(u)::text FROM users u",
+            "SELECT ROW(u.*) FROM users u",
+            "SELECT u FROM users u",
+            "SELECT users FROM users",
+            "SELECT (u).email FROM users u",
+            "SELECT hstore(u) -> 'email' FROM users u",
+        ] {
+            let l = one(sql);
+            assert!(column(&l, 0).1.contains(&row("users")), "{sql}: {l:?}");
+        }
+    }
+
+    #[test]
+    fn whole_row_of_a_derived_table_is_all_its_sources() {
+        assert_email_source("SELECT to_json(s) FROM (SELECT email FROM users) s");
+        assert_email_source("SELECT row_to_json(s.*) FROM (SELECT lower(email) FROM users) s");
+        assert_email_source("WITH c AS (SELECT email FROM users) SELECT json_agg(c) FROM c");
+    }
+
+    #[test]
+    fn star_over_base_tables() {
+        let l = one("SELECT * FROM users");
+        assert_eq!(l.outputs, [Output::Star { tables: vec![TableRef::new(None, "users")] }]);
+        assert!(l.exact);
+        assert!(l.referenced.contains(&row("users")));
+        let l = one("SELECT u.*, o.id FROM public.users u, orders o");
+        assert_eq!(l.outputs[0], Output::Star { tables: vec![TableRef::new(Some("public"), "users")] });
+        let l = one("SELECT * FROM users, orders");
+        assert_eq!(
+            l.outputs,
+            [Output::Star { tables: vec![TableRef::new(None, "users"), TableRef::new(None, "orders")] }]
+        );
+    }
+
+    #[test]
+    fn star_over_derived_tables_expands_inline_in_from_order() {
+        let l = one("SELECT * FROM (SELECT lower(email) AS e, id FROM users) s, orders");
+        assert!(l.exact);
+        assert_eq!(column(&l, 0), (Some("e"), &set(&[email()]), false));
+        assert_eq!(column(&l, 1), (Some("id"), &set(&[col("users", "id")]), false));
+        assert_eq!(l.outputs[2], Output::Star { tables: vec![TableRef::new(None, "orders")] });
+        let l = one("WITH a AS (SELECT * FROM users) SELECT * FROM a");
+        assert_eq!(l.outputs, [Output::Star { tables: vec![TableRef::new(None, "users")] }]);
+    }
+
+    #[test]
+    fn natural_and_using_joins_under_a_star_are_not_exact() {
+        assert!(!one("SELECT * FROM users NATURAL JOIN orders").exact);
+        assert!(!one("SELECT * FROM users JOIN orders USING (id)").exact);
+        assert!(one("SELECT users.* FROM users JOIN orders USING (id)").exact);
+        assert!(!one("SELECT j.* FROM (users JOIN orders USING (id)) AS j").exact);
+        let l = one("SELECT id FROM users JOIN orders USING (id)");
+        assert_eq!(column(&l, 0).1, &set(&[col("users", "id"), col("orders", "id")]));
+    }
+
+    #[test]
+    fn derived_tables_with_column_alias_lists() {
+        let l = one("SELECT x, y FROM (SELECT email, id FROM users) AS s(x, y)");
+        assert_eq!(column(&l, 0), (Some("x"), &set(&[email()]), false));
+        assert_eq!(column(&l, 1), (Some("y"), &set(&[col("users", "id")]), false));
+        assert_email_source("SELECT s.x FROM (SELECT * FROM users) s(x)");
+        assert_email_source("SELECT x FROM users AS u(x)");
+    }
+
+    #[test]
+    fn lateral_subqueries_and_joins_of_every_kind() {
+        assert_email_source("SELECT t.e FROM users u, LATERAL (SELECT u.email AS e) t");
+        assert_email_source("SELECT t.e FROM users u CROSS JOIN LATERAL (SELECT lower(u.email) e) t");
+        assert_email_source(
+            "SELECT t.e FROM orders o LEFT JOIN LATERAL (SELECT email e FROM users) t ON true",
+        );
+        assert_email_source("SELECT u.email FROM orders o RIGHT JOIN users u ON o.uid = u.id");
+        assert_email_source("SELECT u.email FROM orders o FULL OUTER JOIN users u ON o.uid = u.id");
+        assert_email_source("SELECT j.email FROM (users u JOIN orders o ON true) AS j");
+        assert_email_source("SELECT email FROM (orders o JOIN users u ON true)");
+    }
+
+    #[test]
+    fn ctes_resolve_through_their_outputs() {
+        assert_email_source("WITH a AS (SELECT * FROM users) SELECT a.email FROM a");
+        assert_email_source("WITH a(x) AS (SELECT email FROM users) SELECT x FROM a");
+        assert_email_source(
+            "WITH a AS (SELECT email AS e FROM users), b AS (SELECT e FROM a) SELECT e FROM b",
+        );
+        assert_email_source("WITH a AS (SELECT email FROM users) SELECT (SELECT email FROM a LIMIT 1)");
+        let l = one("WITH a AS (SELECT email FROM users) SELECT 1 FROM a");
+        assert!(l.referenced.contains(&email()));
+    }
+
+    #[test]
+    fn recursive_ctes_union_both_branches() {
+        assert_email_source(
+            "WITH RECURSIVE r(n, e) AS (SELECT 1, 'x'::text UNION ALL SELECT n + 1, email FROM r, users WHERE n < 3) \
+             SELECT e FROM r",
+        );
+        assert_email_source(
+            "WITH RECURSIVE r AS (SELECT email AS e, 1 AS n FROM users UNION ALL SELECT 'x', n + 1 FROM r) \
+             SELECT e FROM r",
+        );
+        // The value flows through the recursion from another column.
+        let l = one(
+            "WITH RECURSIVE r(a, b) AS (SELECT 'x'::text, email FROM users UNION ALL SELECT b, a FROM r) \
+             SELECT a FROM r",
+        );
+        assert!(column(&l, 0).1.contains(&email()));
+    }
+
+    #[test]
+    fn data_modifying_ctes_return_their_returning_lists() {
+        assert_email_source("WITH d AS (DELETE FROM users RETURNING *) SELECT email FROM d");
+        assert_email_source("WITH d AS (DELETE FROM users RETURNING email) SELECT * FROM d");
+        assert_email_source("WITH d AS (UPDATE users SET name = 'x' RETURNING email AS e) SELECT e FROM d");
+    }
+
+    #[test]
+    fn scalar_exists_and_in_subqueries_use_their_projection() {
+        assert_email_source("SELECT (SELECT email FROM users LIMIT 1)");
+        assert_email_source("SELECT (SELECT e FROM (SELECT email AS e FROM users) s LIMIT 1)");
+        assert_email_source("SELECT EXISTS (SELECT email FROM users)");
+        assert_email_source("SELECT 'a@b' IN (SELECT email FROM users)");
+        assert_email_source("SELECT 'a@b' = ANY (SELECT email FROM users)");
+        assert_email_source("SELECT ARRAY(SELECT email FROM users)");
+        let l = one("SELECT (SELECT email FROM users LIMIT 1) AS x");
+        assert_eq!(column(&l, 0).0, Some("x"));
+    }
+
+    #[test]
+    fn correlated_subqueries_may_reach_outer_columns() {
+        // `orders` may lack an `email` column, then it is the outer users.email.
+        assert_email_source("SELECT (SELECT email FROM orders o LIMIT 1) FROM users");
+        assert_email_source("SELECT (SELECT u.email FROM orders o LIMIT 1) FROM users u");
+    }
+
+    #[test]
+    fn set_operations_union_outputs_by_position() {
+        let l = one("SELECT x FROM (SELECT email FROM users UNION SELECT 'a') t(x)");
+        assert_eq!(column(&l, 0).1, &set(&[email()]));
+        let l = one("SELECT 'a' AS k, id FROM orders UNION ALL SELECT email, id FROM users");
+        assert!(l.exact);
+        assert_eq!(column(&l, 0), (Some("k"), &set(&[email()]), false));
+        assert_eq!(column(&l, 1).1, &set(&[col("orders", "id"), col("users", "id")]));
+        for sql in [
+            "SELECT 'a' INTERSECT SELECT email FROM users",
+            "SELECT 'a' EXCEPT ALL SELECT email FROM users",
+            "(SELECT 'a' UNION (SELECT 'b' UNION SELECT email FROM users)) ORDER BY 1",
+            "SELECT 'a' UNION SELECT 'b' UNION SELECT 'c' UNION SELECT email FROM users",
+        ] {
+            assert_email_source(sql);
+        }
+    }
+
+    #[test]
+    fn set_operations_with_unaligned_stars_are_not_exact() {
+        let l = one("SELECT * FROM notes UNION SELECT email, id FROM users");
+        assert!(!l.exact);
+        assert!(l.outputs.iter().all(|o| matches!(o, Output::Column { .. })));
+        assert!(column(&l, 0).1.contains(&email()));
+        let l = one("SELECT * FROM users UNION SELECT * FROM users");
+        assert!(l.exact);
+        assert_eq!(l.outputs, [Output::Star { tables: vec![TableRef::new(None, "users")] }]);
+    }
+
+    #[test]
+    fn values_have_no_sources() {
+        let l = one("VALUES (1, 'a'), (2, 'b')");
+        assert_eq!(column(&l, 0), (Some("column1"), &BTreeSet::new(), false));
+        assert_eq!(column(&l, 1), (Some("column2"), &BTreeSet::new(), false));
+        let l = one("SELECT x FROM (VALUES (1)) v(x)");
+        assert_eq!(column(&l, 0), (Some("x"), &BTreeSet::new(), false));
+        assert_email_source("SELECT * FROM (VALUES ((SELECT email FROM users LIMIT 1))) v(x)");
+    }
+
+    #[test]
+    fn insert_returning_resolves_against_the_target() {
+        let l = one("INSERT INTO users AS u (email) VALUES ('a') RETURNING u.email, id");
+        assert_eq!(column(&l, 0).1, &set(&[email()]));
+        assert_eq!(column(&l, 1).1, &set(&[col("users", "id")]));
+        let l = one("INSERT INTO users (email) VALUES ('a') RETURNING *");
+        assert_eq!(l.outputs, [Output::Star { tables: vec![TableRef::new(None, "users")] }]);
+        let l = one("INSERT INTO users (email) VALUES ('a')");
+        assert!(l.outputs.is_empty());
+    }
+
+    #[test]
+    fn insert_select_returning_carries_the_copied_sources() {
+        assert_email_source("INSERT INTO notes (body) SELECT email FROM users RETURNING body");
+        let l = one("INSERT INTO notes SELECT email FROM users RETURNING *");
+        assert!(!l.exact);
+        assert!(column(&l, 0).1.contains(&email()));
+        assert_email_source(
+            "INSERT INTO notes (id, body) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE \
+             SET body = (SELECT email FROM users LIMIT 1) RETURNING body",
+        );
+    }
+
+    #[test]
+    fn update_and_delete_returning() {
+        let l = one("UPDATE users u SET name = o.x FROM orders o WHERE o.uid = u.id RETURNING u.email, o.x");
+        assert!(column(&l, 0).1.contains(&email()));
+        assert!(column(&l, 1).1.contains(&col("orders", "x")));
+        assert!(l.referenced.contains(&col("orders", "uid")));
+        assert_email_source("UPDATE notes SET body = (SELECT email FROM users LIMIT 1) RETURNING body");
+        assert_email_source("UPDATE users SET name = email RETURNING name");
+        let l = one("DELETE FROM users WHERE id = 1 RETURNING *");
+        assert_eq!(l.outputs, [Output::Star { tables: vec![TableRef::new(None, "users")] }]);
+        assert!(l.referenced.contains(&col("users", "id")));
+        assert_email_source("DELETE FROM orders o USING users u WHERE o.uid = u.id RETURNING u.email");
+    }
+
+    #[test]
+    fn merge_resolves_target_and_source() {
+        let l = one("MERGE INTO notes n USING users u ON n.id = u.id \
+             WHEN MATCHED THEN UPDATE SET body = u.email WHEN NOT MATCHED THEN DO NOTHING");
+        assert!(l.outputs.is_empty());
+        assert!(l.referenced.contains(&email()));
+    }
+
+    #[test]
+    fn declare_cursor_has_its_query_lineage() {
+        assert_email_source("DECLARE c CURSOR FOR SELECT lower(email) FROM users");
+        assert_email_source("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT email FROM users");
+    }
+
+    #[test]
+    fn explain_returns_only_the_plan_column() {
+        for sql in ["EXPLAIN SELECT email FROM users", "EXPLAIN ANALYZE SELECT email FROM users"] {
+            let l = one(sql);
+            assert_eq!(column(&l, 0), (Some("QUERY PLAN"), &BTreeSet::new(), false));
+            assert_eq!(l.outputs.len(), 1);
+            assert!(l.referenced.contains(&email()));
+        }
+    }
+
+    #[test]
+    fn copy_to_stdout() {
+        assert_email_source("COPY (SELECT lower(email) FROM users) TO STDOUT");
+        let l = one("COPY users (email, id) TO STDOUT");
+        assert_eq!(column(&l, 0), (Some("email"), &set(&[email()]), false));
+        assert_eq!(column(&l, 1).1, &set(&[col("users", "id")]));
+        let l = one("COPY public.users TO STDOUT");
+        assert_eq!(l.outputs, [Output::Star { tables: vec![TableRef::new(Some("public"), "users")] }]);
+        assert!(one("COPY users FROM STDIN").outputs.is_empty());
+    }
+
+    #[test]
+    fn table_functions_are_opaque_over_their_column_arguments() {
+        let l = one("SELECT x FROM users, unnest(ARRAY[email]) x");
+        let (_, sources, opaque) = column(&l, 0);
+        assert!(sources.contains(&email()) && opaque);
+        let l = one("SELECT r.a FROM users u, json_to_recordset(u.data) AS r(a text, b int)");
+        let (_, sources, opaque) = column(&l, 0);
+        assert!(sources.contains(&col("users", "data")) && opaque);
+        let l = one("SELECT g FROM generate_series(1, 3) g");
+        assert_eq!(column(&l, 0), (Some("g"), &BTreeSet::new(), false));
+        let l = one("SELECT t.v FROM users u, LATERAL jsonb_each_text(to_jsonb(u)) t(k, v)");
+        assert!(column(&l, 0).1.contains(&row("users")));
+    }
+
+    #[test]
+    fn star_over_a_function_is_not_exact() {
+        let l = one("SELECT * FROM users u, unnest(ARRAY[u.email])");
+        assert!(!l.exact);
+        assert!(
+            l.outputs
+                .iter()
+                .any(|o| matches!(o, Output::Column { sources, .. } if sources.contains(&email())))
+        );
+        assert!(one("SELECT * FROM json_to_recordset('[]') AS r(a text, b int)").exact);
+    }
+
+    #[test]
+    fn statements_with_unknown_row_shapes_are_unsupported() {
+        assert_unsupported("SHOW search_path");
+        assert_unsupported("FETCH 10 FROM c");
+        assert_unsupported("EXECUTE p(1)");
+        assert_unsupported("CALL p(1)");
+        assert_unsupported("SELECT query_to_xml('SELECT email FROM users', true, false, '')");
+        assert_unsupported("SELECT * FROM dblink('db', 'SELECT email FROM users') AS t(e text)");
+    }
+
+    #[test]
+    fn statements_without_rows_have_no_outputs() {
+        for sql in [
+            "SET search_path = public",
+            "BEGIN",
+            "COMMIT",
+            "CREATE TABLE t (a int)",
+            "DROP TABLE t",
+            "UPDATE users SET name = 'x' WHERE email = 'a'",
+            "DELETE FROM users WHERE email = 'a'",
+            "SELECT email INTO copy FROM users",
+        ] {
+            let l = one(sql);
+            assert!(l.outputs.is_empty() && l.exact, "{sql}: {l:?}");
+        }
+        assert!(one("DELETE FROM users WHERE email = 'a'").referenced.contains(&email()));
+    }
+
+    #[test]
+    fn referenced_covers_every_clause() {
+        let l = one("WITH c AS (SELECT secret FROM vault) \
+             SELECT u.id FROM users u JOIN orders o ON o.uid = u.id \
+             WHERE u.email LIKE 'a%' AND EXISTS (SELECT 1 FROM c WHERE c.secret = 'x') \
+             GROUP BY u.id, u.name HAVING max(o.total) > 1 ORDER BY u.phone LIMIT (SELECT count(k) FROM keys)");
+        assert_eq!(column(&l, 0).1, &set(&[col("users", "id")]));
+        for c in [
+            email(),
+            col("vault", "secret"),
+            col("orders", "uid"),
+            col("users", "name"),
+            col("orders", "total"),
+            col("users", "phone"),
+            col("keys", "k"),
+        ] {
+            assert!(l.referenced.contains(&c), "{c:?} missing from {:?}", l.referenced);
+        }
+    }
+
+    #[test]
+    fn json_extraction_from_a_whole_row() {
+        assert_email_source("SELECT j->>'email' FROM (SELECT to_jsonb(u) j FROM users u) s");
+        assert_email_source(
+            "SELECT s.j #>> '{email}' FROM (SELECT row_to_json(u) AS j FROM users AS u) AS s",
+        );
+    }
+
+    #[test]
+    fn unknown_names_in_derived_tables_fall_back_to_all_outputs() {
+        assert_email_source("SELECT s.foo FROM (SELECT email FROM users) s");
+    }
+
+    #[test]
+    fn unicode_escaped_identifiers_are_opaque() {
+        let l = one(r#"SELECT U&"d\0061ta" FROM users"#);
+        assert!(column(&l, 0).2);
+    }
+
+    #[test]
+    fn unresolved_qualifiers_are_opaque() {
+        let l = one("SELECT x.email FROM users");
+        let (_, sources, opaque) = column(&l, 0);
+        assert!(opaque && sources.contains(&email()));
+    }
+
+    #[test]
+    fn long_operator_chains_do_not_count_as_depth() {
+        let chain = vec!["email"; 5000].join(" || ");
+        assert_email_source(&format!("SELECT {chain} FROM users"));
+        let union = vec!["SELECT email FROM users"; 2000].join(" UNION ALL ");
+        assert_email_source(&union);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let mut stmt =
+            Parser::parse_sql(&PostgreSqlDialect {}, "SELECT email FROM users").expect("parses").remove(0);
+        if let Statement::Query(q) = &mut stmt
+            && let SetExpr::Select(s) = q.body.as_mut()
+            && let Some(SelectItem::UnnamedExpr(e)) = s.projection.first_mut()
+        {
+            for _ in 0..(MAX_DEPTH * 2) {
+                *e = Expr::Nested(Box::new(e.clone()));
+            }
+        }
+        assert!(matches!(lineage(&stmt), Err(LineageError::TooDeep)));
+    }
+
+    #[test]
+    fn several_statements_give_one_lineage_each() {
+        let all = lineage_sql("SELECT email FROM users; SELECT 1; BEGIN").expect("parses");
+        assert_eq!(all.len(), 3);
+        assert!(matches!(lineage_sql("SELECT FROM WHERE"), Err(LineageError::Parse(_))));
+    }
+
+    #[test]
+    fn window_and_named_window_sources() {
+        assert_email_source("SELECT rank() OVER (ORDER BY email) FROM users");
+        assert_email_source("SELECT sum(id) OVER w FROM users WINDOW w AS (PARTITION BY email)");
+    }
+
+    #[test]
+    fn more_whole_row_disguises() {
+        for sql in [
+            "SELECT u::text FROM users u",
+            "SELECT concat_ws(',', u.*) FROM users u",
+            "SELECT (SELECT u) FROM users u",
+            "SELECT t FROM (SELECT * FROM users) t",
+            "SELECT jsonb_agg(x) FROM (SELECT email FROM users) x",
+            "SELECT to_json(x)::text FROM (SELECT email FROM users UNION SELECT 'a') x",
+            "SELECT (t).email FROM (SELECT u AS t FROM users u) s",
+        ] {
+            assert_email_source(sql);
+        }
+    }
+
+    #[test]
+    fn join_alias_column_lists_rename_unknown_columns() {
+        assert_email_source("SELECT j.x FROM (users JOIN orders ON true) AS j(x)");
+        assert_email_source("SELECT x FROM (users JOIN orders ON true) AS j(x)");
+    }
+
+    #[test]
+    fn names_not_found_anywhere_fall_back_to_derived_tables() {
+        assert_email_source("SELECT strpos FROM (SELECT position('@' in email) FROM users) s");
+    }
+
+    #[test]
+    fn deep_subqueries_do_not_overflow_a_small_stack() {
+        let mut sql = String::from("SELECT email FROM users");
+        for _ in 0..150 {
+            sql = format!("SELECT (SELECT x FROM ({sql}) AS s(x) LIMIT 1) AS x");
+        }
+        let stmts = Parser::new(&PostgreSqlDialect {})
+            .with_recursion_limit(10_000)
+            .try_with_sql(&sql)
+            .and_then(|mut p| p.parse_statements())
+            .expect("parses");
+        let outcome = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let r = lineage(&stmts[0]).map(|_| ());
+                // Dropping a deep AST recurses too: leak it to keep the test about lineage.
+                std::mem::forget(stmts);
+                r
+            })
+            .expect("spawns")
+            .join()
+            .expect("no stack overflow");
+        assert!(matches!(outcome, Err(LineageError::TooDeep)));
+        let mut sql = String::from("SELECT email FROM users");
+        for _ in 0..6 {
+            sql = format!("SELECT (SELECT x FROM ({sql}) AS s(x) LIMIT 1) AS x");
+        }
+        assert_email_source(&sql);
+    }
+
+    #[test]
+    fn merge_returning_and_on_conflict_excluded() {
+        assert_email_source(
+            "MERGE INTO notes n USING users u ON n.id = u.id \
+             WHEN MATCHED THEN UPDATE SET body = u.email RETURNING n.body",
+        );
+        assert_email_source(
+            "INSERT INTO notes (id, body) SELECT id, 'x' FROM orders ON CONFLICT (id) DO UPDATE \
+             SET body = (SELECT max(email) FROM users) RETURNING body",
+        );
+        assert_email_source(
+            "INSERT INTO notes (id, body) SELECT id, email FROM users ON CONFLICT (id) DO UPDATE \
+             SET body = excluded.body RETURNING body",
+        );
+    }
+
+    #[test]
+    fn prepare_has_the_statement_lineage() {
+        assert_email_source("PREPARE p AS SELECT email FROM users WHERE id = $1");
+    }
+}

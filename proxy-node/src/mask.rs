@@ -1,0 +1,627 @@
+//! Masking in the data path: which masking entries of the policy apply to a session
+//! ([`Rules`]), what each result column becomes ([`RowPlan`]), and the rewriting of the messages
+//! that carry data toward the client: RowDescription, DataRow, CopyData rows, and the text fields
+//! of ErrorResponse, NoticeResponse and NotificationResponse.
+//!
+//! Which columns are masked is decided in `session::relay` (it needs the catalog); this module
+//! only applies the decisions. Everything here fails closed: a value that cannot be masked is an
+//! error, never the raw value.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use masking::detect::Detectors;
+use masking::strategy::{Masker, Strategy};
+use masking::value::{self, Format, MaskError};
+use proto::events::Principal;
+use proto::policy::{ColumnPattern, PolicyDocument, UnknownLineage};
+
+/// The masking entries that apply to one session, compiled.
+pub struct Rules {
+    columns: Vec<(ColumnPattern, Masker)>,
+    detect: Option<(Detectors, Masker)>,
+    /// The strictest masker of the entries: used when the gateway cannot tell which entry applies.
+    fallback: Masker,
+    pub unknown: UnknownLineage,
+}
+
+/// How strict a strategy is, for choosing one when entries disagree.
+fn strictness(s: &Strategy) -> u8 {
+    match s {
+        Strategy::Redact => 3,
+        Strategy::Hash => 2,
+        Strategy::Partial { .. } => 1,
+    }
+}
+
+impl Rules {
+    /// The entries of `doc` for connection `conn` that `who` is not exempt from; `None` when
+    /// nothing is masked for this session.
+    pub fn compile(doc: &PolicyDocument, conn: &str, who: &Principal, key: &[u8]) -> Option<Self> {
+        let mut columns = Vec::new();
+        let mut detectors = Vec::new();
+        let mut detect_strategy: Option<Strategy> = None;
+        let mut fallback: Option<Strategy> = None;
+        let mut any = false;
+        for m in &doc.masking {
+            if !(m.connections.is_empty() || m.connections.iter().any(|c| c == conn)) {
+                continue;
+            }
+            if let Some(e) = &m.exempt
+                && (who.in_any_group(&e.groups) || e.subjects.contains(&who.subject))
+            {
+                continue;
+            }
+            // The document was validated when applied; an entry that no longer parses masks
+            // with the strictest strategy rather than not at all.
+            let strategy = m
+                .strategy
+                .as_deref()
+                .map_or(Ok(Strategy::Redact), Strategy::parse)
+                .unwrap_or(Strategy::Redact);
+            any = true;
+            fallback = Some(match fallback {
+                Some(f) if strictness(&f) >= strictness(&strategy) => f,
+                _ => strategy,
+            });
+            for c in &m.columns {
+                match ColumnPattern::parse(c) {
+                    Ok(p) => columns.push((p, Masker::new(strategy, key))),
+                    Err(e) => {
+                        tracing::warn!(pattern = %c, error = %e, "masking pattern does not parse; ignored")
+                    }
+                }
+            }
+            if !m.detectors.is_empty() {
+                for d in &m.detectors {
+                    match d.parse() {
+                        Ok(d) => detectors.push(d),
+                        Err(e) => tracing::warn!(detector = %d, error = %e, "unknown detector; ignored"),
+                    }
+                }
+                if detect_strategy.as_ref().is_none_or(|s| strictness(&strategy) > strictness(s)) {
+                    detect_strategy = Some(strategy);
+                }
+            }
+        }
+        if !any {
+            return None;
+        }
+        detectors.sort_by_key(|d: &masking::detect::Detector| d.as_str());
+        detectors.dedup();
+        let detect = (!detectors.is_empty()).then(|| {
+            (Detectors::new(&detectors), Masker::new(detect_strategy.unwrap_or(Strategy::Redact), key))
+        });
+        Some(Self {
+            columns,
+            detect,
+            fallback: Masker::new(fallback.unwrap_or(Strategy::Redact), key),
+            unknown: doc.defaults.unknown_lineage,
+        })
+    }
+
+    /// Are any columns masked by origin (so lineage and the catalog matter)?
+    pub fn has_columns(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
+    /// The masker of the first entry covering `schema.table.column` (`column` `None`: any
+    /// column of the table, for whole-row references).
+    pub fn masker_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> Option<&Masker> {
+        self.columns.iter().find(|(p, _)| p.covers(schema, table, column)).map(|(_, m)| m)
+    }
+
+    /// The masker for a column whose origin cannot be told.
+    pub fn fallback(&self) -> &Masker {
+        &self.fallback
+    }
+
+    /// Run the detectors over a text (error fields, statements in events); `None` = unchanged.
+    pub fn scrub(&self, text: &str) -> Option<String> {
+        let (detectors, masker) = self.detect.as_ref()?;
+        let hits = detectors.scan(text);
+        if hits.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for h in hits {
+            out.push_str(text.get(at..h.start)?);
+            out.push_str(&masker.mask_hit(h.detector, text.get(h.start..h.end)?));
+            at = h.end;
+        }
+        out.push_str(text.get(at..)?);
+        Some(out)
+    }
+
+    /// [`Rules::scrub`], or the text itself.
+    pub fn scrubbed(&self, text: &str) -> String {
+        self.scrub(text).unwrap_or_else(|| text.to_string())
+    }
+
+    fn detect(&self) -> Option<&(Detectors, Masker)> {
+        self.detect.as_ref()
+    }
+}
+
+/// One field of a RowDescription.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: Bytes,
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    pub typlen: i16,
+    pub typmod: i32,
+    pub format: i16,
+}
+
+/// Parse a RowDescription body.
+pub fn read_fields(body: &[u8]) -> Option<Vec<Field>> {
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut b = body.get(2..)?;
+    let mut out = Vec::with_capacity(usize::try_from(n).ok()?);
+    for _ in 0..n {
+        let end = b.iter().position(|&c| c == 0)?;
+        let name = Bytes::copy_from_slice(&b[..end]);
+        b = b.get(end + 1..)?;
+        let f = b.get(..18)?;
+        out.push(Field {
+            name,
+            table_oid: u32::from_be_bytes(f[0..4].try_into().ok()?),
+            attnum: i16::from_be_bytes(f[4..6].try_into().ok()?),
+            type_oid: u32::from_be_bytes(f[6..10].try_into().ok()?),
+            typlen: i16::from_be_bytes(f[10..12].try_into().ok()?),
+            typmod: i32::from_be_bytes(f[12..16].try_into().ok()?),
+            format: i16::from_be_bytes(f[16..18].try_into().ok()?),
+        });
+        b = &b[18..];
+    }
+    Some(out)
+}
+
+/// Encode a RowDescription body.
+pub fn write_fields(fields: &[Field]) -> Bytes {
+    let mut b = BytesMut::with_capacity(2 + fields.len() * 32);
+    b.put_i16(i16::try_from(fields.len()).unwrap_or(i16::MAX));
+    for f in fields {
+        b.put_slice(&f.name);
+        b.put_u8(0);
+        b.put_u32(f.table_oid);
+        b.put_i16(f.attnum);
+        b.put_u32(f.type_oid);
+        b.put_i16(f.typlen);
+        b.put_i32(f.typmod);
+        b.put_i16(f.format);
+    }
+    b.freeze()
+}
+
+fn format_of(code: i16) -> Format {
+    if code == 1 { Format::Binary } else { Format::Text }
+}
+
+/// What happens to each column of a result.
+pub struct RowPlan {
+    cols: Vec<Col>,
+    detect: Option<(Detectors, Masker)>,
+}
+
+struct Col {
+    oid: u32,
+    format: Format,
+    whole: Option<Masker>,
+}
+
+impl RowPlan {
+    /// A plan for `fields`, where `whole[i]` is the masker of column `i` if it is masked as a
+    /// whole. Detectors of `rules` run on every other column.
+    pub fn new(rules: &Rules, fields: &[Field], whole: Vec<Option<Masker>>) -> Self {
+        let cols = fields
+            .iter()
+            .zip(whole.into_iter().chain(std::iter::repeat(None)))
+            .map(|(f, whole)| Col { oid: f.type_oid, format: format_of(f.format), whole })
+            .collect();
+        Self { cols, detect: rules.detect().cloned() }
+    }
+
+    /// Does the plan change anything?
+    pub fn is_noop(&self) -> bool {
+        self.detect.is_none() && self.cols.iter().all(|c| c.whole.is_none())
+    }
+
+    /// The RowDescription the client sees: whole-masked columns change type to what the masked
+    /// value is (text, unless they were text already).
+    pub fn describe(&self, fields: &[Field]) -> Option<Bytes> {
+        if self.cols.iter().all(|c| c.whole.is_none()) {
+            return None;
+        }
+        let mut out = fields.to_vec();
+        for (f, c) in out.iter_mut().zip(&self.cols) {
+            if c.whole.is_some() {
+                let masked = value::masked_type(f.type_oid);
+                if masked != f.type_oid {
+                    f.type_oid = masked;
+                    f.typlen = -1;
+                    f.typmod = -1;
+                }
+            }
+        }
+        Some(write_fields(&out))
+    }
+
+    /// Mask a DataRow body; `Ok(None)` when nothing changed.
+    pub fn mask_row(&self, body: &[u8]) -> Result<Option<Bytes>, MaskError> {
+        let malformed = || MaskError::Decode { oid: 0, reason: "malformed DataRow".into() };
+        let n = i16::from_be_bytes(body.get(..2).ok_or_else(malformed)?.try_into().map_err(|_| malformed())?);
+        let n = usize::try_from(n).map_err(|_| malformed())?;
+        if n != self.cols.len() {
+            return Err(MaskError::Decode {
+                oid: 0,
+                reason: format!("a row of {n} values for {} columns", self.cols.len()),
+            });
+        }
+        let mut b = &body[2..];
+        let mut out: Option<BytesMut> = None;
+        let mut copied_upto = 0usize;
+        for col in &self.cols {
+            let at = body.len() - b.len();
+            let len =
+                i32::from_be_bytes(b.get(..4).ok_or_else(malformed)?.try_into().map_err(|_| malformed())?);
+            b = &b[4..];
+            if len < 0 {
+                continue;
+            }
+            let len = usize::try_from(len).map_err(|_| malformed())?;
+            let v = b.get(..len).ok_or_else(malformed)?;
+            b = &b[len..];
+            let replaced = match (&col.whole, &self.detect) {
+                (Some(m), _) => Some(value::mask_whole(m, col.oid, col.format, v)?),
+                (None, Some((d, m))) => value::mask_detected(d, m, col.oid, col.format, v)?,
+                (None, None) => None,
+            };
+            if let Some(new) = replaced {
+                let o = out.get_or_insert_with(|| {
+                    let mut o = BytesMut::with_capacity(body.len() + 64);
+                    o.put_slice(&body[..2]);
+                    o
+                });
+                o.put_slice(&body[copied_upto.max(2)..at]);
+                o.put_i32(i32::try_from(new.len()).map_err(|_| malformed())?);
+                o.put_slice(&new);
+                copied_upto = body.len() - b.len();
+            }
+        }
+        Ok(out.map(|mut o| {
+            o.put_slice(&body[copied_upto.max(2)..]);
+            o.freeze()
+        }))
+    }
+
+    /// Mask one row of COPY TO output in `text` (tab-separated, backslash escapes) or `csv`.
+    pub fn mask_copy_row(
+        &self,
+        row: &[u8],
+        csv: Option<CsvShape>,
+        delimiter: u8,
+    ) -> Result<Option<Vec<u8>>, MaskError> {
+        let fields = match csv {
+            None => copy::split_text(row, delimiter),
+            Some(shape) => copy::split_csv(row, delimiter, shape),
+        }
+        .ok_or_else(|| MaskError::Decode { oid: 0, reason: "malformed COPY row".into() })?;
+        if fields.len() != self.cols.len() {
+            return Err(MaskError::Decode {
+                oid: 0,
+                reason: format!("a COPY row of {} values for {} columns", fields.len(), self.cols.len()),
+            });
+        }
+        let mut changed = false;
+        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(fields.len());
+        for (v, col) in fields.into_iter().zip(&self.cols) {
+            let Some(v) = v else {
+                out.push(None);
+                continue;
+            };
+            let replaced = match (&col.whole, &self.detect) {
+                (Some(m), _) => Some(value::mask_whole(m, col.oid, Format::Text, &v)?),
+                (None, Some((d, m))) => value::mask_detected(d, m, col.oid, Format::Text, &v)?,
+                (None, None) => None,
+            };
+            changed |= replaced.is_some();
+            out.push(Some(replaced.unwrap_or(v)));
+        }
+        if !changed {
+            return Ok(None);
+        }
+        Ok(Some(match csv {
+            None => copy::join_text(&out, delimiter),
+            Some(shape) => copy::join_csv(&out, delimiter, shape),
+        }))
+    }
+}
+
+/// CSV quoting of a COPY.
+#[derive(Debug, Clone, Copy)]
+pub struct CsvShape {
+    pub quote: u8,
+    pub escape: u8,
+}
+
+/// The text fields of ErrorResponse and NoticeResponse that can echo data.
+const DATA_FIELDS: &[u8] = b"MDHWq";
+
+/// Rewrite an ErrorResponse or NoticeResponse body: detectors run on its text fields, and when
+/// `withhold` (the statement reads masked columns, whose values the text may echo) the message
+/// is replaced and detail, hint, context and internal query are dropped. `None` = unchanged.
+pub fn mask_error(rules: &Rules, body: &[u8], withhold: bool) -> Option<Bytes> {
+    let mut fields: Vec<(u8, String)> = Vec::new();
+    let mut b = body;
+    while let Some((&t, rest)) = b.split_first() {
+        if t == 0 {
+            break;
+        }
+        let end = rest.iter().position(|&c| c == 0)?;
+        fields.push((t, String::from_utf8_lossy(&rest[..end]).into_owned()));
+        b = &rest[end + 1..];
+    }
+    let mut changed = false;
+    let code = fields.iter().find(|(t, _)| *t == b'C').map(|(_, v)| v.clone()).unwrap_or_default();
+    if withhold {
+        fields.retain(|(t, _)| !b"DHWqp".contains(t));
+        for (t, v) in &mut fields {
+            if *t == b'M' {
+                *v = format!(
+                    "airlock: the error text is withheld because the statement reads masked columns (SQLSTATE {code})"
+                );
+            }
+        }
+        changed = true;
+    }
+    for (t, v) in &mut fields {
+        if DATA_FIELDS.contains(t)
+            && let Some(s) = rules.scrub(v)
+        {
+            *v = s;
+            changed = true;
+        }
+    }
+    if !changed {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(body.len());
+    for (t, v) in fields {
+        out.put_u8(t);
+        out.put_slice(v.replace('\0', "").as_bytes());
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+    Some(out.freeze())
+}
+
+/// Rewrite a ParameterStatus body: `application_name` is scrubbed by the detectors, or masked
+/// as a whole when `withhold` (the running statement reads masked columns).
+pub fn mask_parameter_status(rules: &Rules, body: &[u8], withhold: bool) -> Option<Bytes> {
+    let end = body.iter().position(|&c| c == 0)?;
+    let (name, rest) = (&body[..end], &body[end + 1..]);
+    if name != b"application_name" {
+        return None;
+    }
+    let value = String::from_utf8_lossy(rest.strip_suffix(b"\0").unwrap_or(rest));
+    let masked = if withhold { Some(rules.fallback().mask_text(&value)) } else { rules.scrub(&value) }?;
+    let mut out = BytesMut::new();
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(masked.replace('\0', "").as_bytes());
+    out.put_u8(0);
+    Some(out.freeze())
+}
+
+/// Rewrite a NotificationResponse (LISTEN/NOTIFY) body: the payload can carry any value, so it
+/// is masked as a whole when columns are masked, else scrubbed by the detectors.
+pub fn mask_notification(rules: &Rules, body: &[u8]) -> Option<Bytes> {
+    let pid = body.get(..4)?;
+    let rest = body.get(4..)?;
+    let end = rest.iter().position(|&c| c == 0)?;
+    let channel = &rest[..end];
+    let rest = &rest[end + 1..];
+    let end = rest.iter().position(|&c| c == 0)?;
+    let payload = String::from_utf8_lossy(&rest[..end]);
+    let masked =
+        if rules.has_columns() { Some(rules.fallback().mask_text(&payload)) } else { rules.scrub(&payload) }?;
+    let mut out = BytesMut::new();
+    out.put_slice(pid);
+    out.put_slice(channel);
+    out.put_u8(0);
+    out.put_slice(masked.as_bytes());
+    out.put_u8(0);
+    Some(out.freeze())
+}
+
+mod copy {
+    //! COPY TO rows: PostgreSQL's text format (delimiter-separated, backslash escapes, `\N` for
+    //! NULL) and CSV (quoted fields, unquoted empty = NULL), split into values and joined back.
+
+    use super::CsvShape;
+
+    /// Split a text-format row (with its trailing newline) into unescaped values.
+    pub(super) fn split_text(row: &[u8], delim: u8) -> Option<Vec<Option<Vec<u8>>>> {
+        let row = row.strip_suffix(b"\n").unwrap_or(row);
+        let row = row.strip_suffix(b"\r").unwrap_or(row);
+        let mut out = Vec::new();
+        for raw in row.split(|&c| c == delim) {
+            if raw == b"\\N" {
+                out.push(None);
+                continue;
+            }
+            let mut v = Vec::with_capacity(raw.len());
+            let mut i = 0;
+            while i < raw.len() {
+                let c = raw[i];
+                if c != b'\\' {
+                    v.push(c);
+                    i += 1;
+                    continue;
+                }
+                let n = *raw.get(i + 1)?;
+                i += 2;
+                match n {
+                    b'b' => v.push(8),
+                    b'f' => v.push(12),
+                    b'n' => v.push(b'\n'),
+                    b'r' => v.push(b'\r'),
+                    b't' => v.push(b'\t'),
+                    b'v' => v.push(11),
+                    b'0'..=b'7' => {
+                        let mut x = u32::from(n - b'0');
+                        for _ in 0..2 {
+                            match raw.get(i) {
+                                Some(d @ b'0'..=b'7') => {
+                                    x = x * 8 + u32::from(d - b'0');
+                                    i += 1;
+                                }
+                                _ => break,
+                            }
+                        }
+                        v.push(u8::try_from(x & 0xff).ok()?);
+                    }
+                    b'x' => {
+                        let mut x = 0u32;
+                        let mut digits = 0;
+                        while digits < 2
+                            && let Some(d) = raw.get(i).and_then(|d| char::from(*d).to_digit(16))
+                        {
+                            x = x * 16 + d;
+                            i += 1;
+                            digits += 1;
+                        }
+                        if digits == 0 {
+                            v.push(b'x');
+                        } else {
+                            v.push(u8::try_from(x).ok()?);
+                        }
+                    }
+                    other => v.push(other),
+                }
+            }
+            out.push(Some(v));
+        }
+        Some(out)
+    }
+
+    pub(super) fn join_text(vals: &[Option<Vec<u8>>], delim: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, v) in vals.iter().enumerate() {
+            if i > 0 {
+                out.push(delim);
+            }
+            match v {
+                None => out.extend_from_slice(b"\\N"),
+                Some(v) => {
+                    for &c in v {
+                        match c {
+                            b'\\' => out.extend_from_slice(b"\\\\"),
+                            b'\n' => out.extend_from_slice(b"\\n"),
+                            b'\r' => out.extend_from_slice(b"\\r"),
+                            c if c == delim => out.extend_from_slice(format!("\\x{c:02x}").as_bytes()),
+                            c => out.push(c),
+                        }
+                    }
+                }
+            }
+        }
+        out.push(b'\n');
+        out
+    }
+
+    /// Split a CSV row; an unquoted empty field is NULL.
+    pub(super) fn split_csv(row: &[u8], delim: u8, shape: CsvShape) -> Option<Vec<Option<Vec<u8>>>> {
+        let row = row.strip_suffix(b"\n").unwrap_or(row);
+        let row = row.strip_suffix(b"\r").unwrap_or(row);
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            if row.get(i) == Some(&shape.quote) {
+                i += 1;
+                let mut v = Vec::new();
+                loop {
+                    let c = *row.get(i)?;
+                    if c == shape.escape && row.get(i + 1) == Some(&shape.quote) {
+                        v.push(shape.quote);
+                        i += 2;
+                    } else if shape.escape != shape.quote
+                        && c == shape.escape
+                        && row.get(i + 1) == Some(&shape.escape)
+                    {
+                        v.push(shape.escape);
+                        i += 2;
+                    } else if c == shape.quote {
+                        i += 1;
+                        break;
+                    } else {
+                        v.push(c);
+                        i += 1;
+                    }
+                }
+                out.push(Some(v));
+                match row.get(i) {
+                    None => return Some(out),
+                    Some(&c) if c == delim => i += 1,
+                    Some(_) => return None,
+                }
+            } else {
+                let end = row[i..].iter().position(|&c| c == delim).map_or(row.len(), |p| i + p);
+                let v = &row[i..end];
+                out.push(if v.is_empty() { None } else { Some(v.to_vec()) });
+                if end == row.len() {
+                    return Some(out);
+                }
+                i = end + 1;
+            }
+        }
+    }
+
+    pub(super) fn join_csv(vals: &[Option<Vec<u8>>], delim: u8, shape: CsvShape) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, v) in vals.iter().enumerate() {
+            if i > 0 {
+                out.push(delim);
+            }
+            if let Some(v) = v {
+                out.push(shape.quote);
+                for &c in v {
+                    if c == shape.quote || c == shape.escape {
+                        out.push(shape.escape);
+                    }
+                    out.push(c);
+                }
+                out.push(shape.quote);
+            }
+        }
+        out.push(b'\n');
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn text_rows_round_trip() {
+            let row = b"1\talice@example.com\ta\\tb\\\\c\\nd\t\\N\n";
+            let vals = split_text(row, b'\t').expect("valid");
+            assert_eq!(vals[2].as_deref(), Some(&b"a\tb\\c\nd"[..]));
+            assert_eq!(vals[3], None);
+            assert_eq!(split_text(&join_text(&vals, b'\t'), b'\t').expect("valid"), vals);
+            assert_eq!(split_text(b"\\x41\\101\n", b'\t').expect("valid")[0].as_deref(), Some(&b"AA"[..]));
+        }
+
+        #[test]
+        fn csv_rows_round_trip() {
+            let shape = CsvShape { quote: b'"', escape: b'"' };
+            let row = b"1,\"a,\"\"b\"\"\",,\"\"\n";
+            let vals = split_csv(row, b',', shape).expect("valid");
+            assert_eq!(vals, vec![Some(b"1".to_vec()), Some(b"a,\"b\"".to_vec()), None, Some(vec![])]);
+            assert_eq!(split_csv(&join_csv(&vals, b',', shape), b',', shape).expect("valid"), vals);
+            assert!(split_csv(b"\"open", b',', shape).is_none());
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! Masking in the relay: deciding, with the target's catalog and the statement's lineage, which
+//! result columns are masked, and rewriting every message that carries data toward the client.
+//!
+//! - A result column with an origin in its RowDescription (a plain column reference, through
+//!   aliases, `*`, subqueries and views) is masked if the origin is covered by a masking
+//!   pattern; a view's column is followed to the base columns of the view's definition.
+//! - A computed column (no origin) is masked if any column it derives from is masked, per
+//!   `masking::lineage`; when the lineage cannot line up with the result, if the statement
+//!   references any masked column; when the statement cannot be analysed at all, always.
+//! - Detectors run on every value of every other column.
+//! - A value that cannot be masked ends the session: the client never gets the raw value.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use masking::lineage::lineage_sql;
+use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Statement};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use super::{
+    ColumnRef, Expect, Field, Frame, Lineage, Masker, Output, Relay, Rules, SessionError, mask, sqlstate,
+};
+use crate::catalog::Reach;
+use crate::mask::{CsvShape, RowPlan};
+
+/// Views are followed this deep at most; deeper counts as masked.
+const MAX_VIEW_DEPTH: u8 = 8;
+
+/// What a COPY TO writes: `None` for binary.
+struct CopyShape {
+    csv: Option<CsvShape>,
+    delimiter: u8,
+}
+
+impl Relay<'_> {
+    /// Recompile the session's masking rules when the policy version changed.
+    pub(super) fn refresh_rules(&mut self, policy: &policy_store::client::ActivePolicy) {
+        if self.rules_version == Some(policy.version) {
+            return;
+        }
+        self.rules = Rules::compile(
+            &policy.document,
+            &self.s.conn.name,
+            &self.s.principal,
+            &self.s.shared.masking_key,
+        )
+        .map(Arc::new);
+        self.rules_version = Some(policy.version);
+    }
+
+    /// The statement and parameters as events and approvers see them: detectors applied.
+    pub(super) fn shown(&self, sql: &str, params: &[Option<String>]) -> (String, Vec<Option<String>>) {
+        match &self.rules {
+            None => (sql.to_string(), params.to_vec()),
+            Some(r) => {
+                (r.scrubbed(sql), params.iter().map(|p| p.as_deref().map(|p| r.scrubbed(p))).collect())
+            }
+        }
+    }
+
+    /// A reason to refuse a statement before it runs because its results could not be masked:
+    /// a binary COPY TO, or (with `unknown_lineage: deny`) a result the lineage cannot explain.
+    pub(super) fn mask_precheck(&self, sql: &str) -> Option<String> {
+        let rules = self.rules.as_ref()?;
+        let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+        for (i, st) in stmts.iter().enumerate() {
+            if let Statement::Copy { to: true, .. } = st
+                && copy_shape(st).is_none_or(|s| s.csv.is_none() && s.delimiter == 0)
+            {
+                return Some(
+                    "COPY TO in binary format (or with options the gateway cannot parse) cannot be masked; use text or csv"
+                        .into(),
+                );
+            }
+            if rules.has_columns() && rules.unknown == proto::policy::UnknownLineage::Deny {
+                let unclear = match masking::lineage::lineage(st) {
+                    Ok(l) => {
+                        !l.exact || l.outputs.iter().any(|o| matches!(o, Output::Column { opaque: true, .. }))
+                    }
+                    Err(_) => true,
+                };
+                if unclear {
+                    return Some(format!(
+                        "statement {} reads columns whose origin cannot be told, and the policy says to deny rather than mask (defaults.unknown_lineage)",
+                        i + 1
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Mask a frame from the target. `None`: the frame was the proxy's own and is consumed.
+    pub(super) async fn mask_upstream(
+        &mut self,
+        rules: &Arc<Rules>,
+        mut f: Frame,
+    ) -> Result<Option<Frame>, SessionError> {
+        match f.tag {
+            b'A' => {
+                if let Some(b) = mask::mask_notification(rules, &f.body) {
+                    f.body = b;
+                }
+            }
+            b'S' => {
+                // application_name is the one free-text setting the server reports; a statement
+                // can set it from a masked column (set_config('application_name', email, false)).
+                let withhold = rules.has_columns() && self.current_reads_masked(rules).await;
+                if let Some(b) = mask::mask_parameter_status(rules, &f.body, withhold) {
+                    f.body = b;
+                }
+            }
+            b'E' | b'N' => {
+                let withhold = rules.has_columns() && self.current_reads_masked(rules).await;
+                if let Some(b) = mask::mask_error(rules, &f.body, withhold) {
+                    f.body = b;
+                }
+            }
+            b'T' => {
+                let Some(fields) = mask::read_fields(&f.body) else {
+                    return Err(self.masking_failed("a malformed RowDescription from the target".into()));
+                };
+                let (sql, stmt) = match self.expect.front() {
+                    Some(Expect::HiddenDescribe) => (self.execute_after_describe_sql(), 0),
+                    Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt),
+                    Some(Expect::DescribeStatement(name)) => (self.statement_sql(name), 0),
+                    Some(Expect::DescribePortal(name)) => (self.portal_sql(name), 0),
+                    _ => return Ok(Some(f)),
+                };
+                let plan = self.plan(rules, &fields, sql.as_deref(), stmt).await;
+                if let Some(b) = plan.describe(&fields) {
+                    f.body = b;
+                }
+                match self.expect.front_mut() {
+                    Some(Expect::HiddenDescribe) => {
+                        self.expect.pop_front();
+                        if let Some(Expect::Execute(r)) = self.expect.front_mut() {
+                            r.plan = Some(plan);
+                        }
+                        return Ok(None);
+                    }
+                    Some(Expect::Execute(r) | Expect::Query(r, _)) => r.plan = Some(plan),
+                    _ => {}
+                }
+            }
+            b'n' if matches!(self.expect.front(), Some(Expect::HiddenDescribe)) => {
+                self.expect.pop_front();
+                return Ok(None);
+            }
+            b'D' => {
+                let masked = match self.expect.front() {
+                    Some(Expect::Execute(r) | Expect::Query(r, _)) => match &r.plan {
+                        Some(plan) => plan.mask_row(&f.body).map_err(|e| e.to_string()),
+                        None => Err("rows arrived without a row description".into()),
+                    },
+                    _ => Ok(None),
+                };
+                match masked {
+                    Ok(Some(b)) => f.body = b,
+                    Ok(None) => {}
+                    Err(e) => return Err(self.masking_failed(e)),
+                }
+            }
+            b'H' => {
+                let (sql, stmt) = match self.expect.front() {
+                    Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt),
+                    _ => return Ok(Some(f)),
+                };
+                let copy = self.copy_plan(rules, &f.body, sql.as_deref(), stmt).await;
+                match copy {
+                    Ok(c) => {
+                        if let Some(Expect::Execute(r) | Expect::Query(r, _)) = self.expect.front_mut() {
+                            r.copy = Some(c);
+                        }
+                    }
+                    Err(e) => return Err(self.masking_failed(e)),
+                }
+            }
+            b'd' => {
+                let masked = match self.expect.front() {
+                    Some(Expect::Execute(r) | Expect::Query(r, _)) => match &r.copy {
+                        Some((plan, csv, delim)) => {
+                            plan.mask_copy_row(&f.body, *csv, *delim).map_err(|e| e.to_string())
+                        }
+                        None => Err("COPY data arrived without a COPY response".into()),
+                    },
+                    _ => Ok(None),
+                };
+                match masked {
+                    Ok(Some(b)) => f.body = Bytes::from(b),
+                    Ok(None) => {}
+                    Err(e) => return Err(self.masking_failed(e)),
+                }
+            }
+            _ => {}
+        }
+        Ok(Some(f))
+    }
+
+    /// End the session rather than send a value unmasked.
+    fn masking_failed(&mut self, why: String) -> SessionError {
+        tracing::warn!(reason = %why, "a value could not be masked; closing the session");
+        // Stop whatever still streams toward us.
+        self.cancel_running();
+        self.refuse_fatal(
+            sqlstate::INTERNAL_ERROR,
+            format!("airlock: a result could not be masked ({why}); the session is closed rather than send it unmasked"),
+        )
+    }
+
+    fn execute_after_describe_sql(&self) -> Option<Arc<str>> {
+        match self.expect.get(1) {
+            Some(Expect::Execute(r)) => r.sql.clone(),
+            _ => None,
+        }
+    }
+
+    fn statement_sql(&self, name: &str) -> Option<Arc<str>> {
+        self.lookup_statement(name).map(|p| p.sql).filter(|s| !s.is_empty())
+    }
+
+    fn portal_sql(&self, name: &str) -> Option<Arc<str>> {
+        self.lookup_portal(name).and_then(|p| p.stmt).map(|p| p.sql).filter(|s| !s.is_empty())
+    }
+
+    /// Does the statement answering now read masked columns? Unknown statements do.
+    async fn current_reads_masked(&mut self, rules: &Rules) -> bool {
+        let (sql, stmt, cached) = match self.expect.iter().take(2).find_map(|e| match e {
+            Expect::Execute(r) | Expect::Query(r, _) => Some(r),
+            _ => None,
+        }) {
+            Some(r) => (r.sql.clone(), r.stmt, r.reads_masked),
+            None => return false,
+        };
+        if let Some(v) = cached {
+            return v;
+        }
+        let reads = match sql.as_deref().map(lineage_sql) {
+            Some(Ok(ls)) => match ls.get(stmt) {
+                Some(l) => {
+                    let refs: Vec<ColumnRef> =
+                        l.referenced.iter().cloned().chain(output_sources(l)).collect();
+                    self.refs_masker(rules, refs).await.is_some()
+                }
+                None => true,
+            },
+            _ => true,
+        };
+        if let Some(Expect::Execute(r) | Expect::Query(r, _)) =
+            self.expect.iter_mut().take(2).find(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)))
+        {
+            r.reads_masked = Some(reads);
+        }
+        reads
+    }
+
+    /// The masking plan of a result described by `fields`, produced by statement `stmt` of `sql`.
+    async fn plan(&mut self, rules: &Rules, fields: &[Field], sql: Option<&str>, stmt: usize) -> RowPlan {
+        let mut whole: Vec<Option<Masker>> = vec![None; fields.len()];
+        if rules.has_columns() {
+            let lineage = if fields.iter().any(|f| f.table_oid == 0) {
+                sql.and_then(|s| lineage_sql(s).ok())
+                    .and_then(|mut ls| (stmt < ls.len()).then(|| ls.swap_remove(stmt)))
+            } else {
+                None
+            };
+            let aligned = lineage.as_ref().is_some_and(|l| {
+                l.exact
+                    && l.outputs.len() == fields.len()
+                    && l.outputs.iter().all(|o| matches!(o, Output::Column { .. }))
+            });
+            for (i, f) in fields.iter().enumerate() {
+                whole[i] = if f.table_oid != 0 {
+                    self.origin_masker(rules, f.table_oid, f.attnum).await
+                } else {
+                    match &lineage {
+                        None => Some(rules.fallback().clone()),
+                        Some(l) if aligned => match l.outputs.get(i) {
+                            Some(Output::Column { sources, opaque, .. }) => {
+                                let mut refs: Vec<ColumnRef> = sources.iter().cloned().collect();
+                                if *opaque {
+                                    refs.extend(l.referenced.iter().cloned());
+                                }
+                                self.refs_masker(rules, refs).await
+                            }
+                            _ => Some(rules.fallback().clone()),
+                        },
+                        Some(l) => {
+                            let refs: Vec<ColumnRef> =
+                                l.referenced.iter().cloned().chain(output_sources(l)).collect();
+                            self.refs_masker(rules, refs).await
+                        }
+                    }
+                };
+            }
+        }
+        RowPlan::new(rules, fields, whole)
+    }
+
+    /// The masker of a result column by its origin; unknown origins are masked.
+    async fn origin_masker(&mut self, rules: &Rules, oid: u32, attnum: i16) -> Option<Masker> {
+        let target = self.s.conn.clone();
+        let cfg = &self.s.shared.cfg;
+        let reach = Reach { target: &target, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        match self.catalog.origin(reach, oid, attnum).await {
+            Ok(Some(o)) => {
+                if let Some(m) = rules.masker_for(Some(&o.schema), &o.table, Some(&o.column)) {
+                    return Some(m.clone());
+                }
+                if matches!(o.relkind, 'v' | 'm') {
+                    let r = ColumnRef { schema: Some(o.schema), table: o.table, column: Some(o.column) };
+                    return self.refs_masker(rules, vec![r]).await;
+                }
+                None
+            }
+            Ok(None) => Some(rules.fallback().clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "catalog lookup of a column origin failed; masking the column");
+                Some(rules.fallback().clone())
+            }
+        }
+    }
+
+    /// The masker of the first of `refs` that is masked, following views to their base
+    /// columns; `None` if none is. Lookup failures count as masked.
+    async fn refs_masker(&mut self, rules: &Rules, refs: Vec<ColumnRef>) -> Option<Masker> {
+        let mut work: Vec<(ColumnRef, u8)> = refs.into_iter().map(|r| (r, 0)).collect();
+        let mut seen = HashSet::new();
+        let target = self.s.conn.clone();
+        let cfg = &self.s.shared.cfg;
+        let reach = Reach { target: &target, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        while let Some((r, depth)) = work.pop() {
+            if let Some(m) = rules.masker_for(r.schema.as_deref(), &r.table, r.column.as_deref()) {
+                return Some(m.clone());
+            }
+            if !seen.insert(r.clone()) {
+                continue;
+            }
+            let rels = match self.catalog.relations(reach, r.schema.as_deref(), &r.table).await {
+                Ok(rels) => rels,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog lookup of a relation failed; masking");
+                    return Some(rules.fallback().clone());
+                }
+            };
+            for rel in rels.into_iter().filter(|rel| matches!(rel.relkind, 'v' | 'm')) {
+                if depth >= MAX_VIEW_DEPTH {
+                    return Some(rules.fallback().clone());
+                }
+                let Some(def) = rel.view_sql else { return Some(rules.fallback().clone()) };
+                let Ok(mut ls) = lineage_sql(&def) else { return Some(rules.fallback().clone()) };
+                let Some(l) = ls.pop() else { return Some(rules.fallback().clone()) };
+                let named = r.column.as_deref().and_then(|c| {
+                    l.outputs.iter().find_map(|o| match o {
+                        Output::Column { name: Some(n), sources, .. } if n == c => Some(sources.clone()),
+                        _ => None,
+                    })
+                });
+                let next: Vec<ColumnRef> = match named {
+                    Some(sources) => sources.into_iter().collect(),
+                    // A whole-row reference, or a column the definition does not name plainly.
+                    None => output_sources(&l).chain(l.referenced.iter().cloned()).collect(),
+                };
+                work.extend(next.into_iter().map(|n| (n, depth + 1)));
+            }
+        }
+        None
+    }
+
+    /// The plan for COPY TO rows, from the CopyOutResponse body and the statement.
+    async fn copy_plan(
+        &mut self,
+        rules: &Rules,
+        body: &[u8],
+        sql: Option<&str>,
+        stmt: usize,
+    ) -> Result<(RowPlan, Option<CsvShape>, u8), String> {
+        let (format, ncols) = match (body.first(), body.get(1..3)) {
+            (Some(&f), Some(n)) => (f, usize::from(u16::from_be_bytes([n[0], n[1]]))),
+            _ => return Err("a malformed CopyOutResponse".into()),
+        };
+        if format != 0 {
+            return Err("COPY TO in binary format cannot be masked".into());
+        }
+        let parsed = sql.and_then(|s| Parser::parse_sql(&PostgreSqlDialect {}, s).ok());
+        let st = parsed.as_ref().and_then(|p| p.get(stmt));
+        let shape = st.and_then(copy_shape).ok_or("the COPY statement's format could not be read")?;
+        let fields: Vec<Field> = (0..ncols)
+            .map(|_| Field {
+                name: Bytes::new(),
+                table_oid: 0,
+                attnum: 0,
+                type_oid: masking::value::oid::TEXT,
+                typlen: -1,
+                typmod: -1,
+                format: 0,
+            })
+            .collect();
+        let mut whole: Vec<Option<Masker>> = vec![None; ncols];
+        if rules.has_columns() {
+            let lineage = st.and_then(|st| masking::lineage::lineage(st).ok());
+            let target = self.s.conn.clone();
+            let cfg = &self.s.shared.cfg;
+            let reach = Reach { target: &target, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+            // One list of source columns per output column, expanding stars from the catalog.
+            let mut per_col: Option<Vec<Vec<ColumnRef>>> = None;
+            if let Some(l) = lineage.as_ref().filter(|l| l.exact) {
+                let mut cols = Vec::new();
+                let mut ok = true;
+                for o in &l.outputs {
+                    match o {
+                        Output::Column { sources, opaque, .. } => {
+                            let mut refs: Vec<ColumnRef> = sources.iter().cloned().collect();
+                            if *opaque {
+                                refs.extend(l.referenced.iter().cloned());
+                            }
+                            cols.push(refs);
+                        }
+                        Output::Star { tables } => {
+                            for t in tables {
+                                match self.catalog.columns(reach, t.schema.as_deref(), &t.table).await {
+                                    Ok(names) if !names.is_empty() => {
+                                        cols.extend(names.into_iter().map(|c| {
+                                            vec![ColumnRef {
+                                                schema: t.schema.clone(),
+                                                table: t.table.clone(),
+                                                column: Some(c),
+                                            }]
+                                        }))
+                                    }
+                                    _ => ok = false,
+                                }
+                            }
+                        }
+                    }
+                }
+                if ok && cols.len() == ncols {
+                    per_col = Some(cols);
+                }
+            }
+            match per_col {
+                Some(cols) => {
+                    for (i, refs) in cols.into_iter().enumerate() {
+                        whole[i] = self.refs_masker(rules, refs).await;
+                    }
+                }
+                None => whole = vec![Some(rules.fallback().clone()); ncols],
+            }
+        }
+        Ok((RowPlan::new(rules, &fields, whole), shape.csv, shape.delimiter))
+    }
+}
+
+/// Every source column of every output of a lineage (stars as whole-row references).
+fn output_sources(l: &Lineage) -> impl Iterator<Item = ColumnRef> + '_ {
+    l.outputs.iter().flat_map(|o| -> Vec<ColumnRef> {
+        match o {
+            Output::Column { sources, .. } => sources.iter().cloned().collect(),
+            Output::Star { tables } => tables
+                .iter()
+                .map(|t| ColumnRef { schema: t.schema.clone(), table: t.table.clone(), column: None })
+                .collect(),
+        }
+    })
+}
+
+/// The output shape of a COPY TO statement; `None` when it is binary or uses options that
+/// change the shape in ways the gateway does not parse (then it refuses).
+fn copy_shape(st: &Statement) -> Option<CopyShape> {
+    let Statement::Copy { options, legacy_options, .. } = st else { return None };
+    let mut csv = false;
+    let mut binary = false;
+    let mut delimiter = None;
+    let mut quote = b'"';
+    let mut escape = None;
+    let byte = |c: char| u8::try_from(c).ok().filter(u8::is_ascii);
+    for o in options {
+        match o {
+            CopyOption::Format(f) => match f.value.to_ascii_lowercase().as_str() {
+                "text" => csv = false,
+                "csv" => csv = true,
+                _ => binary = true,
+            },
+            CopyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
+            CopyOption::Quote(c) => quote = byte(*c)?,
+            CopyOption::Escape(c) => escape = Some(byte(*c)?),
+            CopyOption::Null(_) | CopyOption::Header(_) | CopyOption::Encoding(_) | CopyOption::Freeze(_) => {
+            }
+            CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {}
+        }
+    }
+    for o in legacy_options {
+        match o {
+            CopyLegacyOption::Binary => binary = true,
+            CopyLegacyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
+            CopyLegacyOption::Null(_) | CopyLegacyOption::Header => {}
+            CopyLegacyOption::Csv(opts) => {
+                csv = true;
+                for c in opts {
+                    match c {
+                        CopyLegacyCsvOption::Quote(c) => quote = byte(*c)?,
+                        CopyLegacyCsvOption::Escape(c) => escape = Some(byte(*c)?),
+                        CopyLegacyCsvOption::Header
+                        | CopyLegacyCsvOption::ForceQuote(_)
+                        | CopyLegacyCsvOption::ForceNotNull(_) => {}
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    if binary {
+        return Some(CopyShape { csv: None, delimiter: 0 });
+    }
+    Some(if csv {
+        CopyShape {
+            csv: Some(CsvShape { quote, escape: escape.unwrap_or(quote) }),
+            delimiter: delimiter.unwrap_or(b','),
+        }
+    } else {
+        CopyShape { csv: None, delimiter: delimiter.unwrap_or(b'\t') }
+    })
+}

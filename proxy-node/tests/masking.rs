@@ -1,0 +1,430 @@
+//! Masking against a real PostgreSQL seeded with PII, through the proxy, with real clients.
+//!
+//! The leak corpus runs every query shape an agent could use to get a masked value out (aliases,
+//! expressions, `SELECT *`, JSON, aggregates, subqueries, UNIONs, views, COPY, cursors, errors,
+//! RETURNING, the extended protocol in text and binary) and checks that no raw value reaches
+//! the client or the recording. The keep corpus checks that values which are not sensitive come
+//! back byte for byte.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventbus::EventBus;
+use futures::TryStreamExt;
+use policy_store::client::ActivePolicy;
+use proto::events::Envelope;
+use testkit::Postgres;
+use tokio::sync::watch;
+use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+const AGENT_KEY: &str = "ak_masking_agent_0123456789abcdef";
+const DBA_KEY: &str = "ak_masking_dba_0123456789abcdef00";
+const DB_PASSWORD: &str = "svc-Pa55word";
+
+/// Values that must never reach the agent or the recording, whole or in part.
+const SECRETS: &[&str] = &[
+    "alice.liddell@example.com",
+    "liddell",
+    "bob.builder@corp.io",
+    "builder@",
+    "14155552671",
+    "415-555-2671",
+    "4155552671",
+    "442079460958",
+    "4111 1111 1111 1111",
+    "4111111111111111",
+    "123-45-6789",
+    "GB82 WEST 1234 5698 7654 32",
+    "GB82WEST",
+    "10.1.2.3",
+    "555-0100",
+];
+
+const SEED: &str = "SET ROLE airlock_svc; \
+    CREATE TABLE users (id int primary key, name text, email text, phone text, card text, \
+      card_num bigint, notes text, ip inet, profile jsonb, amount numeric(10,2)); \
+    INSERT INTO users VALUES \
+      (1, 'Alice Smith', 'alice.liddell@example.com', '+1 415-555-0100', '4111 1111 1111 1111', 4111111111111111, \
+       'call me at 415-555-2671', '10.1.2.3', '{\"email\": \"alice.liddell@example.com\", \"city\": \"Paris\"}', 12.50), \
+      (2, 'Bob Jones', 'bob.builder@corp.io', '+442079460958', '5500 0000 0000 0004', 1234567890123456, \
+       'order 1234567890123456 shipped', '192.168.0.1', '{\"city\": \"Rome\"}', 99.99); \
+    CREATE TABLE customers (id int, ssn text, iban text); \
+    INSERT INTO customers VALUES (1, '123-45-6789', 'GB82 WEST 1234 5698 7654 32'); \
+    CREATE VIEW v_users AS SELECT id, email AS contact, name FROM users; \
+    CREATE VIEW v_nested AS SELECT contact AS c2, name FROM v_users; \
+    CREATE TABLE orders (id int, user_id int, total numeric); \
+    INSERT INTO orders VALUES (1, 1, 10), (2, 2, 20);";
+
+fn policy(pg_port: u16, pw_file: &str) -> String {
+    let agent = proxy_node::identity::hash_api_key(AGENT_KEY);
+    let dba = proxy_node::identity::hash_api_key(DBA_KEY);
+    format!(
+        r#"connections:
+  - name: shop
+    kind: postgres
+    upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, tls: disable }}
+    credentials: {{ user: airlock_svc, password_file: {pw_file} }}
+masking:
+  - connections: [shop]
+    columns: [users.email, users.phone, customers.*]
+    strategy: redact
+    exempt: {{ groups: [dba] }}
+  - columns: [users.card]
+    strategy: partial
+    exempt: {{ groups: [dba] }}
+  - detectors: [email, credit_card, phone, iban, ssn, ipv4, jwt, api_key]
+    exempt: {{ groups: [dba] }}
+defaults: {{ unknown_operation: deny }}
+service_accounts:
+  - {{ name: agent, groups: [agents], api_key_sha256: {agent} }}
+  - {{ name: dba, groups: [dba], api_key_sha256: {dba} }}
+"#
+    )
+}
+
+struct Harness {
+    _pg: Postgres,
+    port: u16,
+    recorded: Arc<Mutex<Vec<Envelope>>>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> Harness {
+    testkit::init_crypto();
+    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=info").with_test_writer().try_init();
+    let pg = Postgres::start().unwrap();
+    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
+    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
+    pg.psql("shop", SEED).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, DB_PASSWORD).unwrap();
+    let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap())).unwrap();
+    let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
+    let (tx, rx) = watch::channel(Some(Arc::new(active)));
+    let bus = EventBus::memory();
+    let recorded = Arc::new(Mutex::new(Vec::new()));
+    let mut sub = bus.subscribe(proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
+    let sink = recorded.clone();
+    tokio::spawn(async move {
+        while let Some(env) = sub.next().await {
+            sink.lock().unwrap().push(env);
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = proxy_node::ProxyConfig::default();
+    tokio::spawn(async move {
+        let _keep = tx;
+        proxy_node::run(cfg, bus, rx, listener, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Harness { _pg: pg, port, recorded, _dir: dir, _stop: stop_tx }
+}
+
+impl Harness {
+    async fn connect(&self, key: &str) -> tokio_postgres::Client {
+        let user = if key == AGENT_KEY { "agent" } else { "dba" };
+        let (client, conn) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .password(key)
+            .dbname("shop")
+            .connect(NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Everything the recording holds so far, as text.
+    fn recording(&self) -> String {
+        self.recorded.lock().unwrap().iter().map(|e| format!("{:?}\n", e.event)).collect()
+    }
+}
+
+/// Any value, as the bytes the client received.
+struct Raw(Vec<u8>, Type);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec(), ty.clone()))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+impl Raw {
+    /// The value as text: text-like types as is, int8 as its number, anything else lossy.
+    fn show(&self) -> String {
+        if self.1 == Type::INT8 && self.0.len() == 8 {
+            return i64::from_be_bytes(self.0[..8].try_into().unwrap()).to_string();
+        }
+        if self.1 == Type::INT4 && self.0.len() == 4 {
+            return i32::from_be_bytes(self.0[..4].try_into().unwrap()).to_string();
+        }
+        if self.1 == Type::INET && self.0.len() >= 8 {
+            return self.0[4..].iter().map(u8::to_string).collect::<Vec<_>>().join(".");
+        }
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+fn show_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "ERROR {} {} | detail {:?} | hint {:?} | where {:?}",
+            d.code().code(),
+            d.message(),
+            d.detail(),
+            d.hint(),
+            d.where_()
+        ),
+        None => format!("ERROR {e}"),
+    }
+}
+
+/// What the agent sees of `sql` through the simple protocol.
+async fn simple(c: &tokio_postgres::Client, sql: &str) -> String {
+    match c.simple_query(sql).await {
+        Ok(msgs) => msgs
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => show_error(&e),
+    }
+}
+
+/// What the agent sees of `sql` through the extended protocol (tokio-postgres asks for binary).
+async fn extended(c: &tokio_postgres::Client, sql: &str) -> String {
+    match c.query(sql, &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        r.try_get::<_, Option<Raw>>(i)
+                            .map_or_else(|e| format!("<{e}>"), |v| v.map_or("NULL".into(), |v| v.show()))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => show_error(&e),
+    }
+}
+
+async fn copy_out(c: &tokio_postgres::Client, sql: &str) -> String {
+    match c.copy_out(sql).await {
+        Ok(stream) => match stream.try_collect::<Vec<Bytes>>().await {
+            Ok(chunks) => chunks.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+            Err(e) => show_error(&e),
+        },
+        Err(e) => show_error(&e),
+    }
+}
+
+fn leaked(seen: &str) -> Option<&'static str> {
+    SECRETS.iter().copied().find(|s| seen.contains(s))
+}
+
+const LEAK_QUERIES: &[&str] = &[
+    "SELECT email, phone FROM users",
+    "SELECT email AS e, phone AS not_a_phone FROM users",
+    "SELECT * FROM users",
+    "SELECT u.* FROM users u",
+    "SELECT users.* FROM public.users",
+    "SELECT \"EMAIL\" FROM (SELECT email AS \"EMAIL\" FROM users) x",
+    "SELECT lower(email), upper(email), email || '' FROM users",
+    "SELECT substring(email from 1 for 40), split_part(email, '@', 1), reverse(reverse(email)) FROM users",
+    "SELECT replace(email, '@', ' at '), replace(replace(phone, '-', ''), ' ', '') FROM users",
+    "SELECT translate(email, '@.', '##') FROM users",
+    "SELECT format('%s', email), concat(name, email), md5(email) = md5(email) FROM users",
+    "SELECT CASE WHEN id > 0 THEN email END, coalesce(NULL, phone) FROM users",
+    "SELECT row_to_json(u) FROM users u",
+    "SELECT to_jsonb(u), to_json(u.*) FROM users u",
+    "SELECT json_agg(u) FROM users u",
+    "SELECT array_agg(email)::text, string_agg(email, ',') FROM users",
+    "SELECT array_agg(u)::text FROM users u",
+    "SELECT u::text FROM users u",
+    "SELECT ROW(u.*)::text FROM users u",
+    "SELECT j->>'email', j FROM (SELECT to_jsonb(u) AS j FROM users u) s",
+    "SELECT (SELECT email FROM users WHERE id = 1)",
+    "SELECT (SELECT e FROM (SELECT email AS e FROM users) s LIMIT 1)",
+    "SELECT e FROM (SELECT email AS e FROM users) s",
+    "SELECT x FROM (SELECT email FROM users UNION SELECT 'a') t(x)",
+    "WITH x AS (SELECT email, phone FROM users) SELECT * FROM x",
+    "WITH x AS (SELECT email FROM users) SELECT upper(x.email) FROM x",
+    "SELECT email FROM users UNION SELECT 'x'",
+    "SELECT 'x' UNION ALL SELECT email FROM users",
+    "SELECT 'x' UNION ALL SELECT lower(email) FROM users",
+    "SELECT email FROM users INTERSECT SELECT email FROM users",
+    "SELECT email FROM users EXCEPT SELECT 'nobody'",
+    "SELECT l.e FROM users u, LATERAL (SELECT u.email AS e) l",
+    "SELECT * FROM v_users",
+    "SELECT contact, upper(contact) FROM v_users",
+    "SELECT c2, lower(c2) FROM v_nested",
+    "SELECT * FROM customers",
+    "SELECT ssn || '', iban FROM customers",
+    "SELECT notes FROM users",
+    "SELECT card_num, card_num::text, card FROM users",
+    "SELECT profile, profile->>'email', profile::text FROM users",
+    "SELECT ip, host(ip) FROM users",
+    "SELECT 'alice.liddell@example.com' AS literal",
+    "SELECT max(email), min(phone) FROM users",
+    "SELECT email FROM users GROUP BY email ORDER BY email",
+    "SELECT u1.email FROM users u1 JOIN users u2 ON u1.id = u2.id",
+    "SELECT o.id, u.email FROM orders o JOIN users u ON u.id = o.user_id",
+    "SELECT email::int FROM users",
+    "SELECT phone::int FROM users",
+    "SELECT ssn::date FROM customers",
+    "SELECT jsonb_build_object('e', email) FROM users",
+    "SELECT unnest(ARRAY[email, phone]) FROM users",
+    "SELECT * FROM unnest((SELECT array_agg(email) FROM users))",
+    "SELECT * FROM jsonb_each_text((SELECT to_jsonb(u) FROM users u LIMIT 1))",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_query_shape_leaks_a_masked_value() {
+    let h = start().await;
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for q in LEAK_QUERIES {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            if std::env::var_os("SHOW_CORPUS").is_some() {
+                println!("--- {mode} {q}\n{seen}");
+            }
+            if let Some(s) = leaked(&seen) {
+                failures.push(format!("{mode} `{q}` leaked `{s}`:\n{seen}"));
+            }
+            assert!(!seen.contains("closed"), "{mode} `{q}` closed the session: {seen}");
+            assert!(!seen.contains("ERROR 42501"), "{mode} `{q}` was denied: {seen}");
+        }
+    }
+    // COPY TO STDOUT in text and CSV, of a table, a column list and a query.
+    for q in [
+        "COPY users TO STDOUT",
+        "COPY users (id, email, notes) TO STDOUT",
+        "COPY (SELECT email, upper(phone) FROM users) TO STDOUT",
+        "COPY users TO STDOUT WITH (FORMAT csv)",
+        "COPY customers TO STDOUT WITH (FORMAT csv, DELIMITER ';')",
+        "COPY (SELECT * FROM v_users) TO STDOUT",
+    ] {
+        let seen = copy_out(&c, q).await;
+        if let Some(s) = leaked(&seen) {
+            failures.push(format!("`{q}` leaked `{s}`:\n{seen}"));
+        }
+        assert!(!seen.starts_with("ERROR"), "`{q}`: {seen}");
+    }
+    // Binary COPY cannot be masked: refused before it runs.
+    let seen = copy_out(&c, "COPY users TO STDOUT WITH (FORMAT binary)").await;
+    assert!(seen.contains("42501") && seen.contains("binary"), "{seen}");
+    // Cursors and FETCH.
+    let seen = simple(
+        &c,
+        "BEGIN; DECLARE c1 CURSOR FOR SELECT email, upper(phone) FROM users; FETCH ALL FROM c1; \
+         DECLARE c2 CURSOR FOR SELECT * FROM v_users; FETCH 1 FROM c2; FETCH NEXT FROM c2; COMMIT",
+    )
+    .await;
+    if let Some(s) = leaked(&seen) {
+        failures.push(format!("cursors leaked `{s}`:\n{seen}"));
+    }
+    assert!(seen.contains("Alice Smith"), "the cursor returned rows: {seen}");
+    // RETURNING.
+    for q in [
+        "UPDATE users SET name = name WHERE id = 1 RETURNING email, lower(phone)",
+        "UPDATE users SET name = name WHERE id = 2 RETURNING *",
+        "WITH u AS (UPDATE users SET name = name RETURNING email) SELECT * FROM u",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            if let Some(s) = leaked(&seen) {
+                failures.push(format!("{mode} `{q}` leaked `{s}`:\n{seen}"));
+            }
+        }
+    }
+    // Prepared statements with parameters, binary results.
+    let stmt = c.prepare("SELECT email, card_num, profile, ip FROM users WHERE id = $1").await.unwrap();
+    for id in [1i32, 2] {
+        let rows = c.query(&stmt, &[&id]).await.unwrap();
+        let seen: String = rows
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.get::<_, Raw>(i).show()).collect::<Vec<_>>().join("|"))
+            .collect();
+        if let Some(s) = leaked(&seen) {
+            failures.push(format!("prepared statement leaked `{s}`:\n{seen}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n\n"));
+    // The session is still usable, and nothing raw was recorded.
+    assert_eq!(simple(&c, "SELECT 1").await, "1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rec = h.recording();
+    assert!(rec.contains("ResponseSent"), "responses are recorded");
+    if let Some(s) = leaked(&rec) {
+        let at = rec.find(s).unwrap_or(0);
+        panic!("the recording holds `{s}`: …{}…", &rec[at.saturating_sub(300)..(at + 100).min(rec.len())]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_that_are_not_sensitive_come_back_byte_for_byte() {
+    let h = start().await;
+    let c = h.connect(AGENT_KEY).await;
+    let cases: &[(&str, &str)] = &[
+        ("SELECT name, amount, id FROM users ORDER BY id", "Alice Smith|12.50|1\nBob Jones|99.99|2"),
+        // 16 digits that fail the Luhn check are not a card.
+        ("SELECT card_num FROM users WHERE id = 2", "1234567890123456"),
+        ("SELECT notes FROM users WHERE id = 2", "order 1234567890123456 shipped"),
+        (
+            "SELECT '2024-01-15', '12:30:45', '1.2.3.4.5', 'v1.2.3', 'a@b'",
+            "2024-01-15|12:30:45|1.2.3.4.5|v1.2.3|a@b",
+        ),
+        ("SELECT profile->>'city' FROM users ORDER BY id", "Paris\nRome"),
+        ("SELECT count(*), sum(amount) FROM users", "2|112.49"),
+        ("SELECT name FROM v_users ORDER BY id", "Alice Smith\nBob Jones"),
+        ("SELECT o.total, o.user_id FROM orders o ORDER BY o.id", "10|1\n20|2"),
+        ("SELECT count(email) FROM users", "2"),
+        ("SELECT 'Order #4111-2222', 'café ☕', E'tab\\there'", "Order #4111-2222|café ☕|tab\there"),
+    ];
+    for (q, want) in cases {
+        assert_eq!(simple(&c, q).await, *want, "simple `{q}`");
+    }
+    // Binary results through the extended protocol keep their types and values.
+    let row =
+        c.query_one("SELECT name, card_num, amount::float8, id FROM users WHERE id = 2", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "Bob Jones");
+    assert_eq!(row.get::<_, i64>(1), 1_234_567_890_123_456);
+    assert!((row.get::<_, f64>(2) - 99.99).abs() < 1e-9);
+    assert_eq!(row.get::<_, i32>(3), 2);
+    let copied = copy_out(&c, "COPY (SELECT id, name, amount FROM users ORDER BY id) TO STDOUT").await;
+    assert_eq!(copied, "1\tAlice Smith\t12.50\n2\tBob Jones\t99.99\n");
+    // Masked columns keep their place: a masked email is replaced, not dropped.
+    let masked = simple(&c, "SELECT id, email, name FROM users WHERE id = 1").await;
+    assert!(masked.starts_with("1|") && masked.ends_with("|Alice Smith"), "{masked}");
+    // Partial keeps the last four characters.
+    let card = simple(&c, "SELECT card FROM users WHERE id = 2").await;
+    assert!(card.ends_with("0004") && !card.contains("5500"), "{card}");
+    // An exempt principal sees everything.
+    let dba = h.connect(DBA_KEY).await;
+    assert_eq!(simple(&dba, "SELECT email FROM users WHERE id = 1").await, "alice.liddell@example.com");
+    assert_eq!(simple(&dba, "SELECT card_num FROM users WHERE id = 1").await, "4111111111111111");
+}
