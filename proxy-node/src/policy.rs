@@ -4,4 +4,4 @@ pub mod classify;
 pub mod evaluate;
 
 pub use classify::{Access, Classification, FunctionRef, SessionEffect, TableName, classify};
-pub use evaluate::{Verdict, evaluate, evaluate_with_grants, may_write};
+pub use evaluate::{SessionFacts, Verdict, evaluate, evaluate_with_grants, may_write};

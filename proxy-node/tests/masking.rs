@@ -57,7 +57,7 @@ const SEED: &str = "SET ROLE airlock_svc; \
     CREATE TABLE orders (id int, user_id int, total numeric); \
     INSERT INTO orders VALUES (1, 1, 10), (2, 2, 20);";
 
-fn policy(pg_port: u16, pw_file: &str) -> String {
+fn policy(pg_port: u16, pw_file: &str, extra: &str) -> String {
     let agent = proxy_node::identity::hash_api_key(AGENT_KEY);
     let dba = proxy_node::identity::hash_api_key(DBA_KEY);
     format!(
@@ -76,7 +76,7 @@ masking:
     exempt: {{ groups: [dba] }}
   - detectors: [email, credit_card, phone, iban, ssn, ipv4, jwt, api_key]
     exempt: {{ groups: [dba] }}
-defaults: {{ unknown_operation: deny }}
+{extra}
 service_accounts:
   - {{ name: agent, groups: [agents], api_key_sha256: {agent} }}
   - {{ name: dba, groups: [dba], api_key_sha256: {dba} }}
@@ -92,7 +92,9 @@ struct Harness {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start() -> Harness {
+const DEFAULTS: &str = "defaults: { unknown_operation: deny }";
+
+async fn start(extra: &str) -> Harness {
     testkit::init_crypto();
     let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=info").with_test_writer().try_init();
     let pg = Postgres::start().unwrap();
@@ -102,7 +104,7 @@ async fn start() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap())).unwrap();
+    let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap(), extra)).unwrap();
     let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
     let (tx, rx) = watch::channel(Some(Arc::new(active)));
     let bus = EventBus::memory();
@@ -117,7 +119,7 @@ async fn start() -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = proxy_node::ProxyConfig::default();
+    let cfg = proxy_node::ProxyConfig { hold_grace: Duration::from_millis(200), ..Default::default() };
     tokio::spawn(async move {
         let _keep = tx;
         proxy_node::run(cfg, bus, rx, listener, async {
@@ -305,7 +307,7 @@ const LEAK_QUERIES: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_query_shape_leaks_a_masked_value() {
-    let h = start().await;
+    let h = start(DEFAULTS).await;
     let c = h.connect(AGENT_KEY).await;
     let mut failures = Vec::new();
     for q in LEAK_QUERIES {
@@ -387,7 +389,7 @@ async fn no_query_shape_leaks_a_masked_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_that_are_not_sensitive_come_back_byte_for_byte() {
-    let h = start().await;
+    let h = start(DEFAULTS).await;
     let c = h.connect(AGENT_KEY).await;
     let cases: &[(&str, &str)] = &[
         ("SELECT name, amount, id FROM users ORDER BY id", "Alice Smith|12.50|1\nBob Jones|99.99|2"),
@@ -427,4 +429,42 @@ async fn values_that_are_not_sensitive_come_back_byte_for_byte() {
     let dba = h.connect(DBA_KEY).await;
     assert_eq!(simple(&dba, "SELECT email FROM users WHERE id = 1").await, "alice.liddell@example.com");
     assert_eq!(simple(&dba, "SELECT card_num FROM users WHERE id = 1").await, "4111111111111111");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_masked_is_refused_and_held_statements_are_shown_masked() {
+    let h = start(
+        "rules:\n  - { name: user-updates-held, match: { operations: [update], tables: [users] }, action: hold, timeout: 1s }\n\
+         defaults: { unknown_operation: deny, unknown_lineage: deny }",
+    )
+    .await;
+    let c = h.connect(AGENT_KEY).await;
+    // With unknown_lineage: deny, a result whose origin the gateway cannot tell is refused.
+    let seen = simple(&c, "SELECT * FROM jsonb_each_text((SELECT to_jsonb(u) FROM users u LIMIT 1))").await;
+    assert!(seen.contains("42501") && seen.contains("unknown_lineage"), "{seen}");
+    // What it can tell still runs, masked.
+    assert_eq!(
+        simple(&c, "SELECT upper(email), name FROM users WHERE id = 1").await,
+        "[redacted]|Alice Smith"
+    );
+    // A held statement reaches approvers (and the recording) with its PII masked; the
+    // fingerprint still binds the exact text.
+    let seen = simple(&c, "UPDATE users SET notes = 'write to alice.liddell@example.com' WHERE id = 1").await;
+    assert!(seen.contains("42501") && seen.contains("expired"), "{seen}");
+    let rec = h.recording();
+    let hold = rec.lines().find(|l| l.starts_with("HoldRequested")).expect("a hold was requested");
+    assert!(hold.contains("[redacted:email]") && !hold.contains("liddell"), "{hold}");
+    // A value of a type the gateway cannot mask in binary format (a record, with detectors on)
+    // ends the session with an error; the value never reaches the client.
+    let c2 = h.connect(AGENT_KEY).await;
+    let e = c2.query("SELECT ROW('alice.liddell@example.com', 1)", &[]).await.expect_err("refused");
+    let shown = show_error(&e);
+    assert!(
+        shown.contains("XX000") && shown.contains("could not be masked") && !shown.contains("liddell"),
+        "{shown}"
+    );
+    assert!(c2.simple_query("SELECT 1").await.is_err(), "the session is closed");
+    // Other sessions are unaffected.
+    assert_eq!(simple(&c, "SELECT 1").await, "1");
+    assert!(leaked(&h.recording()).is_none(), "nothing raw was recorded");
 }

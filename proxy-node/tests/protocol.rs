@@ -652,3 +652,74 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     let e = connect().await.err().expect("new sessions refused");
     assert_eq!(code(&e), "57P03");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_read_as_the_server_reads_them() {
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    let before = snapshot(&h);
+    let c = h.connect().await;
+    // With standard_conforming_strings off the server reads `'x\' , 1 -- '` as one literal, so
+    // the DELETE below would run, while a reader with it on sees a comment: refused instead.
+    c.simple_query("SET standard_conforming_strings = off").await.unwrap();
+    let sneaky = r"SELECT 'x\' , 1 -- '; DELETE FROM orders; --";
+    let e = c.simple_query(sneaky).await.expect_err("refused");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    assert!(format!("{e:?}").contains("standard_conforming_strings"), "{e:?}");
+    let e = c.query(r"SELECT 'a\'b'", &[]).await.expect_err("refused in the extended protocol too");
+    assert_eq!(code(&e), "42501");
+    // Statements without backslashes read the same either way and still run.
+    assert_eq!(c.query_one("SELECT 'plain'", &[]).await.unwrap().get::<_, String>(0), "plain");
+    c.simple_query("SET standard_conforming_strings = on").await.unwrap();
+    let rows = c.simple_query(r"SELECT 'x\' , 1 -- '").await.unwrap();
+    assert!(rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some(r"x\"))));
+    // A client encoding other than UTF-8: non-ASCII text is refused, ASCII still runs.
+    c.simple_query("SET client_encoding = 'LATIN1'").await.unwrap();
+    let e = c.simple_query("SELECT 'café'").await.expect_err("refused");
+    assert!(format!("{e:?}").contains("client_encoding"), "{e:?}");
+    c.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("SET client_encoding = 'UTF8'").await.unwrap();
+    c.simple_query("SELECT 'café'").await.unwrap();
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_cannot_redirect_an_allow_rule() {
+    let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }
+  - { name: settings, match: { operations: [set, show, transaction] }, action: allow }
+defaults: { no_match: deny, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE SCHEMA secret; CREATE TABLE secret.orders (id int, item text); \
+         INSERT INTO secret.orders VALUES (1, 'top secret');",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    let items = |rows: Vec<SimpleQueryMessage>| -> Vec<String> {
+        rows.iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    };
+    // The default search_path: `orders` is public.orders, which the rule allows.
+    assert_eq!(
+        items(c.simple_query("SELECT item FROM orders ORDER BY id LIMIT 1").await.unwrap()),
+        ["apple"]
+    );
+    let e = c.simple_query("SELECT item FROM secret.orders").await.expect_err("not allowed");
+    assert_eq!(code(&e), "42501");
+    // Once the session may have moved its search_path, `orders` could be secret.orders.
+    c.simple_query("SET search_path = secret, public").await.unwrap();
+    let e = c.simple_query("SELECT item FROM orders").await.expect_err("no longer provably public.orders");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    let e = c.query("SELECT item FROM orders", &[]).await.expect_err("extended protocol too");
+    assert_eq!(code(&e), "42501");
+    assert_eq!(
+        items(c.simple_query("SELECT item FROM public.orders ORDER BY id LIMIT 1").await.unwrap()),
+        ["apple"]
+    );
+}

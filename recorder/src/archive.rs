@@ -1,5 +1,7 @@
 //! The archive log: one entry per written manifest, itself hash-chained, so that deleting a whole
-//! session (chunks and manifest) is detected.
+//! session (chunks and manifest) is detected. An entry is appended just before its manifest is
+//! written; a replica that then loses the manifest write to a longer chain leaves an entry for a
+//! shorter one, so a session's manifest must match its entry with the most chunks.
 //!
 //! `archive/log/{seq:020}.json`, each a [`LogEntry`] whose `prev` is the hex SHA-256 of the
 //! previous entry's stored bytes ([`crate::chunk::GENESIS`] for entry 0). Entries are created with

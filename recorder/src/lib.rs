@@ -24,6 +24,14 @@
 //! - A session's manifest is written when `SessionEnded` is recorded, or, marked `incomplete`,
 //!   after [`RecorderConfig::session_timeout`] without events; late events extend the chain and
 //!   rewrite it. Order per session end: index file, archive log entry, manifest.
+//! - Manifests only move forward, whichever replica writes last: a manifest's content is a
+//!   function of the chain, and it is created (`PutMode::Create`) or replaced only if unchanged
+//!   since read (`PutMode::Update`); a replica that finds a longer chain's manifest, or loses the
+//!   conditional write, follows the chain and compares again. After writing, the next chunk index
+//!   is checked, and the chain followed and the manifest rewritten if a chunk appeared there. A
+//!   store without conditional replacement (a local directory) gets a plain overwrite, made right
+//!   by that check. Replicas that lose a race may append log entries for shorter chains after
+//!   longer ones: [`audit`] holds a manifest to the session's entry with the most chunks.
 //! - Format 1 chunks (`{first_stream_seq:020}-{digest}.mpk`, the walking skeleton's) are still
 //!   read by [`audit`].
 //!
@@ -41,13 +49,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use eventbus::{Delivery, EventBus};
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use proto::events::{Envelope, Timestamp};
 use proto::subjects;
 use serde::Deserialize;
@@ -64,6 +73,8 @@ pub mod manifest;
 pub mod retention;
 mod session;
 pub mod storage;
+#[cfg(test)]
+mod tests;
 
 /// The storage interface every function here takes, re-exported for callers.
 pub use object_store::ObjectStore;
@@ -180,7 +191,13 @@ pub async fn run(
         .map_err(RecorderError::Consumer)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Backoff::default();
-    let ctx = Ctx { store: store.clone(), log: Mutex::new(None), signer, cfg: cfg.clone() };
+    let ctx = Ctx {
+        store: store.clone(),
+        log: Mutex::new(None),
+        signer,
+        cfg: cfg.clone(),
+        conditional_update: AtomicBool::new(true),
+    };
     let mut sessions: HashMap<Uuid, SessionState> = HashMap::new();
     let mut recovered = false;
     let mut last_sweep = Instant::now();
@@ -243,6 +260,9 @@ struct Ctx {
     log: Mutex<Option<ArchiveLog>>,
     signer: Option<SigningKey>,
     cfg: RecorderConfig,
+    /// The store can replace an object conditionally (`PutMode::Update`); cleared when it says
+    /// it cannot (a local directory).
+    conditional_update: AtomicBool,
 }
 
 /// Why writing a session's events failed.
@@ -392,54 +412,149 @@ async fn record_session(
 }
 
 /// Write the index file, the archive log entry and the manifest of the chain as it stands,
-/// unless that manifest is already written.
+/// unless a manifest at least as far along is already stored; the chain is followed to its true
+/// end first if another replica extended it.
+///
+/// Replicas race here when a session's events are split between them: the manifest is replaced
+/// only conditionally (on the version read just before), so a replica that finished earlier with
+/// a shorter chain cannot overwrite a longer chain's manifest. After writing, the next chunk index
+/// is checked: if a chunk appeared there meanwhile, the chain is followed and the manifest
+/// rewritten. A loser of the race that already wrote the index file rewrites it once it has caught
+/// up, so that the index file matches the manifest.
 async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::Error> {
-    let incomplete = !s.ended;
-    if s.finalized.as_ref().is_some_and(|(head, inc)| *head == s.head && *inc == incomplete) {
+    if s.finalized.as_ref().is_some_and(|(head, inc)| *head == s.head && *inc != s.ended) {
         return Ok(());
     }
     let store = ctx.store.as_ref();
-    let mut manifest = s.manifest();
-    if let Some(key) = &ctx.signer {
-        manifest.sign(key);
-    }
-    let bytes = manifest.to_bytes();
     let path = chunk::manifest_path(&s.date, s.id);
-    let existing = match store.get(&path).await {
-        Ok(got) => Some(got.bytes().await?),
-        Err(object_store::Error::NotFound { .. }) => None,
+    // The chain length the index file was last written for by this call.
+    let mut index_for: Option<u64> = None;
+    loop {
+        let incomplete = !s.ended;
+        let mut manifest = s.manifest();
+        if let Some(key) = &ctx.signer {
+            manifest.sign(key);
+        }
+        let bytes = manifest.to_bytes();
+        let stored = read_manifest(store, &path).await?;
+        if let Some(stored) = &stored {
+            if stored.chunks.is_some_and(|chunks| chunks > s.next_index) {
+                // Another replica recorded further: follow the chain, then compare again.
+                if s.catch_up(store).await? {
+                    continue;
+                }
+                // The manifest names chunks that are not stored: `audit verify` reports that.
+                warn!(session.id = %s.id, chunks = s.next_index, "the stored manifest is ahead of the stored chain");
+                s.finalized = Some((s.head.clone(), incomplete));
+                return Ok(());
+            }
+            if stored.bytes == bytes.as_slice() {
+                if index_for.is_some_and(|chunks| chunks != s.next_index) {
+                    write_index(store, s).await?;
+                }
+                s.finalized = Some((s.head.clone(), incomplete));
+                return Ok(());
+            }
+        }
+        write_index(store, s).await?;
+        index_for = Some(s.next_index);
+        {
+            let mut log = ctx.log.lock().await;
+            if log.is_none() {
+                *log = Some(ArchiveLog::load(store).await?);
+            }
+            let entry = LogEntry {
+                seq: 0,
+                prev: String::new(),
+                session: s.id,
+                date: s.date.clone(),
+                head: s.head.clone(),
+                chunks: s.next_index,
+                incomplete,
+                manifest_sha256: chunk::sha256_hex(&bytes),
+            };
+            log.as_mut().expect("loaded just above").append(store, entry).await?;
+        }
+        match put_manifest(ctx, &path, bytes, stored.map(|m| m.version)).await {
+            Ok(()) => {}
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                debug!(session.id = %s.id, "manifest replaced meanwhile, reading it again");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        info!(session.id = %s.id, chunks = s.next_index, incomplete, "session manifest written");
+        s.finalized = Some((s.head.clone(), incomplete));
+        // A chunk after the head just written: its writer may have finished before our write
+        // (or the store cannot replace conditionally). Follow it; an ended session's manifest is
+        // rewritten now, a revived one is closed again by the sweep.
+        if !s.catch_up(store).await? || !s.ended {
+            return Ok(());
+        }
+        debug!(session.id = %s.id, chunks = s.next_index, "chain grew past the manifest, rewriting it");
+    }
+}
+
+/// A manifest as stored.
+struct StoredManifest {
+    bytes: bytes::Bytes,
+    /// Its chunk count (`None` if it does not parse).
+    chunks: Option<u64>,
+    /// What a conditional replacement must match.
+    version: UpdateVersion,
+}
+
+async fn read_manifest(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> Result<Option<StoredManifest>, object_store::Error> {
+    let got = match store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    if existing.is_some_and(|b| b == bytes.as_slice()) {
-        s.finalized = Some((s.head.clone(), incomplete));
-        return Ok(());
+    let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
+    let bytes = got.bytes().await?;
+    let chunks = serde_json::from_slice::<manifest::Manifest>(&bytes).ok().map(|m| m.chunks);
+    Ok(Some(StoredManifest { bytes, chunks, version }))
+}
+
+/// Store a manifest: created if none was stored, else replaced only if still at `stored`
+/// (`AlreadyExists` or `Precondition` otherwise). A store that cannot replace conditionally (a
+/// local directory) gets a plain overwrite; [`finalize`]'s check for a longer chain covers it.
+async fn put_manifest(
+    ctx: &Ctx,
+    path: &Path,
+    bytes: Vec<u8>,
+    stored: Option<UpdateVersion>,
+) -> Result<(), object_store::Error> {
+    let store = ctx.store.as_ref();
+    let payload = PutPayload::from(bytes);
+    let mode = match stored {
+        None => PutMode::Create,
+        Some(version) if ctx.conditional_update.load(Ordering::Relaxed) => PutMode::Update(version),
+        Some(_) => PutMode::Overwrite,
+    };
+    let conditional = matches!(mode, PutMode::Update(_));
+    match store.put_opts(path, payload.clone(), PutOptions { mode, ..Default::default() }).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::NotImplemented { .. }) if conditional => {
+            info!(store = %store, "the store cannot replace objects conditionally: manifests are overwritten");
+            ctx.conditional_update.store(false, Ordering::Relaxed);
+            store.put(path, payload).await.map(|_| ())
+        }
+        Err(e) => Err(e),
     }
+}
+
+/// Write the session's Parquet index file (a failure to build it is logged and skipped).
+async fn write_index(store: &dyn ObjectStore, s: &SessionState) -> Result<(), object_store::Error> {
     match s.index.to_parquet(s.id) {
         Ok(parquet) => {
             store.put(&index::index_path(&s.date, s.id), PutPayload::from(parquet)).await?;
         }
         Err(e) => warn!(session.id = %s.id, error = %e, "building the index file failed; skipped"),
     }
-    {
-        let mut log = ctx.log.lock().await;
-        if log.is_none() {
-            *log = Some(ArchiveLog::load(store).await?);
-        }
-        let entry = LogEntry {
-            seq: 0,
-            prev: String::new(),
-            session: s.id,
-            date: s.date.clone(),
-            head: s.head.clone(),
-            chunks: s.next_index,
-            incomplete,
-            manifest_sha256: chunk::sha256_hex(&bytes),
-        };
-        log.as_mut().expect("loaded just above").append(store, entry).await?;
-    }
-    store.put(&path, PutPayload::from(bytes)).await?;
-    info!(session.id = %s.id, chunks = s.next_index, incomplete, "session manifest written");
-    s.finalized = Some((s.head.clone(), incomplete));
     Ok(())
 }
 

@@ -47,6 +47,11 @@ impl TableName {
         self.parts.last().map(String::as_str).unwrap_or_default()
     }
 
+    /// Was the name written without a schema?
+    pub fn unqualified(&self) -> bool {
+        self.parts.len() < 2
+    }
+
     /// Does a rule pattern (`orders`, `public.orders`, `audit_*`) match this table?
     pub fn matches(&self, pattern: &str) -> bool {
         let pat: Vec<&str> = pattern.split('.').collect();

@@ -38,10 +38,25 @@ fn applies(rule: &Rule, connection: &str, who: &Principal) -> bool {
     conn_ok && who_ok
 }
 
-fn matches(rule: &Rule, a: &Access) -> bool {
+/// What the gateway knows of the session a statement runs in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionFacts {
+    /// The session may have changed `search_path`: an unqualified table name may then resolve
+    /// to any schema, so it no longer matches an allow rule that names a schema (deny and hold
+    /// rules match unqualified names in any schema anyway).
+    pub search_path_touched: bool,
+}
+
+fn matches(rule: &Rule, a: &Access, facts: SessionFacts) -> bool {
     let op_ok = rule.matches.operations.is_empty() || rule.matches.operations.contains(&a.operation);
+    let strict = rule.action == Decision::Allow && facts.search_path_touched;
     let table_ok = rule.matches.tables.is_empty()
-        || a.table.as_ref().is_some_and(|t| rule.matches.tables.iter().any(|p| t.matches(p)));
+        || a.table.as_ref().is_some_and(|t| {
+            rule.matches
+                .tables
+                .iter()
+                .any(|p| t.matches(p) && !(strict && t.unqualified() && p.contains('.')))
+        });
     op_ok && table_ok
 }
 
@@ -120,7 +135,7 @@ pub fn may_write(doc: &PolicyDocument, connection: &str, who: &Principal) -> boo
 
 /// Decide what to do with a classified message.
 pub fn evaluate(doc: &PolicyDocument, connection: &str, who: &Principal, c: &Classification) -> Verdict {
-    evaluate_with_grants(doc, connection, who, c, &|_| None)
+    evaluate_with_grants(doc, connection, who, c, SessionFacts::default(), &|_| None)
 }
 
 /// [`evaluate`], where a hold rule covered by an active just-in-time grant allows instead.
@@ -130,6 +145,7 @@ pub fn evaluate_with_grants(
     connection: &str,
     who: &Principal,
     c: &Classification,
+    facts: SessionFacts,
     grant: &dyn Fn(&Rule) -> Option<String>,
 ) -> Verdict {
     if let Some(e) = &c.unparsed {
@@ -157,7 +173,7 @@ pub fn evaluate_with_grants(
     };
     for a in &c.accesses {
         let mut matched = false;
-        for r in rules.iter().filter(|r| matches(r, a)) {
+        for r in rules.iter().filter(|r| matches(r, a, facts)) {
             matched = true;
             let mut v = Verdict::from_rule(r, a);
             if v.decision == Decision::Hold

@@ -20,13 +20,13 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use proto::events::{Decision, Event, HoldDecision, HoldOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tracing::{debug, info};
 use uuid::Uuid;
 
 use super::{Client, Response, Session, SessionError};
 use crate::mask::{self, Field, Rules};
 use crate::policy::{Classification, SessionEffect, Verdict, classify};
+use crate::tls::{ReadHalf, WriteHalf};
 use crate::upstream::Upstream;
 use crate::wire::postgres::messages::{self as msg, sqlstate};
 use crate::wire::postgres::{Frame, decode_frame};
@@ -161,11 +161,65 @@ struct Relay<'s> {
     held: Option<Held>,
     poison_portal: String,
     /// Where to send a CancelRequest for the target backend.
-    cancel: Option<(std::net::SocketAddr, i32, i32)>,
+    cancel: Option<(crate::upstream::Endpoint, i32, i32)>,
     catalog: crate::catalog::Catalog,
     /// The masking rules of this session under policy version `rules_version`.
     rules: Option<Arc<Rules>>,
     rules_version: Option<u64>,
+    /// How the server lexes statements now, from its ParameterStatus reports.
+    lexing: Lexing,
+    /// The session may have changed its `search_path` (so an unqualified table name may not
+    /// resolve to the schema an allow rule names).
+    search_path_touched: bool,
+}
+
+/// The server settings that change how statement text is read, as the server last reported
+/// them. When they differ from how the gateway reads text, statements whose reading could
+/// differ are refused.
+#[derive(Default)]
+struct Lexing {
+    /// `standard_conforming_strings` is off: backslashes escape in ordinary string literals.
+    backslash_escapes: bool,
+    /// `client_encoding` is neither UTF8 nor SQL_ASCII: bytes of multi-byte characters may
+    /// look like quotes or backslashes to the server.
+    foreign_encoding: Option<String>,
+}
+
+impl Lexing {
+    /// Note a ParameterStatus report.
+    fn report(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else { return };
+        let value = String::from_utf8_lossy(value);
+        match name {
+            b"standard_conforming_strings" => self.backslash_escapes = !value.eq_ignore_ascii_case("on"),
+            b"client_encoding" => {
+                let v = value.to_ascii_uppercase().replace(['-', '_'], "");
+                self.foreign_encoding =
+                    (!matches!(v.as_str(), "UTF8" | "UNICODE" | "SQLASCII")).then(|| value.into_owned());
+            }
+            _ => {}
+        }
+    }
+
+    /// Why the server could read `sql` differently from the gateway, if it could.
+    fn hazard(&self, sql: &str) -> Option<String> {
+        if self.backslash_escapes && sql.contains('\\') {
+            return Some(
+                "standard_conforming_strings is off, so the server reads backslashes in string literals differently; \
+                 the gateway refuses statements with backslashes until it is on again"
+                    .into(),
+            );
+        }
+        if let Some(enc) = &self.foreign_encoding
+            && !sql.is_ascii()
+        {
+            return Some(format!(
+                "client_encoding is {enc}: the gateway reads statements as UTF-8 and refuses non-ASCII text in other encodings"
+            ));
+        }
+        None
+    }
 }
 
 enum Flow {
@@ -180,7 +234,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
     let cin = std::mem::take(&mut client.buf);
     let cout = std::mem::take(&mut client.out);
     let uin = std::mem::take(&mut up.buf);
-    let cancel = up.backend_key.map(|(pid, key)| (up.addr, pid, key));
+    let cancel = up.backend_key.map(|(pid, key)| (up.addr.clone(), pid, key));
     let (cr, cw) = client.stream.split();
     let (ur, uw) = up.stream.split();
     let mut r = Relay {
@@ -206,6 +260,8 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         catalog: crate::catalog::Catalog::default(),
         rules: None,
         rules_version: None,
+        lexing: Lexing::default(),
+        search_path_touched: false,
     };
     let result = r.run().await;
     if let Err(SessionError::Refused(m)) = &result {
@@ -305,7 +361,7 @@ impl Relay<'_> {
     /// The client left: stop whatever the target is still running for it.
     fn cancel_running(&self) {
         let running = self.expect.iter().any(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)));
-        if let (true, Some((addr, pid, key))) = (running, self.cancel) {
+        if let (true, Some((addr, pid, key))) = (running, self.cancel.clone()) {
             debug!("client left mid-query; cancelling it on the target");
             tokio::spawn(async move {
                 if let Err(e) = crate::upstream::cancel(addr, pid, key).await {
@@ -495,7 +551,8 @@ impl Relay<'_> {
         }
         let grants = &self.s.shared.grants;
         let (who, conn) = (&self.s.principal.subject, &self.s.conn.name);
-        crate::policy::evaluate_with_grants(&policy.document, conn, &self.s.principal, c, &|rule| {
+        let facts = crate::policy::SessionFacts { search_path_touched: self.search_path_touched };
+        crate::policy::evaluate_with_grants(&policy.document, conn, &self.s.principal, c, facts, &|rule| {
             grants.covering(who, conn, &rule.name)
         })
     }
@@ -584,8 +641,20 @@ impl Relay<'_> {
         c.resolve_functions(|f| read_only.contains(f));
     }
 
+    /// Classify a statement as the server will read it: refused as unparsed when the server's
+    /// lexing settings could make it read the text differently.
+    fn classify_as_server(&mut self, sql: &str) -> Classification {
+        if let Some(why) = self.lexing.hazard(sql) {
+            return Classification { unparsed: Some(why), statements: 1, ..Default::default() };
+        }
+        if !self.search_path_touched && mentions_search_path(sql) {
+            self.search_path_touched = true;
+        }
+        classify(sql)
+    }
+
     async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
-        let mut c = classify(&sql);
+        let mut c = self.classify_as_server(&sql);
         c.resolve_executes(|n| self.prepared(n));
         self.resolve_functions(&mut c).await;
         let (seq, verdict) = self.decide(&sql, &[], &c).await?;
@@ -636,7 +705,7 @@ impl Relay<'_> {
         if reserved(&name) {
             return Err(self.protocol_error("Parse"));
         }
-        let mut c = classify(&sql);
+        let mut c = self.classify_as_server(&sql);
         c.resolve_executes(|n| self.prepared(n));
         self.resolve_functions(&mut c).await;
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
@@ -795,6 +864,9 @@ impl Relay<'_> {
             },
             None => f,
         };
+        if f.tag == b'S' {
+            self.lexing.report(&f.body);
+        }
         // Asynchronous messages may come at any time.
         if matches!(f.tag, b'N' | b'S' | b'A') {
             self.send_client(&f);
@@ -946,6 +1018,12 @@ impl Relay<'_> {
             Some(SessionEffect::None) | None => {}
         }
     }
+}
+
+/// Could the statement change `search_path` (`SET`, `set_config`, `RESET ALL`, `DISCARD ALL`)?
+fn mentions_search_path(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    lower.contains("search_path") || lower.contains("reset") || lower.contains("discard")
 }
 
 fn reserved(name: &str) -> bool {

@@ -193,7 +193,8 @@ pub async fn verify_with(
     Ok(report)
 }
 
-/// Read and check the archive log; the latest entry per session.
+/// Read and check the archive log; per session, the entry with the most chunks (the latest of
+/// those).
 async fn read_log(
     store: &dyn ObjectStore,
     report: &mut VerifyReport,
@@ -253,7 +254,11 @@ async fn read_log(
                         seq.saturating_sub(1)
                     ));
                 }
-                latest.insert(e.session, e);
+                // A replica that lost a race may log a shorter chain after a longer one: the
+                // furthest head logged (the latest of equals) is the one the manifest must match.
+                if latest.get(&e.session).is_none_or(|l| l.chunks <= e.chunks) {
+                    latest.insert(e.session, e);
+                }
             }
         }
         prev = Some((seq, hash));
