@@ -116,17 +116,37 @@ pub struct Upstream {
     pub database: Option<String>,
     #[serde(default)]
     pub tls: TlsMode,
+    /// The CAs (PEM) that `tls: verify-full` checks the target's certificate against: a file
+    /// on the gateway's hosts. Required with `verify-full`, refused with the other modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
-/// TLS to the target.
+/// TLS to the target, as libpq's `sslmode` of the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
+    /// Plain text.
     Disable,
+    /// TLS if the target offers it (not verified), else plain text.
     #[default]
     Prefer,
+    /// TLS or no connection; the target's certificate is not verified.
     Require,
+    /// TLS with the chain verified against `ca_file` and the host name against the certificate.
     VerifyFull,
+}
+
+impl TlsMode {
+    /// The mode as the policy spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 /// The target credentials. The gateway holds them; the agent never sees them.
@@ -601,6 +621,21 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
         if c.upstream.port == 0 {
             err(format!("{p}.upstream.port"), "must be 1-65535".into());
         }
+        match (c.upstream.tls, &c.upstream.ca_file) {
+            (TlsMode::VerifyFull, None) => err(
+                format!("{p}.upstream.ca_file"),
+                "tls: verify-full needs ca_file, the CA certificates (PEM) that signed the target's certificate"
+                    .into(),
+            ),
+            (TlsMode::VerifyFull, Some(f)) if f.trim().is_empty() => {
+                err(format!("{p}.upstream.ca_file"), "must not be empty".into())
+            }
+            (TlsMode::VerifyFull, Some(_)) | (_, None) => {}
+            (mode, Some(_)) => err(
+                format!("{p}.upstream.ca_file"),
+                format!("is only used with tls: verify-full (this connection has tls: {})", mode.as_str()),
+            ),
+        }
         if c.credentials.user.is_empty() {
             err(format!("{p}.credentials.user"), "must not be empty".into());
         }
@@ -942,6 +977,21 @@ defaults: { unparsed: deny, unknown_operation: hold }
         assert_eq!(e.0[0].path, "rules[0].connections[0]");
         assert_eq!(e.0[0].line, Some(9));
         assert!(e.to_string().contains("line 9: rules[0].connections[0]: unknown connection `shp`"), "{e}");
+    }
+
+    #[test]
+    fn verify_full_needs_a_ca_file_and_only_it_takes_one() {
+        let full = GOOD.replace("tls: prefer", "tls: verify-full, ca_file: /etc/airlock/db-ca.pem");
+        let doc = parse(&full).expect("valid");
+        assert_eq!(doc.connections[0].upstream.ca_file.as_deref(), Some("/etc/airlock/db-ca.pem"));
+        let e = parse(&GOOD.replace("tls: prefer", "tls: verify-full")).expect_err("invalid");
+        assert_eq!(e.0[0].path, "connections[0].upstream.ca_file");
+        assert!(e.0[0].message.contains("verify-full needs ca_file"), "{e}");
+        let e = parse(&GOOD.replace("tls: prefer", "tls: require, ca_file: /ca.pem")).expect_err("invalid");
+        assert!(
+            e.0[0].message.contains("only used with tls: verify-full (this connection has tls: require)"),
+            "{e}"
+        );
     }
 
     const GROUPS: &str = "approver_groups:\n  - name: dba\n    members: [alice@example.com, oidc-subject-123]\n    \

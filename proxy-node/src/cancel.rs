@@ -2,13 +2,14 @@
 //! cancel carrying that key is forwarded to the target backend it stands for.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+
+use crate::upstream::Endpoint;
 use std::sync::{Arc, Mutex};
 
 /// A client-facing (pid, secret) pair.
 type ClientKey = (i32, i32);
 /// Where a cancel goes: the target's address and its backend's (pid, secret).
-type Backend = (SocketAddr, i32, i32);
+type Backend = (Endpoint, i32, i32);
 
 #[derive(Clone, Default)]
 pub struct Cancels {
@@ -21,7 +22,7 @@ impl Cancels {
     }
 
     /// A fresh client-facing key for a target backend.
-    pub fn register(&self, addr: SocketAddr, backend: Option<(i32, i32)>) -> (i32, i32) {
+    pub fn register(&self, addr: Endpoint, backend: Option<(i32, i32)>) -> (i32, i32) {
         loop {
             let key: (i32, i32) = (rand_i32().abs(), rand_i32());
             let mut m = self.lock();
@@ -40,7 +41,7 @@ impl Cancels {
 
     /// Forward a client's cancel, if its key is known. Unknown keys are ignored, as PostgreSQL does.
     pub async fn forward(&self, pid: i32, secret: i32) {
-        let target = self.lock().get(&(pid, secret)).copied();
+        let target = self.lock().get(&(pid, secret)).cloned();
         if let Some((addr, pid, key)) = target
             && let Err(e) = crate::upstream::cancel(addr, pid, key).await
         {

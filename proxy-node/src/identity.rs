@@ -194,6 +194,12 @@ impl OidcVerifier {
 
     /// Check a token and return its principal.
     pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        Ok(self.verify_with_email(token).await?.0)
+    }
+
+    /// [`verify`](Self::verify), plus the token's `email` claim unless `email_verified` says it
+    /// is not verified (the approval service matches approver groups on it).
+    pub async fn verify_with_email(&self, token: &str) -> Result<(Principal, Option<String>), AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         if !self.cfg.algorithms.contains(&header.alg) {
@@ -224,7 +230,13 @@ impl OidcVerifier {
             }
             _ => Vec::new(),
         };
-        Ok(Principal { subject, groups, kind: "oidc".into() })
+        let verified = !matches!(claims.get("email_verified"), Some(serde_json::Value::Bool(false)));
+        let email = claims
+            .get("email")
+            .and_then(|e| e.as_str())
+            .filter(|e| verified && !e.is_empty())
+            .map(str::to_string);
+        Ok((Principal { subject, groups, kind: "oidc".into() }, email))
     }
 }
 

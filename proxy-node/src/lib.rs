@@ -12,6 +12,7 @@
 //! - [`hold`]: statements waiting for a decision.
 //! - [`grant`]: just-in-time access grants followed from the bus.
 //! - [`upstream`]: connecting to targets with held credentials.
+//! - [`tls`]: TLS to clients and to targets, and the stream that is plain TCP or TLS.
 //! - `session`: one client session, from startup to the end.
 //! - [`cancel`]: routing CancelRequests to the right target backend.
 //! - [`catalog`]: function volatility, result column origins and view definitions from the
@@ -37,6 +38,7 @@ pub mod identity;
 pub mod mask;
 pub mod policy;
 mod session;
+pub mod tls;
 pub mod upstream;
 pub mod wire;
 
@@ -84,6 +86,28 @@ pub struct ProxyConfig {
     /// are stable only until the node restarts.
     #[serde(default)]
     pub masking_key_file: Option<String>,
+    /// The listener's certificate chain (PEM). Set it with [`ProxyConfig::tls_key_file`] to offer
+    /// TLS to clients. Default none: clients that ask for TLS are told to continue in plain text.
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    /// The private key of [`ProxyConfig::tls_cert_file`] (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
+    /// TLS from clients. Default `allow` when a certificate is configured, else `disable`.
+    #[serde(default)]
+    pub client_tls: Option<ClientTls>,
+}
+
+/// TLS from clients (`proxy.client_tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTls {
+    /// Answer every SSLRequest with "no": clients continue in plain text.
+    Disable,
+    /// TLS for clients that ask for it (`sslmode=prefer` or stronger), plain text for the others.
+    Allow,
+    /// Refuse clients that do not ask for TLS (CancelRequests excepted, as PostgreSQL does).
+    Require,
 }
 
 fn default_listen() -> SocketAddr {
@@ -125,6 +149,9 @@ impl Default for ProxyConfig {
             policy_max_staleness: default_max_staleness(),
             capture_rows: default_capture_rows(),
             masking_key_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            client_tls: None,
         }
     }
 }
@@ -147,6 +174,8 @@ impl ProxyConfig {
         Ok(key)
     }
 
+    /// Check the settings at start: limits, the OIDC issuer, and that the TLS certificate and key
+    /// (both or neither) are readable, parseable and match.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(o) = &self.oidc {
             o.validate()?;
@@ -157,7 +186,40 @@ impl ProxyConfig {
         if self.policy_store.is_empty() {
             return Err("proxy.policy_store must list at least one endpoint".into());
         }
+        self.tls_acceptor()?;
         Ok(())
+    }
+
+    /// What the listener does with clients' TLS: the setting, or its default.
+    pub fn client_tls(&self) -> ClientTls {
+        match (self.client_tls, &self.tls_cert_file) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => ClientTls::Allow,
+            (None, None) => ClientTls::Disable,
+        }
+    }
+
+    /// The TLS acceptor for clients, `None` when TLS from clients is disabled. Reads and checks
+    /// the certificate and key files.
+    pub fn tls_acceptor(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        let mode = self.client_tls();
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let acceptor = tls::acceptor(cert, key)?;
+                Ok((mode != ClientTls::Disable).then_some(acceptor))
+            }
+            (None, None) if mode == ClientTls::Disable => Ok(None),
+            (None, None) => Err(format!(
+                "proxy.client_tls = \"{}\" needs proxy.tls_cert_file and proxy.tls_key_file",
+                if mode == ClientTls::Require { "require" } else { "allow" }
+            )),
+            (Some(_), None) => {
+                Err("proxy.tls_cert_file is set without proxy.tls_key_file: set both or neither".into())
+            }
+            (None, Some(_)) => {
+                Err("proxy.tls_key_file is set without proxy.tls_cert_file: set both or neither".into())
+            }
+        }
     }
 
     pub(crate) fn node_name(&self) -> String {
@@ -221,6 +283,10 @@ pub(crate) struct Shared {
     pub(crate) cancels: cancel::Cancels,
     /// The key of the `hash` masking strategy.
     pub(crate) masking_key: Vec<u8>,
+    /// TLS for clients that ask for it; `None`: answer "no".
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `Require`: refuse clients that do not ask for TLS.
+    pub(crate) client_tls: ClientTls,
 }
 
 /// Serve Postgres clients on `listener` until `shutdown` resolves.
@@ -232,6 +298,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
     let masking_key = cfg.masking_key().map_err(ProxyError::Config)?;
+    let tls = cfg.tls_acceptor().map_err(ProxyError::Config)?;
+    let client_tls = if tls.is_some() { cfg.client_tls() } else { ClientTls::Disable };
     if cfg.masking_key_file.is_none() {
         info!("no proxy.masking_key_file: hashed masking values are stable only until this node restarts");
     }
@@ -246,6 +314,8 @@ pub async fn run(
         grants,
         cancels: cancel::Cancels::default(),
         masking_key,
+        tls,
+        client_tls,
     });
     info!(listen = ?listener.local_addr().ok(), "proxy listening");
     tokio::pin!(shutdown);

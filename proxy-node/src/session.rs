@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use proto::events::{
     Envelope, ErrorInfo, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, ResultCapture, SessionId,
     Timestamp,
@@ -19,11 +19,13 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::Shared;
 use crate::policy::Verdict;
+use crate::tls::Stream;
 use crate::upstream;
+use crate::wire::postgres::frame::{CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::wire::postgres::messages::{self as msg, sqlstate};
 use crate::wire::postgres::{Frame, FrameError, StartupFrame, decode_frame, decode_startup};
+use crate::{ClientTls, Shared};
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +41,17 @@ pub(crate) enum SessionError {
 }
 
 struct Client {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     out: BytesMut,
     max: usize,
 }
 
 impl Client {
+    fn new(stream: Stream, buf: BytesMut, max: usize) -> Self {
+        Self { stream, buf, out: BytesMut::with_capacity(8192), max }
+    }
+
     async fn read_startup(&mut self) -> Result<StartupFrame, SessionError> {
         loop {
             if let Some(f) = decode_startup(&mut self.buf)? {
@@ -75,6 +81,7 @@ impl Client {
     async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await?;
+            self.stream.flush().await?;
             self.out.clear();
         }
         Ok(())
@@ -92,15 +99,83 @@ impl Client {
 /// Serve one accepted client connection.
 pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let mut client = Client {
-        stream,
-        buf: BytesMut::with_capacity(8192),
-        out: BytesMut::with_capacity(8192),
-        max: shared.cfg.max_message_bytes,
+    let deadline = tokio::time::Instant::now() + shared.cfg.auth_timeout;
+    let mut client = match tokio::time::timeout_at(deadline, negotiate(&shared, stream)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(SessionError::Closed)) => return,
+        Ok(Err(e)) => {
+            debug!(error = %e, client = %peer, "session ended before startup");
+            return;
+        }
+        Err(_) => {
+            debug!(client = %peer, "session ended: no startup packet or TLS handshake in time");
+            return;
+        }
     };
-    match startup(&shared, &mut client, peer).await {
+    match startup(&shared, &mut client, peer, deadline).await {
         Ok(()) | Err(SessionError::Closed) => {}
         Err(e) => debug!(error = %e, client = %peer, "session ended"),
+    }
+}
+
+/// Answer the client's GSSENCRequest ("no") and SSLRequest ("yes" and the TLS handshake when
+/// a certificate is configured, else "no"), up to the packet that follows them, which stays
+/// in the client's buffer for `authenticate`. With `client_tls = require`, a client that does
+/// not ask for TLS is refused (a CancelRequest still passes, as PostgreSQL lets it).
+async fn negotiate(shared: &Shared, mut tcp: TcpStream) -> Result<Client, SessionError> {
+    let mut buf = BytesMut::with_capacity(8192);
+    let max = shared.cfg.max_message_bytes;
+    loop {
+        // Every startup-phase packet starts with its length and a code: look at those only.
+        if buf.len() < 8 {
+            if tcp.read_buf(&mut buf).await? == 0 {
+                return Err(SessionError::Closed);
+            }
+            continue;
+        }
+        let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let code = i32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        match (len, code) {
+            (8, GSSENC_REQUEST) => {
+                buf.advance(8);
+                tcp.write_all(b"N").await?;
+            }
+            (8, SSL_REQUEST) => {
+                buf.advance(8);
+                let Some(acceptor) = &shared.tls else {
+                    tcp.write_all(b"N").await?;
+                    continue;
+                };
+                if !buf.is_empty() {
+                    // Bytes sent before the handshake would pass as if they came over TLS.
+                    let mut client = Client::new(Stream::Plain(tcp), BytesMut::new(), max);
+                    return Err(client
+                        .refuse(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "airlock: data sent after SSLRequest before the TLS handshake".into(),
+                        )
+                        .await);
+                }
+                tcp.write_all(b"S").await?;
+                let tls = acceptor.accept(tcp).await?;
+                let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
+                return Ok(Client::new(stream, buf, max));
+            }
+            (_, CANCEL_REQUEST) => return Ok(Client::new(Stream::Plain(tcp), buf, max)),
+            _ => {
+                let mut client = Client::new(Stream::Plain(tcp), buf, max);
+                if shared.client_tls == ClientTls::Require {
+                    return Err(client
+                        .refuse(
+                            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                            "airlock: this listener requires TLS (sslmode=require)".into(),
+                        )
+                        .await);
+                }
+                // A startup packet, or garbage that `authenticate` refuses.
+                return Ok(client);
+            }
+        }
     }
 }
 
@@ -121,7 +196,7 @@ async fn authenticate(
     let params = loop {
         match client.read_startup().await {
             Ok(StartupFrame::Ssl | StartupFrame::GssEnc) => {
-                // TLS from clients comes later; the client may continue in plain text.
+                // Encryption was negotiated (or declined) before; another request is declined.
                 client.stream.write_all(b"N").await?;
             }
             Ok(StartupFrame::Cancel { pid, secret }) => {
@@ -190,8 +265,13 @@ async fn authenticate(
     Ok(Some(Authenticated { params, principal, conn, policy }))
 }
 
-async fn startup(shared: &Arc<Shared>, client: &mut Client, peer: SocketAddr) -> Result<(), SessionError> {
-    let auth = match tokio::time::timeout(shared.cfg.auth_timeout, authenticate(shared, client, peer)).await {
+async fn startup(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(), SessionError> {
+    let auth = match tokio::time::timeout_at(deadline, authenticate(shared, client, peer)).await {
         Ok(Ok(Some(a))) => a,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(e),
@@ -245,14 +325,14 @@ async fn startup(shared: &Arc<Shared>, client: &mut Client, peer: SocketAddr) ->
         for p in &up.parameters {
             client.queue(p);
         }
-        let key = s.shared.cancels.register(up.addr, up.backend_key);
+        let key = s.shared.cancels.register(up.addr.clone(), up.backend_key);
         let mut body = BytesMut::new();
         body.extend_from_slice(&key.0.to_be_bytes());
         body.extend_from_slice(&key.1.to_be_bytes());
         client.queue(&Frame { tag: b'K', body: body.freeze() });
         client.queue(&msg::ready_for_query(b'I'));
         client.flush().await?;
-        info!("session started");
+        info!(client_tls = client.stream.is_tls(), target_tls = up.stream.is_tls(), "session started");
         let result = relay::run(&mut s, client, &mut up).await;
         s.shared.cancels.remove(key);
         let reason = match &result {

@@ -1,6 +1,8 @@
-//! Connecting to the target as the gateway's own user: startup, then SCRAM-SHA-256, md5 or
-//! cleartext authentication with the credentials the gateway holds.
+//! Connecting to the target as the gateway's own user: TLS as `upstream.tls` says, startup,
+//! then SCRAM-SHA-256, md5 or cleartext authentication with the credentials the gateway holds.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -8,9 +10,12 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 use proto::policy::{Connection, TlsMode};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::tls::{self, Stream};
+use crate::wire::postgres::frame::SSL_REQUEST;
 use crate::wire::postgres::messages::read_error_fields;
 use crate::wire::postgres::{Frame, decode_frame};
 
@@ -27,8 +32,8 @@ pub enum UpstreamError {
     Timeout(String),
     #[error("reading the password: {0}")]
     Password(String),
-    #[error("tls mode {0:?} to the target is not supported by this version")]
-    Tls(TlsMode),
+    #[error("TLS to {addr}: {message}")]
+    Tls { addr: String, message: String },
     #[error("target rejected the gateway: {code} {message}")]
     Rejected { code: String, message: String },
     #[error("target asked for an unsupported authentication method ({0})")]
@@ -39,16 +44,98 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
 }
 
+/// Where a target is and how to reach it: what a session's CancelRequests need.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The target's address.
+    pub addr: SocketAddr,
+    tls: Option<TargetTls>,
+}
+
+/// TLS to a target: the mode, the rustls settings and the name its certificate must carry.
+#[derive(Debug, Clone)]
+struct TargetTls {
+    mode: TlsMode,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl TargetTls {
+    /// The settings of a connection's `upstream`; `None` for `tls: disable`.
+    fn of(c: &Connection) -> Result<Option<Self>, UpstreamError> {
+        let u = &c.upstream;
+        let config = match (u.tls, &u.ca_file) {
+            (TlsMode::Disable, _) => return Ok(None),
+            (TlsMode::VerifyFull, Some(ca)) => tls::verifying_config(ca),
+            (TlsMode::VerifyFull, None) => Err("tls: verify-full needs upstream.ca_file".to_string()),
+            (TlsMode::Prefer | TlsMode::Require, _) => tls::unverified_config(),
+        };
+        let tls_err = |message| UpstreamError::Tls { addr: format!("{}:{}", u.host, u.port), message };
+        let config = config.map_err(tls_err)?;
+        let name = tls::server_name(&u.host).map_err(tls_err)?;
+        Ok(Some(TargetTls { mode: u.tls, config, name }))
+    }
+}
+
+/// Open a TCP connection and negotiate TLS: SSLRequest, then the handshake if the target says
+/// "S"; "N" is plain text for `prefer` and an error for the other modes.
+async fn open(addr: &str, tls: Option<&TargetTls>) -> Result<(Stream, SocketAddr), UpstreamError> {
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
+    tcp.set_nodelay(true)?;
+    let peer = tcp.peer_addr()?;
+    let Some(tls) = tls else {
+        return Ok((Stream::Plain(tcp), peer));
+    };
+    let tls_err = |message: String| UpstreamError::Tls { addr: addr.to_string(), message };
+    let mut req = [0u8; 8];
+    req[..4].copy_from_slice(&8i32.to_be_bytes());
+    req[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&req).await?;
+    // One byte only: anything the target sent after it must come through TLS.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == TlsMode::Prefer => return Ok((Stream::Plain(tcp), peer)),
+        b'N' => {
+            return Err(tls_err(format!(
+                "the target does not accept TLS connections (tls: {})",
+                tls.mode.as_str()
+            )));
+        }
+        other => {
+            return Err(UpstreamError::Protocol(format!("unexpected answer {other:#04x} to SSLRequest")));
+        }
+    }
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match connector.connect(tls.name.clone(), tcp).await {
+        Ok(s) => Ok((Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(s))), peer)),
+        Err(e) => {
+            let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+            Err(tls_err(match rustls_err {
+                Some(rustls::Error::InvalidCertificate(why)) => {
+                    format!("certificate verification failed (tls: {}): {why:?}", tls.mode.as_str())
+                }
+                _ => format!("handshake failed: {e}"),
+            }))
+        }
+    }
+}
+
 /// An authenticated connection to the target.
 pub struct Upstream {
-    pub stream: TcpStream,
+    /// The connection, plain or TLS.
+    pub stream: Stream,
     /// Bytes read but not yet decoded.
     pub buf: BytesMut,
     /// ParameterStatus frames to pass to the client.
     pub parameters: Vec<Frame>,
     /// The target backend's (pid, secret), for cancel requests.
     pub backend_key: Option<(i32, i32)>,
-    pub addr: std::net::SocketAddr,
+    /// Where the target is, for cancel requests.
+    pub addr: Endpoint,
 }
 
 impl Upstream {
@@ -88,23 +175,17 @@ pub async fn connect(
     read_only: bool,
 ) -> Result<Upstream, UpstreamError> {
     let addr = format!("{}:{}", c.upstream.host, c.upstream.port);
-    match c.upstream.tls {
-        TlsMode::Disable | TlsMode::Prefer => {}
-        other => return Err(UpstreamError::Tls(other)),
-    }
+    let tls = TargetTls::of(c)?;
     let pw = password(c)?;
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+    let (stream, peer) = tokio::time::timeout(timeout, open(&addr, tls.as_ref()))
         .await
-        .map_err(|_| UpstreamError::Timeout(addr.clone()))?
-        .map_err(|source| UpstreamError::Connect { addr: addr.clone(), source })?;
-    stream.set_nodelay(true)?;
-    let peer = stream.peer_addr()?;
+        .map_err(|_| UpstreamError::Timeout(addr.clone()))??;
     let mut up = Upstream {
         stream,
         buf: BytesMut::with_capacity(8192),
         parameters: vec![],
         backend_key: None,
-        addr: peer,
+        addr: Endpoint { addr: peer, tls },
     };
     tokio::time::timeout(timeout, handshake(&mut up, c, &pw, client_params, max_message, read_only))
         .await
@@ -114,6 +195,7 @@ pub async fn connect(
 
 async fn send(up: &mut Upstream, buf: &mut BytesMut) -> Result<(), UpstreamError> {
     up.stream.write_all(buf).await?;
+    up.stream.flush().await?;
     buf.clear();
     Ok(())
 }
@@ -223,13 +305,16 @@ async fn handshake(
     }
 }
 
-/// Send a CancelRequest for a target backend.
-pub async fn cancel(addr: std::net::SocketAddr, pid: i32, key: i32) -> std::io::Result<()> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+/// Send a CancelRequest for a target backend, with the TLS settings of its session.
+pub async fn cancel(target: Endpoint, pid: i32, key: i32) -> Result<(), UpstreamError> {
+    let addr = target.addr.to_string();
+    let mut s = tokio::time::timeout(Duration::from_secs(5), open(&addr, target.tls.as_ref()))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel connect timed out"))??;
+        .map_err(|_| UpstreamError::Timeout(addr.clone()))??
+        .0;
     let mut buf = BytesMut::new();
     frontend::cancel_request(pid, key, &mut buf);
     s.write_all(&buf).await?;
-    s.shutdown().await
+    s.shutdown().await?;
+    Ok(())
 }

@@ -98,6 +98,33 @@ impl Postgres {
         Err(last_err.expect("at least one attempt was made"))
     }
 
+    /// Turns TLS on (`ssl = on`) with the given PEM certificate chain and private key, and
+    /// restarts the server on the same port. Clients may still connect without TLS.
+    pub fn enable_ssl(&mut self, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = self.data_dir();
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+            // The server refuses a key that others can read.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("chmod 600 {}", path.display()))?;
+            if self.as_postgres_user {
+                let out = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .output()
+                    .context("running chown")?;
+                check(&out, "chown postgres:postgres")?;
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).context("reading postgresql.conf")?;
+        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).context("writing postgresql.conf")?;
+        self.start_again()
+    }
+
     /// `postgres://postgres:PASSWORD@127.0.0.1:PORT/DB`.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://{}:{}@{}:{}/{db}", self.superuser, self.password, self.host, self.port)

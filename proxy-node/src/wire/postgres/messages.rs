@@ -24,6 +24,7 @@ impl Severity {
 
 /// SQLSTATEs the proxy uses.
 pub mod sqlstate {
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     pub const INVALID_PASSWORD: &str = "28P01";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const INVALID_CATALOG_NAME: &str = "3D000";
