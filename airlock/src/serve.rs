@@ -131,14 +131,21 @@ pub(crate) async fn up(
     // Consumers first, so the in-process bus delivers every event to them.
     let store = recorder::open_store(&storage).context("opening the recordings store")?;
     let recorder = tokio::spawn(recorder::run(cfg.recorder(), bus.clone(), store, stopped()));
-    let approvals_listener = bind(acfg.listen, "approvals").await?;
-    let approvals =
-        tokio::spawn(approval_service::run(acfg.clone(), bus.clone(), approvals_listener, stopped()));
-
     let ps_listener = bind(cfg.policy_store.listen, "policy-store").await?;
     let ps_addr = ps_listener.local_addr()?;
-    let ps = tokio::spawn(policy_store::run(cfg.policy_store.clone(), ps_listener, stopped()));
     let endpoint = format!("http://{ps_addr}");
+    let approvals_listener = bind(acfg.listen, "approvals").await?;
+    // The approval service follows the in-process store: rule routes and `approver_groups`.
+    let approvals_policy = policy_store::client::follow(vec![endpoint.clone()]).policy;
+    let approvals = tokio::spawn(approval_service::run_with_policy(
+        acfg.clone(),
+        bus.clone(),
+        Some(approvals_policy),
+        approvals_listener,
+        stopped(),
+    ));
+
+    let ps = tokio::spawn(policy_store::run(cfg.policy_store.clone(), ps_listener, stopped()));
     if let Some(path) = policy {
         let yaml = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let mut client = connect_retrying(&endpoint).await?;

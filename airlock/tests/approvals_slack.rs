@@ -99,6 +99,8 @@ rules:
     approvers: {{ groups: [dba] }}
     timeout: 60s
     slack: {{ channel: {CHANNEL} }}
+masking:
+  - detectors: [email]
 "#,
             port = pg.port
         ),
@@ -240,15 +242,21 @@ async fn a_signed_slack_click_runs_the_held_statement_and_a_slack_denial_keeps_i
 
     // Deny from Slack: the modal's reason reaches the agent and the row stays.
     let del = tokio::spawn(async move {
-        let r = client.simple_query("DELETE FROM orders WHERE id = 2").await.map(|_| ());
+        let r = client
+            .simple_query("DELETE FROM orders WHERE id = 2 AND item <> 'carol@example.org'")
+            .await
+            .map(|_| ());
         (client, r)
     });
     let notice = tokio::time::timeout(Duration::from_secs(10), notices.recv()).await.unwrap().unwrap();
     let id = hold_id_from(&notice);
-    slack
+    let posted = slack
         .wait_for("chat.postMessage", Duration::from_secs(10), |b| b.to_string().contains(&id.to_string()))
         .await
         .expect("posted");
+    // Approvers see the statement already masked.
+    let text = posted.body.to_string();
+    assert!(text.contains("[redacted:email]") && !text.contains("carol@example.org"), "{text}");
     assert_eq!(callback(env.approvals, &fake::click("U_DANA", DENY_ACTION, id, CHANNEL)).await, 200);
     slack.wait_for("views.open", Duration::from_secs(10), |_| true).await.expect("the deny modal opened");
     assert_eq!(

@@ -1,7 +1,9 @@
 //! The policy store as a real cluster: `airlock policy-store` processes on loopback ports, killed
 //! with SIGKILL, restarted from disk, cut off by a TCP fault proxy, grown and shrunk with the
-//! `airlock policy-store` admin commands. Proxies are stood in for by
-//! [`policy_store::client::follow`], the follower every proxy node runs.
+//! `airlock policy-store` admin commands. Most tests stand proxies in with
+//! [`policy_store::client::follow`], the follower every proxy node runs; the propagation test
+//! `every_proxy_process_enforces_an_applied_change_within_a_second` runs real `airlock proxy`
+//! processes in front of a real PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -417,5 +419,161 @@ async fn history_diff_and_rollback_through_the_cli() -> anyhow::Result<()> {
     let listed = airlock(&["policy", "history", "--store", &store])?;
     let authors: Vec<&str> = listed.lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).collect();
     assert_eq!(authors, vec!["alice", "bob", "carol"], "{listed}");
+    Ok(())
+}
+
+const DB_PASSWORD: &str = "svc-Pa55word";
+const ETL_KEY: &str = "ak_cluster_test_etl_0123456789";
+
+/// The proxies' policy: one connection, an API-key service account, and `extra` rules.
+fn proxy_policy(pg_port: u16, extra: &str) -> String {
+    format!(
+        "connections:\n  - name: shop\n    kind: postgres\n    \
+         upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, tls: disable }}\n    \
+         credentials: {{ user: airlock_svc, password_env: SHOP_DB_PASSWORD }}\n\
+         rules:\n  - name: no-ddl\n    match: {{ operations: [create, drop, alter] }}\n    action: deny\n{extra}\
+         service_accounts:\n  - name: etl\n    groups: [agents]\n    api_key_sha256: {}\n",
+        proxy_node::identity::hash_api_key(ETL_KEY)
+    )
+}
+
+/// One `airlock proxy` process following `stores` (the first one first).
+fn start_proxy(dir: &Path, i: usize, stores: &[String], nats: &testkit::Nats) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port();
+    let stores = stores.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\npolicy_store = [{stores}]\nnode_name = \"proxy-{i}\"\n\n\
+         [nats]\nurl = \"{}\"\n",
+        nats.url
+    );
+    let config = dir.join(format!("proxy-{i}.toml"));
+    std::fs::write(&config, text)?;
+    let mut cmd = Command::new(bin());
+    cmd.arg("-c")
+        .arg(&config)
+        .arg("proxy")
+        .current_dir(dir)
+        .env("SHOP_DB_PASSWORD", DB_PASSWORD)
+        .env("RUST_LOG", "info");
+    let proc = Proc::spawn(cmd, &format!("proxy-{i}"))?;
+    wait_for_port(port, Duration::from_secs(20))?;
+    Ok((proc, port))
+}
+
+/// An agent session through the proxy on `port`, retried while the proxy gets its first policy.
+async fn agent(port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let connected = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port)
+            .user("etl")
+            .password(ETL_KEY)
+            .dbname("shop")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await;
+        match connected {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                return Ok(client);
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "proxy not ready yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("no session through the proxy on {port}: {e}"),
+        }
+    }
+}
+
+/// Query through `client` until the query is denied by `rule`; when that happened.
+async fn denied_by(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    rule: &str,
+    within: Duration,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + within;
+    loop {
+        match client.simple_query(sql).await {
+            Ok(_) => {}
+            Err(e) => {
+                let db = e.as_db_error().with_context(|| format!("not a database error: {e}"))?;
+                ensure!(db.code().code() == "42501", "unexpected error: {e}");
+                ensure!(db.message().contains(rule), "denied, but not by {rule}: {}", db.message());
+                return Ok(Instant::now());
+            }
+        }
+        ensure!(Instant::now() < deadline, "`{sql}` still allowed after {within:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proxy_process_enforces_an_applied_change_within_a_second() -> anyhow::Result<()> {
+    testkit::init_crypto();
+    let pg = testkit::Postgres::start()?;
+    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'"))?;
+    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc")?;
+    pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE TABLE orders (id int primary key, item text); \
+         INSERT INTO orders VALUES (1, 'apple');",
+    )?;
+    let nats = testkit::Nats::start()?;
+    let cluster = Cluster::start(3, direct)?;
+    let endpoints = cluster.endpoints();
+    leader(&endpoints, None).await?;
+    apply(&endpoints[0], &proxy_policy(pg.port, ""), "setup").await?;
+
+    // Three proxy processes, each following a different store node first.
+    let dir = tempfile::tempdir()?;
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let mut stores = endpoints.clone();
+        stores.rotate_left(i);
+        proxies.push(start_proxy(dir.path(), i, &stores, &nats)?);
+    }
+    let mut agents = Vec::new();
+    for (_, port) in &proxies {
+        let client = agent(*port).await?;
+        let rows = client.simple_query("SELECT item FROM orders").await?;
+        ensure!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "no rows");
+        agents.push(client);
+    }
+
+    // The change: reading orders is now denied. Applied with the CLI through node 2.
+    let file = dir.path().join("v2.yaml");
+    let rule = "  - name: no-reading-orders\n    match: { operations: [select], tables: [orders] }\n    action: deny\n";
+    std::fs::write(&file, proxy_policy(pg.port, rule))?;
+    let out = airlock(&[
+        "policy",
+        "apply",
+        "-f",
+        &file.display().to_string(),
+        "--author",
+        "alice",
+        "--store",
+        &endpoints[1],
+    ])?;
+    let applied = Instant::now();
+    ensure!(out.contains("as version 2"), "{out}");
+    // Every proxy, on the session it already had, queried concurrently.
+    let checks = agents
+        .iter()
+        .map(|c| denied_by(c, "SELECT item FROM orders", "no-reading-orders", Duration::from_secs(5)));
+    let denied_at = futures::future::try_join_all(checks).await?;
+    let slowest = denied_at.iter().map(|t| t.saturating_duration_since(applied)).max().unwrap_or_default();
+    eprintln!("the slowest of 3 proxies enforced the change {slowest:?} after `policy apply` returned");
+    ensure!(
+        slowest < Duration::from_secs(1),
+        "the slowest proxy enforced the change {slowest:?} after apply returned"
+    );
+    // A new session through each proxy is denied too.
+    for (_, port) in &proxies {
+        let client = agent(*port).await?;
+        denied_by(&client, "SELECT id FROM orders", "no-reading-orders", Duration::from_millis(100)).await?;
+    }
     Ok(())
 }

@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use proto::events::{HoldOutcome, Timestamp};
+use proto::policy::ApproverIdentity;
 use proxy_node::identity::OidcVerifier;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -208,6 +209,9 @@ mod rfc3339 {
     }
 }
 
+/// How long an approver's call waits for the first policy version (for its `approver_groups`).
+const POLICY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Clone)]
 struct AppState {
     holds: Arc<Holds>,
@@ -288,8 +292,15 @@ async fn require_token(
     } else if let Some(v) = &st.oidc
         && given.matches('.').count() == 2
     {
-        match v.verify(given).await {
-            Ok(p) => Caller::Approver { subject: p.subject, groups: p.groups },
+        match v.verify_with_email(given).await {
+            Ok((p, email)) => {
+                // Group membership may come from the policy: let a starting service get it first.
+                st.holds.routes().ready(POLICY_WAIT).await;
+                let who =
+                    ApproverIdentity { subject: Some(&p.subject), email: email.as_deref(), slack_user: None };
+                let groups = st.holds.routes().with_policy_groups(p.groups.clone(), &who);
+                Caller::Approver { subject: p.subject, groups }
+            }
             Err(e) => {
                 warn!(error = %e, "rejected an approver token");
                 return ApiError(StatusCode::UNAUTHORIZED, "invalid bearer token".into()).into_response();

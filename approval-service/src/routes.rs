@@ -1,11 +1,13 @@
-//! Per-rule settings the service reads from the policy: the rule's Slack channel, its webhook and
-//! its just-in-time grant limit. The policy comes from the policy store (followed over gRPC);
-//! without one, every hold goes to `slack.default_channel` and no rule grants access.
+//! What the service reads from the policy: per rule, its Slack channel, its webhook and its
+//! just-in-time grant limit; and the policy's `approver_groups`. The policy comes from the policy
+//! store (followed over gRPC); without one, every hold goes to `slack.default_channel`, no rule
+//! grants access, and approvers' groups come from their tokens and the Slack mapping only.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use policy_store::client::ActivePolicy;
+use proto::policy::ApproverIdentity;
 use tokio::sync::watch;
 
 /// The policy as the service sees it: `None` until the first version arrives.
@@ -61,6 +63,25 @@ impl Routes {
         }
         route
     }
+
+    /// The groups the current policy's `approver_groups` puts this person in: none before the
+    /// first version arrives, or without a policy store.
+    pub fn approver_groups_of(&self, who: &ApproverIdentity<'_>) -> Vec<String> {
+        self.policy
+            .as_ref()
+            .and_then(|p| p.borrow().as_ref().map(|active| active.document.approver_groups_of(who)))
+            .unwrap_or_default()
+    }
+
+    /// `groups` (from a token or the Slack mapping) plus those the policy puts `who` in.
+    pub fn with_policy_groups(&self, mut groups: Vec<String>, who: &ApproverIdentity<'_>) -> Vec<String> {
+        for g in self.approver_groups_of(who) {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        groups
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +124,25 @@ mod tests {
             Route { channel: Some("C0".into()), ..Default::default() }
         );
         assert_eq!(Routes::new(None, None).for_rule("r"), Route::default());
+    }
+
+    #[test]
+    fn policy_groups_add_to_token_groups() {
+        let yaml = "approver_groups:\n  - name: dba\n    members: [alice@example.com, sub-1]\n    \
+                    slack_users: [U1]\n  - name: sre\n    members: [sub-1]\n";
+        let document = proto::policy::parse(yaml).unwrap();
+        let (_tx, rx) =
+            watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
+        let routes = Routes::new(Some(rx), None);
+        let sub = ApproverIdentity { subject: Some("sub-1"), ..Default::default() };
+        assert_eq!(routes.with_policy_groups(vec!["dba".into()], &sub), vec!["dba", "sre"]);
+        let email = ApproverIdentity { email: Some("alice@example.com"), ..Default::default() };
+        assert_eq!(routes.with_policy_groups(vec!["x".into()], &email), vec!["x", "dba"]);
+        let slack = ApproverIdentity { slack_user: Some("U1"), ..Default::default() };
+        assert_eq!(routes.approver_groups_of(&slack), vec!["dba"]);
+        assert!(routes.approver_groups_of(&ApproverIdentity::default()).is_empty());
+        assert!(Routes::new(None, None).approver_groups_of(&sub).is_empty());
+        let (_tx, rx) = watch::channel(None);
+        assert!(Routes::new(Some(rx), None).approver_groups_of(&sub).is_empty(), "no version yet");
     }
 }

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use proto::events::{HoldId, HoldOutcome};
+use proto::policy::ApproverIdentity;
 use serde::Deserialize;
 use serde_json::json;
 use slack_morphism::prelude::*;
@@ -26,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ApproverEntry, SlackConfig, secret};
 use crate::error::{ApprovalError, HoldError};
 use crate::hold::{Decider, Holds, Via};
+use crate::routes::Routes;
 use crate::store::{Change, HoldRecord, SlackMessage, Status};
 
 /// The Approve button's action id.
@@ -165,15 +167,25 @@ impl Slack {
     }
 
     /// The approver a Slack user is: an explicit `slack_user` entry, else the entry whose e-mail
-    /// matches the user's profile. `Ok(None)`: not a known approver.
-    pub async fn identify(&self, user: &str) -> Result<Option<Decider>, SlackError> {
-        let as_decider = |a: &ApproverEntry| Decider::Approver {
-            identity: a.name.clone(),
-            groups: a.groups.clone(),
-            via: Via::Slack,
+    /// matches the user's profile; its groups, plus those the policy's `approver_groups` put the
+    /// user in (by Slack user id, e-mail, or the entry's name as a subject). A user with no entry
+    /// whom the policy lists is an approver too, known by profile e-mail (else Slack user id).
+    /// `Ok(None)`: not a known approver.
+    pub async fn identify(&self, user: &str, routes: &Routes) -> Result<Option<Decider>, SlackError> {
+        let as_decider = |a: &ApproverEntry, email: Option<&str>| {
+            let who = ApproverIdentity {
+                subject: Some(&a.name),
+                email: email.or(a.email.as_deref()),
+                slack_user: Some(user),
+            };
+            Decider::Approver {
+                identity: a.name.clone(),
+                groups: routes.with_policy_groups(a.groups.clone(), &who),
+                via: Via::Slack,
+            }
         };
         if let Some(a) = self.approvers.iter().find(|a| a.slack_user.as_deref() == Some(user)) {
-            return Ok(Some(as_decider(a)));
+            return Ok(Some(as_decider(a, None)));
         }
         let req = SlackApiUsersInfoRequest::new(user.to_string().into());
         let info = self
@@ -182,13 +194,25 @@ impl Slack {
             .users_info(&req)
             .await
             .map_err(|e| SlackError::Api { method: "users.info", message: e.to_string() })?;
-        let email = info.user.profile.and_then(|p| p.email).map(|e| e.to_string());
-        let Some(email) = email.filter(|e| !e.is_empty()) else { return Ok(None) };
-        Ok(self
-            .approvers
-            .iter()
-            .find(|a| a.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(&email)))
-            .map(as_decider))
+        let email = info.user.profile.and_then(|p| p.email).map(|e| e.to_string()).filter(|e| !e.is_empty());
+        if let Some(email) = &email
+            && let Some(a) = self
+                .approvers
+                .iter()
+                .find(|a| a.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(email)))
+        {
+            return Ok(Some(as_decider(a, Some(email))));
+        }
+        let who = ApproverIdentity { subject: None, email: email.as_deref(), slack_user: Some(user) };
+        let groups = routes.approver_groups_of(&who);
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Decider::Approver {
+            identity: email.unwrap_or_else(|| user.to_string()),
+            groups,
+            via: Via::Slack,
+        }))
     }
 }
 
@@ -501,7 +525,7 @@ async fn vote(
     outcome: HoldOutcome,
     reason: Option<String>,
 ) -> Result<(), String> {
-    let decider = match st.slack.identify(user).await {
+    let decider = match st.slack.identify(user, st.holds.routes()).await {
         Ok(Some(d)) => d,
         Ok(None) => {
             warn!(hold.id = %id, slack.user = %user, "a Slack user who is not a known approver tried to decide");

@@ -647,3 +647,56 @@ async fn approving_an_access_request_grants_until_a_capped_time_and_the_grant_ca
     assert!(c.grants().await?.is_empty());
     svc.stop().await
 }
+
+#[tokio::test]
+async fn approver_groups_in_the_policy_let_their_members_approve_and_nobody_else() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let oidc = testkit::OidcIssuer::start()?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let mut oidc_cfg = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
+    oidc_cfg.audience = oidc.audience.clone();
+    let cfg = ApprovalsConfig { oidc: Some(oidc_cfg), ..config(&slack) };
+    slack.add_user("U0GUS", "gus@example.com");
+    // `dba` is known only to the policy: no token below carries it, and no Slack mapping has it.
+    let policy = "approver_groups:\n  - name: dba\n    members: [Carol@Example.com, sub-frank]\n    \
+                  slack_users: [U0GUS]\n  - name: support\n    members: [mallory]\n";
+    let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
+    let req = hold_request(Duration::from_secs(300), 3);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+
+    let with_email = |sub: &str, email: &str, verified: bool| {
+        let mut claims = oidc.claims(sub, &["staff"]);
+        claims["email"] = email.into();
+        claims["email_verified"] = verified.into();
+        ApprovalsClient::new(&svc.url, &oidc.token_with(claims))
+    };
+    // Non-members: another policy group, an unverified e-mail of a member, a mapped approver of
+    // another group, and a Slack user the policy does not list.
+    let mallory = with_email("mallory", "mallory@example.com", true);
+    assert_eq!(mallory.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::FORBIDDEN));
+    let eve = with_email("eve", "carol@example.com", false);
+    assert_eq!(eve.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::FORBIDDEN));
+    for (user, told) in [("U_OLLY", "approver groups"), ("U_STRANGER", "not a known Airlock approver")] {
+        svc.signed(&fake::click(user, APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+        let e = slack.wait_for("chat.postEphemeral", WAIT, |b| b["user"] == user).await;
+        assert!(e.is_some_and(|e| text_of(&e.body).contains(told)), "{user} was not told `{told}`");
+    }
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
+    assert!(svc.client().get(req.hold_id).await?.approvals.is_empty());
+
+    // Members: by verified e-mail claim, by OIDC subject, by Slack user id.
+    let carol = with_email("sub-carol", "carol@example.com", true);
+    assert_eq!(carol.approve(req.hold_id, None).await?.approvals, vec!["sub-carol".to_string()]);
+    let frank = ApprovalsClient::new(&svc.url, &oidc.token("sub-frank", &[]));
+    assert_eq!(frank.approve(req.hold_id, None).await?.approvals.len(), 2);
+    svc.signed(&fake::click("U0GUS", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!(
+        (d.outcome, d.decided_by.as_str()),
+        (HoldOutcome::Approved, "sub-carol, sub-frank, gus@example.com")
+    );
+    svc.stop().await
+}

@@ -40,9 +40,12 @@ impl Rng {
     }
 }
 
-const FIRST: &[&str] = &["Alice", "Bob", "Chloé", "David", "Emma", "Farid", "Grace", "Hiroshi", "Ines", "Jonas"];
-const LAST: &[&str] = &["Martin", "Smith", "Müller", "García", "Nakamura", "Okafor", "Rossi", "Dubois", "Kowalski"];
-const STREETS: &[&str] = &["Oak Street", "Rue de la Paix", "Hauptstraße", "Calle Mayor", "Elm Avenue", "High Street"];
+const FIRST: &[&str] =
+    &["Alice", "Bob", "Chloé", "David", "Emma", "Farid", "Grace", "Hiroshi", "Ines", "Jonas"];
+const LAST: &[&str] =
+    &["Martin", "Smith", "Müller", "García", "Nakamura", "Okafor", "Rossi", "Dubois", "Kowalski"];
+const STREETS: &[&str] =
+    &["Oak Street", "Rue de la Paix", "Hauptstraße", "Calle Mayor", "Elm Avenue", "High Street"];
 const CITIES: &[&str] = &["Springfield", "Lyon", "Berlin", "Madrid", "Leeds", "Osaka"];
 const NOTES: &[&str] = &[
     "Customer asked about the annual plan and a discount for nonprofits.",
@@ -83,7 +86,9 @@ fn row(rng: &mut Rng, i: usize) -> Vec<Vec<u8>> {
     let address = format!("{} {}, {}", 1 + rng.below(9999), rng.pick(STREETS), rng.pick(CITIES));
     let mut note = rng.pick(NOTES).to_owned();
     match rng.below(100) {
-        0..=2 => note.push_str(&format!(" Call back on ({}) 555-{:04}.", 200 + rng.below(800), rng.below(10_000))),
+        0..=2 => {
+            note.push_str(&format!(" Call back on ({}) 555-{:04}.", 200 + rng.below(800), rng.below(10_000)))
+        }
         3..=4 => note.push_str(&format!(" Card on file {} expires 12/27.", card(rng))),
         _ => {}
     }

@@ -1794,16 +1794,12 @@ impl Analyzer {
     fn function(&mut self, f: &Function, acc: &mut Acc) -> Result<(), LineageError> {
         check_function(&f.name)?;
         let name = function_name(&f.name);
-        // `count(x)` says how many values there are, not what they are: its arguments are
-        // referenced (for the conservative fallback) but are not sources of the result.
-        let mut counted = Acc::default();
         for args in [&f.parameters, &f.args] {
             match args {
                 FunctionArguments::None => {}
                 FunctionArguments::Subquery(q) => self.subquery(q, acc)?,
                 FunctionArguments::List(list) => {
-                    let arg_acc = if name.as_deref() == Some("count") { &mut counted } else { &mut *acc };
-                    self.function_args_list(&list.args, name.as_deref(), arg_acc)?;
+                    self.function_args_list(&list.args, name.as_deref(), acc)?;
                     for clause in &list.clauses {
                         match clause {
                             FunctionArgumentClause::Where(e) | FunctionArgumentClause::Limit(e) => {

@@ -29,7 +29,9 @@ pub const DEFAULT_KEEP: usize = 4;
 
 /// A strategy name that is not `redact`, `partial`, `partial:N` or `hash`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown masking strategy `{given}`; expected `redact`, `partial`, `partial:N` (N characters kept) or `hash`")]
+#[error(
+    "unknown masking strategy `{given}`; expected `redact`, `partial`, `partial:N` (N characters kept) or `hash`"
+)]
 pub struct StrategyParseError {
     /// The text that was given.
     pub given: String,
@@ -175,8 +177,8 @@ fn partial(s: &str, keep: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::Strategy;
+    use super::*;
     use proptest::prelude::*;
 
     #[test]

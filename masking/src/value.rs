@@ -183,6 +183,9 @@ pub fn masked_type(oid: u32) -> u32 {
 /// Masks a whole value. The result is a valid value of [`masked_type`]`(oid)` in `format` (the
 /// binary format of text is its UTF-8 bytes).
 ///
+/// In binary format, `timestamptz` is rendered in UTC (`+00`): its hash equals the hash of the
+/// text format only for sessions whose `TimeZone` is UTC.
+///
 /// # Errors
 /// With `partial` and `hash`, the value's text form is needed: a value that is not valid UTF-8
 /// (text format) or whose binary format cannot be decoded is an error. `redact` never fails.
@@ -267,8 +270,9 @@ fn kind(oid: u32) -> Kind {
 ///
 /// # Errors
 /// A text value that is not valid UTF-8, a binary value that does not decode, or (with a
-/// non-empty detector set) a binary value of a type that cannot be scanned, such as arrays,
-/// records and types unknown to this module: [`MaskError::Unsupported`].
+/// non-empty detector set) a binary value of a type that cannot be scanned, such as records and
+/// types unknown to this module: [`MaskError::Unsupported`]. Binary arrays are masked element by
+/// element.
 pub fn mask_detected(
     detectors: &Detectors,
     masker: &Masker,
@@ -283,7 +287,15 @@ pub fn mask_detected(
     match (kind(oid), format) {
         (Kind::Opaque, _) => Ok(None),
         (k @ (Kind::Text | Kind::Json), _)
-        | (k @ (Kind::Jsonb | Kind::TextArray | Kind::NumberArray | Kind::JsonArray | Kind::InetArray | Kind::Other), Format::Text) => {
+        | (
+            k @ (Kind::Jsonb
+            | Kind::TextArray
+            | Kind::NumberArray
+            | Kind::JsonArray
+            | Kind::InetArray
+            | Kind::Other),
+            Format::Text,
+        ) => {
             let text = utf8(oid, raw)?;
             detectors.scan_into(text, &mut hits);
             if hits.is_empty() {
@@ -297,6 +309,9 @@ pub fn mask_detected(
                 _ => Numbers::None,
             };
             Ok(Some(replace_hits(text, &hits, masker, numbers).into_bytes()))
+        }
+        (Kind::TextArray | Kind::NumberArray | Kind::JsonArray | Kind::InetArray, Format::Binary) => {
+            mask_binary_array(detectors, masker, oid, raw, 0)
         }
         (Kind::Jsonb, Format::Binary) => {
             let text = jsonb_text(raw)?;
@@ -341,9 +356,7 @@ pub fn mask_detected(
                 }
             }))
         }
-        (Kind::TextArray | Kind::NumberArray | Kind::JsonArray | Kind::InetArray | Kind::Other, Format::Binary) => {
-            Err(MaskError::Unsupported { oid })
-        }
+        (Kind::Other, Format::Binary) => Err(MaskError::Unsupported { oid }),
     }
 }
 
@@ -385,6 +398,9 @@ fn zero_inet(text: &str) -> String {
     }
 }
 
+/// Which bytes belong to a token (JSON number, array element).
+type ByteClass = fn(u8) -> bool;
+
 fn json_number_byte(c: u8) -> bool {
     c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-')
 }
@@ -400,13 +416,13 @@ fn replace_hits(text: &str, hits: &[Hit], masker: &Masker, numbers: Numbers) -> 
     // JSON string state, advanced up to each hit.
     let (mut pos, mut in_str, mut escaped) = (0, false, false);
     for h in hits {
-        let (token, inet): (Option<fn(u8) -> bool>, bool) = match numbers {
+        let (token, inet): (Option<ByteClass>, bool) = match numbers {
             Numbers::None => (None, false),
             Numbers::ArrayElements => (Some(array_element_byte), false),
             Numbers::InetElements => (Some(array_element_byte), true),
             Numbers::Digits => {
                 let digits = b[h.start..h.end].iter().all(u8::is_ascii_digit);
-                (digits.then_some(json_number_byte as fn(u8) -> bool), false)
+                (digits.then_some(json_number_byte as ByteClass), false)
             }
             Numbers::Json => {
                 while pos < h.start {
@@ -420,7 +436,7 @@ fn replace_hits(text: &str, hits: &[Hit], masker: &Masker, numbers: Numbers) -> 
                     }
                     pos += 1;
                 }
-                ((!in_str).then_some(json_number_byte as fn(u8) -> bool), false)
+                ((!in_str).then_some(json_number_byte as ByteClass), false)
             }
         };
         if let Some(token) = token {
@@ -741,7 +757,10 @@ mod tests {
             "mail [redacted:email] now"
         );
         assert_eq!(detected(&m, oid::TEXT, Format::Text, b"nothing to see"), None);
-        assert_eq!(detected(&m, 99_999, Format::Text, b"citext bob@example.com"), Some(b"citext [redacted:email]".to_vec()));
+        assert_eq!(
+            detected(&m, 99_999, Format::Text, b"citext bob@example.com"),
+            Some(b"citext [redacted:email]".to_vec())
+        );
         assert!(mask_detected(&all(), &m, oid::TEXT, Format::Text, b"\xff\xfe").is_err());
         assert_eq!(mask_detected(&Detectors::new(&[]), &m, 99_999, Format::Binary, b"x"), Ok(None));
     }
@@ -755,7 +774,12 @@ mod tests {
         assert_eq!(out, r#"{"card": 0, "s": "x\"y"}"#);
         let hashed = Masker::new(Strategy::Hash, b"k");
         let out = text(detected(&hashed, oid::JSON, Format::Text, br#"{"c":-4111111111111111.0}"#));
-        assert!(out.starts_with(r#"{"c":"#) && out.ends_with('}') && out[5..out.len() - 1].bytes().all(|c| c.is_ascii_digit()), "{out}");
+        assert!(
+            out.starts_with(r#"{"c":"#)
+                && out.ends_with('}')
+                && out[5..out.len() - 1].bytes().all(|c| c.is_ascii_digit()),
+            "{out}"
+        );
     }
 
     #[test]
@@ -784,7 +808,8 @@ mod tests {
     #[test]
     fn binary_numeric_with_a_card_is_replaced() {
         let raw = numeric_binary("4111111111111111.00").unwrap();
-        let out = detected(&Masker::new(Strategy::Partial { keep: 4 }, b""), oid::NUMERIC, Format::Binary, &raw);
+        let out =
+            detected(&Masker::new(Strategy::Partial { keep: 4 }, b""), oid::NUMERIC, Format::Binary, &raw);
         assert_eq!(numeric_text(&out.unwrap()).unwrap(), "1111");
     }
 
@@ -798,7 +823,10 @@ mod tests {
         assert_eq!(detected(&m, oid::CIDR, Format::Binary, &raw), Some(vec![2, 24, 1, 4, 0, 0, 0, 0]));
         let v6 = [&[3u8, 128, 0, 16][..], &Ipv6Addr::LOCALHOST.octets()].concat();
         assert_eq!(inet_text(&v6).unwrap(), "::1");
-        assert_eq!(detected(&m, oid::INET, Format::Binary, &v6), Some([&[3u8, 128, 0, 16][..], &[0; 16]].concat()));
+        assert_eq!(
+            detected(&m, oid::INET, Format::Binary, &v6),
+            Some([&[3u8, 128, 0, 16][..], &[0; 16]].concat())
+        );
     }
 
     #[test]
@@ -806,11 +834,17 @@ mod tests {
         let m = redact();
         assert_eq!(detected(&m, oid::INT4, Format::Binary, &7i32.to_be_bytes()), None);
         assert_eq!(detected(&m, oid::UUID, Format::Text, b"4111-1111-1111-1111"), None);
-        for o in [oid::TEXT_ARRAY, oid::INT8_ARRAY, 99_999] {
-            assert_eq!(mask_detected(&all(), &m, o, Format::Binary, b"x"), Err(MaskError::Unsupported { oid: o }));
+        for o in [2249, 99_999] {
+            assert_eq!(
+                mask_detected(&all(), &m, o, Format::Binary, b"x"),
+                Err(MaskError::Unsupported { oid: o })
+            );
         }
         let e = MaskError::Unsupported { oid: 1234 }.to_string();
-        assert_eq!(e, "cannot mask a value of type 1234 in binary format; request text format for this column");
+        assert_eq!(
+            e,
+            "cannot mask a value of type 1234 in binary format; request text format for this column"
+        );
     }
 
     #[test]
@@ -820,13 +854,21 @@ mod tests {
             text(detected(&m, oid::TEXT_ARRAY, Format::Text, br#"{a@example.com,"x y 123-45-6789"}"#)),
             r#"{[redacted:email],"x y [redacted:ssn]"}"#
         );
-        assert_eq!(text(detected(&m, oid::INT8_ARRAY, Format::Text, b"{1,4111111111111111,NULL}")), "{1,0,NULL}");
+        assert_eq!(
+            text(detected(&m, oid::INT8_ARRAY, Format::Text, b"{1,4111111111111111,NULL}")),
+            "{1,0,NULL}"
+        );
         assert_eq!(
             text(detected(&m, oid::INET_ARRAY, Format::Text, b"{10.1.2.3/8,2001:db8::1}")),
             "{0.0.0.0/8,::}"
         );
         assert_eq!(
-            text(detected(&m, oid::JSONB_ARRAY, Format::Text, br#"{"{\"n\": 4111111111111111, \"e\": \"a@example.com\"}"}"#)),
+            text(detected(
+                &m,
+                oid::JSONB_ARRAY,
+                Format::Text,
+                br#"{"{\"n\": 4111111111111111, \"e\": \"a@example.com\"}"}"#
+            )),
             r#"{"{\"n\": 0, \"e\": \"[redacted:email]\"}"}"#
         );
         assert_eq!(detected(&m, oid::UUID_ARRAY, Format::Binary, b"\x00"), None);
@@ -849,7 +891,8 @@ mod tests {
         assert_eq!(masked_type(oid::VARCHAR), oid::VARCHAR);
         assert_eq!(masked_type(oid::JSONB), oid::TEXT);
         let p = Masker::new(Strategy::Partial { keep: 2 }, b"");
-        let whole = |o: u32, raw: &[u8]| String::from_utf8(mask_whole(&p, o, Format::Binary, raw).unwrap()).unwrap();
+        let whole =
+            |o: u32, raw: &[u8]| String::from_utf8(mask_whole(&p, o, Format::Binary, raw).unwrap()).unwrap();
         assert_eq!(whole(oid::INT8, &123_456i64.to_be_bytes()), "****56");
         assert_eq!(whole(oid::BOOL, &[1]), "*");
         assert_eq!(whole(oid::UUID, &[0xab; 16]), "**********************************ab");
@@ -872,7 +915,10 @@ mod tests {
         assert_eq!(t(oid::DATE, &(-730_119i32).to_be_bytes()), "0001-01-01");
         assert_eq!(t(oid::DATE, &(-730_120i32).to_be_bytes()), "0001-12-31 BC");
         assert_eq!(t(oid::DATE, &8_780i32.to_be_bytes()), "2024-01-15");
-        assert_eq!(t(oid::TIMESTAMP, &(86_400_000_000i64 + 1_500_000).to_be_bytes()), "2000-01-02 00:00:01.5");
+        assert_eq!(
+            t(oid::TIMESTAMP, &(86_400_000_000i64 + 1_500_000).to_be_bytes()),
+            "2000-01-02 00:00:01.5"
+        );
         assert_eq!(t(oid::TIMESTAMPTZ, &(-1i64).to_be_bytes()), "1999-12-31 23:59:59.999999+00");
         assert_eq!(t(oid::TIME, &(45_296_000_000i64).to_be_bytes()), "12:34:56");
         assert_eq!(t(oid::FLOAT8, &1.5f64.to_be_bytes()), "1.5");
@@ -941,6 +987,122 @@ mod tests {
                 prop_assert!(out.starts_with("{\"v\":\"") && out.ends_with("\"}"), "{}", out);
                 prop_assert_eq!(out.matches('"').count(), json.matches('"').count());
             }
+        }
+    }
+}
+
+/// Arrays nest at most this deep (PostgreSQL's MAXDIM is 6).
+const MAX_ARRAY_DIMS: usize = 6;
+
+/// Masks the elements of a binary-format array one by one, keeping the array's layout:
+/// `ndim`, `has_null`, element OID, `ndim` × (length, lower bound), then each element as a
+/// length (-1 for NULL) and that many bytes of the element type's binary format.
+fn mask_binary_array(
+    detectors: &Detectors,
+    masker: &Masker,
+    oid: u32,
+    raw: &[u8],
+    depth: usize,
+) -> Result<Option<Vec<u8>>, MaskError> {
+    let bad = |why: &str| decode_err(oid, why);
+    if depth > 2 {
+        return Err(MaskError::Unsupported { oid });
+    }
+    let word = |at: usize| -> Result<i32, MaskError> {
+        raw.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(i32::from_be_bytes)
+            .ok_or_else(|| bad("truncated array"))
+    };
+    let ndim = usize::try_from(word(0)?).map_err(|_| bad("negative dimension count"))?;
+    if ndim > MAX_ARRAY_DIMS {
+        return Err(bad("too many dimensions"));
+    }
+    let elem = u32::from_be_bytes(word(8)?.to_be_bytes());
+    let mut count: usize = usize::from(ndim > 0);
+    for d in 0..ndim {
+        let len = usize::try_from(word(12 + d * 8)?).map_err(|_| bad("negative dimension"))?;
+        count = count.checked_mul(len).ok_or_else(|| bad("array too large"))?;
+    }
+    let header = 12 + ndim * 8;
+    if raw.len() < header {
+        return Err(bad("truncated array"));
+    }
+    let mut at = header;
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    for _ in 0..count {
+        let len = word(at)?;
+        at += 4;
+        let Ok(len) = usize::try_from(len) else { continue };
+        let value = raw.get(at..at + len).ok_or_else(|| bad("truncated array element"))?;
+        let start = at;
+        at += len;
+        let masked = match kind(elem) {
+            Kind::TextArray | Kind::NumberArray | Kind::JsonArray | Kind::InetArray => {
+                mask_binary_array(detectors, masker, elem, value, depth + 1)?
+            }
+            _ => mask_detected(detectors, masker, elem, Format::Binary, value)?,
+        };
+        if let Some(new) = masked {
+            let o = out.get_or_insert_with(|| Vec::with_capacity(raw.len() + 32));
+            o.extend_from_slice(&raw[copied..start - 4]);
+            let n = i32::try_from(new.len()).map_err(|_| bad("element too large"))?;
+            o.extend_from_slice(&n.to_be_bytes());
+            o.extend_from_slice(&new);
+            copied = at;
+        }
+    }
+    if at != raw.len() {
+        return Err(bad("trailing bytes after the array"));
+    }
+    Ok(out.map(|mut o| {
+        o.extend_from_slice(&raw[copied..]);
+        o
+    }))
+}
+
+#[cfg(test)]
+mod array_tests {
+    use super::*;
+    use crate::detect::Detector;
+
+    fn text_array(elems: &[Option<&str>]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&1i32.to_be_bytes());
+        b.extend_from_slice(&i32::from(elems.iter().any(Option::is_none)).to_be_bytes());
+        b.extend_from_slice(&oid::TEXT.to_be_bytes());
+        b.extend_from_slice(&i32::try_from(elems.len()).unwrap_or(0).to_be_bytes());
+        b.extend_from_slice(&1i32.to_be_bytes());
+        for e in elems {
+            match e {
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(s) => {
+                    b.extend_from_slice(&i32::try_from(s.len()).unwrap_or(0).to_be_bytes());
+                    b.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn binary_text_arrays_are_masked_element_by_element() {
+        let d = Detectors::new(&[Detector::Email]);
+        let m = Masker::new(crate::strategy::Strategy::Redact, b"k");
+        let raw = text_array(&[Some("a"), None, Some("mail bob@example.com now"), Some("z")]);
+        let out =
+            mask_detected(&d, &m, oid::TEXT_ARRAY, Format::Binary, &raw).expect("masks").expect("a hit");
+        assert_eq!(out, text_array(&[Some("a"), None, Some("mail [redacted:email] now"), Some("z")]));
+        let clean = text_array(&[Some("a"), Some("b")]);
+        assert_eq!(mask_detected(&d, &m, oid::TEXT_ARRAY, Format::Binary, &clean), Ok(None));
+        let empty = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 25];
+        assert_eq!(mask_detected(&d, &m, oid::TEXT_ARRAY, Format::Binary, &empty), Ok(None));
+        for cut in 0..raw.len() {
+            assert!(
+                mask_detected(&d, &m, oid::TEXT_ARRAY, Format::Binary, &raw[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }
