@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what a fresh Debian bookworm machine lacks (PostgreSQL, pgbouncer,
-# nats-server, moto_server, duckdb, rustfmt, clippy), then runs exactly what CI runs:
+# nats-server, moto_server, duckdb, Node.js and npm, rustfmt, clippy), then runs exactly what CI runs:
 #   cargo fmt --all --check
 #   cargo clippy --workspace --all-targets -- -D warnings
 #   cargo test --workspace "$@"
@@ -61,6 +61,10 @@ install_deps() {
     if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
         apt_pkgs+=(pgbouncer)
     fi
+    # node-postgres is one of the clients the proxy tests drive (proxy-node/tests/node_client.rs).
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        apt_pkgs+=(nodejs npm)
+    fi
     if [ "${#apt_pkgs[@]}" -gt 0 ]; then
         echo "installing: ${apt_pkgs[*]}"
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -71,7 +75,7 @@ install_deps() {
             as_root service postgresql stop >/dev/null 2>&1 || true
         fi
     else
-        echo "postgresql and pgbouncer present"
+        echo "postgresql, pgbouncer and node present"
     fi
 
     section "install: python tools"
