@@ -21,8 +21,9 @@ use crate::policy::FunctionRef;
 use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
 
-const VOLATILITY_SQL: &str = "SELECT coalesce(max(p.provolatile::text), 'v') \
+const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
      WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
 
 /// Cached entries live this long at most.
@@ -87,7 +88,14 @@ impl Catalog {
         self.columns.clear();
     }
 
-    /// Is `f` known not to be volatile? Lookup failures count as volatile.
+    /// Is `f` known to be read-only? Every overload the server could pick is judged (an
+    /// unqualified name in any schema, since `search_path` and argument types choose):
+    /// - in `pg_catalog`: a known read-only built-in, or not volatile;
+    /// - anywhere else: not volatile, written in SQL, and its body itself a read that calls no
+    ///   function but read-only built-ins (a STABLE function may call a VOLATILE one, and
+    ///   PostgreSQL lets that write; other languages cannot be inspected).
+    ///
+    /// Lookup failures and unknown names count as not read-only.
     pub async fn read_only(
         &mut self,
         target: &Connection,
@@ -101,12 +109,10 @@ impl Catalog {
             return *ro;
         }
         let reach = Reach { target, timeout, max };
-        let ro = match self.rows(reach, VOLATILITY_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await {
-            Ok(rows) => {
-                let v =
-                    rows.first().and_then(|r| r.first().cloned().flatten()).and_then(|v| v.chars().next());
-                v.is_some_and(|v| v != 'v')
-            }
+        let ro = match self.rows(reach, FUNCTION_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await {
+            // No row for a known built-in: SQL syntax that reads like a call (CURRENT_TIMESTAMP).
+            Ok(rows) if rows.is_empty() => f.schema.is_none() && crate::policy::is_read_only_builtin(&f.name),
+            Ok(rows) => rows.iter().all(|r| overload_read_only(f, r)),
             Err(e) => {
                 tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating the function as volatile");
                 false
@@ -114,6 +120,60 @@ impl Catalog {
         };
         self.cache.insert(f.clone(), (ro, Instant::now()));
         ro
+    }
+
+    /// Do the views among `tables`, and the views those read in turn, only read and call
+    /// nothing but read-only functions? Reading a view runs its definition, functions included.
+    /// Lookup failures and views nested too deep count as no.
+    pub async fn views_read_only(
+        &mut self,
+        target: &Connection,
+        tables: &[crate::policy::TableName],
+        timeout: Duration,
+        max: usize,
+    ) -> bool {
+        let reach = Reach { target, timeout, max };
+        let mut work: Vec<(Option<String>, String, u8)> =
+            tables.iter().map(|t| (t.schema().map(str::to_string), t.table().to_string(), 0)).collect();
+        let mut seen = std::collections::HashSet::new();
+        while let Some((schema, name, depth)) = work.pop() {
+            if !seen.insert((schema.clone(), name.clone())) {
+                continue;
+            }
+            let rels = match self.relations(reach, schema.as_deref(), &name).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, relation = %name, "catalog lookup of a relation failed; treating it as unknown");
+                    return false;
+                }
+            };
+            for rel in rels.into_iter().filter(|r| r.relkind == 'v') {
+                if depth >= 8 {
+                    return false;
+                }
+                let Some(def) = rel.view_sql else { return false };
+                let c = crate::policy::classify(&def);
+                if c.unparsed.is_some()
+                    || c.denied_function.is_some()
+                    || c.unknown.is_some()
+                    || !c.executes.is_empty()
+                    || c.accesses.iter().any(|a| a.operation != proto::policy::Operation::Select)
+                {
+                    return false;
+                }
+                for f in c.functions.iter().chain(&c.builtins) {
+                    if !Box::pin(self.read_only(target, f, timeout, max)).await {
+                        return false;
+                    }
+                }
+                work.extend(c.accesses.iter().filter_map(|a| {
+                    a.table
+                        .as_ref()
+                        .map(|t| (t.schema().map(str::to_string), t.table().to_string(), depth + 1))
+                }));
+            }
+        }
+        true
     }
 
     /// The origin of a result column (RowDescription's table OID and attribute number).
@@ -283,4 +343,26 @@ fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
     out.put_i32(b.len() as i32 + 4);
     out.put_slice(&b);
+}
+
+/// One overload of a function (a row of [`FUNCTION_SQL`]): may it run as a read?
+fn overload_read_only(f: &FunctionRef, row: &[Option<String>]) -> bool {
+    let [Some(schema), Some(volatility), Some(language), body] = row else { return false };
+    if volatility == "v" && !(schema == "pg_catalog" && crate::policy::is_read_only_builtin(&f.name)) {
+        return false;
+    }
+    if schema == "pg_catalog" {
+        return true;
+    }
+    if language != "sql" {
+        return false;
+    }
+    let Some(body) = body else { return false };
+    let c = crate::policy::classify(body);
+    c.unparsed.is_none()
+        && c.denied_function.is_none()
+        && c.unknown.is_none()
+        && c.executes.is_empty()
+        && c.functions.is_empty()
+        && c.accesses.iter().all(|a| a.operation == proto::policy::Operation::Select)
 }

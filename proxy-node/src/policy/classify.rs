@@ -13,8 +13,8 @@ use std::ops::ControlFlow;
 
 use proto::policy::Operation;
 use sqlparser::ast::{
-    Expr, ObjectName, ObjectNamePart, SetExpr, Statement, TableFactor, Visit, Visitor, visit_relations,
-    visit_statements,
+    ArrayElemTypeDef, BinaryOperator, DataType, Expr, ObjectName, ObjectNamePart, Query, SetExpr, Statement,
+    TableFactor, Visit, Visitor, visit_relations, visit_statements,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -45,6 +45,11 @@ impl TableName {
     /// The unqualified name.
     pub fn table(&self) -> &str {
         self.parts.last().map(String::as_str).unwrap_or_default()
+    }
+
+    /// The schema, when the name was qualified.
+    pub fn schema(&self) -> Option<&str> {
+        (self.parts.len() >= 2).then(|| self.parts[self.parts.len() - 2].as_str())
     }
 
     /// Was the name written without a schema?
@@ -110,6 +115,15 @@ pub struct Classification {
     /// Functions called that are neither known read-only built-ins nor denied: their effect
     /// is unknown until their volatility is looked up ([`Classification::resolve_functions`]).
     pub functions: BTreeSet<FunctionRef>,
+    /// Read-only built-ins called by an unqualified name: a user function of the same name in
+    /// another schema may be the one the server picks (by argument types or `search_path`), so
+    /// they too are looked up before the statement counts as a read.
+    pub builtins: BTreeSet<FunctionRef>,
+}
+
+/// Is `name` a built-in function known to be read-only (when it is the one the server runs)?
+pub fn is_read_only_builtin(name: &str) -> bool {
+    READ_ONLY_FUNCTIONS.contains(&name)
 }
 
 /// A called function, as written (schema only when qualified).
@@ -140,11 +154,18 @@ impl Classification {
                     .map(|n| format!("EXECUTE {n} runs a statement the gateway has not seen prepared"))
             })
             .or_else(|| self.functions.iter().next().map(|f| format!("function {f}() may have side effects")))
+            .or_else(|| {
+                self.builtins
+                    .iter()
+                    .next()
+                    .map(|f| format!("function {f}() may be shadowed by a user function"))
+            })
     }
 
     /// Drop the functions `read_only` says are not volatile.
     pub fn resolve_functions(&mut self, read_only: impl Fn(&FunctionRef) -> bool) {
         self.functions.retain(|f| !read_only(f));
+        self.builtins.retain(|f| !read_only(f));
     }
 
     /// Replace each `EXECUTE name` by what the prepared statement does, when every name is known.
@@ -175,6 +196,7 @@ impl Classification {
                 self.unknown.clone_from(&p.unknown);
             }
             self.functions.extend(p.functions.iter().cloned());
+            self.builtins.extend(p.builtins.iter().cloned());
         }
         self.executes.clear();
     }
@@ -605,24 +627,24 @@ fn relations_of(stmt: &Statement) -> BTreeSet<TableName> {
 
 fn classify_statement(top: &Statement, c: &mut Classification) {
     // Every statement node, the top one and any nested in CTEs, EXPLAIN, PREPARE, DECLARE.
-    match top {
-        Statement::Execute { name: Some(name), .. } => c.executes.push(function_name(name)),
-        Statement::Copy { to, target, source, .. } => {
-            use sqlparser::ast::{CopySource, CopyTarget};
-            if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
-                c.denied_function.get_or_insert_with(|| "COPY to or from a server file or program".into());
-            }
-            if let CopySource::Table { table_name, .. } = source
-                && let Some(t) = TableName::from_object_name(table_name)
-            {
-                let op = if *to { Operation::Select } else { Operation::Insert };
-                c.accesses.insert(Access { operation: op, table: Some(t.clone()) });
-                c.accesses.insert(Access { operation: Operation::Copy, table: Some(t) });
-            }
+    if let Statement::Copy { to, target, source, .. } = top {
+        use sqlparser::ast::{CopySource, CopyTarget};
+        if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
+            c.denied_function.get_or_insert_with(|| "COPY to or from a server file or program".into());
         }
-        _ => {}
+        if let CopySource::Table { table_name, .. } = source
+            && let Some(t) = TableName::from_object_name(table_name)
+        {
+            let op = if *to { Operation::Select } else { Operation::Insert };
+            c.accesses.insert(Access { operation: op, table: Some(t.clone()) });
+            c.accesses.insert(Access { operation: Operation::Copy, table: Some(t) });
+        }
     }
     let _ = visit_statements(top, |stmt| {
+        if let Statement::Execute { name: Some(name), .. } = stmt {
+            // Anywhere: at the top, or inside EXPLAIN ANALYZE.
+            c.executes.push(function_name(name));
+        }
         match operation(stmt) {
             None if matches!(stmt, Statement::Execute { name: Some(_), .. }) => {}
             None => {
@@ -670,7 +692,11 @@ impl Calls<'_> {
                 || bare.starts_with("dblink"))
         {
             c.denied_function.get_or_insert(bare);
-        } else if !(system && READ_ONLY_FUNCTIONS.contains(&bare.as_str())) {
+        } else if system && READ_ONLY_FUNCTIONS.contains(&bare.as_str()) {
+            if full == bare {
+                c.builtins.insert(FunctionRef { schema: None, name: bare });
+            }
+        } else {
             let parts: Vec<String> = name
                 .0
                 .iter()
@@ -691,12 +717,131 @@ impl Calls<'_> {
     }
 }
 
+impl Calls<'_> {
+    fn cast(&mut self, t: &DataType) {
+        if let Some(name) = user_type(t) {
+            self.c.unknown = Some(format!("a cast to {name}, which may run user functions"));
+        }
+    }
+}
+
+/// The name of a type that is not a well-known built-in (a domain or another user type).
+fn user_type(t: &DataType) -> Option<String> {
+    match t {
+        DataType::Custom(name, _) => {
+            let full = function_name(name);
+            let bare = full.rsplit('.').next().unwrap_or_default();
+            let system = full == bare || full.starts_with("pg_catalog.");
+            (!(system && BUILTIN_TYPES.contains(&bare))).then_some(full)
+        }
+        DataType::Array(
+            ArrayElemTypeDef::AngleBracket(inner)
+            | ArrayElemTypeDef::SquareBracket(inner, _)
+            | ArrayElemTypeDef::Parenthesis(inner)
+            | ArrayElemTypeDef::ParenthesisNotNull(inner)
+            | ArrayElemTypeDef::Qualified(inner, _),
+        ) => user_type(inner),
+        _ => None,
+    }
+}
+
+/// Built-in type names sqlparser does not have a variant for.
+const BUILTIN_TYPES: &[&str] = &[
+    "inet",
+    "cidr",
+    "macaddr",
+    "macaddr8",
+    "money",
+    "oid",
+    "regclass",
+    "regtype",
+    "regproc",
+    "regprocedure",
+    "regoper",
+    "regoperator",
+    "regnamespace",
+    "regrole",
+    "regconfig",
+    "regdictionary",
+    "regcollation",
+    "tsvector",
+    "tsquery",
+    "xml",
+    "point",
+    "line",
+    "lseg",
+    "box",
+    "path",
+    "polygon",
+    "circle",
+    "int4range",
+    "int8range",
+    "numrange",
+    "tsrange",
+    "tstzrange",
+    "daterange",
+    "int4multirange",
+    "int8multirange",
+    "nummultirange",
+    "tsmultirange",
+    "tstzmultirange",
+    "datemultirange",
+    "xid",
+    "xid8",
+    "cid",
+    "tid",
+    "pg_lsn",
+    "txid_snapshot",
+    "pg_snapshot",
+    "name",
+    "bpchar",
+    "citext",
+    "serial",
+    "bigserial",
+    "smallserial",
+    "int2",
+    "int4",
+    "int8",
+    "float4",
+    "float8",
+    "bool",
+    "varbit",
+    "bit",
+    "timetz",
+    "jsonpath",
+    "record",
+    "void",
+    "any",
+    "anyelement",
+    "cstring",
+    "aclitem",
+];
+
 impl Visitor for Calls<'_> {
     type Break = ();
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = e {
-            self.call(&f.name);
+        match e {
+            Expr::Function(f) => self.call(&f.name),
+            // A user-defined operator runs a function the text does not name.
+            Expr::BinaryOp { op: BinaryOperator::Custom(o), .. } => {
+                self.c.unknown = Some(format!("operator {o} may run a user function"));
+            }
+            Expr::BinaryOp { op: BinaryOperator::PGCustomBinaryOperator(o), .. } => {
+                self.c.unknown = Some(format!("OPERATOR({}) may run a user function", o.join(".")));
+            }
+            // A cast to a user type (a domain's CHECK, a user cast) runs functions too.
+            Expr::Cast { data_type, .. } => self.cast(data_type),
+            Expr::TypedString(t) => self.cast(&t.data_type),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        // Row locks anywhere (a CTE, a subquery) write lock markers on the rows.
+        if !q.locks.is_empty() {
+            self.c.accesses.insert(Access { operation: Operation::Lock, table: None });
         }
         ControlFlow::Continue(())
     }
@@ -852,8 +997,20 @@ mod tests {
             Some("set_config")
         );
         assert!(classify("SELECT my_func(1)").unknown_effect().is_some());
+        // Read-only built-ins are known, but an unqualified name is still looked up: a user
+        // function of the same name may be the one the server picks.
         let c = classify("SELECT count(*), lower(name) FROM users");
-        assert!(c.unknown_effect().is_none() && c.denied_function.is_none(), "{c:?}");
+        assert!(c.functions.is_empty() && c.denied_function.is_none(), "{c:?}");
+        assert_eq!(c.builtins.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["count", "lower"]);
+        let c = classify("SELECT pg_catalog.lower(name) FROM users");
+        assert!(c.unknown_effect().is_none(), "{c:?}");
+        // Operators and casts that run user functions the text does not name.
+        assert!(classify("SELECT 1 ### 2").unknown.is_some());
+        assert!(classify("SELECT 5::my_domain").unknown.is_some());
+        assert!(classify("SELECT '5'::int4, now()::date, '10.0.0.1'::inet").unknown.is_none());
+        // Row locks anywhere.
+        let c = classify("SELECT * FROM (SELECT * FROM orders FOR UPDATE) s");
+        assert!(c.accesses.iter().any(|a| a.operation == Operation::Lock), "{c:?}");
     }
 
     #[test]

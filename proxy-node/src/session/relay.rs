@@ -633,12 +633,21 @@ impl Relay<'_> {
         let cfg = &self.s.shared.cfg;
         let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
         let mut read_only = std::collections::HashSet::new();
-        for f in c.functions.clone() {
+        for f in c.functions.iter().chain(&c.builtins).cloned().collect::<Vec<_>>() {
             if self.catalog.read_only(&self.s.conn, &f, timeout, max).await {
                 read_only.insert(f);
             }
         }
         c.resolve_functions(|f| read_only.contains(f));
+        // Reading a view runs its definition: a view that calls a writing function writes.
+        let read: Vec<crate::policy::TableName> =
+            c.accesses.iter().filter(|a| a.operation == O::Select).filter_map(|a| a.table.clone()).collect();
+        if !read.is_empty() && c.unknown.is_none() {
+            let target = self.s.conn.clone();
+            if !self.catalog.views_read_only(&target, &read, timeout, max).await {
+                c.unknown = Some("a view it reads may call a function with side effects".into());
+            }
+        }
     }
 
     /// Classify a statement as the server will read it: refused as unparsed when the server's
