@@ -124,11 +124,16 @@ impl Rules {
         let mut out = String::with_capacity(text.len());
         let mut at = 0;
         for h in hits {
-            out.push_str(text.get(at..h.start)?);
-            out.push_str(&masker.mask_hit(h.detector, text.get(h.start..h.end)?));
+            // Hits are on character boundaries; if one were not, mask the whole text rather
+            // than return it unchanged.
+            let (Some(before), Some(hit)) = (text.get(at..h.start), text.get(h.start..h.end)) else {
+                return Some(masker.mask_text(text));
+            };
+            out.push_str(before);
+            out.push_str(&masker.mask_hit(h.detector, hit));
             at = h.end;
         }
-        out.push_str(text.get(at..)?);
+        out.push_str(text.get(at..).unwrap_or_default());
         Some(out)
     }
 
@@ -359,11 +364,19 @@ pub fn mask_error(rules: &Rules, body: &[u8], withhold: bool) -> Option<Bytes> {
         if t == 0 {
             break;
         }
-        let end = rest.iter().position(|&c| c == 0)?;
+        let Some(end) = rest.iter().position(|&c| c == 0) else {
+            // Malformed: never relay text that could not be scanned.
+            fields = vec![
+                (b'S', "ERROR".into()),
+                (b'C', "XX000".into()),
+                (b'M', "airlock: a malformed error message from the target was withheld".into()),
+            ];
+            break;
+        };
         fields.push((t, String::from_utf8_lossy(&rest[..end]).into_owned()));
         b = &rest[end + 1..];
     }
-    let mut changed = false;
+    let mut changed = b.first() != Some(&0);
     let code = fields.iter().find(|(t, _)| *t == b'C').map(|(_, v)| v.clone()).unwrap_or_default();
     if withhold {
         fields.retain(|(t, _)| !b"DHWqp".contains(t));
@@ -418,13 +431,16 @@ pub fn mask_parameter_status(rules: &Rules, body: &[u8], withhold: bool) -> Opti
 /// Rewrite a NotificationResponse (LISTEN/NOTIFY) body: the payload can carry any value, so it
 /// is masked as a whole when columns are masked, else scrubbed by the detectors.
 pub fn mask_notification(rules: &Rules, body: &[u8]) -> Option<Bytes> {
-    let pid = body.get(..4)?;
-    let rest = body.get(4..)?;
-    let end = rest.iter().position(|&c| c == 0)?;
-    let channel = &rest[..end];
-    let rest = &rest[end + 1..];
-    let end = rest.iter().position(|&c| c == 0)?;
-    let payload = String::from_utf8_lossy(&rest[..end]);
+    let parsed = (|| {
+        let pid = body.get(..4)?;
+        let rest = body.get(4..)?;
+        let end = rest.iter().position(|&c| c == 0)?;
+        let (channel, rest) = (&rest[..end], &rest[end + 1..]);
+        let end = rest.iter().position(|&c| c == 0)?;
+        Some((pid, channel, String::from_utf8_lossy(&rest[..end])))
+    })();
+    // Malformed: relay an empty notification rather than unscanned bytes.
+    let Some((pid, channel, payload)) = parsed else { return Some(Bytes::from_static(&[0, 0, 0, 0, 0, 0])) };
     let masked =
         if rules.has_columns() { Some(rules.fallback().mask_text(&payload)) } else { rules.scrub(&payload) }?;
     let mut out = BytesMut::new();
@@ -623,5 +639,102 @@ mod copy {
             assert_eq!(split_csv(&join_csv(&vals, b',', shape), b',', shape).expect("valid"), vals);
             assert!(split_csv(b"\"open", b',', shape).is_none());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(yaml_masking: &str) -> Rules {
+        let doc = proto::policy::parse(&format!(
+            "connections:\n  - {{ name: shop, kind: postgres, upstream: {{ host: h, port: 5432, database: d }}, \
+             credentials: {{ user: u, password_env: P }} }}\nmasking:\n{yaml_masking}"
+        ))
+        .expect("valid policy");
+        let who = Principal { subject: "agent".into(), groups: vec!["agents".into()], kind: "oidc".into() };
+        Rules::compile(&doc, "shop", &who, b"0123456789abcdef0123456789abcdef").expect("rules apply")
+    }
+
+    fn fields(body: &[u8]) -> Vec<(u8, String)> {
+        let mut out = Vec::new();
+        let mut b = body;
+        while let Some((&t, rest)) = b.split_first() {
+            if t == 0 {
+                break;
+            }
+            let end = rest.iter().position(|&c| c == 0).expect("terminated");
+            out.push((t, String::from_utf8_lossy(&rest[..end]).into_owned()));
+            b = &rest[end + 1..];
+        }
+        out
+    }
+
+    fn error_body(parts: &[(u8, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (t, v) in parts {
+            b.push(*t);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn errors_are_scrubbed_and_withheld_and_malformed_ones_replaced() {
+        let r = rules("  - { columns: [users.email], detectors: [email] }\n");
+        let body = error_body(&[
+            (b'S', "ERROR"),
+            (b'C', "22P02"),
+            (b'M', "invalid input syntax for type integer: \"bob@example.com\""),
+            (b'D', "Key (email)=(bob@example.com)"),
+        ]);
+        let scrubbed = fields(&mask_error(&r, &body, false).expect("changed"));
+        assert!(scrubbed.iter().all(|(_, v)| !v.contains("bob@")), "{scrubbed:?}");
+        assert!(scrubbed.iter().any(|(t, _)| *t == b'D'));
+        let withheld = fields(&mask_error(&r, &body, true).expect("changed"));
+        assert!(withheld.iter().all(|(t, _)| *t != b'D'), "{withheld:?}");
+        assert!(withheld.iter().any(|(t, v)| *t == b'M' && v.contains("withheld") && v.contains("22P02")));
+        let clean = error_body(&[(b'S', "ERROR"), (b'C', "42601"), (b'M', "syntax error")]);
+        assert!(mask_error(&r, &clean, false).is_none());
+        let malformed = b"SERROR\0Mbob@example.com never ends";
+        let replaced = fields(&mask_error(&r, malformed, false).expect("replaced"));
+        assert!(replaced.iter().all(|(_, v)| !v.contains("bob@")), "{replaced:?}");
+    }
+
+    #[test]
+    fn notifications_and_application_name_are_masked() {
+        let r = rules("  - { columns: [users.email] }\n");
+        let mut body = vec![0, 0, 0, 7];
+        body.extend_from_slice(b"chan\0alice@example.com\0");
+        let out = mask_notification(&r, &body).expect("masked");
+        assert!(!String::from_utf8_lossy(&out).contains("alice@"));
+        assert_eq!(&out[..4], &[0, 0, 0, 7]);
+        assert!(mask_notification(&r, b"\0\0").is_some_and(|b| b.len() == 6), "malformed becomes empty");
+        let d = rules("  - { detectors: [email] }\n");
+        let status = b"application_name\0mail alice@example.com\0";
+        let out = mask_parameter_status(&d, status, false).expect("scrubbed");
+        assert!(!String::from_utf8_lossy(&out).contains("alice@"));
+        assert!(mask_parameter_status(&d, b"TimeZone\0UTC\0", true).is_none());
+        let out = mask_parameter_status(&d, b"application_name\0psql\0", true).expect("withheld");
+        assert!(!String::from_utf8_lossy(&out).contains("psql"));
+    }
+
+    #[test]
+    fn exempt_principals_and_other_connections_get_no_rules() {
+        let doc = proto::policy::parse(
+            "connections:\n  - { name: shop, kind: postgres, upstream: { host: h, port: 5432, database: d }, \
+             credentials: { user: u, password_env: P } }\nmasking:\n  - { connections: [shop], columns: [users.email], \
+             exempt: { groups: [dba] } }\n",
+        )
+        .expect("valid");
+        let dba = Principal { subject: "d".into(), groups: vec!["dba".into()], kind: "oidc".into() };
+        let agent = Principal { subject: "a".into(), groups: vec![], kind: "oidc".into() };
+        assert!(Rules::compile(&doc, "shop", &dba, b"k").is_none());
+        assert!(Rules::compile(&doc, "other", &agent, b"k").is_none());
+        let r = Rules::compile(&doc, "shop", &agent, b"k").expect("applies");
+        assert!(r.masker_for(Some("public"), "users", Some("email")).is_some());
+        assert!(r.masker_for(Some("public"), "users", Some("name")).is_none());
     }
 }
