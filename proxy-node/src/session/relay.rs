@@ -642,11 +642,11 @@ impl Relay<'_> {
         // Reading a view runs its definition: a view that calls a writing function writes.
         let read: Vec<crate::policy::TableName> =
             c.accesses.iter().filter(|a| a.operation == O::Select).filter_map(|a| a.table.clone()).collect();
-        if !read.is_empty() && c.unknown.is_none() {
-            let target = self.s.conn.clone();
-            if !self.catalog.views_read_only(&target, &read, timeout, max).await {
-                c.unknown = Some("a view it reads may call a function with side effects".into());
-            }
+        if !read.is_empty()
+            && c.unknown.is_none()
+            && !self.catalog.views_read_only(&self.s.conn, &read, timeout, max).await
+        {
+            c.unknown = Some("a view it reads may call a function with side effects".into());
         }
     }
 

@@ -301,9 +301,8 @@ impl Relay<'_> {
 
     /// The masker of a result column by its origin; unknown origins are masked.
     async fn origin_masker(&mut self, rules: &Rules, oid: u32, attnum: i16) -> Option<Masker> {
-        let target = self.s.conn.clone();
         let cfg = &self.s.shared.cfg;
-        let reach = Reach { target: &target, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
         match self.catalog.origin(reach, oid, attnum).await {
             Ok(Some(o)) => {
                 if let Some(m) = rules.masker_for(Some(&o.schema), &o.table, Some(&o.column)) {
@@ -328,9 +327,8 @@ impl Relay<'_> {
     async fn refs_masker(&mut self, rules: &Rules, refs: Vec<ColumnRef>) -> Option<Masker> {
         let mut work: Vec<(ColumnRef, u8)> = refs.into_iter().map(|r| (r, 0)).collect();
         let mut seen = HashSet::new();
-        let target = self.s.conn.clone();
         let cfg = &self.s.shared.cfg;
-        let reach = Reach { target: &target, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
         while let Some((r, depth)) = work.pop() {
             if let Some(m) = rules.masker_for(r.schema.as_deref(), &r.table, r.column.as_deref()) {
                 return Some(m.clone());
@@ -401,9 +399,9 @@ impl Relay<'_> {
         let mut whole: Vec<Option<Masker>> = vec![None; ncols];
         if rules.has_columns() {
             let lineage = st.and_then(|st| masking::lineage::lineage(st).ok());
-            let target = self.s.conn.clone();
             let cfg = &self.s.shared.cfg;
-            let reach = Reach { target: &target, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+            let reach =
+                Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
             // One list of source columns per output column, expanding stars from the catalog.
             let mut per_col: Option<Vec<Vec<ColumnRef>>> = None;
             if let Some(l) = lineage.as_ref().filter(|l| l.exact) {
