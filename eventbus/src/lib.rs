@@ -12,6 +12,8 @@
 //! - [`nats`]: the JetStream implementation.
 //! - [`memory`]: the in-process implementation.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proto::events::Envelope;
@@ -106,6 +108,16 @@ impl EventBus {
         self.publish_all(std::slice::from_ref(env)).await
     }
 
+    /// Publish events together, in order, as few bus messages as possible on
+    /// [`proto::subjects::BATCH`] (the in-process bus hands them out one by one); `Ok` only once
+    /// all are acknowledged. Consumers see each envelope as its own [`Delivery`].
+    pub async fn publish_batch(&self, envs: &[Envelope]) -> Result<(), BusError> {
+        match self {
+            Self::Nats(b) => b.publish_batch(envs).await,
+            Self::Memory(b) => b.publish_all(envs),
+        }
+    }
+
     /// Publish several events, pipelined, in order; `Ok` only once all are acknowledged.
     pub async fn publish_all(&self, envs: &[Envelope]) -> Result<(), BusError> {
         match self {
@@ -149,10 +161,12 @@ impl Durable {
     }
 }
 
-/// One delivered event.
+/// One delivered event. The envelopes of one batch message share its acknowledgement: the
+/// message is acked once every one of them is, and until then all of them may come back.
 pub struct Delivery {
     pub envelope: Envelope,
-    /// Position in the stream (monotonic per stream; the in-process bus counts from 1).
+    /// Position in the stream (monotonic per stream; the in-process bus counts from 1). The
+    /// envelopes of one batch share it.
     pub stream_seq: u64,
     /// How many times it has been delivered (1 the first time).
     pub delivered: u64,
@@ -160,15 +174,27 @@ pub struct Delivery {
 }
 
 pub(crate) enum Acker {
-    Nats(Box<async_nats::jetstream::Message>),
+    Nats { message: Arc<SharedMessage>, acked: AtomicBool },
     Memory,
 }
 
+/// A bus message whose envelopes were handed out as separate deliveries.
+pub(crate) struct SharedMessage {
+    pub(crate) message: async_nats::jetstream::Message,
+    /// Deliveries of this message not acked yet.
+    pub(crate) unacked: AtomicUsize,
+}
+
 impl Delivery {
-    /// Acknowledge: it will not be delivered again.
+    /// Acknowledge: it will not be delivered again (for a batch: once all its envelopes are).
     pub async fn ack(&self) -> Result<(), BusError> {
         match &self.acker {
-            Acker::Nats(m) => m.ack().await.map_err(|e| BusError::Ack(e.to_string())),
+            Acker::Nats { message, acked } => {
+                if acked.swap(true, Ordering::AcqRel) || message.unacked.fetch_sub(1, Ordering::AcqRel) != 1 {
+                    return Ok(());
+                }
+                message.message.ack().await.map_err(|e| BusError::Ack(e.to_string()))
+            }
             Acker::Memory => Ok(()),
         }
     }
@@ -176,7 +202,8 @@ impl Delivery {
     /// Tell the server work is still in progress (resets the redelivery timer).
     pub async fn progress(&self) -> Result<(), BusError> {
         match &self.acker {
-            Acker::Nats(m) => m
+            Acker::Nats { message, .. } => message
+                .message
                 .ack_with(async_nats::jetstream::AckKind::Progress)
                 .await
                 .map_err(|e| BusError::Ack(e.to_string())),

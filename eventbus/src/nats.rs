@@ -2,8 +2,10 @@
 //! `airlock.>` subject; durable consumers are explicit-ack pull consumers; live subscriptions are
 //! core NATS subscriptions (JetStream-published messages reach core subscribers too).
 
+use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -18,10 +20,14 @@ use proto::events::{self, Envelope};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
-use crate::{Acker, BusError, Delivery, NatsConfig};
+use crate::{Acker, BusError, Delivery, NatsConfig, SharedMessage};
 
 /// How long the server waits for an ack before redelivering (the default for [`NatsBus::durable`]).
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The most envelope bytes [`NatsBus::publish_batch`] puts in one message (well under the
+/// server's default 1 MiB max_payload).
+pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// Extra time a fetch may take beyond its `wait` before we give up on the server.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
@@ -87,24 +93,74 @@ impl NatsBus {
     /// by the configured ack timeout, also while NATS is unreachable.
     pub async fn publish_all(&self, envs: &[Envelope]) -> Result<(), BusError> {
         let deadline = Instant::now() + self.inner.ack_timeout;
-        let timed_out = |subject: &str| BusError::AckTimeout {
-            subject: subject.to_string(),
-            timeout: self.inner.ack_timeout,
-        };
         let mut acks = Vec::with_capacity(envs.len());
         for env in envs {
             let subject = env.subject();
             let payload = events::encode(env)?;
             let message = PublishMessage::build().payload(payload.into()).message_id(env.id.to_string());
-            let ack = timeout_at(deadline, self.inner.js.send_publish(subject.clone(), message))
-                .await
-                .map_err(|_| timed_out(&subject))?
-                .map_err(|e| publish_error(&subject, e, self.inner.ack_timeout))?;
-            acks.push((subject, ack));
+            acks.push((subject.clone(), self.send(deadline, subject, message).await?));
         }
+        self.await_acks(deadline, acks).await
+    }
+
+    /// Publish envelopes as batch messages on [`proto::subjects::BATCH`]: as many envelopes per
+    /// message as fit in [`BATCH_BYTES`] (an envelope larger than that goes alone, and the server
+    /// refuses it if it exceeds its max_payload). Events that others select by subject
+    /// ([`proto::events::Event::batchable`] is false: holds, grants) go alone on their own
+    /// subject, in their place in the order. Each message's `Nats-Msg-Id` is the id of its first
+    /// envelope. Messages are pipelined; `Ok` once every one is acknowledged, bounded by the ack
+    /// timeout.
+    pub async fn publish_batch(&self, envs: &[Envelope]) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.inner.ack_timeout;
+        let encoded = envs.iter().map(events::encode).collect::<Result<Vec<_>, _>>()?;
+        let mut acks = Vec::new();
+        let mut start = 0;
+        while start < encoded.len() {
+            let (subject, end, payload) = if envs[start].event.batchable() {
+                let mut end = start + 1;
+                let mut bytes = encoded[start].len();
+                while end < encoded.len()
+                    && envs[end].event.batchable()
+                    && bytes + encoded[end].len() <= BATCH_BYTES
+                {
+                    bytes += encoded[end].len();
+                    end += 1;
+                }
+                let payload = events::encode_batch(encoded[start..end].iter().map(Vec::as_slice));
+                (proto::subjects::BATCH.to_string(), end, payload)
+            } else {
+                (envs[start].subject(), start + 1, encoded[start].clone())
+            };
+            let message =
+                PublishMessage::build().payload(payload.into()).message_id(envs[start].id.to_string());
+            acks.push((subject.clone(), self.send(deadline, subject, message).await?));
+            start = end;
+        }
+        self.await_acks(deadline, acks).await
+    }
+
+    async fn send(
+        &self,
+        deadline: Instant,
+        subject: String,
+        message: PublishMessage,
+    ) -> Result<jetstream::context::PublishAckFuture, BusError> {
+        match timeout_at(deadline, self.inner.js.send_publish(subject.clone(), message)).await {
+            Err(_) => Err(BusError::AckTimeout { subject, timeout: self.inner.ack_timeout }),
+            Ok(r) => r.map_err(|e| publish_error(&subject, e, self.inner.ack_timeout)),
+        }
+    }
+
+    async fn await_acks(
+        &self,
+        deadline: Instant,
+        acks: Vec<(String, jetstream::context::PublishAckFuture)>,
+    ) -> Result<(), BusError> {
         for (subject, ack) in acks {
-            let ack = timeout_at(deadline, ack.into_future()).await.map_err(|_| timed_out(&subject))?;
-            ack.map_err(|e| publish_error(&subject, e, self.inner.ack_timeout))?;
+            match timeout_at(deadline, ack.into_future()).await {
+                Err(_) => return Err(BusError::AckTimeout { subject, timeout: self.inner.ack_timeout }),
+                Ok(r) => r.map_err(|e| publish_error(&subject, e, self.inner.ack_timeout))?,
+            };
         }
         Ok(())
     }
@@ -156,7 +212,7 @@ impl NatsBus {
             .await
             .map_err(|_| BusError::Setup(format!("subscribing to {filter}: flush timed out")))?
             .map_err(|e| BusError::Setup(format!("subscribing to {filter}: {e}")))?;
-        Ok(NatsSubscription { subscriber })
+        Ok(NatsSubscription { subscriber, pending: VecDeque::new() })
     }
 }
 
@@ -201,39 +257,51 @@ impl NatsDurable {
             let mut out = Vec::with_capacity(max);
             while let Some(message) = batch.next().await {
                 let message = message.map_err(|e| consume(&e))?;
-                if let Some(d) = self.delivery(message).await {
-                    out.push(d);
-                }
+                out.extend(self.deliveries(message).await);
             }
             Ok(out)
         };
         timeout(bound, collect).await.map_err(|_| consume(&"fetch timed out"))?
     }
 
-    async fn delivery(&self, message: jetstream::Message) -> Option<Delivery> {
+    /// One delivery per envelope of the message (a batch holds several).
+    async fn deliveries(&self, message: jetstream::Message) -> Vec<Delivery> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, u64::try_from(info.delivered).unwrap_or(1)),
             Err(e) => {
                 warn!(consumer = %self.name, error = %e, "message without JetStream metadata, skipped");
-                return None;
+                return Vec::new();
             }
         };
-        match events::decode(&message.payload) {
-            Ok(envelope) => {
-                Some(Delivery { envelope, stream_seq, delivered, acker: Acker::Nats(Box::new(message)) })
+        match events::decode_many(&message.payload) {
+            Ok(envelopes) if !envelopes.is_empty() => {
+                let shared = Arc::new(SharedMessage { message, unacked: AtomicUsize::new(envelopes.len()) });
+                envelopes
+                    .into_iter()
+                    .map(|envelope| Delivery {
+                        envelope,
+                        stream_seq,
+                        delivered,
+                        acker: Acker::Nats { message: shared.clone(), acked: AtomicBool::new(false) },
+                    })
+                    .collect()
             }
-            Err(e) => {
+            decoded => {
+                let error = match decoded {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "an empty batch".to_string(),
+                };
                 warn!(
                     consumer = %self.name,
                     subject = %message.subject,
                     stream.seq = stream_seq,
-                    error = %e,
+                    error = %error,
                     "undecodable event, terminating it"
                 );
                 if let Err(e) = message.ack_with(AckKind::Term).await {
                     warn!(consumer = %self.name, error = %e, "terminating undecodable event failed");
                 }
-                None
+                Vec::new()
             }
         }
     }
@@ -242,15 +310,20 @@ impl NatsDurable {
 /// A live core-NATS subscription.
 pub struct NatsSubscription {
     subscriber: async_nats::Subscriber,
+    /// The rest of a batch message.
+    pending: VecDeque<Envelope>,
 }
 
 impl NatsSubscription {
-    /// The next decodable event; undecodable ones are logged and skipped.
+    /// The next decodable event; undecodable messages are logged and skipped.
     pub async fn next(&mut self) -> Option<Envelope> {
         loop {
+            if let Some(env) = self.pending.pop_front() {
+                return Some(env);
+            }
             let message = self.subscriber.next().await?;
-            match events::decode(&message.payload) {
-                Ok(env) => return Some(env),
+            match events::decode_many(&message.payload) {
+                Ok(envs) => self.pending.extend(envs),
                 Err(e) => warn!(subject = %message.subject, error = %e, "undecodable event skipped"),
             }
         }

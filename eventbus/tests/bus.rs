@@ -122,6 +122,12 @@ async fn durable_only_sees_its_filter(bus: EventBus) -> Result<()> {
     bus.publish_all(&[request(session, 1), hold.clone(), request(session, 2)]).await?;
     let got = collect(&mut holds, 1, Duration::from_secs(5)).await?;
     ensure!(got.len() == 1 && got[0].envelope == hold, "expected only the hold");
+    // In a batch, a hold still goes on its own subject, where the approval service looks.
+    let mut batched_hold = hold.clone();
+    batched_hold.id = Uuid::now_v7();
+    bus.publish_batch(&[request(session, 3), batched_hold.clone(), request(session, 4)]).await?;
+    let got = collect(&mut holds, 1, Duration::from_secs(5)).await?;
+    ensure!(got.len() == 1 && got[0].envelope == batched_hold, "expected the batched hold");
     ensure!(
         holds.next_batch(10, Duration::from_millis(200)).await?.is_empty(),
         "non-matching event delivered"
@@ -143,7 +149,85 @@ async fn subscription_sees_live_matching_events(bus: EventBus) -> Result<()> {
     Ok(())
 }
 
+async fn batches_arrive_as_separate_envelopes_in_order(bus: EventBus) -> Result<()> {
+    let mut durable = bus.durable("batched", subjects::ALL_SESSION_EVENTS).await?;
+    let session = Uuid::now_v7();
+    let mut sub = bus.subscribe(subjects::ALL_SESSION_EVENTS).await?;
+    let envs: Vec<Envelope> = (1..=40).map(|i| request(session, i)).collect();
+    bus.publish_batch(&envs[..30]).await?;
+    bus.publish(&envs[30]).await?;
+    bus.publish_batch(&envs[31..]).await?;
+    let got = collect(&mut durable, 40, Duration::from_secs(10)).await?;
+    ensure!(statement_seqs(&got) == (1..=40).collect::<Vec<_>>(), "order: {:?}", statement_seqs(&got));
+    ensure!(got.iter().zip(&envs).all(|(d, e)| &d.envelope == e), "envelopes differ");
+    ensure!(got.windows(2).all(|w| w[0].stream_seq <= w[1].stream_seq), "stream_seq went back");
+    for e in &envs {
+        let live = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.context("subscription")?;
+        ensure!(live.as_ref() == Some(e), "subscription order: expected {:?}, got {live:?}", e.id);
+    }
+    ensure!(
+        durable.next_batch(10, Duration::from_millis(200)).await?.is_empty(),
+        "unexpected extra delivery"
+    );
+    Ok(())
+}
+
 // ---- NATS ------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn nats_batches_arrive_as_separate_envelopes_in_order() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    batches_arrive_as_separate_envelopes_in_order(nats_bus(&nats).await?).await
+}
+
+#[tokio::test]
+async fn nats_a_batch_comes_back_whole_until_every_envelope_is_acked() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let EventBus::Nats(bus) = nats_bus(&nats).await? else { unreachable!("nats_bus returns NATS") };
+    let ack_wait = Duration::from_secs(1);
+    let mut durable =
+        Durable::Nats(bus.durable_with_ack_wait("partial", subjects::ALL_SESSION_EVENTS, ack_wait).await?);
+    let session = Uuid::now_v7();
+    let envs = [request(session, 1), request(session, 2), request(session, 3)];
+    EventBus::Nats(bus.clone()).publish_batch(&envs).await?;
+
+    // All three from one message; acking two (one of them twice) does not ack the message.
+    let first = durable.next_batch(10, WAIT).await?;
+    ensure!(statement_seqs(&first) == vec![1, 2, 3], "first round {:?}", statement_seqs(&first));
+    first[0].ack().await?;
+    first[0].ack().await?;
+    first[2].ack().await?;
+    drop(first);
+    let again = collect(&mut durable, 3, Duration::from_secs(10)).await?;
+    ensure!(statement_seqs(&again) == vec![1, 2, 3], "redelivered {:?}", statement_seqs(&again));
+    ensure!(again.iter().all(|d| d.delivered == 2), "redeliveries must count");
+    // `collect` acked all three: the message is done.
+    ensure!(
+        durable.next_batch(10, ack_wait + Duration::from_millis(500)).await?.is_empty(),
+        "a fully acked batch came back"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_an_oversized_batch_is_split_across_messages() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let mut durable = bus.durable("split", subjects::ALL_SESSION_EVENTS).await?;
+    let session = Uuid::now_v7();
+    let big = "x".repeat(100 * 1024);
+    let envs: Vec<Envelope> = (1..=8)
+        .map(|seq| {
+            Envelope::new(session, Event::RequestReceived { seq, statement: big.clone(), parameters: vec![] })
+        })
+        .collect();
+    bus.publish_batch(&envs).await?;
+    let got = collect(&mut durable, 8, Duration::from_secs(10)).await?;
+    ensure!(statement_seqs(&got) == (1..=8).collect::<Vec<_>>(), "order: {:?}", statement_seqs(&got));
+    let messages: HashSet<u64> = got.iter().map(|d| d.stream_seq).collect();
+    ensure!(messages.len() >= 4, "800 KiB must not go as one message: {} messages", messages.len());
+    Ok(())
+}
 
 #[tokio::test]
 async fn nats_durable_delivers_published_events_in_order() -> Result<()> {
@@ -310,6 +394,11 @@ async fn memory_consumers_sharing_a_durable_name_split_the_work_without_duplicat
 #[tokio::test]
 async fn memory_durable_only_delivers_subjects_matching_its_filter() -> Result<()> {
     durable_only_sees_its_filter(EventBus::memory()).await
+}
+
+#[tokio::test]
+async fn memory_batches_arrive_as_separate_envelopes_in_order() -> Result<()> {
+    batches_arrive_as_separate_envelopes_in_order(EventBus::memory()).await
 }
 
 #[tokio::test]

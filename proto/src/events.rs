@@ -313,6 +313,19 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event may travel inside a batch on [`crate::subjects::BATCH`]. Events that
+    /// other components select by subject (holds and grants) never do.
+    pub fn batchable(&self) -> bool {
+        matches!(
+            self,
+            Event::SessionStarted { .. }
+                | Event::SessionEnded { .. }
+                | Event::RequestReceived { .. }
+                | Event::PolicyDecided { .. }
+                | Event::ResponseSent { .. }
+        )
+    }
+
     /// The last token of the event's subject.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -346,6 +359,37 @@ pub fn encode(e: &Envelope) -> Result<Vec<u8>, CodecError> {
 /// Decode an envelope.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
     Ok(rmp_serde::from_slice(bytes)?)
+}
+
+/// A batch: several envelopes in one bus message (the proxy's group commit). The payload is a
+/// MessagePack array of envelopes, each encoded as by [`encode`], so `parts` are the outputs of
+/// [`encode`] and are copied once.
+pub fn encode_batch<'a>(parts: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let len = parts.len();
+    let mut out = Vec::with_capacity(5);
+    match (u8::try_from(len), u16::try_from(len)) {
+        (Ok(n), _) if n < 16 => out.push(0x90 | n),
+        (_, Ok(n)) => {
+            out.push(0xdc);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        _ => {
+            out.push(0xdd);
+            out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+        }
+    }
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Decode a bus message: a single envelope (a MessagePack map) or a batch (an array of them).
+pub fn decode_many(bytes: &[u8]) -> Result<Vec<Envelope>, CodecError> {
+    match bytes.first() {
+        Some(0x90..=0x9f | 0xdc | 0xdd) => Ok(rmp_serde::from_slice(bytes)?),
+        _ => Ok(vec![decode(bytes)?]),
+    }
 }
 
 #[cfg(test)]
@@ -448,6 +492,24 @@ mod tests {
         let bytes = rmp_serde::to_vec_named(&n).expect("encode");
         let env = decode(&bytes).expect("decode newer envelope");
         assert_eq!(env.at, Timestamp(5));
+    }
+
+    #[test]
+    fn batches_of_every_size_class_round_trip_and_singles_still_decode() {
+        // fixarray (< 16), array16 and array32 headers.
+        for n in [0usize, 1, 15, 16, 300, 70_000] {
+            let envs: Vec<Envelope> = (0..n)
+                .map(|i| Envelope::new(Uuid::now_v7(), Event::SessionEnded { reason: format!("r{i}") }))
+                .collect();
+            let parts: Vec<Vec<u8>> = envs.iter().map(|e| encode(e).expect("encode")).collect();
+            let batch = encode_batch(parts.iter().map(Vec::as_slice));
+            assert_eq!(decode_many(&batch).expect("decode batch"), envs, "batch of {n}");
+        }
+        let one = Envelope::new(Uuid::now_v7(), Event::SessionEnded { reason: "x".into() });
+        assert_eq!(decode_many(&encode(&one).expect("encode")).expect("single"), vec![one]);
+        // A batch header that promises more than it holds is an error.
+        assert!(decode_many(b"\x93\x80").is_err());
+        assert!(decode_many(b"").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! NATS stream and subject names. Every event of a session is published on
-//! `airlock.session.{session}.{kind}` (see [`session_subject`]); the kinds are
-//! [`crate::events::Event::kind`].
+//! NATS stream and subject names. An event of a session is published on
+//! `airlock.session.{session}.{kind}` (see [`session_subject`]; the kinds are
+//! [`crate::events::Event::kind`]), or, for the high-volume traffic events, inside a batch on
+//! [`BATCH`].
 
 use uuid::Uuid;
 
@@ -10,6 +11,10 @@ pub const STREAM: &str = "AIRLOCK_EVENTS";
 pub const STREAM_SUBJECTS: &str = "airlock.>";
 /// Every session event.
 pub const ALL_SESSION_EVENTS: &str = "airlock.session.>";
+/// Batches of session events: the proxy's group commit publishes the request, decision and
+/// response events of all its sessions here, several per message (see
+/// [`crate::events::encode_batch`]). Matches [`ALL_SESSION_EVENTS`], and no per-kind filter.
+pub const BATCH: &str = "airlock.session.batch";
 /// Hold requests, consumed by the approval service.
 pub const HOLD_REQUESTED: &str = "airlock.session.*.hold_requested";
 /// Hold decisions, watched by proxy nodes.

@@ -10,6 +10,7 @@
 //! - [`identity`]: OIDC token and API key authentication.
 //! - [`policy`]: statement classification and rule evaluation.
 //! - [`hold`]: statements waiting for a decision.
+//! - `journal`: group commit of every session's events to the bus.
 //! - [`grant`]: just-in-time access grants followed from the bus.
 //! - [`upstream`]: connecting to targets with held credentials.
 //! - [`tls`]: TLS to clients and to targets, and the stream that is plain TCP or TLS.
@@ -35,6 +36,7 @@ pub mod catalog;
 pub mod grant;
 pub mod hold;
 pub mod identity;
+mod journal;
 pub mod mask;
 pub mod policy;
 mod session;
@@ -275,7 +277,7 @@ impl Shared {
 /// What every session of a node shares.
 pub(crate) struct Shared {
     pub(crate) cfg: ProxyConfig,
-    pub(crate) bus: EventBus,
+    pub(crate) journal: journal::Journal,
     pub(crate) policy: PolicySource,
     pub(crate) auth: identity::Authenticator,
     pub(crate) holds: hold::Holds,
@@ -308,7 +310,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         auth: identity::Authenticator::new(cfg.oidc.clone()),
         cfg,
-        bus,
+        journal: journal::Journal::start(bus),
         policy: policy.into(),
         holds,
         grants,

@@ -363,7 +363,7 @@ impl Session {
     /// Publish events; `Err` is the message to refuse the client with.
     pub(crate) async fn record(&self, events: Vec<Event>) -> Result<(), String> {
         let envs: Vec<Envelope> = events.into_iter().map(|e| Envelope::new(self.id, e)).collect();
-        match self.shared.bus.publish_all(&envs).await {
+        match self.shared.journal.record(envs).await {
             Ok(()) => Ok(()),
             Err(e) if self.conn.require_recording => {
                 warn!(error = %e, "cannot record; failing closed");
