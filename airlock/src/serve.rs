@@ -119,6 +119,11 @@ pub(crate) async fn up(
     if acfg.admin_token.is_none() && acfg.admin_token_file.is_none() {
         acfg.admin_token_file = Some(admin_token_file(&data_dir)?);
     }
+    anyhow::ensure!(
+        cfg.recorder().shard == recorder::Shard::ALL,
+        "recorder.shard is {}: `airlock up` runs the only recorder, so it must record every session (\"0/1\")",
+        cfg.recorder().shard
+    );
     let bus = EventBus::memory();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

@@ -1,10 +1,13 @@
 //! End-to-end recorder throughput, NATS JetStream to object storage: publish EVENTS events of
-//! SESSIONS concurrent sessions, then start RECORDERS recorders (each with its own NATS
-//! connection, sharing the durable consumer) and time until every event is acked, i.e. stored
-//! in its session's chain. Starts its own nats-server and moto (S3) unless `--store file`.
+//! SESSIONS concurrent sessions the way proxies do (batch messages of PER_MESSAGE envelopes on
+//! `airlock.session.batch`, mixing the sessions), then start RECORDERS recorders (each with its
+//! own NATS connection; recorder K runs as shard K/RECORDERS with its own durable consumer) and
+//! time until every consumer has every message acked, i.e. every event is stored in its
+//! session's chain. Starts its own nats-server and moto (S3) unless `--store file`.
 //!
 //! `cargo run --release -p recorder --example record_bench -- [--events N] [--sessions N]
-//!  [--recorders N] [--batch N] [--store s3|file]` (run by `bench/recorder.sh`).
+//!  [--recorders N] [--batch N] [--per-message N] [--store s3|file]` (run by
+//!  `bench/recorder.sh`). `--batch` is the recorders' `batch_max` (bus messages per fetch).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +16,7 @@ use anyhow::{Context, Result};
 use eventbus::{EventBus, NatsConfig};
 use proto::events::{Decision, Envelope, Event, Principal, ResultCapture};
 use proto::subjects;
-use recorder::{RecorderConfig, StorageConfig};
+use recorder::{RecorderConfig, Shard, StorageConfig};
 use uuid::Uuid;
 
 struct Args {
@@ -21,11 +24,19 @@ struct Args {
     sessions: usize,
     recorders: usize,
     batch: usize,
+    per_message: usize,
     store: String,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args { events: 200_000, sessions: 20, recorders: 1, batch: 1000, store: "s3".into() };
+    let mut a = Args {
+        events: 200_000,
+        sessions: 20,
+        recorders: 1,
+        batch: 1000,
+        per_message: 50,
+        store: "s3".into(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -34,6 +45,7 @@ fn args() -> Result<Args> {
             "--sessions" => a.sessions = value.parse()?,
             "--recorders" => a.recorders = value.parse()?,
             "--batch" => a.batch = value.parse()?,
+            "--per-message" => a.per_message = value.parse()?,
             "--store" => a.store = value,
             other => anyhow::bail!("unknown flag {other}"),
         }
@@ -97,11 +109,16 @@ async fn main() -> Result<()> {
     let nats_cfg =
         NatsConfig { url: nats.url.clone(), ack_timeout: Duration::from_secs(30), ..Default::default() };
     let bus = EventBus::connect_nats(&nats_cfg).await?;
-    bus.durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS).await?;
+    let recorders = u32::try_from(a.recorders.max(1))?;
+    let shards: Vec<Shard> = (0..recorders).map(|k| Shard::new(k, recorders)).collect::<Result<_, _>>()?;
+    for shard in &shards {
+        bus.durable(&shard.durable_name(), subjects::ALL_SESSION_EVENTS).await?;
+    }
 
     // Publish everything first, so the measurement is the recorders' alone.
     let sessions: Vec<Uuid> = (0..a.sessions).map(|_| Uuid::now_v7()).collect();
-    let mut batch = Vec::with_capacity(1000);
+    let per_message = a.per_message.max(1);
+    let mut batch = Vec::with_capacity(per_message);
     let published = Instant::now();
     for i in 0..a.events {
         let session = sessions[i % a.sessions];
@@ -125,12 +142,12 @@ async fn main() -> Result<()> {
             event(n)
         };
         batch.push(Envelope::new(session, ev));
-        if batch.len() == 1000 {
-            bus.publish_all(&batch).await?;
+        if batch.len() == per_message {
+            bus.publish_batch(&batch).await?;
             batch.clear();
         }
     }
-    bus.publish_all(&batch).await?;
+    bus.publish_batch(&batch).await?;
     eprintln!("published {} events in {:.1?}", a.events, published.elapsed());
 
     let client = async_nats::connect(&nats.url).await?;
@@ -139,13 +156,14 @@ async fn main() -> Result<()> {
     let start = Instant::now();
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
-    for _ in 0..a.recorders {
+    for &shard in &shards {
         let bus = EventBus::connect_nats(&nats_cfg).await?;
         let store = recorder::open_store(&storage)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let cfg = RecorderConfig {
             batch_max: a.batch,
             batch_wait: Duration::from_millis(50),
+            shard,
             ..Default::default()
         };
         tasks.push(tokio::spawn(recorder::run(cfg, bus, Arc::clone(&store), async move {
@@ -155,15 +173,16 @@ async fn main() -> Result<()> {
     }
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let info = stream.consumer_info(subjects::RECORDER_DURABLE).await?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
+        let mut left = 0;
+        for shard in &shards {
+            let info = stream.consumer_info(&shard.durable_name()).await?;
+            left += info.num_pending + info.num_ack_pending as u64;
+        }
+        if left == 0 {
             break;
         }
         if start.elapsed() > Duration::from_secs(600) {
-            anyhow::bail!(
-                "not done after 10 minutes: {} pending",
-                info.num_pending + info.num_ack_pending as u64
-            );
+            anyhow::bail!("not done after 10 minutes: {left} messages pending");
         }
     }
     let took = start.elapsed();
@@ -177,11 +196,12 @@ async fn main() -> Result<()> {
     let report = recorder::audit::verify(store.as_ref(), None, None).await?;
     let per_s = a.events as f64 / took.as_secs_f64();
     println!(
-        "| {} | {} | {} | {} | {} | {:.2}s | {:.0} | {:.0} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {:.2}s | {:.0} | {:.0} | {} |",
         a.store,
         a.recorders,
         a.events,
         a.sessions,
+        per_message,
         a.batch,
         took.as_secs_f64(),
         per_s,

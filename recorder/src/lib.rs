@@ -19,8 +19,14 @@
 //!   from storage after a restart, or when another replica extended the chain, which the
 //!   conditional put reveals) and writes only events not in it. Deliveries are acked only after
 //!   their chunk is stored, so a crash at any point loses nothing and duplicates nothing.
-//! - Several replicas may share the durable consumer: a conflicting chunk write makes the loser
-//!   read the winner's chunk, drop the events already in it, and write the rest as the next link.
+//! - Sharding ([`shard`]): with `shard = "K/N"` a recorder writes only the sessions whose shard
+//!   (a stable hash of the session id, modulo N) is K, through its own durable consumer
+//!   `recorder-K-of-N` over every session event; deliveries of other shards are acked at once,
+//!   unwritten (their shard's consumer sees every message too). N recorders with shards 0..N
+//!   split the sessions, and no session is written by two of them.
+//! - Several replicas may share one durable consumer (the same shard, for redundancy): a
+//!   conflicting chunk write makes the loser read the winner's chunk, drop the events already in
+//!   it, and write the rest as the next link.
 //! - A session's manifest is written when `SessionEnded` is recorded, or, marked `incomplete`,
 //!   after [`RecorderConfig::session_timeout`] without events; late events extend the chain and
 //!   rewrite it. Order per session end: index file, archive log entry, manifest.
@@ -38,6 +44,7 @@
 //! # Layout
 //! - this file: [`RecorderConfig`] and [`run`], the consume-write-ack loop.
 //! - [`storage`]: [`StorageConfig`] and [`open_store`].
+//! - [`shard`]: [`Shard`], which sessions a recorder writes.
 //! - `chunk`: the key layout and chunk encoding.
 //! - `session`: the per-session writer state.
 //! - [`manifest`]: session manifests and their signatures.
@@ -72,6 +79,7 @@ pub mod index;
 pub mod manifest;
 pub mod retention;
 mod session;
+pub mod shard;
 pub mod storage;
 #[cfg(test)]
 mod tests;
@@ -80,6 +88,7 @@ mod tests;
 pub use object_store::ObjectStore;
 
 pub use error::{AuditError, ChunkError, IndexError, RecorderError, StorageError};
+pub use shard::{Shard, ShardError};
 pub use storage::{StorageConfig, open_store};
 
 use archive::{ArchiveLog, LogEntry};
@@ -95,8 +104,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How often open sessions are checked for the timeout, and finished ones forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// The largest batch: the durable consumer allows 1000 deliveries out unacked (the server's
-/// default); larger fetches were seen to stall.
+/// The largest batch, in bus messages: the durable consumer allows 1000 messages out unacked (the
+/// server's default); larger fetches were seen to stall.
 const MAX_BATCH: usize = 1000;
 /// How often retention runs (when configured).
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
@@ -107,8 +116,9 @@ const FORGET_AFTER: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecorderConfig {
-    /// Max events per fetch; larger batches make larger chunks (fewer writes). At most 1000 (the
-    /// consumer's limit of unacked deliveries). Default 1000.
+    /// Max bus messages per fetch (a batch message on [`subjects::BATCH`] holds many events);
+    /// larger batches make larger chunks (fewer writes). At most 1000 (the NATS consumer's limit
+    /// of unacked messages). Default 1000.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
     /// Max wait for a batch. Default 200ms.
@@ -130,6 +140,11 @@ pub struct RecorderConfig {
     /// hourly; e.g. `400d`. Default none: keep everything (or use storage lifecycle rules).
     #[serde(default, with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// `"K/N"`: write only the sessions of shard K of N, through the durable consumer
+    /// `recorder-K-of-N` (see [`shard`]). Run one or more recorders for each K in 0..N. Default
+    /// `"0/1"`: every session, through the durable `recorder`.
+    #[serde(default)]
+    pub shard: Shard,
 }
 
 impl Default for RecorderConfig {
@@ -141,6 +156,7 @@ impl Default for RecorderConfig {
             signing_key_file: None,
             recover_days: default_recover_days(),
             retention: None,
+            shard: Shard::ALL,
         }
     }
 }
@@ -170,9 +186,11 @@ impl RecorderConfig {
     }
 }
 
-/// Consume every session event ([`subjects::ALL_SESSION_EVENTS`], durable
-/// [`subjects::RECORDER_DURABLE`]) and write it to `store` until `shutdown` completes. Several
-/// recorders may run against NATS: they share the work.
+/// Consume every session event ([`subjects::ALL_SESSION_EVENTS`], through the durable consumer
+/// [`Shard::durable_name`] of [`RecorderConfig::shard`]: [`subjects::RECORDER_DURABLE`] unless
+/// sharded) and write the sessions of the configured shard to `store` until `shutdown`
+/// completes. Recorders of different shards split the sessions; several recorders of one shard
+/// share its consumer.
 ///
 /// Returns `Err` only if the durable consumer cannot be created at start, the signing key cannot
 /// be read, or a chunk cannot be encoded; outages of the bus or the store are waited out.
@@ -185,10 +203,10 @@ pub async fn run(
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let signer = cfg.signing_key()?;
     let batch_max = cfg.batch_max.clamp(1, MAX_BATCH);
-    let mut durable = bus
-        .durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS)
-        .await
-        .map_err(RecorderError::Consumer)?;
+    let shard = cfg.shard;
+    let durable_name = shard.durable_name();
+    let mut durable =
+        bus.durable(&durable_name, subjects::ALL_SESSION_EVENTS).await.map_err(RecorderError::Consumer)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Backoff::default();
     let ctx = Ctx {
@@ -202,7 +220,13 @@ pub async fn run(
     let mut recovered = false;
     let mut last_sweep = Instant::now();
     let mut last_retention: Option<Instant> = None;
-    info!(store = %store, signed = ctx.signer.is_some(), "recorder started");
+    info!(
+        store = %store,
+        signed = ctx.signer.is_some(),
+        %shard,
+        consumer = %durable_name,
+        "recorder started"
+    );
     loop {
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
@@ -241,6 +265,11 @@ pub async fn run(
                 continue;
             }
         };
+        // Other shards' sessions: acked unwritten, at once (a batch message is acked by the bus
+        // once all its envelopes are, so they must be acked, not dropped).
+        let (batch, others): (Vec<Delivery>, Vec<Delivery>) =
+            batch.into_iter().partition(|d| shard.owns(d.envelope.session));
+        ack_all(&others).await;
         if batch.is_empty() {
             continue;
         }
@@ -592,8 +621,9 @@ async fn sweep(ctx: &Ctx, sessions: &mut HashMap<Uuid, SessionState>) {
     }
 }
 
-/// Pick up sessions of the last `recover_days` days that have chunks but no manifest, so that
-/// they time out even when nothing more arrives for them. `true` once done.
+/// Pick up sessions of the last `recover_days` days (of this recorder's shard) that have chunks
+/// but no manifest, so that they time out even when nothing more arrives for them. `true` once
+/// done.
 async fn recover_open_sessions(ctx: &Ctx, sessions: &mut HashMap<Uuid, SessionState>) -> bool {
     let store = ctx.store.as_ref();
     let now = Timestamp::now();
@@ -621,7 +651,7 @@ async fn recover_open_sessions(ctx: &Ctx, sessions: &mut HashMap<Uuid, SessionSt
             }
         }
         for (id, is_open) in open {
-            if !is_open || sessions.contains_key(&id) {
+            if !is_open || sessions.contains_key(&id) || !ctx.cfg.shard.owns(id) {
                 continue;
             }
             let mut s = SessionState::new(id, date.clone());

@@ -1,23 +1,32 @@
 //! The tamper-evident archive: chains, manifests and the archive log detect edits, reorders and
-//! deletions; replicas share the work without writing an event twice; sessions without an end
-//! are closed as incomplete; the Parquet index answers an auditor's DuckDB query.
+//! deletions; replicas share the work without writing an event twice; sharded recorders split
+//! the sessions so that each is written by one of them; sessions without an end are closed as
+//! incomplete; the Parquet index answers an auditor's DuckDB query.
 //! Real NATS and a real S3 server (testkit), or the in-process bus with a local directory.
 
+use std::collections::BTreeSet;
+use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use eventbus::{EventBus, NatsConfig};
 use futures::TryStreamExt;
+use futures::stream::BoxStream;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use proto::events::{
     ApproverSpec, Decision, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, Timestamp,
 };
 use proto::subjects;
 use recorder::audit::{self, Verdict, VerifyReport};
 use recorder::manifest::Manifest;
-use recorder::{RecorderConfig, StorageConfig};
+use recorder::{RecorderConfig, Shard, StorageConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -333,6 +342,207 @@ async fn two_recorders_share_the_sessions_and_write_every_event_once() -> Result
         ensure!(v.events == s.len() as u64, "{}: {} of {} events", v.id, v.events, s.len());
         ensure!(audit::read_session(store.as_ref(), s[0].session).await? == *s, "read back exactly");
     }
+    Ok(())
+}
+
+type Fut<'a, T> = Pin<Box<dyn Future<Output = object_store::Result<T>> + Send + 'a>>;
+
+/// One replica's view of the store: notes the sessions it wrote chunks of, and how many chunk
+/// writes found their index already taken (by another replica).
+#[derive(Debug)]
+struct Witness {
+    inner: Arc<dyn ObjectStore>,
+    wrote: std::sync::Mutex<BTreeSet<Uuid>>,
+    conflicts: AtomicUsize,
+}
+
+impl Witness {
+    fn new(inner: Arc<dyn ObjectStore>) -> Arc<Self> {
+        Arc::new(Self { inner, wrote: Default::default(), conflicts: AtomicUsize::new(0) })
+    }
+
+    fn wrote(&self) -> BTreeSet<Uuid> {
+        self.wrote.lock().expect("not poisoned").clone()
+    }
+}
+
+impl fmt::Display for Witness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Witness({})", self.inner)
+    }
+}
+
+/// The session of a chunk key (`.../{session}/{index:08}.mpk.zst`).
+fn chunk_session(location: &Path) -> Option<Uuid> {
+    if !location.filename()?.ends_with(".mpk.zst") {
+        return None;
+    }
+    let parts: Vec<_> = location.parts().collect();
+    Uuid::parse_str(parts.get(parts.len().checked_sub(2)?)?.as_ref()).ok()
+}
+
+impl ObjectStore for Witness {
+    fn put_opts<'s, 'l, 'f>(
+        &'s self,
+        location: &'l Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Fut<'f, PutResult>
+    where
+        's: 'f,
+        'l: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let result = self.inner.put_opts(location, payload, opts).await;
+            if let Some(session) = chunk_session(location) {
+                self.wrote.lock().expect("not poisoned").insert(session);
+                if matches!(result, Err(object_store::Error::AlreadyExists { .. })) {
+                    self.conflicts.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            result
+        })
+    }
+
+    fn put_multipart_opts<'s, 'l, 'f>(
+        &'s self,
+        location: &'l Path,
+        opts: PutMultipartOptions,
+    ) -> Fut<'f, Box<dyn MultipartUpload>>
+    where
+        's: 'f,
+        'l: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.inner.put_multipart_opts(location, opts))
+    }
+
+    fn get_opts<'s, 'l, 'f>(&'s self, location: &'l Path, options: GetOptions) -> Fut<'f, GetResult>
+    where
+        's: 'f,
+        'l: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.inner.get_opts(location, options))
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_delimiter<'s, 'l, 'f>(&'s self, prefix: Option<&'l Path>) -> Fut<'f, ListResult>
+    where
+        's: 'f,
+        'l: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.inner.list_with_delimiter(prefix))
+    }
+
+    fn copy_opts<'s, 'a, 'b, 'f>(&'s self, from: &'a Path, to: &'b Path, options: CopyOptions) -> Fut<'f, ()>
+    where
+        's: 'f,
+        'a: 'f,
+        'b: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.inner.copy_opts(from, to, options))
+    }
+}
+
+/// Wait until the durable consumer `name` has nothing pending and nothing unacked.
+async fn wait_consumed(nats: &testkit::Nats, name: &str, within: Duration) -> Result<()> {
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await?);
+    let stream = js.get_stream(subjects::STREAM).await?;
+    let until = Instant::now() + within;
+    loop {
+        let info = stream.consumer_info(name).await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "consumer {name}: {} pending, {} unacked",
+            info.num_pending,
+            info.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sharded_recorders_split_batched_sessions_and_each_session_is_written_by_one_shard() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let s3 = testkit::S3::start()?;
+    let store = s3_store(&s3)?;
+    let base = Timestamp::now().as_micros();
+    // Sessions started in one burst, as a busy proxy starts them.
+    let sessions: Vec<_> =
+        (0..24).map(|i| session(&format!("agent-{i}"), 10, base + i * 1_000_000, true)).collect();
+    let shards = [Shard::new(0, 2)?, Shard::new(1, 2)?];
+    let owned: Vec<BTreeSet<Uuid>> = shards
+        .iter()
+        .map(|shard| sessions.iter().map(|s| s[0].session).filter(|id| shard.owns(*id)).collect())
+        .collect();
+    ensure!(owned.iter().all(|o| !o.is_empty()), "both shards have sessions: {owned:?}");
+
+    let mut running = Vec::new();
+    let mut witnesses = Vec::new();
+    for shard in shards {
+        // Each replica on its own connection, as separate processes would be.
+        let bus = nats_bus(&nats).await?;
+        let witness = Witness::new(store.clone());
+        let cfg = RecorderConfig {
+            batch_max: 10,
+            batch_wait: Duration::from_millis(20),
+            shard,
+            ..Default::default()
+        };
+        running.push(start_recorder(&bus, &(witness.clone() as Arc<dyn ObjectStore>), cfg));
+        witnesses.push(witness);
+    }
+    // As proxies publish: batch messages mixing the sessions (holds go alone on their subjects).
+    let bus = nats_bus(&nats).await?;
+    let all = interleave(&sessions);
+    for part in all.chunks(50) {
+        bus.publish_batch(part).await?;
+    }
+    let report = wait_intact(store.as_ref(), &sessions, Duration::from_secs(120)).await?;
+    // Every delivery is acked, the other shard's too: nothing waits for a redelivery.
+    for shard in shards {
+        wait_consumed(&nats, &shard.durable_name(), Duration::from_secs(20)).await?;
+    }
+    for r in running {
+        r.shutdown().await?;
+    }
+
+    for s in &sessions {
+        let v = report.sessions.iter().find(|v| v.id == s[0].session).context("in report")?;
+        ensure!(v.events == s.len() as u64, "{}: {} of {} events", v.id, v.events, s.len());
+        ensure!(audit::read_session(store.as_ref(), s[0].session).await? == *s, "read back exactly");
+    }
+    ensure!(report.sessions.len() == sessions.len(), "nothing else recorded:\n{}", report.render());
+    let wrote: Vec<BTreeSet<Uuid>> = witnesses.iter().map(|w| w.wrote()).collect();
+    ensure!(
+        wrote[0].is_disjoint(&wrote[1]),
+        "a session written by both shards: {:?}",
+        wrote[0].intersection(&wrote[1]).collect::<Vec<_>>()
+    );
+    for (k, (wrote, owned)) in wrote.iter().zip(&owned).enumerate() {
+        ensure!(wrote == owned, "shard {k}/2 wrote {wrote:?}, owns {owned:?}");
+    }
+    for (k, w) in witnesses.iter().enumerate() {
+        ensure!(w.conflicts.load(Ordering::SeqCst) == 0, "shard {k}/2 lost chunk writes");
+    }
+    ensure!(audit::verify(store.as_ref(), None, None).await?.ok(), "the archive verifies");
     Ok(())
 }
 
