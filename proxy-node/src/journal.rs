@@ -31,6 +31,15 @@ impl Journal {
             let mut entries = Vec::with_capacity(MAX_ENTRIES);
             let mut envs = Vec::new();
             while rx.recv_many(&mut entries, MAX_ENTRIES).await > 0 {
+                // Let the sessions that are ready to run reach their next record first: one
+                // more turn of the scheduler, no timer, often a much bigger batch.
+                tokio::task::yield_now().await;
+                while entries.len() < MAX_ENTRIES {
+                    match rx.try_recv() {
+                        Ok(e) => entries.push(e),
+                        Err(_) => break,
+                    }
+                }
                 envs.clear();
                 let mut waiters = Vec::with_capacity(entries.len());
                 for (mut e, done) in entries.drain(..) {

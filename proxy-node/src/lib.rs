@@ -278,6 +278,7 @@ impl Shared {
 pub(crate) struct Shared {
     pub(crate) cfg: ProxyConfig,
     pub(crate) journal: journal::Journal,
+    pub(crate) classifier: policy::cache::ClassifyCache,
     pub(crate) policy: PolicySource,
     pub(crate) auth: identity::Authenticator,
     pub(crate) holds: hold::Holds,
@@ -311,6 +312,7 @@ pub async fn run(
         auth: identity::Authenticator::new(cfg.oidc.clone()),
         cfg,
         journal: journal::Journal::start(bus),
+        classifier: Default::default(),
         policy: policy.into(),
         holds,
         grants,

@@ -1,5 +1,7 @@
-//! Policy: what a statement does ([`classify`]) and what the rules say about it ([`evaluate`]).
+//! Policy: what a statement does ([`classify`], cached per node by [`cache`]) and what the rules
+//! say about it ([`evaluate`]).
 
+pub mod cache;
 pub mod classify;
 pub mod evaluate;
 

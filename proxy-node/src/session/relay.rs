@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::{Client, Response, Session, SessionError};
 use crate::mask::{self, Field, Rules};
-use crate::policy::{Classification, SessionEffect, Verdict, classify};
+use crate::policy::{Classification, SessionEffect, Verdict};
 use crate::tls::{ReadHalf, WriteHalf};
 use crate::upstream::Upstream;
 use crate::wire::postgres::messages::{self as msg, sqlstate};
@@ -37,6 +37,9 @@ mod masked;
 
 /// Buffers past this size stop reading from the side that fills them (backpressure).
 const HIGH_WATER: usize = 256 * 1024;
+/// The most response bytes withheld from the client while an allowed read's request is not yet
+/// recorded; past this, the request is recorded first and the rest streams.
+const DEFER_LIMIT: usize = 64 * 1024;
 /// Names the proxy reserves for itself; clients may not use them.
 const RESERVED_PREFIX: &str = "__airlock";
 
@@ -171,6 +174,11 @@ struct Relay<'s> {
     /// The session may have changed its `search_path` (so an unqualified table name may not
     /// resolve to the schema an allow rule names).
     search_path_touched: bool,
+    /// The request and decision events of an allowed read that went to the target before they
+    /// were recorded. They are recorded with its response, or with whatever is recorded first;
+    /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
+    deferred: Vec<Event>,
+    deferred_out: BytesMut,
 }
 
 /// The server settings that change how statement text is read, as the server last reported
@@ -262,8 +270,18 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         rules_version: None,
         lexing: Lexing::default(),
         search_path_touched: false,
+        deferred: Vec::new(),
+        deferred_out: BytesMut::new(),
     };
-    let result = r.run().await;
+    let mut result = r.run().await;
+    // A read that reached the target is recorded even though its answer never completed (the
+    // session is over: what the target answered is not released).
+    if !r.deferred.is_empty() {
+        r.deferred_out.clear();
+        if let Err(e) = r.record(Vec::new()).await {
+            result = result.and(Err(e));
+        }
+    }
     if let Err(SessionError::Refused(m)) = &result {
         // Tell the client why, best effort.
         let mut out = BytesMut::new();
@@ -317,6 +335,10 @@ impl Relay<'_> {
                     }
                 };
                 self.on_upstream(f).await?;
+                if self.deferred_out.len() > DEFER_LIMIT {
+                    // Too much to withhold: record the request now and let the rest stream.
+                    self.record(Vec::new()).await?;
+                }
             }
             self.emit_locals();
 
@@ -328,7 +350,7 @@ impl Relay<'_> {
                         self.cancel_running();
                         if let Some(h) = self.held.take() {
                             let d = self.s.local_decision(h.hold_id, HoldOutcome::Denied, "the client disconnected while waiting");
-                            let _ = self.s.record(vec![Event::HoldDecided(d)]).await;
+                            let _ = self.record(vec![Event::HoldDecided(d)]).await;
                         }
                         return Err(SessionError::Closed);
                     }
@@ -382,7 +404,11 @@ impl Relay<'_> {
     }
 
     fn send_client(&mut self, f: &Frame) {
-        f.encode_into(&mut self.cout);
+        if self.deferred.is_empty() {
+            f.encode_into(&mut self.cout);
+        } else {
+            f.encode_into(&mut self.deferred_out);
+        }
     }
 
     /// Emit local answers that have reached the head of the queue.
@@ -396,9 +422,21 @@ impl Relay<'_> {
         }
     }
 
-    async fn record(&mut self, events: Vec<Event>) -> Result<(), SessionError> {
+    /// Record events, after any deferred ones; then what was withheld from the client goes out.
+    async fn record(&mut self, mut events: Vec<Event>) -> Result<(), SessionError> {
+        if !self.deferred.is_empty() {
+            let mut all = std::mem::take(&mut self.deferred);
+            all.append(&mut events);
+            events = all;
+        }
         match self.s.record(events).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if !self.deferred_out.is_empty() {
+                    let withheld = std::mem::take(&mut self.deferred_out);
+                    self.cout.extend_from_slice(&withheld);
+                }
+                Ok(())
+            }
             Err(m) => Err(SessionError::Refused(m)),
         }
     }
@@ -557,13 +595,13 @@ impl Relay<'_> {
         })
     }
 
-    /// Record a request and its decision. Returns the request's number.
-    async fn decide(
+    /// Decide a request: its number, the verdict, and the request and decision events to record.
+    fn judge(
         &mut self,
         sql: &str,
         params: &[Option<String>],
         c: &Classification,
-    ) -> Result<(u64, Verdict), SessionError> {
+    ) -> Result<(u64, Verdict, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
         let verdict = match self.mask_precheck(sql) {
@@ -576,7 +614,7 @@ impl Relay<'_> {
         self.s.seq += 1;
         let seq = self.s.seq;
         debug!(seq, decision = %verdict.decision, rule = %verdict.rule, "policy decision");
-        self.record(vec![
+        let events = vec![
             Event::RequestReceived { seq, statement: shown_sql, parameters: shown_params },
             Event::PolicyDecided {
                 seq,
@@ -587,9 +625,28 @@ impl Relay<'_> {
                 reason: verdict.reason.clone(),
                 policy_version: policy.version,
             },
-        ])
-        .await?;
-        Ok((seq, verdict))
+        ];
+        Ok((seq, verdict, events))
+    }
+
+    /// Send an allowed statement's request and decision events on their way: a plain read, when
+    /// no other answer is outstanding, goes to the target at once and is recorded with its
+    /// response (its answer is withheld from the client until then); anything else is recorded
+    /// before it goes to the target.
+    async fn record_allowed(&mut self, c: &Classification, events: Vec<Event>) -> Result<(), SessionError> {
+        use proto::policy::Operation as O;
+        let plain_read = c.unknown_effect().is_none()
+            && c.unparsed.is_none()
+            && c.denied_function.is_none()
+            && c.effects.is_empty()
+            && c.accesses.iter().all(|a| matches!(a.operation, O::Select | O::Show));
+        let outstanding = self.expect.iter().any(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)));
+        if plain_read && !outstanding && self.deferred.is_empty() && !self.copy_in {
+            self.deferred = events;
+            Ok(())
+        } else {
+            self.record(events).await
+        }
     }
 
     /// Refuse a message: the client gets `code`/`message` where the target's answer would have
@@ -600,6 +657,7 @@ impl Relay<'_> {
         code: &str,
         message: String,
         extended: bool,
+        mut events: Vec<Event>,
     ) -> Result<(), SessionError> {
         let ev = Event::ResponseSent {
             seq,
@@ -609,7 +667,8 @@ impl Relay<'_> {
             error: Some(proto::events::ErrorInfo { code: code.into(), message: message.clone() }),
             result: None,
         };
-        self.record(vec![ev]).await?;
+        events.push(ev);
+        self.record(events).await?;
         self.expect.push_back(Expect::Local(vec![msg::error(code, &message)]));
         let poison = msg::execute(&self.poison_portal);
         self.send_upstream(&poison);
@@ -659,25 +718,27 @@ impl Relay<'_> {
         if !self.search_path_touched && mentions_search_path(sql) {
             self.search_path_touched = true;
         }
-        classify(sql)
+        self.s.shared.classifier.classify(sql)
     }
 
     async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
         let mut c = self.classify_as_server(&sql);
         c.resolve_executes(|n| self.prepared(n));
         self.resolve_functions(&mut c).await;
-        let (seq, verdict) = self.decide(&sql, &[], &c).await?;
+        let (seq, verdict, events) = self.judge(&sql, &[], &c)?;
         let effects: Vec<SessionEffect> = c.effects.clone();
         match verdict.decision {
             Decision::Allow => {
+                self.record_allowed(&c, events).await?;
                 self.forward_query(&sql, effects, seq);
                 Ok(())
             }
             Decision::Deny => {
                 let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
-                self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, false).await
+                self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, false, events).await
             }
             Decision::Hold => {
+                self.record(events).await?;
                 self.hold(
                     seq,
                     &sql,
@@ -727,9 +788,9 @@ impl Relay<'_> {
             None => self.verdict(&policy, &c),
         };
         if verdict.decision == Decision::Deny {
-            let (seq, _) = self.decide(&sql, &[], &c).await?;
+            let (seq, _, events) = self.judge(&sql, &[], &c)?;
             let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
-            return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true).await;
+            return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true, events).await;
         }
         if name.is_empty() {
             // The target drops the unnamed statement when a new Parse starts.
@@ -774,17 +835,19 @@ impl Relay<'_> {
                 (format!("-- fetch from portal \"{portal}\""), vec![], c)
             }
         };
-        let (seq, verdict) = self.decide(&sql, &params, &c).await?;
+        let (seq, verdict, events) = self.judge(&sql, &params, &c)?;
         match verdict.decision {
             Decision::Allow => {
+                self.record_allowed(&c, events).await?;
                 self.forward_execute(&f, &portal, stmt_sql, seq);
                 Ok(())
             }
             Decision::Deny => {
                 let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
-                self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true).await
+                self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true, events).await
             }
             Decision::Hold => {
+                self.record(events).await?;
                 let then = AfterHold::Execute { frame: f, portal, sql: stmt_sql, seq };
                 self.hold(seq, &sql, &params, &verdict, then, true).await
             }
@@ -805,9 +868,9 @@ impl Relay<'_> {
         (req.statement, req.parameters) = self.shown(sql, params);
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
-        if let Err(e) = self.s.record(vec![Event::HoldRequested(req.clone())]).await {
+        if let Err(e) = self.record(vec![Event::HoldRequested(req.clone())]).await {
             self.s.shared.holds.forget(hold_id);
-            return Err(SessionError::Refused(e));
+            return Err(e);
         }
         info!(hold.id = %hold_id, rule = %verdict.rule, "statement held for approval");
         let notice = msg::notice(&format!(
@@ -861,7 +924,7 @@ impl Relay<'_> {
             "airlock: hold {} was {} by {}{why} (rule \"{}\")",
             d.hold_id, d.outcome, d.decided_by, h.rule
         );
-        self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, h.extended).await
+        self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, h.extended, Vec::new()).await
     }
 
     /// One frame from the target.

@@ -1,0 +1,211 @@
+//! What the proxy records, and when, against a real PostgreSQL and a real NATS JetStream: a
+//! write is recorded before the target sees it; an allowed read may go to the target first, but
+//! nothing it answers reaches the client before its request is recorded. With NATS stopped, the
+//! client gets an error and not one byte of the rows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus::{EventBus, NatsConfig};
+use policy_store::client::ActivePolicy;
+use proto::events::{Envelope, Event};
+use testkit::{Nats, Postgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+const KEY: &str = "ak_recording_tests_0123456789";
+const DB_PASSWORD: &str = "svc-Pa55word";
+/// A value only the target holds: it must never reach a client whose session cannot record.
+const SECRET: &str = "s3cret-7f1c9e";
+
+struct Harness {
+    pg: Postgres,
+    nats: Nats,
+    bus: EventBus,
+    port: u16,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> Harness {
+    testkit::init_crypto();
+    let pg = Postgres::start().unwrap();
+    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
+    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
+    pg.psql(
+        "shop",
+        &format!(
+            "SET ROLE airlock_svc; CREATE TABLE vault (id int primary key, v text); \
+             INSERT INTO vault VALUES (1, '{SECRET}'), (2, repeat('x', 100000) || '{SECRET}');"
+        ),
+    )
+    .unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, DB_PASSWORD).unwrap();
+    let hash = proxy_node::identity::hash_api_key(KEY);
+    let doc = proto::policy::parse(&format!(
+        r#"connections:
+  - name: shop
+    kind: postgres
+    upstream: {{ host: 127.0.0.1, port: {}, database: shop, tls: disable }}
+    credentials: {{ user: airlock_svc, password_file: {} }}
+    require_recording: true
+rules:
+  - {{ name: everything, match: {{ operations: [select, insert] }}, action: allow }}
+service_accounts:
+  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
+"#,
+        pg.port,
+        pw.display()
+    ))
+    .unwrap();
+    let (tx, rx) =
+        watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "t".into() })));
+    let cfg =
+        NatsConfig { url: nats.url.clone(), ack_timeout: Duration::from_millis(800), ..Default::default() };
+    let bus = EventBus::connect_nats(&cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let b = bus.clone();
+    tokio::spawn(async move {
+        let _keep = tx;
+        let cfg = proxy_node::ProxyConfig { auth_timeout: Duration::from_secs(2), ..Default::default() };
+        proxy_node::run(cfg, b, rx, listener, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Harness { pg, nats, bus, port, _dir: dir, _stop: stop_tx }
+}
+
+/// A raw wire client, so that every byte the proxy sends is seen (a driver would hide rows
+/// that come before an error).
+async fn raw_session(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut startup = vec![0, 3, 0, 0];
+    for (k, v) in [("user", "agent"), ("database", "shop")] {
+        startup.extend_from_slice(k.as_bytes());
+        startup.push(0);
+        startup.extend_from_slice(v.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut pkt = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend(startup);
+    s.write_all(&pkt).await.unwrap();
+    let mut pw = vec![b'p'];
+    pw.extend_from_slice(&((KEY.len() + 5) as i32).to_be_bytes());
+    pw.extend_from_slice(KEY.as_bytes());
+    pw.push(0);
+    s.write_all(&pw).await.unwrap();
+    // Read up to the first ReadyForQuery.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !ready_for_query(&seen) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the proxy closed during startup: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// The tags of the whole messages in `bytes`.
+fn tags(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 5 <= bytes.len() {
+        let len = i32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]) as usize;
+        out.push(bytes[i]);
+        i += 1 + len;
+    }
+    out
+}
+
+fn ready_for_query(bytes: &[u8]) -> bool {
+    tags(bytes).contains(&b'Z')
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    q
+}
+
+/// Everything the proxy sends until it closes the connection.
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await.expect("closed");
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_recorded_with_its_answer_in_order() {
+    let h = start().await;
+    let mut sub = h.bus.subscribe(proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
+    let mut s = raw_session(h.port).await;
+    s.write_all(&query("SELECT v FROM vault WHERE id = 1")).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !ready_for_query(&got) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(contains(&got, SECRET), "the allowed read returns its row");
+    let mut kinds = Vec::new();
+    while !kinds.contains(&"response") {
+        let env = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        kinds.push(env.event.kind());
+        if let Event::ResponseSent { rows, .. } = env.event {
+            assert_eq!(rows, 1);
+        }
+    }
+    assert_eq!(kinds, ["session_started", "request", "policy_decision", "response"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_recording_not_one_byte_of_a_read_reaches_the_client() {
+    let mut h = start().await;
+    // A small answer (withheld whole) and one larger than what the proxy withholds (recorded
+    // before it streams): neither may leak while NATS is down.
+    for id in [1, 2] {
+        let mut s = raw_session(h.port).await;
+        h.nats.stop();
+        s.write_all(&query(&format!("SELECT v FROM vault WHERE id = {id}"))).await.unwrap();
+        let got = read_to_close(&mut s).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(!contains(&got, SECRET), "row {id} leaked without a record: {} bytes", got.len());
+        assert!(!tags(&got).contains(&b'D'), "a DataRow reached the client: {text}");
+        assert!(text.contains("cannot record"), "{text}");
+        h.nats.start_again().unwrap();
+        // Wait for the proxy's bus to reconnect before the next round.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let probe = Envelope::new(uuid::Uuid::now_v7(), Event::SessionEnded { reason: "probe".into() });
+        while h.bus.publish_batch(std::slice::from_ref(&probe)).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "NATS did not come back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_recording_a_write_never_reaches_the_target() {
+    let mut h = start().await;
+    let mut s = raw_session(h.port).await;
+    h.nats.stop();
+    s.write_all(&query("INSERT INTO vault VALUES (3, 'unrecorded')")).await.unwrap();
+    let got = read_to_close(&mut s).await;
+    assert!(String::from_utf8_lossy(&got).contains("cannot record"));
+    assert_eq!(h.pg.psql("shop", "SELECT count(*) FROM vault WHERE id = 3").unwrap().trim(), "0");
+}
