@@ -6,13 +6,13 @@
 # the archive. With 2 recorders they run as shards 0/2 and 1/2 (one durable consumer each).
 # A local-directory run is the baseline without moto's cost.
 #
-#   bench/recorder.sh [EVENTS] [SESSIONS] [PER_MESSAGE] [BATCH]   (defaults 200000, 20, 50, 1000)
+#   bench/recorder.sh [EVENTS] [SESSIONS] [PER_MESSAGE] [BATCH]   (defaults 200000, 20, 50, 10000)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 events="${1:-200000}"
 sessions="${2:-20}"
 per_message="${3:-50}"
-batch="${4:-1000}"
+batch="${4:-10000}"
 cargo build --release -p recorder --example record_bench >/dev/null
 bin=target/release/examples/record_bench
 echo "| store | recorders | events | sessions | events/message | batch (messages) | time | events/s | events/s per recorder | verify |"

@@ -29,6 +29,13 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// server's default 1 MiB max_payload).
 pub const BATCH_BYTES: usize = 256 * 1024;
 
+/// How many deliveries a durable consumer may have out unacked (the server's default is 1000;
+/// the recorder fetches more than that at once to write larger chunks).
+pub const MAX_ACK_PENDING: i64 = 20_000;
+
+/// The most bytes one fetch asks for, whatever the number of messages.
+pub const FETCH_BYTES: usize = 32 * 1024 * 1024;
+
 /// Extra time a fetch may take beyond its `wait` before we give up on the server.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
 
@@ -189,13 +196,14 @@ impl NatsBus {
                     filter_subject: filter.to_string(),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait,
+                    max_ack_pending: MAX_ACK_PENDING,
                     deliver_policy: DeliverPolicy::All,
                     ..Default::default()
                 },
             )
             .await
             .map_err(|e| BusError::Setup(format!("consumer {name}: {e}")))?;
-        Ok(NatsDurable { consumer: Box::new(consumer), name: name.to_string() })
+        Ok(NatsDurable { consumer: Box::new(consumer), name: name.to_string(), fetch_bytes: FETCH_BYTES })
     }
 
     /// Live events on `filter` from now on.
@@ -227,9 +235,17 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError, timeout: Du
 pub struct NatsDurable {
     consumer: Box<Consumer<pull::Config>>,
     name: String,
+    fetch_bytes: usize,
 }
 
 impl NatsDurable {
+    /// Ask for at most `bytes` per fetch instead of [`FETCH_BYTES`] (a fetch returns at least
+    /// one message, whatever its size).
+    pub fn with_fetch_bytes(mut self, bytes: usize) -> Self {
+        self.fetch_bytes = bytes.max(1);
+        self
+    }
+
     /// Up to `max` deliveries. Returns at once with whatever is pending; if nothing is, waits up
     /// to `wait` for the first message and then takes whatever else is pending.
     pub async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
@@ -250,14 +266,30 @@ impl NatsDurable {
         let bound = wait.unwrap_or_default() + FETCH_GRACE;
         let collect = async {
             let mut batch = match wait {
-                None => self.consumer.fetch().max_messages(max).messages().await,
-                Some(w) => self.consumer.batch().max_messages(max).expires(w).messages().await,
+                None => self.consumer.fetch().max_messages(max).max_bytes(self.fetch_bytes).messages().await,
+                Some(w) => {
+                    self.consumer
+                        .batch()
+                        .max_messages(max)
+                        .max_bytes(self.fetch_bytes)
+                        .expires(w)
+                        .messages()
+                        .await
+                }
             }
             .map_err(|e| consume(&e))?;
             let mut out = Vec::with_capacity(max);
             while let Some(message) = batch.next().await {
-                let message = message.map_err(|e| consume(&e))?;
-                out.extend(self.deliveries(message).await);
+                match message {
+                    Ok(message) => out.extend(self.deliveries(message).await),
+                    // The pull ended early (e.g. the byte limit was reached): keep what arrived,
+                    // or it would sit unacked until the ack wait runs out.
+                    Err(e) if !out.is_empty() => {
+                        debug!(consumer = %self.name, error = %e, "pull ended early");
+                        break;
+                    }
+                    Err(e) => return Err(consume(&e)),
+                }
             }
             Ok(out)
         };

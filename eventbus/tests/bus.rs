@@ -210,6 +210,36 @@ async fn nats_a_batch_comes_back_whole_until_every_envelope_is_acked() -> Result
 }
 
 #[tokio::test]
+async fn nats_a_fetch_cut_short_by_its_byte_limit_keeps_what_arrived() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let EventBus::Nats(bus) = nats_bus(&nats).await? else { unreachable!("nats_bus returns NATS") };
+    let session = Uuid::now_v7();
+    let big = "x".repeat(100 * 1024);
+    let envs: Vec<Envelope> = (1..=10)
+        .map(|seq| {
+            Envelope::new(session, Event::RequestReceived { seq, statement: big.clone(), parameters: vec![] })
+        })
+        .collect();
+    EventBus::Nats(bus.clone()).publish_all(&envs).await?;
+    // 250 KB per fetch: each fetch ends after two or three of the ten 100 KB messages.
+    let mut durable =
+        Durable::Nats(bus.durable("bytes", subjects::ALL_SESSION_EVENTS).await?.with_fetch_bytes(250 * 1024));
+    let started = Instant::now();
+    let first = durable.next_batch(100, WAIT).await?;
+    ensure!(!first.is_empty() && first.len() < 10, "a byte-limited fetch got {}", first.len());
+    for d in &first {
+        d.ack().await?;
+    }
+    let rest = collect(&mut durable, 10 - first.len(), Duration::from_secs(10)).await?;
+    let mut seqs = statement_seqs(&first);
+    seqs.extend(statement_seqs(&rest));
+    ensure!(seqs == (1..=10).collect::<Vec<_>>(), "got {seqs:?}");
+    // Nothing waited out the 30 s ack wait.
+    ensure!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    Ok(())
+}
+
+#[tokio::test]
 async fn nats_an_oversized_batch_is_split_across_messages() -> Result<()> {
     let nats = testkit::Nats::start()?;
     let bus = nats_bus(&nats).await?;

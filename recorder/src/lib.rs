@@ -104,9 +104,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How often open sessions are checked for the timeout, and finished ones forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// The largest batch, in bus messages: the durable consumer allows 1000 messages out unacked (the
-/// server's default); larger fetches were seen to stall.
-const MAX_BATCH: usize = 1000;
+/// The largest batch, in bus messages (the durable consumer allows
+/// [`eventbus::nats::MAX_ACK_PENDING`] out unacked; each fetch is also bounded by
+/// [`eventbus::nats::FETCH_BYTES`]).
+const MAX_BATCH: usize = 10_000;
 /// How often retention runs (when configured).
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// A finished session's state is kept this long after its last event (late events are cheap).
@@ -117,8 +118,8 @@ const FORGET_AFTER: Duration = Duration::from_secs(30);
 #[serde(deny_unknown_fields)]
 pub struct RecorderConfig {
     /// Max bus messages per fetch (a batch message on [`subjects::BATCH`] holds many events);
-    /// larger batches make larger chunks (fewer writes). At most 1000 (the NATS consumer's limit
-    /// of unacked messages). Default 1000.
+    /// larger batches make larger chunks (fewer writes). At most 10,000; each fetch is also
+    /// bounded to 32 MiB. Default 10,000.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
     /// Max wait for a batch. Default 200ms.
@@ -162,7 +163,7 @@ impl Default for RecorderConfig {
 }
 
 fn default_batch_max() -> usize {
-    1000
+    MAX_BATCH
 }
 fn default_batch_wait() -> Duration {
     Duration::from_millis(200)
