@@ -174,6 +174,48 @@ async fn a_read_is_recorded_with_its_answer_in_order() {
     assert_eq!(kinds, ["session_started", "request", "policy_decision", "response"]);
 }
 
+/// The stream positions of the request, decision and response events of each statement.
+async fn positions(durable: &mut eventbus::Durable, statements: usize) -> Vec<[u64; 3]> {
+    let mut by_seq: std::collections::BTreeMap<u64, [u64; 3]> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while by_seq.values().filter(|p| p.iter().all(|&x| x > 0)).count() < statements {
+        assert!(std::time::Instant::now() < deadline, "events missing: {by_seq:?}");
+        for d in durable.next_batch(100, Duration::from_millis(200)).await.unwrap() {
+            d.ack().await.unwrap();
+            let (seq, slot) = match d.envelope.event {
+                Event::RequestReceived { seq, .. } => (seq, 0),
+                Event::PolicyDecided { seq, .. } => (seq, 1),
+                Event::ResponseSent { seq, .. } => (seq, 2),
+                _ => continue,
+            };
+            by_seq.entry(seq).or_default()[slot] = d.stream_seq;
+        }
+    }
+    by_seq.into_values().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_recorded_in_one_message_with_its_answer_and_a_write_before_it_runs() {
+    let h = start().await;
+    let mut durable = h.bus.durable("positions", proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
+    let mut s = raw_session(h.port).await;
+    for sql in ["SELECT v FROM vault WHERE id = 1", "INSERT INTO vault VALUES (4, 'w')"] {
+        s.write_all(&query(sql)).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !ready_for_query(&got) {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    let p = positions(&mut durable, 2).await;
+    // The read: request, decision and response in one bus message.
+    assert!(p[0][0] == p[0][1] && p[0][1] == p[0][2], "read recorded in pieces: {:?}", p[0]);
+    // The write: request and decision acknowledged before it ran, so the response came later.
+    assert!(p[1][0] == p[1][1] && p[1][2] > p[1][1], "write not recorded ahead: {:?}", p[1]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_recording_not_one_byte_of_a_read_reaches_the_client() {
     let mut h = start().await;

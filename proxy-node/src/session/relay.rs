@@ -638,7 +638,7 @@ impl Relay<'_> {
         let plain_read = c.unknown_effect().is_none()
             && c.unparsed.is_none()
             && c.denied_function.is_none()
-            && c.effects.is_empty()
+            && c.effects.iter().all(|e| matches!(e, SessionEffect::None))
             && c.accesses.iter().all(|a| matches!(a.operation, O::Select | O::Show));
         let outstanding = self.expect.iter().any(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)));
         if plain_read && !outstanding && self.deferred.is_empty() && !self.copy_in {
