@@ -138,7 +138,7 @@ async fn wait_intact(
 /// Every other part as proxies publish since the group commit (batch messages of 10 envelopes
 /// of mixed sessions, acked as a whole), the rest one message per event.
 async fn publish_like_proxies(bus: &EventBus, i: usize, part: &[Envelope]) -> Result<()> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         for batch in part.chunks(10) {
             bus.publish_batch(batch).await?;
         }
