@@ -103,15 +103,20 @@ async fn raw_session(port: u16) -> TcpStream {
     pw.extend_from_slice(KEY.as_bytes());
     pw.push(0);
     s.write_all(&pw).await.unwrap();
-    // Read up to the first ReadyForQuery.
+    read_until_ready(&mut s).await;
+    s
+}
+
+/// What the proxy sends up to the next ReadyForQuery.
+async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !ready_for_query(&seen) {
         let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the proxy closed during startup: {}", String::from_utf8_lossy(&seen));
+        assert!(n > 0, "the proxy closed: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
-    s
+    seen
 }
 
 /// The tags of the whole messages in `bytes`.
@@ -155,13 +160,7 @@ async fn a_read_is_recorded_with_its_answer_in_order() {
     let mut sub = h.bus.subscribe(proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
     let mut s = raw_session(h.port).await;
     s.write_all(&query("SELECT v FROM vault WHERE id = 1")).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !ready_for_query(&got) {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = read_until_ready(&mut s).await;
     assert!(contains(&got, SECRET), "the allowed read returns its row");
     let mut kinds = Vec::new();
     while !kinds.contains(&"response") {
@@ -201,13 +200,7 @@ async fn a_read_is_recorded_in_one_message_with_its_answer_and_a_write_before_it
     let mut s = raw_session(h.port).await;
     for sql in ["SELECT v FROM vault WHERE id = 1", "INSERT INTO vault VALUES (4, 'w')"] {
         s.write_all(&query(sql)).await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !ready_for_query(&got) {
-            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until_ready(&mut s).await;
     }
     let p = positions(&mut durable, 2).await;
     // The read: request, decision and response in one bus message.
