@@ -1,7 +1,8 @@
 //! What the proxy records, and when, against a real PostgreSQL and a real NATS JetStream: a
-//! write is recorded before the target sees it; an allowed read may go to the target first, but
-//! nothing it answers reaches the client before its request is recorded. With NATS stopped, the
-//! client gets an error and not one byte of the rows.
+//! write is recorded before the target sees it, unless it runs inside a transaction block that
+//! a failure to record rolls back; an allowed read may go to the target first. Either way,
+//! nothing the target answers reaches the client before its request is recorded. With NATS
+//! stopped, the client gets an error and not one byte of the rows, and no write is committed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,7 @@ async fn start() -> Harness {
     credentials: {{ user: airlock_svc, password_file: {} }}
     require_recording: true
 rules:
-  - {{ name: everything, match: {{ operations: [select, insert] }}, action: allow }}
+  - {{ name: everything, match: {{ operations: [select, insert, transaction] }}, action: allow }}
 service_accounts:
   - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
 "#,
@@ -223,14 +224,18 @@ async fn without_recording_not_one_byte_of_a_read_reaches_the_client() {
         assert!(!contains(&got, SECRET), "row {id} leaked without a record: {} bytes", got.len());
         assert!(!tags(&got).contains(&b'D'), "a DataRow reached the client: {text}");
         assert!(text.contains("cannot record"), "{text}");
-        h.nats.start_again().unwrap();
-        // Wait for the proxy's bus to reconnect before the next round.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let probe = Envelope::new(uuid::Uuid::now_v7(), Event::SessionEnded { reason: "probe".into() });
-        while h.bus.publish_batch(std::slice::from_ref(&probe)).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "NATS did not come back");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        restart_nats(&mut h).await;
+    }
+}
+
+/// Start NATS again and wait until the bus publishes (the proxy shares its connection).
+async fn restart_nats(h: &mut Harness) {
+    h.nats.start_again().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let probe = Envelope::new(uuid::Uuid::now_v7(), Event::SessionEnded { reason: "probe".into() });
+    while h.bus.publish_batch(std::slice::from_ref(&probe)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "NATS did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -243,4 +248,58 @@ async fn without_recording_a_write_never_reaches_the_target() {
     let got = read_to_close(&mut s).await;
     assert!(String::from_utf8_lossy(&got).contains("cannot record"));
     assert_eq!(h.pg.psql("shop", "SELECT count(*) FROM vault WHERE id = 3").unwrap().trim(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_a_block_a_write_is_recorded_with_its_answer_and_commit_before_it_runs() {
+    let h = start().await;
+    let mut durable = h.bus.durable("positions", proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
+    let mut s = raw_session(h.port).await;
+    for sql in ["BEGIN", "INSERT INTO vault VALUES (7, 'in a block')", "COMMIT"] {
+        s.write_all(&query(sql)).await.unwrap();
+        read_until_ready(&mut s).await;
+    }
+    let p = positions(&mut durable, 3).await;
+    for (what, p) in [("BEGIN", p[0]), ("the INSERT in the block", p[1])] {
+        assert!(p[0] == p[1] && p[1] == p[2], "{what} recorded in pieces: {p:?}");
+    }
+    // COMMIT makes the block durable: recorded before it ran.
+    assert!(p[2][0] == p[2][1] && p[2][2] > p[2][1], "COMMIT not recorded ahead: {:?}", p[2]);
+    assert_eq!(h.pg.psql("shop", "SELECT v FROM vault WHERE id = 7").unwrap().trim(), "in a block");
+}
+
+/// Inside a block, a write may run before it is recorded: a failure to record must roll it
+/// back, and a message that ends the block must not let a write after it commit unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_recording_no_write_of_a_block_is_committed() {
+    let mut h = start().await;
+    let attempts = [
+        ("INSERT INTO vault VALUES (10, 'rolled back')", 10),
+        ("COMMIT; INSERT INTO vault VALUES (11, 'after commit')", 11),
+        ("ROLLBACK; INSERT INTO vault VALUES (12, 'after rollback')", 12),
+        ("END; INSERT INTO vault VALUES (13, 'after end')", 13),
+        ("SAVEPOINT a; ABORT; INSERT INTO vault VALUES (14, 'after abort')", 14),
+    ];
+    for (sql, id) in attempts {
+        let mut s = raw_session(h.port).await;
+        s.write_all(&query("BEGIN")).await.unwrap();
+        read_until_ready(&mut s).await;
+        h.nats.stop();
+        s.write_all(&query(sql)).await.unwrap();
+        let got = read_to_close(&mut s).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("cannot record"), "{sql}: {text}");
+        assert!(!tags(&got).contains(&b'C'), "{sql}: the client saw a result: {text}");
+        // The target's backend ends with the connection, and its block with it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let open = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'shop' AND backend_type = 'client backend' \
+                    AND usename = 'airlock_svc'";
+        while h.pg.psql("shop", open).unwrap().trim() != "0" {
+            assert!(std::time::Instant::now() < deadline, "{sql}: the target's session stayed open");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let q = format!("SELECT count(*) FROM vault WHERE id = {id}");
+        assert_eq!(h.pg.psql("shop", &q).unwrap().trim(), "0", "{sql}: committed without a record");
+        restart_nats(&mut h).await;
+    }
 }

@@ -119,6 +119,10 @@ pub struct Classification {
     /// another schema may be the one the server picks (by argument types or `search_path`), so
     /// they too are looked up before the statement counts as a read.
     pub builtins: BTreeSet<FunctionRef>,
+    /// A statement ends the transaction block (`COMMIT`, `END`, or `ROLLBACK` other than to a
+    /// savepoint): it makes what the block did durable, and what follows it in the message
+    /// runs outside the block.
+    pub ends_block: bool,
 }
 
 /// Is `name` a built-in function known to be read-only (when it is the one the server runs)?
@@ -197,6 +201,7 @@ impl Classification {
             }
             self.functions.extend(p.functions.iter().cloned());
             self.builtins.extend(p.builtins.iter().cloned());
+            self.ends_block |= p.ends_block;
         }
         self.executes.clear();
     }
@@ -558,6 +563,9 @@ pub fn classify(sql: &str) -> Classification {
     }
     for stmt in &statements {
         c.effects.push(effect(stmt));
+        if matches!(stmt, Statement::Commit { .. } | Statement::Rollback { savepoint: None, .. }) {
+            c.ends_block = true;
+        }
         if escalates(stmt) {
             c.accesses.insert(Access { operation: Operation::Escalate, table: None });
         }
@@ -1051,5 +1059,24 @@ mod tests {
         assert!(!t.matches("users"));
         let bare = TableName { parts: vec!["orders".into()] };
         assert!(bare.matches("public.orders"), "unqualified may resolve to any schema");
+    }
+
+    #[test]
+    fn statements_that_end_the_block_are_marked() {
+        for sql in
+            ["COMMIT", "end", "COMMIT AND CHAIN", "ROLLBACK", "abort", "select 1; commit", "ROLLBACK WORK"]
+        {
+            assert!(classify(sql).ends_block, "{sql}");
+        }
+        for sql in
+            ["BEGIN", "START TRANSACTION", "SAVEPOINT a", "ROLLBACK TO SAVEPOINT a", "RELEASE a", "select 1"]
+        {
+            assert!(!classify(sql).ends_block, "{sql}");
+        }
+        // Two-phase commit is not something the gateway reads: it takes the unknown default.
+        for sql in ["PREPARE TRANSACTION 'x'", "COMMIT PREPARED 'x'"] {
+            let c = classify(sql);
+            assert!(c.unparsed.is_some() || c.unknown.is_some() || c.ends_block, "{sql}: {c:?}");
+        }
     }
 }

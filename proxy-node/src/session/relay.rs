@@ -179,6 +179,8 @@ struct Relay<'s> {
     /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
     deferred: Vec<Event>,
     deferred_out: BytesMut,
+    /// The target last reported a transaction block open (ReadyForQuery `T` or `E`).
+    in_block: bool,
 }
 
 /// The server settings that change how statement text is read, as the server last reported
@@ -272,6 +274,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         search_path_touched: false,
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
+        in_block: false,
     };
     let mut result = r.run().await;
     // A read that reached the target is recorded even though its answer never completed (the
@@ -629,24 +632,50 @@ impl Relay<'_> {
         Ok((seq, verdict, events))
     }
 
-    /// Send an allowed statement's request and decision events on their way: a plain read, when
-    /// no other answer is outstanding, goes to the target at once and is recorded with its
-    /// response (its answer is withheld from the client until then); anything else is recorded
-    /// before it goes to the target.
+    /// Send an allowed statement's request and decision events on their way: a statement that
+    /// may run before it is recorded ([`Relay::deferrable`]) goes to the target at once and is
+    /// recorded with its response (its answer is withheld from the client until then);
+    /// anything else is recorded before it goes to the target.
     async fn record_allowed(&mut self, c: &Classification, events: Vec<Event>) -> Result<(), SessionError> {
-        use proto::policy::Operation as O;
-        let plain_read = c.unknown_effect().is_none()
-            && c.unparsed.is_none()
-            && c.denied_function.is_none()
-            && c.effects.iter().all(|e| matches!(e, SessionEffect::None))
-            && c.accesses.iter().all(|a| matches!(a.operation, O::Select | O::Show));
-        let outstanding = self.expect.iter().any(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)));
-        if plain_read && !outstanding && self.deferred.is_empty() && !self.copy_in {
+        if self.deferrable(c) {
             self.deferred = events;
             Ok(())
         } else {
             self.record(events).await
         }
+    }
+
+    /// May this allowed statement reach the target before its request is recorded? Only when
+    /// nothing it does can outlast a failure to record it (that failure ends the session, and
+    /// with it the target's connection):
+    /// - a plain read: it only selects or shows;
+    /// - `BEGIN`, a savepoint, or `ROLLBACK TO` one, which change no data (`COMMIT`, `END` and
+    ///   `ROLLBACK` end the block, and are recorded before they run);
+    /// - inside a transaction block, reads and plain writes (INSERT, UPDATE, DELETE, MERGE),
+    ///   without transaction statements: if recording fails, the target rolls the block back
+    ///   when the connection closes, so nothing they did is committed unrecorded.
+    ///
+    /// In each case: no function of unknown effect, no session effect, and nothing else
+    /// outstanding; for a write, not even a Sync, so the block the target last reported is
+    /// the one the statement runs in.
+    fn deferrable(&self, c: &Classification) -> bool {
+        use proto::policy::Operation as O;
+        let known = c.unknown_effect().is_none()
+            && c.unparsed.is_none()
+            && c.denied_function.is_none()
+            && !c.ends_block
+            && c.effects.iter().all(|e| matches!(e, SessionEffect::None));
+        if !known || !self.deferred.is_empty() || self.copy_in {
+            return false;
+        }
+        let running = |e: &Expect| matches!(e, Expect::Execute(_) | Expect::Query(..));
+        let ops = |allowed: &dyn Fn(O) -> bool| c.accesses.iter().all(|a| allowed(a.operation));
+        if ops(&|o| matches!(o, O::Select | O::Show | O::Transaction)) {
+            return !self.expect.iter().any(running);
+        }
+        self.in_block
+            && ops(&|o| matches!(o, O::Select | O::Show | O::Insert | O::Update | O::Delete | O::Merge))
+            && !self.expect.iter().any(|e| running(e) || matches!(e, Expect::Sync | Expect::SwallowError))
     }
 
     /// Refuse a message: the client gets `code`/`message` where the target's answer would have
@@ -1016,7 +1045,10 @@ impl Relay<'_> {
                 self.apply_effect(effect);
             }
             (Expect::Query(..), b'I') => {}
-            (Expect::Query(..) | Expect::Sync, b'Z') => done = true,
+            (Expect::Query(..) | Expect::Sync, b'Z') => {
+                self.in_block = f.body.first().is_some_and(|&s| s != b'I');
+                done = true
+            }
             (Expect::Execute(_) | Expect::Query(..), b'W') => {
                 return Err(self.refuse_fatal(
                     sqlstate::FEATURE_NOT_SUPPORTED,
