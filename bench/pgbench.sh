@@ -8,6 +8,8 @@
 #
 # MASKING=1 adds masking to the policy: two pgbench_accounts columns masked by origin and every
 # detector on every value, to measure what inline masking costs.
+# RECORDING=best-effort sets `require_recording: false` on the connection: every event is still
+# published, but sessions do not wait for JetStream's acknowledgement.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECS="${1:-10}"
@@ -80,6 +82,7 @@ connections:
     kind: postgres
     upstream: { host: 127.0.0.1, port: $PG_PORT, database: bench, tls: disable }
     credentials: { user: airlock_svc, password_file: $WORK/pw }
+    require_recording: $([ "${RECORDING:-strict}" = best-effort ] && echo false || echo true)
 rules:
 YAML
   for i in $(seq 1 18); do

@@ -1,32 +1,57 @@
 //! Group commit of session events. Every session of a node hands its events to one journal
 //! task. While a batch is on its way to the bus, the events of other sessions queue up; the
 //! next batch takes all of them at once. So under load a node publishes one bus message per
-//! round trip instead of one per event, and each session still waits for its own events to be
-//! acknowledged before it goes on (the caller of [`Journal::record`] gets `Ok` only then).
+//! round trip instead of one per event.
 //!
-//! Order: a session awaits each `record` before its next one, and batches are published in
-//! order on one connection, so a session's events reach the stream in the order it recorded
-//! them.
+//! Two ways in:
+//! - [`Journal::record`]: the caller gets `Ok` only once its events are acknowledged (sessions
+//!   of connections that require recording);
+//! - [`Journal::submit`]: the events are queued and the caller goes on (best-effort
+//!   recording). At most [`MAX_UNPUBLISHED`] such events wait at once; past that `submit`
+//!   waits too, so a slow or absent bus slows those sessions down rather than growing memory.
+//!   What the bus refuses is logged, with how many events were lost.
+//!
+//! Order: a session awaits each `record`/`submit` before its next one, and batches are
+//! published in order on one connection, so a session's events reach the stream in the order
+//! it handed them over.
+
+use std::sync::Arc;
 
 use eventbus::EventBus;
 use proto::events::Envelope;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tracing::warn;
 
 /// Most `record` calls taken into one batch (the bus splits a batch by size on its own).
 const MAX_ENTRIES: usize = 512;
 
-type Done = oneshot::Sender<Result<(), String>>;
+/// How long a batch of best-effort events only may wait for more.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Most events of best-effort sessions queued and not yet published.
+pub(crate) const MAX_UNPUBLISHED: usize = 65_536;
+
+const STOPPED: &str = "the event journal has stopped";
+
+struct Entry {
+    envs: Vec<Envelope>,
+    /// Who waits for the acknowledgement (`None`: a best-effort submission).
+    done: Option<oneshot::Sender<Result<(), String>>>,
+    /// A best-effort submission's room in the queue, given back once it is published.
+    _room: Option<OwnedSemaphorePermit>,
+}
 
 /// A node's journal: a handle to its group-commit task.
 #[derive(Clone)]
 pub(crate) struct Journal {
-    tx: mpsc::UnboundedSender<(Vec<Envelope>, Done)>,
+    tx: mpsc::UnboundedSender<Entry>,
+    room: Arc<Semaphore>,
 }
 
 impl Journal {
     /// Start the task (on the current runtime); it ends when every handle is dropped.
     pub(crate) fn start(bus: EventBus) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<Envelope>, Done)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
         tokio::spawn(async move {
             let mut entries = Vec::with_capacity(MAX_ENTRIES);
             let mut envs = Vec::new();
@@ -40,32 +65,59 @@ impl Journal {
                         Err(_) => break,
                     }
                 }
+                // Nobody waits for a batch of best-effort events: let it fill for a moment,
+                // fewer and larger messages cost the bus and this node less.
+                if entries.iter().all(|e| e.done.is_none()) {
+                    let until = tokio::time::Instant::now() + LINGER;
+                    while entries.len() < MAX_ENTRIES && entries.iter().all(|e| e.done.is_none()) {
+                        let room = MAX_ENTRIES - entries.len();
+                        match tokio::time::timeout_at(until, rx.recv_many(&mut entries, room)).await {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
+                    }
+                }
                 envs.clear();
                 let mut waiters = Vec::with_capacity(entries.len());
-                for (mut e, done) in entries.drain(..) {
-                    envs.append(&mut e);
-                    waiters.push(done);
+                let mut unwaited = 0;
+                for mut e in entries.drain(..) {
+                    match e.done.take() {
+                        Some(done) => waiters.push(done),
+                        None => unwaited += e.envs.len(),
+                    }
+                    envs.append(&mut e.envs);
                 }
                 let result = bus.publish_batch(&envs).await.map_err(|e| e.to_string());
+                if let (Err(e), true) = (&result, unwaited > 0) {
+                    warn!(events = unwaited, error = %e, "events of best-effort sessions were not recorded");
+                }
                 for done in waiters {
                     // A session that stopped waiting has ended; nothing to tell it.
                     let _ = done.send(result.clone());
                 }
             }
         });
-        Self { tx }
+        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)) }
     }
 
     /// Publish `envs` with whatever other sessions are publishing; `Ok` once acknowledged.
     pub(crate) async fn record(&self, envs: Vec<Envelope>) -> Result<(), String> {
         let (done, wait) = oneshot::channel();
-        self.tx.send((envs, done)).map_err(|_| "the event journal has stopped".to_string())?;
-        wait.await.map_err(|_| "the event journal has stopped".to_string())?
+        self.tx.send(Entry { envs, done: Some(done), _room: None }).map_err(|_| STOPPED.to_string())?;
+        wait.await.map_err(|_| STOPPED.to_string())?
+    }
+
+    /// Queue `envs` for publishing without waiting for it (once there is room for them).
+    pub(crate) async fn submit(&self, envs: Vec<Envelope>) -> Result<(), String> {
+        let n = u32::try_from(envs.len().clamp(1, MAX_UNPUBLISHED)).unwrap_or(u32::MAX);
+        let room = self.room.clone().acquire_many_owned(n).await.map_err(|_| STOPPED.to_string())?;
+        self.tx.send(Entry { envs, done: None, _room: Some(room) }).map_err(|_| STOPPED.to_string())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, HashSet};
     use std::time::Duration;
 
     use proto::events::Event;
@@ -73,8 +125,10 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn concurrent_sessions_are_published_together_and_each_in_order() {
+    /// 20 concurrent sessions hand over 50 events each, waiting for each acknowledgement
+    /// (`strict`) or not. Checks that every session's events arrive complete and in order, and
+    /// returns how many bus messages carried them.
+    async fn twenty_sessions(strict: bool) -> usize {
         let nats = testkit::Nats::start().expect("nats");
         testkit::init_crypto();
         let cfg = eventbus::NatsConfig { url: nats.url.clone(), ..Default::default() };
@@ -90,7 +144,14 @@ mod tests {
                     for seq in 1..=50 {
                         let ev =
                             Event::RequestReceived { seq, statement: "select 1".into(), parameters: vec![] };
-                        j.record(vec![Envelope::new(s, ev)]).await.expect("recorded");
+                        let envs = vec![Envelope::new(s, ev)];
+                        if strict {
+                            j.record(envs).await.expect("recorded");
+                        } else {
+                            j.submit(envs).await.expect("queued");
+                            // A session's statements are spread out in time.
+                            tokio::time::sleep(Duration::from_micros(100 * (seq % 7))).await;
+                        }
                     }
                 })
             })
@@ -98,14 +159,12 @@ mod tests {
         for t in tasks {
             t.await.expect("session task");
         }
-        let mut seen: std::collections::HashMap<Uuid, Vec<u64>> = Default::default();
-        let mut messages = std::collections::HashSet::new();
-        loop {
-            let batch = durable.next_batch(1000, Duration::from_millis(100)).await.expect("fetch");
-            if batch.is_empty() {
-                break;
-            }
-            for d in batch {
+        let mut seen: HashMap<Uuid, Vec<u64>> = Default::default();
+        let mut messages = HashSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.values().map(Vec::len).sum::<usize>() < 1000 {
+            assert!(std::time::Instant::now() < deadline, "events missing");
+            for d in durable.next_batch(1000, Duration::from_millis(100)).await.expect("fetch") {
                 messages.insert(d.stream_seq);
                 d.ack().await.expect("ack");
                 if let Event::RequestReceived { seq, .. } = d.envelope.event {
@@ -114,10 +173,22 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 20);
-        // 1000 events from 20 concurrent sessions: group commit puts many in each message.
-        assert!(messages.len() < 500, "{} bus messages for 1000 events", messages.len());
         for s in &sessions {
             assert_eq!(seen[s], (1..=50).collect::<Vec<_>>(), "session {s} out of order or incomplete");
         }
+        messages.len()
+    }
+
+    #[tokio::test]
+    async fn concurrent_sessions_are_published_together_and_each_in_order() {
+        let messages = twenty_sessions(true).await;
+        // 1000 events from 20 concurrent sessions: group commit puts many in each message.
+        assert!(messages < 500, "{messages} bus messages for 1000 events");
+    }
+
+    #[tokio::test]
+    async fn best_effort_events_are_published_complete_in_order_and_together() {
+        let messages = twenty_sessions(false).await;
+        assert!(messages < 250, "{messages} bus messages for 1000 events");
     }
 }

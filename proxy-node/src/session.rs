@@ -360,22 +360,21 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Publish events; `Err` is the message to refuse the client with.
+    /// Publish events; `Err` is the message to refuse the client with. When the connection
+    /// requires recording, `Ok` means they are acknowledged; otherwise they are only queued
+    /// (the journal logs what the bus refuses).
     pub(crate) async fn record(&self, events: Vec<Event>) -> Result<(), String> {
         let envs: Vec<Envelope> = events.into_iter().map(|e| Envelope::new(self.id, e)).collect();
-        match self.shared.journal.record(envs).await {
-            Ok(()) => Ok(()),
-            Err(e) if self.conn.require_recording => {
-                warn!(error = %e, "cannot record; failing closed");
-                Err(format!(
-                    "airlock: cannot record this session ({e}); refusing to serve unrecorded traffic"
-                ))
-            }
-            Err(e) => {
+        if !self.conn.require_recording {
+            if let Err(e) = self.shared.journal.submit(envs).await {
                 warn!(error = %e, "cannot record; connection does not require recording");
-                Ok(())
             }
+            return Ok(());
         }
+        self.shared.journal.record(envs).await.map_err(|e| {
+            warn!(error = %e, "cannot record; failing closed");
+            format!("airlock: cannot record this session ({e}); refusing to serve unrecorded traffic")
+        })
     }
 
     /// A hold request for a statement and its parameters.

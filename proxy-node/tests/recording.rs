@@ -30,6 +30,11 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with(Duration::from_millis(800)).await
+}
+
+/// The harness, with the bus's ack timeout (how long a strict session waits for a record).
+async fn start_with(ack_timeout: Duration) -> Harness {
     testkit::init_crypto();
     let pg = Postgres::start().unwrap();
     pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
@@ -54,19 +59,25 @@ async fn start() -> Harness {
     upstream: {{ host: 127.0.0.1, port: {}, database: shop, tls: disable }}
     credentials: {{ user: airlock_svc, password_file: {} }}
     require_recording: true
+  - name: shop_lax
+    kind: postgres
+    upstream: {{ host: 127.0.0.1, port: {}, database: shop, tls: disable }}
+    credentials: {{ user: airlock_svc, password_file: {} }}
+    require_recording: false
 rules:
   - {{ name: everything, match: {{ operations: [select, insert, transaction] }}, action: allow }}
 service_accounts:
   - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
 "#,
         pg.port,
+        pw.display(),
+        pg.port,
         pw.display()
     ))
     .unwrap();
     let (tx, rx) =
         watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "t".into() })));
-    let cfg =
-        NatsConfig { url: nats.url.clone(), ack_timeout: Duration::from_millis(800), ..Default::default() };
+    let cfg = NatsConfig { url: nats.url.clone(), ack_timeout, ..Default::default() };
     let bus = EventBus::connect_nats(&cfg).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -87,9 +98,13 @@ service_accounts:
 /// A raw wire client, so that every byte the proxy sends is seen (a driver would hide rows
 /// that come before an error).
 async fn raw_session(port: u16) -> TcpStream {
+    raw_session_to(port, "shop").await
+}
+
+async fn raw_session_to(port: u16, database: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut startup = vec![0, 3, 0, 0];
-    for (k, v) in [("user", "agent"), ("database", "shop")] {
+    for (k, v) in [("user", "agent"), ("database", database)] {
         startup.extend_from_slice(k.as_bytes());
         startup.push(0);
         startup.extend_from_slice(v.as_bytes());
@@ -302,4 +317,24 @@ async fn without_recording_no_write_of_a_block_is_committed() {
         assert_eq!(h.pg.psql("shop", &q).unwrap().trim(), "0", "{sql}: committed without a record");
         restart_nats(&mut h).await;
     }
+}
+
+/// A connection with `require_recording: false` does not wait for the bus: with NATS frozen
+/// (a strict session would wait out the 30 s ack timeout), its statements are answered, and
+/// their events are published once NATS goes on, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_require_recording_does_not_wait_for_the_bus() {
+    let h = start_with(Duration::from_secs(30)).await;
+    let mut durable = h.bus.durable("lax", proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
+    let mut s = raw_session_to(h.port, "shop_lax").await;
+    h.nats.pause();
+    for sql in ["SELECT v FROM vault WHERE id = 1", "INSERT INTO vault VALUES (20, 'best effort')"] {
+        s.write_all(&query(sql)).await.unwrap();
+        let got = read_until_ready(&mut s).await;
+        assert!(tags(&got).contains(&b'C'), "{sql}: {}", String::from_utf8_lossy(&got));
+    }
+    h.nats.resume();
+    let p = positions(&mut durable, 2).await;
+    assert!(p[0][2] <= p[1][0], "the read's events come before the write's: {p:?}");
+    assert_eq!(h.pg.psql("shop", "SELECT v FROM vault WHERE id = 20").unwrap().trim(), "best effort");
 }

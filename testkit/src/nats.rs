@@ -63,6 +63,20 @@ impl Nats {
         Ok(())
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, but nothing is answered.
+    pub fn pause(&self) {
+        if let Some(proc) = &self.proc {
+            crate::send_signal("STOP", i64::from(proc.id()));
+        }
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(proc) = &self.proc {
+            crate::send_signal("CONT", i64::from(proc.id()));
+        }
+    }
+
     /// The server's log so far (empty while stopped).
     pub fn log(&self) -> String {
         self.proc.as_ref().map(Proc::log).unwrap_or_default()
