@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use eventbus::EventBus;
 use proto::events::Envelope;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::warn;
 
 /// Most `record` calls taken into one batch (the bus splits a batch by size on its own).
@@ -46,12 +46,16 @@ struct Entry {
 pub(crate) struct Journal {
     tx: mpsc::UnboundedSender<Entry>,
     room: Arc<Semaphore>,
+    /// Ends the journal's pause for best-effort events: a session is waiting.
+    urgent: Arc<Notify>,
 }
 
 impl Journal {
     /// Start the task (on the current runtime); it ends when every handle is dropped.
     pub(crate) fn start(bus: EventBus) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
+        let waiting = Arc::new(Notify::new());
+        let urgent = waiting.clone();
         tokio::spawn(async move {
             let mut entries = Vec::with_capacity(MAX_ENTRIES);
             let mut envs = Vec::new();
@@ -59,23 +63,17 @@ impl Journal {
                 // Let the sessions that are ready to run reach their next record first: one
                 // more turn of the scheduler, no timer, often a much bigger batch.
                 tokio::task::yield_now().await;
-                while entries.len() < MAX_ENTRIES {
-                    match rx.try_recv() {
-                        Ok(e) => entries.push(e),
-                        Err(_) => break,
-                    }
-                }
+                take_queued(&mut rx, &mut entries);
                 // Nobody waits for a batch of best-effort events: let it fill for a moment,
-                // fewer and larger messages cost the bus and this node less.
+                // fewer and larger messages cost the bus and this node less. Meanwhile the
+                // task does not watch the queue, so handing over events wakes nobody; a
+                // session that waits for its record cuts the pause short.
                 if entries.iter().all(|e| e.done.is_none()) {
-                    let until = tokio::time::Instant::now() + LINGER;
-                    while entries.len() < MAX_ENTRIES && entries.iter().all(|e| e.done.is_none()) {
-                        let room = MAX_ENTRIES - entries.len();
-                        match tokio::time::timeout_at(until, rx.recv_many(&mut entries, room)).await {
-                            Ok(n) if n > 0 => {}
-                            _ => break,
-                        }
+                    tokio::select! {
+                        _ = tokio::time::sleep(LINGER) => {}
+                        _ = waiting.notified() => {}
                     }
+                    take_queued(&mut rx, &mut entries);
                 }
                 envs.clear();
                 let mut waiters = Vec::with_capacity(entries.len());
@@ -97,13 +95,14 @@ impl Journal {
                 }
             }
         });
-        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)) }
+        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)), urgent }
     }
 
     /// Publish `envs` with whatever other sessions are publishing; `Ok` once acknowledged.
     pub(crate) async fn record(&self, envs: Vec<Envelope>) -> Result<(), String> {
         let (done, wait) = oneshot::channel();
         self.tx.send(Entry { envs, done: Some(done), _room: None }).map_err(|_| STOPPED.to_string())?;
+        self.urgent.notify_one();
         wait.await.map_err(|_| STOPPED.to_string())?
     }
 
@@ -112,6 +111,16 @@ impl Journal {
         let n = u32::try_from(envs.len().clamp(1, MAX_UNPUBLISHED)).unwrap_or(u32::MAX);
         let room = self.room.clone().acquire_many_owned(n).await.map_err(|_| STOPPED.to_string())?;
         self.tx.send(Entry { envs, done: None, _room: Some(room) }).map_err(|_| STOPPED.to_string())
+    }
+}
+
+/// Take what is queued now, up to [`MAX_ENTRIES`] in all.
+fn take_queued(rx: &mut mpsc::UnboundedReceiver<Entry>, entries: &mut Vec<Entry>) {
+    while entries.len() < MAX_ENTRIES {
+        match rx.try_recv() {
+            Ok(e) => entries.push(e),
+            Err(_) => break,
+        }
     }
 }
 
