@@ -447,6 +447,9 @@ pub(crate) struct Response {
     pub(crate) copy: Option<(crate::mask::RowPlan, Option<crate::mask::CsvShape>, u8)>,
     /// Does the statement read masked columns (so error texts are withheld)? Computed once.
     pub(crate) reads_masked: Option<bool>,
+    /// The client's own Describe of this portal comes just before this Execute: its row
+    /// description gives the plan (the proxy sends no Describe of its own).
+    pub(crate) planned_by_client_describe: bool,
 }
 
 impl Response {
@@ -464,6 +467,7 @@ impl Response {
             plan: None,
             copy: None,
             reads_masked: None,
+            planned_by_client_describe: false,
         }
     }
 

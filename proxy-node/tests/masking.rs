@@ -470,3 +470,47 @@ async fn what_cannot_be_masked_is_refused_and_held_statements_are_shown_masked()
     assert_eq!(simple(&c, "SELECT 1").await, "1");
     assert!(leaked(&h.recording()).is_none(), "nothing raw was recorded");
 }
+
+/// libpq's extended sequence (Parse, Bind, Describe portal, Execute, Sync, as psycopg and
+/// pgbench send it): the client's own Describe of the portal plans the masking of the rows
+/// that follow. A Describe of another portal never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_describe_of_the_portal_plans_its_masking_and_no_other_does() {
+    use testkit::pgwire::{self, bind, describe, execute, parse, sync, tags};
+    use tokio::io::AsyncWriteExt;
+    let h = start(DEFAULTS).await;
+    let mut s = pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for q in LEAK_QUERIES {
+        let pipeline = [parse("", q), bind("", "", &[]), describe(b'P', ""), execute(""), sync()].concat();
+        s.write_all(&pipeline).await.unwrap();
+        let got = pgwire::read_until_ready(&mut s).await;
+        let seen = String::from_utf8_lossy(&got);
+        if let Some(secret) = leaked(&seen) {
+            failures.push(format!("`{q}` leaked `{secret}`"));
+        }
+        // Rows, or the server's own error for the casts that fail (its text withheld). A
+        // result that cannot be masked would have closed the session.
+        if !tags(&got).contains(&b'D') && !seen.contains("error text is withheld") {
+            failures.push(format!("`{q}` returned no rows: {seen}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Two portals: the Describe of `a` (one column) comes right before the Execute of `b`.
+    let pipeline = [
+        parse("sa", "SELECT id FROM users"),
+        parse("sb", "SELECT email, phone, notes, card FROM users"),
+        bind("a", "sa", &[]),
+        bind("b", "sb", &[]),
+        describe(b'P', "a"),
+        execute("b"),
+        sync(),
+    ]
+    .concat();
+    s.write_all(&pipeline).await.unwrap();
+    let got = pgwire::read_until_ready(&mut s).await;
+    let seen = String::from_utf8_lossy(&got);
+    assert_eq!(leaked(&seen), None, "{seen}");
+    assert_eq!(tags(&got).iter().filter(|&&t| t == b'D').count(), 2, "{seen}");
+    assert!(!tags(&got).contains(&b'E'), "{seen}");
+}

@@ -10,8 +10,9 @@ use std::time::Duration;
 use eventbus::{EventBus, NatsConfig};
 use policy_store::client::ActivePolicy;
 use proto::events::{Envelope, Event};
+use testkit::pgwire::{self, contains, query, read_to_close, read_until_ready, tags};
 use testkit::{Nats, Postgres};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -95,79 +96,12 @@ service_accounts:
     Harness { pg, nats, bus, port, _dir: dir, _stop: stop_tx }
 }
 
-/// A raw wire client, so that every byte the proxy sends is seen (a driver would hide rows
-/// that come before an error).
 async fn raw_session(port: u16) -> TcpStream {
     raw_session_to(port, "shop").await
 }
 
 async fn raw_session_to(port: u16, database: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut startup = vec![0, 3, 0, 0];
-    for (k, v) in [("user", "agent"), ("database", database)] {
-        startup.extend_from_slice(k.as_bytes());
-        startup.push(0);
-        startup.extend_from_slice(v.as_bytes());
-        startup.push(0);
-    }
-    startup.push(0);
-    let mut pkt = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
-    pkt.extend(startup);
-    s.write_all(&pkt).await.unwrap();
-    let mut pw = vec![b'p'];
-    pw.extend_from_slice(&((KEY.len() + 5) as i32).to_be_bytes());
-    pw.extend_from_slice(KEY.as_bytes());
-    pw.push(0);
-    s.write_all(&pw).await.unwrap();
-    read_until_ready(&mut s).await;
-    s
-}
-
-/// What the proxy sends up to the next ReadyForQuery.
-async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !ready_for_query(&seen) {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the proxy closed: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    seen
-}
-
-/// The tags of the whole messages in `bytes`.
-fn tags(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + 5 <= bytes.len() {
-        let len = i32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]) as usize;
-        out.push(bytes[i]);
-        i += 1 + len;
-    }
-    out
-}
-
-fn ready_for_query(bytes: &[u8]) -> bool {
-    tags(bytes).contains(&b'Z')
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    let mut q = vec![b'Q'];
-    q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-    q.extend_from_slice(sql.as_bytes());
-    q.push(0);
-    q
-}
-
-/// Everything the proxy sends until it closes the connection.
-async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await.expect("closed");
-    out
-}
-
-fn contains(hay: &[u8], needle: &str) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+    pgwire::connect(port, "agent", database, KEY).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,11 +12,13 @@
 //! - [`postgres`]: [`Postgres`], a throwaway PostgreSQL cluster made by `initdb` (SCRAM-SHA-256 auth).
 //! - [`s3`]: [`S3`], an S3-compatible server (`moto_server`) with a bucket already created.
 //! - [`oidc`]: [`OidcIssuer`], an OIDC discovery + JWKS endpoint and token minting (ES256, RS256).
+//! - [`pgwire`]: a raw PostgreSQL wire client, for tests that check every byte a proxy sends.
 //! - this file: [`free_port`], [`init_crypto`], [`wait_for_port`].
 
 pub mod fault;
 pub mod nats;
 pub mod oidc;
+pub mod pgwire;
 pub mod postgres;
 pub mod proc;
 pub mod s3;

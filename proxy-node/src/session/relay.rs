@@ -789,15 +789,22 @@ impl Relay<'_> {
     }
 
     /// Send an Execute to the target; with masking, preceded by the proxy's own Describe of the
-    /// portal, so the rows' columns are known even when the client did not ask.
+    /// portal, so the rows' columns are known even when the client did not ask. When the
+    /// client's own Describe of the same portal is what the target answers just before (as
+    /// libpq sends them), its row description gives the plan instead.
     fn forward_execute(&mut self, frame: &Frame, portal: &str, sql: Option<Arc<str>>, seq: u64) {
+        let mut r = Response::new(seq).with_sql(sql);
         if self.rules.is_some() {
-            let d = msg::describe(b'P', portal);
-            self.send_upstream(&d);
-            self.expect.push_back(Expect::HiddenDescribe);
+            if matches!(self.expect.back(), Some(Expect::DescribePortal(p)) if p == portal) {
+                r.planned_by_client_describe = true;
+            } else {
+                let d = msg::describe(b'P', portal);
+                self.send_upstream(&d);
+                self.expect.push_back(Expect::HiddenDescribe);
+            }
         }
         self.send_upstream(frame);
-        self.expect.push_back(Expect::Execute(Box::new(Response::new(seq).with_sql(sql))));
+        self.expect.push_back(Expect::Execute(Box::new(r)));
     }
 
     async fn parse(&mut self, f: Frame, name: String, sql: String) -> Result<(), SessionError> {

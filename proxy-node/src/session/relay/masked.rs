@@ -142,6 +142,13 @@ impl Relay<'_> {
                         return Ok(None);
                     }
                     Some(Expect::Execute(r) | Expect::Query(r, _)) => r.plan = Some(plan),
+                    Some(Expect::DescribePortal(_)) => {
+                        if let Some(Expect::Execute(r)) = self.expect.get_mut(1)
+                            && r.planned_by_client_describe
+                        {
+                            r.plan = Some(plan);
+                        }
+                    }
                     _ => {}
                 }
             }
