@@ -13,6 +13,7 @@ use masking::strategy::{Masker, Strategy};
 use masking::value::{self, Format, MaskError};
 use proto::events::Principal;
 use proto::policy::{ColumnPattern, PolicyDocument, UnknownLineage};
+use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Statement};
 
 /// The masking entries that apply to one session, compiled.
 pub struct Rules {
@@ -640,6 +641,108 @@ mod copy {
             assert!(split_csv(b"\"open", b',', shape).is_none());
         }
     }
+}
+
+/// What a COPY TO writes: `None` for binary.
+pub(crate) struct CopyShape {
+    pub(crate) csv: Option<CsvShape>,
+    pub(crate) delimiter: u8,
+}
+
+/// The output shape of a COPY TO statement; `None` when it is binary or uses options that
+/// change the shape in ways the gateway does not parse (then it refuses).
+pub(crate) fn copy_shape(st: &Statement) -> Option<CopyShape> {
+    let Statement::Copy { options, legacy_options, .. } = st else { return None };
+    let mut csv = false;
+    let mut binary = false;
+    let mut delimiter = None;
+    let mut quote = b'"';
+    let mut escape = None;
+    let byte = |c: char| u8::try_from(c).ok().filter(u8::is_ascii);
+    for o in options {
+        match o {
+            CopyOption::Format(f) => match f.value.to_ascii_lowercase().as_str() {
+                "text" => csv = false,
+                "csv" => csv = true,
+                _ => binary = true,
+            },
+            CopyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
+            CopyOption::Quote(c) => quote = byte(*c)?,
+            CopyOption::Escape(c) => escape = Some(byte(*c)?),
+            CopyOption::Null(_) | CopyOption::Header(_) | CopyOption::Encoding(_) | CopyOption::Freeze(_) => {
+            }
+            CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {}
+        }
+    }
+    for o in legacy_options {
+        match o {
+            CopyLegacyOption::Binary => binary = true,
+            CopyLegacyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
+            CopyLegacyOption::Null(_) | CopyLegacyOption::Header => {}
+            CopyLegacyOption::Csv(opts) => {
+                csv = true;
+                for c in opts {
+                    match c {
+                        CopyLegacyCsvOption::Quote(c) => quote = byte(*c)?,
+                        CopyLegacyCsvOption::Escape(c) => escape = Some(byte(*c)?),
+                        CopyLegacyCsvOption::Header
+                        | CopyLegacyCsvOption::ForceQuote(_)
+                        | CopyLegacyCsvOption::ForceNotNull(_) => {}
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    if binary {
+        return Some(CopyShape { csv: None, delimiter: 0 });
+    }
+    Some(if csv {
+        CopyShape {
+            csv: Some(CsvShape { quote, escape: escape.unwrap_or(quote) }),
+            delimiter: delimiter.unwrap_or(b','),
+        }
+    } else {
+        CopyShape { csv: None, delimiter: delimiter.unwrap_or(b'\t') }
+    })
+}
+
+/// What masking must know of a message's statements before they run, whatever the rules
+/// (0-based statement indexes): the first COPY TO whose output cannot be masked (binary, or
+/// options the gateway does not parse), and the first whose result columns' origins cannot
+/// all be told.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrecheckFacts {
+    pub unmaskable_copy: Option<usize>,
+    pub unclear_lineage: Option<usize>,
+}
+
+/// [`PrecheckFacts`] of parsed statements.
+pub(crate) fn precheck_facts(stmts: &[Statement]) -> PrecheckFacts {
+    let mut facts = PrecheckFacts::default();
+    for (i, st) in stmts.iter().enumerate() {
+        if facts.unmaskable_copy.is_none()
+            && let sqlparser::ast::Statement::Copy { to: true, .. } = st
+            && copy_shape(st).is_none_or(|s| s.csv.is_none() && s.delimiter == 0)
+        {
+            facts.unmaskable_copy = Some(i);
+        }
+        if facts.unclear_lineage.is_none() {
+            let unclear = match masking::lineage::lineage(st) {
+                Ok(l) => {
+                    !l.exact
+                        || l.outputs
+                            .iter()
+                            .any(|o| matches!(o, masking::lineage::Output::Column { opaque: true, .. }))
+                }
+                Err(_) => true,
+            };
+            if unclear {
+                facts.unclear_lineage = Some(i);
+            }
+        }
+    }
+    facts
 }
 
 #[cfg(test)]

@@ -123,6 +123,8 @@ pub struct Classification {
     /// savepoint): it makes what the block did durable, and what follows it in the message
     /// runs outside the block.
     pub ends_block: bool,
+    /// What masking must know before the statements run (see `mask::PrecheckFacts`).
+    pub mask_facts: crate::mask::PrecheckFacts,
 }
 
 /// Is `name` a built-in function known to be read-only (when it is the one the server runs)?
@@ -557,6 +559,7 @@ pub fn classify(sql: &str) -> Classification {
         }
     };
     c.statements = statements.len();
+    c.mask_facts = crate::mask::precheck_facts(&statements);
     if statements.is_empty() {
         // Only comments or semicolons: the server answers EmptyQueryResponse.
         return c;

@@ -607,7 +607,7 @@ impl Relay<'_> {
     ) -> Result<(u64, Verdict, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = match self.mask_precheck(sql) {
+        let verdict = match self.mask_precheck(sql, c) {
             Some(reason) => {
                 Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None }
             }
@@ -817,7 +817,7 @@ impl Relay<'_> {
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = match self.mask_precheck(&sql) {
+        let verdict = match self.mask_precheck(&sql, &c) {
             Some(reason) => {
                 Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None }
             }

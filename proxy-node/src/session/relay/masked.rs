@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use masking::lineage::lineage_sql;
-use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Statement};
+
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -27,12 +27,6 @@ use crate::mask::{CsvShape, RowPlan};
 
 /// Views are followed this deep at most; deeper counts as masked.
 const MAX_VIEW_DEPTH: u8 = 8;
-
-/// What a COPY TO writes: `None` for binary.
-struct CopyShape {
-    csv: Option<CsvShape>,
-    delimiter: u8,
-}
 
 impl Relay<'_> {
     /// Recompile the session's masking rules when the policy version changed.
@@ -62,34 +56,33 @@ impl Relay<'_> {
 
     /// A reason to refuse a statement before it runs because its results could not be masked:
     /// a binary COPY TO, or (with `unknown_lineage: deny`) a result the lineage cannot explain.
-    pub(super) fn mask_precheck(&self, sql: &str) -> Option<String> {
+    /// Read from the classification (computed once per statement shape); text the classifier
+    /// refused is parsed here.
+    pub(super) fn mask_precheck(&self, sql: &str, c: &crate::policy::Classification) -> Option<String> {
         let rules = self.rules.as_ref()?;
-        let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-        for (i, st) in stmts.iter().enumerate() {
-            if let Statement::Copy { to: true, .. } = st
-                && copy_shape(st).is_none_or(|s| s.csv.is_none() && s.delimiter == 0)
-            {
-                return Some(
-                    "COPY TO in binary format (or with options the gateway cannot parse) cannot be masked; use text or csv"
-                        .into(),
-                );
-            }
-            if rules.has_columns() && rules.unknown == proto::policy::UnknownLineage::Deny {
-                let unclear = match masking::lineage::lineage(st) {
-                    Ok(l) => {
-                        !l.exact || l.outputs.iter().any(|o| matches!(o, Output::Column { opaque: true, .. }))
-                    }
-                    Err(_) => true,
-                };
-                if unclear {
-                    return Some(format!(
-                        "statement {} reads columns whose origin cannot be told, and the policy says to deny rather than mask (defaults.unknown_lineage)",
-                        i + 1
-                    ));
-                }
-            }
+        let parsed;
+        let facts = if c.unparsed.is_some() {
+            parsed = mask::precheck_facts(&Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?);
+            &parsed
+        } else {
+            &c.mask_facts
+        };
+        let lineage = if rules.has_columns() && rules.unknown == proto::policy::UnknownLineage::Deny {
+            facts.unclear_lineage
+        } else {
+            None
+        };
+        match (facts.unmaskable_copy, lineage) {
+            (Some(copy), l) if l.is_none_or(|l| copy <= l) => Some(
+                "COPY TO in binary format (or with options the gateway cannot parse) cannot be masked; use text or csv"
+                    .into(),
+            ),
+            (_, Some(i)) => Some(format!(
+                "statement {} reads columns whose origin cannot be told, and the policy says to deny rather than mask (defaults.unknown_lineage)",
+                i + 1
+            )),
+            _ => None,
         }
-        None
     }
 
     /// Mask a frame from the target. `None`: the frame was the proxy's own and is consumed.
@@ -391,7 +384,7 @@ impl Relay<'_> {
         }
         let parsed = sql.and_then(|s| Parser::parse_sql(&PostgreSqlDialect {}, s).ok());
         let st = parsed.as_ref().and_then(|p| p.get(stmt));
-        let shape = st.and_then(copy_shape).ok_or("the COPY statement's format could not be read")?;
+        let shape = st.and_then(mask::copy_shape).ok_or("the COPY statement's format could not be read")?;
         let fields: Vec<Field> = (0..ncols)
             .map(|_| Field {
                 name: Bytes::new(),
@@ -468,63 +461,5 @@ fn output_sources(l: &Lineage) -> impl Iterator<Item = ColumnRef> + '_ {
                 .map(|t| ColumnRef { schema: t.schema.clone(), table: t.table.clone(), column: None })
                 .collect(),
         }
-    })
-}
-
-/// The output shape of a COPY TO statement; `None` when it is binary or uses options that
-/// change the shape in ways the gateway does not parse (then it refuses).
-fn copy_shape(st: &Statement) -> Option<CopyShape> {
-    let Statement::Copy { options, legacy_options, .. } = st else { return None };
-    let mut csv = false;
-    let mut binary = false;
-    let mut delimiter = None;
-    let mut quote = b'"';
-    let mut escape = None;
-    let byte = |c: char| u8::try_from(c).ok().filter(u8::is_ascii);
-    for o in options {
-        match o {
-            CopyOption::Format(f) => match f.value.to_ascii_lowercase().as_str() {
-                "text" => csv = false,
-                "csv" => csv = true,
-                _ => binary = true,
-            },
-            CopyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
-            CopyOption::Quote(c) => quote = byte(*c)?,
-            CopyOption::Escape(c) => escape = Some(byte(*c)?),
-            CopyOption::Null(_) | CopyOption::Header(_) | CopyOption::Encoding(_) | CopyOption::Freeze(_) => {
-            }
-            CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {}
-        }
-    }
-    for o in legacy_options {
-        match o {
-            CopyLegacyOption::Binary => binary = true,
-            CopyLegacyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
-            CopyLegacyOption::Null(_) | CopyLegacyOption::Header => {}
-            CopyLegacyOption::Csv(opts) => {
-                csv = true;
-                for c in opts {
-                    match c {
-                        CopyLegacyCsvOption::Quote(c) => quote = byte(*c)?,
-                        CopyLegacyCsvOption::Escape(c) => escape = Some(byte(*c)?),
-                        CopyLegacyCsvOption::Header
-                        | CopyLegacyCsvOption::ForceQuote(_)
-                        | CopyLegacyCsvOption::ForceNotNull(_) => {}
-                    }
-                }
-            }
-            _ => return None,
-        }
-    }
-    if binary {
-        return Some(CopyShape { csv: None, delimiter: 0 });
-    }
-    Some(if csv {
-        CopyShape {
-            csv: Some(CsvShape { quote, escape: escape.unwrap_or(quote) }),
-            delimiter: delimiter.unwrap_or(b','),
-        }
-    } else {
-        CopyShape { csv: None, delimiter: delimiter.unwrap_or(b'\t') }
     })
 }
