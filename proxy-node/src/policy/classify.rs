@@ -59,15 +59,22 @@ impl TableName {
 
     /// Does a rule pattern (`orders`, `public.orders`, `audit_*`) match this table?
     pub fn matches(&self, pattern: &str) -> bool {
-        let pat: Vec<&str> = pattern.split('.').collect();
-        match pat.as_slice() {
-            [t] => glob(&t.to_lowercase(), self.table()),
-            [s, t] => {
+        // Called for every rule on every statement: allocate only for a pattern with capitals.
+        let lower;
+        let pattern = if pattern.chars().any(char::is_uppercase) {
+            lower = pattern.to_lowercase();
+            lower.as_str()
+        } else {
+            pattern
+        };
+        match pattern.split_once('.') {
+            None => glob(pattern, self.table()),
+            Some((s, t)) if !t.contains('.') => {
                 // An unqualified name in a statement may resolve to any schema: match on the table.
-                let schema_ok = self.parts.len() < 2 || glob(&s.to_lowercase(), &self.parts[0]);
-                schema_ok && glob(&t.to_lowercase(), self.table())
+                let schema_ok = self.parts.len() < 2 || glob(s, &self.parts[0]);
+                schema_ok && glob(t, self.table())
             }
-            _ => false,
+            Some(_) => false,
         }
     }
 }

@@ -49,15 +49,17 @@ pub struct SessionFacts {
 
 fn matches(rule: &Rule, a: &Access, facts: SessionFacts) -> bool {
     let op_ok = rule.matches.operations.is_empty() || rule.matches.operations.contains(&a.operation);
+    if !op_ok {
+        return false;
+    }
     let strict = rule.action == Decision::Allow && facts.search_path_touched;
-    let table_ok = rule.matches.tables.is_empty()
+    rule.matches.tables.is_empty()
         || a.table.as_ref().is_some_and(|t| {
             rule.matches
                 .tables
                 .iter()
                 .any(|p| t.matches(p) && !(strict && t.unqualified() && p.contains('.')))
-        });
-    op_ok && table_ok
+        })
 }
 
 impl Verdict {
