@@ -328,23 +328,7 @@ async fn malformed_and_huge_messages_close_only_their_own_session() {
         .expect("idle client dropped")
         .unwrap();
     // An authenticated session that sends a message claiming to be 1 GiB.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
-    let mut startup = vec![0, 3, 0, 0];
-    for (k, v) in [("user", "agent"), ("database", "shop")] {
-        startup.extend_from_slice(k.as_bytes());
-        startup.push(0);
-        startup.extend_from_slice(v.as_bytes());
-        startup.push(0);
-    }
-    startup.push(0);
-    let mut pkt = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
-    pkt.extend(startup);
-    s.write_all(&pkt).await.unwrap();
-    let mut pw = vec![b'p'];
-    pw.extend_from_slice(&((KEY.len() + 5) as i32).to_be_bytes());
-    pw.extend_from_slice(KEY.as_bytes());
-    pw.push(0);
-    s.write_all(&pw).await.unwrap();
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
     s.write_all(&[b'Q', 0x40, 0, 0, 0]).await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
