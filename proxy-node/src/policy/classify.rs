@@ -59,9 +59,10 @@ impl TableName {
 
     /// Does a rule pattern (`orders`, `public.orders`, `audit_*`) match this table?
     pub fn matches(&self, pattern: &str) -> bool {
-        // Called for every rule on every statement: allocate only for a pattern with capitals.
+        // Called for every rule on every statement: allocate only for a pattern that
+        // lowercasing could change (ASCII capitals, or anything not ASCII).
         let lower;
-        let pattern = if pattern.chars().any(char::is_uppercase) {
+        let pattern = if pattern.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()) {
             lower = pattern.to_lowercase();
             lower.as_str()
         } else {
@@ -1069,6 +1070,10 @@ mod tests {
         assert!(!t.matches("users"));
         let bare = TableName { parts: vec!["orders".into()] };
         assert!(bare.matches("public.orders"), "unqualified may resolve to any schema");
+        assert!(!t.matches("db.public.orders"));
+        // Patterns are lowercased as Unicode: a titlecase letter is not "uppercase", but folds.
+        let odd = TableName { parts: vec!["\u{1c6}_t".into()] };
+        assert!(odd.matches("\u{1c5}_t") && odd.matches("\u{1c4}_T"));
     }
 
     #[test]
