@@ -209,17 +209,22 @@ async fn nats_a_batch_comes_back_whole_until_every_envelope_is_acked() -> Result
     Ok(())
 }
 
+/// `n` requests of one session, each with a 100 KiB statement.
+fn big_requests(n: u64) -> Vec<Envelope> {
+    let session = Uuid::now_v7();
+    let big = "x".repeat(100 * 1024);
+    (1..=n)
+        .map(|seq| {
+            Envelope::new(session, Event::RequestReceived { seq, statement: big.clone(), parameters: vec![] })
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn nats_a_fetch_cut_short_by_its_byte_limit_keeps_what_arrived() -> Result<()> {
     let nats = testkit::Nats::start()?;
     let EventBus::Nats(bus) = nats_bus(&nats).await? else { unreachable!("nats_bus returns NATS") };
-    let session = Uuid::now_v7();
-    let big = "x".repeat(100 * 1024);
-    let envs: Vec<Envelope> = (1..=10)
-        .map(|seq| {
-            Envelope::new(session, Event::RequestReceived { seq, statement: big.clone(), parameters: vec![] })
-        })
-        .collect();
+    let envs = big_requests(10);
     EventBus::Nats(bus.clone()).publish_all(&envs).await?;
     // 250 KB per fetch: each fetch ends after two or three of the ten 100 KB messages.
     let mut durable =
@@ -244,13 +249,7 @@ async fn nats_an_oversized_batch_is_split_across_messages() -> Result<()> {
     let nats = testkit::Nats::start()?;
     let bus = nats_bus(&nats).await?;
     let mut durable = bus.durable("split", subjects::ALL_SESSION_EVENTS).await?;
-    let session = Uuid::now_v7();
-    let big = "x".repeat(100 * 1024);
-    let envs: Vec<Envelope> = (1..=8)
-        .map(|seq| {
-            Envelope::new(session, Event::RequestReceived { seq, statement: big.clone(), parameters: vec![] })
-        })
-        .collect();
+    let envs = big_requests(8);
     bus.publish_batch(&envs).await?;
     let got = collect(&mut durable, 8, Duration::from_secs(10)).await?;
     ensure!(statement_seqs(&got) == (1..=8).collect::<Vec<_>>(), "order: {:?}", statement_seqs(&got));

@@ -722,7 +722,7 @@ pub(crate) fn precheck_facts(stmts: &[Statement]) -> PrecheckFacts {
     let mut facts = PrecheckFacts::default();
     for (i, st) in stmts.iter().enumerate() {
         if facts.unmaskable_copy.is_none()
-            && let sqlparser::ast::Statement::Copy { to: true, .. } = st
+            && let Statement::Copy { to: true, .. } = st
             && copy_shape(st).is_none_or(|s| s.csv.is_none() && s.delimiter == 0)
         {
             facts.unmaskable_copy = Some(i);

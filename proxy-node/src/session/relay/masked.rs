@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use masking::lineage::lineage_sql;
-
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
