@@ -1,7 +1,7 @@
 //! A node-wide cache of [`classify`]: agents repeat the same statements, so each text is parsed
 //! once, not once per execution.
 //!
-//! Two levels:
+//! Three levels:
 //! - by exact text (prepared and extended-protocol statements, whose values come as parameters);
 //! - by token stream with small integer literals set to `0` (simple-protocol statements that
 //!   differ only in such numbers, like `... WHERE id = 42`). [`classify`] is a function of the
@@ -9,6 +9,12 @@
 //!   reports (operations, tables, functions, effects) holds no literal values; only integer
 //!   literals of up to 18 digits are folded, which every parser rule that takes a number accepts
 //!   whatever their value. Strings, identifiers, other numbers and comments stay in the key.
+//! - in front of the token level, the same folding done on the text without tokenizing it, for
+//!   the texts where that is plainly the same thing ([`folded_text`]): only letters, digits,
+//!   blanks and a few punctuation marks, no quotes, comments, `$`, `?` or `:`; a run of digits
+//!   folds only when both its neighbours are blanks or operators. Two texts with the same such
+//!   key differ only in integer literals, so they have the same folded tokens, and so the same
+//!   classification. Tokenizing was the biggest cost of a cache hit.
 //!
 //! Each level is bounded; when full, it starts over.
 
@@ -30,29 +36,41 @@ const MAX_TEXT: usize = 8 * 1024;
 pub struct ClassifyCache {
     by_text: Mutex<HashMap<Box<str>, Arc<Classification>>>,
     by_tokens: Mutex<HashMap<Vec<Token>, Arc<Classification>>>,
+    by_folded_text: Mutex<HashMap<Box<str>, Arc<Classification>>>,
 }
 
 impl ClassifyCache {
     /// [`classify`]`(sql)`, from the cache when the statement was seen before.
-    pub fn classify(&self, sql: &str) -> Classification {
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
         if sql.len() > MAX_TEXT {
-            return classify(sql);
+            return Arc::new(classify(sql));
         }
         if let Some(c) = lock(&self.by_text).get(sql) {
-            return (**c).clone();
+            return c.clone();
         }
-        let key = if sql.bytes().any(|b| b.is_ascii_digit()) { folded_tokens(sql) } else { None };
+        let text_key = folded_text(sql);
+        if let Some(key) = &text_key
+            && let Some(c) = lock(&self.by_folded_text).get(key.as_str())
+        {
+            return c.clone();
+        }
+        let key = if text_key.is_none() && sql.bytes().any(|b| b.is_ascii_digit()) {
+            folded_tokens(sql)
+        } else {
+            None
+        };
         if let Some(key) = &key
             && let Some(c) = lock(&self.by_tokens).get(key)
         {
-            return (**c).clone();
+            return c.clone();
         }
         let c = Arc::new(classify(sql));
-        match key {
-            Some(key) => insert(&self.by_tokens, key, c.clone()),
-            None => insert(&self.by_text, sql.into(), c.clone()),
+        match (text_key, key) {
+            (Some(text_key), _) => insert(&self.by_folded_text, text_key.into_boxed_str(), c.clone()),
+            (None, Some(key)) => insert(&self.by_tokens, key, c.clone()),
+            (None, None) => insert(&self.by_text, sql.into(), c.clone()),
         }
-        Arc::unwrap_or_clone(c)
+        c
     }
 }
 
@@ -67,6 +85,72 @@ fn insert<K: std::hash::Hash + Eq>(m: &Mutex<HashMap<K, Arc<Classification>>>, k
         m.clear();
     }
     m.insert(k, v);
+}
+
+/// Characters next to which a run of digits is a whole integer literal, to the server and to
+/// sqlparser alike (blanks and operators; not `.`, letters, `_`, `$`, quotes, `:` or `?`).
+fn delimits_number(b: u8) -> bool {
+    matches!(
+        b,
+        b' ' | b'\t'
+            | b'\n'
+            | b'\r'
+            | b'('
+            | b')'
+            | b','
+            | b'='
+            | b'<'
+            | b'>'
+            | b'+'
+            | b'-'
+            | b'*'
+            | b'/'
+            | b'%'
+            | b';'
+            | b'['
+            | b']'
+    )
+}
+
+/// `sql` with every integer literal of at most 18 digits set to `0`, found without tokenizing;
+/// `None` unless `sql` is simple enough for that to be certain, and has such a literal.
+///
+/// Simple enough: ASCII letters, digits, `_`, `.` and the [`delimits_number`] characters only,
+/// and no comment (`--`, `/*`). Without quotes, comments, `$`, `?`, `:` or backslashes, every
+/// byte of the text is in a word, a number, an operator or a blank; a maximal run of digits
+/// whose neighbours both delimit numbers (or are the ends of the text) can then only be a whole
+/// integer literal (not part of a name like `t1`, a decimal like `1.5`, an exponent like `1e5`,
+/// `0x1F`, `1_000`, or a parameter like `$1`).
+fn folded_text(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    let plain = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || delimits_number(c);
+    if !b.iter().all(|&c| plain(c)) || sql.contains("--") || sql.contains("/*") {
+        return None;
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut folded = false;
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            out.push(char::from(b[i]));
+            i += 1;
+            continue;
+        }
+        let before = start.checked_sub(1).map(|p| b[p]);
+        let after = b.get(i).copied();
+        let whole = before.is_none_or(delimits_number) && after.is_none_or(delimits_number);
+        if whole && i - start <= 18 {
+            out.push('0');
+            folded = true;
+        } else {
+            out.push_str(&sql[start..i]);
+        }
+    }
+    folded.then_some(out)
 }
 
 /// The tokens sqlparser reads in `sql`, with integer literals of at most 18 digits set to `0`;
@@ -93,12 +177,20 @@ mod tests {
     #[test]
     fn statements_differing_only_in_integers_share_an_entry_and_classify_the_same() {
         let cache = ClassifyCache::default();
+        // Plain text: folded without tokenizing.
         let a = cache.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 12345");
-        assert_eq!(lock(&cache.by_tokens).len(), 1);
+        assert_eq!(lock(&cache.by_folded_text).len(), 1);
         let b = cache.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 7");
+        assert_eq!(lock(&cache.by_folded_text).len(), 1, "the second text is a hit");
+        assert_eq!(a, b);
+        assert_eq!(*a, classify("SELECT abalance FROM pgbench_accounts WHERE aid = 7"));
+        // With a string literal: folded by the tokenizer.
+        let a = cache.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 12345 AND filler = 'x'");
+        assert_eq!(lock(&cache.by_tokens).len(), 1);
+        let b = cache.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 7 AND filler = 'x'");
         assert_eq!(lock(&cache.by_tokens).len(), 1, "the second text is a hit");
         assert_eq!(a, b);
-        assert_eq!(a, classify("SELECT abalance FROM pgbench_accounts WHERE aid = 7"));
+        assert_eq!(lock(&cache.by_folded_text).len(), 1);
     }
 
     #[test]
@@ -120,8 +212,8 @@ mod tests {
         ] {
             let a = cache.classify(first);
             let b = cache.classify(second);
-            assert_eq!(a, classify(first), "{first}");
-            assert_eq!(b, classify(second), "{second}");
+            assert_eq!(*a, classify(first), "{first}");
+            assert_eq!(*b, classify(second), "{second}");
         }
     }
 
@@ -129,7 +221,7 @@ mod tests {
     fn exact_texts_without_digits_are_cached_and_both_levels_stay_bounded() {
         let cache = ClassifyCache::default();
         let q = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
-        assert_eq!(cache.classify(q), classify(q));
+        assert_eq!(*cache.classify(q), classify(q));
         assert!(lock(&cache.by_text).contains_key(q));
         let letters =
             |i: usize| -> String { i.to_string().bytes().map(|d| (d - b'0' + b'a') as char).collect() };
@@ -139,6 +231,102 @@ mod tests {
         }
         assert!(lock(&cache.by_tokens).len() <= CAPACITY);
         assert!(lock(&cache.by_text).len() <= CAPACITY);
+    }
+
+    #[test]
+    fn text_folding_takes_only_whole_integers_of_plain_text() {
+        assert_eq!(
+            folded_text("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;").as_deref(),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = 0;")
+        );
+        assert_eq!(
+            folded_text("SELECT a[1],-2,(3) FROM t LIMIT 10 OFFSET 5").as_deref(),
+            Some("SELECT a[0],-0,(0) FROM t LIMIT 0 OFFSET 0")
+        );
+        // Digits that are not a whole integer literal stay as they are.
+        assert_eq!(
+            folded_text("SELECT 1.5, .5, 1e5, 0x1F, 1_000, t1.c2, 7 FROM t3").as_deref(),
+            Some("SELECT 1.5, .5, 1e5, 0x1F, 1_000, t1.c2, 0 FROM t3")
+        );
+        assert_eq!(
+            folded_text("SELECT 1234567890123456789, 1").as_deref(),
+            Some("SELECT 1234567890123456789, 0")
+        );
+        // Nothing to fold, or not plain enough to fold without the tokenizer.
+        for sql in [
+            "SELECT a FROM t",
+            "SELECT t1 FROM t2",
+            "SELECT 1 -- 2",
+            "SELECT 1 /* 2 */",
+            "SELECT '1', 2",
+            "SELECT \"1\", 2",
+            "SELECT $1, 2",
+            "SELECT $$1$$, 2",
+            "SELECT ?1, 2",
+            "SELECT 1::int, 2",
+            "SELECT E'\\1', 2",
+            "SELECT 1 @ 2",
+            "SELECT 1 # 2",
+            "SELECT 1 \u{e9} 2",
+            "SELECT 1\u{b}, 2",
+        ] {
+            assert_eq!(folded_text(sql), None, "{sql}");
+        }
+    }
+
+    /// Statements that differ only in numbers, in every place a number can go and next to every
+    /// character that could make digits something else, classify through the cache exactly as
+    /// without it, in whatever order they arrive.
+    #[test]
+    fn the_cache_never_answers_for_a_different_statement() {
+        let templates = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+            "SELECT * FROM t WHERE a IN ({},{}) LIMIT {} OFFSET {}",
+            "SELECT a[{}] FROM t{}",
+            "SELECT {} FROM t; DELETE FROM t WHERE id = {}",
+            "UPDATE t SET a = a + {} WHERE id = {}",
+            "INSERT INTO t VALUES ({}, {})",
+            "FETCH {} FROM c1",
+            "SELECT {}e{} FROM t",
+            "SELECT x.{} FROM t x",
+            "SELECT {}_{} FROM t",
+            "DELETE FROM t{} WHERE a = {}",
+            "SELECT pg_sleep({})",
+            "SELECT {}-{}*{}/{}%{}",
+            "SELECT 1 FROM t{}e",
+        ];
+        let values = [
+            "0",
+            "1",
+            "42",
+            "007",
+            "123456789012345678",
+            "1234567890123456789",
+            "1.5",
+            ".5",
+            "x",
+            "0x1F",
+            "",
+        ];
+        let cache = ClassifyCache::default();
+        let mut n = 0;
+        for (round, t) in templates.iter().cycle().take(templates.len() * 4).enumerate() {
+            for i in 0..values.len() {
+                let mut sql = String::new();
+                let mut k = i + round;
+                for (j, part) in t.split("{}").enumerate() {
+                    if j > 0 {
+                        sql.push_str(values[k % values.len()]);
+                        k = k * 7 + 3;
+                    }
+                    sql.push_str(part);
+                }
+                assert_eq!(*cache.classify(&sql), classify(&sql), "{sql}");
+                n += 1;
+            }
+        }
+        assert!(n > 400);
+        assert!(lock(&cache.by_folded_text).len() > 10, "the text level was used");
     }
 
     #[test]
