@@ -68,6 +68,9 @@ pub struct Catalog {
     cache: HashMap<FunctionRef, (bool, Instant)>,
     origins: HashMap<(u32, i16), (Option<Origin>, Instant)>,
     relations: HashMap<(Option<String>, String), (Vec<Relation>, Instant)>,
+    /// Unqualified names last found to name no view in any schema (so reading them runs no
+    /// view definition): the answer of [`Catalog::views_read_only`] without a lookup.
+    no_view: HashMap<String, Instant>,
     columns: HashMap<(Option<String>, String), (Vec<String>, Instant)>,
 }
 
@@ -85,6 +88,7 @@ impl Catalog {
         self.cache.clear();
         self.origins.clear();
         self.relations.clear();
+        self.no_view.clear();
         self.columns.clear();
     }
 
@@ -128,10 +132,16 @@ impl Catalog {
     pub async fn views_read_only(
         &mut self,
         target: &Connection,
-        tables: &[crate::policy::TableName],
+        tables: &[&crate::policy::TableName],
         timeout: Duration,
         max: usize,
     ) -> bool {
+        let plain = |t: &crate::policy::TableName| {
+            t.schema().is_none() && self.no_view.get(t.table()).is_some_and(|at| at.elapsed() < TTL)
+        };
+        if tables.iter().all(|t| plain(t)) {
+            return true;
+        }
         let reach = Reach { target, timeout, max };
         let mut work: Vec<(Option<String>, String, u8)> =
             tables.iter().map(|t| (t.schema().map(str::to_string), t.table().to_string(), 0)).collect();
@@ -228,6 +238,9 @@ impl Catalog {
                 })
             })
             .collect();
+        if schema.is_none() && rels.iter().all(|r| r.relkind != 'v') {
+            self.no_view.insert(name.to_string(), Instant::now());
+        }
         self.relations.insert(key, (rels.clone(), Instant::now()));
         Ok(rels)
     }

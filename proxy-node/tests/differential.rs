@@ -436,11 +436,11 @@ async fn resolve(pg: &Postgres, dir: &std::path::Path, c: &mut Classification) -
         }
     }
     c.resolve_functions(|f: &FunctionRef| read_only.contains(f));
-    let read: Vec<proxy_node::policy::TableName> = c
+    let read: Vec<&proxy_node::policy::TableName> = c
         .accesses
         .iter()
         .filter(|a| a.operation == proto::policy::Operation::Select)
-        .filter_map(|a| a.table.clone())
+        .filter_map(|a| a.table.as_ref())
         .collect();
     if !read.is_empty()
         && c.unknown.is_none()

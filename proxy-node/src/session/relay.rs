@@ -713,36 +713,42 @@ impl Relay<'_> {
     }
 
     /// Look up the volatility of the functions a statement calls; DDL invalidates the cache.
-    async fn resolve_functions(&mut self, c: &mut Classification) {
+    async fn resolve_functions(&mut self, c: &mut Arc<Classification>) {
         use proto::policy::Operation as O;
         if c.accesses.iter().any(|a| matches!(a.operation, O::Create | O::Alter | O::Drop)) {
             self.catalog.invalidate();
         }
         let cfg = &self.s.shared.cfg;
         let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
-        let mut read_only = std::collections::HashSet::new();
-        for f in c.functions.iter().chain(&c.builtins).cloned().collect::<Vec<_>>() {
-            if self.catalog.read_only(&self.s.conn, &f, timeout, max).await {
-                read_only.insert(f);
+        if !(c.functions.is_empty() && c.builtins.is_empty()) {
+            let mut read_only = std::collections::HashSet::new();
+            for f in c.functions.iter().chain(&c.builtins) {
+                if self.catalog.read_only(&self.s.conn, f, timeout, max).await {
+                    read_only.insert(f.clone());
+                }
             }
+            Arc::make_mut(c).resolve_functions(|f| read_only.contains(f));
         }
-        c.resolve_functions(|f| read_only.contains(f));
         // Reading a view runs its definition: a view that calls a writing function writes.
-        let read: Vec<crate::policy::TableName> =
-            c.accesses.iter().filter(|a| a.operation == O::Select).filter_map(|a| a.table.clone()).collect();
-        if !read.is_empty()
-            && c.unknown.is_none()
-            && !self.catalog.views_read_only(&self.s.conn, &read, timeout, max).await
-        {
-            c.unknown = Some("a view it reads may call a function with side effects".into());
+        if c.unknown.is_none() {
+            let read: Vec<&crate::policy::TableName> = c
+                .accesses
+                .iter()
+                .filter(|a| a.operation == O::Select)
+                .filter_map(|a| a.table.as_ref())
+                .collect();
+            if !read.is_empty() && !self.catalog.views_read_only(&self.s.conn, &read, timeout, max).await {
+                Arc::make_mut(c).unknown =
+                    Some("a view it reads may call a function with side effects".into());
+            }
         }
     }
 
     /// Classify a statement as the server will read it: refused as unparsed when the server's
     /// lexing settings could make it read the text differently.
-    fn classify_as_server(&mut self, sql: &str) -> Classification {
+    fn classify_as_server(&mut self, sql: &str) -> Arc<Classification> {
         if let Some(why) = self.lexing.hazard(sql) {
-            return Classification { unparsed: Some(why), statements: 1, ..Default::default() };
+            return Arc::new(Classification { unparsed: Some(why), statements: 1, ..Default::default() });
         }
         if !self.search_path_touched && mentions_search_path(sql) {
             self.search_path_touched = true;
@@ -752,7 +758,9 @@ impl Relay<'_> {
 
     async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
         let mut c = self.classify_as_server(&sql);
-        c.resolve_executes(|n| self.prepared(n));
+        if !c.executes.is_empty() {
+            Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
+        }
         self.resolve_functions(&mut c).await;
         let (seq, verdict, events) = self.judge(&sql, &[], &c)?;
         let effects: Vec<SessionEffect> = c.effects.clone();
@@ -812,7 +820,9 @@ impl Relay<'_> {
             return Err(self.protocol_error("Parse"));
         }
         let mut c = self.classify_as_server(&sql);
-        c.resolve_executes(|n| self.prepared(n));
+        if !c.executes.is_empty() {
+            Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
+        }
         self.resolve_functions(&mut c).await;
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
@@ -833,10 +843,7 @@ impl Relay<'_> {
             self.statements.remove("");
         }
         self.send_upstream(&f);
-        self.expect.push_back(Expect::Parse {
-            name,
-            stmt: Prepared { sql: sql.into(), classification: Arc::new(c) },
-        });
+        self.expect.push_back(Expect::Parse { name, stmt: Prepared { sql: sql.into(), classification: c } });
         Ok(())
     }
 
@@ -845,9 +852,7 @@ impl Relay<'_> {
         let stmt_sql =
             entry.as_ref().and_then(|e| e.stmt.as_ref()).map(|p| p.sql.clone()).filter(|s| !s.is_empty());
         let (sql, params, c) = match entry {
-            Some(Portal { stmt: Some(p), params }) => {
-                (p.sql.to_string(), params, (*p.classification).clone())
-            }
+            Some(Portal { stmt: Some(p), params }) => (p.sql.to_string(), params, p.classification),
             Some(Portal { stmt: None, params }) => {
                 // Bound to a statement the proxy never saw confirmed: its effect is unknown.
                 let c = Classification {
@@ -855,7 +860,7 @@ impl Relay<'_> {
                     statements: 1,
                     ..Default::default()
                 };
-                (String::new(), params, c)
+                (String::new(), params, Arc::new(c))
             }
             None => {
                 // Not a protocol portal: a cursor made by DECLARE, whose query was decided then.
@@ -868,7 +873,7 @@ impl Relay<'_> {
                     statements: 1,
                     ..Default::default()
                 };
-                (format!("-- fetch from portal \"{portal}\""), vec![], c)
+                (format!("-- fetch from portal \"{portal}\""), vec![], Arc::new(c))
             }
         };
         let (seq, verdict, events) = self.judge(&sql, &params, &c)?;
