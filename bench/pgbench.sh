@@ -10,6 +10,7 @@
 # detector on every value, to measure what inline masking costs.
 # RECORDING=best-effort sets `require_recording: false` on the connection: every event is still
 # published, but sessions do not wait for JetStream's acknowledgement.
+# WORKERS=N sets the proxy's `runtime.worker_threads` (default: one per core).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECS="${1:-10}"
@@ -74,6 +75,7 @@ listen = "127.0.0.1:$PROXY_PORT"
 policy_store = ["http://127.0.0.1:$STORE_PORT"]
 [log]
 format = "json"
+$([ -n "${WORKERS:-}" ] && printf '[runtime]\nworker_threads = %s\n' "$WORKERS")
 TOML
 {
   cat <<YAML

@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         }
     };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match cfg.runtime.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("airlock: starting the runtime: {e}");
