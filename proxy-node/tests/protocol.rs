@@ -23,6 +23,9 @@ struct Harness {
     bus: EventBus,
     port: u16,
     holds: mpsc::UnboundedReceiver<(uuid::Uuid, HoldRequest)>,
+    /// The policy the proxy runs under: send a new one to change it.
+    policy: watch::Sender<Option<Arc<ActivePolicy>>>,
+    pw_file: String,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -63,7 +66,7 @@ async fn start(rules: &str) -> Harness {
     std::fs::write(&pw, DB_PASSWORD).unwrap();
     let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap(), rules)).unwrap();
     let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
-    let (_tx, rx) = watch::channel(Some(Arc::new(active)));
+    let (policy_tx, rx) = watch::channel(Some(Arc::new(active)));
     let bus = EventBus::memory();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -75,7 +78,6 @@ async fn start(rules: &str) -> Harness {
     };
     let b = bus.clone();
     tokio::spawn(async move {
-        let _keep = _tx;
         proxy_node::run(cfg, b, rx, listener, async {
             let _ = stop_rx.await;
         })
@@ -91,7 +93,8 @@ async fn start(rules: &str) -> Harness {
             }
         }
     });
-    Harness { pg, bus, port, holds, _dir: dir, _stop: stop_tx }
+    let pw_file = pw.to_str().unwrap().to_string();
+    Harness { pg, bus, port, holds, policy: policy_tx, pw_file, _dir: dir, _stop: stop_tx }
 }
 
 impl Harness {
@@ -124,6 +127,13 @@ impl Harness {
 
     fn count(&self, sql: &str) -> String {
         self.pg.psql("shop", sql).unwrap()
+    }
+
+    /// Replace the proxy's policy with `rules`, as version `version`.
+    fn apply(&self, version: u64, rules: &str) {
+        let document = proto::policy::parse(&policy(self.pg.port, &self.pw_file, rules)).unwrap();
+        let active = ActivePolicy { version, document, digest: format!("test-{version}") };
+        self.policy.send(Some(Arc::new(active))).unwrap();
     }
 }
 
@@ -501,6 +511,54 @@ async fn a_client_that_leaves_mid_query_releases_its_target_backend() {
         assert!(std::time::Instant::now() < deadline, "the target kept running the abandoned query");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Sessions keep the verdicts of statements they repeat: a new policy must still decide the
+/// next statement of a session that is already open, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_policy_decides_the_next_statement_of_an_open_session() {
+    let reads = |action: &str| {
+        format!(
+            "  - name: order-reads\n    match: {{ operations: [select], tables: [orders] }}\n    action: {action}\n"
+        )
+    };
+    let h = start(&reads("allow")).await;
+    let c = h.connect().await;
+    for id in 1..=3 {
+        let rows = c.query("SELECT item FROM orders WHERE id = $1", &[&id]).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        c.simple_query(&format!("SELECT item FROM orders WHERE id = {id}")).await.unwrap();
+    }
+    h.apply(2, &reads("deny"));
+    let e = c.query("SELECT item FROM orders WHERE id = $1", &[&1i32]).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+    let e = c.simple_query("SELECT item FROM orders WHERE id = 1").await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+    // And back: the denials were not kept either.
+    h.apply(3, &reads("allow"));
+    assert_eq!(c.query("SELECT item FROM orders WHERE id = $1", &[&2i32]).await.unwrap().len(), 1);
+    c.simple_query("SELECT item FROM orders WHERE id = 2").await.unwrap();
+}
+
+/// An allow rule naming a schema stops matching unqualified names once the session may have
+/// changed `search_path`, even for a statement the session ran (and had allowed) before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touching_search_path_ends_schema_allow_rules_for_repeated_statements_too() {
+    let rules = "  - name: public-order-reads\n    match: { operations: [select], tables: [public.orders] }\n    action: allow\n\
+                 defaults: { no_match: deny }\n";
+    let h = start(rules).await;
+    let c = h.connect().await;
+    for _ in 0..2 {
+        c.simple_query("SELECT item FROM orders WHERE id = 1").await.unwrap();
+        assert_eq!(c.query("SELECT item FROM orders WHERE id = $1", &[&1i32]).await.unwrap().len(), 1);
+    }
+    // Denied (no rule allows SET), but the gateway can no longer be sure where `orders` resolves.
+    c.simple_query("SET search_path TO public").await.unwrap_err();
+    let e = c.simple_query("SELECT item FROM orders WHERE id = 1").await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+    let e = c.query("SELECT item FROM orders WHERE id = $1", &[&1i32]).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+    c.simple_query("SELECT item FROM public.orders WHERE id = 1").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,7 +39,7 @@ fn applies(rule: &Rule, connection: &str, who: &Principal) -> bool {
 }
 
 /// What the gateway knows of the session a statement runs in.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionFacts {
     /// The session may have changed `search_path`: an unqualified table name may then resolve
     /// to any schema, so it no longer matches an allow rule that names a schema (deny and hold

@@ -181,7 +181,16 @@ struct Relay<'s> {
     deferred_out: BytesMut,
     /// The target last reported a transaction block open (ReadyForQuery `T` or `E`).
     in_block: bool,
+    /// Recent verdicts of this session, by statement classification (each entry holds its
+    /// classification, so its address stays that statement's), under `verdicts_under`.
+    verdicts: VecDeque<(Arc<Classification>, Verdict)>,
+    /// The policy and session facts the cached verdicts were reached under; when either
+    /// changes, they are forgotten. The entry holds the policy, so its address is unique.
+    verdicts_under: Option<(Arc<policy_store::client::ActivePolicy>, crate::policy::SessionFacts)>,
 }
+
+/// Verdicts a session keeps (agents repeat a handful of statement shapes).
+const VERDICTS: usize = 32;
 
 /// The server settings that change how statement text is read, as the server last reported
 /// them. When they differ from how the gateway reads text, statements whose reading could
@@ -275,6 +284,8 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
         in_block: false,
+        verdicts: VecDeque::new(),
+        verdicts_under: None,
     };
     let mut result = r.run().await;
     // A read that reached the target is recorded even though its answer never completed (the
@@ -581,7 +592,14 @@ impl Relay<'_> {
         self.s.shared.policy_now().map_err(SessionError::Refused)
     }
 
-    fn verdict(&self, policy: &policy_store::client::ActivePolicy, c: &Classification) -> Verdict {
+    /// The policy's verdict on a statement in this session. A verdict reached without asking
+    /// for a just-in-time grant (which come and go) is kept for the next statement with the
+    /// same classification, as long as the policy and the session facts are the same.
+    fn verdict(
+        &mut self,
+        policy: &Arc<policy_store::client::ActivePolicy>,
+        c: &Arc<Classification>,
+    ) -> Verdict {
         if self.s.read_only && c.accesses.iter().any(|a| a.operation == proto::policy::Operation::Escalate) {
             return Verdict {
                 decision: Decision::Deny,
@@ -590,12 +608,35 @@ impl Relay<'_> {
                 hold: None,
             };
         }
+        let facts = crate::policy::SessionFacts { search_path_touched: self.search_path_touched };
+        if !matches!(&self.verdicts_under, Some((p, f)) if Arc::ptr_eq(p, policy) && *f == facts) {
+            self.verdicts.clear();
+            self.verdicts_under = Some((policy.clone(), facts));
+        }
+        if let Some((_, v)) = self.verdicts.iter().find(|(k, _)| Arc::ptr_eq(k, c)) {
+            return v.clone();
+        }
         let grants = &self.s.shared.grants;
         let (who, conn) = (&self.s.principal.subject, &self.s.conn.name);
-        let facts = crate::policy::SessionFacts { search_path_touched: self.search_path_touched };
-        crate::policy::evaluate_with_grants(&policy.document, conn, &self.s.principal, c, facts, &|rule| {
-            grants.covering(who, conn, &rule.name)
-        })
+        let asked_for_grant = std::cell::Cell::new(false);
+        let v = crate::policy::evaluate_with_grants(
+            &policy.document,
+            conn,
+            &self.s.principal,
+            c,
+            facts,
+            &|rule| {
+                asked_for_grant.set(true);
+                grants.covering(who, conn, &rule.name)
+            },
+        );
+        if !asked_for_grant.get() {
+            if self.verdicts.len() >= VERDICTS {
+                self.verdicts.pop_front();
+            }
+            self.verdicts.push_back((c.clone(), v.clone()));
+        }
+        v
     }
 
     /// Decide a request: its number, the verdict, and the request and decision events to record.
@@ -603,7 +644,7 @@ impl Relay<'_> {
         &mut self,
         sql: &str,
         params: &[Option<String>],
-        c: &Classification,
+        c: &Arc<Classification>,
     ) -> Result<(u64, Verdict, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
