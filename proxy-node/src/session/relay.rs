@@ -630,7 +630,8 @@ impl Relay<'_> {
                 grants.covering(who, conn, &rule.name)
             },
         );
-        if !asked_for_grant.get() {
+        // A classification nobody else holds (made for this one statement) will not recur.
+        if !asked_for_grant.get() && Arc::strong_count(c) > 1 {
             if self.verdicts.len() >= VERDICTS {
                 self.verdicts.pop_front();
             }
