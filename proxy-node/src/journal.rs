@@ -3,6 +3,12 @@
 //! next batch takes all of them at once. So under load a node publishes one bus message per
 //! round trip instead of one per event.
 //!
+//! A batch that sessions wait for also waits up to [`MAX_TURNS`] turns of the scheduler (no
+//! timer: each turn polls the sockets) while other sessions have a statement at their target
+//! whose events will come with its answer ([`Journal::pending`]): under load those answers are
+//! often already in, and one bus message then carries them all. A statement that stays at its
+//! target (a long query) costs each batch only those turns.
+//!
 //! Two ways in:
 //! - [`Journal::record`]: the caller gets `Ok` only once its events are acknowledged (sessions
 //!   of connections that require recording);
@@ -16,6 +22,7 @@
 //! it handed them over.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use eventbus::EventBus;
 use proto::events::Envelope;
@@ -27,6 +34,10 @@ const MAX_ENTRIES: usize = 512;
 
 /// How long a batch of best-effort events only may wait for more.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Most scheduler turns a batch that sessions wait for is held back for sessions whose
+/// statements are at their targets (see [`Journal::pending`]).
+const MAX_TURNS: usize = 16;
 
 /// Most events of best-effort sessions queued and not yet published.
 pub(crate) const MAX_UNPUBLISHED: usize = 65_536;
@@ -48,6 +59,19 @@ pub(crate) struct Journal {
     room: Arc<Semaphore>,
     /// Ends the journal's pause for best-effort events: a session is waiting.
     urgent: Arc<Notify>,
+    /// Sessions with a statement at the target whose events will be handed over with its
+    /// answer (see [`Journal::pending`]).
+    pending: Arc<AtomicUsize>,
+}
+
+/// A session's statement is at the target and its events follow with the answer: while any
+/// is, a batch waits a few scheduler turns (each polls the sockets) to take them along.
+pub(crate) struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Journal {
@@ -56,6 +80,8 @@ impl Journal {
         let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
         let waiting = Arc::new(Notify::new());
         let urgent = waiting.clone();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let at_target = pending.clone();
         tokio::spawn(async move {
             let mut entries = Vec::with_capacity(MAX_ENTRIES);
             let mut envs = Vec::new();
@@ -64,6 +90,19 @@ impl Journal {
                 // more turn of the scheduler, no timer, often a much bigger batch.
                 tokio::task::yield_now().await;
                 take_queued(&mut rx, &mut entries);
+                // Sessions wait for this batch, and others have statements at their targets
+                // whose answers may be in already: a few more turns (each polls the sockets,
+                // no timer) to publish them in the same message. A bus message costs the bus
+                // far more than a turn costs here.
+                if entries.iter().any(|e| e.done.is_some()) {
+                    for _ in 0..MAX_TURNS {
+                        if at_target.load(Ordering::Relaxed) == 0 || entries.len() >= MAX_ENTRIES {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                        take_queued(&mut rx, &mut entries);
+                    }
+                }
                 // Nobody waits for a batch of best-effort events: let it fill for a moment,
                 // fewer and larger messages cost the bus and this node less. Meanwhile the
                 // task does not watch the queue, so handing over events wakes nobody; a
@@ -95,7 +134,13 @@ impl Journal {
                 }
             }
         });
-        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)), urgent }
+        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)), urgent, pending }
+    }
+
+    /// Note a statement at the target whose events follow with its answer, until dropped.
+    pub(crate) fn pending(&self) -> Pending {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Pending(self.pending.clone())
     }
 
     /// Publish `envs` with whatever other sessions are publishing; `Ok` once acknowledged.
@@ -186,6 +231,53 @@ mod tests {
             assert_eq!(seen[s], (1..=50).collect::<Vec<_>>(), "session {s} out of order or incomplete");
         }
         messages.len()
+    }
+
+    /// One session waits for its record while another's statement is at the target: the batch
+    /// waits a few turns and takes the second session's events along, in one bus message; and a
+    /// statement that stays at the target does not hold a batch back for more than those turns.
+    #[tokio::test]
+    async fn a_batch_waits_a_few_turns_for_answers_at_the_target_but_no_longer() {
+        let nats = testkit::Nats::start().expect("nats");
+        testkit::init_crypto();
+        let cfg = eventbus::NatsConfig { url: nats.url.clone(), ..Default::default() };
+        let bus = EventBus::connect_nats(&cfg).await.expect("connect");
+        let mut durable = bus.durable("journal", proto::subjects::ALL_SESSION_EVENTS).await.expect("durable");
+        let journal = Journal::start(bus);
+        let env = |s: Uuid| {
+            vec![Envelope::new(
+                s,
+                Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+            )]
+        };
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let at_target = journal.pending();
+        let first = {
+            let (j, e) = (journal.clone(), env(a));
+            tokio::spawn(async move { j.record(e).await })
+        };
+        let second = {
+            let (j, e) = (journal.clone(), env(b));
+            tokio::spawn(async move {
+                // The answer comes in a few turns later.
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                drop(at_target);
+                j.record(e).await
+            })
+        };
+        first.await.expect("task").expect("recorded");
+        second.await.expect("task").expect("recorded");
+        let got = durable.next_batch(10, Duration::from_secs(5)).await.expect("fetch");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].stream_seq, got[1].stream_seq, "one bus message for both sessions");
+
+        let _stuck = journal.pending();
+        tokio::time::timeout(Duration::from_secs(5), journal.record(env(a)))
+            .await
+            .expect("not held back by a statement that stays at the target")
+            .expect("recorded");
     }
 
     #[tokio::test]

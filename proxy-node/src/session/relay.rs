@@ -179,6 +179,8 @@ struct Relay<'s> {
     /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
     deferred: Vec<Event>,
     deferred_out: BytesMut,
+    /// Tells the journal that `deferred` events are on their way.
+    deferring: Option<crate::journal::Pending>,
     /// The target last reported a transaction block open (ReadyForQuery `T` or `E`).
     in_block: bool,
     /// Recent verdicts of this session, by statement classification (each entry holds its
@@ -283,6 +285,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         search_path_touched: false,
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
+        deferring: None,
         in_block: false,
         verdicts: VecDeque::new(),
         verdicts_under: None,
@@ -438,6 +441,7 @@ impl Relay<'_> {
 
     /// Record events, after any deferred ones; then what was withheld from the client goes out.
     async fn record(&mut self, mut events: Vec<Event>) -> Result<(), SessionError> {
+        self.deferring = None;
         if !self.deferred.is_empty() {
             let mut all = std::mem::take(&mut self.deferred);
             all.append(&mut events);
@@ -681,6 +685,9 @@ impl Relay<'_> {
     async fn record_allowed(&mut self, c: &Classification, events: Vec<Event>) -> Result<(), SessionError> {
         if self.deferrable(c) {
             self.deferred = events;
+            if self.deferring.is_none() {
+                self.deferring = Some(self.s.shared.journal.pending());
+            }
             Ok(())
         } else {
             self.record(events).await
