@@ -179,16 +179,21 @@ mod tests {
 
     use super::*;
 
-    /// 20 concurrent sessions hand over 50 events each, waiting for each acknowledgement
-    /// (`strict`) or not. Checks that every session's events arrive complete and in order, and
-    /// returns how many bus messages carried them.
-    async fn twenty_sessions(strict: bool) -> usize {
+    /// A journal publishing to a real NATS server, and a durable consumer of what it publishes.
+    async fn journal_on_nats() -> (testkit::Nats, eventbus::Durable, Journal) {
         let nats = testkit::Nats::start().expect("nats");
         testkit::init_crypto();
         let cfg = eventbus::NatsConfig { url: nats.url.clone(), ..Default::default() };
         let bus = EventBus::connect_nats(&cfg).await.expect("connect");
-        let mut durable = bus.durable("journal", proto::subjects::ALL_SESSION_EVENTS).await.expect("durable");
-        let journal = Journal::start(bus);
+        let durable = bus.durable("journal", proto::subjects::ALL_SESSION_EVENTS).await.expect("durable");
+        (nats, durable, Journal::start(bus))
+    }
+
+    /// 20 concurrent sessions hand over 50 events each, waiting for each acknowledgement
+    /// (`strict`) or not. Checks that every session's events arrive complete and in order, and
+    /// returns how many bus messages carried them.
+    async fn twenty_sessions(strict: bool) -> usize {
+        let (_nats, mut durable, journal) = journal_on_nats().await;
         let sessions: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
         let tasks: Vec<_> = sessions
             .iter()
@@ -238,12 +243,7 @@ mod tests {
     /// statement that stays at the target does not hold a batch back for more than those turns.
     #[tokio::test]
     async fn a_batch_waits_a_few_turns_for_answers_at_the_target_but_no_longer() {
-        let nats = testkit::Nats::start().expect("nats");
-        testkit::init_crypto();
-        let cfg = eventbus::NatsConfig { url: nats.url.clone(), ..Default::default() };
-        let bus = EventBus::connect_nats(&cfg).await.expect("connect");
-        let mut durable = bus.durable("journal", proto::subjects::ALL_SESSION_EVENTS).await.expect("durable");
-        let journal = Journal::start(bus);
+        let (_nats, mut durable, journal) = journal_on_nats().await;
         let env = |s: Uuid| {
             vec![Envelope::new(
                 s,
