@@ -9,12 +9,13 @@
 //!   reports (operations, tables, functions, effects) holds no literal values; only integer
 //!   literals of up to 18 digits are folded, which every parser rule that takes a number accepts
 //!   whatever their value. Strings, identifiers, other numbers and comments stay in the key.
-//! - in front of the token level, the same folding done on the text without tokenizing it, for
+//! - before both, the same folding done on the text without tokenizing it, for
 //!   the texts where that is plainly the same thing ([`folded_text`]): only letters, digits,
 //!   blanks and a few punctuation marks, no quotes, comments, `$`, `?` or `:`; a run of digits
 //!   folds only when both its neighbours are blanks or operators. Two texts with the same such
 //!   key differ only in integer literals, so they have the same folded tokens, and so the same
-//!   classification. Tokenizing was the biggest cost of a cache hit.
+//!   classification. Such a text is only ever cached under that key. Tokenizing was the biggest
+//!   cost of a cache hit.
 //!
 //! Each level is bounded; when full, it starts over.
 
@@ -45,33 +46,36 @@ impl ClassifyCache {
         if sql.len() > MAX_TEXT {
             return Arc::new(classify(sql));
         }
+        // A text folded without tokenizing is only ever cached under its folded key.
+        if let Some(key) = folded_text(sql) {
+            return cached(&self.by_folded_text, key.into_boxed_str(), sql);
+        }
         if let Some(c) = lock(&self.by_text).get(sql) {
             return c.clone();
         }
-        let text_key = folded_text(sql);
-        if let Some(key) = &text_key
-            && let Some(c) = lock(&self.by_folded_text).get(key.as_str())
-        {
-            return c.clone();
+        match sql.bytes().any(|b| b.is_ascii_digit()).then(|| folded_tokens(sql)).flatten() {
+            Some(key) => cached(&self.by_tokens, key, sql),
+            None => {
+                let c = Arc::new(classify(sql));
+                insert(&self.by_text, sql.into(), c.clone());
+                c
+            }
         }
-        let key = if text_key.is_none() && sql.bytes().any(|b| b.is_ascii_digit()) {
-            folded_tokens(sql)
-        } else {
-            None
-        };
-        if let Some(key) = &key
-            && let Some(c) = lock(&self.by_tokens).get(key)
-        {
-            return c.clone();
-        }
-        let c = Arc::new(classify(sql));
-        match (text_key, key) {
-            (Some(text_key), _) => insert(&self.by_folded_text, text_key.into_boxed_str(), c.clone()),
-            (None, Some(key)) => insert(&self.by_tokens, key, c.clone()),
-            (None, None) => insert(&self.by_text, sql.into(), c.clone()),
-        }
-        c
     }
+}
+
+/// The classification cached in `m` under `key`, or `sql`'s, cached there now.
+fn cached<K: std::hash::Hash + Eq>(
+    m: &Mutex<HashMap<K, Arc<Classification>>>,
+    key: K,
+    sql: &str,
+) -> Arc<Classification> {
+    if let Some(c) = lock(m).get(&key) {
+        return c.clone();
+    }
+    let c = Arc::new(classify(sql));
+    insert(m, key, c.clone());
+    c
 }
 
 fn lock<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
@@ -127,30 +131,33 @@ fn folded_text(sql: &str) -> Option<String> {
     if !b.iter().all(|&c| plain(c)) || sql.contains("--") || sql.contains("/*") {
         return None;
     }
-    let mut out = String::with_capacity(sql.len());
-    let mut folded = false;
+    // Built only once there is something to fold; `copied` bytes of `sql` are in it.
+    let mut out: Option<String> = None;
+    let mut copied = 0;
     let mut i = 0;
     while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
         let start = i;
         while i < b.len() && b[i].is_ascii_digit() {
             i += 1;
-        }
-        if i == start {
-            out.push(char::from(b[i]));
-            i += 1;
-            continue;
         }
         let before = start.checked_sub(1).map(|p| b[p]);
         let after = b.get(i).copied();
         let whole = before.is_none_or(delimits_number) && after.is_none_or(delimits_number);
         if whole && i - start <= 18 {
-            out.push('0');
-            folded = true;
-        } else {
-            out.push_str(&sql[start..i]);
+            let o = out.get_or_insert_with(|| String::with_capacity(sql.len()));
+            o.push_str(&sql[copied..start]);
+            o.push('0');
+            copied = i;
         }
     }
-    folded.then_some(out)
+    out.map(|mut o| {
+        o.push_str(&sql[copied..]);
+        o
+    })
 }
 
 /// The tokens sqlparser reads in `sql`, with integer literals of at most 18 digits set to `0`;
