@@ -287,22 +287,28 @@ impl Detectors {
 /// One pass over the bytes: the detectors that could match at all.
 fn prefilter(b: &[u8]) -> u16 {
     let (mut digits, mut upper, mut colons, mut dots, mut dashes) = (0u32, 0u32, 0u32, 0u32, 0u32);
-    let (mut at, mut underscore, mut aws_or_google) = (false, false, false);
-    let mut prev = 0u8;
+    let (mut at, mut api_key) = (false, false);
+    let (mut prev2, mut prev) = (0u8, 0u8);
     for &c in b {
         match c {
             b'0'..=b'9' => digits += 1,
-            b'A'..=b'Z' => {
-                upper += 1;
-                aws_or_google |= prev == b'A' && matches!(c, b'K' | b'S' | b'I');
-            }
+            b'A'..=b'Z' => upper += 1,
             b'@' => at = true,
             b':' => colons += 1,
             b'.' => dots += 1,
             b'-' => dashes += 1,
-            b'_' => underscore = true,
             _ => {}
         }
+        // Every API key pattern holds one of these: `AK`, `AS`, `AI` (AKIA, ASIA, AIza),
+        // `h?_` (gh?_), `b_p` (github_pat_), `xox`, `k_l`/`k_t` (sk_live_, pk_test_, ...),
+        // `sk-` and `at-` (glpat-).
+        api_key |= match (prev2, prev, c) {
+            (_, b'A', b'K' | b'S' | b'I') | (b'x', b'o', b'x') | (b'b', b'_', b'p') => true,
+            (b'h', b'p' | b'o' | b'u' | b's' | b'r', b'_') | (b'k', b'_', b'l' | b't') => true,
+            (b's', b'k', b'-') | (b'a', b't', b'-') => true,
+            _ => false,
+        };
+        prev2 = prev;
         prev = c;
     }
     let len = b.len();
@@ -320,7 +326,7 @@ fn prefilter(b: &[u8]) -> u16 {
     set(digits >= 4 && dots >= 3, Detector::Ipv4);
     set(colons >= 2, Detector::Ipv6);
     set(dots >= 2 && len >= 18, Detector::Jwt);
-    set(len >= 15 && (underscore || dashes > 0 || aws_or_google), Detector::ApiKey);
+    set(len >= 15 && api_key, Detector::ApiKey);
     bits
 }
 
@@ -1034,6 +1040,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn identifiers_with_underscores_and_dashes_skip_the_api_key_patterns() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+            "UPDATE user_accounts SET last_login = now() WHERE account_id = 7",
+            "select my-col, other_col from some_schema.some_table",
+        ] {
+            assert_eq!(prefilter(sql.as_bytes()) & Detector::ApiKey.bit(), 0, "{sql}");
+        }
+    }
+
+    #[test]
     fn api_keys() {
         finds("aws AKIAIOSFODNN7EXAMPLE", Detector::ApiKey, "AKIAIOSFODNN7EXAMPLE");
         let gh = format!("ghp_{}", "a1".repeat(18));
@@ -1042,6 +1059,12 @@ pub(crate) mod tests {
         finds("key=sk-proj-abcdefghijklmnopqrstuvwx", Detector::ApiKey, "sk-proj-abcdefghijklmnopqrstuvwx");
         finds("task-sk-abcdefghijklmnopqrstuvwx", Detector::ApiKey, "sk-abcdefghijklmnopqrstuvwx");
         finds("xoxb-123456789012-abcdefghij", Detector::ApiKey, "xoxb-123456789012-abcdefghij");
+        let pat = format!("github_pat_{}", "A1_b".repeat(6));
+        finds(&pat, Detector::ApiKey, &pat);
+        let google = format!("AIza{}", "x".repeat(35));
+        finds(&google, Detector::ApiKey, &google);
+        finds("glpat-abcdefghij0123456789", Detector::ApiKey, "glpat-abcdefghij0123456789");
+        finds("pk_test_abcdefghij0123456789", Detector::ApiKey, "pk_test_abcdefghij0123456789");
         nothing("AKIAIOSFODNN7EXAMPLEX");
         nothing("ask-abcdefghijklmnopqrstuvwxyz");
     }
@@ -1197,6 +1220,23 @@ pub(crate) mod tests {
             let hits = found(&text);
             prop_assert_eq!(hits.len(), 1);
             prop_assert_eq!(hits[0].1, shown.as_str());
+        }
+
+        /// The prefilter must admit every text the API key pattern matches (it only saves the
+        /// regex work for texts that cannot hold a key): keys drawn from the pattern itself,
+        /// between arbitrary words, and whatever random text around `_`, `-` and capitals holds.
+        #[test]
+        fn the_prefilter_admits_every_api_key(key in API_KEY, pre in "[A-Za-z0-9_ -]{0,12}", post in "[A-Za-z0-9_ -]{0,12}") {
+            let text = format!("{pre}{key}{post}");
+            prop_assert!(prefilter(text.as_bytes()) & Detector::ApiKey.bit() != 0, "{}", text);
+        }
+
+        #[test]
+        fn the_prefilter_never_hides_an_api_key_match(text in "[AKISaghipousrxbkltz_ -]{15,60}") {
+            let regex = compile(API_KEY);
+            if regex.is_match(&text) {
+                prop_assert!(prefilter(text.as_bytes()) & Detector::ApiKey.bit() != 0, "{}", text);
+            }
         }
 
         #[test]
