@@ -29,6 +29,9 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// server's default 1 MiB max_payload).
 pub const BATCH_BYTES: usize = 256 * 1024;
 
+/// About what one envelope of a statement takes encoded: sizes a batch's buffer up front.
+const ENVELOPE_BYTES_GUESS: usize = 256;
+
 /// How many deliveries a durable consumer may have out unacked (the server's default is 1000;
 /// the recorder fetches more than that at once to write larger chunks).
 pub const MAX_ACK_PENDING: i64 = 20_000;
@@ -119,27 +122,25 @@ impl NatsBus {
     /// timeout.
     pub async fn publish_batch(&self, envs: &[Envelope]) -> Result<(), BusError> {
         let deadline = Instant::now() + self.inner.ack_timeout;
-        let encoded = envs.iter().map(events::encode).collect::<Result<Vec<_>, _>>()?;
         let mut acks = Vec::new();
         let mut start = 0;
-        while start < encoded.len() {
+        while start < envs.len() {
             let (subject, end, payload) = if envs[start].event.batchable() {
-                let mut end = start + 1;
-                let mut bytes = encoded[start].len();
-                while end < encoded.len()
+                let mut batch = events::Batch::with_capacity(
+                    (envs.len() - start).saturating_mul(ENVELOPE_BYTES_GUESS).min(BATCH_BYTES),
+                );
+                let mut end = start;
+                while end < envs.len()
                     && envs[end].event.batchable()
-                    && bytes + encoded[end].len() <= BATCH_BYTES
+                    && batch.push_within(&envs[end], BATCH_BYTES)?
                 {
-                    bytes += encoded[end].len();
                     end += 1;
                 }
-                let payload = events::encode_batch(encoded[start..end].iter().map(Vec::as_slice));
-                (proto::subjects::BATCH.to_string(), end, payload)
+                (proto::subjects::BATCH.to_string(), end, batch.finish())
             } else {
-                (envs[start].subject(), start + 1, encoded[start].clone())
+                (envs[start].subject(), start + 1, events::encode(&envs[start])?.into())
             };
-            let message =
-                PublishMessage::build().payload(payload.into()).message_id(envs[start].id.to_string());
+            let message = PublishMessage::build().payload(payload).message_id(envs[start].id.to_string());
             acks.push((subject.clone(), self.send(deadline, subject, message).await?));
             start = end;
         }

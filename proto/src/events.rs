@@ -361,27 +361,76 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
     Ok(rmp_serde::from_slice(bytes)?)
 }
 
+/// Room kept in front of a batch for its MessagePack array header (at most 5 bytes).
+const BATCH_HEADER: usize = 5;
+
 /// A batch: several envelopes in one bus message (the proxy's group commit). The payload is a
-/// MessagePack array of envelopes, each encoded as by [`encode`], so `parts` are the outputs of
-/// [`encode`] and are copied once.
-pub fn encode_batch<'a>(parts: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let len = parts.len();
-    let mut out = Vec::with_capacity(5);
-    match (u8::try_from(len), u16::try_from(len)) {
-        (Ok(n), _) if n < 16 => out.push(0x90 | n),
-        (_, Ok(n)) => {
-            out.push(0xdc);
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-        _ => {
-            out.push(0xdd);
-            out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-        }
+/// MessagePack array of envelopes, each encoded as by [`encode`]. They are encoded straight
+/// into one buffer, behind room for the array header, so a batch costs one allocation and no
+/// copy of its envelopes.
+pub struct Batch {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl Batch {
+    /// An empty batch with room for about `bytes` of envelopes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(BATCH_HEADER + bytes);
+        buf.resize(BATCH_HEADER, 0);
+        Self { buf, count: 0 }
     }
-    for p in parts {
-        out.extend_from_slice(p);
+
+    /// How many envelopes it holds.
+    pub fn len(&self) -> usize {
+        self.count
     }
-    out
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds `e` unless that would take the envelopes past `limit` bytes: `Ok(false)` then, and
+    /// the batch is as it was. The first envelope is always taken, whatever its size.
+    pub fn push_within(&mut self, e: &Envelope, limit: usize) -> Result<bool, CodecError> {
+        let mark = self.buf.len();
+        if let Err(err) = rmp_serde::encode::write_named(&mut self.buf, e) {
+            self.buf.truncate(mark);
+            return Err(err.into());
+        }
+        if self.count > 0 && self.buf.len() - BATCH_HEADER > limit {
+            self.buf.truncate(mark);
+            return Ok(false);
+        }
+        self.count += 1;
+        Ok(true)
+    }
+
+    /// The payload: the array header, then the envelopes.
+    pub fn finish(self) -> bytes::Bytes {
+        let len = self.count;
+        let mut header = [0u8; BATCH_HEADER];
+        let n = match (u8::try_from(len), u16::try_from(len)) {
+            (Ok(n), _) if n < 16 => {
+                header[0] = 0x90 | n;
+                1
+            }
+            (_, Ok(n)) => {
+                header[0] = 0xdc;
+                header[1..3].copy_from_slice(&n.to_be_bytes());
+                3
+            }
+            _ => {
+                header[0] = 0xdd;
+                header[1..5].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+                5
+            }
+        };
+        let mut buf = self.buf;
+        let at = BATCH_HEADER - n;
+        buf[at..BATCH_HEADER].copy_from_slice(&header[..n]);
+        bytes::Bytes::from(buf).slice(at..)
+    }
 }
 
 /// Decode a bus message: a single envelope (a MessagePack map) or a batch (an array of them).
@@ -501,10 +550,27 @@ mod tests {
             let envs: Vec<Envelope> = (0..n)
                 .map(|i| Envelope::new(Uuid::now_v7(), Event::SessionEnded { reason: format!("r{i}") }))
                 .collect();
-            let parts: Vec<Vec<u8>> = envs.iter().map(|e| encode(e).expect("encode")).collect();
-            let batch = encode_batch(parts.iter().map(Vec::as_slice));
-            assert_eq!(decode_many(&batch).expect("decode batch"), envs, "batch of {n}");
+            let mut batch = Batch::with_capacity(0);
+            for e in &envs {
+                assert!(batch.push_within(e, usize::MAX).expect("encode"));
+            }
+            assert_eq!(batch.len(), n);
+            assert_eq!(decode_many(&batch.finish()).expect("decode batch"), envs, "batch of {n}");
         }
+        // Past the limit an envelope is refused and the batch stays as it was; the first one
+        // is taken whatever its size.
+        let big = Envelope::new(Uuid::now_v7(), Event::SessionEnded { reason: "x".repeat(100) });
+        let small = Envelope::new(Uuid::now_v7(), Event::SessionEnded { reason: "y".into() });
+        let mut batch = Batch::with_capacity(16);
+        assert!(batch.push_within(&big, 10).expect("encode"));
+        assert!(!batch.push_within(&small, 10).expect("encode"));
+        assert_eq!(decode_many(&batch.finish()).expect("decode"), vec![big.clone()]);
+        let mut batch = Batch::with_capacity(16);
+        let one = encode(&small).expect("encode").len();
+        assert!(batch.push_within(&small, 2 * one).expect("encode"));
+        assert!(batch.push_within(&small, 2 * one).expect("encode"));
+        assert!(!batch.push_within(&small, 2 * one).expect("encode"));
+        assert_eq!(batch.len(), 2);
         let one = Envelope::new(Uuid::now_v7(), Event::SessionEnded { reason: "x".into() });
         assert_eq!(decode_many(&encode(&one).expect("encode")).expect("single"), vec![one]);
         // A batch header that promises more than it holds is an error.

@@ -13,7 +13,7 @@ pub const STREAM_SUBJECTS: &str = "airlock.>";
 pub const ALL_SESSION_EVENTS: &str = "airlock.session.>";
 /// Batches of session events: the proxy's group commit publishes the request, decision and
 /// response events of all its sessions here, several per message (see
-/// [`crate::events::encode_batch`]). Matches [`ALL_SESSION_EVENTS`], and no per-kind filter.
+/// [`crate::events::Batch`]). Matches [`ALL_SESSION_EVENTS`], and no per-kind filter.
 pub const BATCH: &str = "airlock.session.batch";
 /// Hold requests, consumed by the approval service.
 pub const HOLD_REQUESTED: &str = "airlock.session.*.hold_requested";
