@@ -302,12 +302,16 @@ fn prefilter(b: &[u8]) -> u16 {
         // Every API key pattern holds one of these: `AK`, `AS`, `AI` (AKIA, ASIA, AIza),
         // `h?_` (gh?_), `b_p` (github_pat_), `xox`, `k_l`/`k_t` (sk_live_, pk_test_, ...),
         // `sk-` and `at-` (glpat-).
-        api_key |= match (prev2, prev, c) {
-            (_, b'A', b'K' | b'S' | b'I') | (b'x', b'o', b'x') | (b'b', b'_', b'p') => true,
-            (b'h', b'p' | b'o' | b'u' | b's' | b'r', b'_') | (b'k', b'_', b'l' | b't') => true,
-            (b's', b'k', b'-') | (b'a', b't', b'-') => true,
-            _ => false,
-        };
+        api_key |= matches!(
+            (prev2, prev, c),
+            (_, b'A', b'K' | b'S' | b'I')
+                | (b'x', b'o', b'x')
+                | (b'b', b'_', b'p')
+                | (b'h', b'p' | b'o' | b'u' | b's' | b'r', b'_')
+                | (b'k', b'_', b'l' | b't')
+                | (b's', b'k', b'-')
+                | (b'a', b't', b'-')
+        );
         prev2 = prev;
         prev = c;
     }
