@@ -287,8 +287,8 @@ impl Detectors {
 /// One pass over the bytes: the detectors that could match at all.
 fn prefilter(b: &[u8]) -> u16 {
     let (mut digits, mut upper, mut colons, mut dots, mut dashes) = (0u32, 0u32, 0u32, 0u32, 0u32);
-    let (mut at, mut api_key) = (false, false);
-    let (mut prev2, mut prev) = (0u8, 0u8);
+    let (mut at, mut api_key, mut phone, mut iban) = (false, false, false, false);
+    let (mut prev3, mut prev2, mut prev) = (0u8, 0u8, 0u8);
     for &c in b {
         match c {
             b'0'..=b'9' => digits += 1,
@@ -312,6 +312,16 @@ fn prefilter(b: &[u8]) -> u16 {
                 | (b's', b'k', b'-')
                 | (b'a', b't', b'-')
         );
+        // The phone candidates hold `+` before a digit or `(`, `(` before three digits, a digit,
+        // one of ` .-` and a digit, or `0` before a nonzero digit.
+        let digit = c.is_ascii_digit();
+        phone |= (prev == b'+' && (digit || c == b'('))
+            || (prev3 == b'(' && prev2.is_ascii_digit() && prev.is_ascii_digit() && digit)
+            || (prev2.is_ascii_digit() && matches!(prev, b' ' | b'.' | b'-') && digit)
+            || (prev == b'0' && matches!(c, b'1'..=b'9'));
+        // An IBAN starts with two capital letters and two digits.
+        iban |= prev3.is_ascii_uppercase() && prev2.is_ascii_uppercase() && prev.is_ascii_digit() && digit;
+        prev3 = prev2;
         prev2 = prev;
         prev = c;
     }
@@ -323,9 +333,9 @@ fn prefilter(b: &[u8]) -> u16 {
         }
     };
     set(at && dots > 0, Detector::Email);
-    set(digits >= 7, Detector::Phone);
+    set(digits >= 7 && phone, Detector::Phone);
     set(digits >= 13, Detector::CreditCard);
-    set(upper >= 2 && digits >= 2 && len >= 15, Detector::Iban);
+    set(iban && len >= 15, Detector::Iban);
     set(digits >= 9 && dashes >= 2, Detector::Ssn);
     set(digits >= 4 && dots >= 3, Detector::Ipv4);
     set(colons >= 2, Detector::Ipv6);
@@ -1055,6 +1065,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn capitalised_keywords_and_plain_numbers_skip_the_phone_and_iban_patterns() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 612345;",
+            "UPDATE pgbench_accounts SET abalance = abalance + -4321 WHERE aid = 512345;",
+            "INSERT INTO t VALUES (45, 3, 512345, -4321, CURRENT_TIMESTAMP);",
+        ] {
+            assert_eq!(
+                prefilter(sql.as_bytes()) & (Detector::Phone.bit() | Detector::Iban.bit()),
+                0,
+                "{sql}"
+            );
+        }
+        // Still admitted: a phone number, an IBAN.
+        assert_ne!(prefilter(b"call +1 415 555 2671 now") & Detector::Phone.bit(), 0);
+        assert_ne!(prefilter(b"pay to DE89 3704 0044 0532 0130 00") & Detector::Iban.bit(), 0);
+    }
+
+    #[test]
     fn api_keys() {
         finds("aws AKIAIOSFODNN7EXAMPLE", Detector::ApiKey, "AKIAIOSFODNN7EXAMPLE");
         let gh = format!("ghp_{}", "a1".repeat(18));
@@ -1233,6 +1261,29 @@ pub(crate) mod tests {
         fn the_prefilter_admits_every_api_key(key in API_KEY, pre in "[A-Za-z0-9_ -]{0,12}", post in "[A-Za-z0-9_ -]{0,12}") {
             let text = format!("{pre}{key}{post}");
             prop_assert!(prefilter(text.as_bytes()) & Detector::ApiKey.bit() != 0, "{}", text);
+        }
+
+        #[test]
+        fn the_prefilter_admits_every_phone_and_iban_candidate(
+            phone in PHONE_SET, iban in IBAN, pre in "[A-Za-z0-9 ().+-]{0,12}", post in "[A-Za-z0-9 ().+-]{0,12}",
+        ) {
+            for (text, d) in [(format!("{pre}{phone}{post}"), Detector::Phone), (format!("{pre}{iban}{post}"), Detector::Iban)] {
+                let pattern = compile(if d == Detector::Phone { PHONE_SET } else { IBAN });
+                // The numeric detectors also need enough digits; IBANs 15 characters.
+                if pattern.is_match(&text) && (d == Detector::Iban || text.bytes().filter(u8::is_ascii_digit).count() >= 7) && text.len() >= 15 {
+                    prop_assert!(prefilter(text.as_bytes()) & d.bit() != 0, "{:?} in {}", d, text);
+                }
+            }
+        }
+
+        #[test]
+        fn the_prefilter_never_hides_a_phone_or_iban_match(text in "[A-Z0-9a-z +().-]{15,40}") {
+            for (pattern, d) in [(PHONE_SET, Detector::Phone), (IBAN, Detector::Iban)] {
+                let enough = d == Detector::Iban || text.bytes().filter(u8::is_ascii_digit).count() >= 7;
+                if enough && compile(pattern).is_match(&text) {
+                    prop_assert!(prefilter(text.as_bytes()) & d.bit() != 0, "{:?} in {}", d, text);
+                }
+            }
         }
 
         #[test]
