@@ -286,13 +286,12 @@ impl Detectors {
 
 /// One pass over the bytes: the detectors that could match at all.
 fn prefilter(b: &[u8]) -> u16 {
-    let (mut digits, mut upper, mut colons, mut dots, mut dashes) = (0u32, 0u32, 0u32, 0u32, 0u32);
+    let (mut digits, mut colons, mut dots, mut dashes) = (0u32, 0u32, 0u32, 0u32);
     let (mut at, mut api_key, mut phone, mut iban) = (false, false, false, false);
     let (mut prev3, mut prev2, mut prev) = (0u8, 0u8, 0u8);
     for &c in b {
         match c {
             b'0'..=b'9' => digits += 1,
-            b'A'..=b'Z' => upper += 1,
             b'@' => at = true,
             b':' => colons += 1,
             b'.' => dots += 1,
