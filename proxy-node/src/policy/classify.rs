@@ -216,15 +216,22 @@ impl Classification {
         self.executes.clear();
     }
 
+    /// The operations, sorted by name, each once (built for every statement's decision event:
+    /// a sorted Vec, no set).
     pub fn operations(&self) -> Vec<String> {
-        let ops: BTreeSet<&str> = self.accesses.iter().map(|a| a.operation.as_str()).collect();
+        let mut ops: Vec<&str> = self.accesses.iter().map(|a| a.operation.as_str()).collect();
+        ops.sort_unstable();
+        ops.dedup();
         ops.into_iter().map(str::to_string).collect()
     }
 
+    /// The tables, sorted, each once.
     pub fn tables(&self) -> Vec<String> {
-        let t: BTreeSet<String> =
-            self.accesses.iter().filter_map(|a| a.table.as_ref()).map(|t| t.to_string()).collect();
-        t.into_iter().collect()
+        let mut t: Vec<String> =
+            self.accesses.iter().filter_map(|a| a.table.as_ref()).map(|t| t.parts.join(".")).collect();
+        t.sort_unstable();
+        t.dedup();
+        t
     }
 }
 
@@ -901,6 +908,16 @@ mod tests {
         assert!(has(&c, Operation::Select, "public.users"));
         assert!(c.unknown_effect().is_none() && c.unparsed.is_none());
         assert_eq!(c.operations(), vec!["select"]);
+    }
+
+    #[test]
+    fn a_decision_lists_operations_and_tables_sorted_and_once() {
+        let c = classify(
+            "UPDATE b SET x = 1; SELECT * FROM public.a, b; INSERT INTO a VALUES (1); UPDATE a SET y = 2",
+        );
+        assert_eq!(c.operations(), vec!["insert", "select", "update"]);
+        assert_eq!(c.tables(), vec!["a", "b", "public.a"]);
+        assert!(classify("SELECT 1").tables().is_empty());
     }
 
     #[test]
