@@ -453,6 +453,38 @@ async fn no_bypass_reaches_the_target() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_made_volatile_in_the_session_ends_the_reads_that_call_it() {
+    // The session repeats a statement whose function the catalog judged read-only (it keeps
+    // that resolution and its verdict), then makes the function volatile itself.
+    let rules = r#"  - name: orders-are-read-only
+    match: { operations: [insert, update, delete, merge, truncate], tables: [orders] }
+    action: deny
+defaults: { unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION order_count() RETURNS bigint STABLE LANGUAGE sql AS 'SELECT count(*) FROM orders';",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    for _ in 0..3 {
+        assert_eq!(c.query_one("SELECT order_count()", &[]).await.unwrap().get::<_, i64>(0), 3);
+        let rows = c.simple_query("SELECT order_count()").await.unwrap();
+        assert!(rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("3"))));
+    }
+    c.simple_query("ALTER FUNCTION order_count() VOLATILE").await.unwrap();
+    let e = c.query_one("SELECT order_count()", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "extended: {e}");
+    let e = c.simple_query("SELECT order_count()").await.unwrap_err();
+    assert_eq!(code(&e), "42501", "simple: {e}");
+    // And back: read-only again, allowed again.
+    c.simple_query("ALTER FUNCTION order_count() STABLE").await.unwrap();
+    assert_eq!(c.query_one("SELECT order_count()", &[]).await.unwrap().get::<_, i64>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_that_may_not_write_gets_a_read_only_target_session() {
     // Writes are denied everywhere, but unknown effects are (carelessly) allowed.
     let rules = r#"  - name: agents-never-write

@@ -189,6 +189,11 @@ struct Relay<'s> {
     /// The policy and session facts the cached verdicts were reached under; when either
     /// changes, they are forgotten. The entry holds the policy, so its address is unique.
     verdicts_under: Option<(Arc<policy_store::client::ActivePolicy>, crate::policy::SessionFacts)>,
+    /// Recent classifications that call functions, resolved: the shared classification, what
+    /// the catalog answered for each of its functions, and the result. A repeated statement
+    /// then shares one resolved classification (and so its kept verdict) as long as the
+    /// catalog answers the same; the catalog is still asked every time.
+    resolved: VecDeque<(Arc<Classification>, Vec<bool>, Arc<Classification>)>,
 }
 
 /// Verdicts a session keeps (agents repeat a handful of statement shapes).
@@ -289,6 +294,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         in_block: false,
         verdicts: VecDeque::new(),
         verdicts_under: None,
+        resolved: VecDeque::new(),
     };
     let mut result = r.run().await;
     // A read that reached the target is recorded even though its answer never completed (the
@@ -770,13 +776,31 @@ impl Relay<'_> {
         let cfg = &self.s.shared.cfg;
         let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
         if !(c.functions.is_empty() && c.builtins.is_empty()) {
-            let mut read_only = std::collections::HashSet::new();
+            let mut answers = Vec::with_capacity(c.functions.len() + c.builtins.len());
             for f in c.functions.iter().chain(&c.builtins) {
-                if self.catalog.read_only(&self.s.conn, f, timeout, max).await {
-                    read_only.insert(f.clone());
+                answers.push(self.catalog.read_only(&self.s.conn, f, timeout, max).await);
+            }
+            if let Some((_, _, r)) = self.resolved.iter().find(|(k, a, _)| Arc::ptr_eq(k, c) && *a == answers)
+            {
+                *c = r.clone();
+            } else {
+                let read_only: std::collections::HashSet<crate::policy::FunctionRef> = c
+                    .functions
+                    .iter()
+                    .chain(&c.builtins)
+                    .zip(&answers)
+                    .filter_map(|(f, &ro)| ro.then(|| f.clone()))
+                    .collect();
+                // Only a classification the cache shares recurs.
+                let original = (Arc::strong_count(c) > 1).then(|| c.clone());
+                Arc::make_mut(c).resolve_functions(|f| read_only.contains(f));
+                if let Some(original) = original {
+                    if self.resolved.len() >= VERDICTS {
+                        self.resolved.pop_front();
+                    }
+                    self.resolved.push_back((original, answers, c.clone()));
                 }
             }
-            Arc::make_mut(c).resolve_functions(|f| read_only.contains(f));
         }
         // Reading a view runs its definition: a view that calls a writing function writes.
         if c.unknown.is_none() {
