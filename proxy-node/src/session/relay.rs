@@ -789,7 +789,8 @@ impl Relay<'_> {
                     .iter()
                     .chain(&c.builtins)
                     .zip(&answers)
-                    .filter_map(|(f, &ro)| ro.then(|| f.clone()))
+                    .filter(|(_, ro)| **ro)
+                    .map(|(f, _)| f.clone())
                     .collect();
                 // Only a classification the cache shares recurs.
                 let original = (Arc::strong_count(c) > 1).then(|| c.clone());
