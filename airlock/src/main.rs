@@ -13,6 +13,12 @@ mod serve;
 mod store_admin;
 mod telemetry;
 
+/// mimalloc, not the system allocator: the relay makes a few short-lived allocations per
+/// statement (events, their strings), and glibc's malloc took about a sixth of the proxy's
+/// user time on them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "airlock",
