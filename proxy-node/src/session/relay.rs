@@ -367,14 +367,33 @@ impl Relay<'_> {
 
             let client_room = self.cin.len() < self.max.max(HIGH_WATER) + 5;
             let up_room = self.cout.len() < HIGH_WATER;
+            // In this order, no random pick: what is queued goes out first (the target starts
+            // on a statement, the client gets its answer, without another turn of the loop),
+            // then a hold's decision, then reads. Writes only drain buffers and reads stop at
+            // the high-water marks, so no branch starves another.
             tokio::select! {
+                biased;
+                r = self.cw.write(&self.cout), if !self.cout.is_empty() => {
+                    match r {
+                        Ok(n) => self.cout.advance(n),
+                        Err(e) => {
+                            self.client_gone().await;
+                            return Err(e.into());
+                        }
+                    }
+                }
+                r = self.uw.write(&self.uout), if !self.uout.is_empty() => {
+                    match r {
+                        Ok(n) => self.uout.advance(n),
+                        Err(e) => return Err(self.refuse_fatal(sqlstate::CONNECTION_FAILURE, format!("airlock: target connection lost: {e}"))),
+                    }
+                }
+                ev = wait_held(&mut self.held) => {
+                    self.on_held(ev).await?;
+                }
                 r = self.cr.read_buf(&mut self.cin), if client_room => {
                     if r? == 0 {
-                        self.cancel_running();
-                        if let Some(h) = self.held.take() {
-                            let d = self.s.local_decision(h.hold_id, HoldOutcome::Denied, "the client disconnected while waiting");
-                            let _ = self.record(vec![Event::HoldDecided(d)]).await;
-                        }
+                        self.client_gone().await;
                         return Err(SessionError::Closed);
                     }
                 }
@@ -386,20 +405,21 @@ impl Relay<'_> {
                         Ok(_) => {}
                     }
                 }
-                r = self.cw.write(&self.cout), if !self.cout.is_empty() => {
-                    let n = r?;
-                    self.cout.advance(n);
-                }
-                r = self.uw.write(&self.uout), if !self.uout.is_empty() => {
-                    match r {
-                        Ok(n) => self.uout.advance(n),
-                        Err(e) => return Err(self.refuse_fatal(sqlstate::CONNECTION_FAILURE, format!("airlock: target connection lost: {e}"))),
-                    }
-                }
-                ev = wait_held(&mut self.held) => {
-                    self.on_held(ev).await?;
-                }
             }
+        }
+    }
+
+    /// The client left (or its connection broke): stop what the target still runs for it, and
+    /// deny and record a hold it was waiting for.
+    async fn client_gone(&mut self) {
+        self.cancel_running();
+        if let Some(h) = self.held.take() {
+            let d = self.s.local_decision(
+                h.hold_id,
+                HoldOutcome::Denied,
+                "the client disconnected while waiting",
+            );
+            let _ = self.record(vec![Event::HoldDecided(d)]).await;
         }
     }
 
