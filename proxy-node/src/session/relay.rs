@@ -196,8 +196,17 @@ struct Relay<'s> {
     resolved: VecDeque<(Arc<Classification>, Vec<bool>, Arc<Classification>)>,
 }
 
-/// Verdicts a session keeps (agents repeat a handful of statement shapes).
+/// Verdicts (and function resolutions) a session keeps: agents repeat a handful of statement
+/// shapes.
 const VERDICTS: usize = 32;
+
+/// Keep `item` among the last [`VERDICTS`] of `q`.
+fn keep_recent<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() >= VERDICTS {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
 
 /// The server settings that change how statement text is read, as the server last reported
 /// them. When they differ from how the gateway reads text, statements whose reading could
@@ -662,10 +671,7 @@ impl Relay<'_> {
         );
         // A classification nobody else holds (made for this one statement) will not recur.
         if !asked_for_grant.get() && Arc::strong_count(c) > 1 {
-            if self.verdicts.len() >= VERDICTS {
-                self.verdicts.pop_front();
-            }
-            self.verdicts.push_back((c.clone(), v.clone()));
+            keep_recent(&mut self.verdicts, (c.clone(), v.clone()));
         }
         v
     }
@@ -816,10 +822,7 @@ impl Relay<'_> {
                 let original = (Arc::strong_count(c) > 1).then(|| c.clone());
                 Arc::make_mut(c).resolve_functions(|f| read_only.contains(f));
                 if let Some(original) = original {
-                    if self.resolved.len() >= VERDICTS {
-                        self.resolved.pop_front();
-                    }
-                    self.resolved.push_back((original, answers, c.clone()));
+                    keep_recent(&mut self.resolved, (original, answers, c.clone()));
                 }
             }
         }
