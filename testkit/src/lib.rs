@@ -23,7 +23,9 @@ pub mod postgres;
 pub mod proc;
 pub mod s3;
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -35,12 +37,52 @@ pub use postgres::Postgres;
 pub use proc::Proc;
 pub use s3::S3;
 
-/// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read the port, drop).
+/// A TCP port that was free on 127.0.0.1 a moment ago, and that nothing else will be handed soon.
+///
+/// Binding port 0 would pick from the kernel's ephemeral range, the same range every outgoing
+/// connection takes its local port from: a child process connecting to NATS between our pick and
+/// its own bind could then take the very port it was told to listen on ("Address already in use").
+/// So ports come from below (or above) `ip_local_port_range`, starting at a random place, and are
+/// never handed out twice by one test process.
 pub fn free_port() -> u16 {
+    static HANDED: Mutex<Option<(u16, BTreeSet<u16>)>> = Mutex::new(None);
+    let (lo, hi) = listen_window();
+    let mut guard = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    let (next, handed) = guard.get_or_insert_with(|| (rand::random_range(lo..hi), BTreeSet::new()));
+    for _ in 0..(hi - lo) {
+        let port = *next;
+        *next = if port + 1 >= hi { lo } else { port + 1 };
+        if handed.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.insert(port);
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// Ports for listeners: the larger gap outside the kernel's ephemeral port range.
+fn listen_window() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| {
+        let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+        Some((it.next()??, it.next()??))
+    });
+    let (eph_lo, eph_hi) = range.unwrap_or((32768, 60999));
+    let below = (10_000u16, eph_lo.max(10_000));
+    let above = (eph_hi.saturating_add(1).max(10_000), u16::MAX);
+    let width = |w: (u16, u16)| w.1.saturating_sub(w.0);
+    if width(below) >= width(above) && width(below) >= 1000 {
+        below
+    } else if width(above) >= 1000 {
+        above
+    } else {
+        (10_000, u16::MAX)
+    }
 }
 
 /// Installs the aws-lc-rs crypto provider for rustls (and for jsonwebtoken) as the process default.
@@ -94,4 +136,24 @@ pub(crate) fn send_signal(signal: &str, pid: i64) {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let (lo, hi) = listen_window();
+        let ports: BTreeSet<u16> = (0..200).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 200, "a port was handed out twice");
+        assert!(ports.iter().all(|p| (lo..hi).contains(p)), "{ports:?} outside {lo}..{hi}");
+        // An outgoing connection's local port never lands on one of them.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        for _ in 0..50 {
+            let c = TcpStream::connect(addr).unwrap();
+            assert!(!ports.contains(&c.local_addr().unwrap().port()));
+        }
+    }
 }
