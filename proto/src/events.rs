@@ -89,6 +89,21 @@ impl Envelope {
         Self { v: ENVELOPE_VERSION, id: Uuid::now_v7(), session, at: Timestamp::now(), event }
     }
 
+    /// Envelopes for events that happen at once (a statement's request and decision): one
+    /// reading of the clock for their times and ids (UUIDv7 with random low bits).
+    pub fn stamp_all(session: SessionId, events: Vec<Event>) -> Vec<Self> {
+        let now = SystemTime::now();
+        let at = Timestamp::from(now);
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        events
+            .into_iter()
+            .map(|event| {
+                let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+                Self { v: ENVELOPE_VERSION, id: Uuid::new_v7(ts), session, at, event }
+            })
+            .collect()
+    }
+
     /// The NATS subject this envelope is published on.
     pub fn subject(&self) -> String {
         crate::subjects::session_subject(self.session, self.event.kind())
@@ -576,6 +591,28 @@ mod tests {
         // A batch header that promises more than it holds is an error.
         assert!(decode_many(b"\x93\x80").is_err());
         assert!(decode_many(b"").is_err());
+    }
+
+    #[test]
+    fn events_stamped_together_share_their_time_and_get_distinct_v7_ids() {
+        let session = Uuid::now_v7();
+        let events = (0..1000).map(|i| Event::SessionEnded { reason: format!("r{i}") }).collect();
+        let before = Timestamp::now();
+        let envs = Envelope::stamp_all(session, events);
+        let after = Timestamp::now();
+        assert_eq!(envs.len(), 1000);
+        let ids: std::collections::HashSet<Uuid> = envs.iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), 1000, "ids are unique");
+        for e in &envs {
+            assert_eq!(e.session, session);
+            assert_eq!(e.at, envs[0].at);
+            assert!(before <= e.at && e.at <= after);
+            assert_eq!(e.id.get_version_num(), 7);
+            let (secs, nanos) = e.id.get_timestamp().expect("v7 carries its time").to_unix();
+            let id_ms = secs as i64 * 1000 + i64::from(nanos) / 1_000_000;
+            assert_eq!(id_ms, e.at.as_micros() / 1000, "the id's time is the event's");
+        }
+        assert!(Envelope::stamp_all(session, vec![]).is_empty());
     }
 
     #[test]

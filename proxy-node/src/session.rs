@@ -364,7 +364,7 @@ impl Session {
     /// requires recording, `Ok` means they are acknowledged; otherwise they are only queued
     /// (the journal logs what the bus refuses).
     pub(crate) async fn record(&self, events: Vec<Event>) -> Result<(), String> {
-        let envs: Vec<Envelope> = events.into_iter().map(|e| Envelope::new(self.id, e)).collect();
+        let envs = Envelope::stamp_all(self.id, events);
         if !self.conn.require_recording {
             if let Err(e) = self.shared.journal.submit(envs).await {
                 warn!(error = %e, "cannot record; connection does not require recording");

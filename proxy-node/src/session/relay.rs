@@ -54,7 +54,7 @@ struct Prepared {
 #[derive(Debug, Clone)]
 struct Portal {
     stmt: Option<Prepared>,
-    params: Vec<Option<String>>,
+    params: Arc<[Option<String>]>,
 }
 
 /// What the target's next response belongs to.
@@ -185,7 +185,7 @@ struct Relay<'s> {
     in_block: bool,
     /// Recent verdicts of this session, by statement classification (each entry holds its
     /// classification, so its address stays that statement's), under `verdicts_under`.
-    verdicts: VecDeque<(Arc<Classification>, Verdict)>,
+    verdicts: VecDeque<(Arc<Classification>, Arc<Decided>)>,
     /// The policy and session facts the cached verdicts were reached under; when either
     /// changes, they are forgotten. The entry holds the policy, so its address is unique.
     verdicts_under: Option<(Arc<policy_store::client::ActivePolicy>, crate::policy::SessionFacts)>,
@@ -194,6 +194,27 @@ struct Relay<'s> {
     /// then shares one resolved classification (and so its kept verdict) as long as the
     /// catalog answers the same; the catalog is still asked every time.
     resolved: VecDeque<(Arc<Classification>, Vec<bool>, Arc<Classification>)>,
+}
+
+/// A verdict on a classification, with the decision event's lists of what the statement does,
+/// computed once: a kept verdict is shared by every statement of that shape.
+struct Decided {
+    verdict: Verdict,
+    operations: Vec<String>,
+    tables: Vec<String>,
+}
+
+impl Decided {
+    fn new(verdict: Verdict, c: &Classification) -> Arc<Self> {
+        Arc::new(Self { verdict, operations: c.operations(), tables: c.tables() })
+    }
+}
+
+impl std::ops::Deref for Decided {
+    type Target = Verdict;
+    fn deref(&self) -> &Verdict {
+        &self.verdict
+    }
 }
 
 /// Verdicts (and function resolutions) a session keeps: agents repeat a handful of statement
@@ -520,7 +541,8 @@ impl Relay<'_> {
                 self.simple_query(sql).await?;
             }
             b'P' => {
-                let Some((name, sql)) = msg::read_parse(&f.body).map(|(n, q)| (n.to_string(), q.to_string()))
+                let Some((name, sql)) =
+                    msg::read_parse(&f.body).map(|(n, q)| (n.to_string(), Arc::<str>::from(q)))
                 else {
                     return Err(self.protocol_error("Parse"));
                 };
@@ -610,15 +632,16 @@ impl Relay<'_> {
             .or_else(|| self.statements.get(name).cloned())
     }
 
-    fn lookup_portal(&self, name: &str) -> Option<Portal> {
+    /// The portal a name stands for, as [`Relay::lookup_statement`] finds statements.
+    fn lookup_portal(&self, name: &str) -> Option<&Portal> {
         self.expect
             .iter()
             .rev()
             .find_map(|e| match e {
-                Expect::Bind { portal, entry } if portal == name => Some(entry.clone()),
+                Expect::Bind { portal, entry } if portal == name => Some(entry),
                 _ => None,
             })
-            .or_else(|| self.portals.get(name).cloned())
+            .or_else(|| self.portals.get(name))
     }
 
     /// What a prepared statement name runs, for resolving SQL-level EXECUTE (looked up only
@@ -638,22 +661,23 @@ impl Relay<'_> {
         &mut self,
         policy: &Arc<policy_store::client::ActivePolicy>,
         c: &Arc<Classification>,
-    ) -> Verdict {
+    ) -> Arc<Decided> {
         if self.s.read_only && c.accesses.iter().any(|a| a.operation == proto::policy::Operation::Escalate) {
-            return Verdict {
+            let v = Verdict {
                 decision: Decision::Deny,
                 rule: "builtin.read-only-session".into(),
                 reason: "this principal may not write here, so the session cannot be made writable".into(),
                 hold: None,
             };
+            return Decided::new(v, c);
         }
         let facts = crate::policy::SessionFacts { search_path_touched: self.search_path_touched };
         if !matches!(&self.verdicts_under, Some((p, f)) if Arc::ptr_eq(p, policy) && *f == facts) {
             self.verdicts.clear();
             self.verdicts_under = Some((policy.clone(), facts));
         }
-        if let Some((_, v)) = self.verdicts.iter().find(|(k, _)| Arc::ptr_eq(k, c)) {
-            return v.clone();
+        if let Some((_, d)) = self.verdicts.iter().find(|(k, _)| Arc::ptr_eq(k, c)) {
+            return d.clone();
         }
         let grants = &self.s.shared.grants;
         let (who, conn) = (&self.s.principal.subject, &self.s.conn.name);
@@ -669,11 +693,29 @@ impl Relay<'_> {
                 grants.covering(who, conn, &rule.name)
             },
         );
+        let d = Decided::new(v, c);
         // A classification nobody else holds (made for this one statement) will not recur.
         if !asked_for_grant.get() && Arc::strong_count(c) > 1 {
-            keep_recent(&mut self.verdicts, (c.clone(), v.clone()));
+            keep_recent(&mut self.verdicts, (c.clone(), d.clone()));
         }
-        v
+        d
+    }
+
+    /// The verdict on a statement: refused when its results could not be masked, else the
+    /// policy's.
+    fn decide(
+        &mut self,
+        policy: &Arc<policy_store::client::ActivePolicy>,
+        sql: &str,
+        c: &Arc<Classification>,
+    ) -> Arc<Decided> {
+        match self.mask_precheck(sql, c) {
+            Some(reason) => Decided::new(
+                Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None },
+                c,
+            ),
+            None => self.verdict(policy, c),
+        }
     }
 
     /// Decide a request: its number, the verdict, and the request and decision events to record.
@@ -682,15 +724,10 @@ impl Relay<'_> {
         sql: &str,
         params: &[Option<String>],
         c: &Arc<Classification>,
-    ) -> Result<(u64, Verdict, Vec<Event>), SessionError> {
+    ) -> Result<(u64, Arc<Decided>, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = match self.mask_precheck(sql, c) {
-            Some(reason) => {
-                Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None }
-            }
-            None => self.verdict(&policy, c),
-        };
+        let verdict = self.decide(&policy, sql, c);
         let (shown_sql, shown_params) = self.shown(sql, params);
         self.s.seq += 1;
         let seq = self.s.seq;
@@ -701,8 +738,8 @@ impl Relay<'_> {
                 seq,
                 decision: verdict.decision,
                 rule: Some(verdict.rule.clone()),
-                operations: c.operations(),
-                tables: c.tables(),
+                operations: verdict.operations.clone(),
+                tables: verdict.tables.clone(),
                 reason: verdict.reason.clone(),
                 policy_version: policy.version,
             },
@@ -912,7 +949,7 @@ impl Relay<'_> {
         self.expect.push_back(Expect::Execute(Box::new(r)));
     }
 
-    async fn parse(&mut self, f: Frame, name: String, sql: String) -> Result<(), SessionError> {
+    async fn parse(&mut self, f: Frame, name: String, sql: Arc<str>) -> Result<(), SessionError> {
         if reserved(&name) {
             return Err(self.protocol_error("Parse"));
         }
@@ -924,12 +961,7 @@ impl Relay<'_> {
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = match self.mask_precheck(&sql, &c) {
-            Some(reason) => {
-                Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None }
-            }
-            None => self.verdict(&policy, &c),
-        };
+        let verdict = self.decide(&policy, &sql, &c);
         if verdict.decision == Decision::Deny {
             let (seq, _, events) = self.judge(&sql, &[], &c)?;
             let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
@@ -940,16 +972,16 @@ impl Relay<'_> {
             self.statements.remove("");
         }
         self.send_upstream(&f);
-        self.expect.push_back(Expect::Parse { name, stmt: Prepared { sql: sql.into(), classification: c } });
+        self.expect.push_back(Expect::Parse { name, stmt: Prepared { sql, classification: c } });
         Ok(())
     }
 
     async fn execute(&mut self, f: Frame, portal: String) -> Result<(), SessionError> {
-        let entry = self.lookup_portal(&portal);
+        let entry = self.lookup_portal(&portal).cloned();
         let stmt_sql =
             entry.as_ref().and_then(|e| e.stmt.as_ref()).map(|p| p.sql.clone()).filter(|s| !s.is_empty());
-        let (sql, params, c) = match entry {
-            Some(Portal { stmt: Some(p), params }) => (p.sql.to_string(), params, p.classification),
+        let (sql, params, c): (Arc<str>, _, _) = match entry {
+            Some(Portal { stmt: Some(p), params }) => (p.sql, params, p.classification),
             Some(Portal { stmt: None, params }) => {
                 // Bound to a statement the proxy never saw confirmed: its effect is unknown.
                 let c = Classification {
@@ -957,7 +989,7 @@ impl Relay<'_> {
                     statements: 1,
                     ..Default::default()
                 };
-                (String::new(), params, Arc::new(c))
+                ("".into(), params, Arc::new(c))
             }
             None => {
                 // Not a protocol portal: a cursor made by DECLARE, whose query was decided then.
@@ -970,7 +1002,7 @@ impl Relay<'_> {
                     statements: 1,
                     ..Default::default()
                 };
-                (format!("-- fetch from portal \"{portal}\""), vec![], Arc::new(c))
+                (format!("-- fetch from portal \"{portal}\"").into(), Arc::from([]), Arc::new(c))
             }
         };
         let (seq, verdict, events) = self.judge(&sql, &params, &c)?;

@@ -221,7 +221,10 @@ impl Relay<'_> {
     }
 
     fn portal_sql(&self, name: &str) -> Option<Arc<str>> {
-        self.lookup_portal(name).and_then(|p| p.stmt).map(|p| p.sql).filter(|s| !s.is_empty())
+        self.lookup_portal(name)
+            .and_then(|p| p.stmt.as_ref())
+            .map(|p| p.sql.clone())
+            .filter(|s| !s.is_empty())
     }
 
     /// Does the statement answering now read masked columns? Unknown statements do.
