@@ -111,7 +111,7 @@ impl Expect {
 
 /// What the proxy does once a held message is decided.
 enum AfterHold {
-    Query { sql: String, effects: Vec<SessionEffect>, seq: u64 },
+    Query { frame: Frame, sql: Arc<str>, effects: Vec<SessionEffect>, seq: u64 },
     Execute { frame: Frame, portal: String, sql: Option<Arc<str>>, seq: u64 },
 }
 
@@ -535,10 +535,10 @@ impl Relay<'_> {
         }
         match f.tag {
             b'Q' => {
-                let Some(sql) = msg::read_cstr_body(&f.body).map(str::to_string) else {
+                let Some(sql) = msg::read_cstr_body(&f.body).map(Arc::<str>::from) else {
                     return Err(self.protocol_error("Query"));
                 };
-                self.simple_query(sql).await?;
+                self.simple_query(f, sql).await?;
             }
             b'P' => {
                 let Some((name, sql)) =
@@ -890,7 +890,9 @@ impl Relay<'_> {
         self.s.shared.classifier.classify(sql)
     }
 
-    async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
+    /// A simple-protocol Query: `f` is the client's frame, its body exactly `sql` and a NUL
+    /// ([`msg::read_cstr_body`]), so what goes to the target is what was decided.
+    async fn simple_query(&mut self, f: Frame, sql: Arc<str>) -> Result<(), SessionError> {
         let mut c = self.classify_as_server(&sql);
         if !c.executes.is_empty() {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
@@ -901,7 +903,7 @@ impl Relay<'_> {
         match verdict.decision {
             Decision::Allow => {
                 self.record_allowed(&c, events).await?;
-                self.forward_query(&sql, effects, seq);
+                self.forward_query(&f, sql, effects, seq);
                 Ok(())
             }
             Decision::Deny => {
@@ -915,7 +917,7 @@ impl Relay<'_> {
                     &sql,
                     &[],
                     &verdict,
-                    AfterHold::Query { sql: sql.clone(), effects, seq },
+                    AfterHold::Query { frame: f, sql: sql.clone(), effects, seq },
                     false,
                 )
                 .await
@@ -923,10 +925,10 @@ impl Relay<'_> {
         }
     }
 
-    fn forward_query(&mut self, sql: &str, effects: Vec<SessionEffect>, seq: u64) {
-        let q = msg::query(sql);
-        self.send_upstream(&q);
-        let r = Response::new(seq).with_sql(Some(sql.into()));
+    /// Send the client's Query frame (whose text is `sql`) to the target.
+    fn forward_query(&mut self, frame: &Frame, sql: Arc<str>, effects: Vec<SessionEffect>, seq: u64) {
+        self.send_upstream(frame);
+        let r = Response::new(seq).with_sql(Some(sql));
         self.expect.push_back(Expect::Query(Box::new(r), effects.into()));
     }
 
@@ -1079,7 +1081,9 @@ impl Relay<'_> {
         };
         if d.outcome == HoldOutcome::Approved {
             match h.then {
-                AfterHold::Query { sql, effects, seq } => self.forward_query(&sql, effects, seq),
+                AfterHold::Query { frame, sql, effects, seq } => {
+                    self.forward_query(&frame, sql, effects, seq)
+                }
                 AfterHold::Execute { frame, portal, sql, seq } => {
                     self.forward_execute(&frame, &portal, sql, seq)
                 }

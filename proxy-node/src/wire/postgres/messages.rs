@@ -340,5 +340,12 @@ mod tests {
         assert_eq!(read_cstr_body(b"select 1\0"), Some("select 1"));
         assert_eq!(read_cstr_body(b"select 1"), None);
         assert_eq!(read_cstr_body(b"a\0b\0"), None);
+        // The proxy forwards a client's Query frame as it came once its body reads as one
+        // string: that body is exactly the Query the gateway would build from the text it
+        // decided on.
+        for body in [&b"select 1\0"[..], b"\0", "select 'é';\0".as_bytes()] {
+            let sql = read_cstr_body(body).expect("one string");
+            assert_eq!(&query(sql).body[..], body);
+        }
     }
 }
