@@ -129,6 +129,9 @@ fi
 if [ "${AIRLOCK_INSTALL_ONLY:-0}" = 1 ]; then
     exit 0
 fi
+# Airlock reads AIRLOCK_* variables as configuration and refuses the ones it does not know, and
+# the tests' airlock processes inherit this environment: these two are for this script only.
+unset AIRLOCK_SKIP_INSTALL AIRLOCK_INSTALL_ONLY
 
 section "cargo fmt --all --check"
 cargo fmt --all --check
