@@ -95,12 +95,10 @@ impl Envelope {
         let now = SystemTime::now();
         let at = Timestamp::from(now);
         let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
         events
             .into_iter()
-            .map(|event| {
-                let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
-                Self { v: ENVELOPE_VERSION, id: Uuid::new_v7(ts), session, at, event }
-            })
+            .map(|event| Self { v: ENVELOPE_VERSION, id: Uuid::new_v7(ts), session, at, event })
             .collect()
     }
 

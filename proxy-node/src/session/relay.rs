@@ -196,17 +196,22 @@ struct Relay<'s> {
     resolved: VecDeque<(Arc<Classification>, Vec<bool>, Arc<Classification>)>,
 }
 
-/// A verdict on a classification, with the decision event's lists of what the statement does,
-/// computed once: a kept verdict is shared by every statement of that shape.
+/// A verdict on a classification, with the decision event's lists of what the statement does
+/// (its operations and tables), built the first time an event needs them: a kept verdict is
+/// shared by every statement of that shape.
 struct Decided {
     verdict: Verdict,
-    operations: Vec<String>,
-    tables: Vec<String>,
+    lists: std::sync::OnceLock<(Vec<String>, Vec<String>)>,
 }
 
 impl Decided {
-    fn new(verdict: Verdict, c: &Classification) -> Arc<Self> {
-        Arc::new(Self { verdict, operations: c.operations(), tables: c.tables() })
+    fn new(verdict: Verdict) -> Arc<Self> {
+        Arc::new(Self { verdict, lists: Default::default() })
+    }
+
+    /// The operations and tables of `c`, the classification this verdict is on.
+    fn lists(&self, c: &Classification) -> &(Vec<String>, Vec<String>) {
+        self.lists.get_or_init(|| (c.operations(), c.tables()))
     }
 }
 
@@ -669,7 +674,7 @@ impl Relay<'_> {
                 reason: "this principal may not write here, so the session cannot be made writable".into(),
                 hold: None,
             };
-            return Decided::new(v, c);
+            return Decided::new(v);
         }
         let facts = crate::policy::SessionFacts { search_path_touched: self.search_path_touched };
         if !matches!(&self.verdicts_under, Some((p, f)) if Arc::ptr_eq(p, policy) && *f == facts) {
@@ -693,7 +698,7 @@ impl Relay<'_> {
                 grants.covering(who, conn, &rule.name)
             },
         );
-        let d = Decided::new(v, c);
+        let d = Decided::new(v);
         // A classification nobody else holds (made for this one statement) will not recur.
         if !asked_for_grant.get() && Arc::strong_count(c) > 1 {
             keep_recent(&mut self.verdicts, (c.clone(), d.clone()));
@@ -710,10 +715,12 @@ impl Relay<'_> {
         c: &Arc<Classification>,
     ) -> Arc<Decided> {
         match self.mask_precheck(sql, c) {
-            Some(reason) => Decided::new(
-                Verdict { decision: Decision::Deny, rule: "builtin.masking".into(), reason, hold: None },
-                c,
-            ),
+            Some(reason) => Decided::new(Verdict {
+                decision: Decision::Deny,
+                rule: "builtin.masking".into(),
+                reason,
+                hold: None,
+            }),
             None => self.verdict(policy, c),
         }
     }
@@ -728,6 +735,19 @@ impl Relay<'_> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
         let verdict = self.decide(&policy, sql, c);
+        let (seq, events) = self.request_events(&policy, sql, params, c, &verdict);
+        Ok((seq, verdict, events))
+    }
+
+    /// Number a request and make its request and decision events, for `verdict` on `c`.
+    fn request_events(
+        &mut self,
+        policy: &policy_store::client::ActivePolicy,
+        sql: &str,
+        params: &[Option<String>],
+        c: &Classification,
+        verdict: &Decided,
+    ) -> (u64, Vec<Event>) {
         let (shown_sql, shown_params) = self.shown(sql, params);
         self.s.seq += 1;
         let seq = self.s.seq;
@@ -738,13 +758,13 @@ impl Relay<'_> {
                 seq,
                 decision: verdict.decision,
                 rule: Some(verdict.rule.clone()),
-                operations: verdict.operations.clone(),
-                tables: verdict.tables.clone(),
+                operations: verdict.lists(c).0.clone(),
+                tables: verdict.lists(c).1.clone(),
                 reason: verdict.reason.clone(),
                 policy_version: policy.version,
             },
         ];
-        Ok((seq, verdict, events))
+        (seq, events)
     }
 
     /// Send an allowed statement's request and decision events on their way: a statement that
@@ -965,7 +985,7 @@ impl Relay<'_> {
         self.refresh_rules(&policy);
         let verdict = self.decide(&policy, &sql, &c);
         if verdict.decision == Decision::Deny {
-            let (seq, _, events) = self.judge(&sql, &[], &c)?;
+            let (seq, events) = self.request_events(&policy, &sql, &[], &c, &verdict);
             let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
             return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true, events).await;
         }
