@@ -1,7 +1,7 @@
 # Sourced by bench/pgbench.sh and bench/ab.sh: starts PostgreSQL (pgbench scale 10), pgbouncer
 # (transaction pooling), nats-server, an Airlock policy store with the bench policy, and an
 # Airlock proxy, all on loopback; everything is stopped and removed on exit. Reads MASKING,
-# RECORDING and WORKERS (see bench/pgbench.sh), BIN (default target/release/airlock) and the
+# RECORDING, WORKERS and UPSTREAM (see bench/pgbench.sh), BIN (default target/release/airlock) and the
 # caller's $1 (seconds per run, default 10). Sets PG_PORT, PGB_PORT, PGB_PID, PROXY_PORT,
 # PROXY_PID, NATS_PID, KEY, PW, PGBIN, WORK, HZ and cpu_ticks.
 set -euo pipefail
@@ -32,10 +32,18 @@ export PGPASSWORD="$PW"
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE ROLE airlock_svc LOGIN PASSWORD '$PW'" -c "CREATE DATABASE bench OWNER airlock_svc"
 "$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PG_PORT" -U airlock_svc bench >/dev/null 2>&1
 
+# How both proxies reach PostgreSQL: loopback TCP, or with UPSTREAM=socket its Unix-domain socket
+# in $WORK (the same for pgbouncer and Airlock, so the comparison stays fair).
+case "${UPSTREAM:-tcp}" in
+    tcp) UP_HOST=127.0.0.1 ;;
+    socket) UP_HOST="$WORK" ;;
+    *) echo "UPSTREAM must be tcp or socket" >&2; exit 1 ;;
+esac
+
 # pgbouncer, transaction pooling (as in the issue's table).
 cat > "$WORK/pgbouncer.ini" <<INI
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=$UP_HOST port=$PG_PORT dbname=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $PGB_PORT
@@ -75,7 +83,7 @@ TOML
 connections:
   - name: bench
     kind: postgres
-    upstream: { host: 127.0.0.1, port: $PG_PORT, database: bench, tls: disable }
+    upstream: { host: "$UP_HOST", port: $PG_PORT, database: bench, tls: disable }
     credentials: { user: airlock_svc, password_file: $WORK/pw }
     require_recording: $([ "${RECORDING:-strict}" = best-effort ] && echo false || echo true)
 rules:

@@ -12,6 +12,8 @@
 # one table"): every result is still planned against the column origins.
 # RECORDING=best-effort sets `require_recording: false` on the connection: every event is still
 # published, but sessions do not wait for JetStream's acknowledgement.
+# UPSTREAM=socket makes both pgbouncer and Airlock reach PostgreSQL through its Unix-domain socket
+# instead of loopback TCP (pgbench itself always connects over TCP).
 # WORKERS=N sets the proxy's `runtime.worker_threads` (default: one per core).
 # BIN=path runs another airlock binary.
 set -euo pipefail

@@ -109,7 +109,10 @@ pub enum ConnectionKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
+    /// A host name or address, or, as in libpq, an absolute path: the directory of the
+    /// target's Unix-domain socket (for a target on the gateway's own host).
     pub host: String,
+    /// The TCP port, or the number in the socket file's name (`.s.PGSQL.<port>`).
     pub port: u16,
     /// The target database (defaults to the connection's name).
     #[serde(default)]
@@ -120,6 +123,16 @@ pub struct Upstream {
     /// on the gateway's hosts. Required with `verify-full`, refused with the other modes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+}
+
+impl Upstream {
+    /// The path of the target's Unix-domain socket, when `host` names its directory (starts
+    /// with `/`, as libpq reads it): `<host>/.s.PGSQL.<port>`.
+    pub fn unix_socket(&self) -> Option<String> {
+        self.host
+            .starts_with('/')
+            .then(|| format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port))
+    }
 }
 
 /// TLS to the target, as libpq's `sslmode` of the same name.
@@ -621,6 +634,18 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
         if c.upstream.port == 0 {
             err(format!("{p}.upstream.port"), "must be 1-65535".into());
         }
+        if let Some(socket) = c.upstream.unix_socket()
+            && matches!(c.upstream.tls, TlsMode::Require | TlsMode::VerifyFull)
+        {
+            err(
+                format!("{p}.upstream.tls"),
+                format!(
+                    "tls: {} cannot be had over a Unix-domain socket ({socket}); it never leaves the host, \
+                     so use tls: disable, or a host name to reach the target over TCP",
+                    c.upstream.tls.as_str()
+                ),
+            );
+        }
         match (c.upstream.tls, &c.upstream.ca_file) {
             (TlsMode::VerifyFull, None) => err(
                 format!("{p}.upstream.ca_file"),
@@ -1083,6 +1108,26 @@ defaults: { unparsed: deny, unknown_operation: hold }
             GOOD.replace("min: 1", "min: 0").replace("name: no-ddl-for-agents", "name: writes-need-approval");
         let e = parse(&bad).expect_err("invalid");
         assert_eq!(e.0.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn a_unix_socket_host_is_read_as_libpq_reads_it_and_refuses_tls() {
+        let on_socket = |tls: &str| {
+            GOOD.replace("host: 127.0.0.1, port: 5432", "host: /run/pg/, port: 5433")
+                .replace("tls: prefer", tls)
+        };
+        for tls in ["tls: prefer", "tls: disable"] {
+            let doc = parse(&on_socket(tls)).expect("a socket with prefer or disable is valid");
+            assert_eq!(doc.connections[0].upstream.unix_socket().as_deref(), Some("/run/pg/.s.PGSQL.5433"));
+        }
+        for tls in ["tls: require", "tls: verify-full, ca_file: /etc/ca.pem"] {
+            let e = parse(&on_socket(tls)).expect_err("TLS cannot be had over a socket");
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].path, "connections[0].upstream.tls", "{e}");
+            assert!(e.0[0].message.contains("Unix-domain socket (/run/pg/.s.PGSQL.5433)"), "{e}");
+        }
+        let doc = parse(GOOD).expect("valid");
+        assert_eq!(doc.connections[0].upstream.unix_socket(), None, "a host name is TCP");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! TLS on both sides of the Postgres listener: [`Stream`], a connection that is plain TCP or
-//! TLS over TCP; the acceptor for clients (`proxy.tls_cert_file` and `proxy.tls_key_file`); and
+//! TLS on both sides of the Postgres listener: [`Stream`], a connection that is plain TCP, TLS
+//! over TCP, or a Unix-domain socket to a target on the same host; the acceptor for clients (`proxy.tls_cert_file` and `proxy.tls_key_file`); and
 //! the client settings for targets (`upstream.tls`, `upstream.ca_file`).
 //!
 //! rustls runs on the process's default crypto provider when one is installed, else on
@@ -16,17 +16,21 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
-/// A connection to a client or to a target: plain TCP, or TLS over TCP.
+/// A connection to a client or to a target: plain TCP, TLS over TCP, or a Unix-domain socket.
 ///
-/// Plain TCP goes straight to the socket (one branch per call, no extra copy or buffer).
+/// Plain TCP and Unix sockets go straight to the socket (one branch per call, no extra copy or
+/// buffer).
 #[derive(Debug)]
 pub enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP, as the server (to a client) or as the client (to a target).
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// A Unix-domain socket to a target on the gateway's host (never encrypted: it does not
+    /// leave the host).
+    Unix(UnixStream),
 }
 
 impl Stream {
@@ -45,6 +49,10 @@ impl Stream {
                 let (r, w) = tcp.split();
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
+            Stream::Unix(unix) => {
+                let (r, w) = unix.split();
+                (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
             Stream::Tls(_) => {
                 let (r, w) = tokio::io::split(self);
                 (ReadHalf::Tls(r), WriteHalf::Tls(w))
@@ -57,6 +65,7 @@ impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => {
                 // A write can leave TLS records in rustls's buffer when the socket is full, and
                 // callers written for TCP never flush: reading pushes them out (and registers
@@ -74,6 +83,7 @@ impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
@@ -81,6 +91,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
@@ -88,6 +99,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
@@ -96,12 +108,14 @@ impl AsyncWrite for Stream {
 /// The read half of a [`Stream`].
 pub(crate) enum ReadHalf<'a> {
     Plain(tokio::net::tcp::ReadHalf<'a>),
+    Unix(tokio::net::unix::ReadHalf<'a>),
     Tls(tokio::io::ReadHalf<&'a mut Stream>),
 }
 
 /// The write half of a [`Stream`].
 pub(crate) enum WriteHalf<'a> {
     Plain(tokio::net::tcp::WriteHalf<'a>),
+    Unix(tokio::net::unix::WriteHalf<'a>),
     Tls(tokio::io::WriteHalf<&'a mut Stream>),
 }
 
@@ -109,6 +123,7 @@ impl AsyncRead for ReadHalf<'_> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Unix(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -118,6 +133,7 @@ impl AsyncWrite for WriteHalf<'_> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Unix(s) => Pin::new(s).poll_write(cx, buf),
             WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -125,6 +141,7 @@ impl AsyncWrite for WriteHalf<'_> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_flush(cx),
             WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -132,6 +149,7 @@ impl AsyncWrite for WriteHalf<'_> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

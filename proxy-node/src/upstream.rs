@@ -1,7 +1,9 @@
 //! Connecting to the target as the gateway's own user: TLS as `upstream.tls` says, startup,
 //! then SCRAM-SHA-256, md5 or cleartext authentication with the credentials the gateway holds.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use postgres_protocol::message::frontend;
 use proto::policy::{Connection, TlsMode};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::tls::{self, Stream};
 use crate::wire::postgres::frame::SSL_REQUEST;
@@ -44,11 +46,29 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
 }
 
+/// Where a target listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A TCP address (the one the session connected to, after name resolution).
+    Tcp(SocketAddr),
+    /// A Unix-domain socket on the gateway's host: `upstream.host` is its directory, as in libpq.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 /// Where a target is and how to reach it: what a session's CancelRequests need.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// The target's address.
-    pub addr: SocketAddr,
+    pub addr: Address,
     tls: Option<TargetTls>,
 }
 
@@ -61,9 +81,21 @@ struct TargetTls {
 }
 
 impl TargetTls {
-    /// The settings of a connection's `upstream`; `None` for `tls: disable`.
+    /// The settings of a connection's `upstream`; `None` for `tls: disable` and for a Unix
+    /// socket with `tls: prefer` (the socket never leaves the host, and PostgreSQL offers no TLS
+    /// on it). Policy validation refuses a Unix socket with `require` or `verify-full`; should
+    /// one get here all the same, it is refused rather than served in plain text.
     fn of(c: &Connection) -> Result<Option<Self>, UpstreamError> {
         let u = &c.upstream;
+        if let Some(path) = u.unix_socket() {
+            return match u.tls {
+                TlsMode::Disable | TlsMode::Prefer => Ok(None),
+                mode => Err(UpstreamError::Tls {
+                    addr: path,
+                    message: format!("tls: {} cannot be had over a Unix-domain socket", mode.as_str()),
+                }),
+            };
+        }
         let config = match (u.tls, &u.ca_file) {
             (TlsMode::Disable, _) => return Ok(None),
             (TlsMode::VerifyFull, Some(ca)) => tls::verifying_config(ca),
@@ -77,14 +109,54 @@ impl TargetTls {
     }
 }
 
-/// Open a TCP connection and negotiate TLS: SSLRequest, then the handshake if the target says
-/// "S"; "N" is plain text for `prefer` and an error for the other modes.
-async fn open(addr: &str, tls: Option<&TargetTls>) -> Result<(Stream, SocketAddr), UpstreamError> {
+/// Where a connection's target is: `host:port` over TCP, or the socket file
+/// `host/.s.PGSQL.port` when `host` is a directory (an absolute path), as libpq reads it.
+enum Dial {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Dial {
+    fn of(c: &Connection) -> Self {
+        match c.upstream.unix_socket() {
+            Some(path) => Dial::Unix(PathBuf::from(path)),
+            None => Dial::Tcp(format!("{}:{}", c.upstream.host, c.upstream.port)),
+        }
+    }
+
+    fn to(addr: &Address) -> Self {
+        match addr {
+            Address::Tcp(a) => Dial::Tcp(a.to_string()),
+            Address::Unix(p) => Dial::Unix(p.clone()),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Dial::Tcp(a) => a.clone(),
+            Dial::Unix(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Open a connection and, over TCP, negotiate TLS: SSLRequest, then the handshake if the target
+/// says "S"; "N" is plain text for `prefer` and an error for the other modes. A Unix socket is
+/// never encrypted (`TargetTls::of` gives no settings for one).
+async fn open(dial: &Dial, tls: Option<&TargetTls>) -> Result<(Stream, Address), UpstreamError> {
+    let addr = match dial {
+        Dial::Tcp(addr) => addr.as_str(),
+        Dial::Unix(path) => {
+            let unix = UnixStream::connect(path)
+                .await
+                .map_err(|source| UpstreamError::Connect { addr: dial.name(), source })?;
+            return Ok((Stream::Unix(unix), Address::Unix(path.clone())));
+        }
+    };
     let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
     tcp.set_nodelay(true)?;
-    let peer = tcp.peer_addr()?;
+    let peer = Address::Tcp(tcp.peer_addr()?);
     let Some(tls) = tls else {
         return Ok((Stream::Plain(tcp), peer));
     };
@@ -174,10 +246,11 @@ pub async fn connect(
     max_message: usize,
     read_only: bool,
 ) -> Result<Upstream, UpstreamError> {
-    let addr = format!("{}:{}", c.upstream.host, c.upstream.port);
+    let dial = Dial::of(c);
+    let addr = dial.name();
     let tls = TargetTls::of(c)?;
     let pw = password(c)?;
-    let (stream, peer) = tokio::time::timeout(timeout, open(&addr, tls.as_ref()))
+    let (stream, peer) = tokio::time::timeout(timeout, open(&dial, tls.as_ref()))
         .await
         .map_err(|_| UpstreamError::Timeout(addr.clone()))??;
     let mut up = Upstream {
@@ -307,10 +380,10 @@ async fn handshake(
 
 /// Send a CancelRequest for a target backend, with the TLS settings of its session.
 pub async fn cancel(target: Endpoint, pid: i32, key: i32) -> Result<(), UpstreamError> {
-    let addr = target.addr.to_string();
-    let mut s = tokio::time::timeout(Duration::from_secs(5), open(&addr, target.tls.as_ref()))
+    let dial = Dial::to(&target.addr);
+    let mut s = tokio::time::timeout(Duration::from_secs(5), open(&dial, target.tls.as_ref()))
         .await
-        .map_err(|_| UpstreamError::Timeout(addr.clone()))??
+        .map_err(|_| UpstreamError::Timeout(dial.name()))??
         .0;
     let mut buf = BytesMut::new();
     frontend::cancel_request(pid, key, &mut buf);

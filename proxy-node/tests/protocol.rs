@@ -26,17 +26,19 @@ struct Harness {
     /// The policy the proxy runs under: send a new one to change it.
     policy: watch::Sender<Option<Arc<ActivePolicy>>>,
     pw_file: String,
+    /// `upstream.host`: 127.0.0.1, or the directory of the target's Unix-domain socket.
+    upstream_host: String,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-fn policy(pg_port: u16, pw_file: &str, rules: &str) -> String {
+fn policy(host: &str, pg_port: u16, pw_file: &str, rules: &str) -> String {
     let hash = proxy_node::identity::hash_api_key(KEY);
     format!(
         r#"connections:
   - name: shop
     kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, tls: disable }}
+    upstream: {{ host: "{host}", port: {pg_port}, database: shop, tls: disable }}
     credentials: {{ user: airlock_svc, password_file: {pw_file} }}
 rules:
 {rules}
@@ -47,6 +49,12 @@ service_accounts:
 }
 
 async fn start(rules: &str) -> Harness {
+    start_on(rules, false).await
+}
+
+/// The harness, with the proxy reaching PostgreSQL through its Unix-domain socket when
+/// `unix_socket`, else over TCP.
+async fn start_on(rules: &str, unix_socket: bool) -> Harness {
     testkit::init_crypto();
     let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
     let pg = Postgres::start().unwrap();
@@ -64,7 +72,9 @@ async fn start(rules: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap(), rules)).unwrap();
+    let upstream_host =
+        if unix_socket { pg.socket_dir().display().to_string() } else { "127.0.0.1".to_string() };
+    let doc = proto::policy::parse(&policy(&upstream_host, pg.port, pw.to_str().unwrap(), rules)).unwrap();
     let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
     let (policy_tx, rx) = watch::channel(Some(Arc::new(active)));
     let bus = EventBus::memory();
@@ -94,7 +104,7 @@ async fn start(rules: &str) -> Harness {
         }
     });
     let pw_file = pw.to_str().unwrap().to_string();
-    Harness { pg, bus, port, holds, policy: policy_tx, pw_file, _dir: dir, _stop: stop_tx }
+    Harness { pg, bus, port, holds, policy: policy_tx, pw_file, upstream_host, _dir: dir, _stop: stop_tx }
 }
 
 impl Harness {
@@ -131,7 +141,8 @@ impl Harness {
 
     /// Replace the proxy's policy with `rules`, as version `version`.
     fn apply(&self, version: u64, rules: &str) {
-        let document = proto::policy::parse(&policy(self.pg.port, &self.pw_file, rules)).unwrap();
+        let document =
+            proto::policy::parse(&policy(&self.upstream_host, self.pg.port, &self.pw_file, rules)).unwrap();
         let active = ActivePolicy { version, document, digest: format!("test-{version}") };
         self.policy.send(Some(Arc::new(active))).unwrap();
     }
@@ -305,6 +316,38 @@ async fn copy_in_and_out_are_relayed_and_decided() {
 async fn cancel_requests_reach_the_right_backend() {
     let h = start(RULES).await;
     let c = h.connect().await;
+    let token = c.cancel_token();
+    let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(code(&e), "57014");
+}
+
+/// `upstream.host` as a socket directory: sessions, the catalog side connection (a function
+/// lookup) and cancel requests all go through the target's Unix-domain socket, and policy is
+/// enforced exactly as over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_on_a_unix_socket_is_served_cancelled_and_guarded() {
+    let h = start_on(RULES, true).await;
+    let c = h.connect().await;
+    // The target sees a Unix-socket client: no server address.
+    let row = c.query_one("SELECT inet_server_addr() IS NULL, count(*) FROM orders", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0), "the session did not come through the socket");
+    assert_eq!(row.get::<_, i64>(1), 3);
+    h.pg.psql(
+        "shop",
+        "CREATE FUNCTION shout(t text) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT upper(t)'",
+    )
+    .unwrap();
+    let row = c.query_one("SELECT shout(item) FROM orders WHERE id = $1", &[&1i32]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "APPLE");
+    let e = c.batch_execute("DROP TABLE payments").await.unwrap_err();
+    assert_eq!(code(&e), "42501");
+    assert_eq!(h.count("SELECT count(*) FROM payments"), "1");
+    let sockets = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'airlock_svc' AND client_port = -1";
+    assert_ne!(h.count(sockets), "0", "no target session on the socket");
+
     let token = c.cancel_token();
     let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -675,6 +718,7 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
         }
     };
     let yaml = policy(
+        "127.0.0.1",
         pg.port,
         pw.to_str().unwrap(),
         "  - { name: no-ddl, match: { operations: [create] }, action: deny }\n",
