@@ -48,17 +48,17 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
     for seq in 1..=requests {
         events.push(Event::RequestReceived {
             seq,
-            statement: format!("select name from fruit where id = {seq}"),
-            parameters: vec![],
+            statement: format!("select name from fruit where id = {seq}").into(),
+            parameters: Default::default(),
         });
         let decision = if seq % 4 == 0 { Decision::Deny } else { Decision::Allow };
         events.push(Event::PolicyDecided {
             seq,
             decision,
-            rule: Some(format!("rule-{decision}")),
-            operations: vec!["select".into()],
-            tables: vec!["fruit".into()],
-            reason: if decision == Decision::Deny { "no fruit today".into() } else { String::new() },
+            rule: Some(format!("rule-{decision}").into()),
+            operations: ["select".into()].into(),
+            tables: ["fruit".into()].into(),
+            reason: if decision == Decision::Deny { "no fruit today".into() } else { "".into() },
             policy_version: 1,
         });
         if decision == Decision::Allow {

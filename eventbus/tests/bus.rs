@@ -22,7 +22,11 @@ async fn nats_bus(nats: &testkit::Nats) -> Result<EventBus> {
 fn request(session: Uuid, seq: u64) -> Envelope {
     Envelope::new(
         session,
-        Event::RequestReceived { seq, statement: format!("select {seq}"), parameters: vec![] },
+        Event::RequestReceived {
+            seq,
+            statement: format!("select {seq}").into(),
+            parameters: Default::default(),
+        },
     )
 }
 
@@ -110,7 +114,7 @@ async fn durable_only_sees_its_filter(bus: EventBus) -> Result<()> {
             connection: "shop".into(),
             principal: Default::default(),
             statement: "delete from orders".into(),
-            parameters: vec![],
+            parameters: Default::default(),
             fingerprint: "ab".into(),
             rule: "writes".into(),
             reason: "matched".into(),
@@ -215,7 +219,14 @@ fn big_requests(n: u64) -> Vec<Envelope> {
     let big = "x".repeat(100 * 1024);
     (1..=n)
         .map(|seq| {
-            Envelope::new(session, Event::RequestReceived { seq, statement: big.clone(), parameters: vec![] })
+            Envelope::new(
+                session,
+                Event::RequestReceived {
+                    seq,
+                    statement: big.as_str().into(),
+                    parameters: Default::default(),
+                },
+            )
         })
         .collect()
 }

@@ -4,6 +4,7 @@
 //! added later with `#[serde(default)]` keeps old recordings readable. Recordings live forever:
 //! never rename or remove a field, only add defaulted ones.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -279,22 +280,25 @@ pub enum Event {
         /// `client closed`, or what ended it.
         reason: String,
     },
+    // The text fields of the two events every statement makes are shared (`Arc`), not owned: a
+    // proxy builds them from the statement and the verdict it keeps, without copying either.
+    // They encode exactly as strings and arrays do.
     RequestReceived {
         /// The request's number within the session, from 1.
         seq: u64,
-        statement: String,
+        statement: Arc<str>,
         /// Bound parameters (extended protocol), as text; binary values as `\x` hex.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        parameters: Vec<Option<String>>,
+        #[serde(default, skip_serializing_if = "<[_]>::is_empty")]
+        parameters: Arc<[Option<String>]>,
     },
     PolicyDecided {
         seq: u64,
         decision: Decision,
         /// The deciding rule, or a default (`defaults.unparsed`, ...).
-        rule: Option<String>,
-        operations: Vec<String>,
-        tables: Vec<String>,
-        reason: String,
+        rule: Option<Arc<str>>,
+        operations: Arc<[String]>,
+        tables: Arc<[String]>,
+        reason: Arc<str>,
         policy_version: u64,
     },
     HoldRequested(HoldRequest),
@@ -469,18 +473,18 @@ mod tests {
                 node: "n1".into(),
                 policy_version: 3,
             },
-            Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+            Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: Arc::new([]) },
             Event::RequestReceived {
                 seq: 2,
                 statement: "select $1".into(),
-                parameters: vec![Some("7".into()), None],
+                parameters: Arc::new([Some("7".into()), None]),
             },
             Event::PolicyDecided {
                 seq: 1,
                 decision: Decision::Hold,
                 rule: Some("r".into()),
-                operations: vec!["delete".into()],
-                tables: vec!["orders".into()],
+                operations: Arc::new(["delete".into()]),
+                tables: Arc::new(["orders".into()]),
                 reason: "matched".into(),
                 policy_version: 3,
             },
@@ -554,6 +558,75 @@ mod tests {
         let bytes = rmp_serde::to_vec_named(&n).expect("encode");
         let env = decode(&bytes).expect("decode newer envelope");
         assert_eq!(env.at, Timestamp(5));
+    }
+
+    /// The shared (`Arc`) text fields of the per-statement events encode byte for byte as the
+    /// owned strings and vectors they were before, so archives written by either read the same.
+    #[test]
+    fn shared_text_fields_encode_as_owned_ones_did() {
+        #[derive(Serialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Owned {
+            RequestReceived {
+                seq: u64,
+                statement: String,
+                #[serde(skip_serializing_if = "Vec::is_empty")]
+                parameters: Vec<Option<String>>,
+            },
+            PolicyDecided {
+                seq: u64,
+                decision: Decision,
+                rule: Option<String>,
+                operations: Vec<String>,
+                tables: Vec<String>,
+                reason: String,
+                policy_version: u64,
+            },
+        }
+        let pairs = [
+            (
+                Owned::RequestReceived {
+                    seq: 3,
+                    statement: "select $1".into(),
+                    parameters: vec![Some("7".into()), None],
+                },
+                Event::RequestReceived {
+                    seq: 3,
+                    statement: "select $1".into(),
+                    parameters: Arc::new([Some("7".into()), None]),
+                },
+            ),
+            (
+                Owned::RequestReceived { seq: 4, statement: "select 1".into(), parameters: vec![] },
+                Event::RequestReceived { seq: 4, statement: "select 1".into(), parameters: Arc::new([]) },
+            ),
+            (
+                Owned::PolicyDecided {
+                    seq: 3,
+                    decision: Decision::Deny,
+                    rule: Some("no-ddl".into()),
+                    operations: vec!["drop".into()],
+                    tables: vec!["public.orders".into(), "users".into()],
+                    reason: "matched".into(),
+                    policy_version: 9,
+                },
+                Event::PolicyDecided {
+                    seq: 3,
+                    decision: Decision::Deny,
+                    rule: Some("no-ddl".into()),
+                    operations: Arc::new(["drop".into()]),
+                    tables: Arc::new(["public.orders".into(), "users".into()]),
+                    reason: "matched".into(),
+                    policy_version: 9,
+                },
+            ),
+        ];
+        for (owned, shared) in pairs {
+            let old = rmp_serde::to_vec_named(&owned).expect("encode owned");
+            assert_eq!(rmp_serde::to_vec_named(&shared).expect("encode shared"), old);
+            let back: Event = rmp_serde::from_slice(&old).expect("decode an owned encoding");
+            assert_eq!(back, shared);
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! table columns the same way.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -39,6 +40,10 @@ pub struct Origin {
     pub relkind: char,
 }
 
+/// A column's origin as the cache keeps it (shared: every RowDescription naming it asks), or
+/// `None` when the catalog has none.
+type KnownOrigin = Option<Arc<Origin>>;
+
 /// A relation found by name, with its definition when it is a view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relation {
@@ -66,7 +71,7 @@ const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
 pub struct Catalog {
     conn: Option<Upstream>,
     cache: HashMap<FunctionRef, (bool, Instant)>,
-    origins: HashMap<(u32, i16), (Option<Origin>, Instant)>,
+    origins: HashMap<(u32, i16), (KnownOrigin, Instant)>,
     relations: HashMap<(Option<String>, String), (Vec<Relation>, Instant)>,
     /// Unqualified names last found to name no view in any schema (so reading them runs no
     /// view definition): the answer of [`Catalog::views_read_only`] without a lookup.
@@ -192,7 +197,7 @@ impl Catalog {
         reach: Reach<'_>,
         oid: u32,
         attnum: i16,
-    ) -> Result<Option<Origin>, UpstreamError> {
+    ) -> Result<KnownOrigin, UpstreamError> {
         if let Some((o, at)) = self.origins.get(&(oid, attnum))
             && at.elapsed() < TTL
         {
@@ -202,12 +207,12 @@ impl Catalog {
         let rows = self.rows(reach, ORIGIN_SQL, &[Some(&oid_s), Some(&att_s)]).await?;
         let o = rows.into_iter().next().and_then(|r| {
             let mut r = r.into_iter();
-            Some(Origin {
+            Some(Arc::new(Origin {
                 schema: r.next()??,
                 table: r.next()??,
                 column: r.next()??,
                 relkind: r.next()??.chars().next()?,
-            })
+            }))
         });
         self.origins.insert((oid, attnum), (o.clone(), Instant::now()));
         Ok(o)

@@ -203,8 +203,11 @@ mod tests {
                 let j = journal.clone();
                 tokio::spawn(async move {
                     for seq in 1..=50 {
-                        let ev =
-                            Event::RequestReceived { seq, statement: "select 1".into(), parameters: vec![] };
+                        let ev = Event::RequestReceived {
+                            seq,
+                            statement: "select 1".into(),
+                            parameters: Default::default(),
+                        };
                         let envs = vec![Envelope::new(s, ev)];
                         if strict {
                             j.record(envs).await.expect("recorded");
@@ -249,7 +252,11 @@ mod tests {
         let env = |s: Uuid| {
             vec![Envelope::new(
                 s,
-                Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+                Event::RequestReceived {
+                    seq: 1,
+                    statement: "select 1".into(),
+                    parameters: Default::default(),
+                },
             )]
         };
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());

@@ -60,16 +60,16 @@ fn event(i: usize) -> Event {
     match i % 3 {
         0 => Event::RequestReceived {
             seq,
-            statement: format!("select id, name, price from products where id = {seq}"),
-            parameters: vec![],
+            statement: format!("select id, name, price from products where id = {seq}").into(),
+            parameters: Default::default(),
         },
         1 => Event::PolicyDecided {
             seq,
             decision: Decision::Allow,
             rule: Some("reads".into()),
-            operations: vec!["select".into()],
-            tables: vec!["products".into()],
-            reason: String::new(),
+            operations: ["select".into()].into(),
+            tables: ["products".into()].into(),
+            reason: "".into(),
             policy_version: 3,
         },
         _ => Event::ResponseSent {

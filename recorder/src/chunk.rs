@@ -199,7 +199,11 @@ pub(crate) mod tests {
         let envs = vec![
             Envelope::new(
                 session,
-                Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+                Event::RequestReceived {
+                    seq: 1,
+                    statement: "select 1".into(),
+                    parameters: Default::default(),
+                },
             ),
             Envelope::new(session, Event::SessionEnded { reason: "bye".into() }),
         ];

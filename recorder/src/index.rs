@@ -97,9 +97,9 @@ impl IndexBuilder {
             Event::PolicyDecided { seq, decision, rule, operations, tables, .. } => {
                 let row = self.row(*seq, env.at);
                 row.decision = Some(decision.to_string());
-                row.rule = rule.clone();
-                row.operations = operations.clone();
-                row.tables = tables.clone();
+                row.rule = rule.as_deref().map(str::to_string);
+                row.operations = operations.to_vec();
+                row.tables = tables.to_vec();
             }
             Event::HoldRequested(h) => {
                 self.hold_seq.insert(h.hold_id, h.seq);
@@ -351,7 +351,7 @@ mod tests {
         let mut b = IndexBuilder::default();
         b.add(&Envelope::new(
             session,
-            Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: vec![] },
+            Event::RequestReceived { seq: 1, statement: "select 1".into(), parameters: Default::default() },
         ));
         let bytes = b.to_parquet(session).expect("write");
         assert!(bytes.starts_with(b"PAR1") && bytes.ends_with(b"PAR1"));

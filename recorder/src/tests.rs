@@ -132,7 +132,14 @@ fn ctx(store: Arc<dyn ObjectStore>) -> Ctx {
 }
 
 fn request(id: Uuid, seq: u64) -> Envelope {
-    Envelope::new(id, Event::RequestReceived { seq, statement: format!("select {seq}"), parameters: vec![] })
+    Envelope::new(
+        id,
+        Event::RequestReceived {
+            seq,
+            statement: format!("select {seq}").into(),
+            parameters: Default::default(),
+        },
+    )
 }
 
 async fn stored_manifest(store: &dyn ObjectStore, state: &SessionState) -> Result<Manifest> {

@@ -50,8 +50,8 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
     for seq in 1..=requests {
         events.push(Event::RequestReceived {
             seq,
-            statement: format!("select * from users where email = 'user{seq}@example.com'"),
-            parameters: vec![],
+            statement: format!("select * from users where email = 'user{seq}@example.com'").into(),
+            parameters: Default::default(),
         });
         let decision = match seq {
             s if s % 3 == 0 => Decision::Deny,
@@ -61,10 +61,10 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
         events.push(Event::PolicyDecided {
             seq,
             decision,
-            rule: Some(format!("rule-{decision}")),
-            operations: vec!["select".into()],
-            tables: vec!["users".into()],
-            reason: String::new(),
+            rule: Some(format!("rule-{decision}").into()),
+            operations: ["select".into()].into(),
+            tables: ["users".into()].into(),
+            reason: "".into(),
             policy_version: 1,
         });
         if decision == Decision::Hold {
@@ -75,10 +75,10 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
                 connection: "shop".into(),
                 principal: p.clone(),
                 statement: String::new(),
-                parameters: vec![],
+                parameters: Default::default(),
                 fingerprint: String::new(),
                 rule: "rule-hold".into(),
-                reason: String::new(),
+                reason: "".into(),
                 approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
                 requested_at: Timestamp(start),
                 expires_at: Timestamp(start + 60_000_000),

@@ -33,7 +33,11 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
     }];
     for seq in 1..=requests {
         let statement = format!("select * from orders where id = {seq}");
-        events.push(Event::RequestReceived { seq, statement: statement.clone(), parameters: vec![] });
+        events.push(Event::RequestReceived {
+            seq,
+            statement: statement.as_str().into(),
+            parameters: Default::default(),
+        });
         let decision = match seq {
             s if s % 3 == 0 => Decision::Deny,
             s if s % 4 == 0 => Decision::Hold,
@@ -42,9 +46,9 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
         events.push(Event::PolicyDecided {
             seq,
             decision,
-            rule: Some(format!("rule-{decision}")),
-            operations: vec!["select".into()],
-            tables: vec!["orders".into()],
+            rule: Some(format!("rule-{decision}").into()),
+            operations: ["select".into()].into(),
+            tables: ["orders".into()].into(),
             reason: "matched".into(),
             policy_version: 1,
         });
@@ -55,8 +59,8 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
                 seq,
                 connection: "shop".into(),
                 principal: p.clone(),
-                statement: statement.clone(),
-                parameters: vec![],
+                statement: statement.as_str().into(),
+                parameters: Default::default(),
                 fingerprint: "f".into(),
                 rule: "rule-hold".into(),
                 reason: "matched".into(),

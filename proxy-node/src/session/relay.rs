@@ -179,6 +179,8 @@ struct Relay<'s> {
     /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
     deferred: Vec<Event>,
     deferred_out: BytesMut,
+    /// No parameters, shared by the events of statements that have none.
+    no_params: Arc<[Option<String>]>,
     /// Tells the journal that `deferred` events are on their way.
     deferring: Option<crate::journal::Pending>,
     /// The target last reported a transaction block open (ReadyForQuery `T` or `E`).
@@ -196,22 +198,36 @@ struct Relay<'s> {
     resolved: VecDeque<(Arc<Classification>, Vec<bool>, Arc<Classification>)>,
 }
 
-/// A verdict on a classification, with the decision event's lists of what the statement does
-/// (its operations and tables), built the first time an event needs them: a kept verdict is
-/// shared by every statement of that shape.
+/// A verdict on a classification, with the decision event's texts (the rule, the reason, and
+/// the lists of what the statement does: its operations and tables), built the first time an
+/// event needs them and shared by every event after: a kept verdict serves every statement of
+/// that shape.
 struct Decided {
     verdict: Verdict,
-    lists: std::sync::OnceLock<(Vec<String>, Vec<String>)>,
+    texts: std::sync::OnceLock<DecisionTexts>,
+}
+
+/// What a `PolicyDecided` event says, shared between the events of one verdict.
+struct DecisionTexts {
+    rule: Arc<str>,
+    reason: Arc<str>,
+    operations: Arc<[String]>,
+    tables: Arc<[String]>,
 }
 
 impl Decided {
     fn new(verdict: Verdict) -> Arc<Self> {
-        Arc::new(Self { verdict, lists: Default::default() })
+        Arc::new(Self { verdict, texts: Default::default() })
     }
 
-    /// The operations and tables of `c`, the classification this verdict is on.
-    fn lists(&self, c: &Classification) -> &(Vec<String>, Vec<String>) {
-        self.lists.get_or_init(|| (c.operations(), c.tables()))
+    /// The event texts of this verdict on `c`, the classification it is on.
+    fn texts(&self, c: &Classification) -> &DecisionTexts {
+        self.texts.get_or_init(|| DecisionTexts {
+            rule: self.verdict.rule.as_str().into(),
+            reason: self.verdict.reason.as_str().into(),
+            operations: c.operations().into(),
+            tables: c.tables().into(),
+        })
     }
 }
 
@@ -325,6 +341,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         search_path_touched: false,
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
+        no_params: Arc::new([]),
         deferring: None,
         in_block: false,
         verdicts: VecDeque::new(),
@@ -511,8 +528,14 @@ impl Relay<'_> {
         match self.s.record(events).await {
             Ok(()) => {
                 if !self.deferred_out.is_empty() {
-                    let withheld = std::mem::take(&mut self.deferred_out);
-                    self.cout.extend_from_slice(&withheld);
+                    // Copied, not taken: the buffer keeps its room for the next answer withheld
+                    // (unless a huge answer grew it).
+                    self.cout.extend_from_slice(&self.deferred_out);
+                    if self.deferred_out.capacity() > 2 * DEFER_LIMIT {
+                        self.deferred_out = BytesMut::new();
+                    } else {
+                        self.deferred_out.clear();
+                    }
                 }
                 Ok(())
             }
@@ -728,8 +751,8 @@ impl Relay<'_> {
     /// Decide a request: its number, the verdict, and the request and decision events to record.
     fn judge(
         &mut self,
-        sql: &str,
-        params: &[Option<String>],
+        sql: &Arc<str>,
+        params: &Arc<[Option<String>]>,
         c: &Arc<Classification>,
     ) -> Result<(u64, Arc<Decided>, Vec<Event>), SessionError> {
         let policy = self.policy()?;
@@ -743,8 +766,8 @@ impl Relay<'_> {
     fn request_events(
         &mut self,
         policy: &policy_store::client::ActivePolicy,
-        sql: &str,
-        params: &[Option<String>],
+        sql: &Arc<str>,
+        params: &Arc<[Option<String>]>,
         c: &Classification,
         verdict: &Decided,
     ) -> (u64, Vec<Event>) {
@@ -757,10 +780,10 @@ impl Relay<'_> {
             Event::PolicyDecided {
                 seq,
                 decision: verdict.decision,
-                rule: Some(verdict.rule.clone()),
-                operations: verdict.lists(c).0.clone(),
-                tables: verdict.lists(c).1.clone(),
-                reason: verdict.reason.clone(),
+                rule: Some(verdict.texts(c).rule.clone()),
+                operations: verdict.texts(c).operations.clone(),
+                tables: verdict.texts(c).tables.clone(),
+                reason: verdict.texts(c).reason.clone(),
                 policy_version: policy.version,
             },
         ];
@@ -918,7 +941,8 @@ impl Relay<'_> {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
-        let (seq, verdict, events) = self.judge(&sql, &[], &c)?;
+        let no_params = self.no_params.clone();
+        let (seq, verdict, events) = self.judge(&sql, &no_params, &c)?;
         let effects: Vec<SessionEffect> = c.effects.clone();
         match verdict.decision {
             Decision::Allow => {
@@ -985,7 +1009,8 @@ impl Relay<'_> {
         self.refresh_rules(&policy);
         let verdict = self.decide(&policy, &sql, &c);
         if verdict.decision == Decision::Deny {
-            let (seq, events) = self.request_events(&policy, &sql, &[], &c, &verdict);
+            let no_params = self.no_params.clone();
+            let (seq, events) = self.request_events(&policy, &sql, &no_params, &c, &verdict);
             let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
             return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true, events).await;
         }
@@ -1057,7 +1082,8 @@ impl Relay<'_> {
     ) -> Result<(), SessionError> {
         let (mut req, timeout) = self.s.hold_request(seq, sql, params, verdict);
         // Approvers see the statement as recorded: masked. The fingerprint binds the original.
-        (req.statement, req.parameters) = self.shown(sql, params);
+        let (statement, parameters) = self.shown_owned(sql, params);
+        (req.statement, req.parameters) = (statement, parameters);
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
         if let Err(e) = self.record(vec![Event::HoldRequested(req.clone())]).await {
@@ -1291,10 +1317,33 @@ impl Relay<'_> {
 
 /// Could the statement change `search_path` (`SET`, `set_config`, `RESET ALL`, `DISCARD ALL`)?
 fn mentions_search_path(sql: &str) -> bool {
-    let lower = sql.to_ascii_lowercase();
-    lower.contains("search_path") || lower.contains("reset") || lower.contains("discard")
+    let has =
+        |word: &str| sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word.as_bytes()));
+    has("search_path") || has("reset") || has("discard")
 }
 
 fn reserved(name: &str) -> bool {
     name.starts_with(RESERVED_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mentions_search_path;
+
+    #[test]
+    fn search_path_is_found_in_any_ascii_case_and_nowhere_else() {
+        for sql in [
+            "SET Search_Path TO evil, public",
+            "select set_config('SEARCH_PATH', 'evil', false)",
+            "RESET all",
+            "reset SEARCH_path",
+            "DiScArD ALL",
+            "/* é */ set search_path = x",
+        ] {
+            assert!(mentions_search_path(sql), "{sql}");
+        }
+        for sql in ["select 1", "select * from orders where id = $1", "", "sé", "search path", "rese"] {
+            assert!(!mentions_search_path(sql), "{sql}");
+        }
+    }
 }

@@ -231,7 +231,7 @@ mod tests {
                 Event::RequestReceived {
                     seq: 1,
                     statement: "select id from users".into(),
-                    parameters: vec![],
+                    parameters: Default::default(),
                 },
             ),
             env(
@@ -240,9 +240,9 @@ mod tests {
                     seq: 1,
                     decision: Decision::Allow,
                     rule: Some("reads".into()),
-                    operations: vec!["select".into()],
-                    tables: vec!["users".into()],
-                    reason: String::new(),
+                    operations: ["select".into()].into(),
+                    tables: ["users".into()].into(),
+                    reason: "".into(),
                     policy_version: 2,
                 },
             ),

@@ -43,8 +43,26 @@ impl Relay<'_> {
         self.rules_version = Some(policy.version);
     }
 
-    /// The statement and parameters as events and approvers see them: detectors applied.
-    pub(super) fn shown(&self, sql: &str, params: &[Option<String>]) -> (String, Vec<Option<String>>) {
+    /// The statement and parameters as events see them: detectors applied. What the detectors
+    /// leave as it is stays shared, not copied.
+    pub(super) fn shown(
+        &self,
+        sql: &Arc<str>,
+        params: &Arc<[Option<String>]>,
+    ) -> (Arc<str>, Arc<[Option<String>]>) {
+        let Some(r) = &self.rules else { return (sql.clone(), params.clone()) };
+        let shown_sql = r.scrub(sql).map_or_else(|| sql.clone(), Arc::from);
+        let mut scrubbed: Option<Vec<Option<String>>> = None;
+        for (i, p) in params.iter().enumerate() {
+            if let Some(masked) = p.as_deref().and_then(|p| r.scrub(p)) {
+                scrubbed.get_or_insert_with(|| params.to_vec())[i] = Some(masked);
+            }
+        }
+        (shown_sql, scrubbed.map_or_else(|| params.clone(), Arc::from))
+    }
+
+    /// [`Relay::shown`], as owned text: what approvers are shown of a held statement.
+    pub(super) fn shown_owned(&self, sql: &str, params: &[Option<String>]) -> (String, Vec<Option<String>>) {
         match &self.rules {
             None => (sql.to_string(), params.to_vec()),
             Some(r) => {
@@ -311,7 +329,11 @@ impl Relay<'_> {
                     return Some(m.clone());
                 }
                 if matches!(o.relkind, 'v' | 'm') {
-                    let r = ColumnRef { schema: Some(o.schema), table: o.table, column: Some(o.column) };
+                    let r = ColumnRef {
+                        schema: Some(o.schema.clone()),
+                        table: o.table.clone(),
+                        column: Some(o.column.clone()),
+                    };
                     return self.refs_masker(rules, vec![r]).await;
                 }
                 None
