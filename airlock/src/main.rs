@@ -15,7 +15,8 @@ mod telemetry;
 
 /// mimalloc, not the system allocator: the relay makes a few short-lived allocations per
 /// statement (events, their strings), and glibc's malloc took about a sixth of the proxy's
-/// user time on them.
+/// user time on them. (`--features system-allocator` leaves it out, for heap profilers.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
