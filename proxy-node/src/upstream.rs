@@ -1,7 +1,6 @@
 //! Connecting to the target as the gateway's own user: TLS as `upstream.tls` says, startup,
 //! then SCRAM-SHA-256, md5 or cleartext authentication with the credentials the gateway holds.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,15 +52,6 @@ pub enum Address {
     Tcp(SocketAddr),
     /// A Unix-domain socket on the gateway's host: `upstream.host` is its directory, as in libpq.
     Unix(PathBuf),
-}
-
-impl fmt::Display for Address {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Address::Tcp(a) => write!(f, "{a}"),
-            Address::Unix(p) => write!(f, "{}", p.display()),
-        }
-    }
 }
 
 /// Where a target is and how to reach it: what a session's CancelRequests need.

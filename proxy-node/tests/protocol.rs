@@ -312,16 +312,20 @@ async fn copy_in_and_out_are_relayed_and_decided() {
     assert_eq!(c.query_one("SELECT 1::int", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_requests_reach_the_right_backend() {
-    let h = start(RULES).await;
-    let c = h.connect().await;
+/// Start a long query on `c`, cancel it through the gateway, and check the target cancelled it.
+async fn cancel_a_long_query(c: tokio_postgres::Client) {
     let token = c.cancel_token();
     let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     token.cancel_query(NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap().unwrap_err();
     assert_eq!(code(&e), "57014");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_requests_reach_the_right_backend() {
+    let h = start(RULES).await;
+    cancel_a_long_query(h.connect().await).await;
 }
 
 /// `upstream.host` as a socket directory: sessions, the catalog side connection (a function
@@ -347,13 +351,7 @@ async fn a_target_on_a_unix_socket_is_served_cancelled_and_guarded() {
     assert_eq!(h.count("SELECT count(*) FROM payments"), "1");
     let sockets = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'airlock_svc' AND client_port = -1";
     assert_ne!(h.count(sockets), "0", "no target session on the socket");
-
-    let token = c.cancel_token();
-    let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(NoTls).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap().unwrap_err();
-    assert_eq!(code(&e), "57014");
+    cancel_a_long_query(c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
