@@ -138,11 +138,6 @@ impl Rules {
         Some(out)
     }
 
-    /// [`Rules::scrub`], or the text itself.
-    pub fn scrubbed(&self, text: &str) -> String {
-        self.scrub(text).unwrap_or_else(|| text.to_string())
-    }
-
     fn detect(&self) -> Option<&(Detectors, Masker)> {
         self.detect.as_ref()
     }

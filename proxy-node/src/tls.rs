@@ -1,5 +1,6 @@
 //! TLS on both sides of the Postgres listener: [`Stream`], a connection that is plain TCP, TLS
-//! over TCP, or a Unix-domain socket to a target on the same host; the acceptor for clients (`proxy.tls_cert_file` and `proxy.tls_key_file`); and
+//! over TCP, or a Unix-domain socket to a target on the same host; the acceptor for clients
+//! (`proxy.tls_cert_file` and `proxy.tls_key_file`); and
 //! the client settings for targets (`upstream.tls`, `upstream.ca_file`).
 //!
 //! rustls runs on the process's default crypto provider when one is installed, else on

@@ -1,7 +1,6 @@
 //! Connecting to the target as the gateway's own user: TLS as `upstream.tls` says, startup,
 //! then SCRAM-SHA-256, md5 or cleartext authentication with the credentials the gateway holds.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,13 +44,30 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
 }
 
-/// Where a target listens.
+/// Where a target listens: `host:port` over TCP, or the socket file `host/.s.PGSQL.port` when
+/// `host` is a directory (an absolute path), as libpq reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// A TCP address (the one the session connected to, after name resolution).
-    Tcp(SocketAddr),
-    /// A Unix-domain socket on the gateway's host: `upstream.host` is its directory, as in libpq.
+    /// `host:port`; for an open session, the address it connected to (after name resolution).
+    Tcp(String),
+    /// A Unix-domain socket on the gateway's host.
     Unix(PathBuf),
+}
+
+impl Address {
+    fn of(c: &Connection) -> Self {
+        match c.upstream.unix_socket() {
+            Some(path) => Address::Unix(PathBuf::from(path)),
+            None => Address::Tcp(format!("{}:{}", c.upstream.host, c.upstream.port)),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Address::Tcp(a) => a.clone(),
+            Address::Unix(p) => p.display().to_string(),
+        }
+    }
 }
 
 /// Where a target is and how to reach it: what a session's CancelRequests need.
@@ -99,46 +115,16 @@ impl TargetTls {
     }
 }
 
-/// Where a connection's target is: `host:port` over TCP, or the socket file
-/// `host/.s.PGSQL.port` when `host` is a directory (an absolute path), as libpq reads it.
-enum Dial {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl Dial {
-    fn of(c: &Connection) -> Self {
-        match c.upstream.unix_socket() {
-            Some(path) => Dial::Unix(PathBuf::from(path)),
-            None => Dial::Tcp(format!("{}:{}", c.upstream.host, c.upstream.port)),
-        }
-    }
-
-    fn to(addr: &Address) -> Self {
-        match addr {
-            Address::Tcp(a) => Dial::Tcp(a.to_string()),
-            Address::Unix(p) => Dial::Unix(p.clone()),
-        }
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Dial::Tcp(a) => a.clone(),
-            Dial::Unix(p) => p.display().to_string(),
-        }
-    }
-}
-
 /// Open a connection and, over TCP, negotiate TLS: SSLRequest, then the handshake if the target
 /// says "S"; "N" is plain text for `prefer` and an error for the other modes. A Unix socket is
 /// never encrypted (`TargetTls::of` gives no settings for one).
-async fn open(dial: &Dial, tls: Option<&TargetTls>) -> Result<(Stream, Address), UpstreamError> {
-    let addr = match dial {
-        Dial::Tcp(addr) => addr.as_str(),
-        Dial::Unix(path) => {
+async fn open(target: &Address, tls: Option<&TargetTls>) -> Result<(Stream, Address), UpstreamError> {
+    let addr = match target {
+        Address::Tcp(addr) => addr.as_str(),
+        Address::Unix(path) => {
             let unix = UnixStream::connect(path)
                 .await
-                .map_err(|source| UpstreamError::Connect { addr: dial.name(), source })?;
+                .map_err(|source| UpstreamError::Connect { addr: target.name(), source })?;
             return Ok((Stream::Unix(unix), Address::Unix(path.clone())));
         }
     };
@@ -146,7 +132,7 @@ async fn open(dial: &Dial, tls: Option<&TargetTls>) -> Result<(Stream, Address),
         .await
         .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
     tcp.set_nodelay(true)?;
-    let peer = Address::Tcp(tcp.peer_addr()?);
+    let peer = Address::Tcp(tcp.peer_addr()?.to_string());
     let Some(tls) = tls else {
         return Ok((Stream::Plain(tcp), peer));
     };
@@ -236,11 +222,11 @@ pub async fn connect(
     max_message: usize,
     read_only: bool,
 ) -> Result<Upstream, UpstreamError> {
-    let dial = Dial::of(c);
-    let addr = dial.name();
+    let target = Address::of(c);
+    let addr = target.name();
     let tls = TargetTls::of(c)?;
     let pw = password(c)?;
-    let (stream, peer) = tokio::time::timeout(timeout, open(&dial, tls.as_ref()))
+    let (stream, peer) = tokio::time::timeout(timeout, open(&target, tls.as_ref()))
         .await
         .map_err(|_| UpstreamError::Timeout(addr.clone()))??;
     let mut up = Upstream {
@@ -370,10 +356,9 @@ async fn handshake(
 
 /// Send a CancelRequest for a target backend, with the TLS settings of its session.
 pub async fn cancel(target: Endpoint, pid: i32, key: i32) -> Result<(), UpstreamError> {
-    let dial = Dial::to(&target.addr);
-    let mut s = tokio::time::timeout(Duration::from_secs(5), open(&dial, target.tls.as_ref()))
+    let mut s = tokio::time::timeout(Duration::from_secs(5), open(&target.addr, target.tls.as_ref()))
         .await
-        .map_err(|_| UpstreamError::Timeout(dial.name()))??
+        .map_err(|_| UpstreamError::Timeout(target.addr.name()))??
         .0;
     let mut buf = BytesMut::new();
     frontend::cancel_request(pid, key, &mut buf);

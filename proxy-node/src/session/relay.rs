@@ -775,15 +775,16 @@ impl Relay<'_> {
         self.s.seq += 1;
         let seq = self.s.seq;
         debug!(seq, decision = %verdict.decision, rule = %verdict.rule, "policy decision");
+        let texts = verdict.texts(c);
         let events = vec![
             Event::RequestReceived { seq, statement: shown_sql, parameters: shown_params },
             Event::PolicyDecided {
                 seq,
                 decision: verdict.decision,
-                rule: Some(verdict.texts(c).rule.clone()),
-                operations: verdict.texts(c).operations.clone(),
-                tables: verdict.texts(c).tables.clone(),
-                reason: verdict.texts(c).reason.clone(),
+                rule: Some(texts.rule.clone()),
+                operations: texts.operations.clone(),
+                tables: texts.tables.clone(),
+                reason: texts.reason.clone(),
                 policy_version: policy.version,
             },
         ];
@@ -959,7 +960,7 @@ impl Relay<'_> {
                 self.hold(
                     seq,
                     &sql,
-                    &[],
+                    &no_params,
                     &verdict,
                     AfterHold::Query { frame: f, sql: sql.clone(), effects, seq },
                     false,
@@ -1074,16 +1075,16 @@ impl Relay<'_> {
     async fn hold(
         &mut self,
         seq: u64,
-        sql: &str,
-        params: &[Option<String>],
+        sql: &Arc<str>,
+        params: &Arc<[Option<String>]>,
         verdict: &Verdict,
         then: AfterHold,
         extended: bool,
     ) -> Result<(), SessionError> {
         let (mut req, timeout) = self.s.hold_request(seq, sql, params, verdict);
         // Approvers see the statement as recorded: masked. The fingerprint binds the original.
-        let (statement, parameters) = self.shown_owned(sql, params);
-        (req.statement, req.parameters) = (statement, parameters);
+        let (statement, parameters) = self.shown(sql, params);
+        (req.statement, req.parameters) = (statement.to_string(), parameters.to_vec());
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
         if let Err(e) = self.record(vec![Event::HoldRequested(req.clone())]).await {

@@ -43,8 +43,8 @@ impl Relay<'_> {
         self.rules_version = Some(policy.version);
     }
 
-    /// The statement and parameters as events see them: detectors applied. What the detectors
-    /// leave as it is stays shared, not copied.
+    /// The statement and parameters as events and approvers see them: detectors applied. What
+    /// the detectors leave as it is stays shared, not copied.
     pub(super) fn shown(
         &self,
         sql: &Arc<str>,
@@ -59,16 +59,6 @@ impl Relay<'_> {
             }
         }
         (shown_sql, scrubbed.map_or_else(|| params.clone(), Arc::from))
-    }
-
-    /// [`Relay::shown`], as owned text: what approvers are shown of a held statement.
-    pub(super) fn shown_owned(&self, sql: &str, params: &[Option<String>]) -> (String, Vec<Option<String>>) {
-        match &self.rules {
-            None => (sql.to_string(), params.to_vec()),
-            Some(r) => {
-                (r.scrubbed(sql), params.iter().map(|p| p.as_deref().map(|p| r.scrubbed(p))).collect())
-            }
-        }
     }
 
     /// A reason to refuse a statement before it runs because its results could not be masked:
