@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod msgpack;
+
 /// The current envelope version.
 pub const ENVELOPE_VERSION: u16 = 1;
 
@@ -91,15 +93,26 @@ impl Envelope {
     }
 
     /// Envelopes for events that happen at once (a statement's request and decision): one
-    /// reading of the clock for their times and ids (UUIDv7 with random low bits).
+    /// reading of the clock for their times and ids, and one draw of random bits. The ids are
+    /// UUIDv7: the millisecond and 74 random bits, whose low 62 the second and later ids count
+    /// up from (RFC 9562's "monotonic random"), so they are distinct and sort in event order.
     pub fn stamp_all(session: SessionId, events: Vec<Event>) -> Vec<Self> {
         let now = SystemTime::now();
         let at = Timestamp::from(now);
-        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+        let millis = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        // A v4 UUID is 122 random bits: rand_b takes its low 62, rand_a 12 of the next 14 (the
+        // two between are its variant).
+        let random = Uuid::new_v4().as_u128();
         events
             .into_iter()
-            .map(|event| Self { v: ENVELOPE_VERSION, id: Uuid::new_v7(ts), session, at, event })
+            .zip(0u128..)
+            .map(|(event, i)| Self {
+                v: ENVELOPE_VERSION,
+                id: v7(millis, random >> 64, random.wrapping_add(i)),
+                session,
+                at,
+                event,
+            })
             .collect()
     }
 
@@ -107,6 +120,18 @@ impl Envelope {
     pub fn subject(&self) -> String {
         crate::subjects::session_subject(self.session, self.event.kind())
     }
+}
+
+/// A UUIDv7 (RFC 9562): the low 48 bits of `millis`, version 7, 12 bits of `rand_a`, the
+/// variant, and the low 62 bits of `rand_b`.
+fn v7(millis: u128, rand_a: u128, rand_b: u128) -> Uuid {
+    Uuid::from_u128(
+        ((millis & 0xffff_ffff_ffff) << 80)
+            | (0x7 << 76)
+            | ((rand_a & 0xfff) << 64)
+            | (0b10 << 62)
+            | (rand_b & ((1 << 62) - 1)),
+    )
 }
 
 /// Who is connected: an OIDC subject or a service account.
@@ -370,7 +395,21 @@ pub enum CodecError {
 
 /// Encode an envelope as MessagePack with field names.
 pub fn encode(e: &Envelope) -> Result<Vec<u8>, CodecError> {
-    Ok(rmp_serde::to_vec_named(e)?)
+    let mut buf = Vec::new();
+    encode_into(&mut buf, e)?;
+    Ok(buf)
+}
+
+/// Append `e`, encoded as by [`encode`], to `buf` (as it was on error).
+fn encode_into(buf: &mut Vec<u8>, e: &Envelope) -> Result<(), CodecError> {
+    if msgpack::encode_into(buf, e) {
+        return Ok(());
+    }
+    let mark = buf.len();
+    rmp_serde::encode::write_named(buf, e).map_err(|err| {
+        buf.truncate(mark);
+        err.into()
+    })
 }
 
 /// Decode an envelope.
@@ -411,10 +450,7 @@ impl Batch {
     /// the batch is as it was. The first envelope is always taken, whatever its size.
     pub fn push_within(&mut self, e: &Envelope, limit: usize) -> Result<bool, CodecError> {
         let mark = self.buf.len();
-        if let Err(err) = rmp_serde::encode::write_named(&mut self.buf, e) {
-            self.buf.truncate(mark);
-            return Err(err.into());
-        }
+        encode_into(&mut self.buf, e)?;
         if self.count > 0 && self.buf.len() - BATCH_HEADER > limit {
             self.buf.truncate(mark);
             return Ok(false);
@@ -674,11 +710,16 @@ mod tests {
         assert_eq!(envs.len(), 1000);
         let ids: std::collections::HashSet<Uuid> = envs.iter().map(|e| e.id).collect();
         assert_eq!(ids.len(), 1000, "ids are unique");
+        assert!(envs.windows(2).all(|w| w[0].id < w[1].id), "ids sort in event order");
+        // Each call draws its own random bits.
+        let again = Envelope::stamp_all(session, vec![Event::SessionEnded { reason: "x".into() }]);
+        assert!(!ids.contains(&again[0].id));
         for e in &envs {
             assert_eq!(e.session, session);
             assert_eq!(e.at, envs[0].at);
             assert!(before <= e.at && e.at <= after);
             assert_eq!(e.id.get_version_num(), 7);
+            assert_eq!(e.id.get_variant(), uuid::Variant::RFC4122);
             let (secs, nanos) = e.id.get_timestamp().expect("v7 carries its time").to_unix();
             let id_ms = secs as i64 * 1000 + i64::from(nanos) / 1_000_000;
             assert_eq!(id_ms, e.at.as_micros() / 1000, "the id's time is the event's");
