@@ -10,7 +10,6 @@
 //! Masking looks up result columns' origins, relations by name (with view definitions) and
 //! table columns the same way.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,8 @@ const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.
      WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
 
 /// Cached entries live this long at most.
-const TTL: Duration = Duration::from_secs(30);
+/// How long a looked-up answer is trusted.
+pub(crate) const TTL: Duration = Duration::from_secs(30);
 
 /// A table column's origin, as the catalog names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,13 +70,19 @@ const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
 #[derive(Default)]
 pub struct Catalog {
     conn: Option<Upstream>,
-    cache: HashMap<FunctionRef, (bool, Instant)>,
-    origins: HashMap<(u32, i16), (KnownOrigin, Instant)>,
-    relations: HashMap<(Option<String>, String), (Vec<Relation>, Instant)>,
+    cache: crate::Map<FunctionRef, (bool, Instant)>,
+    origins: crate::Map<(u32, i16), (KnownOrigin, Instant)>,
+    relations: crate::Map<(Option<String>, String), (Vec<Relation>, Instant)>,
     /// Unqualified names last found to name no view in any schema (so reading them runs no
     /// view definition): the answer of [`Catalog::views_read_only`] without a lookup.
-    no_view: HashMap<String, Instant>,
-    columns: HashMap<(Option<String>, String), (Vec<String>, Instant)>,
+    no_view: crate::Map<String, Instant>,
+    columns: crate::Map<(Option<String>, String), (Vec<String>, Instant)>,
+    /// How many times it was invalidated: what was derived from its answers holds while this
+    /// stays the same (and for [`TTL`]).
+    epoch: u64,
+    /// When the oldest origin or relation answer given since [`Catalog::note_answers`] was
+    /// looked up.
+    oldest: Option<Instant>,
 }
 
 /// How a catalog lookup reaches the target.
@@ -90,11 +96,33 @@ pub struct Reach<'a> {
 impl Catalog {
     /// Forget what was looked up (after DDL).
     pub fn invalidate(&mut self) {
+        self.epoch += 1;
         self.cache.clear();
         self.origins.clear();
         self.relations.clear();
         self.no_view.clear();
         self.columns.clear();
+    }
+
+    /// See the field.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Start noting how old the origin and relation answers given from now on are: something
+    /// derived from them is as stale as the oldest ([`Catalog::oldest_answer`]).
+    pub fn note_answers(&mut self) {
+        self.oldest = None;
+    }
+
+    /// When the oldest answer given since [`Catalog::note_answers`] was looked up (`None`: none
+    /// was given).
+    pub fn oldest_answer(&self) -> Option<Instant> {
+        self.oldest
+    }
+
+    fn answered(&mut self, at: Instant) {
+        self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
     }
 
     /// Is `f` known to be read-only? Every overload the server could pick is judged (an
@@ -201,7 +229,9 @@ impl Catalog {
         if let Some((o, at)) = self.origins.get(&(oid, attnum))
             && at.elapsed() < TTL
         {
-            return Ok(o.clone());
+            let (o, at) = (o.clone(), *at);
+            self.answered(at);
+            return Ok(o);
         }
         let (oid_s, att_s) = (oid.to_string(), attnum.to_string());
         let rows = self.rows(reach, ORIGIN_SQL, &[Some(&oid_s), Some(&att_s)]).await?;
@@ -214,7 +244,9 @@ impl Catalog {
                 relkind: r.next()??.chars().next()?,
             }))
         });
-        self.origins.insert((oid, attnum), (o.clone(), Instant::now()));
+        let now = Instant::now();
+        self.origins.insert((oid, attnum), (o.clone(), now));
+        self.answered(now);
         Ok(o)
     }
 
@@ -229,7 +261,9 @@ impl Catalog {
         if let Some((r, at)) = self.relations.get(&key)
             && at.elapsed() < TTL
         {
-            return Ok(r.clone());
+            let (r, at) = (r.clone(), *at);
+            self.answered(at);
+            return Ok(r);
         }
         let rows = self.rows(reach, RELATION_SQL, &[Some(name), schema]).await?;
         let rels: Vec<Relation> = rows
@@ -246,7 +280,9 @@ impl Catalog {
         if schema.is_none() && rels.iter().all(|r| r.relkind != 'v') {
             self.no_view.insert(name.to_string(), Instant::now());
         }
-        self.relations.insert(key, (rels.clone(), Instant::now()));
+        let now = Instant::now();
+        self.relations.insert(key, (rels.clone(), now));
+        self.answered(now);
         Ok(rels)
     }
 

@@ -442,7 +442,7 @@ pub(crate) struct Response {
     /// Which statement of a multi-statement simple query is answering.
     pub(crate) stmt: usize,
     /// How result rows are masked, once the row description is known.
-    pub(crate) plan: Option<crate::mask::RowPlan>,
+    pub(crate) plan: Option<Arc<crate::mask::RowPlan>>,
     /// How COPY TO rows are masked: the plan, the CSV quoting (None = text format), the delimiter.
     pub(crate) copy: Option<(crate::mask::RowPlan, Option<crate::mask::CsvShape>, u8)>,
     /// Does the statement read masked columns (so error texts are withheld)? Computed once.

@@ -85,9 +85,11 @@ service_accounts:
 }
 
 struct Harness {
-    _pg: Postgres,
+    pg: Postgres,
     port: u16,
     recorded: Arc<Mutex<Vec<Envelope>>>,
+    policy: watch::Sender<Option<Arc<ActivePolicy>>>,
+    pw_file: String,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -121,14 +123,14 @@ async fn start(extra: &str) -> Harness {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cfg = proxy_node::ProxyConfig { hold_grace: Duration::from_millis(200), ..Default::default() };
     tokio::spawn(async move {
-        let _keep = tx;
         proxy_node::run(cfg, bus, rx, listener, async {
             let _ = stop_rx.await;
         })
         .await
         .unwrap();
     });
-    Harness { _pg: pg, port, recorded, _dir: dir, _stop: stop_tx }
+    let pw_file = pw.to_str().unwrap().to_string();
+    Harness { pg, port, recorded, policy: tx, pw_file, _dir: dir, _stop: stop_tx }
 }
 
 impl Harness {
@@ -145,6 +147,13 @@ impl Harness {
             .unwrap();
         tokio::spawn(conn);
         client
+    }
+
+    /// Replace the proxy's policy with the test policy plus `extra`, as version `version`.
+    fn apply(&self, version: u64, extra: &str) {
+        let document = proto::policy::parse(&policy(self.pg.port, &self.pw_file, extra)).unwrap();
+        let active = ActivePolicy { version, document, digest: format!("test-{version}") };
+        self.policy.send(Some(Arc::new(active))).unwrap();
     }
 
     /// Everything the recording holds so far, as text.
@@ -513,4 +522,46 @@ async fn a_clients_describe_of_the_portal_plans_its_masking_and_no_other_does() 
     assert_eq!(leaked(&seen), None, "{seen}");
     assert_eq!(tags(&got).iter().filter(|&&t| t == b'D').count(), 2, "{seen}");
     assert!(!tags(&got).contains(&b'E'), "{seen}");
+}
+
+/// A session keeps the masking plan of the result it described last, for a statement it
+/// repeats. The plan belongs to the rules it was made under: when the policy changes between
+/// two runs of the same statement (the same RowDescription from the target), the second is
+/// masked as the new rules say, in both directions. Each protocol runs back to back, so the
+/// run after the change meets the plan its predecessor left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_result_is_masked_by_the_rules_in_force_when_it_runs() {
+    let h = start(DEFAULTS).await;
+    let c = h.connect(AGENT_KEY).await;
+    let sql = "SELECT name, id FROM users WHERE id = 1";
+    let prepared = c.prepare(sql).await.unwrap();
+    let run_prepared = || async {
+        let rows = c.query(&prepared, &[]).await.unwrap();
+        format!("{}|{}", rows[0].get::<_, String>(0), rows[0].get::<_, i32>(1))
+    };
+    // One more masking item (the policy's masking list ends where `extra` starts): names.
+    let names_masked = format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}");
+    let mut version = 1;
+    for (before, after) in [(DEFAULTS, names_masked.as_str()), (names_masked.as_str(), DEFAULTS)] {
+        for protocol in ["simple", "prepared"] {
+            let run = || async {
+                match protocol {
+                    "simple" => simple(&c, sql).await,
+                    _ => run_prepared().await,
+                }
+            };
+            version += 1;
+            h.apply(version, before);
+            let first = run().await;
+            for _ in 0..2 {
+                assert_eq!(run().await, first);
+            }
+            version += 1;
+            h.apply(version, after);
+            let then = run().await;
+            assert_eq!(then.contains("Alice"), after == DEFAULTS, "{protocol}, after the change: {then}");
+            assert_eq!(first.contains("Alice"), before == DEFAULTS, "{protocol}, before the change: {first}");
+            assert!(then.ends_with("|1"), "{then}");
+        }
+    }
 }

@@ -799,6 +799,44 @@ async fn statements_are_read_as_the_server_reads_them() {
     assert_eq!(snapshot(&h), before, "the target changed");
 }
 
+/// A session remembers how it classified the statement text it saw last (clients repeat one
+/// statement). That memory must not outlive what it depended on: a text allowed while
+/// standard_conforming_strings was on is read again, and refused, once it is off; and a
+/// different text is never taken for the remembered one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_statement_is_read_again_when_the_session_reads_text_differently() {
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    let before = snapshot(&h);
+    let c = h.connect().await;
+    // With the setting on, both the gateway and the server read a literal, then a comment.
+    let sneaky = r"SELECT 'x\' , 1 -- '; DELETE FROM orders; --";
+    for _ in 0..3 {
+        c.simple_query(sneaky).await.unwrap();
+    }
+    // Off, the server would read `'x\' , 1 -- '` as one literal and run the DELETE after it.
+    // Turned off by executing a statement prepared before: no new text in between, so the
+    // sneaky text is still the one the session classified last.
+    let off = c.prepare("SET standard_conforming_strings = off").await.unwrap();
+    c.simple_query(sneaky).await.unwrap();
+    c.execute(&off, &[]).await.unwrap();
+    let e = c.simple_query(sneaky).await.expect_err("refused");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    assert!(format!("{e:?}").contains("standard_conforming_strings"), "{e:?}");
+    c.simple_query("SET standard_conforming_strings = on").await.unwrap();
+    // Texts that differ from the remembered one by a character are decided on their own.
+    let read = "SELECT item FROM orders WHERE id = $1";
+    for _ in 0..3 {
+        assert_eq!(c.query(read, &[&1i32]).await.unwrap().len(), 1);
+    }
+    for write in ["DELETE FROM orders WHERE id = $1", "UPDATE orders SET item = item WHERE id = $1"] {
+        let e = c.query(write, &[&1i32]).await.expect_err(write);
+        assert_eq!(code(&e), "42501", "{write}: {e:?}");
+    }
+    assert_eq!(c.query(read, &[&2i32]).await.unwrap().len(), 1);
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }

@@ -19,7 +19,6 @@
 //!
 //! Each level is bounded; when full, it starts over.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use sqlparser::dialect::PostgreSqlDialect;
@@ -35,9 +34,9 @@ const MAX_TEXT: usize = 8 * 1024;
 /// The cache. Share one per node.
 #[derive(Default)]
 pub struct ClassifyCache {
-    by_text: Mutex<HashMap<Box<str>, Arc<Classification>>>,
-    by_tokens: Mutex<HashMap<Vec<Token>, Arc<Classification>>>,
-    by_folded_text: Mutex<HashMap<Box<str>, Arc<Classification>>>,
+    by_text: Mutex<crate::Map<Box<str>, Arc<Classification>>>,
+    by_tokens: Mutex<crate::Map<Vec<Token>, Arc<Classification>>>,
+    by_folded_text: Mutex<crate::Map<Box<str>, Arc<Classification>>>,
 }
 
 impl ClassifyCache {
@@ -66,7 +65,7 @@ impl ClassifyCache {
 
 /// The classification cached in `m` under `key`, or `sql`'s, cached there now.
 fn cached<K: std::hash::Hash + Eq>(
-    m: &Mutex<HashMap<K, Arc<Classification>>>,
+    m: &Mutex<crate::Map<K, Arc<Classification>>>,
     key: K,
     sql: &str,
 ) -> Arc<Classification> {
@@ -78,12 +77,16 @@ fn cached<K: std::hash::Hash + Eq>(
     c
 }
 
-fn lock<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+fn lock<K, V>(m: &Mutex<crate::Map<K, V>>) -> std::sync::MutexGuard<'_, crate::Map<K, V>> {
     // A panic elsewhere cannot leave a half-inserted entry: keep using the map.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn insert<K: std::hash::Hash + Eq>(m: &Mutex<HashMap<K, Arc<Classification>>>, k: K, v: Arc<Classification>) {
+fn insert<K: std::hash::Hash + Eq>(
+    m: &Mutex<crate::Map<K, Arc<Classification>>>,
+    k: K,
+    v: Arc<Classification>,
+) {
     let mut m = lock(m);
     if m.len() >= CAPACITY {
         m.clear();

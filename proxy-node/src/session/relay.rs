@@ -14,7 +14,7 @@
 //! confirms them (ParseComplete, BindComplete, a `PREPARE` command tag), so the proxy's idea of
 //! what a name runs can never differ from the target's.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -159,8 +159,8 @@ struct Relay<'s> {
     skip_until_sync: bool,
     /// The target is in COPY FROM STDIN: client CopyData goes straight through.
     copy_in: bool,
-    statements: HashMap<String, Prepared>,
-    portals: HashMap<String, Portal>,
+    statements: crate::Map<String, Prepared>,
+    portals: crate::Map<String, Portal>,
     held: Option<Held>,
     poison_portal: String,
     /// Where to send a CancelRequest for the target backend.
@@ -174,6 +174,16 @@ struct Relay<'s> {
     /// The session may have changed its `search_path` (so an unqualified table name may not
     /// resolve to the schema an allow rule names).
     search_path_touched: bool,
+    /// The last statement text classified, and its classification: clients repeat one
+    /// statement (an extended-protocol Parse of the same text, every time), and comparing the
+    /// text is cheaper than the node cache's folding, hashing and lock. The classification is a
+    /// function of the text alone, so this is the node cache's answer.
+    last_classified: Option<(Arc<str>, Arc<Classification>)>,
+    /// See [`masked::PlanMemo`].
+    plan_memo: Option<masked::PlanMemo>,
+    /// A catalog lookup failed while planning (so the plan masks more than it may need to, and
+    /// is not kept).
+    lookup_failed: bool,
     /// The request and decision events of an allowed read that went to the target before they
     /// were recorded. They are recorded with its response, or with whatever is recorded first;
     /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
@@ -329,8 +339,8 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         expect: VecDeque::new(),
         skip_until_sync: false,
         copy_in: false,
-        statements: HashMap::new(),
-        portals: HashMap::new(),
+        statements: crate::Map::default(),
+        portals: crate::Map::default(),
         held: None,
         poison_portal: format!("{RESERVED_PREFIX}_{}", Uuid::new_v4().simple()),
         cancel,
@@ -339,6 +349,9 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         rules_version: None,
         lexing: Lexing::default(),
         search_path_touched: false,
+        last_classified: None,
+        plan_memo: None,
+        lookup_failed: false,
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
         no_params: Arc::new([]),
@@ -776,18 +789,18 @@ impl Relay<'_> {
         let seq = self.s.seq;
         debug!(seq, decision = %verdict.decision, rule = %verdict.rule, "policy decision");
         let texts = verdict.texts(c);
-        let events = vec![
-            Event::RequestReceived { seq, statement: shown_sql, parameters: shown_params },
-            Event::PolicyDecided {
-                seq,
-                decision: verdict.decision,
-                rule: Some(texts.rule.clone()),
-                operations: texts.operations.clone(),
-                tables: texts.tables.clone(),
-                reason: texts.reason.clone(),
-                policy_version: policy.version,
-            },
-        ];
+        // Room for the response too: an allowed read's pair waits for it and goes with it.
+        let mut events = Vec::with_capacity(3);
+        events.push(Event::RequestReceived { seq, statement: shown_sql, parameters: shown_params });
+        events.push(Event::PolicyDecided {
+            seq,
+            decision: verdict.decision,
+            rule: Some(texts.rule.clone()),
+            operations: texts.operations.clone(),
+            tables: texts.tables.clone(),
+            reason: texts.reason.clone(),
+            policy_version: policy.version,
+        });
         (seq, events)
     }
 
@@ -924,14 +937,22 @@ impl Relay<'_> {
 
     /// Classify a statement as the server will read it: refused as unparsed when the server's
     /// lexing settings could make it read the text differently.
-    fn classify_as_server(&mut self, sql: &str) -> Arc<Classification> {
+    fn classify_as_server(&mut self, sql: &Arc<str>) -> Arc<Classification> {
         if let Some(why) = self.lexing.hazard(sql) {
             return Arc::new(Classification { unparsed: Some(why), statements: 1, ..Default::default() });
+        }
+        // The same text as last time: nothing below would find anything new.
+        if let Some((text, c)) = &self.last_classified
+            && **text == **sql
+        {
+            return c.clone();
         }
         if !self.search_path_touched && mentions_search_path(sql) {
             self.search_path_touched = true;
         }
-        self.s.shared.classifier.classify(sql)
+        let c = self.s.shared.classifier.classify(sql);
+        self.last_classified = Some((sql.clone(), c.clone()));
+        c
     }
 
     /// A simple-protocol Query: `f` is the client's frame, its body exactly `sql` and a NUL
@@ -1318,9 +1339,15 @@ impl Relay<'_> {
 
 /// Could the statement change `search_path` (`SET`, `set_config`, `RESET ALL`, `DISCARD ALL`)?
 fn mentions_search_path(sql: &str) -> bool {
-    let has =
-        |word: &str| sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word.as_bytes()));
-    has("search_path") || has("reset") || has("discard")
+    let b = sql.as_bytes();
+    let at = |i: usize, word: &[u8]| b.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    // One pass: a word is compared only where its first letter is.
+    (0..b.len()).any(|i| match b[i].to_ascii_lowercase() {
+        b's' => at(i, b"search_path"),
+        b'r' => at(i, b"reset"),
+        b'd' => at(i, b"discard"),
+        _ => false,
+    })
 }
 
 fn reserved(name: &str) -> bool {

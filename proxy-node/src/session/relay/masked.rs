@@ -24,6 +24,17 @@ use super::{
 use crate::catalog::Reach;
 use crate::mask::{CsvShape, RowPlan};
 
+/// The last RowDescription planned from column origins alone (see
+/// [`Relay::plan_described`]).
+pub(super) struct PlanMemo {
+    rules: Arc<Rules>,
+    epoch: u64,
+    at: std::time::Instant,
+    body: Bytes,
+    plan: Arc<RowPlan>,
+    described: Option<Bytes>,
+}
+
 /// Views are followed this deep at most; deeper counts as masked.
 const MAX_VIEW_DEPTH: u8 = 8;
 
@@ -119,25 +130,51 @@ impl Relay<'_> {
                 }
             }
             b'T' => {
-                let Some(fields) = mask::read_fields(&f.body) else {
-                    return Err(self.masking_failed("a malformed RowDescription from the target".into()));
+                let memo = self.memo_plan(rules, &f.body);
+                let fields = match memo {
+                    Some(_) => Vec::new(),
+                    None => match mask::read_fields(&f.body) {
+                        Some(fields) => fields,
+                        None => {
+                            return Err(
+                                self.masking_failed("a malformed RowDescription from the target".into())
+                            );
+                        }
+                    },
                 };
-                let (sql, stmt) = match self.expect.front() {
-                    Some(Expect::HiddenDescribe) => (self.execute_after_describe_sql(), 0),
-                    Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt),
-                    Some(Expect::DescribeStatement(name)) => (self.statement_sql(name), 0),
-                    Some(Expect::DescribePortal(name)) => (self.portal_sql(name), 0),
-                    _ => return Ok(Some(f)),
+                if !matches!(
+                    self.expect.front(),
+                    Some(
+                        Expect::HiddenDescribe
+                            | Expect::Execute(_)
+                            | Expect::Query(..)
+                            | Expect::DescribeStatement(_)
+                            | Expect::DescribePortal(_)
+                    )
+                ) {
+                    return Ok(Some(f));
+                }
+                let (plan, described) = match memo {
+                    Some(hit) => hit,
+                    None => {
+                        let (sql, stmt) = match self.expect.front() {
+                            Some(Expect::HiddenDescribe) => (self.execute_after_describe_sql(), 0),
+                            Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt),
+                            Some(Expect::DescribeStatement(name)) => (self.statement_sql(name), 0),
+                            Some(Expect::DescribePortal(name)) => (self.portal_sql(name), 0),
+                            _ => (None, 0),
+                        };
+                        self.plan_described(rules, f.body.clone(), &fields, sql.as_deref(), stmt).await
+                    }
                 };
-                let plan = self.plan(rules, &fields, sql.as_deref(), stmt).await;
-                if let Some(b) = plan.describe(&fields) {
+                if let Some(b) = described {
                     f.body = b;
                 }
                 match self.expect.front_mut() {
                     Some(Expect::HiddenDescribe) => {
                         self.expect.pop_front();
                         if let Some(Expect::Execute(r)) = self.expect.front_mut() {
-                            r.plan = Some(plan);
+                            r.plan = Some(plan.clone());
                         }
                         return Ok(None);
                     }
@@ -146,7 +183,7 @@ impl Relay<'_> {
                         if let Some(Expect::Execute(r)) = self.expect.get_mut(1)
                             && r.planned_by_client_describe
                         {
-                            r.plan = Some(plan);
+                            r.plan = Some(plan.clone());
                         }
                     }
                     _ => {}
@@ -266,6 +303,51 @@ impl Relay<'_> {
         reads
     }
 
+    /// The plan and client-side description of a RowDescription `body` planned before, if
+    /// nothing it was derived from has changed since: the same rules, the same catalog answers
+    /// (not invalidated by DDL, and the oldest of them not older than the catalog trusts an
+    /// answer, so a plan is never staler than a fresh one could be).
+    fn memo_plan(&self, rules: &Arc<Rules>, body: &[u8]) -> Option<(Arc<RowPlan>, Option<Bytes>)> {
+        let m = self.plan_memo.as_ref()?;
+        (Arc::ptr_eq(&m.rules, rules)
+            && m.epoch == self.catalog.epoch()
+            && *m.body == *body
+            && m.at.elapsed() < crate::catalog::TTL)
+            .then(|| (m.plan.clone(), m.described.clone()))
+    }
+
+    /// Plan a RowDescription and say what the client sees of it. A plan made from column
+    /// origins alone (every column from a table, every lookup answered) is kept for
+    /// [`Self::memo_plan`]: it depends on nothing else, so the next identical description
+    /// (a client repeating a statement) gets it without parsing or looking anything up.
+    async fn plan_described(
+        &mut self,
+        rules: &Arc<Rules>,
+        body: Bytes,
+        fields: &[Field],
+        sql: Option<&str>,
+        stmt: usize,
+    ) -> (Arc<RowPlan>, Option<Bytes>) {
+        let epoch = self.catalog.epoch();
+        self.lookup_failed = false;
+        self.catalog.note_answers();
+        let plan = Arc::new(self.plan(rules, fields, sql, stmt).await);
+        // The plan is as old as the oldest catalog answer it was made from.
+        let at = self.catalog.oldest_answer().unwrap_or_else(std::time::Instant::now);
+        let described = plan.describe(fields);
+        if !self.lookup_failed && fields.iter().all(|f| f.table_oid != 0) && epoch == self.catalog.epoch() {
+            self.plan_memo = Some(PlanMemo {
+                rules: rules.clone(),
+                epoch,
+                at,
+                body,
+                plan: plan.clone(),
+                described: described.clone(),
+            });
+        }
+        (plan, described)
+    }
+
     /// The masking plan of a result described by `fields`, produced by statement `stmt` of `sql`.
     async fn plan(&mut self, rules: &Rules, fields: &[Field], sql: Option<&str>, stmt: usize) -> RowPlan {
         let mut whole: Vec<Option<Masker>> = vec![None; fields.len()];
@@ -330,6 +412,7 @@ impl Relay<'_> {
             }
             Ok(None) => Some(rules.fallback().clone()),
             Err(e) => {
+                self.lookup_failed = true;
                 tracing::warn!(error = %e, "catalog lookup of a column origin failed; masking the column");
                 Some(rules.fallback().clone())
             }
@@ -353,6 +436,7 @@ impl Relay<'_> {
             let rels = match self.catalog.relations(reach, r.schema.as_deref(), &r.table).await {
                 Ok(rels) => rels,
                 Err(e) => {
+                    self.lookup_failed = true;
                     tracing::warn!(error = %e, "catalog lookup of a relation failed; masking");
                     return Some(rules.fallback().clone());
                 }
