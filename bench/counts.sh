@@ -16,18 +16,20 @@
 #
 # allocs builds airlock with `--features system-allocator` into target/system-allocator (dhat
 # sees only malloc, and mimalloc bypasses it); instructions counts the release build itself.
+# AIRLOCK=path counts that binary instead, unbuilt (an older build, to compare; for allocs it
+# must have been built with the system-allocator feature).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 COUNT="${COUNT:-allocs}"
 case "$COUNT" in
     allocs)
-        cargo build --release -p airlock --features system-allocator --target-dir target/system-allocator >&2
-        REAL="$(pwd)/target/system-allocator/release/airlock"
+        [ -n "${AIRLOCK:-}" ] || cargo build --release -p airlock --features system-allocator --target-dir target/system-allocator >&2
+        REAL="${AIRLOCK:-$(pwd)/target/system-allocator/release/airlock}"
         TOOL=(--tool=dhat --dhat-out-file='$VG_OUT') ;;
     instructions)
-        cargo build --release -p airlock >&2
-        REAL="$(pwd)/target/release/airlock"
+        [ -n "${AIRLOCK:-}" ] || cargo build --release -p airlock >&2
+        REAL="${AIRLOCK:-$(pwd)/target/release/airlock}"
         TOOL=(--tool=callgrind --callgrind-out-file='$VG_OUT') ;;
     *) echo "COUNT must be allocs or instructions" >&2; exit 1 ;;
 esac

@@ -143,19 +143,23 @@ impl Writer<'_> {
         self.buf.push(0xc0);
     }
 
-    /// A map, array, or string header: `fix` holds lengths below `fix_max`; then the 16- and
-    /// 32-bit forms, whose markers follow `m16`.
+    /// A marker, then a big-endian number.
+    fn tagged(&mut self, marker: u8, be: &[u8]) {
+        self.buf.push(marker);
+        self.buf.extend_from_slice(be);
+    }
+
+    /// A map, array, or string header: `fix` holds lengths below `fix_max`; then the 8-bit
+    /// form if there is one (`m8`), then the 16- and 32-bit forms, whose markers follow `m16`.
     fn header(&mut self, n: usize, fix: u8, fix_max: usize, m8: Option<u8>, m16: u8) {
         if n < fix_max {
             self.buf.push(fix | n as u8);
         } else if let (Some(m8), Ok(n)) = (m8, u8::try_from(n)) {
-            self.buf.extend_from_slice(&[m8, n]);
+            self.tagged(m8, &[n]);
         } else if let Ok(n) = u16::try_from(n) {
-            self.buf.push(m16);
-            self.buf.extend_from_slice(&n.to_be_bytes());
+            self.tagged(m16, &n.to_be_bytes());
         } else if let Ok(n) = u32::try_from(n) {
-            self.buf.push(m16 + 1);
-            self.buf.extend_from_slice(&n.to_be_bytes());
+            self.tagged(m16 + 1, &n.to_be_bytes());
         } else {
             self.ok = false;
         }
@@ -206,38 +210,30 @@ impl Writer<'_> {
         if v < 128 {
             self.buf.push(v as u8);
         } else if let Ok(v) = u8::try_from(v) {
-            self.buf.extend_from_slice(&[0xcc, v]);
+            self.tagged(0xcc, &[v]);
         } else if let Ok(v) = u16::try_from(v) {
-            self.buf.push(0xcd);
-            self.buf.extend_from_slice(&v.to_be_bytes());
+            self.tagged(0xcd, &v.to_be_bytes());
         } else if let Ok(v) = u32::try_from(v) {
-            self.buf.push(0xce);
-            self.buf.extend_from_slice(&v.to_be_bytes());
+            self.tagged(0xce, &v.to_be_bytes());
         } else {
-            self.buf.push(0xcf);
-            self.buf.extend_from_slice(&v.to_be_bytes());
+            self.tagged(0xcf, &v.to_be_bytes());
         }
     }
 
+    /// rmp writes a non-negative i64 as the unsigned number it is.
     fn sint(&mut self, v: i64) {
-        match u64::try_from(v) {
-            Ok(v) => self.uint(v),
-            Err(_) if v >= -32 => self.buf.push(v as u8),
-            Err(_) => {
-                if let Ok(v) = i8::try_from(v) {
-                    self.buf.push(0xd0);
-                    self.buf.extend_from_slice(&v.to_be_bytes());
-                } else if let Ok(v) = i16::try_from(v) {
-                    self.buf.push(0xd1);
-                    self.buf.extend_from_slice(&v.to_be_bytes());
-                } else if let Ok(v) = i32::try_from(v) {
-                    self.buf.push(0xd2);
-                    self.buf.extend_from_slice(&v.to_be_bytes());
-                } else {
-                    self.buf.push(0xd3);
-                    self.buf.extend_from_slice(&v.to_be_bytes());
-                }
-            }
+        if let Ok(v) = u64::try_from(v) {
+            self.uint(v);
+        } else if v >= -32 {
+            self.buf.push(v as u8);
+        } else if let Ok(v) = i8::try_from(v) {
+            self.tagged(0xd0, &v.to_be_bytes());
+        } else if let Ok(v) = i16::try_from(v) {
+            self.tagged(0xd1, &v.to_be_bytes());
+        } else if let Ok(v) = i32::try_from(v) {
+            self.tagged(0xd2, &v.to_be_bytes());
+        } else {
+            self.tagged(0xd3, &v.to_be_bytes());
         }
     }
 }
