@@ -576,14 +576,14 @@ impl Relay<'_> {
         }
         match f.tag {
             b'Q' => {
-                let Some(sql) = msg::read_cstr_body(&f.body).map(Arc::<str>::from) else {
+                let Some(sql) = msg::read_cstr_body(&f.body).map(|q| self.shared_text(q)) else {
                     return Err(self.protocol_error("Query"));
                 };
                 self.simple_query(f, sql).await?;
             }
             b'P' => {
                 let Some((name, sql)) =
-                    msg::read_parse(&f.body).map(|(n, q)| (n.to_string(), Arc::<str>::from(q)))
+                    msg::read_parse(&f.body).map(|(n, q)| (n.to_string(), self.shared_text(q)))
                 else {
                     return Err(self.protocol_error("Parse"));
                 };
@@ -935,6 +935,15 @@ impl Relay<'_> {
         }
     }
 
+    /// `sql` as shared text: the last classified statement's own when it is the same (a client
+    /// repeating a statement), so it is neither copied nor compared again.
+    fn shared_text(&self, sql: &str) -> Arc<str> {
+        match &self.last_classified {
+            Some((text, _)) if **text == *sql => text.clone(),
+            _ => Arc::from(sql),
+        }
+    }
+
     /// Classify a statement as the server will read it: refused as unparsed when the server's
     /// lexing settings could make it read the text differently.
     fn classify_as_server(&mut self, sql: &Arc<str>) -> Arc<Classification> {
@@ -943,7 +952,7 @@ impl Relay<'_> {
         }
         // The same text as last time: nothing below would find anything new.
         if let Some((text, c)) = &self.last_classified
-            && **text == **sql
+            && (Arc::ptr_eq(text, sql) || **text == **sql)
         {
             return c.clone();
         }
