@@ -876,4 +876,16 @@ defaults: { no_match: deny, unknown_operation: deny }
         items(c.simple_query("SELECT item FROM public.orders ORDER BY id LIMIT 1").await.unwrap()),
         ["apple"]
     );
+    // `SET SCHEMA` is the same setting by another name.
+    let c = h.connect().await;
+    for sql in
+        ["SELECT item FROM orders ORDER BY id LIMIT 1", "SET SCHEMA 'secret'", "SELECT item FROM orders"]
+    {
+        match c.simple_query(sql).await {
+            Ok(rows) => assert_ne!(items(rows), ["top secret"], "{sql}"),
+            Err(e) => assert_eq!(code(&e), "42501", "{sql}: {e:?}"),
+        }
+    }
+    let e = c.simple_query("SELECT item FROM orders").await.expect_err("no longer provably public.orders");
+    assert_eq!(code(&e), "42501", "{e:?}");
 }

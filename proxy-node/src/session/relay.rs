@@ -1350,9 +1350,15 @@ impl Relay<'_> {
 fn mentions_search_path(sql: &str) -> bool {
     let b = sql.as_bytes();
     let at = |i: usize, word: &[u8]| b.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    let ident = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'$');
+    // `SET SCHEMA 'x'` is PostgreSQL's other spelling of `SET search_path`: the word `schema`
+    // on its own (not `information_schema` or `current_schema`) counts too.
+    let word = |i: usize, w: &[u8]| {
+        at(i, w) && !ident(i.checked_sub(1).and_then(|p| b.get(p))) && !ident(b.get(i + w.len()))
+    };
     // One pass: a word is compared only where its first letter is.
     (0..b.len()).any(|i| match b[i].to_ascii_lowercase() {
-        b's' => at(i, b"search_path"),
+        b's' => at(i, b"search_path") || word(i, b"schema"),
         b'r' => at(i, b"reset"),
         b'd' => at(i, b"discard"),
         _ => false,
@@ -1376,10 +1382,23 @@ mod tests {
             "reset SEARCH_path",
             "DiScArD ALL",
             "/* é */ set search_path = x",
+            "SET SCHEMA 'evil'",
+            "set/**/schema 'evil'",
+            "SET\tSchema\n'evil'",
         ] {
             assert!(mentions_search_path(sql), "{sql}");
         }
-        for sql in ["select 1", "select * from orders where id = $1", "", "sé", "search path", "rese"] {
+        for sql in [
+            "select 1",
+            "select * from orders where id = $1",
+            "",
+            "sé",
+            "search path",
+            "rese",
+            "select table_name from information_schema.tables",
+            "select current_schema()",
+            "select schemas from t",
+        ] {
             assert!(!mentions_search_path(sql), "{sql}");
         }
     }
