@@ -950,7 +950,8 @@ impl Relay<'_> {
         if let Some(why) = self.lexing.hazard(sql) {
             return Arc::new(Classification { unparsed: Some(why), statements: 1, ..Default::default() });
         }
-        // The same text as last time: nothing below would find anything new.
+        // The same text as last time: nothing below would find anything new (the search_path
+        // mark is never taken back; a change that resets it must forget this memo too).
         if let Some((text, c)) = &self.last_classified
             && (Arc::ptr_eq(text, sql) || **text == **sql)
         {
