@@ -34,7 +34,7 @@ pub(crate) async fn consume_requests(holds: Arc<Holds>, mut durable: Durable, st
                     match &d.envelope.event {
                         Event::HoldRequested(req) => {
                             let req = req.clone();
-                            holds.admit(session, req, Some(d)).await;
+                            holds.admit(session, *req, Some(d)).await;
                         }
                         other => {
                             debug!(session.id = %session, kind = other.kind(), "ignoring a non-hold event");

@@ -76,7 +76,7 @@ fn hold_request(requested_at: Timestamp, timeout: Duration) -> HoldRequest {
 /// Publish a hold request as a proxy would; returns its session.
 async fn request_hold(bus: &EventBus, req: &HoldRequest) -> anyhow::Result<SessionId> {
     let session = Uuid::now_v7();
-    bus.publish(&Envelope::new(session, Event::HoldRequested(req.clone()))).await?;
+    bus.publish(&Envelope::new(session, Event::HoldRequested(Box::new(req.clone())))).await?;
     Ok(session)
 }
 

@@ -161,7 +161,7 @@ fn hold_request(timeout: Duration, min: u32) -> HoldRequest {
 
 async fn request_hold(bus: &EventBus, req: &HoldRequest) -> anyhow::Result<SessionId> {
     let session = Uuid::now_v7();
-    bus.publish(&Envelope::new(session, Event::HoldRequested(req.clone()))).await?;
+    bus.publish(&Envelope::new(session, Event::HoldRequested(Box::new(req.clone())))).await?;
     Ok(session)
 }
 

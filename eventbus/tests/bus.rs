@@ -108,7 +108,7 @@ async fn durable_only_sees_its_filter(bus: EventBus) -> Result<()> {
     let session = Uuid::now_v7();
     let hold = Envelope::new(
         session,
-        Event::HoldRequested(proto::events::HoldRequest {
+        Event::HoldRequested(Box::new(proto::events::HoldRequest {
             hold_id: Uuid::now_v7(),
             seq: 1,
             connection: "shop".into(),
@@ -121,7 +121,7 @@ async fn durable_only_sees_its_filter(bus: EventBus) -> Result<()> {
             approvers: Default::default(),
             requested_at: proto::events::Timestamp(1),
             expires_at: proto::events::Timestamp(2),
-        }),
+        })),
     );
     bus.publish_all(&[request(session, 1), hold.clone(), request(session, 2)]).await?;
     let got = collect(&mut holds, 1, Duration::from_secs(5)).await?;

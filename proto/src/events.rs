@@ -326,7 +326,9 @@ pub enum Event {
         reason: Arc<str>,
         policy_version: u64,
     },
-    HoldRequested(HoldRequest),
+    /// Boxed: a hold request is several times the size of the events every statement makes,
+    /// which are moved from the session to the journal.
+    HoldRequested(Box<HoldRequest>),
     HoldDecided(HoldDecision),
     ResponseSent {
         seq: u64,
@@ -524,7 +526,7 @@ mod tests {
                 reason: "matched".into(),
                 policy_version: 3,
             },
-            Event::HoldRequested(HoldRequest {
+            Event::HoldRequested(Box::new(HoldRequest {
                 hold_id: Uuid::nil(),
                 seq: 1,
                 connection: "shop".into(),
@@ -537,7 +539,7 @@ mod tests {
                 approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
                 requested_at: Timestamp(1),
                 expires_at: Timestamp(2),
-            }),
+            })),
             Event::HoldDecided(HoldDecision {
                 hold_id: Uuid::nil(),
                 outcome: HoldOutcome::Expired,

@@ -99,7 +99,7 @@ async fn start_on(rules: &str, unix_socket: bool) -> Harness {
     tokio::spawn(async move {
         while let Some(env) = sub.next().await {
             if let Event::HoldRequested(h) = env.event {
-                let _ = htx.send((env.session, h));
+                let _ = htx.send((env.session, *h));
             }
         }
     });

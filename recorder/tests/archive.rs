@@ -69,7 +69,7 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
         });
         if decision == Decision::Hold {
             let hold_id = Uuid::now_v7();
-            events.push(Event::HoldRequested(HoldRequest {
+            events.push(Event::HoldRequested(Box::new(HoldRequest {
                 hold_id,
                 seq,
                 connection: "shop".into(),
@@ -82,7 +82,7 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
                 approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
                 requested_at: Timestamp(start),
                 expires_at: Timestamp(start + 60_000_000),
-            }));
+            })));
             events.push(Event::HoldDecided(HoldDecision {
                 hold_id,
                 outcome: HoldOutcome::Approved,

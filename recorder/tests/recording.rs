@@ -54,7 +54,7 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
         });
         if decision == Decision::Hold {
             let hold_id = Uuid::now_v7();
-            events.push(Event::HoldRequested(HoldRequest {
+            events.push(Event::HoldRequested(Box::new(HoldRequest {
                 hold_id,
                 seq,
                 connection: "shop".into(),
@@ -67,7 +67,7 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
                 approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
                 requested_at: Timestamp(start),
                 expires_at: Timestamp(start + 60_000_000),
-            }));
+            })));
             events.push(Event::HoldDecided(HoldDecision {
                 hold_id,
                 outcome: HoldOutcome::Approved,

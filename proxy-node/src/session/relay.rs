@@ -1118,7 +1118,7 @@ impl Relay<'_> {
         (req.statement, req.parameters) = (statement.to_string(), parameters.to_vec());
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
-        if let Err(e) = self.record(vec![Event::HoldRequested(req.clone())]).await {
+        if let Err(e) = self.record(vec![Event::HoldRequested(Box::new(req.clone()))]).await {
             self.s.shared.holds.forget(hold_id);
             return Err(e);
         }
