@@ -83,6 +83,8 @@ pub struct Catalog {
     /// When the oldest origin or relation answer given since [`Catalog::note_answers`] was
     /// looked up.
     oldest: Option<Instant>,
+    /// An origin or relation lookup failed since [`Catalog::note_answers`].
+    failed: bool,
 }
 
 /// How a catalog lookup reaches the target.
@@ -109,10 +111,18 @@ impl Catalog {
         self.epoch
     }
 
-    /// Start noting how old the origin and relation answers given from now on are: something
-    /// derived from them is as stale as the oldest ([`Catalog::oldest_answer`]).
+    /// Start noting how old the origin and relation answers given from now on are (something
+    /// derived from them is as stale as the oldest: [`Catalog::oldest_answer`]) and whether a
+    /// lookup failed ([`Catalog::lookup_failed`]).
     pub fn note_answers(&mut self) {
         self.oldest = None;
+        self.failed = false;
+    }
+
+    /// Did an origin or relation lookup fail since [`Catalog::note_answers`] (so whatever was
+    /// derived meanwhile took a fallback)?
+    pub fn lookup_failed(&self) -> bool {
+        self.failed
     }
 
     /// When the oldest answer given since [`Catalog::note_answers`] was looked up (`None`: none
@@ -123,6 +133,12 @@ impl Catalog {
 
     fn answered(&mut self, at: Instant) {
         self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+    }
+
+    /// `r`, noting a failure for [`Catalog::lookup_failed`].
+    fn noted<T>(&mut self, r: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
+        self.failed |= r.is_err();
+        r
     }
 
     /// Is `f` known to be read-only? Every overload the server could pick is judged (an
@@ -234,7 +250,8 @@ impl Catalog {
             return Ok(o);
         }
         let (oid_s, att_s) = (oid.to_string(), attnum.to_string());
-        let rows = self.rows(reach, ORIGIN_SQL, &[Some(&oid_s), Some(&att_s)]).await?;
+        let rows = self.rows(reach, ORIGIN_SQL, &[Some(&oid_s), Some(&att_s)]).await;
+        let rows = self.noted(rows)?;
         let o = rows.into_iter().next().and_then(|r| {
             let mut r = r.into_iter();
             Some(Arc::new(Origin {
@@ -265,7 +282,8 @@ impl Catalog {
             self.answered(at);
             return Ok(r);
         }
-        let rows = self.rows(reach, RELATION_SQL, &[Some(name), schema]).await?;
+        let rows = self.rows(reach, RELATION_SQL, &[Some(name), schema]).await;
+        let rows = self.noted(rows)?;
         let rels: Vec<Relation> = rows
             .into_iter()
             .filter_map(|r| {

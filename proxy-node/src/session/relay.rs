@@ -181,9 +181,6 @@ struct Relay<'s> {
     last_classified: Option<(Arc<str>, Arc<Classification>)>,
     /// See [`masked::PlanMemo`].
     plan_memo: Option<masked::PlanMemo>,
-    /// A catalog lookup failed while planning (so the plan masks more than it may need to, and
-    /// is not kept).
-    lookup_failed: bool,
     /// The request and decision events of an allowed read that went to the target before they
     /// were recorded. They are recorded with its response, or with whatever is recorded first;
     /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
@@ -351,7 +348,6 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         search_path_touched: false,
         last_classified: None,
         plan_memo: None,
-        lookup_failed: false,
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
         no_params: Arc::new([]),
@@ -936,7 +932,8 @@ impl Relay<'_> {
     }
 
     /// `sql` as shared text: the last classified statement's own when it is the same (a client
-    /// repeating a statement), so it is neither copied nor compared again.
+    /// repeating a statement), so it is not copied, and [`Relay::classify_as_server`] knows it
+    /// by its pointer.
     fn shared_text(&self, sql: &str) -> Arc<str> {
         match &self.last_classified {
             Some((text, _)) if **text == *sql => text.clone(),
@@ -950,10 +947,11 @@ impl Relay<'_> {
         if let Some(why) = self.lexing.hazard(sql) {
             return Arc::new(Classification { unparsed: Some(why), statements: 1, ..Default::default() });
         }
-        // The same text as last time: nothing below would find anything new (the search_path
-        // mark is never taken back; a change that resets it must forget this memo too).
+        // The same text as last time ([`Relay::shared_text`] hands it out again): nothing
+        // below would find anything new (the search_path mark is never taken back; a change
+        // that resets it must forget this memo too).
         if let Some((text, c)) = &self.last_classified
-            && (Arc::ptr_eq(text, sql) || **text == **sql)
+            && Arc::ptr_eq(text, sql)
         {
             return c.clone();
         }

@@ -329,13 +329,15 @@ impl Relay<'_> {
         stmt: usize,
     ) -> (Arc<RowPlan>, Option<Bytes>) {
         let epoch = self.catalog.epoch();
-        self.lookup_failed = false;
         self.catalog.note_answers();
         let plan = Arc::new(self.plan(rules, fields, sql, stmt).await);
         // The plan is as old as the oldest catalog answer it was made from.
         let at = self.catalog.oldest_answer().unwrap_or_else(std::time::Instant::now);
         let described = plan.describe(fields);
-        if !self.lookup_failed && fields.iter().all(|f| f.table_oid != 0) && epoch == self.catalog.epoch() {
+        if !self.catalog.lookup_failed()
+            && fields.iter().all(|f| f.table_oid != 0)
+            && epoch == self.catalog.epoch()
+        {
             self.plan_memo = Some(PlanMemo {
                 rules: rules.clone(),
                 epoch,
@@ -412,7 +414,6 @@ impl Relay<'_> {
             }
             Ok(None) => Some(rules.fallback().clone()),
             Err(e) => {
-                self.lookup_failed = true;
                 tracing::warn!(error = %e, "catalog lookup of a column origin failed; masking the column");
                 Some(rules.fallback().clone())
             }
@@ -436,7 +437,6 @@ impl Relay<'_> {
             let rels = match self.catalog.relations(reach, r.schema.as_deref(), &r.table).await {
                 Ok(rels) => rels,
                 Err(e) => {
-                    self.lookup_failed = true;
                     tracing::warn!(error = %e, "catalog lookup of a relation failed; masking");
                     return Some(rules.fallback().clone());
                 }
