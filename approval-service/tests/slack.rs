@@ -197,6 +197,19 @@ async fn posted(slack: &FakeSlack, hold: Uuid) -> Value {
         .body
 }
 
+/// Waits until `svc` lists `n` pending holds.
+async fn lists(svc: &Service, n: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listed = svc.client().list().await?.len();
+        if listed == n {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "lists {listed} holds, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn updated(slack: &FakeSlack, needle: &str) -> Value {
     slack
         .wait_for("chat.update", WAIT, |b| text_of(b).contains(needle))
@@ -438,9 +451,10 @@ async fn two_replicas_post_each_hold_once_and_decide_it_once() -> anyhow::Result
     for r in &reqs {
         posted(&slack, r.hold_id).await;
     }
-    // Both replicas see every hold.
-    assert_eq!(a.client().list().await?.len(), 6);
-    assert_eq!(b.client().list().await?.len(), 6);
+    // Both replicas see every hold. Only one of them posted, so the other may still be reading the
+    // last request when the posts are all in.
+    lists(&a, 6).await?;
+    lists(&b, 6).await?;
     // Each hold clicked on both replicas at once, by two approvers.
     for r in &reqs {
         let click_a = fake::click("U_DANA", APPROVE_ACTION, r.hold_id, CHANNEL);
