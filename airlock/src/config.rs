@@ -33,7 +33,8 @@ pub(crate) struct AirlockConfig {
 pub(crate) struct RuntimeConfig {
     /// Threads that run sessions and services. Default: one per CPU core. A proxy that shares
     /// a small machine with its target or clients spends less CPU per statement with fewer
-    /// (each thread handing work to another costs a wakeup).
+    /// (each thread handing work to another costs a wakeup). With one, everything runs on the
+    /// main thread (tokio's current-thread scheduler, without a work-stealing worker).
     #[serde(default)]
     pub(crate) worker_threads: Option<usize>,
 }
@@ -44,11 +45,16 @@ impl RuntimeConfig {
 
     /// Build the runtime this section describes.
     pub(crate) fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
+        let mut b = match self.worker_threads {
+            Some(1) => tokio::runtime::Builder::new_current_thread(),
+            Some(n) => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+            None => tokio::runtime::Builder::new_multi_thread(),
+        };
         b.enable_all();
-        if let Some(n) = self.worker_threads {
-            b.worker_threads(n);
-        }
         b.build()
     }
 }
@@ -185,6 +191,19 @@ mod tests {
         let cfg: AirlockConfig = proto::config::load(None, env, "AIRLOCK_").expect("load");
         let rt = cfg.runtime.build().expect("runtime");
         assert_eq!(rt.metrics().num_workers(), 3);
+        // One thread: the current-thread scheduler, which still runs spawned tasks and timers.
+        let env = vec![("AIRLOCK_RUNTIME__WORKER_THREADS".to_string(), "1".to_string())];
+        let cfg: AirlockConfig = proto::config::load(None, env, "AIRLOCK_").expect("load");
+        let rt = cfg.runtime.build().expect("runtime");
+        assert_eq!(rt.handle().runtime_flavor(), tokio::runtime::RuntimeFlavor::CurrentThread);
+        let spawned = rt.block_on(async {
+            tokio::spawn(async {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                7
+            })
+            .await
+        });
+        assert_eq!(spawned.expect("joined"), 7);
     }
 
     #[test]
