@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 const KEY: &str = "ak_protocol_tests_0123456789";
+/// The proxy's `auth_timeout` in these tests.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const DB_PASSWORD: &str = "svc-Pa55word";
 
 struct Harness {
@@ -83,7 +85,8 @@ async fn start_on(rules: &str, unix_socket: bool) -> Harness {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cfg = proxy_node::ProxyConfig {
         hold_grace: Duration::from_secs(1),
-        auth_timeout: Duration::from_secs(1),
+        // Long enough for any client to log in on a loaded machine.
+        auth_timeout: AUTH_TIMEOUT,
         ..Default::default()
     };
     let b = bus.clone();
@@ -125,6 +128,12 @@ impl Harness {
     async fn decide(&mut self, outcome: HoldOutcome) -> HoldRequest {
         let (session, h) =
             tokio::time::timeout(Duration::from_secs(10), self.holds.recv()).await.unwrap().unwrap();
+        self.answer(session, &h, outcome).await;
+        h
+    }
+
+    /// Decide the hold `h` of `session`, as the approval service would.
+    async fn answer(&self, session: uuid::Uuid, h: &HoldRequest, outcome: HoldOutcome) {
         let d = HoldDecision {
             hold_id: h.hold_id,
             outcome,
@@ -132,11 +141,24 @@ impl Harness {
             reason: Some("test".into()),
         };
         self.bus.publish(&Envelope::new(session, Event::HoldDecided(d))).await.unwrap();
-        h
     }
 
     fn count(&self, sql: &str) -> String {
         self.pg.psql("shop", sql).unwrap()
+    }
+
+    /// Polls `sql` on the target (directly, not through the proxy) until it returns `want`;
+    /// panics saying `what` did not happen after 15 s.
+    async fn wait_for(&self, sql: &str, want: &str, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.count(sql);
+            if got == want {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} (`{sql}` is {got}, not {want})");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Replace the proxy's policy with `rules`, as version `version`.
@@ -312,11 +334,15 @@ async fn copy_in_and_out_are_relayed_and_decided() {
     assert_eq!(c.query_one("SELECT 1::int", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
-/// Start a long query on `c`, cancel it through the gateway, and check the target cancelled it.
-async fn cancel_a_long_query(c: tokio_postgres::Client) {
+/// Start a long query on `c`, cancel it through the gateway once the target runs it, and check
+/// the target cancelled it.
+async fn cancel_a_long_query(h: &Harness, c: tokio_postgres::Client) {
     let token = c.cancel_token();
     let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A cancel that reaches the backend before the query would find it idle and do nothing.
+    let running =
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(%'";
+    h.wait_for(running, "1", "the query never started on the target").await;
     token.cancel_query(NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap().unwrap_err();
     assert_eq!(code(&e), "57014");
@@ -325,7 +351,7 @@ async fn cancel_a_long_query(c: tokio_postgres::Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_requests_reach_the_right_backend() {
     let h = start(RULES).await;
-    cancel_a_long_query(h.connect().await).await;
+    cancel_a_long_query(&h, h.connect().await).await;
 }
 
 /// `upstream.host` as a socket directory: sessions, the catalog side connection (a function
@@ -351,7 +377,7 @@ async fn a_target_on_a_unix_socket_is_served_cancelled_and_guarded() {
     assert_eq!(h.count("SELECT count(*) FROM payments"), "1");
     let sockets = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'airlock_svc' AND client_port = -1";
     assert_ne!(h.count(sockets), "0", "no target session on the socket");
-    cancel_a_long_query(c).await;
+    cancel_a_long_query(&h, c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,10 +397,10 @@ async fn malformed_and_huge_messages_close_only_their_own_session() {
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
     }
-    // A client that connects and says nothing is dropped after auth_timeout (1s here).
+    // A client that connects and says nothing is dropped after auth_timeout.
     let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
+    tokio::time::timeout(AUTH_TIMEOUT * 2, idle.read_to_end(&mut buf))
         .await
         .expect("idle client dropped")
         .unwrap();
@@ -571,19 +597,11 @@ async fn a_client_that_leaves_mid_query_releases_its_target_backend() {
     let conn_task = tokio::spawn(conn);
     let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'";
     let q = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while h.count(running) != "1" {
-        assert!(std::time::Instant::now() < deadline, "query never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.wait_for(running, "1", "query never started").await;
     // The client vanishes (its socket closes).
     conn_task.abort();
     q.abort();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while h.count(running) != "0" {
-        assert!(std::time::Instant::now() < deadline, "the target kept running the abandoned query");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.wait_for(running, "0", "the target kept running the abandoned query").await;
 }
 
 /// Sessions keep the verdicts of statements they repeat: a new policy must still decide the
@@ -634,6 +652,44 @@ async fn touching_search_path_ends_schema_allow_rules_for_repeated_statements_to
     c.simple_query("SELECT item FROM public.orders WHERE id = 1").await.unwrap();
 }
 
+/// Grants and revocations reach the node on the bus, in the background: runs a write that
+/// changes nothing (under the grant rule of the test below) on `c` until it is held (`held`) or
+/// runs without a hold (`!held`), for up to 10 s. A held probe is denied, so the harness has no
+/// hold left pending for a later `decide`.
+async fn wait_until_held(h: &mut Harness, c: &tokio_postgres::Client, held: bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = c.execute("DELETE FROM orders WHERE false", &[]);
+        tokio::pin!(probe);
+        // Either the statement completes (not held) or its hold request arrives (held).
+        let hold = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                r = &mut probe => {
+                    assert_eq!(r.unwrap(), 0);
+                    None
+                }
+                hold = h.holds.recv() => Some(hold.unwrap()),
+            }
+        });
+        let was_held = match hold.await.expect("the probe neither ran nor was held") {
+            None => false,
+            Some((session, req)) => {
+                assert_eq!(req.statement, "DELETE FROM orders WHERE false");
+                h.answer(session, &req, HoldOutcome::Denied).await;
+                let e = tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap_err();
+                assert_eq!(code(&e), "42501");
+                true
+            }
+        };
+        if was_held == held {
+            return;
+        }
+        let what = if held { "the revocation" } else { "the grant" };
+        assert!(std::time::Instant::now() < deadline, "the node never took up {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
     let rules = r#"  - name: order-writes-by-access-request
@@ -655,9 +711,12 @@ async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
         until,
     };
     let session = uuid::Uuid::now_v7();
-    let g = grant(proto::events::Timestamp::now().plus(Duration::from_secs(2)));
+    // Long enough that waiting for the node to take it up cannot use it up.
+    let lasts = Duration::from_secs(5);
+    let granted_at = std::time::Instant::now();
+    let g = grant(proto::events::Timestamp::now().plus(lasts));
     h.bus.publish(&Envelope::new(session, Event::GrantDecided(g))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until_held(&mut h, &c, false).await;
     // Under the grant: no hold.
     let n =
         tokio::time::timeout(Duration::from_secs(5), c.execute("DELETE FROM orders WHERE id = $1", &[&1i32]))
@@ -666,7 +725,7 @@ async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
             .unwrap();
     assert_eq!(n, 1);
     // After it ends: held again.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep_until((granted_at + lasts + Duration::from_millis(300)).into()).await;
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&2i32]).await });
     h.decide(HoldOutcome::Denied).await;
@@ -676,11 +735,11 @@ async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
     let grant_id = g.grant_id;
     let hold_id = g.hold_id;
     h.bus.publish(&Envelope::new(session, Event::GrantDecided(g))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until_held(&mut h, &c, false).await;
     c.execute("UPDATE orders SET item = 'x' WHERE id = 3", &[]).await.unwrap();
     let r = proto::events::GrantRevocation { grant_id, hold_id, revoked_by: "dana".into(), reason: None };
     h.bus.publish(&Envelope::new(session, Event::GrantRevoked(r))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until_held(&mut h, &c, true).await;
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&3i32]).await });
     h.decide(HoldOutcome::Denied).await;
@@ -729,7 +788,8 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     let follower = policy_store::client::follow(vec![endpoint]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let cfg = proxy_node::ProxyConfig { policy_max_staleness: Duration::from_secs(2), ..Default::default() };
+    // Long enough that the checks just after the store stops run well inside the limit.
+    let cfg = proxy_node::ProxyConfig { policy_max_staleness: Duration::from_secs(6), ..Default::default() };
     tokio::spawn(proxy_node::run(cfg, EventBus::memory(), follower, listener, std::future::pending()));
     let connect = || async move {
         tokio_postgres::Config::new()
@@ -761,7 +821,7 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     c.simple_query("SELECT 1").await.unwrap();
     assert_eq!(code(&c.simple_query("CREATE TABLE t (x int)").await.unwrap_err()), "42501");
     // ...and past the limit the node refuses, saying why.
-    tokio::time::sleep(Duration::from_millis(2600)).await;
+    tokio::time::sleep(Duration::from_millis(6600)).await;
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
     assert!(msg.contains("stale"), "{msg}");

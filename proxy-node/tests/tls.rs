@@ -20,6 +20,9 @@ use tokio_postgres::SimpleQueryMessage;
 const KEY: &str = "ak_tls_tests_0123456789abcdef";
 const DB_PASSWORD: &str = "svc-Pa55word";
 const SSL_OF_BACKEND: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+/// The proxy's `auth_timeout` in these tests: long enough for any client to log in on a
+/// loaded machine.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A CA and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM files.
 struct Pki {
@@ -101,7 +104,7 @@ async fn start(
         tls_cert_file: Some(pki.cert.to_str().unwrap().into()),
         tls_key_file: Some(pki.key.to_str().unwrap().into()),
         client_tls,
-        auth_timeout: Duration::from_secs(2),
+        auth_timeout: AUTH_TIMEOUT,
         ..Default::default()
     };
     cfg.validate().unwrap();
@@ -172,6 +175,27 @@ fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<String> {
         .collect()
 }
 
+/// Start a long query on `client`, cancel it through the proxy (connecting with `tls`) once the
+/// target `pg` runs it, and check the target cancelled it.
+async fn cancel_a_long_query<T>(pg: &Postgres, client: tokio_postgres::Client, tls: T)
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+{
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    // A cancel that reaches the backend before the query would find it idle and do nothing.
+    let running =
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(%'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while pg.psql("shop", running).unwrap() != "1" {
+        assert!(std::time::Instant::now() < deadline, "the query never started on the target");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    token.cancel_query(tls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeper).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_connect_with_tls_or_without_when_allowed() {
     // The target has no TLS: `tls: prefer` falls back to plain text, `tls: require` fails.
@@ -220,12 +244,7 @@ async fn clients_connect_with_tls_or_without_when_allowed() {
     assert_eq!((a.unwrap().get::<_, i32>(0), b.unwrap().get::<_, i32>(0)), (2, 3));
     let big = client.simple_query("SELECT repeat('x', 1000000)").await.unwrap();
     assert_eq!(simple_rows(&big)[0].len(), 1_000_000);
-    let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(tls).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), sleeper).await.unwrap().unwrap().unwrap_err();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
+    cancel_a_long_query(&h.pg, client, tls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +277,7 @@ async fn require_refuses_plain_clients_and_survives_garbage_handshakes() {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
     s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await.unwrap();
+    let _ = tokio::time::timeout(AUTH_TIMEOUT * 2, s.read_to_end(&mut rest)).await.unwrap();
 
     let (ok, out, err) = psql(h.port, "shop", "sslmode=require", "SELECT item FROM orders").await;
     assert!(ok, "{err}");
@@ -313,12 +332,7 @@ async fn target_tls_verifies_the_target_and_encrypts() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), sleeper).await.unwrap().unwrap().unwrap_err();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
+    cancel_a_long_query(&h.pg, client, tokio_postgres::NoTls).await;
     let _ = &h.dir;
 }
 
