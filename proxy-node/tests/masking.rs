@@ -13,7 +13,7 @@ use bytes::Bytes;
 use eventbus::EventBus;
 use futures::TryStreamExt;
 use policy_store::client::ActivePolicy;
-use proto::events::Envelope;
+use proto::events::{Envelope, Event};
 use testkit::Postgres;
 use tokio::sync::watch;
 use tokio_postgres::types::{FromSql, Type};
@@ -154,6 +154,29 @@ impl Harness {
         let document = proto::policy::parse(&policy(self.pg.port, &self.pw_file, extra)).unwrap();
         let active = ActivePolicy { version, document, digest: format!("test-{version}") };
         self.policy.send(Some(Arc::new(active))).unwrap();
+    }
+
+    /// Waits (10 s at most) until the recording holds the response to the statement `sql` (sent
+    /// once in the test), and so everything the session recorded before it.
+    async fn wait_for_response_to(&self, sql: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let recorded = {
+                let rec = self.recorded.lock().unwrap();
+                let seq = rec.iter().find_map(|e| match &e.event {
+                    Event::RequestReceived { seq, statement, .. } if &**statement == sql => Some(*seq),
+                    _ => None,
+                });
+                seq.is_some_and(|s| {
+                    rec.iter().any(|e| matches!(&e.event, Event::ResponseSent { seq, .. } if *seq == s))
+                })
+            };
+            if recorded {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the response to {sql:?} was never recorded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Everything the recording holds so far, as text.
@@ -389,7 +412,7 @@ async fn no_query_shape_leaks_a_masked_value() {
     assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n\n"));
     // The session is still usable, and nothing raw was recorded.
     assert_eq!(simple(&c, "SELECT 1").await, "1");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.wait_for_response_to("SELECT 1").await;
     let rec = h.recording();
     assert!(rec.contains("ResponseSent"), "responses are recorded");
     if let Some(s) = leaked(&rec) {
