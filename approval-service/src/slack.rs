@@ -217,7 +217,9 @@ impl Slack {
 }
 
 /// Post a hold's message once across replicas: claim the post with a compare-and-set on the
-/// record, post, record the message, and show the outcome if it was decided meanwhile.
+/// record, post, record the message, and show the outcome if it was decided meanwhile, or the
+/// approvals so far if some came in (a vote that lands while the post is in flight finds no
+/// message to update).
 pub async fn post_hold(holds: &Holds, slack: &Slack, id: HoldId, channel: &str) {
     let now = proto::events::Timestamp::now();
     let claimed = holds
@@ -255,8 +257,25 @@ pub async fn post_hold(holds: &Holds, slack: &Slack, id: HoldId, channel: &str) 
         .await;
     match stored {
         Ok(Some(((), rec))) if !rec.is_pending() => show_outcome(holds, slack, id).await,
+        Ok(Some(((), rec))) if !rec.approvals.is_empty() => show_progress(holds, slack, id, &msg, &rec).await,
         Ok(_) => {}
         Err(e) => warn!(hold.id = %id, error = %e, "recording the Slack message failed"),
+    }
+}
+
+/// Show the approvals of pending `rec` so far in its message `msg`. Should the hold be decided
+/// and its outcome shown meanwhile, the outcome is shown again, so that this older state does not
+/// stay over it.
+async fn show_progress(holds: &Holds, slack: &Slack, id: HoldId, msg: &SlackMessage, rec: &HoldRecord) {
+    if let Err(e) = slack.update(msg, rec).await {
+        warn!(hold.id = %id, error = %e, "updating the Slack message failed");
+        return;
+    }
+    if let Ok(Some(now)) = holds.record(id).await
+        && now.slack_final
+        && let Err(e) = slack.update(msg, &now).await
+    {
+        warn!(hold.id = %id, error = %e, "updating the Slack message failed");
     }
 }
 
@@ -539,12 +558,12 @@ async fn vote(
     match st.holds.decide(id, outcome, &decider, reason).await {
         Ok(d) => {
             if d.decision.is_none() {
-                // More approvals needed: show the progress.
+                // More approvals needed: show the progress (`post_hold` does, when the message is
+                // not recorded yet).
                 if let Ok(Some(rec)) = st.holds.record(id).await
                     && let Some(msg) = &rec.slack
-                    && let Err(e) = st.slack.update(msg, &rec).await
                 {
-                    warn!(hold.id = %id, error = %e, "updating the Slack message failed");
+                    show_progress(&st.holds, &st.slack, id, msg, &rec).await;
                 }
             }
             Ok(())
