@@ -416,6 +416,85 @@ async fn min_two_leaves_the_hold_pending_after_one_approval_and_releases_on_the_
     svc.stop().await
 }
 
+/// Between the fake Slack and the service: passes every call through at once, but holds back the
+/// answers to `chat.postMessage` (so the service does not know the message's ts) until released.
+struct SlowPosts {
+    api_url: String,
+    open: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl SlowPosts {
+    async fn start(slack: &FakeSlack) -> anyhow::Result<SlowPosts> {
+        use axum::extract::{Path, RawQuery};
+        use axum::http::{HeaderMap, Method, header::CONTENT_TYPE};
+        let (open, opened) = watch::channel(false);
+        let upstream = slack.api_url.clone();
+        let relay = move |method: Method,
+                          Path(api): Path<String>,
+                          RawQuery(q): RawQuery,
+                          headers: HeaderMap,
+                          body: axum::body::Bytes| {
+            let (upstream, mut opened) = (upstream.clone(), opened.clone());
+            async move {
+                let url = format!("{upstream}/{api}{}", q.map(|q| format!("?{q}")).unwrap_or_default());
+                let client = reqwest::Client::new();
+                let mut req =
+                    if method == Method::GET { client.get(url) } else { client.post(url).body(body) };
+                if let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+                    req = req.header("content-type", ct);
+                }
+                let answer = req.send().await.expect("the fake Slack answers").bytes().await.expect("a body");
+                if api == "chat.postMessage" {
+                    let _ = opened.wait_for(|open| *open).await;
+                }
+                ([(CONTENT_TYPE, "application/json")], answer)
+            }
+        };
+        let app = axum::Router::new().route("/api/{method}", axum::routing::any(relay));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let api_url = format!("http://{}/api", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(SlowPosts { api_url, open, task })
+    }
+
+    /// Let the held-back answers (and all later ones) through.
+    fn release(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for SlowPosts {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_vote_while_the_post_is_in_flight_shows_once_the_message_is_recorded() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let slow = SlowPosts::start(&slack).await?;
+    let mut cfg = config(&slack);
+    cfg.slack.as_mut().context("slack configured")?.api_url = slow.api_url.clone();
+    let svc = Service::start(bus.clone(), cfg, None).await?;
+    let req = hold_request(Duration::from_secs(300), 2);
+    request_hold(&bus, &req).await?;
+    // Slack has the message, but the service does not know its ts yet.
+    posted(&slack, req.hold_id).await;
+    let (status, _) = svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(svc.client().get(req.hold_id).await?.approvals, vec!["dana".to_string()]);
+    assert!(slack.bodies("chat.update").is_empty(), "no message to update yet");
+    slow.release();
+    let upd = updated(&slack, "approvals 1/2 (dana)").await;
+    assert_eq!(upd["ts"], "1700000000.000001");
+    svc.stop().await
+}
+
 #[tokio::test]
 async fn an_expired_hold_is_denied_and_its_message_says_so() -> anyhow::Result<()> {
     let nats = testkit::Nats::start()?;
@@ -423,12 +502,13 @@ async fn an_expired_hold_is_denied_and_its_message_says_so() -> anyhow::Result<(
     let slack = FakeSlack::start().await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
     let svc = Service::start(bus.clone(), config(&slack), None).await?;
-    let req = hold_request(Duration::from_secs(1), 1);
+    // Long enough that the hold is posted before it expires, even on a loaded machine.
+    let req = hold_request(Duration::from_secs(5), 1);
     request_hold(&bus, &req).await?;
     posted(&slack, req.hold_id).await;
     let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(d.outcome, HoldOutcome::Expired);
-    updated(&slack, "Expired*: no decision within 1s").await;
+    updated(&slack, "Expired*: no decision within 5s").await;
     // A late click changes nothing.
     svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
     no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
@@ -463,15 +543,31 @@ async fn two_replicas_post_each_hold_once_and_decide_it_once() -> anyhow::Result
         assert_eq!(ra?.0, StatusCode::OK);
         assert_eq!(rb?.0, StatusCode::OK);
     }
+    // Every hold's decision, then a little longer for any duplicate.
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
-    let collect = async {
-        while let Some(env) = decisions.next().await {
-            if let Event::HoldDecided(d) = env.event {
-                *seen.entry(d.hold_id).or_default() += 1;
-            }
+    let mut count = |env: Envelope| {
+        if let Event::HoldDecided(d) = env.event {
+            *seen.entry(d.hold_id).or_default() += 1;
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), collect).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut pending: std::collections::HashSet<Uuid> = reqs.iter().map(|r| r.hold_id).collect();
+    while !pending.is_empty() {
+        let env = tokio::time::timeout_at(deadline, decisions.next())
+            .await
+            .with_context(|| format!("undecided holds: {pending:?}"))?
+            .context("the bus closed")?;
+        if let Event::HoldDecided(d) = &env.event {
+            pending.remove(&d.hold_id);
+        }
+        count(env);
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(env) = decisions.next().await {
+            count(env);
+        }
+    })
+    .await;
     for r in &reqs {
         assert_eq!(
             seen.get(&r.hold_id),
@@ -538,13 +634,14 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() -> anyhow::Res
     let policy = "rules:\n  - name: writes-need-approval\n    action: hold\n    webhook: pager\n";
     let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
     let req = hold_request(Duration::from_secs(300), 1);
-    let started = std::time::Instant::now();
     request_hold(&bus, &req).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     while svc.client().get(req.hold_id).await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "never listed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // From the approval on: the hold.created deliveries are failing and being retried meanwhile.
+    let started = std::time::Instant::now();
     svc.client().approve(req.hold_id, Some("dana")).await?;
     decision_for(&mut decisions, req.hold_id, WAIT).await?;
     let decided_in = started.elapsed();
