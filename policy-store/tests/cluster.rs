@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use policy_store::client::{AdminClient, PolicyClient};
+use policy_store::client::{AdminClient, ClientError, PolicyClient};
 use policy_store::{PolicyStoreConfig, StoreError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -69,6 +69,23 @@ async fn leader_of(nodes: &[Node], not: Option<u64>) -> anyhow::Result<u64> {
     }
 }
 
+/// `op` on `client`, again while it fails as Unavailable (an election may be under way), for up
+/// to 10 s.
+async fn while_unavailable<T>(
+    client: &mut PolicyClient,
+    mut op: impl AsyncFnMut(&mut PolicyClient) -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match op(client).await {
+            Err(e) if Instant::now() < deadline && e.code() == Some(tonic::Code::Unavailable) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 #[tokio::test]
 async fn three_nodes_replicate_writes_sent_to_any_node_and_survive_losing_the_leader() -> anyhow::Result<()> {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
@@ -78,11 +95,14 @@ async fn three_nodes_replicate_writes_sent_to_any_node_and_survive_losing_the_le
 
     // A write sent to a follower is forwarded to the leader.
     let mut client = PolicyClient::connect(&follower.endpoint).await?;
-    let applied = client.apply("defaults: { no_match: deny }\n", "alice").await?;
+    let applied =
+        while_unavailable(&mut client, async |c| c.apply("defaults: { no_match: deny }\n", "alice").await)
+            .await?;
     assert_eq!((applied.version, applied.changed), (1, true));
     // A linearizable read on any node sees it at once.
     for n in &nodes {
-        let v = PolicyClient::connect(&n.endpoint).await?.get_linearizable(0).await?;
+        let mut c = PolicyClient::connect(&n.endpoint).await?;
+        let v = while_unavailable(&mut c, async |c| c.get_linearizable(0).await).await?;
         assert_eq!((v.version, v.author.as_str()), (1, "alice"));
     }
 
@@ -98,18 +118,11 @@ async fn three_nodes_replicate_writes_sent_to_any_node_and_survive_losing_the_le
     let new_leader = leader_of(&nodes, Some(leader)).await?;
     assert_ne!(new_leader, leader);
     let mut client = PolicyClient::connect(&nodes[0].endpoint).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let second = loop {
-        match client.apply("defaults: { no_match: allow }\n", "bob").await {
-            Ok(r) => break r,
-            Err(e) if Instant::now() < deadline && e.code() == Some(tonic::Code::Unavailable) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let second =
+        while_unavailable(&mut client, async |c| c.apply("defaults: { no_match: allow }\n", "bob").await)
+            .await?;
     assert_eq!((second.version, second.changed), (2, true));
-    let history = client.history_linearizable().await?;
+    let history = while_unavailable(&mut client, async |c| c.history_linearizable().await).await?;
     assert_eq!(history.iter().map(|v| v.author.as_str()).collect::<Vec<_>>(), vec!["alice", "bob"]);
 
     for n in nodes {
