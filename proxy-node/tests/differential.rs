@@ -276,6 +276,11 @@ const CORPUS: &[&str] = &[
     "SELECT $a$ $b$ ; DELETE FROM orders $b$ $a$",
     "SELECT $_$x$_$; DELETE FROM orders",
     "SELECT $a$x$A$; DELETE FROM orders; $A$ $a$",
+    // Tags the server takes and the parser does not: any non-ASCII byte is a tag character to
+    // PostgreSQL, only Unicode alphanumerics are to sqlparser.
+    "SELECT $a€$ , $$ $a€$; DELETE FROM orders; --$$",
+    "SELECT $€$ , $$ $€$; DELETE FROM orders; --$$",
+    "SELECT $a→$ , $$ $a→$; DELETE FROM orders; --$$",
     r#"SELECT 1 AS "$$"; DELETE FROM orders"#,
     r#"SELECT 1 AS "a""b"; DELETE FROM orders"#,
     "SELECT 1;DELETE FROM orders;",
@@ -436,15 +441,13 @@ async fn resolve(pg: &Postgres, dir: &std::path::Path, c: &mut Classification) -
         }
     }
     c.resolve_functions(|f: &FunctionRef| read_only.contains(f));
-    let read: Vec<&proxy_node::policy::TableName> = c
+    let read = c
         .accesses
         .iter()
         .filter(|a| a.operation == proto::policy::Operation::Select)
-        .filter_map(|a| a.table.as_ref())
-        .collect();
-    if !read.is_empty()
-        && c.unknown.is_none()
-        && !catalog.views_read_only(target, &read, std::time::Duration::from_secs(10), 1 << 20).await
+        .filter_map(|a| a.table.as_ref());
+    if c.unknown.is_none()
+        && !catalog.views_read_only(target, read, std::time::Duration::from_secs(10), 1 << 20).await
     {
         c.unknown = Some("a view it reads may call a function with side effects".into());
     }

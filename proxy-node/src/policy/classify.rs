@@ -566,6 +566,10 @@ fn operation(stmt: &Statement) -> Option<Operation> {
 /// Classify the text of one simple-protocol message (one or more statements).
 pub fn classify(sql: &str) -> Classification {
     let mut c = Classification::default();
+    if let Some(why) = dollar_quote_hazard(sql) {
+        c.unparsed = Some(why);
+        return c;
+    }
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
         Err(e) => {
@@ -590,6 +594,41 @@ pub fn classify(sql: &str) -> Classification {
         classify_statement(stmt, &mut c);
     }
     c
+}
+
+/// Where the server and the parser could disagree about where a dollar-quoted string starts or
+/// ends. PostgreSQL's tag is `$`, then a letter, `_` or any byte of a non-ASCII character, then
+/// those or digits, then `$` (`dolqdelim` in its scanner); the parser takes only Unicode
+/// alphanumerics and `_`. So `$a€$` opens a string for the server and not for the parser, and
+/// what the server then runs as a second statement the parser reads as part of a string (or the
+/// reverse). A `$` followed by digits and then a tag character or `$` is a parameter to the
+/// server (and an error since PostgreSQL 15) but may be a tag to the parser. Both are refused
+/// wherever they appear, inside strings and comments too: the gateway does not trust its own
+/// reading of where those are.
+fn dollar_quote_hazard(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    let tag_start = |c: u8| c.is_ascii_alphabetic() || c == b'_' || c >= 0x80;
+    let tag_cont = |c: u8| tag_start(c) || c.is_ascii_digit();
+    let mut i = 0;
+    while let Some(at) = b[i..].iter().position(|&c| c == b'$') {
+        let start = i + at + 1;
+        i = start;
+        if b.get(start).is_some_and(|c| c.is_ascii_digit()) {
+            let end = start + b[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if b.get(end).is_some_and(|&c| tag_start(c) || c == b'$') {
+                return Some("a `$` parameter runs into a name or a `$`: the server and the gateway could read it differently".into());
+            }
+            continue;
+        }
+        if !b.get(start).is_some_and(|&c| tag_start(c)) {
+            continue;
+        }
+        let end = start + b[start..].iter().take_while(|&&c| tag_cont(c)).count();
+        if b.get(end) == Some(&b'$') && !b[start..end].is_ascii() {
+            return Some("a dollar quote tag with non-ASCII characters: the server and the gateway could read where the string ends differently".into());
+        }
+    }
+    None
 }
 
 /// Does this session-state statement widen the session's rights?
@@ -908,6 +947,24 @@ mod tests {
         assert!(has(&c, Operation::Select, "public.users"));
         assert!(c.unknown_effect().is_none() && c.unparsed.is_none());
         assert_eq!(c.operations(), vec!["select"]);
+    }
+
+    #[test]
+    fn dollar_quotes_the_server_and_the_parser_could_end_differently_are_refused() {
+        for sql in [
+            "SELECT $a€$ , $$ $a€$; DELETE FROM orders; --$$",
+            "SELECT $€$ x $€$",
+            "SELECT $é$ x $é$",
+            "PREPARE p(int) AS SELECT $1a$; DELETE FROM orders; PREPARE q(int) AS SELECT $1a$",
+            "SELECT $1$",
+            "SELECT 'a $b€$ c'",
+        ] {
+            assert!(classify(sql).unparsed.is_some(), "{sql}");
+        }
+        // Tags of ASCII letters, digits and `_`, parameters, and money signs are read alike.
+        for sql in ["SELECT $a1_$ x $a1_$", "SELECT $$ € $$", "SELECT $1 + $2", "SELECT '$5 and $€'"] {
+            assert!(classify(sql).unparsed.is_none(), "{sql}");
+        }
     }
 
     #[test]
