@@ -178,22 +178,22 @@ impl Catalog {
     /// Do the views among `tables`, and the views those read in turn, only read and call
     /// nothing but read-only functions? Reading a view runs its definition, functions included.
     /// Lookup failures and views nested too deep count as no.
-    pub async fn views_read_only(
+    pub async fn views_read_only<'t>(
         &mut self,
         target: &Connection,
-        tables: &[&crate::policy::TableName],
+        tables: impl Iterator<Item = &'t crate::policy::TableName> + Clone,
         timeout: Duration,
         max: usize,
     ) -> bool {
         let plain = |t: &crate::policy::TableName| {
             t.schema().is_none() && self.no_view.get(t.table()).is_some_and(|at| at.elapsed() < TTL)
         };
-        if tables.iter().all(|t| plain(t)) {
+        if tables.clone().all(plain) {
             return true;
         }
         let reach = Reach { target, timeout, max };
         let mut work: Vec<(Option<String>, String, u8)> =
-            tables.iter().map(|t| (t.schema().map(str::to_string), t.table().to_string(), 0)).collect();
+            tables.map(|t| (t.schema().map(str::to_string), t.table().to_string(), 0)).collect();
         let mut seen = std::collections::HashSet::new();
         while let Some((schema, name, depth)) = work.pop() {
             if !seen.insert((schema.clone(), name.clone())) {

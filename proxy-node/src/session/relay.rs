@@ -528,12 +528,24 @@ impl Relay<'_> {
 
     /// Record events, after any deferred ones; then what was withheld from the client goes out.
     async fn record(&mut self, mut events: Vec<Event>) -> Result<(), SessionError> {
-        self.deferring = None;
         if !self.deferred.is_empty() {
             let mut all = std::mem::take(&mut self.deferred);
             all.append(&mut events);
             events = all;
         }
+        self.record_all(events).await
+    }
+
+    /// [`Relay::record`] of a statement's response: with its request when that was deferred
+    /// (a read recorded with its answer), in the same vector.
+    async fn record_response(&mut self, r: Box<Response>) -> Result<(), SessionError> {
+        let mut events = std::mem::take(&mut self.deferred);
+        events.push(r.into_event());
+        self.record_all(events).await
+    }
+
+    async fn record_all(&mut self, events: Vec<Event>) -> Result<(), SessionError> {
+        self.deferring = None;
         match self.s.record(events).await {
             Ok(()) => {
                 if !self.deferred_out.is_empty() {
@@ -918,13 +930,9 @@ impl Relay<'_> {
         }
         // Reading a view runs its definition: a view that calls a writing function writes.
         if c.unknown.is_none() {
-            let read: Vec<&crate::policy::TableName> = c
-                .accesses
-                .iter()
-                .filter(|a| a.operation == O::Select)
-                .filter_map(|a| a.table.as_ref())
-                .collect();
-            if !read.is_empty() && !self.catalog.views_read_only(&self.s.conn, &read, timeout, max).await {
+            let read =
+                c.accesses.iter().filter(|a| a.operation == O::Select).filter_map(|a| a.table.as_ref());
+            if !self.catalog.views_read_only(&self.s.conn, read, timeout, max).await {
                 Arc::make_mut(c).unknown =
                     Some("a view it reads may call a function with side effects".into());
             }
@@ -1225,7 +1233,7 @@ impl Relay<'_> {
             }
             let popped = self.expect.pop_front();
             if let Some(Expect::Execute(r)) = popped {
-                self.record(vec![r.into_event()]).await?;
+                self.record_response(r).await?;
             }
             self.send_client(&f);
             if extended {
@@ -1307,7 +1315,7 @@ impl Relay<'_> {
             Expect::Execute(r) | Expect::Query(r, _) => {
                 // The response is recorded before its last bytes reach the client.
                 self.copy_in = false;
-                self.record(vec![r.into_event()]).await?;
+                self.record_response(r).await?;
             }
             // Outside a transaction block, portals are gone after Sync.
             Expect::Sync if f.body.first() == Some(&b'I') => self.portals.clear(),
