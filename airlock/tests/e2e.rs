@@ -110,7 +110,9 @@ data_dir = "{data}/policy-store"
         data = dir.join("data").display(),
     );
     if let Some(n) = nats {
-        c.push_str(&format!("\n[nats]\nurl = \"{}\"\nack_timeout = \"1s\"\n", n.url));
+        // Ample for every record while NATS is up; short enough that the test taking NATS down
+        // sees its sessions fail soon.
+        c.push_str(&format!("\n[nats]\nurl = \"{}\"\nack_timeout = \"2s\"\n", n.url));
     }
     if let Some(s) = s3 {
         c.push_str(&format!(
@@ -468,10 +470,22 @@ async fn forged_expired_and_misaddressed_tokens_are_rejected_before_the_target()
     connect_when_ready(ports.proxy, &oidc.token("agent-1", &["agents"])).await;
     connect(ports.proxy, &oidc.token_rs256("agent-1", &["agents"])).await.unwrap();
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let sessions =
         || pg.psql("postgres", "SELECT sessions FROM pg_stat_database WHERE datname = 'shop'").unwrap();
-    let before = sessions();
+    // The baseline, once those sessions have left the target and its statistics have settled.
+    let open =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'shop' AND backend_type = 'client backend'";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let before = loop {
+        let gone = pg.psql("postgres", open).unwrap() == "0";
+        let first = sessions();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = sessions();
+        if gone && first == second {
+            break second;
+        }
+        assert!(Instant::now() < deadline, "the target's sessions never settled: {first} then {second}");
+    };
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let mut wrong_aud = oidc.claims("agent-1", &["agents"]);
