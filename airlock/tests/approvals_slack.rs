@@ -313,9 +313,18 @@ async fn a_hold_pending_when_the_service_is_killed_with_9_completes_after_a_rest
         .wait_for("chat.postMessage", Duration::from_secs(10), |b| b.to_string().contains(&id.to_string()))
         .await
         .expect("posted before the kill");
-    // Let the service record the message's ts in the shared store (a kill between the post and
-    // that write leaves a message nobody can update; the hold itself still completes).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the service recorded the message's ts in the shared store (a kill between the
+    // post and that write leaves a message nobody can update; the hold itself still completes).
+    let holds = approval_service::store::Store::nats(raw.client().clone()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let rec = holds.get(id).await.unwrap().map(|(rec, _)| rec);
+        if rec.as_ref().is_some_and(|r| r.slack.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the message's ts was never recorded: {rec:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     approvals.kill9();
     let restarted = spawn(env.dir.path(), &env.cfg, &["approvals"], "approvals-restarted");
