@@ -314,11 +314,21 @@ async fn nodes_join_and_leave_through_the_cli_while_writes_continue() -> anyhow:
         let found = on_node4.iter().find(|v| v.version == *version).context("acknowledged version lost")?;
         assert_eq!(&found.digest, digest);
     }
-    let status = airlock(&["policy-store", "status", "--store", &node4.endpoint()])?;
-    let members: Vec<&str> =
-        status.lines().filter(|l| l.trim_start().starts_with("node ") && l.contains("voter")).collect();
-    assert_eq!(members.len(), 3, "{status}");
-    assert!(!status.contains(&format!("127.0.0.1:{}", cluster.node(1).port)), "{status}");
+    // Node 4 learns of the removal when the membership change reaches it: ask until it has.
+    let node1 = format!("127.0.0.1:{}", cluster.node(1).port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = airlock(&["policy-store", "status", "--store", &node4.endpoint()]);
+        if let Ok(status) = &status {
+            let voters =
+                status.lines().filter(|l| l.trim_start().starts_with("node ") && l.contains("voter")).count();
+            if voters == 3 && !status.contains(&node1) {
+                break;
+            }
+        }
+        ensure!(Instant::now() < deadline, "node 4 never showed 3 voters without node 1: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
