@@ -898,6 +898,72 @@ async fn a_repeated_statement_is_read_again_when_the_session_reads_text_differen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_pipelined_behind_a_setting_change_is_not_read_with_the_old_setting() {
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    let before = snapshot(&h);
+    let c = h.connect().await;
+    // Sent together, before the target answers the SET: the server reads the second text with
+    // standard_conforming_strings off (a literal `'x\' , 1 -- '`, then the DELETE).
+    let sneaky = r"SELECT 'x\' , 1 -- '; DELETE FROM orders; --";
+    let (set, read) =
+        tokio::join!(c.simple_query("SET standard_conforming_strings = off"), c.simple_query(sneaky));
+    set.unwrap();
+    let e = read.expect_err("refused");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    assert!(format!("{e:?}").contains("has not been answered yet"), "{e:?}");
+    // Once the answer is in, the setting is known, and the text is refused for it.
+    let e = c.simple_query(sneaky).await.expect_err("refused");
+    assert!(format!("{e:?}").contains("standard_conforming_strings is off"), "{e:?}");
+    // Behind a plain read, text with backslashes is read as usual.
+    c.simple_query("SET standard_conforming_strings = on").await.unwrap();
+    let (a, b) = tokio::join!(c.simple_query("SELECT 1"), c.simple_query(r"SELECT 'a\b'"));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_the_target_reports_at_startup_are_how_the_first_statement_is_read() {
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    // A role default the agent never sent: the server reads backslashes as escapes from the
+    // session's first statement.
+    h.pg.psql("postgres", "ALTER ROLE airlock_svc SET standard_conforming_strings = off").unwrap();
+    let before = snapshot(&h);
+    let c = h.connect().await;
+    let sneaky = r"SELECT 'x\' , 1 -- '; DELETE FROM orders; --";
+    let e = c.simple_query(sneaky).await.expect_err("refused");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    assert!(format!("{e:?}").contains("standard_conforming_strings is off"), "{e:?}");
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_portal_stays_the_statement_it_was_bound_to() {
+    let rules = "  - { name: hold-deletes, match: { operations: [delete], tables: [orders] }, action: hold }\n\
+                 defaults: { unknown_operation: deny }\n";
+    let mut h = start(rules).await;
+    let before = snapshot(&h);
+    let mut c = h.connect().await;
+    // These leave portals open on the server (only DISCARD ALL, CLOSE and the end of the
+    // transaction close them): executing the portal still runs the DELETE, so it is held.
+    for between in ["DISCARD SEQUENCES", "DISCARD PLANS", "DISCARD TEMP", "DEALLOCATE ALL"] {
+        let tx = c.transaction().await.unwrap();
+        let st = tx.prepare("DELETE FROM orders WHERE id > $1").await.unwrap();
+        let portal = tx.bind(&st, &[&0i32]).await.unwrap();
+        tx.batch_execute(between).await.unwrap();
+        let (run, req) = tokio::join!(tx.query_portal(&portal, 0), h.decide(HoldOutcome::Denied));
+        assert!(run.is_err(), "{between}: the held DELETE ran");
+        assert_eq!(req.statement, "DELETE FROM orders WHERE id > $1", "{between}");
+        // Bound in binary format: recorded as hex.
+        assert_eq!(req.parameters, [Some(r"\x00000000".to_string())], "{between}");
+        drop(tx);
+    }
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }
   - { name: settings, match: { operations: [set, show, transaction] }, action: allow }

@@ -133,6 +133,10 @@ pub struct Classification {
     pub ends_block: bool,
     /// What masking must know before the statements run (see `mask::PrecheckFacts`).
     pub mask_facts: crate::mask::PrecheckFacts,
+    /// A function other than a known read-only built-in is called (kept when
+    /// [`Classification::resolve_functions`] finds them read-only: a stable function may still
+    /// change a setting).
+    pub calls_functions: bool,
 }
 
 /// Is `name` a built-in function known to be read-only (when it is the one the server runs)?
@@ -180,6 +184,24 @@ impl Classification {
     pub fn resolve_functions(&mut self, read_only: impl Fn(&FunctionRef) -> bool) {
         self.functions.retain(|f| !read_only(f));
         self.builtins.retain(|f| !read_only(f));
+    }
+
+    /// Could running this change a setting of the session, `standard_conforming_strings` or
+    /// `client_encoding` among them? Only reads that call no function but known read-only
+    /// built-ins, and statements that run nothing, cannot: `SET`, `RESET`, `DISCARD`, the end
+    /// of a transaction block (which undoes a `SET LOCAL`), `DO`, `CALL`, functions, and the
+    /// triggers of writes and DDL can.
+    pub fn may_change_settings(&self) -> bool {
+        use Operation as O;
+        self.calls_functions
+            || self.unknown.is_some()
+            || !self.executes.is_empty()
+            || self.accesses.iter().any(|a| {
+                !matches!(
+                    a.operation,
+                    O::Select | O::Show | O::Explain | O::Prepare | O::Deallocate | O::Listen | O::Notify
+                )
+            })
     }
 
     /// Replace each `EXECUTE name` by what the prepared statement does, when every name is known.
@@ -240,8 +262,11 @@ impl Classification {
 pub enum SessionEffect {
     /// `PREPARE name AS ...`, with what the prepared statement does.
     Prepare(String, Box<Classification>),
-    /// `DEALLOCATE name` (`None`: `DEALLOCATE ALL` or `DISCARD ALL`).
+    /// `DEALLOCATE name` (`None`: `DEALLOCATE ALL`, which leaves portals open).
     Deallocate(Option<String>),
+    /// `DISCARD ALL`: prepared statements and portals are gone. (`DISCARD PLANS`, `SEQUENCES`
+    /// and `TEMP` touch neither.)
+    DiscardAll,
     None,
 }
 
@@ -593,6 +618,7 @@ pub fn classify(sql: &str) -> Classification {
         }
         classify_statement(stmt, &mut c);
     }
+    c.calls_functions = !c.functions.is_empty();
     c
 }
 
@@ -670,7 +696,7 @@ fn effect(stmt: &Statement) -> SessionEffect {
                 SessionEffect::Deallocate(Some(n))
             }
         }
-        Statement::Discard { .. } => SessionEffect::Deallocate(None),
+        Statement::Discard { object_type: sqlparser::ast::DiscardObject::ALL } => SessionEffect::DiscardAll,
         _ => SessionEffect::None,
     }
 }

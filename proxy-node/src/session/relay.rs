@@ -171,6 +171,12 @@ struct Relay<'s> {
     rules_version: Option<u64>,
     /// How the server lexes statements now, from its ParameterStatus reports.
     lexing: Lexing,
+    /// The last statement sent to the target that may change how it lexes (a `SET`, a
+    /// function, ...: [`Classification::may_change_settings`]), by request number, and the last
+    /// answered. While the first is ahead, `lexing` may be out of date for text that follows
+    /// in the same pipeline.
+    relexing_through: u64,
+    answered_through: u64,
     /// The session may have changed its `search_path` (so an unqualified table name may not
     /// resolve to the schema an allow rule names).
     search_path_touched: bool,
@@ -319,6 +325,12 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
     let cout = std::mem::take(&mut client.out);
     let uin = std::mem::take(&mut up.buf);
     let cancel = up.backend_key.map(|(pid, key)| (up.addr.clone(), pid, key));
+    // The settings the target reported at startup: the client's own `client_encoding`, or a
+    // role's or database's `standard_conforming_strings`, apply from the first statement.
+    let mut lexing = Lexing::default();
+    for p in &up.parameters {
+        lexing.report(&p.body);
+    }
     let (cr, cw) = client.stream.split();
     let (ur, uw) = up.stream.split();
     let mut r = Relay {
@@ -344,7 +356,9 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         catalog: crate::catalog::Catalog::default(),
         rules: None,
         rules_version: None,
-        lexing: Lexing::default(),
+        lexing,
+        relexing_through: 0,
+        answered_through: 0,
         search_path_touched: false,
         last_classified: None,
         plan_memo: None,
@@ -539,6 +553,7 @@ impl Relay<'_> {
     /// [`Relay::record`] of a statement's response: with its request when that was deferred
     /// (a read recorded with its answer), in the same vector.
     async fn record_response(&mut self, r: Box<Response>) -> Result<(), SessionError> {
+        self.answered_through = self.answered_through.max(r.seq);
         let mut events = std::mem::take(&mut self.deferred);
         events.push(r.into_event());
         self.record_all(events).await
@@ -780,6 +795,9 @@ impl Relay<'_> {
         self.refresh_rules(&policy);
         let verdict = self.decide(&policy, sql, c);
         let (seq, events) = self.request_events(&policy, sql, params, c, &verdict);
+        if verdict.decision != Decision::Deny && c.may_change_settings() {
+            self.relexing_through = seq;
+        }
         Ok((seq, verdict, events))
     }
 
@@ -939,6 +957,20 @@ impl Relay<'_> {
         }
     }
 
+    /// Why `sql` cannot be read yet, if a statement that may change how the server lexes is
+    /// still running ahead of it: the server reads the next text in the pipeline with the
+    /// settings that statement leaves, which the gateway learns only from its answer.
+    fn relexing_hazard(&self, sql: &str) -> Option<String> {
+        (self.relexing_through > self.answered_through && (sql.contains('\\') || !sql.is_ascii())).then(
+            || {
+                "an earlier statement that may change how the server reads backslashes or non-ASCII text \
+             (standard_conforming_strings, client_encoding) has not been answered yet; \
+             send this once it has"
+                    .into()
+            },
+        )
+    }
+
     /// `sql` as shared text: the last classified statement's own when it is the same (a client
     /// repeating a statement), so it is not copied, and [`Relay::classify_as_server`] knows it
     /// by its pointer.
@@ -952,7 +984,7 @@ impl Relay<'_> {
     /// Classify a statement as the server will read it: refused as unparsed when the server's
     /// lexing settings could make it read the text differently.
     fn classify_as_server(&mut self, sql: &Arc<str>) -> Arc<Classification> {
-        if let Some(why) = self.lexing.hazard(sql) {
+        if let Some(why) = self.lexing.hazard(sql).or_else(|| self.relexing_hazard(sql)) {
             return Arc::new(Classification { unparsed: Some(why), statements: 1, ..Default::default() });
         }
         // The same text as last time ([`Relay::shared_text`] hands it out again): nothing
@@ -1344,7 +1376,8 @@ impl Relay<'_> {
             Some(SessionEffect::Deallocate(Some(name))) => {
                 self.statements.remove(&name);
             }
-            Some(SessionEffect::Deallocate(None)) => {
+            Some(SessionEffect::Deallocate(None)) => self.statements.clear(),
+            Some(SessionEffect::DiscardAll) => {
                 self.statements.clear();
                 self.portals.clear();
             }
