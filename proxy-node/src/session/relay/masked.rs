@@ -431,6 +431,9 @@ impl Relay<'_> {
             if let Some(m) = rules.masker_for(r.schema.as_deref(), &r.table, r.column.as_deref()) {
                 return Some(m.clone());
             }
+            if samples_values(&r) {
+                return Some(rules.fallback().clone());
+            }
             if !seen.insert(r.clone()) {
                 continue;
             }
@@ -560,4 +563,31 @@ fn output_sources(l: &Lineage) -> impl Iterator<Item = ColumnRef> + '_ {
                 .collect(),
         }
     })
+}
+
+/// Is `r` a column of the planner's statistics that holds sampled values of other tables'
+/// columns (`pg_stats.histogram_bounds`, `pg_statistic.stavalues1`, ...), or a whole row of
+/// them? Which table's values a row holds is only known row by row, so where column masking
+/// is on they are masked whatever table they sample.
+fn samples_values(r: &ColumnRef) -> bool {
+    const RELATIONS: &[&str] =
+        &["pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"];
+    const VALUES: &[&str] = &[
+        "most_common_vals",
+        "histogram_bounds",
+        "most_common_elems",
+        "stavalues1",
+        "stavalues2",
+        "stavalues3",
+        "stavalues4",
+        "stavalues5",
+        "stxdmcv",
+        "stxdexpr",
+        "exprs",
+    ];
+    // Unqualified, these names are pg_catalog's: it is searched first unless a session puts it
+    // later, which only makes a masked reading of some other relation.
+    r.schema.as_deref().is_none_or(|s| s == "pg_catalog")
+        && RELATIONS.contains(&r.table.as_str())
+        && r.column.as_deref().is_none_or(|c| VALUES.contains(&c))
 }
