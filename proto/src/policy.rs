@@ -573,6 +573,9 @@ impl std::fmt::Display for ValidationErrors {
 /// The largest document accepted.
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// PostgreSQL keeps the first 63 bytes of a name (`NAMEDATALEN - 1`) and drops the rest.
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
 /// Parse and validate a YAML policy document.
 pub fn parse(yaml: &str) -> Result<PolicyDocument, ValidationErrors> {
     if yaml.len() > MAX_DOCUMENT_BYTES {
@@ -691,8 +694,22 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
             }
         }
         for (j, t) in r.matches.tables.iter().enumerate() {
-            if t.is_empty() || t.split('.').count() > 3 {
+            if t.is_empty() || t.split('.').any(str::is_empty) {
                 err(format!("{p}.match.tables[{j}]"), format!("`{t}` is not a table name"));
+            } else if t.split('.').count() > 2 {
+                err(
+                    format!("{p}.match.tables[{j}]"),
+                    format!(
+                        "`{t}`: name a table as `table` or `schema.table` (the connection names the database)"
+                    ),
+                );
+            } else if let Some(long) = t.split('.').find(|part| part.len() > MAX_IDENTIFIER_BYTES) {
+                err(
+                    format!("{p}.match.tables[{j}]"),
+                    format!(
+                        "`{long}` is longer than PostgreSQL's {MAX_IDENTIFIER_BYTES}-byte names, so it names no table"
+                    ),
+                );
             }
         }
         if r.action != Action::Hold {
@@ -985,6 +1002,24 @@ defaults: { unparsed: deny, unknown_operation: hold }
         assert_eq!(e.path, "rules[1].action");
         assert_eq!(e.line, Some(17));
         assert!(e.message.contains("dney"), "{}", e.message);
+    }
+
+    #[test]
+    fn table_patterns_that_can_name_no_table_are_rejected() {
+        let long = "t".repeat(MAX_IDENTIFIER_BYTES + 1);
+        for (pattern, says) in [
+            ("shop.public.orders", "the connection names the database"),
+            ("public..orders", "is not a table name"),
+            (long.as_str(), "63-byte names"),
+        ] {
+            let bad = GOOD.replace("tables: [orders, users]", &format!("tables: [orders, \"{pattern}\"]"));
+            let e = parse(&bad).expect_err(pattern);
+            assert_eq!(e.0[0].path, "rules[0].match.tables[1]", "{pattern}");
+            assert!(e.to_string().contains(says), "{pattern}: {e}");
+        }
+        let fine = "t".repeat(MAX_IDENTIFIER_BYTES);
+        parse(&GOOD.replace("tables: [orders, users]", &format!("tables: [public.{fine}, \"User\"]")))
+            .expect("valid");
     }
 
     #[test]

@@ -964,6 +964,40 @@ async fn a_bound_portal_stays_the_statement_it_was_bound_to() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_name_tables_as_the_server_stores_them() {
+    let long = format!("t_{}", "x".repeat(61));
+    let rules = [
+        "  - { name: keep-users, match: { operations: [delete, update], tables: [User] }, action: deny }"
+            .to_string(),
+        format!(
+            "  - {{ name: keep-long, match: {{ operations: [delete], tables: [{long}] }}, action: deny }}"
+        ),
+        "defaults: { no_match: allow, unknown_operation: deny }\n".to_string(),
+    ]
+    .join("\n");
+    let h = start(&rules).await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "SET ROLE airlock_svc; CREATE TABLE \"User\" (id int); INSERT INTO \"User\" VALUES (1); \
+             CREATE TABLE {long} (id int); INSERT INTO {long} VALUES (1);"
+        ),
+    )
+    .unwrap();
+    let count = |t: &str| h.count(&format!("SELECT count(*) FROM {t}"));
+    let c = h.connect().await;
+    // A deny rule on `User` holds for the quoted, case-kept name however it is spelled.
+    for sql in [r#"DELETE FROM "User""#, r#"UPDATE public."User" SET id = 2"#] {
+        let e = c.simple_query(sql).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+    }
+    // PostgreSQL keeps 63 bytes of a name: a longer one is the table the rule names.
+    let e = c.simple_query(&format!("DELETE FROM {long}_and_more")).await.expect_err("cut to the long name");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!((count(r#""User""#), count(&long)), ("1".to_string(), "1".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }
   - { name: settings, match: { operations: [set, show, transaction] }, action: allow }

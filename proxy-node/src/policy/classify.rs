@@ -31,10 +31,9 @@ impl TableName {
         let mut parts = Vec::new();
         for p in &n.0 {
             match p {
-                ObjectNamePart::Identifier(id) => parts.push(match id.quote_style {
-                    Some(_) => id.value.clone(),
-                    None => id.value.to_lowercase(),
-                }),
+                ObjectNamePart::Identifier(id) => {
+                    parts.push(server_name(&id.value, id.quote_style.is_some()))
+                }
                 ObjectNamePart::Function(_) => return None,
             }
         }
@@ -58,7 +57,12 @@ impl TableName {
     }
 
     /// Does a rule pattern (`orders`, `public.orders`, `audit_*`) match this table?
-    pub fn matches(&self, pattern: &str) -> bool {
+    ///
+    /// Patterns fold to lower case, as unquoted names do. A table whose name keeps capitals
+    /// (created quoted, `"User"`, or with non-ASCII capitals, which PostgreSQL does not fold)
+    /// then matches only `loose`ly: deny and hold rules match names case-insensitively, so such
+    /// a table cannot slip past them; an allow rule matches exactly.
+    pub fn matches(&self, pattern: &str, loose: bool) -> bool {
         // Called for every rule on every statement: allocate only for a pattern that
         // lowercasing could change (ASCII capitals, or anything not ASCII).
         let lower;
@@ -68,13 +72,24 @@ impl TableName {
         } else {
             pattern
         };
+        let folded;
+        let parts: &[String] = if loose
+            && self.parts.iter().any(|p| p.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()))
+        {
+            folded = self.parts.iter().map(|p| p.to_lowercase()).collect::<Vec<_>>();
+            &folded
+        } else {
+            &self.parts
+        };
+        let table = parts.last().map(String::as_str).unwrap_or_default();
         match pattern.split_once('.') {
-            None => glob(pattern, self.table()),
+            None => glob(pattern, table),
             Some((s, t)) if !t.contains('.') => {
                 // An unqualified name in a statement may resolve to any schema: match on the table.
-                let schema_ok = self.parts.len() < 2 || glob(s, &self.parts[0]);
-                schema_ok && glob(t, self.table())
+                let schema_ok = parts.len() < 2 || glob(s, &parts[0]);
+                schema_ok && glob(t, table)
             }
+            // Refused by validation: the connection names the database.
             Some(_) => false,
         }
     }
@@ -84,6 +99,20 @@ impl std::fmt::Display for TableName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.parts.join("."))
     }
+}
+
+/// A name as the server stores it: unquoted, ASCII letters fold to lower case (PostgreSQL leaves
+/// other letters as they are); either way only the first 63 bytes count.
+pub fn server_name(written: &str, quoted: bool) -> String {
+    let mut name = if quoted { written.to_string() } else { written.to_ascii_lowercase() };
+    if name.len() > proto::policy::MAX_IDENTIFIER_BYTES {
+        let mut end = proto::policy::MAX_IDENTIFIER_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
 }
 
 /// `*` matches any run of characters.
@@ -289,6 +318,19 @@ const DENIED_FUNCTIONS: &[&str] = &[
     "pg_file_rename",
     "pg_file_unlink",
     "set_config",
+    // Read whole tables, schemas or databases (or run a query given as text) and hand them
+    // back as XML or statistics: past any rule on the tables they read.
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "query_to_xmlschema",
+    "cursor_to_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
     "dblink",
     "dblink_exec",
     "dblink_connect",
@@ -490,15 +532,13 @@ const READ_ONLY_FUNCTIONS: &[&str] = &[
 ];
 
 fn ident_name(id: &sqlparser::ast::Ident) -> String {
-    if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() }
+    server_name(&id.value, id.quote_style.is_some())
 }
 
 fn function_name(n: &ObjectName) -> String {
     n.0.iter()
         .filter_map(|p| match p {
-            ObjectNamePart::Identifier(id) => {
-                Some(if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() })
-            }
+            ObjectNamePart::Identifier(id) => Some(ident_name(id)),
             ObjectNamePart::Function(_) => None,
         })
         .collect::<Vec<_>>()
@@ -1116,6 +1156,15 @@ mod tests {
             Some("set_config")
         );
         assert!(classify("SELECT my_func(1)").unknown_effect().is_some());
+        // Functions that read tables the statement does not name.
+        for f in [
+            "table_to_xml('orders', true, false, '')",
+            "database_to_xml(true, false, '')",
+            "query_to_xml('SELECT * FROM orders', true, false, '')",
+            "ts_stat('SELECT body FROM notes')",
+        ] {
+            assert!(classify(&format!("SELECT {f}")).denied_function.is_some(), "{f}");
+        }
         // Read-only built-ins are known, but an unqualified name is still looked up: a user
         // function of the same name may be the one the server picks.
         let c = classify("SELECT count(*), lower(name) FROM users");
@@ -1160,20 +1209,43 @@ mod tests {
 
     #[test]
     fn patterns_match_schema_and_globs() {
-        let t = TableName { parts: vec!["public".into(), "orders".into()] };
-        assert!(t.matches("orders"));
-        assert!(t.matches("public.orders"));
-        assert!(t.matches("ORDERS"));
-        assert!(!t.matches("audit.orders"));
-        assert!(t.matches("ord*"));
-        assert!(t.matches("*"));
-        assert!(!t.matches("users"));
-        let bare = TableName { parts: vec!["orders".into()] };
-        assert!(bare.matches("public.orders"), "unqualified may resolve to any schema");
-        assert!(!t.matches("db.public.orders"));
-        // Patterns are lowercased as Unicode: a titlecase letter is not "uppercase", but folds.
-        let odd = TableName { parts: vec!["\u{1c6}_t".into()] };
-        assert!(odd.matches("\u{1c5}_t") && odd.matches("\u{1c4}_T"));
+        for loose in [false, true] {
+            let t = TableName { parts: vec!["public".into(), "orders".into()] };
+            assert!(t.matches("orders", loose));
+            assert!(t.matches("public.orders", loose));
+            assert!(t.matches("ORDERS", loose));
+            assert!(!t.matches("audit.orders", loose));
+            assert!(t.matches("ord*", loose));
+            assert!(t.matches("*", loose));
+            assert!(!t.matches("users", loose));
+            let bare = TableName { parts: vec!["orders".into()] };
+            assert!(bare.matches("public.orders", loose), "unqualified may resolve to any schema");
+            assert!(!t.matches("db.public.orders", loose));
+            // Patterns are lowercased as Unicode: a titlecase letter is not "uppercase", but folds.
+            let odd = TableName { parts: vec!["\u{1c6}_t".into()] };
+            assert!(odd.matches("\u{1c5}_t", loose) && odd.matches("\u{1c4}_T", loose));
+        }
+        // A name that kept capitals: deny and hold rules (loose) match it whatever the case,
+        // an allow rule (exact) does not, since its pattern folds.
+        let quoted = TableName { parts: vec!["public".into(), "User".into()] };
+        for p in ["User", "user", "USER", "public.User", "Us*"] {
+            assert!(quoted.matches(p, true), "{p}");
+            assert!(!quoted.matches(p, false), "{p}");
+        }
+    }
+
+    #[test]
+    fn names_are_folded_and_cut_as_the_server_does() {
+        let table = |sql: &str| classify(sql).tables();
+        assert_eq!(table(r#"DELETE FROM "User""#), ["User"]);
+        assert_eq!(table("DELETE FROM User_Log"), ["user_log"]);
+        // PostgreSQL folds ASCII letters only.
+        assert_eq!(table("DELETE FROM Überweisungen"), ["Überweisungen"]);
+        // Only the first 63 bytes of a name count, quoted or not, cut at a character.
+        let long = "a".repeat(62);
+        assert_eq!(table(&format!("DELETE FROM {long}BCDEF")), [format!("{long}b")]);
+        assert_eq!(table(&format!(r#"DELETE FROM "{long}é""#)), [long.clone()]);
+        assert_eq!(server_name(&format!("{long}é"), true), long);
     }
 
     #[test]

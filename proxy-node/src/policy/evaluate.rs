@@ -55,10 +55,10 @@ fn matches(rule: &Rule, a: &Access, facts: SessionFacts) -> bool {
     let strict = rule.action == Decision::Allow && facts.search_path_touched;
     rule.matches.tables.is_empty()
         || a.table.as_ref().is_some_and(|t| {
-            rule.matches
-                .tables
-                .iter()
-                .any(|p| t.matches(p) && !(strict && t.unqualified() && p.contains('.')))
+            rule.matches.tables.iter().any(|p| {
+                t.matches(p, rule.action != Decision::Allow)
+                    && !(strict && t.unqualified() && p.contains('.'))
+            })
         })
 }
 
