@@ -155,6 +155,11 @@ pub struct Lineage {
     /// `WHERE`, `JOIN … ON`, `GROUP BY`, `HAVING`, `ORDER BY`, subqueries, CTE bodies …), for the
     /// conservative fallback.
     pub referenced: BTreeSet<ColumnRef>,
+    /// What the values the statement stores come from (`INSERT`, `UPDATE`, `MERGE`, writing
+    /// CTEs, `SELECT INTO`, `CREATE TABLE AS`): every column a stored value is computed from,
+    /// and, when one is computed by something opaque (a function of a whole row, say), every
+    /// column referenced. A masked column among them would be stored where it is not masked.
+    pub written: BTreeSet<ColumnRef>,
 }
 
 /// Why a statement's lineage cannot be told.
@@ -198,7 +203,11 @@ pub fn lineage(stmt: &Statement) -> Result<Lineage, LineageError> {
             }
         }
     }
-    Ok(Lineage { outputs: d.outputs, exact: d.exact, referenced: a.referenced })
+    let mut written = a.written.sources;
+    if a.written.opaque {
+        written.extend(a.referenced.iter().cloned());
+    }
+    Ok(Lineage { outputs: d.outputs, exact: d.exact, referenced: a.referenced, written })
 }
 
 /// Parses `sql` with the PostgreSQL dialect and returns the lineage of each statement, in order.
@@ -650,6 +659,8 @@ struct Analyzer {
     /// CTEs in scope, innermost last.
     ctes: Vec<(String, Derived)>,
     referenced: BTreeSet<ColumnRef>,
+    /// What stored values derive from (see [`Lineage::written`]).
+    written: Acc,
     depth: usize,
     steps: usize,
 }
@@ -692,7 +703,19 @@ impl Analyzer {
         match stmt {
             Statement::Query(q) => {
                 let d = self.query(q)?;
-                Ok(if is_select_into(q) { Derived::exact(vec![]) } else { d })
+                Ok(if is_select_into(q) {
+                    self.written.merge(&d.all());
+                    Derived::exact(vec![])
+                } else {
+                    d
+                })
+            }
+            Statement::CreateTable(ct) if ct.query.is_some() => {
+                if let Some(q) = &ct.query {
+                    let d = self.query(q)?;
+                    self.written.merge(&d.all());
+                }
+                Ok(Derived::exact(vec![]))
             }
             Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => {
                 self.dml(stmt)
@@ -939,6 +962,7 @@ impl Analyzer {
             _ => return Err(LineageError::Unsupported("this statement as a data-modifying query".into())),
         };
         self.note(&extra);
+        self.written.merge(&extra);
         match returning {
             None => Ok(Derived::exact(vec![])),
             Some(items) => {
@@ -1963,6 +1987,36 @@ mod tests {
 
     fn set(refs: &[ColumnRef]) -> BTreeSet<ColumnRef> {
         refs.iter().cloned().collect()
+    }
+
+    #[test]
+    fn what_a_statement_stores_is_traced_to_its_sources() {
+        for sql in [
+            "UPDATE users SET notes = email WHERE id = 1",
+            "UPDATE orders o SET note = u.email FROM users u WHERE u.id = o.user_id",
+            "UPDATE orders SET note = (SELECT email FROM users LIMIT 1)",
+            "INSERT INTO orders (note) SELECT email FROM users",
+            "INSERT INTO orders (note) SELECT upper(e) FROM (SELECT email AS e FROM users) s RETURNING id",
+            "INSERT INTO orders (note) VALUES ((SELECT email FROM users WHERE id = 1))",
+            "INSERT INTO orders (id, note) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET note = (SELECT email FROM users LIMIT 1)",
+            "WITH w AS (INSERT INTO orders (note) SELECT email FROM users RETURNING 1) SELECT * FROM w",
+            "MERGE INTO orders o USING users u ON o.user_id = u.id WHEN MATCHED THEN UPDATE SET note = u.email",
+            "SELECT email INTO copy FROM users",
+            "CREATE TABLE copy AS SELECT lower(email) FROM users",
+        ] {
+            let l = one(sql);
+            assert!(l.written.contains(&email()), "{sql}: {:?}", l.written);
+        }
+        // Read only to choose rows, or not at all: nothing of it is stored.
+        for sql in [
+            "UPDATE users SET notes = 'x' WHERE email = 'a@b'",
+            "INSERT INTO orders (note) VALUES ('plain')",
+            "DELETE FROM users WHERE email = 'a@b' RETURNING id",
+            "SELECT email FROM users",
+        ] {
+            let l = one(sql);
+            assert!(!l.written.contains(&email()), "{sql}: {:?}", l.written);
+        }
     }
 
     /// The first output of `sql` derives from users.email (or the whole users row).

@@ -710,6 +710,10 @@ pub(crate) fn copy_shape(st: &Statement) -> Option<CopyShape> {
 pub struct PrecheckFacts {
     pub unmaskable_copy: Option<usize>,
     pub unclear_lineage: Option<usize>,
+    /// What the values the statements store derive from ([`masking::lineage::Lineage::written`]).
+    pub written: Vec<masking::lineage::ColumnRef>,
+    /// The first statement that stores values whose sources cannot be told.
+    pub unclear_writes: Option<usize>,
 }
 
 /// [`PrecheckFacts`] of parsed statements.
@@ -722,8 +726,9 @@ pub(crate) fn precheck_facts(stmts: &[Statement]) -> PrecheckFacts {
         {
             facts.unmaskable_copy = Some(i);
         }
+        let lineage = masking::lineage::lineage(st);
         if facts.unclear_lineage.is_none() {
-            let unclear = match masking::lineage::lineage(st) {
+            let unclear = match &lineage {
                 Ok(l) => {
                     !l.exact
                         || l.outputs
@@ -736,8 +741,35 @@ pub(crate) fn precheck_facts(stmts: &[Statement]) -> PrecheckFacts {
                 facts.unclear_lineage = Some(i);
             }
         }
+        match lineage {
+            Ok(l) => {
+                for r in l.written {
+                    if !facts.written.contains(&r) {
+                        facts.written.push(r);
+                    }
+                }
+            }
+            Err(_) if stores_values(st) => {
+                facts.unclear_writes.get_or_insert(i);
+            }
+            Err(_) => {}
+        }
     }
     facts
+}
+
+/// Does the statement store values it computes (so they could come from masked columns)?
+fn stores_values(st: &Statement) -> bool {
+    match st {
+        Statement::Insert(_) | Statement::Update(_) | Statement::Merge(_) => true,
+        Statement::CreateTable(ct) => ct.query.is_some(),
+        // SELECT INTO, or a writing CTE: the query's text says which.
+        Statement::Query(q) => {
+            let text = q.to_string().to_ascii_lowercase();
+            [" into ", "insert ", "update ", "merge "].iter().any(|w| text.contains(w))
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]

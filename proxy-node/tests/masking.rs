@@ -612,3 +612,44 @@ async fn planner_statistics_do_not_show_sample_values_of_masked_columns() {
     let seen = simple(&c, "SELECT count(*) FROM pg_stats WHERE tablename = 'users'").await;
     assert_eq!(seen, "10", "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_values_cannot_be_stored_where_they_would_not_be_masked() {
+    // Names: masked by their column, and no detector recognises them.
+    let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    let c = h.connect(AGENT_KEY).await;
+    let names = |seen: &str| {
+        ["Alice Smith", "Bob Jones", "ALICE SMITH", "BOB JONES"].into_iter().find(|n| seen.contains(n))
+    };
+    for q in [
+        "UPDATE users SET notes = name WHERE id = 1",
+        "UPDATE users u SET notes = v.name FROM users v WHERE v.id = u.id",
+        "INSERT INTO users (id, notes) SELECT 10, name FROM users WHERE id = 2",
+        "INSERT INTO users (id, notes) SELECT 11, upper(name) FROM users WHERE id = 2 RETURNING notes",
+        "INSERT INTO users (id, notes) VALUES (12, (SELECT name FROM users WHERE id = 1))",
+        "WITH w AS (INSERT INTO users (id, notes) SELECT 13, name FROM users WHERE id = 1 RETURNING 1) SELECT * FROM w",
+        "CREATE TABLE copied AS SELECT name FROM users",
+        "SELECT name INTO copied2 FROM users",
+        "UPDATE users SET notes = contact || name FROM v_users WHERE v_users.id = users.id",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            assert!(
+                seen.contains("42501") && seen.contains("masked"),
+                "{mode} `{q}` was not refused: {seen}"
+            );
+        }
+    }
+    // Columns read only to choose rows are not stored; plain values are.
+    for q in [
+        "UPDATE users SET notes = 'called' WHERE name = 'Alice Smith'",
+        "INSERT INTO users (id, notes) VALUES (20, 'plain')",
+    ] {
+        let seen = simple(&c, q).await;
+        assert!(!seen.contains("ERROR"), "`{q}`: {seen}");
+    }
+    // Nothing of the names reached another column or table.
+    let stored = h.pg.psql("shop", "SELECT string_agg(coalesce(notes, ''), '|') FROM users").unwrap();
+    assert!(names(&stored).is_none(), "{stored}");
+    let tables = h.pg.psql("shop", "SELECT count(*) FROM pg_class WHERE relname LIKE 'copied%'").unwrap();
+    assert_eq!(tables.trim(), "0");
+}

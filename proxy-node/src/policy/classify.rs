@@ -1230,7 +1230,7 @@ mod tests {
         // Only the first 63 bytes of a name count, quoted or not, cut at a character.
         let long = "a".repeat(62);
         assert_eq!(table(&format!("DELETE FROM {long}BCDEF")), [format!("{long}b")]);
-        assert_eq!(table(&format!(r#"DELETE FROM "{long}é""#)), [long.clone()]);
+        assert_eq!(table(&format!(r#"DELETE FROM "{long}é""#)), [long]);
     }
 
     #[test]

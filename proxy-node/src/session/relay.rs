@@ -171,6 +171,9 @@ struct Relay<'s> {
     rules_version: Option<u64>,
     /// How the server lexes statements now, from its ParameterStatus reports.
     lexing: Lexing,
+    /// Why the statement being decided may not run whatever the rules say, found before
+    /// [`Relay::decide`] (which takes it): see [`Relay::storing_masked`].
+    refusal: Option<String>,
     /// The last statement sent to the target that may change how it lexes (a `SET`, a
     /// function, ...: [`Classification::may_change_settings`]), by request number, and the last
     /// answered. While the first is ahead, `lexing` may be out of date for text that follows
@@ -357,6 +360,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         rules: None,
         rules_version: None,
         lexing,
+        refusal: None,
         relexing_through: 0,
         answered_through: 0,
         search_path_touched: false,
@@ -773,7 +777,7 @@ impl Relay<'_> {
         sql: &str,
         c: &Arc<Classification>,
     ) -> Arc<Decided> {
-        match self.mask_precheck(sql, c) {
+        match self.refusal.take().or_else(|| self.mask_precheck(sql, c)) {
             Some(reason) => Decided::new(Verdict {
                 decision: Decision::Deny,
                 rule: "builtin.masking".into(),
@@ -782,6 +786,15 @@ impl Relay<'_> {
             }),
             None => self.verdict(policy, c),
         }
+    }
+
+    /// Note whether the statement would store masked values elsewhere (under the rules of the
+    /// current policy), for [`Relay::decide`] to refuse it.
+    async fn check_stores(&mut self, sql: &str, c: &Classification) -> Result<(), SessionError> {
+        let policy = self.policy()?;
+        self.refresh_rules(&policy);
+        self.refusal = self.storing_masked(sql, c).await;
+        Ok(())
     }
 
     /// Decide a request: its number, the verdict, and the request and decision events to record.
@@ -1011,6 +1024,7 @@ impl Relay<'_> {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
+        self.check_stores(&sql, &c).await?;
         let no_params = self.no_params.clone();
         let (seq, verdict, events) = self.judge(&sql, &no_params, &c)?;
         let effects: Vec<SessionEffect> = c.effects.clone();
@@ -1074,6 +1088,7 @@ impl Relay<'_> {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
+        self.check_stores(&sql, &c).await?;
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
         self.refresh_rules(&policy);
@@ -1122,6 +1137,7 @@ impl Relay<'_> {
                 (format!("-- fetch from portal \"{portal}\"").into(), Arc::from([]), Arc::new(c))
             }
         };
+        self.check_stores(&sql, &c).await?;
         let (seq, verdict, events) = self.judge(&sql, &params, &c)?;
         match verdict.decision {
             Decision::Allow => {

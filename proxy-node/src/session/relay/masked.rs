@@ -103,6 +103,38 @@ impl Relay<'_> {
         }
     }
 
+    /// A reason to refuse a statement that would store values of masked columns where they
+    /// are not masked (`UPDATE t SET note = email`, `INSERT ... SELECT`, `CREATE TABLE AS`,
+    /// `SELECT INTO`): read back from there, or from its `RETURNING`, they would not be masked.
+    /// Columns chosen by only to pick rows (`WHERE email = ...`) are not stored.
+    pub(super) async fn storing_masked(
+        &mut self,
+        sql: &str,
+        c: &crate::policy::Classification,
+    ) -> Option<String> {
+        let rules = self.rules.clone().filter(|r| r.has_columns())?;
+        let parsed;
+        let facts = if c.unparsed.is_some() {
+            parsed = mask::precheck_facts(&Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?);
+            &parsed
+        } else {
+            &c.mask_facts
+        };
+        if let Some(i) = facts.unclear_writes {
+            return Some(format!(
+                "statement {} stores values whose origin cannot be told, and column masking is on",
+                i + 1
+            ));
+        }
+        if facts.written.is_empty() {
+            return None;
+        }
+        let written = facts.written.clone();
+        self.refs_masker(&rules, written).await.map(|_| {
+            "it would store values computed from masked columns where they are not masked".to_string()
+        })
+    }
+
     /// Mask a frame from the target. `None`: the frame was the proxy's own and is consumed.
     pub(super) async fn mask_upstream(
         &mut self,
