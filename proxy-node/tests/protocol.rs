@@ -997,6 +997,61 @@ async fn rules_name_tables_as_the_server_stores_them() {
     assert_eq!((count(r#""User""#), count(&long)), ("1".to_string(), "1".to_string()));
 }
 
+/// A value bound in binary as whatever type the statement declared.
+#[derive(Debug)]
+struct AnyInt4(i32);
+
+impl tokio_postgres::types::ToSql for AnyInt4 {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0.to_be_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    // A domain whose CHECK writes: binding a value of it runs the CHECK.
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION w_orders() RETURNS int VOLATILE LANGUAGE sql AS $f$ DELETE FROM orders RETURNING 1 $f$; \
+         CREATE DOMAIN sneaky_int AS int CHECK (VALUE + w_orders() > 0);",
+    )
+    .unwrap();
+    let oid: u32 = h.count("SELECT 'sneaky_int'::regtype::oid").trim().parse().unwrap();
+    let sneaky = tokio_postgres::types::Type::new(
+        "sneaky_int".into(),
+        oid,
+        tokio_postgres::types::Kind::Domain(tokio_postgres::types::Type::INT4),
+        "public".into(),
+    );
+    let before = snapshot(&h);
+    let c = h.connect().await;
+    // The text is a plain read; the declared type is not.
+    let refused = match c.prepare_typed("SELECT $1", &[sneaky]).await {
+        Ok(st) => c.query(&st, &[&AnyInt4(1)]).await.map(|_| ()).map_err(|e| format!("{e:?}")),
+        Err(e) => Err(code(&e)),
+    };
+    assert_eq!(snapshot(&h), before, "binding a value ran the domain's CHECK");
+    assert_eq!(refused, Err("42501".to_string()), "refused at Parse");
+    // Built-in types are read as before.
+    let read = c.prepare_typed("SELECT $1", &[tokio_postgres::types::Type::INT4]).await.unwrap();
+    assert_eq!(c.query(&read, &[&AnyInt4(5)]).await.unwrap().len(), 1);
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }

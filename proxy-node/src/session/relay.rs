@@ -614,7 +614,8 @@ impl Relay<'_> {
                 else {
                     return Err(self.protocol_error("Parse"));
                 };
-                self.parse(f, name, sql).await?;
+                let user_type = msg::parse_declares_user_type(&f.body);
+                self.parse(f, name, sql, user_type).await?;
             }
             b'B' => {
                 let Some(b) = msg::read_bind(&f.body) else {
@@ -1079,11 +1080,27 @@ impl Relay<'_> {
         self.expect.push_back(Expect::Execute(Box::new(r)));
     }
 
-    async fn parse(&mut self, f: Frame, name: String, sql: Arc<str>) -> Result<(), SessionError> {
+    /// A Parse of `sql` as statement `name`; `user_type`: a parameter type it declares that is
+    /// not built in.
+    async fn parse(
+        &mut self,
+        f: Frame,
+        name: String,
+        sql: Arc<str>,
+        user_type: Option<u32>,
+    ) -> Result<(), SessionError> {
         if reserved(&name) {
             return Err(self.protocol_error("Parse"));
         }
         let mut c = self.classify_as_server(&sql);
+        if let Some(oid) = user_type
+            && c.unknown.is_none()
+        {
+            // Binding a value runs the type's input function, or a domain's CHECK: functions
+            // the text does not name.
+            Arc::make_mut(&mut c).unknown =
+                Some(format!("a parameter is declared of type {oid}, which is not built in"));
+        }
         if !c.executes.is_empty() {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }

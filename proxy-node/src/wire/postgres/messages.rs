@@ -170,6 +170,18 @@ fn split_i16(b: &[u8]) -> Option<(i16, &[u8])> {
     Some((i16::from_be_bytes(b.get(..2)?.try_into().ok()?), &b[2..]))
 }
 
+/// The first data type a Parse message declares for its parameters that is not built in
+/// (PostgreSQL's built-in objects have OIDs below 16384, `FirstNormalObjectId`): a domain, an
+/// extension's or a user's type, whose input function or `CHECK` runs when a value is bound.
+/// Call on a body [`read_parse`] accepted.
+pub fn parse_declares_user_type(body: &[u8]) -> Option<u32> {
+    let mut b = body;
+    take_cstr(&mut b)?;
+    take_cstr(&mut b)?;
+    let (_, rest) = split_i16(b)?;
+    rest.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).find(|&oid| oid >= 16384)
+}
+
 /// A Parse message: (statement name, query text).
 pub fn read_parse(body: &[u8]) -> Option<(&str, &str)> {
     let mut b = body;
