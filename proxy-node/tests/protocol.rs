@@ -1054,15 +1054,20 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
+    // Changing roles is allowed too (with a write, so the session is not opened read-only).
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }
-  - { name: settings, match: { operations: [set, show, transaction] }, action: allow }
+  - { name: settings, match: { operations: [set, show, transaction, escalate] }, action: allow }
+  - { name: pay, match: { operations: [insert], tables: [payments] }, action: allow }
 defaults: { no_match: deny, unknown_operation: deny }
 "#;
     let h = start(rules).await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; CREATE SCHEMA secret; CREATE TABLE secret.orders (id int, item text); \
-         INSERT INTO secret.orders VALUES (1, 'top secret');",
+         INSERT INTO secret.orders VALUES (1, 'top secret'); RESET ROLE; \
+         CREATE ROLE sneaky; GRANT sneaky TO airlock_svc; CREATE SCHEMA sneaky AUTHORIZATION sneaky; \
+         SET ROLE sneaky; CREATE TABLE sneaky.orders (id int, item text); \
+         INSERT INTO sneaky.orders VALUES (1, 'top secret');",
     )
     .unwrap();
     let c = h.connect().await;
@@ -1103,4 +1108,15 @@ defaults: { no_match: deny, unknown_operation: deny }
     }
     let e = c.simple_query("SELECT item FROM orders").await.expect_err("no longer provably public.orders");
     assert_eq!(code(&e), "42501", "{e:?}");
+    // The default search_path starts with "$user": a new role can bring its own `orders`.
+    let c = h.connect().await;
+    assert_eq!(
+        items(c.simple_query("SELECT item FROM orders ORDER BY id LIMIT 1").await.unwrap()),
+        ["apple"]
+    );
+    c.simple_query("SET ROLE sneaky").await.unwrap();
+    match c.simple_query("SELECT item FROM orders").await {
+        Ok(rows) => assert_ne!(items(rows), ["top secret"], "read sneaky.orders"),
+        Err(e) => assert_eq!(code(&e), "42501", "{e:?}"),
+    }
 }

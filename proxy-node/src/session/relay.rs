@@ -1013,6 +1013,12 @@ impl Relay<'_> {
             self.search_path_touched = true;
         }
         let c = self.s.shared.classifier.classify(sql);
+        // A change of role changes what `"$user"` in search_path names.
+        if !self.search_path_touched
+            && c.accesses.iter().any(|a| a.operation == proto::policy::Operation::Escalate)
+        {
+            self.search_path_touched = true;
+        }
         self.last_classified = Some((sql.clone(), c.clone()));
         c
     }
