@@ -1053,6 +1053,29 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_names_a_bound_portal_or_a_declared_cursor() {
+    use testkit::pgwire::{contains, execute, query, read_until_ready, sync};
+    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
+    let h = start(&rules).await;
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    s.write_all(&query("BEGIN; DECLARE cur CURSOR FOR SELECT item FROM orders ORDER BY id")).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(!contains(&seen, "42501"), "{}", String::from_utf8_lossy(&seen));
+    // A cursor the session declared is fetched by an Execute of its name.
+    s.write_all(&[execute("cur"), sync()].concat()).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "apple"), "{}", String::from_utf8_lossy(&seen));
+    // A name nothing in the session made is not known to be harmless.
+    s.write_all(&[execute("elsewhere"), sync()].concat()).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(
+        contains(&seen, "42501") && contains(&seen, "neither bound nor declared"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     // Changing roles is allowed too (with a write, so the session is not opened read-only).
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }

@@ -150,6 +150,8 @@ pub struct Classification {
     /// [`Classification::resolve_functions`] finds them read-only: a stable function may still
     /// change a setting).
     pub calls_functions: bool,
+    /// Cursors `DECLARE` makes (a client may then fetch from one with an Execute of its name).
+    pub declares: Vec<String>,
 }
 
 /// Is `name` a built-in function known to be read-only (when it is the one the server runs)?
@@ -643,6 +645,9 @@ pub fn classify(sql: &str) -> Classification {
             c.accesses.insert(Access { operation: Operation::Escalate, table: None });
         }
         classify_statement(stmt, &mut c);
+        if let Statement::Declare { stmts, .. } = stmt {
+            c.declares.extend(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)));
+        }
     }
     c.calls_functions = !c.functions.is_empty();
     c

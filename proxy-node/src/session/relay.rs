@@ -161,6 +161,9 @@ struct Relay<'s> {
     copy_in: bool,
     statements: crate::Map<String, Prepared>,
     portals: crate::Map<String, Portal>,
+    /// Cursors the session declared (and was allowed to): the only portals an Execute may name
+    /// that no Bind made.
+    cursors: std::collections::HashSet<String>,
     held: Option<Held>,
     poison_portal: String,
     /// Where to send a CancelRequest for the target backend.
@@ -353,6 +356,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         copy_in: false,
         statements: crate::Map::default(),
         portals: crate::Map::default(),
+        cursors: Default::default(),
         held: None,
         poison_portal: format!("{RESERVED_PREFIX}_{}", Uuid::new_v4().simple()),
         cancel,
@@ -809,8 +813,11 @@ impl Relay<'_> {
         self.refresh_rules(&policy);
         let verdict = self.decide(&policy, sql, c);
         let (seq, events) = self.request_events(&policy, sql, params, c, &verdict);
-        if verdict.decision != Decision::Deny && c.may_change_settings() {
-            self.relexing_through = seq;
+        if verdict.decision != Decision::Deny {
+            if c.may_change_settings() {
+                self.relexing_through = seq;
+            }
+            self.cursors.extend(c.declares.iter().cloned());
         }
         Ok((seq, verdict, events))
     }
@@ -1145,6 +1152,16 @@ impl Relay<'_> {
                     ..Default::default()
                 };
                 ("".into(), params, Arc::new(c))
+            }
+            None if !self.cursors.contains(&portal) => {
+                let c = Classification {
+                    unknown: Some(format!(
+                        "portal \"{portal}\" was neither bound nor declared in this session"
+                    )),
+                    statements: 1,
+                    ..Default::default()
+                };
+                (format!("-- fetch from portal \"{portal}\"").into(), Arc::from([]), Arc::new(c))
             }
             None => {
                 // Not a protocol portal: a cursor made by DECLARE, whose query was decided then.
