@@ -17,7 +17,7 @@ use bytes::{BufMut, BytesMut};
 use proto::policy::Connection;
 use tokio::io::AsyncWriteExt;
 
-use crate::policy::FunctionRef;
+use crate::policy::{FunctionRef, TableName};
 use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
 
@@ -62,6 +62,17 @@ const RELATION_SQL: &str = "SELECT n.nspname, c.relkind::text, \
      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
 
+/// The tables a relation called `$1` (in schema `$2`, or in any) inherits from or is a
+/// partition of, up to the root.
+const ANCESTORS_SQL: &str = "WITH RECURSIVE up(oid) AS ( \
+       SELECT i.inhparent FROM pg_catalog.pg_inherits i \
+       JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) \
+     UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid) \
+     SELECT n.nspname, c.relname FROM up JOIN pg_catalog.pg_class c ON c.oid = up.oid \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+
 const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
      WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
        ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
@@ -77,6 +88,8 @@ pub struct Catalog {
     /// view definition): the answer of [`Catalog::views_read_only`] without a lookup.
     no_view: crate::Map<String, Instant>,
     columns: crate::Map<(Option<String>, String), (Vec<String>, Instant)>,
+    /// See [`Catalog::reached`].
+    reached: crate::Map<TableName, (Arc<[TableName]>, Instant)>,
     /// How many times it was invalidated: what was derived from its answers holds while this
     /// stays the same (and for [`TTL`]).
     epoch: u64,
@@ -104,6 +117,7 @@ impl Catalog {
         self.relations.clear();
         self.no_view.clear();
         self.columns.clear();
+        self.reached.clear();
     }
 
     /// See the field.
@@ -302,6 +316,55 @@ impl Catalog {
         self.relations.insert(key, (rels.clone(), now));
         self.answered(now);
         Ok(rels)
+    }
+
+    /// The other tables a statement on `t` acts on: the tables it inherits from or is a
+    /// partition of (a row of a partition is a row of its parent), and for a view the tables
+    /// its definition reads (a write to an updatable view writes its base table), and theirs in
+    /// turn. An unqualified name counts for every schema that has a relation of that name.
+    pub async fn reached(
+        &mut self,
+        reach: Reach<'_>,
+        t: &TableName,
+    ) -> Result<Arc<[TableName]>, UpstreamError> {
+        if let Some((r, at)) = self.reached.get(t)
+            && at.elapsed() < TTL
+        {
+            let (r, at) = (r.clone(), *at);
+            self.answered(at);
+            return Ok(r);
+        }
+        let now = Instant::now();
+        let mut out: Vec<TableName> = Vec::new();
+        let mut work = vec![t.clone()];
+        while let Some(name) = work.pop() {
+            let rows = self.rows(reach, ANCESTORS_SQL, &[Some(name.table()), name.schema()]).await;
+            let rows = self.noted(rows)?;
+            let mut next: Vec<TableName> = rows
+                .into_iter()
+                .filter_map(|r| {
+                    let mut r = r.into_iter();
+                    Some(TableName { parts: vec![r.next()??, r.next()??] })
+                })
+                .collect();
+            for rel in self.relations(reach, name.schema(), name.table()).await? {
+                if let (true, Some(def)) = (matches!(rel.relkind, 'v' | 'm'), &rel.view_sql) {
+                    next.extend(crate::policy::classify(def).accesses.into_iter().filter_map(|a| a.table));
+                }
+            }
+            // Each relation once: a cycle (a view reading itself cannot exist, but names in
+            // several schemas can lead back) ends here.
+            for n in next {
+                if n != *t && !out.contains(&n) {
+                    work.push(n.clone());
+                    out.push(n);
+                }
+            }
+        }
+        let out: Arc<[TableName]> = out.into();
+        self.reached.insert(t.clone(), (out.clone(), now));
+        self.answered(now);
+        Ok(out)
     }
 
     /// The live columns of a table, in order, as the target's `search_path` resolves `name`.

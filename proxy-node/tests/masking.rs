@@ -653,3 +653,33 @@ async fn masked_values_cannot_be_stored_where_they_would_not_be_masked() {
     let tables = h.pg.psql("shop", "SELECT count(*) FROM pg_class WHERE relname LIKE 'copied%'").unwrap();
     assert_eq!(tables.trim(), "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masked_parents_columns_are_masked_in_its_partitions_and_children() {
+    let h = start(&format!("  - columns: [people.name, staff.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE TABLE people (id int, name text) PARTITION BY RANGE (id); \
+         CREATE TABLE people_low PARTITION OF people FOR VALUES FROM (0) TO (100); \
+         INSERT INTO people VALUES (1, 'Alice Smith'); \
+         CREATE TABLE staff (id int, name text); CREATE TABLE contractors () INHERITS (staff); \
+         INSERT INTO contractors VALUES (2, 'Bob Jones');",
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    for q in [
+        "SELECT name FROM people_low",
+        "SELECT * FROM people_low",
+        "SELECT upper(name) FROM people_low",
+        "SELECT name FROM people",
+        "SELECT name FROM contractors",
+        "SELECT name || '' FROM contractors",
+        "SELECT name FROM staff",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            assert!(!seen.contains("Alice Smith") && !seen.contains("Bob Jones"), "{mode} `{q}`: {seen}");
+            assert!(!seen.contains("ERROR"), "{mode} `{q}`: {seen}");
+        }
+    }
+}

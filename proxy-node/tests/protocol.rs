@@ -1076,6 +1076,56 @@ async fn an_execute_names_a_bound_portal_or_a_declared_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_on_a_table_hold_for_its_partitions_children_and_views() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [ledger, base_items, orders] }, action: deny }
+  - { name: secret-ledger, match: { operations: [select], tables: [ledger] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE TABLE ledger (id int, region text) PARTITION BY LIST (region); \
+         CREATE TABLE ledger_eu PARTITION OF ledger FOR VALUES IN ('eu'); \
+         CREATE TABLE ledger_eu_sub (LIKE ledger_eu); \
+         INSERT INTO ledger VALUES (1, 'eu'); \
+         CREATE TABLE base_items (id int); CREATE TABLE child_items () INHERITS (base_items); \
+         INSERT INTO child_items VALUES (1); \
+         CREATE VIEW live_orders AS SELECT * FROM orders; \
+         CREATE VIEW live_live_orders AS SELECT * FROM live_orders;",
+    )
+    .unwrap();
+    let state = || {
+        h.count("SELECT (SELECT count(*) FROM ledger) || ',' || (SELECT count(*) FROM base_items) || ',' || (SELECT count(*) FROM orders)")
+    };
+    let before = state();
+    assert_eq!(before, "1,1,3");
+    let c = h.connect().await;
+    for sql in [
+        "DELETE FROM ledger_eu",
+        "UPDATE ledger_eu SET id = 2",
+        "TRUNCATE ledger_eu",
+        "DELETE FROM public.ledger_eu WHERE id = 1",
+        "DELETE FROM child_items",
+        "UPDATE child_items SET id = 2",
+        "DELETE FROM live_orders",
+        "UPDATE live_orders SET item = 'x'",
+        "DELETE FROM live_live_orders",
+        "SELECT * FROM ledger_eu",
+    ] {
+        let e = c.simple_query(sql).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+        let e = c.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "extended {sql}: {e:?}");
+    }
+    assert_eq!(state(), before, "the target changed");
+    // What the rules do not restrict still runs: reading the base table through its view,
+    // adding a row to a child.
+    assert_eq!(c.query("SELECT * FROM live_orders", &[]).await.unwrap().len(), 3);
+    c.simple_query("INSERT INTO child_items VALUES (3)").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     // Changing roles is allowed too (with a write, so the session is not opened read-only).
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }

@@ -152,6 +152,10 @@ pub struct Classification {
     pub calls_functions: bool,
     /// Cursors `DECLARE` makes (a client may then fetch from one with an Execute of its name).
     pub declares: Vec<String>,
+    /// What the statement does to tables it reaches through the ones it names: a partition's
+    /// or child's parents, a view's base tables (filled from the catalog by the relay). Deny
+    /// and hold rules apply to these too.
+    pub reaches: BTreeSet<Access>,
 }
 
 /// Is `name` a built-in function known to be read-only (when it is the one the server runs)?

@@ -173,20 +173,24 @@ pub fn evaluate_with_grants(
             best = Some(v);
         }
     };
+    // A rule's verdict on an access; a hold covered by a grant allows.
+    let by_rule = |r: &Rule, a: &Access| {
+        let mut v = Verdict::from_rule(r, a);
+        if v.decision == Decision::Hold
+            && r.grant.is_some()
+            && let Some(g) = grant(r)
+        {
+            v.decision = Decision::Allow;
+            v.hold = None;
+            v.reason = format!("{} (allowed by {g})", v.reason);
+        }
+        v
+    };
     for a in &c.accesses {
         let mut matched = false;
         for r in rules.iter().filter(|r| matches(r, a, facts)) {
             matched = true;
-            let mut v = Verdict::from_rule(r, a);
-            if v.decision == Decision::Hold
-                && r.grant.is_some()
-                && let Some(g) = grant(r)
-            {
-                v.decision = Decision::Allow;
-                v.hold = None;
-                v.reason = format!("{} (allowed by {g})", v.reason);
-            }
-            consider(v);
+            consider(by_rule(r, a));
         }
         if !matched {
             let what = match &a.table {
@@ -199,6 +203,13 @@ pub fn evaluate_with_grants(
                 "no_match",
                 format!("no rule matched {what}"),
             ));
+        }
+    }
+    // Tables reached through the named ones (a partition's parent, a view's base table): a
+    // rule that restricts them restricts this; allow rules and defaults are for what is named.
+    for a in &c.reaches {
+        for r in rules.iter().filter(|r| r.action != Decision::Allow && matches(r, a, facts)) {
+            consider(by_rule(r, a));
         }
     }
     if let Some(why) = c.unknown_effect() {

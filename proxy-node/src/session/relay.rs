@@ -967,6 +967,7 @@ impl Relay<'_> {
                 }
             }
         }
+        self.resolve_reach(c).await;
         // Reading a view runs its definition: a view that calls a writing function writes.
         if c.unknown.is_none() {
             let read =
@@ -990,6 +991,40 @@ impl Relay<'_> {
                     .into()
             },
         )
+    }
+
+    /// Note what the statement does to the tables it reaches through those it names (a
+    /// partition's parents, a view's base tables: [`crate::catalog::Catalog::reached`]), for
+    /// deny and hold rules on those. A failed lookup leaves the effect unknown.
+    async fn resolve_reach(&mut self, c: &mut Arc<Classification>) {
+        if c.accesses.iter().all(|a| a.table.is_none()) {
+            return;
+        }
+        let cfg = &self.s.shared.cfg;
+        let reach = crate::catalog::Reach {
+            target: &self.s.conn,
+            timeout: cfg.connect_timeout,
+            max: cfg.max_message_bytes,
+        };
+        let mut reaches = std::collections::BTreeSet::new();
+        for a in &c.accesses {
+            let Some(t) = &a.table else { continue };
+            match self.catalog.reached(reach, t).await {
+                Ok(ts) => reaches.extend(
+                    ts.iter()
+                        .map(|t| crate::policy::Access { operation: a.operation, table: Some(t.clone()) })
+                        .filter(|r| !c.accesses.contains(r)),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, table = %t, "catalog lookup of a table's parents and bases failed");
+                    Arc::make_mut(c).unknown = Some(format!("cannot look up which tables {t} reaches"));
+                    return;
+                }
+            }
+        }
+        if reaches != c.reaches {
+            Arc::make_mut(c).reaches = reaches;
+        }
     }
 
     /// `sql` as shared text: the last classified statement's own when it is the same (a client

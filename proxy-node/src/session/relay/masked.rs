@@ -434,6 +434,20 @@ impl Relay<'_> {
                 if let Some(m) = rules.masker_for(Some(&o.schema), &o.table, Some(&o.column)) {
                     return Some(m.clone());
                 }
+                let reach =
+                    Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+                if let Some(m) = parents_masker(
+                    &mut self.catalog,
+                    reach,
+                    rules,
+                    Some(&o.schema),
+                    &o.table,
+                    Some(&o.column),
+                )
+                .await
+                {
+                    return Some(m);
+                }
                 if matches!(o.relkind, 'v' | 'm') {
                     let r = ColumnRef {
                         schema: Some(o.schema.clone()),
@@ -465,6 +479,18 @@ impl Relay<'_> {
             }
             if samples_values(&r) {
                 return Some(rules.fallback().clone());
+            }
+            if let Some(m) = parents_masker(
+                &mut self.catalog,
+                reach,
+                rules,
+                r.schema.as_deref(),
+                &r.table,
+                r.column.as_deref(),
+            )
+            .await
+            {
+                return Some(m);
             }
             if !seen.insert(r.clone()) {
                 continue;
@@ -622,4 +648,26 @@ fn samples_values(r: &ColumnRef) -> bool {
     r.schema.as_deref().is_none_or(|s| s == "pg_catalog")
         && RELATIONS.contains(&r.table.as_str())
         && r.column.as_deref().is_none_or(|c| VALUES.contains(&c))
+}
+
+/// The masker of a column of a partition or inheriting table by the rules for its parents (a
+/// partition's rows are its parent's; its columns have the parent's names). A failed lookup
+/// masks.
+async fn parents_masker(
+    catalog: &mut crate::catalog::Catalog,
+    reach: Reach<'_>,
+    rules: &Rules,
+    schema: Option<&str>,
+    table: &str,
+    column: Option<&str>,
+) -> Option<Masker> {
+    let t =
+        crate::policy::TableName { parts: schema.into_iter().chain([table]).map(str::to_string).collect() };
+    match catalog.reached(reach, &t).await {
+        Ok(up) => up.iter().find_map(|p| rules.masker_for(p.schema(), p.table(), column).cloned()),
+        Err(e) => {
+            tracing::warn!(error = %e, "catalog lookup of a table's parents failed; masking");
+            Some(rules.fallback().clone())
+        }
+    }
 }
