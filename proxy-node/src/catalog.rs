@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use crate::policy::{FunctionRef, TableName};
 use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
+use masking::lineage::ColumnRef;
 
 const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
@@ -78,6 +79,9 @@ const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
        ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
        AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
 
+/// The columns a function reads, if its body can be read ([`Catalog::function_reads`]).
+pub type FunctionReads = Option<Arc<[ColumnRef]>>;
+
 #[derive(Default)]
 pub struct Catalog {
     conn: Option<Upstream>,
@@ -90,6 +94,8 @@ pub struct Catalog {
     columns: crate::Map<(Option<String>, String), (Vec<String>, Instant)>,
     /// See [`Catalog::reached`].
     reached: crate::Map<TableName, (Arc<[TableName]>, Instant)>,
+    /// See [`Catalog::function_reads`].
+    function_reads: crate::Map<FunctionRef, (FunctionReads, Instant)>,
     /// How many times it was invalidated: what was derived from its answers holds while this
     /// stays the same (and for [`TTL`]).
     epoch: u64,
@@ -118,6 +124,7 @@ impl Catalog {
         self.no_view.clear();
         self.columns.clear();
         self.reached.clear();
+        self.function_reads.clear();
     }
 
     /// See the field.
@@ -187,6 +194,43 @@ impl Catalog {
         };
         self.cache.insert(f.clone(), (ro, Instant::now()));
         ro
+    }
+
+    /// The table columns the functions called `f` (every overload the server could pick) read
+    /// and return: what a value they compute may reveal. Built-ins read none. `None`: a
+    /// function whose body the gateway cannot read (not SQL), or a failed lookup.
+    pub async fn function_reads(&mut self, reach: Reach<'_>, f: &FunctionRef) -> FunctionReads {
+        if let Some((r, at)) = self.function_reads.get(f)
+            && at.elapsed() < TTL
+        {
+            return r.clone();
+        }
+        let reads = match self.rows(reach, FUNCTION_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await
+        {
+            Ok(rows) => {
+                let mut cols: Vec<ColumnRef> = Vec::new();
+                let mut readable = true;
+                for row in &rows {
+                    match row.as_slice() {
+                        [Some(schema), ..] if schema == "pg_catalog" => {}
+                        [_, _, Some(language), Some(body)] if language == "sql" => {
+                            match masking::lineage::lineage_sql(body) {
+                                Ok(ls) => cols.extend(ls.into_iter().flat_map(|l| l.referenced)),
+                                Err(_) => readable = false,
+                            }
+                        }
+                        _ => readable = false,
+                    }
+                }
+                readable.then(|| cols.into())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating what the function returns as unknown");
+                None
+            }
+        };
+        self.function_reads.insert(f.clone(), (reads.clone(), Instant::now()));
+        reads
     }
 
     /// Do the views among `tables`, and the views those read in turn, only read and call

@@ -683,3 +683,30 @@ async fn a_masked_parents_columns_are_masked_in_its_partitions_and_children() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
+    let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION user_name(int) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT name FROM users WHERE id = $1 $f$; \
+         CREATE FUNCTION through_view(int) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT name FROM v_users WHERE id = $1 $f$; \
+         CREATE FUNCTION plus_one(int) RETURNS int IMMUTABLE LANGUAGE sql AS $f$ SELECT $1 + 1 $f$;",
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    for q in [
+        "SELECT user_name(1)",
+        "SELECT upper(user_name(2)), 1",
+        "SELECT through_view(1)",
+        "SELECT public.user_name(id) FROM orders",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            assert!(!seen.contains("Alice") && !seen.contains("Bob"), "{mode} `{q}`: {seen}");
+            assert!(!seen.contains("ERROR"), "{mode} `{q}`: {seen}");
+        }
+    }
+    // A function that reads nothing masked computes as usual.
+    assert_eq!(simple(&c, "SELECT plus_one(1)").await, "2");
+}

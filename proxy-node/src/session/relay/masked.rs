@@ -397,7 +397,17 @@ impl Relay<'_> {
                     && l.outputs.len() == fields.len()
                     && l.outputs.iter().all(|o| matches!(o, Output::Column { .. }))
             });
+            let functions_reveal = match sql {
+                Some(s) if fields.iter().any(|f| f.table_oid == 0) => {
+                    self.functions_reveal_masked(rules, s).await
+                }
+                _ => false,
+            };
             for (i, f) in fields.iter().enumerate() {
+                if f.table_oid == 0 && functions_reveal {
+                    whole[i] = Some(rules.fallback().clone());
+                    continue;
+                }
                 whole[i] = if f.table_oid != 0 {
                     self.origin_masker(rules, f.table_oid, f.attnum).await
                 } else {
@@ -423,6 +433,26 @@ impl Relay<'_> {
             }
         }
         RowPlan::new(rules, fields, whole)
+    }
+
+    /// Could a function `sql` calls return values of masked columns (its body reads them, or
+    /// its body cannot be read)? Then every computed column of the result is masked: lineage
+    /// sees a call's arguments, not what the function reads.
+    async fn functions_reveal_masked(&mut self, rules: &Rules, sql: &str) -> bool {
+        let c = self.s.shared.classifier.classify(sql);
+        if c.functions.is_empty() && c.builtins.is_empty() {
+            return false;
+        }
+        let cfg = &self.s.shared.cfg;
+        let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        let mut refs: Vec<ColumnRef> = Vec::new();
+        for f in c.functions.iter().chain(&c.builtins) {
+            match self.catalog.function_reads(reach, f).await {
+                Some(cols) => refs.extend(cols.iter().cloned()),
+                None => return true,
+            }
+        }
+        !refs.is_empty() && self.refs_masker(rules, refs).await.is_some()
     }
 
     /// The masker of a result column by its origin; unknown origins are masked.
