@@ -193,6 +193,10 @@ struct Relay<'s> {
     last_classified: Option<(Arc<str>, Arc<Classification>)>,
     /// See [`masked::PlanMemo`].
     plan_memo: Option<masked::PlanMemo>,
+    /// The tables the last statement reached ([`Relay::resolve_reach`]).
+    reach_memo: Option<ReachMemo>,
+    /// Recent answers of [`Relay::check_stores`].
+    stores_memo: VecDeque<StoresMemo>,
     /// The request and decision events of an allowed read that went to the target before they
     /// were recorded. They are recorded with its response, or with whatever is recorded first;
     /// until then nothing the target sends reaches the client: it waits in `deferred_out`.
@@ -318,6 +322,23 @@ impl Lexing {
     }
 }
 
+/// What [`Relay::resolve_reach`] found for a classification, and what it found it from.
+struct ReachMemo {
+    input: Arc<Classification>,
+    epoch: u64,
+    oldest: Option<std::time::Instant>,
+    reaches: std::collections::BTreeSet<crate::policy::Access>,
+}
+
+/// What [`Relay::check_stores`] found for a statement shape, and what it found it from.
+struct StoresMemo {
+    input: Arc<Classification>,
+    rules: Arc<crate::mask::Rules>,
+    epoch: u64,
+    oldest: Option<std::time::Instant>,
+    refusal: Option<String>,
+}
+
 enum Flow {
     Continue,
     Stop,
@@ -370,6 +391,8 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         search_path_touched: false,
         last_classified: None,
         plan_memo: None,
+        reach_memo: None,
+        stores_memo: VecDeque::new(),
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
         no_params: Arc::new([]),
@@ -795,10 +818,38 @@ impl Relay<'_> {
 
     /// Note whether the statement would store masked values elsewhere (under the rules of the
     /// current policy), for [`Relay::decide`] to refuse it.
-    async fn check_stores(&mut self, sql: &str, c: &Classification) -> Result<(), SessionError> {
+    async fn check_stores(&mut self, sql: &str, c: &Arc<Classification>) -> Result<(), SessionError> {
+        self.refusal = None;
+        let f = &c.mask_facts;
+        if c.unparsed.is_none() && f.written.is_empty() && f.unclear_writes.is_none() {
+            // Stores nothing computed: a read, or a write of constants and parameters.
+            return Ok(());
+        }
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        self.refusal = self.storing_masked(sql, c).await;
+        let Some(rules) = self.rules.clone() else { return Ok(()) };
+        // The same statement shape under the same rules and catalog answers: the same answer.
+        let epoch = self.catalog.epoch();
+        if let Some(m) = self.stores_memo.iter().find(|m| {
+            Arc::ptr_eq(&m.input, c)
+                && Arc::ptr_eq(&m.rules, &rules)
+                && m.epoch == epoch
+                && m.oldest.is_none_or(|t| t.elapsed() < crate::catalog::TTL)
+        }) {
+            self.refusal = m.refusal.clone();
+            return Ok(());
+        }
+        self.catalog.note_answers();
+        let refusal = self.storing_masked(sql, c).await;
+        if c.unparsed.is_none() && !self.catalog.lookup_failed() {
+            let oldest = self.catalog.oldest_answer();
+            self.stores_memo.retain(|m| !Arc::ptr_eq(&m.input, c));
+            keep_recent(
+                &mut self.stores_memo,
+                StoresMemo { input: c.clone(), rules, epoch, oldest, refusal: refusal.clone() },
+            );
+        }
+        self.refusal = refusal;
         Ok(())
     }
 
@@ -1006,6 +1057,21 @@ impl Relay<'_> {
             timeout: cfg.connect_timeout,
             max: cfg.max_message_bytes,
         };
+        // The same statement again (clients repeat a few), with nothing it was derived from
+        // changed: the catalog not invalidated, its answers no older than it trusts them.
+        if let Some(m) = &self.reach_memo
+            && Arc::ptr_eq(&m.input, c)
+            && m.epoch == self.catalog.epoch()
+            && m.oldest.is_none_or(|t| t.elapsed() < crate::catalog::TTL)
+        {
+            if m.reaches != c.reaches {
+                let reaches = m.reaches.clone();
+                Arc::make_mut(c).reaches = reaches;
+            }
+            return;
+        }
+        let input = c.clone();
+        self.catalog.note_answers();
         let mut reaches = std::collections::BTreeSet::new();
         for a in &c.accesses {
             let Some(t) = &a.table else { continue };
@@ -1021,6 +1087,14 @@ impl Relay<'_> {
                     return;
                 }
             }
+        }
+        if !self.catalog.lookup_failed() {
+            self.reach_memo = Some(ReachMemo {
+                input,
+                epoch: self.catalog.epoch(),
+                oldest: self.catalog.oldest_answer(),
+                reaches: reaches.clone(),
+            });
         }
         if reaches != c.reaches {
             Arc::make_mut(c).reaches = reaches;
