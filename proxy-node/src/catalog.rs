@@ -207,13 +207,20 @@ impl Catalog {
         }
         let reads = match self.rows(reach, FUNCTION_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await
         {
+            // No row: SQL syntax that reads like a call (CURRENT_TIMESTAMP), if a known built-in.
+            Ok(rows) if rows.is_empty() => {
+                (f.schema.is_none() && crate::policy::is_read_only_builtin(&f.name)).then(|| Arc::from([]))
+            }
             Ok(rows) => {
                 let mut cols: Vec<ColumnRef> = Vec::new();
                 let mut readable = true;
                 for row in &rows {
                     match row.as_slice() {
                         [Some(schema), ..] if schema == "pg_catalog" => {}
-                        [_, _, Some(language), Some(body)] if language == "sql" => {
+                        // An empty source is a SQL-standard body, which is not kept as text.
+                        [_, _, Some(language), Some(body)]
+                            if language == "sql" && !body.trim().is_empty() =>
+                        {
                             match masking::lineage::lineage_sql(body) {
                                 Ok(ls) => cols.extend(ls.into_iter().flat_map(|l| l.referenced)),
                                 Err(_) => readable = false,
@@ -536,7 +543,9 @@ fn overload_read_only(f: &FunctionRef, row: &[Option<String>]) -> bool {
     if language != "sql" {
         return false;
     }
-    let Some(body) = body else { return false };
+    // An empty source is a SQL-standard body (`RETURN ...`, `BEGIN ATOMIC`), kept parsed in
+    // prosqlbody, not as text: unread, so not known to be read-only.
+    let Some(body) = body.as_ref().filter(|b| !b.trim().is_empty()) else { return false };
     let c = crate::policy::classify(body);
     c.unparsed.is_none()
         && c.denied_function.is_none()

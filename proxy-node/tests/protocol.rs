@@ -1126,6 +1126,77 @@ defaults: { no_match: allow, unknown_operation: deny }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portals_names_and_settings_cannot_run_a_held_statement() {
+    use testkit::pgwire::{
+        bind, contains, execute, message, parse, query, read_to_close, read_until_ready, sync,
+    };
+    let rules = "  - { name: hold-deletes, match: { operations: [delete], tables: [orders] }, action: hold }\n\
+                 defaults: { unknown_operation: deny }\n";
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION w_orders() RETURNS int VOLATILE LANGUAGE sql AS $f$ DELETE FROM orders RETURNING 1 $f$; \
+         CREATE FUNCTION looks_read_only() RETURNS int STABLE LANGUAGE sql RETURN w_orders();",
+    )
+    .unwrap();
+    let before = snapshot(&h);
+    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    // SQL FETCH of a portal bound through the protocol runs the portal's statement.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    s.write_all(&query("BEGIN")).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&[parse("s1", "DELETE FROM orders RETURNING id"), bind("p", "s1", &[]), sync()].concat())
+        .await
+        .unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&query("FETCH ALL FROM p")).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "42501") && contains(&seen, "not a cursor"), "{}", show(&seen));
+    // A SQL-standard function body is kept parsed, not as text: it is not known to read only.
+    s.write_all(&query("ROLLBACK; SELECT looks_read_only()")).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "42501"), "{}", show(&seen));
+    // Names the server would cut to 63 bytes.
+    let long = "n".repeat(64);
+    s.write_all(&[parse(&long, "SELECT 1"), sync()].concat()).await.unwrap();
+    let seen = read_to_close(&mut s).await;
+    assert!(contains(&seen, "08P01") && contains(&seen, "longer than 63 bytes"), "{}", show(&seen));
+    // A setting changed by an Execute is reported only before ReadyForQuery: until then, text
+    // pipelined behind it is not read with the old setting.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    s.write_all(
+        &[
+            parse("", "SET standard_conforming_strings = off"),
+            bind("", "", &[]),
+            execute(""),
+            message(b'H', &[]),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !testkit::pgwire::tags(&seen).contains(&b'C') {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", show(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(&query(r"SELECT 'a\', ' ; DELETE FROM orders; -- '")).await.unwrap();
+    s.write_all(&sync()).await.unwrap();
+    // Two ReadyForQuery: the Query's and the Sync's.
+    let mut seen = Vec::new();
+    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", show(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(contains(&seen, "42501"), "{}", show(&seen));
+    assert_eq!(snapshot(&h), before, "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     // Changing roles is allowed too (with a write, so the session is not opened read-only).
     let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }

@@ -152,6 +152,9 @@ pub struct Classification {
     pub calls_functions: bool,
     /// Cursors `DECLARE` makes (a client may then fetch from one with an Execute of its name).
     pub declares: Vec<String>,
+    /// Portals `FETCH` reads from: a cursor the session declared, or any portal of that name
+    /// (one bound through the protocol runs its statement).
+    pub fetches: Vec<String>,
     /// What the statement does to tables it reaches through the ones it names: a partition's
     /// or child's parents, a view's base tables (filled from the catalog by the relay). Deny
     /// and hold rules apply to these too.
@@ -213,8 +216,7 @@ impl Classification {
     pub fn may_change_settings(&self) -> bool {
         use Operation as O;
         self.calls_functions
-            || self.unknown.is_some()
-            || !self.executes.is_empty()
+            || self.unknown_effect().is_some()
             || self.accesses.iter().any(|a| {
                 !matches!(
                     a.operation,
@@ -253,6 +255,8 @@ impl Classification {
             self.functions.extend(p.functions.iter().cloned());
             self.builtins.extend(p.builtins.iter().cloned());
             self.ends_block |= p.ends_block;
+            self.calls_functions |= p.calls_functions;
+            self.reaches.extend(p.reaches.iter().cloned());
         }
         self.executes.clear();
     }
@@ -649,8 +653,12 @@ pub fn classify(sql: &str) -> Classification {
             c.accesses.insert(Access { operation: Operation::Escalate, table: None });
         }
         classify_statement(stmt, &mut c);
-        if let Statement::Declare { stmts, .. } = stmt {
-            c.declares.extend(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)));
+        match stmt {
+            Statement::Declare { stmts, .. } => {
+                c.declares.extend(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)));
+            }
+            Statement::Fetch { name, .. } => c.fetches.push(ident_name(name)),
+            _ => {}
         }
     }
     c.calls_functions = !c.functions.is_empty();

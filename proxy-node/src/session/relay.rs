@@ -183,6 +183,10 @@ struct Relay<'s> {
     /// in the same pipeline.
     relexing_through: u64,
     answered_through: u64,
+    /// The last request whose response completed; it counts as answered at the next
+    /// ReadyForQuery, before which the server reports changed settings (PostgreSQL 14 and
+    /// later hold ParameterStatus back until then).
+    completed_through: u64,
     /// The session may have changed its `search_path` (so an unqualified table name may not
     /// resolve to the schema an allow rule names).
     search_path_touched: bool,
@@ -388,6 +392,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         refusal: None,
         relexing_through: 0,
         answered_through: 0,
+        completed_through: 0,
         search_path_touched: false,
         last_classified: None,
         plan_memo: None,
@@ -584,7 +589,7 @@ impl Relay<'_> {
     /// [`Relay::record`] of a statement's response: with its request when that was deferred
     /// (a read recorded with its answer), in the same vector.
     async fn record_response(&mut self, r: Box<Response>) -> Result<(), SessionError> {
-        self.answered_through = self.answered_through.max(r.seq);
+        self.completed_through = self.completed_through.max(r.seq);
         let mut events = std::mem::take(&mut self.deferred);
         events.push(r.into_event());
         self.record_all(events).await
@@ -608,6 +613,25 @@ impl Relay<'_> {
             }
             Err(m) => Err(SessionError::Refused(m)),
         }
+    }
+
+    /// Statement and portal names a client may use: not the proxy's own, and no longer than
+    /// the server keeps (it compares names on their first 63 bytes, so two longer names that
+    /// start alike are one to it and two to a map here).
+    fn check_names(&mut self, what: &str, names: &[&str]) -> Result<(), SessionError> {
+        if names.iter().any(|n| reserved(n)) {
+            return Err(self.protocol_error(what));
+        }
+        if names.iter().any(|n| n.len() > proto::policy::MAX_IDENTIFIER_BYTES) {
+            return Err(self.refuse_fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "airlock: {what}: statement and portal names longer than {} bytes are refused (the server would cut them)",
+                    proto::policy::MAX_IDENTIFIER_BYTES
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn protocol_error(&mut self, what: &str) -> SessionError {
@@ -648,9 +672,7 @@ impl Relay<'_> {
                 let Some(b) = msg::read_bind(&f.body) else {
                     return Err(self.protocol_error("Bind"));
                 };
-                if reserved(b.portal) || reserved(b.statement) {
-                    return Err(self.protocol_error("Bind"));
-                }
+                self.check_names("Bind", &[b.portal, b.statement])?;
                 let entry = Portal {
                     stmt: self.lookup_statement(b.statement),
                     params: b
@@ -662,6 +684,8 @@ impl Relay<'_> {
                         .collect(),
                 };
                 let portal = b.portal.to_string();
+                // A portal of this name is no longer a cursor the session declared.
+                self.cursors.remove(&portal);
                 self.send_upstream(&f);
                 self.expect.push_back(Expect::Bind { portal, entry });
             }
@@ -669,9 +693,7 @@ impl Relay<'_> {
                 let Some((kind, name)) = msg::read_target(&f.body) else {
                     return Err(self.protocol_error("Describe"));
                 };
-                if reserved(name) {
-                    return Err(self.protocol_error("Describe"));
-                }
+                self.check_names("Describe", &[name])?;
                 self.send_upstream(&f);
                 let name = name.to_string();
                 self.expect.push_back(if kind == b'S' {
@@ -684,15 +706,14 @@ impl Relay<'_> {
                 let Some(portal) = msg::read_execute(&f.body).map(str::to_string) else {
                     return Err(self.protocol_error("Execute"));
                 };
-                if reserved(&portal) {
-                    return Err(self.protocol_error("Execute"));
-                }
+                self.check_names("Execute", &[&portal])?;
                 self.execute(f, portal).await?;
             }
             b'C' => {
                 let Some((kind, name)) = msg::read_target(&f.body).map(|(k, n)| (k, n.to_string())) else {
                     return Err(self.protocol_error("Close"));
                 };
+                self.check_names("Close", &[&name])?;
                 self.send_upstream(&f);
                 self.expect.push_back(Expect::Close { kind, name });
             }
@@ -987,6 +1008,16 @@ impl Relay<'_> {
 
     /// Look up the volatility of the functions a statement calls; DDL invalidates the cache.
     async fn resolve_functions(&mut self, c: &mut Arc<Classification>) {
+        // FETCH runs whatever the named portal holds: only a cursor the session declared (whose
+        // query was decided then) is known.
+        if c.unknown.is_none()
+            && let Some(n) = c.fetches.iter().find(|n| {
+                self.lookup_portal(n).is_some() || !(self.cursors.contains(*n) || c.declares.contains(*n))
+            })
+        {
+            let why = format!("FETCH from \"{n}\", which is not a cursor this session declared");
+            Arc::make_mut(c).unknown = Some(why);
+        }
         use proto::policy::Operation as O;
         if c.accesses.iter().any(|a| matches!(a.operation, O::Create | O::Alter | O::Drop)) {
             self.catalog.invalidate();
@@ -1211,9 +1242,7 @@ impl Relay<'_> {
         sql: Arc<str>,
         user_type: Option<u32>,
     ) -> Result<(), SessionError> {
-        if reserved(&name) {
-            return Err(self.protocol_error("Parse"));
-        }
+        self.check_names("Parse", &[&name])?;
         let mut c = self.classify_as_server(&sql);
         if let Some(oid) = user_type
             && c.unknown.is_none()
@@ -1517,6 +1546,9 @@ impl Relay<'_> {
             // Outside a transaction block, portals are gone after Sync.
             Expect::Sync if f.body.first() == Some(&b'I') => self.portals.clear(),
             _ => {}
+        }
+        if f.tag == b'Z' {
+            self.answered_through = self.completed_through;
         }
         self.send_client(&f);
         Ok(())
