@@ -22,7 +22,9 @@ use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
 use masking::lineage::ColumnRef;
 
-const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc \
+const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc, \
+     (SELECT count(*) FROM pg_catalog.pg_type ty WHERE ty.oid = ANY (p.proargtypes::oid[] || p.prorettype) \
+       AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
      WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
@@ -218,7 +220,7 @@ impl Catalog {
                     match row.as_slice() {
                         [Some(schema), ..] if schema == "pg_catalog" => {}
                         // An empty source is a SQL-standard body, which is not kept as text.
-                        [_, _, Some(language), Some(body)]
+                        [_, _, Some(language), Some(body), _]
                             if language == "sql" && !body.trim().is_empty() =>
                         {
                             match masking::lineage::lineage_sql(body) {
@@ -533,7 +535,13 @@ fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
 
 /// One overload of a function (a row of [`FUNCTION_SQL`]): may it run as a read?
 fn overload_read_only(f: &FunctionRef, row: &[Option<String>]) -> bool {
-    let [Some(schema), Some(volatility), Some(language), body] = row else { return false };
+    let [Some(schema), Some(volatility), Some(language), body, Some(user_types)] = row else { return false };
+    // An argument or result of a domain (whose CHECK runs on the value), or of a base or range
+    // type that is not built in (its own input function), runs functions the body does not
+    // show. Composite and enum types run only built-in code.
+    if user_types != "0" {
+        return false;
+    }
     if volatility == "v" && !(schema == "pg_catalog" && crate::policy::is_read_only_builtin(&f.name)) {
         return false;
     }

@@ -1027,7 +1027,8 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
         "shop",
         "SET ROLE airlock_svc; \
          CREATE FUNCTION w_orders() RETURNS int VOLATILE LANGUAGE sql AS $f$ DELETE FROM orders RETURNING 1 $f$; \
-         CREATE DOMAIN sneaky_int AS int CHECK (VALUE + w_orders() > 0);",
+         CREATE DOMAIN sneaky_int AS int CHECK (VALUE + w_orders() > 0); \
+         CREATE FUNCTION takes(sneaky_int) RETURNS int STABLE LANGUAGE sql AS $f$ SELECT 1 $f$;",
     )
     .unwrap();
     let oid: u32 = h.count("SELECT 'sneaky_int'::regtype::oid").trim().parse().unwrap();
@@ -1046,6 +1047,17 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
     };
     assert_eq!(snapshot(&h), before, "binding a value ran the domain's CHECK");
     assert_eq!(refused, Err("42501".to_string()), "refused at Parse");
+    // Other ways to convert a value to the type: a PREPARE's parameters, a table function's
+    // column list, a function's argument.
+    for sql in [
+        "PREPARE p(sneaky_int) AS SELECT $1; EXECUTE p(1)",
+        r#"SELECT * FROM jsonb_to_record('{"a": 1}') AS t(a sneaky_int)"#,
+        "SELECT takes(1)",
+    ] {
+        let r = c.simple_query(sql).await;
+        assert_eq!(snapshot(&h), before, "{sql} ran the domain's CHECK");
+        assert_eq!(code(&r.expect_err(sql)), "42501", "{sql}");
+    }
     // Built-in types are read as before.
     let read = c.prepare_typed("SELECT $1", &[tokio_postgres::types::Type::INT4]).await.unwrap();
     assert_eq!(c.query(&read, &[&AnyInt4(5)]).await.unwrap().len(), 1);

@@ -658,6 +658,13 @@ pub fn classify(sql: &str) -> Classification {
                 c.declares.extend(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)));
             }
             Statement::Fetch { name, .. } => c.fetches.push(ident_name(name)),
+            // Executing it binds values to these types: a domain's CHECK, a type's input
+            // function run.
+            Statement::Prepare { data_types, .. } => {
+                if let Some(t) = data_types.iter().find_map(user_type) {
+                    c.unknown = Some(format!("a parameter of type {t}, which may run user functions"));
+                }
+            }
             _ => {}
         }
     }
@@ -981,6 +988,19 @@ impl Visitor for Calls<'_> {
     }
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        // Column types given in an alias (`jsonb_to_record(...) AS t(a some_domain)`): values
+        // are converted to them.
+        let alias = match t {
+            TableFactor::Table { alias, .. }
+            | TableFactor::Function { alias, .. }
+            | TableFactor::TableFunction { alias, .. }
+            | TableFactor::UNNEST { alias, .. }
+            | TableFactor::Derived { alias, .. } => alias.as_ref(),
+            _ => None,
+        };
+        for d in alias.into_iter().flat_map(|a| &a.columns).filter_map(|c| c.data_type.as_ref()) {
+            self.cast(d);
+        }
         match t {
             TableFactor::Table { name, args: Some(_), .. } | TableFactor::Function { name, .. } => {
                 self.call(name)
@@ -1178,6 +1198,11 @@ mod tests {
         // Operators and casts that run user functions the text does not name.
         assert!(classify("SELECT 1 ### 2").unknown.is_some());
         assert!(classify("SELECT 5::my_domain").unknown.is_some());
+        // Types a statement converts values to, other than by a cast.
+        assert!(classify("PREPARE p(my_domain) AS SELECT $1").unknown.is_some());
+        assert!(classify("PREPARE p(int, text[]) AS SELECT $1, $2").unknown.is_none());
+        assert!(classify(r#"SELECT * FROM jsonb_to_record('{"a":1}') AS t(a my_domain)"#).unknown.is_some());
+        assert!(classify(r#"SELECT * FROM jsonb_to_record('{"a":1}') AS t(a int)"#).unknown.is_none());
         assert!(classify("SELECT '5'::int4, now()::date, '10.0.0.1'::inet").unknown.is_none());
         // Row locks anywhere.
         let c = classify("SELECT * FROM (SELECT * FROM orders FOR UPDATE) s");
