@@ -66,15 +66,17 @@ const RELATION_SQL: &str = "SELECT n.nspname, c.relkind::text, \
      WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
 
 /// The tables a relation called `$1` (in schema `$2`, or in any) inherits from or is a
-/// partition of, up to the root.
-const ANCESTORS_SQL: &str = "WITH RECURSIVE up(oid) AS ( \
-       SELECT i.inhparent FROM pg_catalog.pg_inherits i \
-       JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
-       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-       WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) \
-     UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid) \
-     SELECT n.nspname, c.relname FROM up JOIN pg_catalog.pg_class c ON c.oid = up.oid \
-     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+/// partition of, up to the root, and those that inherit from it or are its partitions, down to
+/// the leaves (not their siblings).
+const INHERITANCE_SQL: &str = "WITH RECURSIVE start AS ( \
+       SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)), \
+     up(oid) AS (SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN start s ON i.inhrelid = s.oid \
+       UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid), \
+     down(oid) AS (SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN start s ON i.inhparent = s.oid \
+       UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down ON i.inhparent = down.oid) \
+     SELECT n.nspname, c.relname FROM (SELECT oid FROM up UNION SELECT oid FROM down) r \
+     JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
 
 const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
      WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
@@ -372,9 +374,10 @@ impl Catalog {
     }
 
     /// The other tables a statement on `t` acts on: the tables it inherits from or is a
-    /// partition of (a row of a partition is a row of its parent), and for a view the tables
-    /// its definition reads (a write to an updatable view writes its base table), and theirs in
-    /// turn. An unqualified name counts for every schema that has a relation of that name.
+    /// partition of (a row of a partition is a row of its parent), those that inherit from it
+    /// or are its partitions (a statement on a parent reads and writes their rows), and for a
+    /// view the tables its definition reads (a write to an updatable view writes its base
+    /// table), and theirs in turn. An unqualified name counts for every schema that has a relation of that name.
     pub async fn reached(
         &mut self,
         reach: Reach<'_>,
@@ -391,26 +394,27 @@ impl Catalog {
         let mut out: Vec<TableName> = Vec::new();
         let mut work = vec![t.clone()];
         while let Some(name) = work.pop() {
-            let rows = self.rows(reach, ANCESTORS_SQL, &[Some(name.table()), name.schema()]).await;
+            let rows = self.rows(reach, INHERITANCE_SQL, &[Some(name.table()), name.schema()]).await;
             let rows = self.noted(rows)?;
-            let mut next: Vec<TableName> = rows
-                .into_iter()
-                .filter_map(|r| {
-                    let mut r = r.into_iter();
-                    Some(TableName { parts: vec![r.next()??, r.next()??] })
-                })
-                .collect();
-            for rel in self.relations(reach, name.schema(), name.table()).await? {
-                if let (true, Some(def)) = (matches!(rel.relkind, 'v' | 'm'), &rel.view_sql) {
-                    next.extend(crate::policy::classify(def).accesses.into_iter().filter_map(|a| a.table));
+            // Its whole line of inheritance, closed already (a view has none).
+            for n in rows.into_iter().filter_map(|r| {
+                let mut r = r.into_iter();
+                Some(TableName { parts: vec![r.next()??, r.next()??] })
+            }) {
+                if n != *t && !out.contains(&n) {
+                    out.push(n);
                 }
             }
-            // Each relation once: a cycle (a view reading itself cannot exist, but names in
-            // several schemas can lead back) ends here.
-            for n in next {
-                if n != *t && !out.contains(&n) {
-                    work.push(n.clone());
-                    out.push(n);
+            // A view's base tables, and theirs in turn. Each relation once: names in several
+            // schemas can lead back.
+            for rel in self.relations(reach, name.schema(), name.table()).await? {
+                if let (true, Some(def)) = (matches!(rel.relkind, 'v' | 'm'), &rel.view_sql) {
+                    for n in crate::policy::classify(def).accesses.into_iter().filter_map(|a| a.table) {
+                        if n != *t && !out.contains(&n) {
+                            work.push(n.clone());
+                            out.push(n);
+                        }
+                    }
                 }
             }
         }

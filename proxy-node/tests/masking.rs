@@ -656,7 +656,9 @@ async fn masked_values_cannot_be_stored_where_they_would_not_be_masked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_masked_parents_columns_are_masked_in_its_partitions_and_children() {
-    let h = start(&format!("  - columns: [people.name, staff.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    let h =
+        start(&format!("  - columns: [people.name, staff.name, vip.name]\n    strategy: redact\n{DEFAULTS}"))
+            .await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
@@ -664,7 +666,9 @@ async fn a_masked_parents_columns_are_masked_in_its_partitions_and_children() {
          CREATE TABLE people_low PARTITION OF people FOR VALUES FROM (0) TO (100); \
          INSERT INTO people VALUES (1, 'Alice Smith'); \
          CREATE TABLE staff (id int, name text); CREATE TABLE contractors () INHERITS (staff); \
-         INSERT INTO contractors VALUES (2, 'Bob Jones');",
+         INSERT INTO contractors VALUES (2, 'Bob Jones'); \
+         CREATE TABLE folks (id int, name text); CREATE TABLE vip () INHERITS (folks); \
+         INSERT INTO vip VALUES (3, 'Alice Smith');",
     )
     .unwrap();
     let c = h.connect(AGENT_KEY).await;
@@ -676,6 +680,9 @@ async fn a_masked_parents_columns_are_masked_in_its_partitions_and_children() {
         "SELECT name FROM contractors",
         "SELECT name || '' FROM contractors",
         "SELECT name FROM staff",
+        // A child's masked column, read through its parent.
+        "SELECT name FROM folks",
+        "SELECT * FROM folks",
     ] {
         for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
             assert!(!seen.contains("Alice Smith") && !seen.contains("Bob Jones"), "{mode} `{q}`: {seen}");

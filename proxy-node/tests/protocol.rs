@@ -1089,7 +1089,7 @@ async fn an_execute_names_a_bound_portal_or_a_declared_cursor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_on_a_table_hold_for_its_partitions_children_and_views() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [ledger, base_items, orders] }, action: deny }
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [ledger, base_items, orders, kid] }, action: deny }
   - { name: secret-ledger, match: { operations: [select], tables: [ledger] }, action: deny }
 defaults: { no_match: allow, unknown_operation: deny }
 "#;
@@ -1104,14 +1104,15 @@ defaults: { no_match: allow, unknown_operation: deny }
          CREATE TABLE base_items (id int); CREATE TABLE child_items () INHERITS (base_items); \
          INSERT INTO child_items VALUES (1); \
          CREATE VIEW live_orders AS SELECT * FROM orders; \
+         CREATE TABLE parent_t (id int); CREATE TABLE kid () INHERITS (parent_t); INSERT INTO kid VALUES (1); \
          CREATE VIEW live_live_orders AS SELECT * FROM live_orders;",
     )
     .unwrap();
     let state = || {
-        h.count("SELECT (SELECT count(*) FROM ledger) || ',' || (SELECT count(*) FROM base_items) || ',' || (SELECT count(*) FROM orders)")
+        h.count("SELECT (SELECT count(*) FROM ledger) || ',' || (SELECT count(*) FROM base_items) || ',' || (SELECT count(*) FROM orders) || ',' || (SELECT count(*) FROM parent_t)")
     };
     let before = state();
-    assert_eq!(before, "1,1,3");
+    assert_eq!(before, "1,1,3,1");
     let c = h.connect().await;
     for sql in [
         "DELETE FROM ledger_eu",
@@ -1123,6 +1124,8 @@ defaults: { no_match: allow, unknown_operation: deny }
         "DELETE FROM live_orders",
         "UPDATE live_orders SET item = 'x'",
         "DELETE FROM live_live_orders",
+        // A statement on a parent acts on its children's rows.
+        "DELETE FROM parent_t",
         "SELECT * FROM ledger_eu",
     ] {
         let e = c.simple_query(sql).await.expect_err(sql);

@@ -466,7 +466,7 @@ impl Relay<'_> {
                 }
                 let reach =
                     Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
-                if let Some(m) = parents_masker(
+                if let Some(m) = inherited_masker(
                     &mut self.catalog,
                     reach,
                     rules,
@@ -510,7 +510,7 @@ impl Relay<'_> {
             if samples_values(&r) {
                 return Some(rules.fallback().clone());
             }
-            if let Some(m) = parents_masker(
+            if let Some(m) = inherited_masker(
                 &mut self.catalog,
                 reach,
                 rules,
@@ -680,10 +680,10 @@ fn samples_values(r: &ColumnRef) -> bool {
         && r.column.as_deref().is_none_or(|c| VALUES.contains(&c))
 }
 
-/// The masker of a column of a partition or inheriting table by the rules for its parents (a
-/// partition's rows are its parent's; its columns have the parent's names). A failed lookup
-/// masks.
-async fn parents_masker(
+/// The masker of a column by the rules for the tables in its line of inheritance: a
+/// partition's rows are its parent's, and a parent's include its partitions' (their columns
+/// share names). A failed lookup masks.
+async fn inherited_masker(
     catalog: &mut crate::catalog::Catalog,
     reach: Reach<'_>,
     rules: &Rules,
