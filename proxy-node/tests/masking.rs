@@ -714,6 +714,21 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
             assert!(!seen.contains("ERROR"), "{mode} `{q}`: {seen}");
         }
     }
+    // Through COPY, an error's text, or stored in another column.
+    let seen = copy_out(&c, "COPY (SELECT user_name(1), id FROM users) TO STDOUT").await;
+    assert!(!seen.contains("Alice") && !seen.starts_with("ERROR"), "{seen}");
+    let seen = simple(&c, "SELECT user_name(1)::int").await;
+    assert!(seen.contains("ERROR") && !seen.contains("Alice"), "{seen}");
+    for q in [
+        "INSERT INTO users (id, notes) SELECT 30, user_name(1)",
+        "INSERT INTO users (id, notes) VALUES (31, user_name(2))",
+        "UPDATE users SET notes = user_name(1) WHERE id = 2",
+    ] {
+        let seen = simple(&c, q).await;
+        assert!(seen.contains("42501"), "`{q}` was not refused: {seen}");
+    }
+    let stored = h.pg.psql("shop", "SELECT string_agg(coalesce(notes, ''), '|') FROM users").unwrap();
+    assert!(!stored.contains("Alice") && !stored.contains("Bob"), "{stored}");
     // A function that reads nothing masked computes as usual.
     assert_eq!(simple(&c, "SELECT plus_one(1)").await, "2");
 }

@@ -842,7 +842,7 @@ impl Relay<'_> {
     async fn check_stores(&mut self, sql: &str, c: &Arc<Classification>) -> Result<(), SessionError> {
         self.refusal = None;
         let f = &c.mask_facts;
-        if c.unparsed.is_none() && f.written.is_empty() && f.unclear_writes.is_none() {
+        if c.unparsed.is_none() && f.written.is_empty() && f.unclear_writes.is_none() && !c.calls_functions {
             // Stores nothing computed: a read, or a write of constants and parameters.
             return Ok(());
         }

@@ -126,6 +126,15 @@ impl Relay<'_> {
                 i + 1
             ));
         }
+        // What a function returns may be a masked value it read (its arguments are the sources
+        // the lineage sees).
+        let stores = c.accesses.iter().any(|a| {
+            use proto::policy::Operation as O;
+            matches!(a.operation, O::Insert | O::Update | O::Merge | O::Create)
+        }) || !facts.written.is_empty();
+        if stores && c.calls_functions && self.functions_reveal_masked(&rules, sql).await {
+            return Some("it would store what a function that reads masked columns returns".into());
+        }
         if facts.written.is_empty() {
             return None;
         }
@@ -327,6 +336,7 @@ impl Relay<'_> {
             },
             _ => true,
         };
+        let reads = reads || self.functions_reveal_masked(rules, sql.as_deref().unwrap_or_default()).await;
         if let Some(Expect::Execute(r) | Expect::Query(r, _)) =
             self.expect.iter_mut().take(2).find(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)))
         {
@@ -626,6 +636,13 @@ impl Relay<'_> {
                 if ok && cols.len() == ncols {
                     per_col = Some(cols);
                 }
+            }
+            // A function that reveals masked values: every column may hold what it returns.
+            if let Some(s) = sql
+                && per_col.is_some()
+                && self.functions_reveal_masked(rules, s).await
+            {
+                per_col = None;
             }
             match per_col {
                 Some(cols) => {
