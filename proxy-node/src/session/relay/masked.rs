@@ -78,13 +78,7 @@ impl Relay<'_> {
     /// refused is parsed here.
     pub(super) fn mask_precheck(&self, sql: &str, c: &crate::policy::Classification) -> Option<String> {
         let rules = self.rules.as_ref()?;
-        let parsed;
-        let facts = if c.unparsed.is_some() {
-            parsed = mask::precheck_facts(&Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?);
-            &parsed
-        } else {
-            &c.mask_facts
-        };
+        let facts = facts_of(sql, c)?;
         let lineage = if rules.has_columns() && rules.unknown == proto::policy::UnknownLineage::Deny {
             facts.unclear_lineage
         } else {
@@ -113,13 +107,7 @@ impl Relay<'_> {
         c: &crate::policy::Classification,
     ) -> Option<String> {
         let rules = self.rules.clone().filter(|r| r.has_columns())?;
-        let parsed;
-        let facts = if c.unparsed.is_some() {
-            parsed = mask::precheck_facts(&Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?);
-            &parsed
-        } else {
-            &c.mask_facts
-        };
+        let facts = facts_of(sql, c)?;
         if let Some(i) = facts.unclear_writes {
             return Some(format!(
                 "statement {} stores values whose origin cannot be told, and column masking is on",
@@ -654,6 +642,20 @@ impl Relay<'_> {
             }
         }
         Ok((RowPlan::new(rules, &fields, whole), shape.csv, shape.delimiter))
+    }
+}
+
+/// What masking must know of `sql` before it runs: from its classification (computed once per
+/// statement shape), or, for text the classifier refused, parsed here. `None`: it does not parse.
+fn facts_of<'a>(
+    sql: &str,
+    c: &'a crate::policy::Classification,
+) -> Option<std::borrow::Cow<'a, mask::PrecheckFacts>> {
+    if c.unparsed.is_some() {
+        let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+        Some(std::borrow::Cow::Owned(mask::precheck_facts(&parsed)))
+    } else {
+        Some(std::borrow::Cow::Borrowed(&c.mask_facts))
     }
 }
 
