@@ -732,3 +732,30 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
     // A function that reads nothing masked computes as usual.
     assert_eq!(simple(&c, "SELECT plus_one(1)").await, "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_name_reused_after_its_transaction_is_masked_as_what_it_now_runs() {
+    use testkit::pgwire::{bind, execute, parse, query, read_until_ready, sync};
+    use tokio::io::AsyncWriteExt;
+    let h = start(DEFAULTS).await;
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    // Bound in one transaction block, gone when a simple-protocol COMMIT ends it.
+    s.write_all(&query("BEGIN")).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&[parse("s", "SELECT id, 'x' FROM users"), bind("p", "s", &[]), sync()].concat())
+        .await
+        .unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&query("COMMIT")).await.unwrap();
+    read_until_ready(&mut s).await;
+    // The name now names a cursor whose second column is computed from email.
+    s.write_all(&query(
+        "BEGIN; DECLARE p CURSOR FOR SELECT id, replace(email, '@', ' at ') FROM users ORDER BY id",
+    ))
+    .await
+    .unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&[execute("p"), sync()].concat()).await.unwrap();
+    let seen = String::from_utf8_lossy(&read_until_ready(&mut s).await).into_owned();
+    assert!(leaked(&seen).is_none(), "{seen}");
+}

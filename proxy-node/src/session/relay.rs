@@ -1543,12 +1543,16 @@ impl Relay<'_> {
                 self.copy_in = false;
                 self.record_response(r).await?;
             }
-            // Outside a transaction block, portals are gone after Sync.
-            Expect::Sync if f.body.first() == Some(&b'I') => self.portals.clear(),
             _ => {}
         }
         if f.tag == b'Z' {
             self.answered_through = self.completed_through;
+            // Outside a transaction block the target has dropped every portal, whether a Sync
+            // or a Query (a COMMIT, say) ended the block: a name bound before now means nothing,
+            // or a cursor declared since.
+            if f.body.first() == Some(&b'I') {
+                self.portals.clear();
+            }
         }
         self.send_client(&f);
         Ok(())
