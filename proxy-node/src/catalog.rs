@@ -103,11 +103,28 @@ pub struct Catalog {
     /// How many times it was invalidated: what was derived from its answers holds while this
     /// stays the same (and for [`TTL`]).
     epoch: u64,
-    /// When the oldest origin or relation answer given since [`Catalog::note_answers`] was
+    /// When the oldest origin or relation answer given since [`Catalog::start_deriving`] was
     /// looked up.
     oldest: Option<Instant>,
-    /// An origin or relation lookup failed since [`Catalog::note_answers`].
+    /// An origin or relation lookup failed since [`Catalog::start_deriving`].
     failed: bool,
+}
+
+/// What a result derived from catalog answers rests on ([`Catalog::derived`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Derived {
+    epoch: u64,
+    /// When the oldest answer it used was looked up (`None`: it used none).
+    oldest: Option<Instant>,
+}
+
+impl Derived {
+    /// Does the result still hold: the catalog not invalidated since, and no answer it rests on
+    /// older than the catalog trusts an answer ([`TTL`])? A kept result is then never staler
+    /// than a fresh one could be.
+    pub fn holds(&self, catalog: &Catalog) -> bool {
+        self.epoch == catalog.epoch && self.oldest.is_none_or(|t| t.elapsed() < TTL)
+    }
 }
 
 /// How a catalog lookup reaches the target.
@@ -131,36 +148,27 @@ impl Catalog {
         self.function_reads.clear();
     }
 
-    /// See the field.
-    pub fn epoch(&self) -> u64 {
+    /// Start deriving something from catalog answers (a masking plan, the tables a statement
+    /// reaches): note how old the answers given from now on are, and whether a lookup fails.
+    /// [`Catalog::derived`] then says how long the result holds.
+    pub fn start_deriving(&mut self) -> u64 {
+        self.oldest = None;
+        self.failed = false;
         self.epoch
     }
 
-    /// Start noting how old the origin and relation answers given from now on are (something
-    /// derived from them is as stale as the oldest: [`Catalog::oldest_answer`]) and whether a
-    /// lookup failed ([`Catalog::lookup_failed`]).
-    pub fn note_answers(&mut self) {
-        self.oldest = None;
-        self.failed = false;
-    }
-
-    /// Did an origin or relation lookup fail since [`Catalog::note_answers`] (so whatever was
-    /// derived meanwhile took a fallback)?
-    pub fn lookup_failed(&self) -> bool {
-        self.failed
-    }
-
-    /// When the oldest answer given since [`Catalog::note_answers`] was looked up (`None`: none
-    /// was given).
-    pub fn oldest_answer(&self) -> Option<Instant> {
-        self.oldest
+    /// What was derived since [`Catalog::start_deriving`] (which returned `since`) rests on:
+    /// `None` if a lookup failed meanwhile (the result took a fallback) or DDL invalidated the
+    /// catalog, so the result is not worth keeping.
+    pub fn derived(&self, since: u64) -> Option<Derived> {
+        (!self.failed && self.epoch == since).then_some(Derived { epoch: self.epoch, oldest: self.oldest })
     }
 
     fn answered(&mut self, at: Instant) {
         self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
     }
 
-    /// `r`, noting a failure for [`Catalog::lookup_failed`].
+    /// `r`, noting a failure for [`Catalog::derived`].
     fn noted<T>(&mut self, r: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
         self.failed |= r.is_err();
         r

@@ -174,9 +174,6 @@ struct Relay<'s> {
     rules_version: Option<u64>,
     /// How the server lexes statements now, from its ParameterStatus reports.
     lexing: Lexing,
-    /// Why the statement being decided may not run whatever the rules say, found before
-    /// [`Relay::decide`] (which takes it): see [`Relay::storing_masked`].
-    refusal: Option<String>,
     /// The last statement sent to the target that may change how it lexes (a `SET`, a
     /// function, ...: [`Classification::may_change_settings`]), by request number, and the last
     /// answered. While the first is ahead, `lexing` may be out of date for text that follows
@@ -329,8 +326,7 @@ impl Lexing {
 /// What [`Relay::resolve_reach`] found for a classification, and what it found it from.
 struct ReachMemo {
     input: Arc<Classification>,
-    epoch: u64,
-    oldest: Option<std::time::Instant>,
+    derived: crate::catalog::Derived,
     reaches: std::collections::BTreeSet<crate::policy::Access>,
 }
 
@@ -338,8 +334,7 @@ struct ReachMemo {
 struct StoresMemo {
     input: Arc<Classification>,
     rules: Arc<crate::mask::Rules>,
-    epoch: u64,
-    oldest: Option<std::time::Instant>,
+    derived: crate::catalog::Derived,
     refusal: Option<String>,
 }
 
@@ -389,7 +384,6 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         rules: None,
         rules_version: None,
         lexing,
-        refusal: None,
         relexing_through: 0,
         answered_through: 0,
         completed_through: 0,
@@ -818,15 +812,16 @@ impl Relay<'_> {
         d
     }
 
-    /// The verdict on a statement: refused when its results could not be masked, else the
-    /// policy's.
+    /// The verdict on a statement: refused for `stores` (see [`Relay::check_stores`]) or when
+    /// its results could not be masked, else the policy's.
     fn decide(
         &mut self,
         policy: &Arc<policy_store::client::ActivePolicy>,
         sql: &str,
         c: &Arc<Classification>,
+        stores: Option<String>,
     ) -> Arc<Decided> {
-        match self.refusal.take().or_else(|| self.mask_precheck(sql, c)) {
+        match stores.or_else(|| self.mask_precheck(sql, c)) {
             Some(reason) => Decided::new(Verdict {
                 decision: Decision::Deny,
                 rule: "builtin.masking".into(),
@@ -837,41 +832,38 @@ impl Relay<'_> {
         }
     }
 
-    /// Note whether the statement would store masked values elsewhere (under the rules of the
-    /// current policy), for [`Relay::decide`] to refuse it.
-    async fn check_stores(&mut self, sql: &str, c: &Arc<Classification>) -> Result<(), SessionError> {
-        self.refusal = None;
+    /// Why the statement may not run whatever the rules say, if it would store masked values
+    /// elsewhere (under the rules of the current policy: [`Relay::storing_masked`]), for
+    /// [`Relay::decide`].
+    async fn check_stores(
+        &mut self,
+        sql: &str,
+        c: &Arc<Classification>,
+    ) -> Result<Option<String>, SessionError> {
         let f = &c.mask_facts;
         if c.unparsed.is_none() && f.written.is_empty() && f.unclear_writes.is_none() && !c.calls_functions {
             // Stores nothing computed: a read, or a write of constants and parameters.
-            return Ok(());
+            return Ok(None);
         }
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let Some(rules) = self.rules.clone() else { return Ok(()) };
+        let Some(rules) = self.rules.clone() else { return Ok(None) };
         // The same statement shape under the same rules and catalog answers: the same answer.
-        let epoch = self.catalog.epoch();
         if let Some(m) = self.stores_memo.iter().find(|m| {
-            Arc::ptr_eq(&m.input, c)
-                && Arc::ptr_eq(&m.rules, &rules)
-                && m.epoch == epoch
-                && m.oldest.is_none_or(|t| t.elapsed() < crate::catalog::TTL)
+            Arc::ptr_eq(&m.input, c) && Arc::ptr_eq(&m.rules, &rules) && m.derived.holds(&self.catalog)
         }) {
-            self.refusal = m.refusal.clone();
-            return Ok(());
+            return Ok(m.refusal.clone());
         }
-        self.catalog.note_answers();
+        let since = self.catalog.start_deriving();
         let refusal = self.storing_masked(sql, c).await;
-        if c.unparsed.is_none() && !self.catalog.lookup_failed() {
-            let oldest = self.catalog.oldest_answer();
+        if let (None, Some(derived)) = (&c.unparsed, self.catalog.derived(since)) {
             self.stores_memo.retain(|m| !Arc::ptr_eq(&m.input, c));
             keep_recent(
                 &mut self.stores_memo,
-                StoresMemo { input: c.clone(), rules, epoch, oldest, refusal: refusal.clone() },
+                StoresMemo { input: c.clone(), rules, derived, refusal: refusal.clone() },
             );
         }
-        self.refusal = refusal;
-        Ok(())
+        Ok(refusal)
     }
 
     /// Decide a request: its number, the verdict, and the request and decision events to record.
@@ -880,10 +872,11 @@ impl Relay<'_> {
         sql: &Arc<str>,
         params: &Arc<[Option<String>]>,
         c: &Arc<Classification>,
+        stores: Option<String>,
     ) -> Result<(u64, Arc<Decided>, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = self.decide(&policy, sql, c);
+        let verdict = self.decide(&policy, sql, c, stores);
         let (seq, events) = self.request_events(&policy, sql, params, c, &verdict);
         if verdict.decision != Decision::Deny {
             if c.may_change_settings() {
@@ -1006,7 +999,9 @@ impl Relay<'_> {
         Ok(())
     }
 
-    /// Look up the volatility of the functions a statement calls; DDL invalidates the cache.
+    /// Resolve what a statement does from what the session and the catalog know: the portals
+    /// its FETCHes name, the volatility of the functions it calls (DDL invalidates the cache),
+    /// the tables it reaches, and the views it reads.
     async fn resolve_functions(&mut self, c: &mut Arc<Classification>) {
         // FETCH runs whatever the named portal holds: only a cursor the session declared (whose
         // query was decided then) is known.
@@ -1092,8 +1087,7 @@ impl Relay<'_> {
         // changed: the catalog not invalidated, its answers no older than it trusts them.
         if let Some(m) = &self.reach_memo
             && Arc::ptr_eq(&m.input, c)
-            && m.epoch == self.catalog.epoch()
-            && m.oldest.is_none_or(|t| t.elapsed() < crate::catalog::TTL)
+            && m.derived.holds(&self.catalog)
         {
             if m.reaches != c.reaches {
                 let reaches = m.reaches.clone();
@@ -1102,7 +1096,7 @@ impl Relay<'_> {
             return;
         }
         let input = c.clone();
-        self.catalog.note_answers();
+        let since = self.catalog.start_deriving();
         let mut reaches = std::collections::BTreeSet::new();
         for a in &c.accesses {
             let Some(t) = &a.table else { continue };
@@ -1119,13 +1113,8 @@ impl Relay<'_> {
                 }
             }
         }
-        if !self.catalog.lookup_failed() {
-            self.reach_memo = Some(ReachMemo {
-                input,
-                epoch: self.catalog.epoch(),
-                oldest: self.catalog.oldest_answer(),
-                reaches: reaches.clone(),
-            });
+        if let Some(derived) = self.catalog.derived(since) {
+            self.reach_memo = Some(ReachMemo { input, derived, reaches: reaches.clone() });
         }
         if reaches != c.reaches {
             Arc::make_mut(c).reaches = reaches;
@@ -1178,9 +1167,9 @@ impl Relay<'_> {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
-        self.check_stores(&sql, &c).await?;
+        let stores = self.check_stores(&sql, &c).await?;
         let no_params = self.no_params.clone();
-        let (seq, verdict, events) = self.judge(&sql, &no_params, &c)?;
+        let (seq, verdict, events) = self.judge(&sql, &no_params, &c, stores)?;
         let effects: Vec<SessionEffect> = c.effects.clone();
         match verdict.decision {
             Decision::Allow => {
@@ -1256,11 +1245,11 @@ impl Relay<'_> {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
-        self.check_stores(&sql, &c).await?;
+        let stores = self.check_stores(&sql, &c).await?;
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = self.decide(&policy, &sql, &c);
+        let verdict = self.decide(&policy, &sql, &c, stores);
         if verdict.decision == Decision::Deny {
             let no_params = self.no_params.clone();
             let (seq, events) = self.request_events(&policy, &sql, &no_params, &c, &verdict);
@@ -1315,8 +1304,8 @@ impl Relay<'_> {
                 (format!("-- fetch from portal \"{portal}\"").into(), Arc::from([]), Arc::new(c))
             }
         };
-        self.check_stores(&sql, &c).await?;
-        let (seq, verdict, events) = self.judge(&sql, &params, &c)?;
+        let stores = self.check_stores(&sql, &c).await?;
+        let (seq, verdict, events) = self.judge(&sql, &params, &c, stores)?;
         match verdict.decision {
             Decision::Allow => {
                 self.record_allowed(&c, events).await?;

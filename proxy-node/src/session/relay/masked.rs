@@ -28,8 +28,7 @@ use crate::mask::{CsvShape, RowPlan};
 /// [`Relay::plan_described`]).
 pub(super) struct PlanMemo {
     rules: Arc<Rules>,
-    epoch: u64,
-    at: std::time::Instant,
+    derived: crate::catalog::Derived,
     body: Bytes,
     plan: Arc<RowPlan>,
     described: Option<Bytes>,
@@ -339,10 +338,7 @@ impl Relay<'_> {
     /// answer, so a plan is never staler than a fresh one could be).
     fn memo_plan(&self, rules: &Arc<Rules>, body: &[u8]) -> Option<(Arc<RowPlan>, Option<Bytes>)> {
         let m = self.plan_memo.as_ref()?;
-        (Arc::ptr_eq(&m.rules, rules)
-            && m.epoch == self.catalog.epoch()
-            && *m.body == *body
-            && m.at.elapsed() < crate::catalog::TTL)
+        (Arc::ptr_eq(&m.rules, rules) && *m.body == *body && m.derived.holds(&self.catalog))
             .then(|| (m.plan.clone(), m.described.clone()))
     }
 
@@ -358,20 +354,15 @@ impl Relay<'_> {
         sql: Option<&str>,
         stmt: usize,
     ) -> (Arc<RowPlan>, Option<Bytes>) {
-        let epoch = self.catalog.epoch();
-        self.catalog.note_answers();
+        let since = self.catalog.start_deriving();
         let plan = Arc::new(self.plan(rules, fields, sql, stmt).await);
-        // The plan is as old as the oldest catalog answer it was made from.
-        let at = self.catalog.oldest_answer().unwrap_or_else(std::time::Instant::now);
         let described = plan.describe(fields);
-        if !self.catalog.lookup_failed()
+        if let Some(derived) = self.catalog.derived(since)
             && fields.iter().all(|f| f.table_oid != 0)
-            && epoch == self.catalog.epoch()
         {
             self.plan_memo = Some(PlanMemo {
                 rules: rules.clone(),
-                epoch,
-                at,
+                derived,
                 body,
                 plan: plan.clone(),
                 described: described.clone(),
