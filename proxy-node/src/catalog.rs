@@ -86,10 +86,18 @@ const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
 /// The columns a function reads, if its body can be read ([`Catalog::function_reads`]).
 pub type FunctionReads = Option<Arc<[ColumnRef]>>;
 
+/// What the catalog says of the functions of one name ([`Catalog::read_only`],
+/// [`Catalog::function_reads`]).
+#[derive(Clone)]
+struct FunctionFacts {
+    read_only: bool,
+    reads: FunctionReads,
+}
+
 #[derive(Default)]
 pub struct Catalog {
     conn: Option<Upstream>,
-    cache: crate::Map<FunctionRef, (bool, Instant)>,
+    functions: crate::Map<FunctionRef, (FunctionFacts, Instant)>,
     origins: crate::Map<(u32, i16), (KnownOrigin, Instant)>,
     relations: crate::Map<(Option<String>, String), (Vec<Relation>, Instant)>,
     /// Unqualified names last found to name no view in any schema (so reading them runs no
@@ -98,8 +106,6 @@ pub struct Catalog {
     columns: crate::Map<(Option<String>, String), (Vec<String>, Instant)>,
     /// See [`Catalog::reached`].
     reached: crate::Map<TableName, (Arc<[TableName]>, Instant)>,
-    /// See [`Catalog::function_reads`].
-    function_reads: crate::Map<FunctionRef, (FunctionReads, Instant)>,
     /// How many times it was invalidated: what was derived from its answers holds while this
     /// stays the same (and for [`TTL`]).
     epoch: u64,
@@ -139,13 +145,12 @@ impl Catalog {
     /// Forget what was looked up (after DDL).
     pub fn invalidate(&mut self) {
         self.epoch += 1;
-        self.cache.clear();
+        self.functions.clear();
         self.origins.clear();
         self.relations.clear();
         self.no_view.clear();
         self.columns.clear();
         self.reached.clear();
-        self.function_reads.clear();
     }
 
     /// Start deriving something from catalog answers (a masking plan, the tables a statement
@@ -189,67 +194,41 @@ impl Catalog {
         timeout: Duration,
         max: usize,
     ) -> bool {
-        if let Some((ro, at)) = self.cache.get(f)
-            && at.elapsed() < TTL
-        {
-            return *ro;
-        }
-        let reach = Reach { target, timeout, max };
-        let ro = match self.rows(reach, FUNCTION_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await {
-            // No row for a known built-in: SQL syntax that reads like a call (CURRENT_TIMESTAMP).
-            Ok(rows) if rows.is_empty() => f.schema.is_none() && crate::policy::is_read_only_builtin(&f.name),
-            Ok(rows) => rows.iter().all(|r| overload_read_only(f, r)),
-            Err(e) => {
-                tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating the function as volatile");
-                false
-            }
-        };
-        self.cache.insert(f.clone(), (ro, Instant::now()));
-        ro
+        self.function(Reach { target, timeout, max }, f).await.read_only
     }
 
     /// The table columns the functions called `f` (every overload the server could pick) read
     /// and return: what a value they compute may reveal. Built-ins read none. `None`: a
     /// function whose body the gateway cannot read (not SQL), or a failed lookup.
     pub async fn function_reads(&mut self, reach: Reach<'_>, f: &FunctionRef) -> FunctionReads {
-        if let Some((r, at)) = self.function_reads.get(f)
+        self.function(reach, f).await.reads
+    }
+
+    /// What the catalog says of the functions called `f`: one lookup for both questions.
+    async fn function(&mut self, reach: Reach<'_>, f: &FunctionRef) -> FunctionFacts {
+        if let Some((facts, at)) = self.functions.get(f)
             && at.elapsed() < TTL
         {
-            return r.clone();
+            return facts.clone();
         }
-        let reads = match self.rows(reach, FUNCTION_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await
+        let facts = match self.rows(reach, FUNCTION_SQL, &[Some(f.name.as_str()), f.schema.as_deref()]).await
         {
-            // No row: SQL syntax that reads like a call (CURRENT_TIMESTAMP), if a known built-in.
+            // No row for a known built-in: SQL syntax that reads like a call (CURRENT_TIMESTAMP).
             Ok(rows) if rows.is_empty() => {
-                (f.schema.is_none() && crate::policy::is_read_only_builtin(&f.name)).then(|| Arc::from([]))
+                let builtin = f.schema.is_none() && crate::policy::is_read_only_builtin(&f.name);
+                FunctionFacts { read_only: builtin, reads: builtin.then(|| Arc::from([])) }
             }
-            Ok(rows) => {
-                let mut cols: Vec<ColumnRef> = Vec::new();
-                let mut readable = true;
-                for row in &rows {
-                    match row.as_slice() {
-                        [Some(schema), ..] if schema == "pg_catalog" => {}
-                        // An empty source is a SQL-standard body, which is not kept as text.
-                        [_, _, Some(language), Some(body), _]
-                            if language == "sql" && !body.trim().is_empty() =>
-                        {
-                            match masking::lineage::lineage_sql(body) {
-                                Ok(ls) => cols.extend(ls.into_iter().flat_map(|l| l.referenced)),
-                                Err(_) => readable = false,
-                            }
-                        }
-                        _ => readable = false,
-                    }
-                }
-                readable.then(|| cols.into())
-            }
+            Ok(rows) => FunctionFacts {
+                read_only: rows.iter().all(|r| overload_read_only(f, r)),
+                reads: overloads_read(&rows),
+            },
             Err(e) => {
-                tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating what the function returns as unknown");
-                None
+                tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating the function as volatile and what it returns as unknown");
+                FunctionFacts { read_only: false, reads: None }
             }
         };
-        self.function_reads.insert(f.clone(), (reads.clone(), Instant::now()));
-        reads
+        self.functions.insert(f.clone(), (facts.clone(), Instant::now()));
+        facts
     }
 
     /// Do the views among `tables`, and the views those read in turn, only read and call
@@ -543,6 +522,23 @@ fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
     out.put_i32(b.len() as i32 + 4);
     out.put_slice(&b);
+}
+
+/// The table columns the overloads of a function (rows of [`FUNCTION_SQL`]) read; `None` if
+/// one has a body that cannot be read (not SQL, a SQL-standard body, or one that does not parse).
+fn overloads_read(rows: &[Vec<Option<String>>]) -> FunctionReads {
+    let mut cols: Vec<ColumnRef> = Vec::new();
+    for row in rows {
+        match row.as_slice() {
+            [Some(schema), ..] if schema == "pg_catalog" => {}
+            // An empty source is a SQL-standard body, which is not kept as text.
+            [_, _, Some(language), Some(body), _] if language == "sql" && !body.trim().is_empty() => {
+                cols.extend(masking::lineage::lineage_sql(body).ok()?.into_iter().flat_map(|l| l.referenced));
+            }
+            _ => return None,
+        }
+    }
+    Some(cols.into())
 }
 
 /// One overload of a function (a row of [`FUNCTION_SQL`]): may it run as a read?
