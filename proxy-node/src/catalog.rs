@@ -525,7 +525,8 @@ fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
 }
 
 /// The table columns the overloads of a function (rows of [`FUNCTION_SQL`]) read; `None` if
-/// one has a body that cannot be read (not SQL, a SQL-standard body, or one that does not parse).
+/// one has a body that cannot be read (not SQL, a SQL-standard body, or one that does not parse)
+/// or that calls a function other than a built-in, whose own reads the body does not show.
 fn overloads_read(rows: &[Vec<Option<String>>]) -> FunctionReads {
     let mut cols: Vec<ColumnRef> = Vec::new();
     for row in rows {
@@ -533,6 +534,9 @@ fn overloads_read(rows: &[Vec<Option<String>>]) -> FunctionReads {
             [Some(schema), ..] if schema == "pg_catalog" => {}
             // An empty source is a SQL-standard body, which is not kept as text.
             [_, _, Some(language), Some(body), _] if language == "sql" && !body.trim().is_empty() => {
+                if !crate::policy::classify(body).functions.is_empty() {
+                    return None;
+                }
                 cols.extend(masking::lineage::lineage_sql(body).ok()?.into_iter().flat_map(|l| l.referenced));
             }
             _ => return None,

@@ -693,13 +693,18 @@ async fn a_masked_parents_columns_are_masked_in_its_partitions_and_children() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
-    let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    // Functions of unknown effect run, so that a function calling another is served too.
+    let h = start("  - columns: [users.name]\n    strategy: redact\ndefaults: { unknown_operation: allow }")
+        .await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
          CREATE FUNCTION user_name(int) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT name FROM users WHERE id = $1 $f$; \
          CREATE FUNCTION through_view(int) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT name FROM v_users WHERE id = $1 $f$; \
-         CREATE FUNCTION plus_one(int) RETURNS int IMMUTABLE LANGUAGE sql AS $f$ SELECT $1 + 1 $f$;",
+         CREATE FUNCTION plus_one(int) RETURNS int IMMUTABLE LANGUAGE sql AS $f$ SELECT $1 + 1 $f$; \
+         CREATE FUNCTION nested(int) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT 'x' || user_name($1) $f$; \
+         CREATE VIEW v_called AS SELECT id, user_name(user_id) AS who FROM orders; \
+         CREATE VIEW v_over_called AS SELECT who AS buyer FROM v_called;",
     )
     .unwrap();
     let c = h.connect(AGENT_KEY).await;
@@ -708,6 +713,12 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
         "SELECT upper(user_name(2)), 1",
         "SELECT through_view(1)",
         "SELECT public.user_name(id) FROM orders",
+        // A function that calls one: what the inner one reads is not in the outer body.
+        "SELECT nested(1)",
+        // A view column computed by the function: its origin is the view's column.
+        "SELECT who FROM v_called",
+        "SELECT * FROM v_called",
+        "SELECT buyer FROM v_over_called",
     ] {
         for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
             assert!(!seen.contains("Alice") && !seen.contains("Bob"), "{mode} `{q}`: {seen}");

@@ -534,11 +534,20 @@ impl Relay<'_> {
                         _ => None,
                     })
                 });
-                let next: Vec<ColumnRef> = match named {
+                let mut next: Vec<ColumnRef> = match named {
                     Some(sources) => sources.into_iter().collect(),
                     // A whole-row reference, or a column the definition does not name plainly.
                     None => output_sources(&l).chain(l.referenced.iter().cloned()).collect(),
                 };
+                // Lineage follows a call to its arguments only: what a function the definition
+                // calls reads may be in any column of the view (coarse, so never too little).
+                let called = self.s.shared.classifier.classify(&def);
+                for f in called.functions.iter().chain(&called.builtins) {
+                    match self.catalog.function_reads(reach, f).await {
+                        Some(cols) => next.extend(cols.iter().cloned()),
+                        None => return Some(rules.fallback().clone()),
+                    }
+                }
                 work.extend(next.into_iter().map(|n| (n, depth + 1)));
             }
         }
