@@ -1211,6 +1211,40 @@ async fn portals_names_and_settings_cannot_run_a_held_statement() {
     assert_eq!(snapshot(&h), before, "the target changed");
 }
 
+/// Code the gateway does not read (a procedure, a function) can move `search_path` with
+/// `set_config` where the statement's text does not show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_moved_by_a_procedure_or_function_ends_schema_allow_rules() {
+    let rules = r#"  - { name: public-orders, match: { operations: [select], tables: [public.orders] }, action: allow }
+  - { name: procedures, match: { operations: [call] }, action: allow }
+defaults: { no_match: deny, unknown_operation: allow }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE SCHEMA secret; CREATE TABLE secret.orders (id int, item text); \
+         INSERT INTO secret.orders VALUES (1, 'top secret'); \
+         CREATE PROCEDURE tidy() LANGUAGE plpgsql AS $p$ BEGIN \
+           PERFORM pg_catalog.set_config('search' || '_path', 'secret, public', false); END $p$; \
+         CREATE FUNCTION tidy_fn() RETURNS int LANGUAGE plpgsql AS $p$ BEGIN \
+           PERFORM pg_catalog.set_config('search' || '_path', 'secret, public', false); RETURN 1; END $p$;",
+    )
+    .unwrap();
+    for moves in ["CALL tidy()", "SELECT tidy_fn() FROM public.orders LIMIT 1"] {
+        let c = h.connect().await;
+        let first = c.simple_query("SELECT item FROM orders ORDER BY id LIMIT 1").await.unwrap();
+        assert!(format!("{first:?}").contains("apple"), "{first:?}");
+        c.simple_query(moves).await.unwrap();
+        // The target now reads `orders` as secret.orders.
+        match c.simple_query("SELECT item FROM orders ORDER BY id LIMIT 1").await {
+            Ok(rows) => panic!("after `{moves}`, read {rows:?}"),
+            Err(e) => assert_eq!(code(&e), "42501", "{moves}: {e:?}"),
+        }
+        let e = c.query("SELECT item FROM orders", &[]).await.expect_err("extended protocol too");
+        assert_eq!(code(&e), "42501");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_path_cannot_redirect_an_allow_rule() {
     // Changing roles is allowed too (with a write, so the session is not opened read-only).

@@ -225,6 +225,16 @@ impl Classification {
             })
     }
 
+    /// Could running this change `search_path` where its text does not say so? A change of
+    /// role (under `"$user"`), and code the gateway does not read: `CALL`, `DO`, `EXECUTE` of
+    /// a prepared statement, and functions other than known read-only built-ins.
+    pub fn may_change_search_path(&self) -> bool {
+        use Operation as O;
+        self.calls_functions
+            || !self.executes.is_empty()
+            || self.accesses.iter().any(|a| matches!(a.operation, O::Escalate | O::Call | O::Do))
+    }
+
     /// Replace each `EXECUTE name` by what the prepared statement does, when every name is known.
     /// Unknown names leave the classification unknown (and so subject to `unknown_operation`).
     ///

@@ -1149,10 +1149,9 @@ impl Relay<'_> {
             self.search_path_touched = true;
         }
         let c = self.s.shared.classifier.classify(sql);
-        // A change of role changes what `"$user"` in search_path names.
-        if !self.search_path_touched
-            && c.accesses.iter().any(|a| a.operation == proto::policy::Operation::Escalate)
-        {
+        // A change of role changes what `"$user"` in search_path names; a procedure, a `DO`
+        // block or a function may call `SET` or `set_config` where the text does not show it.
+        if !self.search_path_touched && c.may_change_search_path() {
             self.search_path_touched = true;
         }
         self.last_classified = Some((sql.clone(), c.clone()));
