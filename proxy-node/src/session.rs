@@ -450,6 +450,9 @@ pub(crate) struct Response {
     /// The client's own Describe of this portal comes just before this Execute: its row
     /// description gives the plan (the proxy sends no Describe of its own).
     pub(crate) planned_by_client_describe: bool,
+    /// What an extended-protocol statement does to the session's statements and portals,
+    /// applied when it completes (a simple query keeps one per statement beside it).
+    pub(crate) effect: Option<crate::policy::SessionEffect>,
 }
 
 impl Response {
@@ -468,6 +471,7 @@ impl Response {
             copy: None,
             reads_masked: None,
             planned_by_client_describe: false,
+            effect: None,
         }
     }
 

@@ -744,6 +744,43 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
     assert_eq!(simple(&c, "SELECT plus_one(1)").await, "2");
 }
 
+/// Inside one transaction block, a bound portal's name is free again after SQL `CLOSE` (sent
+/// either way) or `ROLLBACK TO SAVEPOINT`: a cursor declared under it is masked as itself, not
+/// by the statement the portal once ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_name_freed_inside_a_block_is_masked_as_the_cursor_declared_under_it() {
+    use testkit::pgwire::{bind, execute, parse, query, read_until_ready, sync};
+    use tokio::io::AsyncWriteExt;
+    let h = start(DEFAULTS).await;
+    let frees: [(&str, Vec<u8>); 3] = [
+        ("CLOSE", query("CLOSE p")),
+        ("CLOSE, extended", [parse("", "CLOSE p"), bind("", "", &[]), execute(""), sync()].concat()),
+        ("ROLLBACK TO", query("ROLLBACK TO SAVEPOINT before_p")),
+    ];
+    for (how, free) in frees {
+        let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+        s.write_all(&query("BEGIN; SAVEPOINT before_p")).await.unwrap();
+        read_until_ready(&mut s).await;
+        s.write_all(&[parse("s", "SELECT id, 'x' FROM users"), bind("p", "s", &[]), sync()].concat())
+            .await
+            .unwrap();
+        read_until_ready(&mut s).await;
+        s.write_all(&free).await.unwrap();
+        let seen = String::from_utf8_lossy(&read_until_ready(&mut s).await).into_owned();
+        assert!(!seen.contains("ERROR"), "{how}: {seen}");
+        s.write_all(&query(
+            "DECLARE p CURSOR FOR SELECT id, replace(email, '@', ' at ') FROM users ORDER BY id",
+        ))
+        .await
+        .unwrap();
+        let seen = String::from_utf8_lossy(&read_until_ready(&mut s).await).into_owned();
+        assert!(!seen.contains("ERROR"), "{how}: {seen}");
+        s.write_all(&[execute("p"), sync()].concat()).await.unwrap();
+        let seen = String::from_utf8_lossy(&read_until_ready(&mut s).await).into_owned();
+        assert!(leaked(&seen).is_none() && !seen.contains("@"), "{how}: {seen}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_portal_name_reused_after_its_transaction_is_masked_as_what_it_now_runs() {
     use testkit::pgwire::{bind, execute, parse, query, read_until_ready, sync};

@@ -315,6 +315,22 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
     let exec = tokio::spawn(async move { c2.simple_query("EXECUTE nosuch").await });
     h.decide(HoldOutcome::Denied).await;
     assert!(exec.await.unwrap().is_err());
+    // DEALLOCATE and PREPARE sent through the extended protocol change what the name runs
+    // too: an approved PREPARE of a DELETE does not run as the SELECT the name once was.
+    let fresh = Arc::new(h.connect().await);
+    fresh.simple_query("PREPARE q AS SELECT 1").await.unwrap();
+    fresh.execute("DEALLOCATE q", &[]).await.unwrap();
+    let c2 = fresh.clone();
+    let prep =
+        tokio::spawn(async move { c2.execute("PREPARE q AS DELETE FROM orders WHERE id = 3", &[]).await });
+    h.decide(HoldOutcome::Approved).await;
+    prep.await.unwrap().unwrap();
+    let c2 = fresh.clone();
+    let exec = tokio::spawn(async move { c2.simple_query("EXECUTE q").await });
+    let req = h.decide(HoldOutcome::Denied).await;
+    assert_eq!(req.statement, "EXECUTE q");
+    assert!(exec.await.unwrap().is_err());
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 3"), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,6 +300,11 @@ pub enum SessionEffect {
     /// `DISCARD ALL`: prepared statements and portals are gone. (`DISCARD PLANS`, `SEQUENCES`
     /// and `TEMP` touch neither.)
     DiscardAll,
+    /// `DECLARE name CURSOR`: once it succeeds, no portal of that name existed before it (the
+    /// target refuses a name in use), whatever the gateway remembers of one.
+    Declare(Vec<String>),
+    /// `CLOSE name` (`None`: `CLOSE ALL`, which closes protocol portals too).
+    Close(Option<String>),
     None,
 }
 
@@ -757,6 +762,13 @@ fn effect(stmt: &Statement) -> SessionEffect {
             }
         }
         Statement::Discard { object_type: sqlparser::ast::DiscardObject::ALL } => SessionEffect::DiscardAll,
+        Statement::Declare { stmts, .. } => {
+            SessionEffect::Declare(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)).collect())
+        }
+        Statement::Close { cursor: sqlparser::ast::CloseCursor::All } => SessionEffect::Close(None),
+        Statement::Close { cursor: sqlparser::ast::CloseCursor::Specific { name } } => {
+            SessionEffect::Close(Some(ident_name(name)))
+        }
         _ => SessionEffect::None,
     }
 }

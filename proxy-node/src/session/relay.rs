@@ -1208,6 +1208,12 @@ impl Relay<'_> {
     /// libpq sends them), its row description gives the plan instead.
     fn forward_execute(&mut self, frame: &Frame, portal: &str, sql: Option<Arc<str>>, seq: u64) {
         let mut r = Response::new(seq).with_sql(sql);
+        r.effect = self
+            .lookup_portal(portal)
+            .and_then(|p| p.stmt.as_ref())
+            .and_then(|p| p.classification.effects.first())
+            .filter(|e| !matches!(e, SessionEffect::None))
+            .cloned();
         if self.rules.is_some() {
             if matches!(self.expect.back(), Some(Expect::DescribePortal(p)) if p == portal) {
                 r.planned_by_client_describe = true;
@@ -1478,6 +1484,8 @@ impl Relay<'_> {
             }
             (Expect::Execute(r), b'C') => {
                 r.complete(&f.body);
+                let effect = r.effect.take();
+                self.apply_effect(effect);
                 done = true;
             }
             (Expect::Execute(_), b'I' | b's') => done = true,
@@ -1569,6 +1577,19 @@ impl Relay<'_> {
             Some(SessionEffect::DiscardAll) => {
                 self.statements.clear();
                 self.portals.clear();
+            }
+            Some(SessionEffect::Declare(names)) => {
+                for n in names {
+                    self.portals.remove(&n);
+                }
+            }
+            Some(SessionEffect::Close(Some(name))) => {
+                self.portals.remove(&name);
+                self.cursors.remove(&name);
+            }
+            Some(SessionEffect::Close(None)) => {
+                self.portals.clear();
+                self.cursors.clear();
             }
             Some(SessionEffect::None) | None => {}
         }
