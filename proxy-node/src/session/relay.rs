@@ -654,12 +654,11 @@ impl Relay<'_> {
                 self.simple_query(f, sql).await?;
             }
             b'P' => {
-                let Some((name, sql)) =
-                    msg::read_parse(&f.body).map(|(n, q)| (n.to_string(), self.shared_text(q)))
+                let Some((name, sql, user_type)) = msg::read_parse(&f.body)
+                    .map(|(n, q, types)| (n.to_string(), self.shared_text(q), msg::declared_user_type(types)))
                 else {
                     return Err(self.protocol_error("Parse"));
                 };
-                let user_type = msg::parse_declares_user_type(&f.body);
                 self.parse(f, name, sql, user_type).await?;
             }
             b'B' => {

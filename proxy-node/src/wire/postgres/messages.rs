@@ -170,25 +170,21 @@ fn split_i16(b: &[u8]) -> Option<(i16, &[u8])> {
     Some((i16::from_be_bytes(b.get(..2)?.try_into().ok()?), &b[2..]))
 }
 
-/// The first data type a Parse message declares for its parameters that is not built in
-/// (PostgreSQL's built-in objects have OIDs below 16384, `FirstNormalObjectId`): a domain, an
-/// extension's or a user's type, whose input function or `CHECK` runs when a value is bound.
-/// Call on a body [`read_parse`] accepted.
-pub fn parse_declares_user_type(body: &[u8]) -> Option<u32> {
-    let mut b = body;
-    take_cstr(&mut b)?;
-    take_cstr(&mut b)?;
-    let (_, rest) = split_i16(b)?;
-    rest.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).find(|&oid| oid >= 16384)
-}
-
-/// A Parse message: (statement name, query text).
-pub fn read_parse(body: &[u8]) -> Option<(&str, &str)> {
+/// A Parse message: (statement name, query text, the parameter types it declares, each an OID
+/// of 4 bytes).
+pub fn read_parse(body: &[u8]) -> Option<(&str, &str, &[u8])> {
     let mut b = body;
     let name = take_cstr(&mut b)?;
     let query = take_cstr(&mut b)?;
     let (n, rest) = split_i16(b)?;
-    (n >= 0 && rest.len() == n as usize * 4).then_some((name, query))
+    (n >= 0 && rest.len() == n as usize * 4).then_some((name, query, rest))
+}
+
+/// The first of a Parse message's declared parameter types ([`read_parse`]) that is not built
+/// in (PostgreSQL's built-in objects have OIDs below 16384, `FirstNormalObjectId`): a domain, an
+/// extension's or a user's type, whose input function or `CHECK` runs when a value is bound.
+pub fn declared_user_type(types: &[u8]) -> Option<u32> {
+    types.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).find(|&oid| oid >= 16384)
 }
 
 /// A Bind message's names and parameters.
@@ -332,8 +328,11 @@ mod tests {
         put_cstr(&mut b, "select $1");
         b.put_i16(1);
         b.put_i32(23);
-        assert_eq!(read_parse(&b), Some(("", "select $1")));
+        assert_eq!(read_parse(&b).map(|(n, q, _)| (n, q)), Some(("", "select $1")));
         assert_eq!(read_parse(&b[..b.len() - 1]), None);
+        let types = read_parse(&b).unwrap().2;
+        assert_eq!(declared_user_type(types), None, "int4 is built in");
+        assert_eq!(declared_user_type(&[0, 0, 0, 23, 0, 0, 0x40, 0x01]), Some(16385));
         assert_eq!(read_target(b"Sname"), None, "unterminated");
         assert_eq!(read_target(&[b'S', b'n', 0]), Some((b'S', "n")));
         assert_eq!(read_target(&[b'X', b'n', 0]), None);
