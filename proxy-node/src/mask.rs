@@ -19,7 +19,9 @@ use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Statemen
 pub struct Rules {
     columns: Vec<(ColumnPattern, Masker)>,
     detect: Option<(Detectors, Masker)>,
-    /// The strictest masker of the entries: used when the gateway cannot tell which entry applies.
+    /// Redaction: for values whose origin cannot be told, and values computed from masked
+    /// columns, whatever strategy those columns have (`partial` of `lpad(substr(card, 1, 4),
+    /// 9, '0')` would keep the four chosen digits).
     fallback: Masker,
     pub unknown: UnknownLineage,
 }
@@ -40,7 +42,6 @@ impl Rules {
         let mut columns = Vec::new();
         let mut detectors = Vec::new();
         let mut detect_strategy: Option<Strategy> = None;
-        let mut fallback: Option<Strategy> = None;
         let mut any = false;
         for m in &doc.masking {
             if !(m.connections.is_empty() || m.connections.iter().any(|c| c == conn)) {
@@ -59,10 +60,6 @@ impl Rules {
                 .map_or(Ok(Strategy::Redact), Strategy::parse)
                 .unwrap_or(Strategy::Redact);
             any = true;
-            fallback = Some(match fallback {
-                Some(f) if strictness(&f) >= strictness(&strategy) => f,
-                _ => strategy,
-            });
             for c in &m.columns {
                 match ColumnPattern::parse(c) {
                     Ok(p) => columns.push((p, Masker::new(strategy, key))),
@@ -94,7 +91,7 @@ impl Rules {
         Some(Self {
             columns,
             detect,
-            fallback: Masker::new(fallback.unwrap_or(Strategy::Redact), key),
+            fallback: Masker::new(Strategy::Redact, key),
             unknown: doc.defaults.unknown_lineage,
         })
     }
@@ -110,7 +107,8 @@ impl Rules {
         self.columns.iter().find(|(p, _)| p.covers(schema, table, column)).map(|(_, m)| m)
     }
 
-    /// The masker for a column whose origin cannot be told.
+    /// The masker for a column whose origin cannot be told, or that is computed from masked
+    /// columns: redaction.
     pub fn fallback(&self) -> &Masker {
         &self.fallback
     }
@@ -644,6 +642,12 @@ pub(crate) struct CopyShape {
     pub(crate) delimiter: u8,
 }
 
+/// Is this encoding name UTF-8 (or SQL_ASCII, which the server does not convert), as
+/// PostgreSQL spells it in any of its accepted forms?
+pub(crate) fn utf8_like(name: &str) -> bool {
+    matches!(name.to_ascii_uppercase().replace(['-', '_'], "").as_str(), "UTF8" | "UNICODE" | "SQLASCII")
+}
+
 /// The output shape of a COPY TO statement; `None` when it is binary or uses options that
 /// change the shape in ways the gateway does not parse (then it refuses).
 pub(crate) fn copy_shape(st: &Statement) -> Option<CopyShape> {
@@ -664,6 +668,10 @@ pub(crate) fn copy_shape(st: &Statement) -> Option<CopyShape> {
             CopyOption::Delimiter(c) => delimiter = Some(byte(*c)?),
             CopyOption::Quote(c) => quote = byte(*c)?,
             CopyOption::Escape(c) => escape = Some(byte(*c)?),
+            // Rows are split into fields byte by byte, which is how the server writes them only
+            // in UTF-8 (and SQL_ASCII): in SJIS, BIG5, GBK and the like the second byte of a
+            // character can be a quote or a delimiter, which the server does not escape.
+            CopyOption::Encoding(e) if !utf8_like(e) => return None,
             CopyOption::Null(_) | CopyOption::Header(_) | CopyOption::Encoding(_) | CopyOption::Freeze(_) => {
             }
             CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {}

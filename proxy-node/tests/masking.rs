@@ -744,6 +744,105 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
     assert_eq!(simple(&c, "SELECT plus_one(1)").await, "2");
 }
 
+/// A value computed from a masked column is redacted, whatever the column's own strategy:
+/// `partial` would keep the part the agent moved to the end, `hash` would hash a text the agent
+/// chose (a lookup table for guessing, character by character).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_computed_from_masked_columns_are_redacted_whatever_the_strategy() {
+    let h = start(&format!("  - columns: [users.name]\n    strategy: hash\n{DEFAULTS}")).await;
+    let c = h.connect(AGENT_KEY).await;
+    // The column itself keeps its strategy: partial shows the last four, hash a pseudonym.
+    let card = simple(&c, "SELECT card FROM users WHERE id = 2").await;
+    assert!(card.ends_with("0004") && !card.contains("5500"), "{card}");
+    let name = simple(&c, "SELECT name FROM users WHERE id = 1").await;
+    assert!(!name.contains("Alice") && !name.is_empty(), "{name}");
+    assert_eq!(name, simple(&c, "SELECT name FROM users WHERE id = 1").await, "a stable pseudonym");
+    for q in [
+        "SELECT lpad(substr(card, 1, 4), 9, '0') FROM users WHERE id = 2",
+        "SELECT substr(card, 1, 4) || '0000' FROM users WHERE id = 2",
+        "SELECT x FROM (SELECT substr(card, 6, 4) || '----' AS x FROM users WHERE id = 2) s",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            assert!(!seen.contains("5500") && !seen.contains("0000-"), "{mode} `{q}`: {seen}");
+        }
+    }
+    let seen =
+        copy_out(&c, "COPY (SELECT lpad(substr(card, 1, 4), 9, '0') FROM users WHERE id = 2) TO STDOUT")
+            .await;
+    assert!(!seen.contains("5500") && !seen.starts_with("ERROR"), "{seen}");
+    // Two texts the agent chose, each "computed from" the hashed column: the same redaction,
+    // not two hashes to compare against the column's.
+    let q = "SELECT CASE WHEN false THEN name ELSE 'a' END, CASE WHEN false THEN name ELSE 'b' END, \
+             substr(name, 1, 1) FROM users WHERE id = 1";
+    for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+        let parts: Vec<&str> = seen.split('|').collect();
+        assert_eq!(parts.len(), 3, "{mode}: {seen}");
+        assert!(parts[0] == parts[1] && parts[1] == parts[2], "{mode}: chosen texts masked apart: {seen}");
+    }
+}
+
+/// A write's error can show whole rows of its table (a CHECK's `Failing row contains (…)`, a
+/// trigger's message) though the statement names no masked column: while columns are masked,
+/// the texts of a write's errors and notices are withheld; the SQLSTATE stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_does_not_show_the_row_it_would_have_written() {
+    let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         ALTER TABLE users ADD CONSTRAINT short_notes CHECK (length(coalesce(notes, '')) < 40); \
+         ALTER TABLE users ALTER COLUMN amount SET NOT NULL; \
+         CREATE FUNCTION shout() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           IF NEW.id = 2 THEN RAISE NOTICE 'updating %', OLD.name; END IF; RETURN NEW; END $f$; \
+         CREATE TRIGGER shout BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION shout();",
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    for (q, code) in [
+        ("UPDATE users SET notes = repeat('x', 50) WHERE id = 1", "23514"),
+        ("UPDATE users SET amount = NULL WHERE id = 1", "23502"),
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            assert!(seen.contains(code), "{mode} `{q}`: {seen}");
+            assert!(!seen.contains("Alice"), "{mode} `{q}`: {seen}");
+        }
+    }
+    // The trigger's notice, on a write that succeeds.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        &testkit::pgwire::query("UPDATE users SET notes = 'n' WHERE id = 2"),
+    )
+    .await
+    .unwrap();
+    let seen = String::from_utf8_lossy(&testkit::pgwire::read_until_ready(&mut s).await).into_owned();
+    assert!(seen.contains("UPDATE 1") && !seen.contains("Bob"), "{seen}");
+    // Reads keep their error texts: only what can show a row is withheld.
+    let seen = simple(&c, "SELECT 1/0").await;
+    assert!(seen.contains("division by zero"), "{seen}");
+}
+
+/// COPY rows are split into fields as UTF-8: in an encoding whose characters can hold a quote
+/// or delimiter byte (SJIS), the server leaves such bytes unescaped and a masked field could be
+/// read as another. COPY TO in any encoding but UTF-8 is refused while masking applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_a_foreign_encoding_is_refused_while_masking() {
+    let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    let c = h.connect(AGENT_KEY).await;
+    let q = "COPY (SELECT chr(32314) || chr(12509) AS a, name, '^x' AS d, chr(32314) || chr(12479) AS s FROM users) \
+             TO STDOUT WITH (FORMAT csv, DELIMITER '^', QUOTE '|', FORCE_QUOTE (a), ENCODING 'SJIS')";
+    let seen = copy_out(&c, q).await;
+    assert!(seen.starts_with("ERROR") && !seen.contains("Alice") && !seen.contains("Bob"), "{seen}");
+    c.simple_query("SET client_encoding = 'SJIS'").await.unwrap();
+    let seen = copy_out(&c, "COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv)").await;
+    assert!(seen.starts_with("ERROR") && !seen.contains("Alice"), "{seen}");
+    // In UTF-8 the same COPY is served, masked.
+    let c = h.connect(AGENT_KEY).await;
+    let seen =
+        copy_out(&c, "COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv, ENCODING 'UTF8')").await;
+    assert!(!seen.starts_with("ERROR") && seen.lines().count() == 2 && !seen.contains("Alice"), "{seen}");
+}
+
 /// Inside one transaction block, a bound portal's name is free again after SQL `CLOSE` (sent
 /// either way) or `ROLLBACK TO SAVEPOINT`: a cursor declared under it is masked as itself, not
 /// by the statement the portal once ran.

@@ -295,9 +295,7 @@ impl Lexing {
         match name {
             b"standard_conforming_strings" => self.backslash_escapes = !value.eq_ignore_ascii_case("on"),
             b"client_encoding" => {
-                let v = value.to_ascii_uppercase().replace(['-', '_'], "");
-                self.foreign_encoding =
-                    (!matches!(v.as_str(), "UTF8" | "UNICODE" | "SQLASCII")).then(|| value.into_owned());
+                self.foreign_encoding = (!crate::mask::utf8_like(&value)).then(|| value.into_owned());
             }
             _ => {}
         }
@@ -654,9 +652,9 @@ impl Relay<'_> {
                 self.simple_query(f, sql).await?;
             }
             b'P' => {
-                let Some((name, sql, user_type)) = msg::read_parse(&f.body)
-                    .map(|(n, q, types)| (n.to_string(), self.shared_text(q), msg::declared_user_type(types)))
-                else {
+                let Some((name, sql, user_type)) = msg::read_parse(&f.body).map(|(n, q, types)| {
+                    (n.to_string(), self.shared_text(q), msg::declared_user_type(types))
+                }) else {
                     return Err(self.protocol_error("Parse"));
                 };
                 self.parse(f, name, sql, user_type).await?;

@@ -300,29 +300,43 @@ impl Relay<'_> {
             .filter(|s| !s.is_empty())
     }
 
-    /// Does the statement answering now read masked columns? Unknown statements do.
+    /// Could the messages of the statement answering now show masked values? It reads masked
+    /// columns; or it does more than read, since a constraint's error (`Failing row contains
+    /// (…)`, `Key (email)=(…)`) or a trigger's notice can show whole rows of the table it
+    /// writes, whatever columns it names; or it is unknown. A Sync at the head is the commit of
+    /// an implicit transaction, whose deferred constraints report the same way.
     async fn current_reads_masked(&mut self, rules: &Rules) -> bool {
         let (sql, stmt, cached) = match self.expect.iter().take(2).find_map(|e| match e {
             Expect::Execute(r) | Expect::Query(r, _) => Some(r),
             _ => None,
         }) {
             Some(r) => (r.sql.clone(), r.stmt, r.reads_masked),
-            None => return false,
+            None => return matches!(self.expect.front(), Some(Expect::Sync)),
         };
         if let Some(v) = cached {
             return v;
         }
-        let reads = match sql.as_deref().map(lineage_sql) {
-            Some(Ok(ls)) => match ls.get(stmt) {
-                Some(l) => {
-                    let refs: Vec<ColumnRef> =
-                        l.referenced.iter().cloned().chain(output_sources(l)).collect();
-                    self.refs_masker(rules, refs).await.is_some()
-                }
-                None => true,
-            },
-            _ => true,
-        };
+        let more_than_reads = sql.as_deref().is_none_or(|s| {
+            use proto::policy::Operation as O;
+            let c = self.s.shared.classifier.classify(s);
+            c.unparsed.is_some()
+                || c.calls_functions
+                || c.accesses
+                    .iter()
+                    .any(|a| !matches!(a.operation, O::Select | O::Show | O::Explain | O::Cursor))
+        });
+        let reads = more_than_reads
+            || match sql.as_deref().map(lineage_sql) {
+                Some(Ok(ls)) => match ls.get(stmt) {
+                    Some(l) => {
+                        let refs: Vec<ColumnRef> =
+                            l.referenced.iter().cloned().chain(output_sources(l)).collect();
+                        self.refs_masker(rules, refs).await.is_some()
+                    }
+                    None => true,
+                },
+                _ => true,
+            };
         let reads = reads || self.functions_reveal_masked(rules, sql.as_deref().unwrap_or_default()).await;
         if let Some(Expect::Execute(r) | Expect::Query(r, _)) =
             self.expect.iter_mut().take(2).find(|e| matches!(e, Expect::Execute(_) | Expect::Query(..)))
@@ -485,21 +499,24 @@ impl Relay<'_> {
         }
     }
 
-    /// The masker of the first of `refs` that is masked, following views to their base
-    /// columns; `None` if none is. Lookup failures count as masked.
+    /// How a value derived from `refs` is masked: redacted ([`Rules::fallback`]) if any of them
+    /// is masked, following views to their base columns; `None` if none is. Lookup failures
+    /// count as masked. Never a column's own `partial` or `hash`: applied to a computed value
+    /// (`substr(card, 5, 4)`, `CASE WHEN false THEN email ELSE 'guess' END`), those would show
+    /// the chosen part, or hash a chosen text.
     async fn refs_masker(&mut self, rules: &Rules, refs: Vec<ColumnRef>) -> Option<Masker> {
         let mut work: Vec<(ColumnRef, u8)> = refs.into_iter().map(|r| (r, 0)).collect();
         let mut seen = HashSet::new();
         let cfg = &self.s.shared.cfg;
         let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
         while let Some((r, depth)) = work.pop() {
-            if let Some(m) = rules.masker_for(r.schema.as_deref(), &r.table, r.column.as_deref()) {
-                return Some(m.clone());
+            if rules.masker_for(r.schema.as_deref(), &r.table, r.column.as_deref()).is_some() {
+                return Some(rules.fallback().clone());
             }
             if samples_values(&r) {
                 return Some(rules.fallback().clone());
             }
-            if let Some(m) = inherited_masker(
+            if inherited_masker(
                 &mut self.catalog,
                 reach,
                 rules,
@@ -508,8 +525,9 @@ impl Relay<'_> {
                 r.column.as_deref(),
             )
             .await
+            .is_some()
             {
-                return Some(m);
+                return Some(rules.fallback().clone());
             }
             if !seen.insert(r.clone()) {
                 continue;
@@ -569,9 +587,14 @@ impl Relay<'_> {
         if format != 0 {
             return Err("COPY TO in binary format cannot be masked".into());
         }
+        if let Some(enc) = &self.lexing.foreign_encoding {
+            return Err(format!("COPY TO in client_encoding {enc} cannot be masked (only UTF8 can)"));
+        }
         let parsed = sql.and_then(|s| Parser::parse_sql(&PostgreSqlDialect {}, s).ok());
         let st = parsed.as_ref().and_then(|p| p.get(stmt));
-        let shape = st.and_then(mask::copy_shape).ok_or("the COPY statement's format could not be read")?;
+        let shape = st
+            .and_then(mask::copy_shape)
+            .ok_or("the COPY statement's format could not be read, or its ENCODING is not UTF8")?;
         let fields: Vec<Field> = (0..ncols)
             .map(|_| Field {
                 name: Bytes::new(),
@@ -683,6 +706,8 @@ fn samples_values(r: &ColumnRef) -> bool {
         "most_common_vals",
         "histogram_bounds",
         "most_common_elems",
+        // PostgreSQL 17: bounds of range-typed columns.
+        "range_bounds_histogram",
         "stavalues1",
         "stavalues2",
         "stavalues3",
