@@ -1080,6 +1080,83 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
     assert_eq!(snapshot(&h), before, "the target changed");
 }
 
+/// After an error in an extended-protocol pipeline the target skips everything up to the
+/// Sync, a simple Query included; the relay's bookkeeping must skip the same, or the answers
+/// that follow are matched to the wrong messages (here: a held DELETE parsed under a name the
+/// relay still took for `SELECT 1`, then executed unheld).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_skipped_after_a_pipeline_error_does_not_shift_what_names_mean() {
+    use testkit::pgwire::{bind, contains, execute, parse, query, read_until_ready, sync};
+    let h = start(RULES).await;
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    let steps: [Vec<u8>; 4] = [
+        [
+            parse("s1", "SELECT 1/0"),
+            bind("p1", "s1", &[]),
+            execute("p1"),
+            query("SELECT 1"),
+            parse("w", "SELECT 1"),
+            sync(),
+        ]
+        .concat(),
+        [parse("w", "DELETE FROM orders"), sync()].concat(),
+        [parse("x", "SELECT nocol FROM orders"), sync()].concat(),
+        [bind("", "w", &[]), execute(""), sync()].concat(),
+    ];
+    for step in &steps[..3] {
+        s.write_all(step).await.unwrap();
+        read_until_ready(&mut s).await;
+    }
+    s.write_all(&steps[3]).await.unwrap();
+    // Held (or refused, or the session ended): never run.
+    let mut buf = [0u8; 4096];
+    let seen = match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        Ok(Ok(n)) => buf[..n].to_vec(),
+        _ => Vec::new(),
+    };
+    assert!(!contains(&seen, "DELETE"), "{}", String::from_utf8_lossy(&seen));
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
+}
+
+/// An error at a Sync (a deferred constraint failing as the implicit transaction commits) is
+/// answered with that Sync's ReadyForQuery: the relay keeps the two together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_at_a_sync_keeps_the_answers_in_step() {
+    use testkit::pgwire::{bind, contains, execute, parse, query, read_until_ready, sync};
+    let h = start(RULES).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE TABLE pair (id int PRIMARY KEY, other int \
+         REFERENCES pair (id) DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .unwrap();
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    // The insert succeeds; committing it at the Sync fails; a Query pipelined behind it runs.
+    s.write_all(
+        &[
+            parse("", "INSERT INTO pair VALUES (1, 2)"),
+            bind("", "", &[]),
+            execute(""),
+            sync(),
+            query("SELECT 'after' || 'wards'"),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let first = read_until_ready(&mut s).await;
+    assert!(contains(&first, "23503"), "{}", String::from_utf8_lossy(&first));
+    let mut seen = first;
+    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
+        seen.extend(read_until_ready(&mut s).await);
+    }
+    assert!(contains(&seen, "afterwards"), "{}", String::from_utf8_lossy(&seen));
+    // The session goes on, in step.
+    s.write_all(&query("SELECT 'still' || 'here'")).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "stillhere"), "{}", String::from_utf8_lossy(&seen));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_execute_names_a_bound_portal_or_a_declared_cursor() {
     use testkit::pgwire::{contains, execute, query, read_until_ready, sync};

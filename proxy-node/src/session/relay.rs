@@ -1041,6 +1041,20 @@ impl Relay<'_> {
                 }
             }
         }
+        if !c.attribute_calls.is_empty() {
+            let reach = crate::catalog::Reach { target: &self.s.conn, timeout, max };
+            let mut answers = Vec::with_capacity(c.attribute_calls.len());
+            for n in &c.attribute_calls {
+                answers.push(self.catalog.attribute_call(reach, n).await);
+            }
+            let names: Vec<String> = c.attribute_calls.iter().cloned().collect();
+            Arc::make_mut(c).resolve_attribute_calls(|n| {
+                names
+                    .iter()
+                    .position(|m| m == n)
+                    .map_or(crate::policy::AttributeCall::MayWrite, |i| answers[i])
+            });
+        }
         self.resolve_reach(c).await;
         // Reading a view runs its definition: a view that calls a writing function writes.
         if c.unknown.is_none() {
@@ -1443,8 +1457,10 @@ impl Relay<'_> {
                 Expect::Query(r, _) | Expect::Execute(r) => r.error(&f.body),
                 _ => {}
             }
-            if let Expect::Query(..) = head {
-                // In a simple query an error ends the statement list; ReadyForQuery follows.
+            if let Expect::Query(..) | Expect::Sync = head {
+                // In a simple query an error ends the statement list; at a Sync, committing the
+                // implicit transaction failed (a deferred constraint): ReadyForQuery follows
+                // either way, and answers the same entry.
                 self.send_client(&f);
                 return Ok(());
             }
@@ -1552,10 +1568,11 @@ impl Relay<'_> {
     }
 
     /// After an extended-protocol error the target skips to the next Sync: so do the answers
-    /// the proxy expected, including its own refusals queued meanwhile.
+    /// the proxy expected, including its own refusals queued meanwhile, and a simple Query
+    /// pipelined before that Sync, which the target skips too (never run, so never answered).
     fn skip_failed_pipeline(&mut self) {
         while let Some(e) = self.expect.front() {
-            if matches!(e, Expect::Sync | Expect::Query(..)) {
+            if matches!(e, Expect::Sync) {
                 break;
             }
             self.expect.pop_front();
