@@ -1953,7 +1953,18 @@ fn output_items(output: Option<&OutputClause>) -> Option<&[SelectItem]> {
 
 /// `SELECT … INTO t` creates a table and returns no rows.
 fn is_select_into(q: &Query) -> bool {
-    matches!(q.body.as_ref(), SetExpr::Select(s) if s.into.is_some())
+    selects_into(&q.body)
+}
+
+/// Does this query body create a table (`SELECT … INTO t`)? PostgreSQL takes the `INTO` of a
+/// set operation's first branch, and of a parenthesised query, as the whole statement's.
+pub fn selects_into(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(s) => s.into.is_some(),
+        SetExpr::SetOperation { left, right, .. } => selects_into(left) || selects_into(right),
+        SetExpr::Query(q) => selects_into(&q.body),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

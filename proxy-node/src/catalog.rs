@@ -17,7 +17,7 @@ use bytes::{BufMut, BytesMut};
 use proto::policy::Connection;
 use tokio::io::AsyncWriteExt;
 
-use crate::policy::{FunctionRef, TableName};
+use crate::policy::{AttributeCall, FunctionRef, TableName};
 use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
 use masking::lineage::ColumnRef;
@@ -28,6 +28,14 @@ const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
      WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
+
+/// The functions PostgreSQL could call for `x.$1` or `(x).$1` (field selection that names no
+/// column): those callable with one argument.
+const ATTRIBUTE_SQL: &str = "SELECT n.nspname, p.provolatile::text, \
+     (SELECT count(*) FROM pg_catalog.pg_type ty WHERE ty.oid = ANY (p.proargtypes::oid[] || p.prorettype) \
+       AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text \
+     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE p.proname = $1 AND p.pronargs >= 1 AND (p.pronargs - p.pronargdefaults <= 1 OR p.provariadic <> 0)";
 
 /// Cached entries live this long at most.
 /// How long a looked-up answer is trusted.
@@ -98,6 +106,7 @@ struct FunctionFacts {
 pub struct Catalog {
     conn: Option<Upstream>,
     functions: crate::Map<FunctionRef, (FunctionFacts, Instant)>,
+    attribute_calls: crate::Map<String, (AttributeCall, Instant)>,
     origins: crate::Map<(u32, i16), (KnownOrigin, Instant)>,
     relations: crate::Map<(Option<String>, String), (Vec<Relation>, Instant)>,
     /// Unqualified names last found to name no view in any schema (so reading them runs no
@@ -146,6 +155,7 @@ impl Catalog {
     pub fn invalidate(&mut self) {
         self.epoch += 1;
         self.functions.clear();
+        self.attribute_calls.clear();
         self.origins.clear();
         self.relations.clear();
         self.no_view.clear();
@@ -218,10 +228,19 @@ impl Catalog {
                 let builtin = f.schema.is_none() && crate::policy::is_read_only_builtin(&f.name);
                 FunctionFacts { read_only: builtin, reads: builtin.then(|| Arc::from([])) }
             }
-            Ok(rows) => FunctionFacts {
-                read_only: rows.iter().all(|r| overload_read_only(f, r)),
-                reads: overloads_read(&rows),
-            },
+            Ok(rows) => {
+                let mut facts = FunctionFacts {
+                    read_only: rows.iter().all(|r| overload_read_only(f, r)),
+                    reads: overloads_read(&rows),
+                };
+                // A body's `x.name` may call another function (see `attribute_call`).
+                if (facts.read_only || facts.reads.is_some())
+                    && !self.bodies_call_nothing_by_field(reach, &rows).await
+                {
+                    facts = FunctionFacts { read_only: false, reads: None };
+                }
+                facts
+            }
             Err(e) => {
                 tracing::warn!(error = %e, function = %f, "catalog lookup failed; treating the function as volatile and what it returns as unknown");
                 FunctionFacts { read_only: false, reads: None }
@@ -229,6 +248,75 @@ impl Catalog {
         };
         self.functions.insert(f.clone(), (facts.clone(), Instant::now()));
         facts
+    }
+
+    /// What `x.name` or `(x).name` calls where no column is called `name`: PostgreSQL then
+    /// calls a function `name` with `x` as its one argument. Only built-ins are judged (by
+    /// volatility and the denied list); a user function of that name may write. Lookup
+    /// failures count as may-write.
+    pub async fn attribute_call(&mut self, reach: Reach<'_>, name: &str) -> AttributeCall {
+        if let Some((answer, at)) = self.attribute_calls.get(name)
+            && at.elapsed() < TTL
+        {
+            return *answer;
+        }
+        let answer = match self.rows(reach, ATTRIBUTE_SQL, &[Some(name)]).await {
+            Ok(rows) if rows.is_empty() => AttributeCall::NoFunction,
+            Ok(rows) => {
+                let builtin =
+                    |r: &Vec<Option<String>>| r.first().is_some_and(|s| s.as_deref() == Some("pg_catalog"));
+                if crate::policy::is_denied_builtin(name) && rows.iter().any(builtin) {
+                    AttributeCall::Denied
+                } else if rows.iter().all(|r| {
+                    builtin(r)
+                        && r.get(2).is_some_and(|u| u.as_deref() == Some("0"))
+                        && (r.get(1).is_some_and(|v| v.as_deref() != Some("v"))
+                            || crate::policy::is_read_only_builtin(name))
+                }) {
+                    AttributeCall::ReadOnly
+                } else {
+                    AttributeCall::MayWrite
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, name, "catalog lookup of functions callable as a field failed; treating it as a call of unknown effect");
+                AttributeCall::MayWrite
+            }
+        };
+        self.attribute_calls.insert(name.to_string(), (answer, Instant::now()));
+        answer
+    }
+
+    /// Does every name `c` reads as a field (`x.name`) call nothing, or only read-only
+    /// built-ins ([`Catalog::attribute_call`])?
+    pub async fn fields_call_nothing_unknown(
+        &mut self,
+        reach: Reach<'_>,
+        c: &crate::policy::Classification,
+    ) -> bool {
+        for n in &c.attribute_calls {
+            if !matches!(
+                self.attribute_call(reach, n).await,
+                AttributeCall::NoFunction | AttributeCall::ReadOnly
+            ) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// [`Catalog::fields_call_nothing_unknown`] for the SQL bodies of rows of [`FUNCTION_SQL`].
+    async fn bodies_call_nothing_by_field(&mut self, reach: Reach<'_>, rows: &[Vec<Option<String>>]) -> bool {
+        for row in rows {
+            if let [Some(schema), _, Some(language), Some(body), _] = row.as_slice()
+                && schema != "pg_catalog"
+                && language == "sql"
+                && !self.fields_call_nothing_unknown(reach, &crate::policy::classify(body)).await
+            {
+                return false;
+            }
+        }
+        true
     }
 
     /// Do the views among `tables`, and the views those read in turn, only read and call
@@ -273,6 +361,7 @@ impl Catalog {
                     || c.unknown.is_some()
                     || !c.executes.is_empty()
                     || c.accesses.iter().any(|a| a.operation != proto::policy::Operation::Select)
+                    || !self.fields_call_nothing_unknown(reach, &c).await
                 {
                     return false;
                 }

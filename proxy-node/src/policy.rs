@@ -6,6 +6,7 @@ pub mod classify;
 pub mod evaluate;
 
 pub use classify::{
-    Access, Classification, FunctionRef, SessionEffect, TableName, classify, is_read_only_builtin,
+    Access, AttributeCall, Classification, FunctionRef, SessionEffect, TableName, classify,
+    is_denied_builtin, is_read_only_builtin,
 };
 pub use evaluate::{SessionFacts, Verdict, evaluate, evaluate_with_grants, may_write};

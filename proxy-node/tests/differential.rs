@@ -64,6 +64,9 @@ CREATE VIEW v_sneaky AS SELECT w_insert() AS id;
 CREATE FUNCTION op_write(int, int) RETURNS int VOLATILE LANGUAGE sql AS $f$ SELECT w_insert() $f$;
 CREATE OPERATOR ### (LEFTARG = int, RIGHTARG = int, FUNCTION = op_write);
 CREATE DOMAIN sneaky_int AS int CHECK (w_insert() > 0);
+-- Called as a field of a row: `o.w_touch` is `w_touch(o)`.
+CREATE FUNCTION w_touch(orders) RETURNS int VOLATILE LANGUAGE sql AS $f$ SELECT w_insert() $f$;
+CREATE VIEW v_touch AS SELECT o.id, o.w_touch FROM orders o;
 "#;
 
 /// Tables whose contents are fingerprinted after each statement.
@@ -79,6 +82,8 @@ const CORPUS: &[&str] = &[
     "SELECT * FROM orders",
     "select id, item from ORDERS where id = 2",
     "SELECT o.item, p.amount FROM orders o JOIN payments p ON p.order_id = o.id",
+    "SELECT (o).item, orders_alias.id FROM orders o, orders orders_alias WHERE o.id = orders_alias.id",
+    "SELECT o.item FROM orders o WHERE length(o.item) > 1 ORDER BY o.id",
     "SELECT count(*) FROM public.orders",
     r#"SELECT * FROM app."Audit""#,
     r#"SELECT * FROM "MixedCase""#,
@@ -193,6 +198,20 @@ const CORPUS: &[&str] = &[
     "SELECT * FROM v_sneaky",
     "TABLE v_sneaky",
     "SELECT 1 ### 2",
+    // Field selection that calls a function of the value.
+    "SELECT (1).lower",
+    "SELECT o.w_touch FROM orders o",
+    "SELECT (o).w_touch FROM orders o",
+    "SELECT orders.w_touch FROM orders",
+    "SELECT public.orders.w_touch FROM orders",
+    "SELECT id FROM orders o WHERE o.w_touch > 0",
+    "SELECT ('order_seq'::regclass).nextval",
+    "SELECT (0::oid).lo_create",
+    "SELECT * FROM v_touch",
+    // SELECT INTO inside a set operation or parentheses creates a table.
+    "SELECT 1 AS x INTO evil1 UNION SELECT 2",
+    "(SELECT 1 AS x INTO evil2)",
+    "SELECT 1 AS x INTO evil3 UNION ALL (SELECT 2 EXCEPT SELECT 3)",
     "SELECT 1 OPERATOR(public.###) 2",
     "SELECT 5::sneaky_int",
     "SELECT CAST(5 AS public.sneaky_int)",
@@ -441,6 +460,15 @@ async fn resolve(pg: &Postgres, dir: &std::path::Path, c: &mut Classification) -
         }
     }
     c.resolve_functions(|f: &FunctionRef| read_only.contains(f));
+    let reach =
+        proxy_node::catalog::Reach { target, timeout: std::time::Duration::from_secs(10), max: 1 << 20 };
+    let mut fields = Vec::new();
+    for n in &c.attribute_calls {
+        fields.push((n.clone(), catalog.attribute_call(reach, n).await));
+    }
+    c.resolve_attribute_calls(|n| {
+        fields.iter().find(|(m, _)| m == n).map_or(proxy_node::policy::AttributeCall::MayWrite, |(_, a)| *a)
+    });
     let read = c
         .accesses
         .iter()

@@ -704,7 +704,8 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
          CREATE FUNCTION plus_one(int) RETURNS int IMMUTABLE LANGUAGE sql AS $f$ SELECT $1 + 1 $f$; \
          CREATE FUNCTION nested(int) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT 'x' || user_name($1) $f$; \
          CREATE VIEW v_called AS SELECT id, user_name(user_id) AS who FROM orders; \
-         CREATE VIEW v_over_called AS SELECT who AS buyer FROM v_called;",
+         CREATE VIEW v_over_called AS SELECT who AS buyer FROM v_called; \
+         CREATE FUNCTION shown(users) RETURNS text STABLE LANGUAGE sql AS $f$ SELECT $1.name $f$;",
     )
     .unwrap();
     let c = h.connect(AGENT_KEY).await;
@@ -719,6 +720,9 @@ async fn what_a_function_returns_is_masked_when_it_reads_masked_columns() {
         "SELECT who FROM v_called",
         "SELECT * FROM v_called",
         "SELECT buyer FROM v_over_called",
+        // A function called as a field of the row: `u.shown` is `shown(u)`.
+        "SELECT u.shown FROM users u",
+        "SELECT (u).shown FROM users u",
     ] {
         for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
             assert!(!seen.contains("Alice") && !seen.contains("Bob"), "{mode} `{q}`: {seen}");

@@ -13,8 +13,8 @@ use std::ops::ControlFlow;
 
 use proto::policy::Operation;
 use sqlparser::ast::{
-    ArrayElemTypeDef, BinaryOperator, DataType, Expr, ObjectName, ObjectNamePart, Query, SetExpr, Statement,
-    TableFactor, Visit, Visitor, visit_relations, visit_statements,
+    AccessExpr, ArrayElemTypeDef, BinaryOperator, DataType, Expr, ObjectName, ObjectNamePart, Query,
+    Statement, TableFactor, Visit, Visitor, visit_relations, visit_statements,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -140,6 +140,11 @@ pub struct Classification {
     /// another schema may be the one the server picks (by argument types or `search_path`), so
     /// they too are looked up before the statement counts as a read.
     pub builtins: BTreeSet<FunctionRef>,
+    /// Names read as a field of a value (`o.name`, `(expr).name`): where no column has that
+    /// name, PostgreSQL calls a function of one argument of that name on the value
+    /// (`(0::oid).lo_create`, `o.touch` for a `touch(orders)`). Unknown until the catalog says
+    /// whether such a function exists ([`Classification::resolve_attribute_calls`]).
+    pub attribute_calls: BTreeSet<String>,
     /// A statement ends the transaction block (`COMMIT`, `END`, or `ROLLBACK` other than to a
     /// savepoint): it makes what the block did durable, and what follows it in the message
     /// runs outside the block.
@@ -164,6 +169,24 @@ pub struct Classification {
 /// Is `name` a built-in function known to be read-only (when it is the one the server runs)?
 pub fn is_read_only_builtin(name: &str) -> bool {
     READ_ONLY_FUNCTIONS.contains(&name)
+}
+
+/// Is `name` a built-in the gateway never lets run, whatever the rules say?
+pub fn is_denied_builtin(name: &str) -> bool {
+    DENIED_FUNCTIONS.contains(&name) || name.starts_with("lo_") || name.starts_with("dblink")
+}
+
+/// What a name read as a field of a value calls ([`Classification::attribute_calls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttributeCall {
+    /// No function of one argument has the name: a column.
+    NoFunction,
+    /// Only built-ins that are read-only.
+    ReadOnly,
+    /// A built-in on the denied list.
+    Denied,
+    /// A user function, a volatile built-in, or a failed lookup.
+    MayWrite,
 }
 
 /// A called function, as written (schema only when qualified).
@@ -200,12 +223,37 @@ impl Classification {
                     .next()
                     .map(|f| format!("function {f}() may be shadowed by a user function"))
             })
+            .or_else(|| {
+                self.attribute_calls
+                    .iter()
+                    .next()
+                    .map(|n| format!("`.{n}` may call function {n}() on the value before it"))
+            })
     }
 
     /// Drop the functions `read_only` says are not volatile.
     pub fn resolve_functions(&mut self, read_only: impl Fn(&FunctionRef) -> bool) {
         self.functions.retain(|f| !read_only(f));
         self.builtins.retain(|f| !read_only(f));
+    }
+
+    /// Settle [`Classification::attribute_calls`] by what the catalog says of each name: a
+    /// column (no function of one argument has it) or a read-only built-in is no effect, a
+    /// denied built-in denies the statement, and anything else stays an unknown effect.
+    pub fn resolve_attribute_calls(&mut self, answer: impl Fn(&str) -> AttributeCall) {
+        for n in std::mem::take(&mut self.attribute_calls) {
+            match answer(&n) {
+                AttributeCall::NoFunction => {}
+                AttributeCall::ReadOnly => self.calls_functions = true,
+                AttributeCall::Denied => {
+                    self.denied_function.get_or_insert(n);
+                }
+                AttributeCall::MayWrite => {
+                    self.calls_functions = true;
+                    self.attribute_calls.insert(n);
+                }
+            }
+        }
     }
 
     /// Could running this change a setting of the session, `standard_conforming_strings` or
@@ -264,6 +312,7 @@ impl Classification {
             }
             self.functions.extend(p.functions.iter().cloned());
             self.builtins.extend(p.builtins.iter().cloned());
+            self.attribute_calls.extend(p.attribute_calls.iter().cloned());
             self.ends_block |= p.ends_block;
             self.calls_functions |= p.calls_functions;
             self.reaches.extend(p.reaches.iter().cloned());
@@ -561,9 +610,7 @@ fn operation(stmt: &Statement) -> Option<Operation> {
     use Operation as O;
     Some(match stmt {
         Statement::Query(q) => {
-            if let SetExpr::Select(s) = q.body.as_ref()
-                && s.into.is_some()
-            {
+            if masking::lineage::selects_into(&q.body) {
                 return Some(O::Create);
             }
             if !q.locks.is_empty() { O::Lock } else { O::Select }
@@ -849,11 +896,7 @@ impl Calls<'_> {
         let full = function_name(name);
         let bare = full.rsplit('.').next().unwrap_or_default().to_string();
         let system = full == bare || full.starts_with("pg_catalog.");
-        if system
-            && (DENIED_FUNCTIONS.contains(&bare.as_str())
-                || bare.starts_with("lo_")
-                || bare.starts_with("dblink"))
-        {
+        if system && is_denied_builtin(&bare) {
             c.denied_function.get_or_insert(bare);
         } else if system && READ_ONLY_FUNCTIONS.contains(&bare.as_str()) {
             if full == bare {
@@ -986,6 +1029,28 @@ impl Visitor for Calls<'_> {
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         match e {
             Expr::Function(f) => self.call(&f.name),
+            // `o.name` and `(expr).name`: a column, or a call of `name(o)`.
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+                if let Some(last) = parts.last() {
+                    self.c.attribute_calls.insert(ident_name(last));
+                }
+            }
+            Expr::CompoundFieldAccess { access_chain, .. } => {
+                for a in access_chain {
+                    match a {
+                        AccessExpr::Dot(Expr::Identifier(id)) => {
+                            self.c.attribute_calls.insert(ident_name(id));
+                        }
+                        AccessExpr::Dot(Expr::CompoundIdentifier(ids)) => {
+                            self.c.attribute_calls.extend(ids.iter().map(ident_name));
+                        }
+                        AccessExpr::Dot(_) => {
+                            self.c.unknown = Some("a field selection the gateway cannot read".into());
+                        }
+                        AccessExpr::Subscript(_) => {}
+                    }
+                }
+            }
             // A user-defined operator runs a function the text does not name.
             Expr::BinaryOp { op: BinaryOperator::Custom(o), .. } => {
                 self.c.unknown = Some(format!("operator {o} may run a user function"));
@@ -1053,9 +1118,12 @@ mod tests {
 
     #[test]
     fn select_reads_its_tables() {
-        let c = classify("SELECT o.id FROM Orders o JOIN public.users u ON u.id = o.user_id");
+        let mut c = classify("SELECT o.id FROM Orders o JOIN public.users u ON u.id = o.user_id");
         assert!(has(&c, Operation::Select, "orders"));
         assert!(has(&c, Operation::Select, "public.users"));
+        // Columns by name, once the catalog says no function is called so.
+        assert_eq!(c.attribute_calls.iter().map(String::as_str).collect::<Vec<_>>(), ["id", "user_id"]);
+        c.resolve_attribute_calls(|_| AttributeCall::NoFunction);
         assert!(c.unknown_effect().is_none() && c.unparsed.is_none());
         assert_eq!(c.operations(), vec!["select"]);
     }
@@ -1179,8 +1247,39 @@ mod tests {
 
     #[test]
     fn select_into_is_a_create() {
-        let c = classify("SELECT * INTO stolen FROM users");
-        assert!(c.accesses.iter().any(|a| a.operation == Operation::Create), "{c:?}");
+        for sql in [
+            "SELECT * INTO stolen FROM users",
+            "SELECT 1 AS x INTO evil UNION SELECT 2",
+            "(SELECT 1 AS x INTO evil)",
+            "SELECT 1 AS x INTO evil UNION ALL (SELECT 2 EXCEPT SELECT 3)",
+        ] {
+            let c = classify(sql);
+            assert!(c.accesses.iter().any(|a| a.operation == Operation::Create), "{sql}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_read_as_a_field_may_be_a_call() {
+        for (sql, name) in [
+            ("SELECT (0::oid).lo_create", "lo_create"),
+            ("SELECT o.touch FROM orders o", "touch"),
+            ("SELECT (o).Touch FROM orders o", "touch"),
+            ("SELECT public.orders.touch FROM orders", "touch"),
+            ("SELECT 1 FROM orders o ORDER BY o.touch", "touch"),
+        ] {
+            let c = classify(sql);
+            assert!(c.attribute_calls.contains(name), "{sql}: {c:?}");
+            assert!(c.unknown_effect().is_some(), "{sql}: unknown until the catalog answers");
+        }
+        let mut c = classify("SELECT (2147483647).pg_terminate_backend, o.id FROM orders o");
+        c.resolve_attribute_calls(|n| match n {
+            "pg_terminate_backend" => AttributeCall::Denied,
+            _ => AttributeCall::NoFunction,
+        });
+        assert_eq!(c.denied_function.as_deref(), Some("pg_terminate_backend"));
+        let mut c = classify("SELECT o.id, o.item FROM orders o");
+        c.resolve_attribute_calls(|_| AttributeCall::NoFunction);
+        assert!(c.unknown_effect().is_none(), "{c:?}");
     }
 
     #[test]

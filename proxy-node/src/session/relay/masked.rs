@@ -443,11 +443,15 @@ impl Relay<'_> {
     /// sees a call's arguments, not what the function reads.
     async fn functions_reveal_masked(&mut self, rules: &Rules, sql: &str) -> bool {
         let c = self.s.shared.classifier.classify(sql);
-        if c.functions.is_empty() && c.builtins.is_empty() {
+        if c.functions.is_empty() && c.builtins.is_empty() && c.attribute_calls.is_empty() {
             return false;
         }
         let cfg = &self.s.shared.cfg;
         let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        // `x.name` calling a user function: its body is not read.
+        if !self.catalog.fields_call_nothing_unknown(reach, &c).await {
+            return true;
+        }
         let mut refs: Vec<ColumnRef> = Vec::new();
         for f in c.functions.iter().chain(&c.builtins) {
             match self.catalog.function_reads(reach, f).await {
@@ -560,6 +564,9 @@ impl Relay<'_> {
                 // Lineage follows a call to its arguments only: what a function the definition
                 // calls reads may be in any column of the view (coarse, so never too little).
                 let called = self.s.shared.classifier.classify(&def);
+                if !self.catalog.fields_call_nothing_unknown(reach, &called).await {
+                    return Some(rules.fallback().clone());
+                }
                 for f in called.functions.iter().chain(&called.builtins) {
                     match self.catalog.function_reads(reach, f).await {
                         Some(cols) => next.extend(cols.iter().cloned()),
