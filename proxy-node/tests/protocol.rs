@@ -1118,6 +1118,74 @@ async fn a_query_skipped_after_a_pipeline_error_does_not_shift_what_names_mean()
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
 }
 
+/// A Parse or Bind the target may refuse or skip (its name is in use; an earlier error skips
+/// it) is not what a message after the next Sync runs: the target may still hold an older
+/// statement or portal of that name. Sent in one write, before any answer comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_redefined_across_a_sync_is_not_trusted_before_the_target_answers() {
+    use testkit::pgwire::{bind, contains, execute, parse, query, sync};
+    let h = start(RULES).await;
+    let sequences: [(&str, Vec<u8>); 3] = [
+        (
+            "a second Parse of a name in use",
+            [
+                parse("w", "DELETE FROM orders"),
+                parse("w", "SELECT 1"),
+                sync(),
+                bind("p", "w", &[]),
+                execute("p"),
+                sync(),
+            ]
+            .concat(),
+        ),
+        (
+            "an unnamed Parse skipped after an error",
+            [
+                parse("", "DELETE FROM orders"),
+                sync(),
+                parse("junk", "SELEC"),
+                parse("", "SELECT 1"),
+                sync(),
+                bind("", "", &[]),
+                execute(""),
+                sync(),
+            ]
+            .concat(),
+        ),
+        (
+            "a second Bind of a portal in use",
+            [
+                query("BEGIN"),
+                parse("d", "DELETE FROM orders"),
+                parse("r", "SELECT 1"),
+                bind("p", "d", &[]),
+                sync(),
+                bind("p", "r", &[]),
+                sync(),
+                execute("p"),
+                sync(),
+                query("COMMIT"),
+            ]
+            .concat(),
+        ),
+    ];
+    for (what, messages) in sequences {
+        let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+        s.write_all(&messages).await.unwrap();
+        // Held (or refused): never run.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert!(!contains(&seen, "DELETE 3"), "{what}: {}", String::from_utf8_lossy(&seen));
+        assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "{what}: the DELETE ran unapproved");
+    }
+}
+
 /// An error at a Sync (a deferred constraint failing as the implicit transaction commits) is
 /// answered with that Sync's ReadyForQuery: the relay keeps the two together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,13 @@ struct Portal {
     params: Arc<[Option<String>]>,
 }
 
+/// What [`Relay::pending`] found.
+enum Pending<'a> {
+    Sure(&'a Expect),
+    Uncertain,
+    None,
+}
+
 /// What the target's next response belongs to.
 enum Expect {
     Parse {
@@ -161,6 +168,8 @@ struct Relay<'s> {
     copy_in: bool,
     statements: crate::Map<String, Prepared>,
     portals: crate::Map<String, Portal>,
+    /// What [`Relay::lookup_portal`] gives for a name it cannot be sure of.
+    uncertain_portal: Portal,
     /// Cursors the session declared (and was allowed to): the only portals an Execute may name
     /// that no Bind made.
     cursors: std::collections::HashSet<String>,
@@ -374,6 +383,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         copy_in: false,
         statements: crate::Map::default(),
         portals: crate::Map::default(),
+        uncertain_portal: Portal { stmt: None, params: Arc::from([]) },
         cursors: Default::default(),
         held: None,
         poison_portal: format!("{RESERVED_PREFIX}_{}", Uuid::new_v4().simple()),
@@ -726,30 +736,41 @@ impl Relay<'_> {
         Ok(Flow::Continue)
     }
 
-    /// The statement a name stands for: the latest Parse still awaiting confirmation, else the
-    /// confirmed one. A pending Parse that fails makes the target skip what follows, so using
-    /// it is safe.
-    fn lookup_statement(&self, name: &str) -> Option<Prepared> {
-        self.expect
-            .iter()
-            .rev()
-            .find_map(|e| match e {
-                Expect::Parse { name: n, stmt } if n == name => Some(stmt.clone()),
-                _ => None,
-            })
-            .or_else(|| self.statements.get(name).cloned())
+    /// The newest entry still awaiting its answer that `is` picks: trusted only when no Sync
+    /// lies between it and now. A Parse or Bind that fails, or is skipped after an earlier error,
+    /// makes the target skip what follows up to the next Sync, so a message in the same stretch
+    /// never runs against a name it did not make; past a Sync the target may still hold an older
+    /// statement or portal of that name (a Parse of a name in use fails, a skipped one changes
+    /// nothing), so the name is uncertain until the answers come.
+    fn pending(&self, is: impl Fn(&Expect) -> bool) -> Pending<'_> {
+        let mut crossed = false;
+        for e in self.expect.iter().rev() {
+            if is(e) {
+                return if crossed { Pending::Uncertain } else { Pending::Sure(e) };
+            }
+            crossed |= matches!(e, Expect::Sync);
+        }
+        Pending::None
     }
 
-    /// The portal a name stands for, as [`Relay::lookup_statement`] finds statements.
+    /// The statement a name stands for: the latest Parse still awaiting confirmation (see
+    /// [`Relay::pending`]; `None` when it is uncertain), else the confirmed one.
+    fn lookup_statement(&self, name: &str) -> Option<Prepared> {
+        match self.pending(|e| matches!(e, Expect::Parse { name: n, .. } if n == name)) {
+            Pending::Sure(Expect::Parse { stmt, .. }) => Some(stmt.clone()),
+            Pending::Uncertain => None,
+            _ => self.statements.get(name).cloned(),
+        }
+    }
+
+    /// The portal a name stands for, as [`Relay::lookup_statement`] finds statements; an
+    /// uncertain one is bound to a statement the gateway does not know.
     fn lookup_portal(&self, name: &str) -> Option<&Portal> {
-        self.expect
-            .iter()
-            .rev()
-            .find_map(|e| match e {
-                Expect::Bind { portal, entry } if portal == name => Some(entry),
-                _ => None,
-            })
-            .or_else(|| self.portals.get(name))
+        match self.pending(|e| matches!(e, Expect::Bind { portal, .. } if portal == name)) {
+            Pending::Sure(Expect::Bind { entry, .. }) => Some(entry),
+            Pending::Uncertain => Some(&self.uncertain_portal),
+            _ => self.portals.get(name),
+        }
     }
 
     /// What a prepared statement name runs, for resolving SQL-level EXECUTE (looked up only
