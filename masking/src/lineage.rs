@@ -991,6 +991,11 @@ impl Analyzer {
             return Err(LineageError::Unsupported("FOR XML / FOR JSON".into()));
         }
         if let Some(with) = &q.with {
+            if with.recursive && reads_a_later_sibling(&with.cte_tables) {
+                return Err(LineageError::Unsupported(
+                    "a WITH RECURSIVE query that reads a query defined after it".into(),
+                ));
+            }
             for cte in &with.cte_tables {
                 self.cte(cte, with.recursive)?;
             }
@@ -1952,6 +1957,22 @@ fn output_items(output: Option<&OutputClause>) -> Option<&[SelectItem]> {
 }
 
 /// `SELECT … INTO t` creates a table and returns no rows.
+/// Does a query of a `WITH RECURSIVE` list read one defined after it? PostgreSQL lets it (the
+/// name is then that query, not a table of the same name); the analysis reads the list in order.
+fn reads_a_later_sibling(ctes: &[Cte]) -> bool {
+    let names: Vec<String> = ctes.iter().map(|c| fold_ident(&c.alias.name)).collect();
+    ctes.iter().enumerate().any(|(i, cte)| {
+        let later = &names[i + 1..];
+        sqlparser::ast::visit_relations(&cte.query, |r| match r.0.as_slice() {
+            [ObjectNamePart::Identifier(id)] if later.contains(&fold_ident(id)) => {
+                std::ops::ControlFlow::Break(())
+            }
+            _ => std::ops::ControlFlow::Continue(()),
+        })
+        .is_break()
+    })
+}
+
 fn is_select_into(q: &Query) -> bool {
     selects_into(&q.body)
 }

@@ -389,6 +389,8 @@ const DENIED_FUNCTIONS: &[&str] = &[
     "database_to_xmlschema",
     "database_to_xml_and_xmlschema",
     "ts_stat",
+    // Runs its second argument as a query.
+    "ts_rewrite",
     "dblink",
     "dblink_exec",
     "dblink_connect",
@@ -1306,6 +1308,7 @@ mod tests {
             "database_to_xml(true, false, '')",
             "query_to_xml('SELECT * FROM orders', true, false, '')",
             "ts_stat('SELECT body FROM notes')",
+            "ts_rewrite('x'::tsquery, 'SELECT email::tsquery, ''y''::tsquery FROM users')",
         ] {
             assert!(classify(&format!("SELECT {f}")).denied_function.is_some(), "{f}");
         }
