@@ -790,6 +790,20 @@ async fn approver_groups_in_the_policy_let_their_members_approve_and_nobody_else
     assert_eq!(mallory.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::FORBIDDEN));
     let eve = with_email("eve", "carol@example.com", false);
     assert_eq!(eve.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::FORBIDDEN));
+    // No `email_verified` claim at all, or a provider's string "false": not verified either.
+    for verified in [None, Some("false")] {
+        let mut claims = oidc.claims("eve", &["staff"]);
+        claims["email"] = "carol@example.com".into();
+        if let Some(v) = verified {
+            claims["email_verified"] = v.into();
+        }
+        let eve = ApprovalsClient::new(&svc.url, &oidc.token_with(claims));
+        assert_eq!(
+            eve.approve(req.hold_id, None).await.unwrap_err().status(),
+            Some(StatusCode::FORBIDDEN),
+            "email_verified {verified:?}"
+        );
+    }
     for (user, told) in [("U_OLLY", "approver groups"), ("U_STRANGER", "not a known Airlock approver")] {
         svc.signed(&fake::click(user, APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
         let e = slack.wait_for("chat.postEphemeral", WAIT, |b| b["user"] == user).await;

@@ -197,8 +197,8 @@ impl OidcVerifier {
         Ok(self.verify_with_email(token).await?.0)
     }
 
-    /// [`verify`](Self::verify), plus the token's `email` claim unless `email_verified` says it
-    /// is not verified (the approval service matches approver groups on it).
+    /// [`verify`](Self::verify), plus the token's `email` claim when `email_verified` is true
+    /// (the approval service matches approver groups on it).
     pub async fn verify_with_email(&self, token: &str) -> Result<(Principal, Option<String>), AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
@@ -230,7 +230,13 @@ impl OidcVerifier {
             }
             _ => Vec::new(),
         };
-        let verified = !matches!(claims.get("email_verified"), Some(serde_json::Value::Bool(false)));
+        // Only an address the issuer says it verified: a missing claim, or a provider's string
+        // "false", would let anyone with an account at the issuer claim an approver's address.
+        let verified = match claims.get("email_verified") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case("true"),
+            _ => false,
+        };
         let email = claims
             .get("email")
             .and_then(|e| e.as_str())
