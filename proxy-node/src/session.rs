@@ -63,9 +63,10 @@ impl Client {
         }
     }
 
-    async fn read_frame(&mut self) -> Result<Frame, SessionError> {
+    /// The next message, of at most `max` bytes.
+    async fn read_frame(&mut self, max: usize) -> Result<Frame, SessionError> {
         loop {
-            if let Some(f) = decode_frame(&mut self.buf, self.max)? {
+            if let Some(f) = decode_frame(&mut self.buf, max)? {
                 return Ok(f);
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
@@ -117,6 +118,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         Err(e) => debug!(error = %e, client = %peer, "session ended"),
     }
 }
+
+/// The largest password message (API key or OIDC token) read from a client not yet
+/// authenticated: a connection cannot make the proxy hold `max_message_bytes` for it.
+const MAX_CREDENTIAL: usize = 64 * 1024;
 
 /// Answer the client's GSSENCRequest ("no") and SSLRequest ("yes" and the TLS handshake when
 /// a certificate is configured, else "no"), up to the packet that follows them, which stays
@@ -228,7 +233,8 @@ async fn authenticate(
     // Authentication: the password carries the token or API key.
     client.queue(&msg::auth_cleartext_request());
     client.flush().await?;
-    let f = match client.read_frame().await {
+    // Before anyone is authenticated, a message is an API key or a token: a few kilobytes.
+    let f = match client.read_frame(MAX_CREDENTIAL.min(client.max)).await {
         Ok(f) => f,
         Err(SessionError::Frame(e)) => {
             return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, format!("airlock: {e}")).await);

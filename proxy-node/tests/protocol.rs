@@ -420,6 +420,16 @@ async fn malformed_and_huge_messages_close_only_their_own_session() {
         .await
         .expect("idle client dropped")
         .unwrap();
+    // A client not yet authenticated whose password message claims 1 MiB: refused at once.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let startup = [&[0u8, 0, 0, 23, 0, 3, 0, 0][..], b"user\0agent\0\0"].concat();
+    let startup = [&((startup.len() as u32).to_be_bytes())[..], &startup[4..]].concat();
+    s.write_all(&startup).await.unwrap();
+    s.write_all(&[b'p', 0, 0x10, 0, 0]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("08P01") && text.contains("exceeds"), "{text}");
     // An authenticated session that sends a message claiming to be 1 GiB.
     let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
     s.write_all(&[b'Q', 0x40, 0, 0, 0]).await.unwrap();

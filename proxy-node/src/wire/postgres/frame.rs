@@ -48,6 +48,9 @@ pub enum FrameError {
 }
 
 /// Decode one tagged frame. `Ok(None)` means more bytes are needed.
+/// How much [`decode_frame`] reserves at a time for a message still arriving.
+const RESERVE_STEP: usize = 256 * 1024;
+
 pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
     if buf.len() < 5 {
         return Ok(None);
@@ -61,7 +64,9 @@ pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Fra
         return Err(FrameError::TooLarge { len, max });
     }
     if buf.len() < 1 + len {
-        buf.reserve(1 + len - buf.len());
+        // Room for what may come next, not for the whole declared length: a peer that only
+        // announces a large message does not make the proxy allocate it.
+        buf.reserve((1 + len - buf.len()).min(RESERVE_STEP));
         return Ok(None);
     }
     let tag = buf[0];
@@ -195,6 +200,10 @@ mod tests {
         assert!(matches!(decode_frame(&mut buf, 1024), Err(FrameError::BadLength { .. })));
         let mut buf = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
         assert!(matches!(decode_frame(&mut buf, 1024), Err(FrameError::TooLarge { .. })));
+        // A message announced as 16 MiB: allowed, but room is made as it arrives, not at once.
+        let mut buf = BytesMut::from(&[b'Q', 0x01, 0, 0, 0][..]);
+        assert!(matches!(decode_frame(&mut buf, 32 << 20), Ok(None)));
+        assert!(buf.capacity() <= 5 + RESERVE_STEP, "reserved {}", buf.capacity());
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0][..]);
         assert!(decode_startup(&mut buf).is_err());
         let mut buf = BytesMut::from(&[0, 0, 0, 9, 0, 3, 0, 0, b'x'][..]);
