@@ -49,6 +49,9 @@ pub struct Origin {
     pub column: String,
     /// `pg_class.relkind`: `r` table, `p` partitioned, `v` view, `m` materialized view, …
     pub relkind: char,
+    /// A generated column's expression (`lower(email)`), computed from other columns of the
+    /// row.
+    pub generated: Option<String>,
 }
 
 /// A column's origin as the cache keeps it (shared: every RowDescription naming it asks), or
@@ -63,7 +66,9 @@ pub struct Relation {
     pub view_sql: Option<String>,
 }
 
-const ORIGIN_SQL: &str = "SELECT n.nspname, c.relname, a.attname, c.relkind::text \
+const ORIGIN_SQL: &str = "SELECT n.nspname, c.relname, a.attname, c.relkind::text, \
+     CASE WHEN a.attgenerated <> '' THEN (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
+       FROM pg_catalog.pg_attrdef d WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum) END \
      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE a.attrelid = $1::text::oid AND a.attnum = $2::text::int2";
@@ -404,6 +409,7 @@ impl Catalog {
                 table: r.next()??,
                 column: r.next()??,
                 relkind: r.next()??.chars().next()?,
+                generated: r.next()?,
             }))
         });
         let now = Instant::now();

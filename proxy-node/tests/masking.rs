@@ -779,6 +779,19 @@ async fn values_computed_from_masked_columns_are_redacted_whatever_the_strategy(
         copy_out(&c, "COPY (SELECT lpad(substr(card, 1, 4), 9, '0') FROM users WHERE id = 2) TO STDOUT")
             .await;
     assert!(!seen.contains("5500") && !seen.starts_with("ERROR"), "{seen}");
+    // A generated column is reported as a column of its table, but holds what its expression
+    // computes from the masked one.
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; ALTER TABLE users ADD COLUMN shout text GENERATED ALWAYS AS (upper(name)) STORED",
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    for q in ["SELECT shout FROM users", "SELECT * FROM users", "SELECT u.shout AS x FROM users u"] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            assert!(!seen.to_uppercase().contains("ALICE") && !seen.is_empty(), "{mode} `{q}`: {seen}");
+        }
+    }
     // Two texts the agent chose, each "computed from" the hashed column: the same redaction,
     // not two hashes to compare against the column's.
     let q = "SELECT CASE WHEN false THEN name ELSE 'a' END, CASE WHEN false THEN name ELSE 'b' END, \

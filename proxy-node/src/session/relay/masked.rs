@@ -485,6 +485,19 @@ impl Relay<'_> {
                 {
                     return Some(m);
                 }
+                // A generated column holds what its expression computes from the row's other
+                // columns (`lower(email)`): masked as a value computed from them.
+                if let Some(expr) = &o.generated {
+                    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+                    let sql = format!("SELECT {expr} FROM {}.{}", quote(&o.schema), quote(&o.table));
+                    let Ok(mut ls) = lineage_sql(&sql) else { return Some(rules.fallback().clone()) };
+                    let Some(l) = ls.pop() else { return Some(rules.fallback().clone()) };
+                    let refs: Vec<ColumnRef> =
+                        l.referenced.iter().cloned().chain(output_sources(&l)).collect();
+                    if let Some(m) = self.refs_masker(rules, refs).await {
+                        return Some(m);
+                    }
+                }
                 if matches!(o.relkind, 'v' | 'm') {
                     let r = ColumnRef {
                         schema: Some(o.schema.clone()),
