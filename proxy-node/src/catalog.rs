@@ -168,6 +168,12 @@ impl Catalog {
         self.reached.clear();
     }
 
+    /// Has the session run DDL (so it may have objects, temporary tables among them, that
+    /// the catalog's own session does not see by name)?
+    pub fn changed(&self) -> bool {
+        self.epoch > 0
+    }
+
     /// Start deriving something from catalog answers (a masking plan, the tables a statement
     /// reaches): note how old the answers given from now on are, and whether a lookup fails.
     /// [`Catalog::derived`] then says how long the result holds.

@@ -844,6 +844,31 @@ async fn a_failing_write_does_not_show_the_row_it_would_have_written() {
     assert!(seen.contains("division by zero"), "{seen}");
 }
 
+/// `COPY t TO STDOUT` names no columns: they are the table's, in its order, found by name in
+/// the catalog. Once the session may resolve `t` differently from the catalog's own session
+/// (its search_path changed), every column is masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_of_a_table_the_session_may_resolve_elsewhere_is_masked_whole() {
+    let h = start(DEFAULTS).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE SCHEMA archive; CREATE TABLE archive.users (email text, id int, name text, \
+         phone text, card text, card_num bigint, notes text, ip inet, profile jsonb, amount numeric(10,2)); \
+         INSERT INTO archive.users (email, id) VALUES ('carol-archived', 3);",
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    c.simple_query("SET search_path = archive, public").await.unwrap();
+    for q in [
+        "COPY users TO STDOUT",
+        "COPY users TO STDOUT WITH (FORMAT csv)",
+        "COPY (SELECT * FROM users) TO STDOUT",
+    ] {
+        let seen = copy_out(&c, q).await;
+        assert!(!seen.contains("carol-archived") && !seen.starts_with("ERROR"), "`{q}`: {seen}");
+    }
+}
+
 /// COPY rows are split into fields as UTF-8: in an encoding whose characters can hold a quote
 /// or delimiter byte (SJIS), the server leaves such bytes unescaped and a masked field could be
 /// read as another. COPY TO in any encoding but UTF-8 is refused while masking applies.

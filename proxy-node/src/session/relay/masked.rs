@@ -648,6 +648,14 @@ impl Relay<'_> {
                         }
                         Output::Star { tables } => {
                             for t in tables {
+                                // The catalog's own session resolves an unqualified name by the
+                                // default search_path, without this session's temporary tables:
+                                // once either may differ, its columns are not this table's.
+                                if t.schema.is_none() && (self.search_path_touched || self.catalog.changed())
+                                {
+                                    ok = false;
+                                    continue;
+                                }
                                 match self.catalog.columns(reach, t.schema.as_deref(), &t.table).await {
                                     Ok(names) if !names.is_empty() => {
                                         cols.extend(names.into_iter().map(|c| {
