@@ -505,6 +505,8 @@ async fn forged_expired_and_misaddressed_tokens_are_rejected_before_the_target()
         ("not yet valid", oidc.token_with(not_yet)),
         ("wrong issuer", oidc.token_with(wrong_iss)),
         ("alg none", oidc.token_alg_none("agent-1", &["agents"])),
+        // A valid token whose subject is a service account's name would take its rules.
+        ("the subject of a service account", oidc.token("etl", &["agents"])),
         ("garbage", "eyJhbGciOiJIUzI1NiJ9.e30.x".to_string()),
         ("unknown api key", "ak_not_a_key".to_string()),
         ("empty", String::new()),

@@ -101,6 +101,10 @@ pub enum AuthError {
     UnknownKey,
     #[error("identity provider unavailable: {0}")]
     Provider(String),
+    #[error(
+        "token subject {0:?} is also the name of a service account; refused so that neither takes the other's rules"
+    )]
+    SubjectCollides(String),
 }
 
 struct Keys {
@@ -276,10 +280,15 @@ impl Authenticator {
             return Err(AuthError::Missing);
         }
         if looks_like_jwt(credential) {
-            return match &self.oidc {
-                Some(v) => v.verify(credential).await,
-                None => Err(AuthError::NoIssuer),
+            let p = match &self.oidc {
+                Some(v) => v.verify(credential).await?,
+                None => return Err(AuthError::NoIssuer),
             };
+            // Rules, grants and approvals name principals by subject alone.
+            if policy.service_accounts.iter().any(|sa| sa.name == p.subject) {
+                return Err(AuthError::SubjectCollides(p.subject));
+            }
+            return Ok(p);
         }
         let digest = hash_api_key(credential);
         // Compare against every account in constant time, so timing says nothing about which matched.
