@@ -30,12 +30,15 @@ const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.
      WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
 
 /// The functions PostgreSQL could call for `x.$1` or `(x).$1` (field selection that names no
-/// column): those callable with one argument.
+/// column): those callable with one argument, and, failing those, a cast to a type of that name
+/// (a domain's `CHECK`, a user type's input function: listed as volatile user code).
 const ATTRIBUTE_SQL: &str = "SELECT n.nspname, p.provolatile::text, \
      (SELECT count(*) FROM pg_catalog.pg_type ty WHERE ty.oid = ANY (p.proargtypes::oid[] || p.prorettype) \
        AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-     WHERE p.proname = $1 AND p.pronargs >= 1 AND (p.pronargs - p.pronargdefaults <= 1 OR p.provariadic <> 0)";
+     WHERE p.proname = $1 AND p.pronargs >= 1 AND (p.pronargs - p.pronargdefaults <= 1 OR p.provariadic <> 0) \
+     UNION ALL SELECT n.nspname, 'v', '1' FROM pg_catalog.pg_type t \
+     JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = $1 AND t.oid >= 16384";
 
 /// Cached entries live this long at most.
 /// How long a looked-up answer is trusted.
@@ -96,6 +99,17 @@ const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
        ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
        AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
 
+/// The generated columns of a relation called `$1` (in schema `$2`, or as the search path
+/// finds it), with their expressions.
+const GENERATED_SQL: &str = "SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
+     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+     WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
+       ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
+       AND a.attgenerated <> '' AND NOT a.attisdropped";
+
+/// A relation's generated columns, each with its expression ([`Catalog::generated`]).
+pub type GeneratedColumns = Arc<[(String, String)]>;
+
 /// The columns a function reads, if its body can be read ([`Catalog::function_reads`]).
 pub type FunctionReads = Option<Arc<[ColumnRef]>>;
 
@@ -118,6 +132,7 @@ pub struct Catalog {
     /// view definition): the answer of [`Catalog::views_read_only`] without a lookup.
     no_view: crate::Map<String, Instant>,
     columns: crate::Map<(Option<String>, String), (Vec<String>, Instant)>,
+    generated: crate::Map<(Option<String>, String), (GeneratedColumns, Instant)>,
     /// See [`Catalog::reached`].
     reached: crate::Map<TableName, (Arc<[TableName]>, Instant)>,
     /// How many times it was invalidated: what was derived from its answers holds while this
@@ -165,6 +180,7 @@ impl Catalog {
         self.relations.clear();
         self.no_view.clear();
         self.columns.clear();
+        self.generated.clear();
         self.reached.clear();
     }
 
@@ -529,6 +545,37 @@ impl Catalog {
         let cols: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
         self.columns.insert(key, (cols.clone(), Instant::now()));
         Ok(cols)
+    }
+
+    /// The generated columns of relation `name` and their expressions (`upper(name)`): what
+    /// each holds is computed from other columns of its row.
+    pub async fn generated(
+        &mut self,
+        reach: Reach<'_>,
+        schema: Option<&str>,
+        name: &str,
+    ) -> Result<GeneratedColumns, UpstreamError> {
+        let key = (schema.map(str::to_string), name.to_string());
+        if let Some((g, at)) = self.generated.get(&key)
+            && at.elapsed() < TTL
+        {
+            let (g, at) = (g.clone(), *at);
+            self.answered(at);
+            return Ok(g);
+        }
+        let rows = self.rows(reach, GENERATED_SQL, &[Some(name), schema]).await;
+        let rows = self.noted(rows)?;
+        let g: GeneratedColumns = rows
+            .into_iter()
+            .filter_map(|r| match r.as_slice() {
+                [Some(c), Some(e)] => Some((c.clone(), e.clone())),
+                _ => None,
+            })
+            .collect();
+        let now = Instant::now();
+        self.generated.insert(key, (g.clone(), now));
+        self.answered(now);
+        Ok(g)
     }
 
     /// Run one catalog query with text parameters over the side connection; rows as text.

@@ -207,6 +207,8 @@ const CORPUS: &[&str] = &[
     "SELECT id FROM orders o WHERE o.w_touch > 0",
     "SELECT ('order_seq'::regclass).nextval",
     "SELECT (0::oid).lo_create",
+    // Field notation falls back to a cast to a type of that name: a domain's CHECK runs.
+    "SELECT (5).sneaky_int",
     "SELECT * FROM v_touch",
     // SELECT INTO inside a set operation or parentheses creates a table.
     "SELECT 1 AS x INTO evil1 UNION SELECT 2",

@@ -787,11 +787,20 @@ async fn values_computed_from_masked_columns_are_redacted_whatever_the_strategy(
     )
     .unwrap();
     let c = h.connect(AGENT_KEY).await;
-    for q in ["SELECT shout FROM users", "SELECT * FROM users", "SELECT u.shout AS x FROM users u"] {
+    for q in [
+        "SELECT shout FROM users",
+        "SELECT * FROM users",
+        "SELECT u.shout AS x FROM users u",
+        // Computed from it, or with no origin: the lineage path.
+        "SELECT shout FROM users UNION ALL SELECT 'x'",
+        "SELECT lower(shout) FROM users",
+    ] {
         for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
             assert!(!seen.to_uppercase().contains("ALICE") && !seen.is_empty(), "{mode} `{q}`: {seen}");
         }
     }
+    let seen = copy_out(&c, "COPY (SELECT shout FROM users) TO STDOUT").await;
+    assert!(!seen.to_uppercase().contains("ALICE") && !seen.starts_with("ERROR"), "{seen}");
     // Two texts the agent chose, each "computed from" the hashed column: the same redaction,
     // not two hashes to compare against the column's.
     let q = "SELECT CASE WHEN false THEN name ELSE 'a' END, CASE WHEN false THEN name ELSE 'b' END, \
@@ -880,6 +889,35 @@ async fn copy_in_a_foreign_encoding_is_refused_while_masking() {
              TO STDOUT WITH (FORMAT csv, DELIMITER '^', QUOTE '|', FORCE_QUOTE (a), ENCODING 'SJIS')";
     let seen = copy_out(&c, q).await;
     assert!(seen.starts_with("ERROR") && !seen.contains("Alice") && !seen.contains("Bob"), "{seen}");
+    // The setting changed by an earlier statement of the same message is reported only after
+    // the COPY's rows.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        &testkit::pgwire::query(&format!(
+            "SET client_encoding = 'SJIS'; {}",
+            q.replace(", ENCODING 'SJIS'", "")
+        )),
+    )
+    .await
+    .unwrap();
+    // Its rows and ReadyForQuery, or an error that ends the session.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !testkit::pgwire::tags(&got).contains(&b'Z') {
+        let n =
+            tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+                .await
+                .expect("an answer")
+                .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let seen = String::from_utf8_lossy(&got).into_owned();
+    assert!(!seen.contains("Alice") && !seen.contains("Bob"), "{seen}");
+    let c = h.connect(AGENT_KEY).await;
     c.simple_query("SET client_encoding = 'SJIS'").await.unwrap();
     let seen = copy_out(&c, "COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv)").await;
     assert!(seen.starts_with("ERROR") && !seen.contains("Alice"), "{seen}");
@@ -888,6 +926,60 @@ async fn copy_in_a_foreign_encoding_is_refused_while_masking() {
     let seen =
         copy_out(&c, "COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv, ENCODING 'UTF8')").await;
     assert!(!seen.starts_with("ERROR") && seen.lines().count() == 2 && !seen.contains("Alice"), "{seen}");
+}
+
+/// A name changed by a statement still running (a `DEALLOCATE`/`PREPARE` or `ROLLBACK TO` and
+/// `DECLARE` in a Query pipelined ahead) is not masked as what it was: the gateway judges the
+/// messages behind it before the target answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
+    use testkit::pgwire::{bind, execute, parse, query, read_until_ready, sync};
+    use tokio::io::AsyncWriteExt;
+    let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    s.write_all(&[parse("w", "SELECT 'x'::text AS a"), sync()].concat()).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(
+        &[
+            query("DEALLOCATE w; PREPARE w AS SELECT upper(name) FROM users"),
+            bind("", "w", &[]),
+            execute(""),
+            sync(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
+        seen.extend(read_until_ready(&mut s).await);
+    }
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
+    // A portal bound before a savepoint, dropped by ROLLBACK TO, its name declared again.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    s.write_all(&query("BEGIN")).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&query("SAVEPOINT a")).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&[parse("k", "SELECT 'x'::text AS a"), bind("p", "k", &[]), sync()].concat()).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(
+        &[
+            query("ROLLBACK TO SAVEPOINT a; DECLARE p CURSOR FOR SELECT upper(name) FROM users"),
+            execute("p"),
+            sync(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
+        seen.extend(read_until_ready(&mut s).await);
+    }
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
 }
 
 /// Inside one transaction block, a bound portal's name is free again after SQL `CLOSE` (sent

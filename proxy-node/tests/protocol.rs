@@ -1133,7 +1133,7 @@ async fn a_query_skipped_after_a_pipeline_error_does_not_shift_what_names_mean()
 /// statement or portal of that name. Sent in one write, before any answer comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_redefined_across_a_sync_is_not_trusted_before_the_target_answers() {
-    use testkit::pgwire::{bind, contains, execute, parse, query, sync};
+    use testkit::pgwire::{bind, close, contains, execute, parse, query, sync};
     let h = start(RULES).await;
     let sequences: [(&str, Vec<u8>); 3] = [
         (
@@ -1179,8 +1179,15 @@ async fn a_name_redefined_across_a_sync_is_not_trusted_before_the_target_answers
             .concat(),
         ),
     ];
+    let sequences = sequences.into_iter().chain([(
+        "SQL EXECUTE of a name a pending Close and Parse redefine",
+        [close(b'S', "w2"), parse("w2", "DELETE FROM orders"), sync(), query("EXECUTE w2")].concat(),
+    )]);
     for (what, messages) in sequences {
         let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+        // A harmless statement of the name used last, confirmed before the rest is sent.
+        s.write_all(&[parse("w2", "SELECT 'x'::text"), sync()].concat()).await.unwrap();
+        testkit::pgwire::read_until_ready(&mut s).await;
         s.write_all(&messages).await.unwrap();
         // Held (or refused): never run.
         let mut seen = Vec::new();

@@ -73,6 +73,11 @@ pub fn describe(kind: u8, name: &str) -> Vec<u8> {
     message(b'D', &[vec![kind], cstr(name)].concat())
 }
 
+/// Close a portal (`b'P'`) or a statement (`b'S'`).
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    message(b'C', &[vec![kind], cstr(name)].concat())
+}
+
 /// Execute `portal` with no row limit.
 pub fn execute(portal: &str) -> Vec<u8> {
     message(b'E', &[cstr(portal), vec![0, 0, 0, 0]].concat())

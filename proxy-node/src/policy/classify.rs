@@ -354,7 +354,30 @@ pub enum SessionEffect {
     Declare(Vec<String>),
     /// `CLOSE name` (`None`: `CLOSE ALL`, which closes protocol portals too).
     Close(Option<String>),
+    /// `ROLLBACK TO SAVEPOINT`, `COMMIT`, `ROLLBACK`: portals made since (or all) are gone.
+    EndsPortals,
     None,
+}
+
+impl SessionEffect {
+    /// Could this change what the prepared statement `name` is?
+    pub fn touches_statement(&self, name: &str) -> bool {
+        match self {
+            SessionEffect::Prepare(n, _) | SessionEffect::Deallocate(Some(n)) => n == name,
+            SessionEffect::Deallocate(None) | SessionEffect::DiscardAll => true,
+            _ => false,
+        }
+    }
+
+    /// Could this change what the portal `name` is?
+    pub fn touches_portal(&self, name: &str) -> bool {
+        match self {
+            SessionEffect::Declare(ns) => ns.iter().any(|n| n == name),
+            SessionEffect::Close(Some(n)) => n == name,
+            SessionEffect::Close(None) | SessionEffect::DiscardAll | SessionEffect::EndsPortals => true,
+            _ => false,
+        }
+    }
 }
 
 /// Built-ins that are never allowed through the gateway, whatever the rules say.
@@ -815,6 +838,7 @@ fn effect(stmt: &Statement) -> SessionEffect {
             SessionEffect::Declare(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)).collect())
         }
         Statement::Close { cursor: sqlparser::ast::CloseCursor::All } => SessionEffect::Close(None),
+        Statement::Commit { .. } | Statement::Rollback { .. } => SessionEffect::EndsPortals,
         Statement::Close { cursor: sqlparser::ast::CloseCursor::Specific { name } } => {
             SessionEffect::Close(Some(ident_name(name)))
         }

@@ -736,27 +736,65 @@ impl Relay<'_> {
         Ok(Flow::Continue)
     }
 
-    /// The newest entry still awaiting its answer that `is` picks: trusted only when no Sync
-    /// lies between it and now. A Parse or Bind that fails, or is skipped after an earlier error,
-    /// makes the target skip what follows up to the next Sync, so a message in the same stretch
-    /// never runs against a name it did not make; past a Sync the target may still hold an older
-    /// statement or portal of that name (a Parse of a name in use fails, a skipped one changes
-    /// nothing), so the name is uncertain until the answers come.
-    fn pending(&self, is: impl Fn(&Expect) -> bool) -> Pending<'_> {
+    /// What the entries still awaiting their answers say a name is. The newest one that could
+    /// change it decides: a Parse or Bind of it (`defines`) is trusted only when no Sync lies
+    /// between it and now, or when the name was free before it. A Parse or Bind that fails, or
+    /// is skipped after an earlier error, makes the target skip what follows up to the next Sync,
+    /// so a message in the same stretch never runs against a name it did not make; past a Sync
+    /// the target may still hold the older statement or portal of that name. Any other entry
+    /// that may change the name (a Close, a `DEALLOCATE`, `CLOSE`, `DECLARE`, `ROLLBACK TO` not
+    /// yet answered) leaves it uncertain until the answers come.
+    fn pending(
+        &self,
+        defines: impl Fn(&Expect) -> bool,
+        touches: impl Fn(&Expect) -> bool,
+        held_before: bool,
+    ) -> Pending<'_> {
         let mut crossed = false;
-        for e in self.expect.iter().rev() {
-            if is(e) {
-                return if crossed { Pending::Uncertain } else { Pending::Sure(e) };
+        for (i, e) in self.expect.iter().enumerate().rev() {
+            if defines(e) {
+                let older = self.expect.iter().take(i).any(|o| defines(o) || touches(o));
+                return if crossed && (held_before || older) { Pending::Uncertain } else { Pending::Sure(e) };
+            }
+            if touches(e) {
+                return Pending::Uncertain;
             }
             crossed |= matches!(e, Expect::Sync);
         }
         Pending::None
     }
 
+    /// Could entry `e` change what prepared statement `name` is, other than by a Parse of it?
+    fn touches_statement(e: &Expect, name: &str) -> bool {
+        match e {
+            Expect::Close { kind: b'S', name: n } => n == name,
+            Expect::Query(_, effects) => effects.iter().any(|x| x.touches_statement(name)),
+            Expect::Execute(r) => r.effect.as_ref().is_some_and(|x| x.touches_statement(name)),
+            _ => false,
+        }
+    }
+
+    /// Could entry `e` change what portal `name` is, other than by a Bind of it?
+    fn touches_portal(e: &Expect, name: &str) -> bool {
+        match e {
+            Expect::Close { kind: b'P', name: n } => n == name,
+            Expect::Query(_, effects) => effects.iter().any(|x| x.touches_portal(name)),
+            Expect::Execute(r) => r.effect.as_ref().is_some_and(|x| x.touches_portal(name)),
+            _ => false,
+        }
+    }
+
     /// The statement a name stands for: the latest Parse still awaiting confirmation (see
     /// [`Relay::pending`]; `None` when it is uncertain), else the confirmed one.
     fn lookup_statement(&self, name: &str) -> Option<Prepared> {
-        match self.pending(|e| matches!(e, Expect::Parse { name: n, .. } if n == name)) {
+        // The unnamed statement is dropped when a Parse of it starts, so the gateway forgets
+        // whether one was there: count it as held.
+        let held = name.is_empty() || self.statements.contains_key(name);
+        match self.pending(
+            |e| matches!(e, Expect::Parse { name: n, .. } if n == name),
+            |e| Self::touches_statement(e, name),
+            held,
+        ) {
             Pending::Sure(Expect::Parse { stmt, .. }) => Some(stmt.clone()),
             Pending::Uncertain => None,
             _ => self.statements.get(name).cloned(),
@@ -766,7 +804,12 @@ impl Relay<'_> {
     /// The portal a name stands for, as [`Relay::lookup_statement`] finds statements; an
     /// uncertain one is bound to a statement the gateway does not know.
     fn lookup_portal(&self, name: &str) -> Option<&Portal> {
-        match self.pending(|e| matches!(e, Expect::Bind { portal, .. } if portal == name)) {
+        let held = name.is_empty() || self.portals.contains_key(name) || self.cursors.contains(name);
+        match self.pending(
+            |e| matches!(e, Expect::Bind { portal, .. } if portal == name),
+            |e| Self::touches_portal(e, name),
+            held,
+        ) {
             Pending::Sure(Expect::Bind { entry, .. }) => Some(entry),
             Pending::Uncertain => Some(&self.uncertain_portal),
             _ => self.portals.get(name),
@@ -776,7 +819,7 @@ impl Relay<'_> {
     /// What a prepared statement name runs, for resolving SQL-level EXECUTE (looked up only
     /// for the names a message executes).
     fn prepared(&self, name: &str) -> Option<Classification> {
-        self.statements.get(name).map(|p| (*p.classification).clone())
+        self.lookup_statement(name).map(|p| (*p.classification).clone())
     }
 
     fn policy(&mut self) -> Result<Arc<policy_store::client::ActivePolicy>, SessionError> {
@@ -1626,6 +1669,9 @@ impl Relay<'_> {
                 self.portals.clear();
                 self.cursors.clear();
             }
+            // Which portals a ROLLBACK TO dropped is not told: forget them all (an Execute of
+            // one made before the savepoint is then of unknown effect, never of the wrong one).
+            Some(SessionEffect::EndsPortals) => self.portals.clear(),
             Some(SessionEffect::None) | None => {}
         }
     }

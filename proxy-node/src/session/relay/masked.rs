@@ -236,11 +236,20 @@ impl Relay<'_> {
                 }
             }
             b'H' => {
-                let (sql, stmt) = match self.expect.front() {
-                    Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt),
+                let (sql, stmt, seq) = match self.expect.front() {
+                    Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt, r.seq),
                     _ => return Ok(Some(f)),
                 };
-                let copy = self.copy_plan(rules, &f.body, sql.as_deref(), stmt).await;
+                // Rows are split into fields by the client_encoding the gateway last heard of:
+                // a statement before this one that may change it (the same message, or one
+                // pipelined ahead and not yet answered) reports the change only afterwards.
+                let copy = if stmt > 0
+                    || (self.relexing_through > self.answered_through && self.relexing_through < seq)
+                {
+                    Err("COPY TO behind a statement that may change client_encoding, still unanswered, cannot be masked; send it on its own".to_string())
+                } else {
+                    self.copy_plan(rules, &f.body, sql.as_deref(), stmt).await
+                };
                 match copy {
                     Ok(c) => {
                         if let Some(Expect::Execute(r) | Expect::Query(r, _)) = self.expect.front_mut() {
@@ -488,12 +497,14 @@ impl Relay<'_> {
                 // A generated column holds what its expression computes from the row's other
                 // columns (`lower(email)`): masked as a value computed from them.
                 if let Some(expr) = &o.generated {
-                    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-                    let sql = format!("SELECT {expr} FROM {}.{}", quote(&o.schema), quote(&o.table));
-                    let Ok(mut ls) = lineage_sql(&sql) else { return Some(rules.fallback().clone()) };
-                    let Some(l) = ls.pop() else { return Some(rules.fallback().clone()) };
-                    let refs: Vec<ColumnRef> =
-                        l.referenced.iter().cloned().chain(output_sources(&l)).collect();
+                    let r = ColumnRef {
+                        schema: Some(o.schema.clone()),
+                        table: o.table.clone(),
+                        column: Some(o.column.clone()),
+                    };
+                    let Some(refs) = generated_sources(&r, expr) else {
+                        return Some(rules.fallback().clone());
+                    };
                     if let Some(m) = self.refs_masker(rules, refs).await {
                         return Some(m);
                     }
@@ -548,6 +559,23 @@ impl Relay<'_> {
             }
             if !seen.insert(r.clone()) {
                 continue;
+            }
+            // A generated column holds what its expression computes from the row's columns.
+            if let Some(col) = &r.column {
+                match self.catalog.generated(reach, r.schema.as_deref(), &r.table).await {
+                    Ok(g) => {
+                        if let Some((_, expr)) = g.iter().find(|(c, _)| c == col) {
+                            match generated_sources(&r, expr) {
+                                Some(refs) => work.extend(refs.into_iter().map(|n| (n, depth + 1))),
+                                None => return Some(rules.fallback().clone()),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catalog lookup of generated columns failed; masking");
+                        return Some(rules.fallback().clone());
+                    }
+                }
             }
             let rels = match self.catalog.relations(reach, r.schema.as_deref(), &r.table).await {
                 Ok(rels) => rels,
@@ -721,6 +749,18 @@ fn output_sources(l: &Lineage) -> impl Iterator<Item = ColumnRef> + '_ {
                 .collect(),
         }
     })
+}
+
+/// The columns the expression `expr` of generated column `r` reads (`None`: it cannot be
+/// read).
+fn generated_sources(r: &ColumnRef, expr: &str) -> Option<Vec<ColumnRef>> {
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let table = match &r.schema {
+        Some(s) => format!("{}.{}", quote(s), quote(&r.table)),
+        None => quote(&r.table),
+    };
+    let l = lineage_sql(&format!("SELECT {expr} FROM {table}")).ok()?.pop()?;
+    Some(l.referenced.iter().cloned().chain(output_sources(&l)).collect())
 }
 
 /// Is `r` a column of the planner's statistics that holds sampled values of other tables'
