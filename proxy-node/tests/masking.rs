@@ -980,6 +980,22 @@ async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
     }
     let seen = String::from_utf8_lossy(&seen).into_owned();
     assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
+    // A Bind of a cursor's name (WITH HOLD, so it outlives its block) fails on the target: the
+    // Execute past the Sync runs the cursor, not the decoy.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    s.write_all(&query("DECLARE c CURSOR WITH HOLD FOR SELECT upper(name) AS x FROM users")).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(
+        &[parse("", "SELECT 'a'::text AS x"), bind("c", "", &[]), sync(), execute("c"), sync()].concat(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
+        seen.extend(read_until_ready(&mut s).await);
+    }
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
 }
 
 /// Inside one transaction block, a bound portal's name is free again after SQL `CLOSE` (sent

@@ -685,8 +685,6 @@ impl Relay<'_> {
                         .collect(),
                 };
                 let portal = b.portal.to_string();
-                // A portal of this name is no longer a cursor the session declared.
-                self.cursors.remove(&portal);
                 self.send_upstream(&f);
                 self.expect.push_back(Expect::Bind { portal, entry });
             }
@@ -737,24 +735,24 @@ impl Relay<'_> {
     }
 
     /// What the entries still awaiting their answers say a name is. The newest one that could
-    /// change it decides: a Parse or Bind of it (`defines`) is trusted only when no Sync lies
-    /// between it and now, or when the name was free before it. A Parse or Bind that fails, or
-    /// is skipped after an earlier error, makes the target skip what follows up to the next Sync,
-    /// so a message in the same stretch never runs against a name it did not make; past a Sync
-    /// the target may still hold the older statement or portal of that name. Any other entry
-    /// that may change the name (a Close, a `DEALLOCATE`, `CLOSE`, `DECLARE`, `ROLLBACK TO` not
-    /// yet answered) leaves it uncertain until the answers come.
+    /// change it decides: a Parse or Bind of it (`defines`) is trusted when no Sync lies between
+    /// it and now. A Parse or Bind that fails, or is skipped after an earlier error, makes the
+    /// target skip what follows up to the next Sync, so a message in the same stretch never runs
+    /// against a name it did not make; past a Sync the target may still hold an older statement
+    /// or portal of that name. `free_before` says when it cannot: nothing held the name, and no
+    /// older entry (`creates`) may have made it. Any other entry that may change the name (a
+    /// Close, a `DEALLOCATE`, `CLOSE`, `DECLARE`, `ROLLBACK TO` not yet answered) leaves it
+    /// uncertain until the answers come.
     fn pending(
         &self,
         defines: impl Fn(&Expect) -> bool,
         touches: impl Fn(&Expect) -> bool,
-        held_before: bool,
+        free_before: impl Fn(usize) -> bool,
     ) -> Pending<'_> {
         let mut crossed = false;
         for (i, e) in self.expect.iter().enumerate().rev() {
             if defines(e) {
-                let older = self.expect.iter().take(i).any(|o| defines(o) || touches(o));
-                return if crossed && (held_before || older) { Pending::Uncertain } else { Pending::Sure(e) };
+                return if crossed && !free_before(i) { Pending::Uncertain } else { Pending::Sure(e) };
             }
             if touches(e) {
                 return Pending::Uncertain;
@@ -787,14 +785,28 @@ impl Relay<'_> {
     /// The statement a name stands for: the latest Parse still awaiting confirmation (see
     /// [`Relay::pending`]; `None` when it is uncertain), else the confirmed one.
     fn lookup_statement(&self, name: &str) -> Option<Prepared> {
-        // The unnamed statement is dropped when a Parse of it starts, so the gateway forgets
-        // whether one was there: count it as held.
-        let held = name.is_empty() || self.statements.contains_key(name);
-        match self.pending(
-            |e| matches!(e, Expect::Parse { name: n, .. } if n == name),
-            |e| Self::touches_statement(e, name),
-            held,
-        ) {
+        let defines = |e: &Expect| matches!(e, Expect::Parse { name: n, .. } if n == name);
+        // Only a Parse or a `PREPARE` makes a statement (the gateway's own map is only ever
+        // changed by answers). The unnamed statement is dropped when a Parse of it starts, so
+        // whether one was there is forgotten: never free.
+        let creates = |e: &Expect| {
+            defines(e)
+                || match e {
+                    Expect::Query(_, effects) => {
+                        effects.iter().any(|x| matches!(x, SessionEffect::Prepare(n, _) if n == name))
+                    }
+                    Expect::Execute(r) => {
+                        matches!(&r.effect, Some(SessionEffect::Prepare(n, _)) if n == name)
+                    }
+                    _ => false,
+                }
+        };
+        let free_before = |i: usize| {
+            !name.is_empty()
+                && !self.statements.contains_key(name)
+                && !self.expect.iter().take(i).any(creates)
+        };
+        match self.pending(defines, |e| Self::touches_statement(e, name), free_before) {
             Pending::Sure(Expect::Parse { stmt, .. }) => Some(stmt.clone()),
             Pending::Uncertain => None,
             _ => self.statements.get(name).cloned(),
@@ -804,11 +816,12 @@ impl Relay<'_> {
     /// The portal a name stands for, as [`Relay::lookup_statement`] finds statements; an
     /// uncertain one is bound to a statement the gateway does not know.
     fn lookup_portal(&self, name: &str) -> Option<&Portal> {
-        let held = name.is_empty() || self.portals.contains_key(name) || self.cursors.contains(name);
+        // Cursors (`WITH HOLD` ones outlive their block) are not all known by name: a portal
+        // name is never taken as free.
         match self.pending(
             |e| matches!(e, Expect::Bind { portal, .. } if portal == name),
             |e| Self::touches_portal(e, name),
-            held,
+            |_| false,
         ) {
             Pending::Sure(Expect::Bind { entry, .. }) => Some(entry),
             Pending::Uncertain => Some(&self.uncertain_portal),
@@ -1602,6 +1615,9 @@ impl Relay<'_> {
                 self.statements.insert(name, stmt);
             }
             Expect::Bind { portal, entry } => {
+                // A portal of this name is no longer a cursor the session declared (a Bind of a
+                // cursor's name fails, and leaves the cursor, until it is closed).
+                self.cursors.remove(&portal);
                 self.portals.insert(portal, entry);
             }
             Expect::Close { kind, name } => {
