@@ -950,11 +950,7 @@ async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
     )
     .await
     .unwrap();
-    let mut seen = Vec::new();
-    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
-        seen.extend(read_until_ready(&mut s).await);
-    }
-    let seen = String::from_utf8_lossy(&seen).into_owned();
+    let seen = testkit::pgwire::read_answers(&mut s, 2).await;
     assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
     // A portal bound before a savepoint, dropped by ROLLBACK TO, its name declared again.
     let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
@@ -974,11 +970,7 @@ async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
     )
     .await
     .unwrap();
-    let mut seen = Vec::new();
-    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
-        seen.extend(read_until_ready(&mut s).await);
-    }
-    let seen = String::from_utf8_lossy(&seen).into_owned();
+    let seen = testkit::pgwire::read_answers(&mut s, 2).await;
     assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
     // A Bind of a cursor's name (WITH HOLD, so it outlives its block) fails on the target: the
     // Execute past the Sync runs the cursor, not the decoy.
@@ -990,11 +982,7 @@ async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
     )
     .await
     .unwrap();
-    let mut seen = Vec::new();
-    while testkit::pgwire::tags(&seen).iter().filter(|&&t| t == b'Z').count() < 2 {
-        seen.extend(read_until_ready(&mut s).await);
-    }
-    let seen = String::from_utf8_lossy(&seen).into_owned();
+    let seen = testkit::pgwire::read_answers(&mut s, 2).await;
     assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
 }
 

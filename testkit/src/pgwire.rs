@@ -99,6 +99,16 @@ pub async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
     seen
 }
 
+/// What the server sends up to its `n`th ReadyForQuery (pipelined messages get one each; a
+/// read can carry several).
+pub async fn read_answers(s: &mut TcpStream, n: usize) -> String {
+    let mut seen = Vec::new();
+    while tags(&seen).iter().filter(|&&t| t == b'Z').count() < n {
+        seen.extend(read_until_ready(s).await);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
 /// Everything the server sends until it closes the connection.
 pub async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
