@@ -921,6 +921,18 @@ async fn copy_in_a_foreign_encoding_is_refused_while_masking() {
     c.simple_query("SET client_encoding = 'SJIS'").await.unwrap();
     let seen = copy_out(&c, "COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv)").await;
     assert!(seen.starts_with("ERROR") && !seen.contains("Alice"), "{seen}");
+    // Behind a BEGIN, which changes no setting, a COPY in the same message is served.
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        &testkit::pgwire::query(
+            "BEGIN; COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv); COMMIT",
+        ),
+    )
+    .await
+    .unwrap();
+    let seen = testkit::pgwire::read_answers(&mut s, 1).await;
+    assert!(seen.contains("[redacted]") && !seen.contains("ERROR") && !seen.contains("Alice"), "{seen}");
     // In UTF-8 the same COPY is served, masked.
     let c = h.connect(AGENT_KEY).await;
     let seen =

@@ -243,7 +243,8 @@ impl Relay<'_> {
                 // Rows are split into fields by the client_encoding the gateway last heard of:
                 // a statement before this one that may change it (the same message, or one
                 // pipelined ahead and not yet answered) reports the change only afterwards.
-                let copy = if stmt > 0
+                let behind = stmt > 0 && !sql.as_deref().is_some_and(|s| only_opens_blocks_before(s, stmt));
+                let copy = if behind
                     || (self.relexing_through > self.answered_through && self.relexing_through < seq)
                 {
                     Err("COPY TO behind a statement that may change client_encoding, still unanswered, cannot be masked; send it on its own".to_string())
@@ -748,6 +749,16 @@ fn output_sources(l: &Lineage) -> impl Iterator<Item = ColumnRef> + '_ {
                 .map(|t| ColumnRef { schema: t.schema.clone(), table: t.table.clone(), column: None })
                 .collect(),
         }
+    })
+}
+
+/// Are the statements of `sql` before statement `stmt` only `BEGIN`s and savepoints, which
+/// change no setting (`BEGIN; COPY … TO STDOUT`)?
+fn only_opens_blocks_before(sql: &str, stmt: usize) -> bool {
+    use sqlparser::ast::Statement as S;
+    Parser::parse_sql(&PostgreSqlDialect {}, sql).is_ok_and(|sts| {
+        sts.len() > stmt
+            && sts[..stmt].iter().all(|st| matches!(st, S::StartTransaction { .. } | S::Savepoint { .. }))
     })
 }
 
