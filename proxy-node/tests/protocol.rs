@@ -937,7 +937,13 @@ async fn text_pipelined_behind_a_setting_change_is_not_read_with_the_old_setting
     set.unwrap();
     let e = read.expect_err("refused");
     assert_eq!(code(&e), "42501", "{e:?}");
-    assert!(format!("{e:?}").contains("has not been answered yet"), "{e:?}");
+    // Refused for the unanswered SET, or, when the client's two writes reach the proxy after
+    // the SET was answered (a busy machine), for the setting it then knows.
+    let why = format!("{e:?}");
+    assert!(
+        why.contains("has not been answered yet") || why.contains("standard_conforming_strings is off"),
+        "{e:?}"
+    );
     // Once the answer is in, the setting is known, and the text is refused for it.
     let e = c.simple_query(sneaky).await.expect_err("refused");
     assert!(format!("{e:?}").contains("standard_conforming_strings is off"), "{e:?}");
@@ -1179,10 +1185,36 @@ async fn a_name_redefined_across_a_sync_is_not_trusted_before_the_target_answers
             .concat(),
         ),
     ];
-    let sequences = sequences.into_iter().chain([(
-        "SQL EXECUTE of a name a pending Close and Parse redefine",
-        [close(b'S', "w2"), parse("w2", "DELETE FROM orders"), sync(), query("EXECUTE w2")].concat(),
-    )]);
+    let sequences = sequences.into_iter().chain([
+        (
+            "SQL EXECUTE of a name a pending Close and Parse redefine",
+            [close(b'S', "w2"), parse("w2", "DELETE FROM orders"), sync(), query("EXECUTE w2")].concat(),
+        ),
+        (
+            "a parsed `EXECUTE p` run after p was redefined",
+            [
+                parse("p4", "SELECT 1"),
+                parse("x4", "EXECUTE p4"),
+                sync(),
+                close(b'S', "p4"),
+                parse("p4", "DELETE FROM orders"),
+                sync(),
+                bind("", "x4", &[]),
+                execute(""),
+                sync(),
+            ]
+            .concat(),
+        ),
+        (
+            "EXECUTE before a PREPARE of the same name in one message",
+            [
+                parse("p5", "DELETE FROM orders"),
+                sync(),
+                query("EXECUTE p5; DEALLOCATE p5; PREPARE p5 AS SELECT 1"),
+            ]
+            .concat(),
+        ),
+    ]);
     for (what, messages) in sequences {
         let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
         // A harmless statement of the name used last, confirmed before the rest is sent.
