@@ -133,6 +133,9 @@ pub struct Classification {
     pub effects: Vec<SessionEffect>,
     /// SQL-level `EXECUTE name` in this message.
     pub executes: Vec<String>,
+    /// For each of [`Classification::executes`], the index of its top-level statement: what it
+    /// runs is what the name is when that statement runs.
+    pub executes_at: Vec<usize>,
     /// Functions called that are neither known read-only built-ins nor denied: their effect
     /// is unknown until their volatility is looked up ([`Classification::resolve_functions`]).
     pub functions: BTreeSet<FunctionRef>,
@@ -291,14 +294,22 @@ impl Classification {
         if self.executes.is_empty() {
             return;
         }
-        let mut here: std::collections::HashMap<String, Classification> = std::collections::HashMap::new();
-        for e in &self.effects {
-            if let SessionEffect::Prepare(n, c) = e {
-                here.insert(n.clone(), (**c).clone());
+        // What a name is when the statement executing it runs: the latest earlier statement of
+        // this message that changed it, else the session's. One deallocated or discarded
+        // before (the target then refuses the EXECUTE), or an EXECUTE whose place is not known,
+        // stays unknown.
+        let lookup = |j: usize, n: &str| {
+            let Some(&at) = self.executes_at.get(j) else {
+                return (!self.effects.iter().any(|e| e.touches_statement(n))).then(|| prepared(n)).flatten();
+            };
+            match self.effects[..at.min(self.effects.len())].iter().rev().find(|e| e.touches_statement(n)) {
+                Some(SessionEffect::Prepare(_, c)) => Some((**c).clone()),
+                Some(_) => None,
+                None => prepared(n),
             }
-        }
-        let lookup = |n: &str| here.get(n).cloned().or_else(|| prepared(n));
-        let resolved: Vec<Option<Classification>> = self.executes.iter().map(|n| lookup(n)).collect();
+        };
+        let resolved: Vec<Option<Classification>> =
+            self.executes.iter().enumerate().map(|(j, n)| lookup(j, n)).collect();
         if resolved.iter().any(Option::is_none) {
             return;
         }
@@ -318,6 +329,7 @@ impl Classification {
             self.reaches.extend(p.reaches.iter().cloned());
         }
         self.executes.clear();
+        self.executes_at.clear();
     }
 
     /// The operations, sorted by name, each once (built for every statement's decision event:
@@ -740,6 +752,8 @@ pub fn classify(sql: &str) -> Classification {
             c.accesses.insert(Access { operation: Operation::Escalate, table: None });
         }
         classify_statement(stmt, &mut c);
+        let at = c.effects.len() - 1;
+        c.executes_at.resize(c.executes.len(), at);
         match stmt {
             Statement::Declare { stmts, .. } => {
                 c.declares.extend(stmts.iter().flat_map(|d| d.names.iter().map(ident_name)));
@@ -1225,6 +1239,13 @@ mod tests {
         let mut other = classify("EXECUTE q(1)");
         other.resolve_executes(|n| prepared.get(n).cloned());
         assert!(other.unknown_effect().is_some(), "an unknown name stays unknown");
+        // Order matters: an EXECUTE runs what the name is when it runs.
+        let mut later = classify("EXECUTE p(1); DEALLOCATE p; PREPARE p AS SELECT 1");
+        later.resolve_executes(|n| prepared.get(n).cloned());
+        assert!(has(&later, Operation::Delete, "orders"), "the session's p runs first: {later:?}");
+        let mut gone = classify("DEALLOCATE p; EXECUTE p(1)");
+        gone.resolve_executes(|n| prepared.get(n).cloned());
+        assert!(gone.unknown_effect().is_some(), "{gone:?}");
         let mut mixed = classify("EXECUTE p(1); SELECT my_func()");
         mixed.resolve_executes(|n| prepared.get(n).cloned());
         assert!(mixed.unknown_effect().is_some(), "other unknowns stay");

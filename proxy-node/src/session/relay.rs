@@ -1397,6 +1397,18 @@ impl Relay<'_> {
                 (format!("-- fetch from portal \"{portal}\"").into(), Arc::from([]), Arc::new(c))
             }
         };
+        // A statement that runs `EXECUTE name` runs what the name is now, not what it was when
+        // the statement was parsed.
+        let mut c = c;
+        if !sql.is_empty() && !self.s.shared.classifier.classify(&sql).executes.is_empty() {
+            let mut fresh = self.s.shared.classifier.classify(&sql);
+            Arc::make_mut(&mut fresh).resolve_executes(|n| self.prepared(n));
+            if let Some(u) = &c.unknown {
+                Arc::make_mut(&mut fresh).unknown.get_or_insert_with(|| u.clone());
+            }
+            self.resolve_functions(&mut fresh).await;
+            c = fresh;
+        }
         let stores = self.check_stores(&sql, &c).await?;
         let (seq, verdict, events) = self.judge(&sql, &params, &c, stores)?;
         match verdict.decision {
