@@ -948,54 +948,53 @@ async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
     use testkit::pgwire::{bind, execute, parse, query, read_until_ready, sync};
     use tokio::io::AsyncWriteExt;
     let h = start(&format!("  - columns: [users.name]\n    strategy: redact\n{DEFAULTS}")).await;
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
-    s.write_all(&[parse("w", "SELECT 'x'::text AS a"), sync()].concat()).await.unwrap();
-    read_until_ready(&mut s).await;
-    s.write_all(
-        &[
-            query("DEALLOCATE w; PREPARE w AS SELECT upper(name) FROM users"),
-            bind("", "w", &[]),
-            execute(""),
-            sync(),
-        ]
-        .concat(),
-    )
-    .await
-    .unwrap();
-    let seen = testkit::pgwire::read_answers(&mut s, 2).await;
-    assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
-    // A portal bound before a savepoint, dropped by ROLLBACK TO, its name declared again.
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
-    s.write_all(&query("BEGIN")).await.unwrap();
-    read_until_ready(&mut s).await;
-    s.write_all(&query("SAVEPOINT a")).await.unwrap();
-    read_until_ready(&mut s).await;
-    s.write_all(&[parse("k", "SELECT 'x'::text AS a"), bind("p", "k", &[]), sync()].concat()).await.unwrap();
-    read_until_ready(&mut s).await;
-    s.write_all(
-        &[
-            query("ROLLBACK TO SAVEPOINT a; DECLARE p CURSOR FOR SELECT upper(name) FROM users"),
-            execute("p"),
-            sync(),
-        ]
-        .concat(),
-    )
-    .await
-    .unwrap();
-    let seen = testkit::pgwire::read_answers(&mut s, 2).await;
-    assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
-    // A Bind of a cursor's name (WITH HOLD, so it outlives its block) fails on the target: the
-    // Execute past the Sync runs the cursor, not the decoy.
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
-    s.write_all(&query("DECLARE c CURSOR WITH HOLD FOR SELECT upper(name) AS x FROM users")).await.unwrap();
-    read_until_ready(&mut s).await;
-    s.write_all(
-        &[parse("", "SELECT 'a'::text AS x"), bind("c", "", &[]), sync(), execute("c"), sync()].concat(),
-    )
-    .await
-    .unwrap();
-    let seen = testkit::pgwire::read_answers(&mut s, 2).await;
-    assert!(!seen.to_uppercase().contains("ALICE"), "{seen}");
+    // What, the messages each answered before the next, then the messages sent in one write.
+    type Case = (&'static str, Vec<Vec<u8>>, Vec<u8>);
+    let cases: [Case; 3] = [
+        (
+            "DEALLOCATE and PREPARE pipelined ahead",
+            vec![[parse("w", "SELECT 'x'::text AS a"), sync()].concat()],
+            [
+                query("DEALLOCATE w; PREPARE w AS SELECT upper(name) FROM users"),
+                bind("", "w", &[]),
+                execute(""),
+                sync(),
+            ]
+            .concat(),
+        ),
+        (
+            // Bound before a savepoint, dropped by ROLLBACK TO, the name declared again.
+            "ROLLBACK TO and DECLARE pipelined ahead",
+            vec![
+                query("BEGIN"),
+                query("SAVEPOINT a"),
+                [parse("k", "SELECT 'x'::text AS a"), bind("p", "k", &[]), sync()].concat(),
+            ],
+            [
+                query("ROLLBACK TO SAVEPOINT a; DECLARE p CURSOR FOR SELECT upper(name) FROM users"),
+                execute("p"),
+                sync(),
+            ]
+            .concat(),
+        ),
+        (
+            // The Bind of a cursor's name (WITH HOLD, so it outlives its block) fails on the
+            // target: the Execute past the Sync runs the cursor, not the decoy.
+            "a decoy Bind of a cursor's name",
+            vec![query("DECLARE c CURSOR WITH HOLD FOR SELECT upper(name) AS x FROM users")],
+            [parse("", "SELECT 'a'::text AS x"), bind("c", "", &[]), sync(), execute("c"), sync()].concat(),
+        ),
+    ];
+    for (what, setup, pipelined) in cases {
+        let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+        for step in setup {
+            s.write_all(&step).await.unwrap();
+            read_until_ready(&mut s).await;
+        }
+        s.write_all(&pipelined).await.unwrap();
+        let seen = testkit::pgwire::read_answers(&mut s, 2).await;
+        assert!(!seen.to_uppercase().contains("ALICE"), "{what}: {seen}");
+    }
 }
 
 /// Inside one transaction block, a bound portal's name is free again after SQL `CLOSE` (sent

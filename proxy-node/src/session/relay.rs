@@ -48,6 +48,9 @@ const RESERVED_PREFIX: &str = "__airlock";
 struct Prepared {
     sql: Arc<str>,
     classification: Arc<Classification>,
+    /// Its text runs SQL `EXECUTE name`: resolved again at each Execute, since the name may
+    /// stand for another statement by then.
+    runs_execute: bool,
 }
 
 /// A portal: a prepared statement bound to parameters.
@@ -1334,7 +1337,8 @@ impl Relay<'_> {
             Arc::make_mut(&mut c).unknown =
                 Some(format!("a parameter is declared of type {oid}, which is not built in"));
         }
-        if !c.executes.is_empty() {
+        let runs_execute = !c.executes.is_empty();
+        if runs_execute {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
@@ -1354,7 +1358,8 @@ impl Relay<'_> {
             self.statements.remove("");
         }
         self.send_upstream(&f);
-        self.expect.push_back(Expect::Parse { name, stmt: Prepared { sql, classification: c } });
+        self.expect
+            .push_back(Expect::Parse { name, stmt: Prepared { sql, classification: c, runs_execute } });
         Ok(())
     }
 
@@ -1362,6 +1367,7 @@ impl Relay<'_> {
         let entry = self.lookup_portal(&portal).cloned();
         let stmt_sql =
             entry.as_ref().and_then(|e| e.stmt.as_ref()).map(|p| p.sql.clone()).filter(|s| !s.is_empty());
+        let runs_execute = matches!(&entry, Some(Portal { stmt: Some(p), .. }) if p.runs_execute);
         let (sql, params, c): (Arc<str>, _, _) = match entry {
             Some(Portal { stmt: Some(p), params }) => (p.sql, params, p.classification),
             Some(Portal { stmt: None, params }) => {
@@ -1400,7 +1406,7 @@ impl Relay<'_> {
         // A statement that runs `EXECUTE name` runs what the name is now, not what it was when
         // the statement was parsed.
         let mut c = c;
-        if !sql.is_empty() && !self.s.shared.classifier.classify(&sql).executes.is_empty() {
+        if runs_execute {
             let mut fresh = self.s.shared.classifier.classify(&sql);
             Arc::make_mut(&mut fresh).resolve_executes(|n| self.prepared(n));
             if let Some(u) = &c.unknown {
@@ -1674,7 +1680,10 @@ impl Relay<'_> {
     fn apply_effect(&mut self, effect: Option<SessionEffect>) {
         match effect {
             Some(SessionEffect::Prepare(name, c)) => {
-                self.statements.insert(name, Prepared { sql: "".into(), classification: Arc::new(*c) });
+                self.statements.insert(
+                    name,
+                    Prepared { sql: "".into(), classification: Arc::new(*c), runs_execute: false },
+                );
             }
             Some(SessionEffect::Deallocate(Some(name))) => {
                 self.statements.remove(&name);
