@@ -3,9 +3,9 @@
 //! A function that is not a known read-only built-in is judged by `pg_proc.provolatile`:
 //! immutable or stable functions cannot write (PostgreSQL runs them read-only), volatile ones
 //! have an unknown effect. Unqualified names are judged by their most volatile overload in any
-//! schema, so `search_path` cannot make a volatile function look stable. Lookups go over a
-//! side connection to the same target and are cached per session, and dropped whenever the
-//! session runs DDL.
+//! schema, so `search_path` cannot make a volatile function look stable. Lookups go over
+//! side connections to the same target, which a node's sessions share ([`Pool`]); answers
+//! are cached per session, and dropped whenever the session runs DDL.
 //!
 //! Masking looks up result columns' origins, relations by name (with view definitions) and
 //! table columns the same way.
@@ -123,7 +123,8 @@ struct FunctionFacts {
 
 #[derive(Default)]
 pub struct Catalog {
-    conn: Option<Upstream>,
+    /// Where its side connections come from: the node's, or its own.
+    pool: Arc<Pool>,
     functions: crate::Map<FunctionRef, (FunctionFacts, Instant)>,
     attribute_calls: crate::Map<String, (AttributeCall, Instant)>,
     origins: crate::Map<(u32, i16), (KnownOrigin, Instant)>,
@@ -171,6 +172,11 @@ pub struct Reach<'a> {
 }
 
 impl Catalog {
+    /// A session's catalog, borrowing side connections from `pool` (the node's).
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Catalog { pool, ..Default::default() }
+    }
+
     /// Forget what was looked up (after DDL).
     pub fn invalidate(&mut self) {
         self.epoch += 1;
@@ -578,90 +584,187 @@ impl Catalog {
         Ok(g)
     }
 
-    /// Run one catalog query with text parameters over the side connection; rows as text.
+    /// Run one catalog query with text parameters over a side connection from the node's
+    /// [`Pool`]; rows as text.
+    ///
+    /// A connection that was idle in the pool may have been closed by the target meanwhile
+    /// (a restart, `idle_session_timeout`, an administrator): a lookup that fails on one other
+    /// than by the target's refusal or a timeout is tried once more on a new connection.
     async fn rows(
         &mut self,
         reach: Reach<'_>,
         sql: &str,
         params: &[Option<&str>],
     ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
-        let result = self.rows_inner(reach, sql, params).await;
-        if result.is_err() {
-            // A failed connection is not reused; a rejected query leaves it usable, but
-            // starting afresh is simpler and rare.
-            self.conn = None;
+        let Reach { target, timeout, max } = reach;
+        let pooled = self.pool.take(target);
+        let reused = pooled.is_some();
+        let mut up = match pooled {
+            Some(up) => up,
+            None => Pool::connect(target, timeout, max).await?,
+        };
+        let mut result = query(&mut up, sql, params, timeout, max).await;
+        if reused
+            && matches!(result, Err(ref e) if !matches!(e, UpstreamError::Rejected { .. } | UpstreamError::Timeout(_)))
+        {
+            up = Pool::connect(target, timeout, max).await?;
+            result = query(&mut up, sql, params, timeout, max).await;
         }
-        result
+        match result {
+            // Answered up to its ReadyForQuery, outside any transaction (the query ran in its
+            // own implicit one): the connection is as it was.
+            Ok((rows, b'I')) => {
+                self.pool.put(target, up);
+                Ok(rows)
+            }
+            Ok((_, status)) => Err(UpstreamError::Protocol(format!(
+                "the catalog connection was left in transaction state {:?}",
+                char::from(status)
+            ))),
+            Err(e) => {
+                if matches!(e, UpstreamError::Rejected { .. }) {
+                    self.pool.put(target, up);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Idle catalog side connections, shared by a node's sessions: a session borrows one for each
+/// lookup and gives it back, so a node holds about as many as it has lookups in flight, not one
+/// per session, and a new session's first lookups skip connecting and authenticating.
+///
+/// A connection is kept only for the very target (address, TLS, credentials) it was opened
+/// for, at most [`MAX_IDLE`] per target, and for [`IDLE_FOR`]; every catalog query runs in an
+/// implicit transaction of its own and leaves no state on it.
+#[derive(Default)]
+pub struct Pool {
+    idle: std::sync::Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    target: Connection,
+    conn: Upstream,
+    since: Instant,
+}
+
+/// Idle catalog connections kept per target.
+pub const MAX_IDLE: usize = 4;
+/// How long a catalog connection is kept idle.
+pub const IDLE_FOR: Duration = Duration::from_secs(60);
+/// What catalog connections call themselves on the target (`pg_stat_activity.application_name`).
+pub const APPLICATION_NAME: &str = "airlock catalog";
+
+impl Pool {
+    async fn connect(target: &Connection, timeout: Duration, max: usize) -> Result<Upstream, UpstreamError> {
+        let params = [("application_name".to_string(), APPLICATION_NAME.to_string())];
+        upstream::connect(target, &params, timeout, max, true).await
     }
 
-    async fn rows_inner(
-        &mut self,
-        reach: Reach<'_>,
-        sql: &str,
-        params: &[Option<&str>],
-    ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
-        let Reach { target, timeout, max } = reach;
-        if self.conn.is_none() {
-            self.conn = Some(upstream::connect(target, &[], timeout, max, true).await?);
-        }
-        let up = self.conn.as_mut().ok_or_else(|| UpstreamError::Protocol("no catalog connection".into()))?;
-        let mut out = BytesMut::new();
-        message(&mut out, b'P', |b| {
-            b.put_u8(0);
-            b.put_slice(sql.as_bytes());
-            b.put_u8(0);
-            b.put_i16(0);
-        });
-        message(&mut out, b'B', |b| {
-            b.put_u8(0);
-            b.put_u8(0);
-            b.put_i16(0);
-            b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
-            for v in params {
-                match v {
-                    Some(v) => {
-                        b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
-                        b.put_slice(v.as_bytes());
-                    }
-                    None => b.put_i32(-1),
-                }
-            }
-            b.put_i16(0);
-        });
-        message(&mut out, b'E', |b| {
-            b.put_u8(0);
-            b.put_i32(0);
-        });
-        message(&mut out, b'S', |_| {});
-        tokio::time::timeout(timeout, async {
-            up.stream.write_all(&out).await?;
-            let mut rows = Vec::new();
-            let mut error = None;
-            loop {
-                let fr = up.read_frame(max).await?;
-                match fr.tag {
-                    b'D' => {
-                        let row = read_data_row(&fr.body)
-                            .ok_or_else(|| UpstreamError::Protocol("malformed catalog row".into()))?;
-                        rows.push(
-                            row.into_iter()
-                                .map(|v| v.map(|v| String::from_utf8_lossy(v).into_owned()))
-                                .collect(),
-                        );
-                    }
-                    b'E' => error = Some(read_error_fields(&fr.body)),
-                    b'Z' => break,
-                    _ => {}
-                }
-            }
-            match error {
-                Some((code, message)) => Err(UpstreamError::Rejected { code, message }),
-                None => Ok(rows),
-            }
-        })
-        .await
-        .map_err(|_| UpstreamError::Timeout("catalog lookup".into()))?
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // Nothing is left half-done under this lock: keep using the list after a panic.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The most recently returned idle connection to `target`, if one is fresh enough.
+    fn take(&self, target: &Connection) -> Option<Upstream> {
+        let mut idle = self.lock();
+        idle.retain(|i| i.since.elapsed() < IDLE_FOR);
+        let at = idle.iter().rposition(|i| i.target == *target)?;
+        Some(idle.remove(at).conn)
+    }
+
+    /// Keep `conn` for the next lookup on `target`, unless enough are kept already.
+    fn put(&self, target: &Connection, conn: Upstream) {
+        let mut idle = self.lock();
+        idle.retain(|i| i.since.elapsed() < IDLE_FOR);
+        if idle.iter().filter(|i| i.target == *target).count() < MAX_IDLE {
+            idle.push(Idle { target: target.clone(), conn, since: Instant::now() });
+        }
+    }
+
+    /// Close the connections idle for longer than [`IDLE_FOR`].
+    pub fn expire(&self) {
+        let expired: Vec<Idle> = {
+            let mut idle = self.lock();
+            let (keep, expired) =
+                std::mem::take(&mut *idle).into_iter().partition(|i| i.since.elapsed() < IDLE_FOR);
+            *idle = keep;
+            expired
+        };
+        drop(expired);
+    }
+
+    /// How many connections are idle.
+    pub fn idle(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Run `sql` with text parameters on `up`: its rows as text, and the transaction status its
+/// ReadyForQuery reported.
+async fn query(
+    up: &mut Upstream,
+    sql: &str,
+    params: &[Option<&str>],
+    timeout: Duration,
+    max: usize,
+) -> Result<(Vec<Vec<Option<String>>>, u8), UpstreamError> {
+    let mut out = BytesMut::new();
+    message(&mut out, b'P', |b| {
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    });
+    message(&mut out, b'B', |b| {
+        b.put_u8(0);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+        for v in params {
+            match v {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+    message(&mut out, b'E', |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    message(&mut out, b'S', |_| {});
+    tokio::time::timeout(timeout, async {
+        up.stream.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        let status = loop {
+            let fr = up.read_frame(max).await?;
+            match fr.tag {
+                b'D' => {
+                    let row = read_data_row(&fr.body)
+                        .ok_or_else(|| UpstreamError::Protocol("malformed catalog row".into()))?;
+                    rows.push(
+                        row.into_iter().map(|v| v.map(|v| String::from_utf8_lossy(v).into_owned())).collect(),
+                    );
+                }
+                b'E' => error = Some(read_error_fields(&fr.body)),
+                b'Z' => break fr.body.first().copied().unwrap_or(0),
+                _ => {}
+            }
+        };
+        match error {
+            Some((code, message)) => Err(UpstreamError::Rejected { code, message }),
+            None => Ok((rows, status)),
+        }
+    })
+    .await
+    .map_err(|_| UpstreamError::Timeout("catalog lookup".into()))?
 }
 
 fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {

@@ -290,6 +290,8 @@ pub(crate) struct Shared {
     pub(crate) holds: hold::Holds,
     pub(crate) grants: grant::Grants,
     pub(crate) cancels: cancel::Cancels,
+    /// Idle catalog side connections, lent to sessions for each lookup.
+    pub(crate) catalogs: Arc<catalog::Pool>,
     /// The key of the `hash` masking strategy.
     pub(crate) masking_key: Vec<u8>,
     /// TLS for clients that ask for it; `None`: answer "no".
@@ -323,9 +325,23 @@ pub async fn run(
         holds,
         grants,
         cancels: cancel::Cancels::default(),
+        catalogs: Default::default(),
         masking_key,
         tls,
         client_tls,
+    });
+    // Close catalog connections nobody borrowed for a while; ends with the node.
+    let weak = Arc::downgrade(&shared);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(catalog::IDLE_FOR / 2);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            match weak.upgrade() {
+                Some(shared) => shared.catalogs.expire(),
+                None => return,
+            }
+        }
     });
     info!(listen = ?listener.local_addr().ok(), "proxy listening");
     tokio::pin!(shutdown);

@@ -396,6 +396,51 @@ async fn a_target_on_a_unix_socket_is_served_cancelled_and_guarded() {
     cancel_a_long_query(&h, c).await;
 }
 
+/// Catalog lookups borrow side connections from the node: sessions one after another reuse
+/// one target backend for them instead of opening (and authenticating) one each, and a pooled
+/// connection the target closed meanwhile is replaced, not turned into a failed lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_share_catalog_connections_and_survive_one_being_closed() {
+    let h = start(RULES).await;
+    h.pg.psql(
+        "shop",
+        "CREATE FUNCTION shout(t text) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT upper(t)'",
+    )
+    .unwrap();
+    let catalog_pids = format!(
+        "SELECT coalesce(string_agg(pid::text, ',' ORDER BY pid), '') FROM pg_stat_activity \
+         WHERE usename = 'airlock_svc' AND application_name = '{}'",
+        proxy_node::catalog::APPLICATION_NAME
+    );
+    // The function is served only if the catalog says it is immutable (otherwise: an unknown
+    // effect, held for approval).
+    let shout = async |c: &tokio_postgres::Client| {
+        let q = c.query_one("SELECT shout(item) FROM orders WHERE id = 1", &[]);
+        let row =
+            tokio::time::timeout(Duration::from_secs(10), q).await.expect("held: no catalog answer").unwrap();
+        assert_eq!(row.get::<_, String>(0), "APPLE");
+    };
+    let mut first = String::new();
+    for i in 0..4 {
+        let c = h.connect().await;
+        shout(&c).await;
+        let pids = h.count(&catalog_pids);
+        assert_eq!(pids.split(',').count(), 1, "session {i}: catalog backends {pids:?}");
+        if i == 0 {
+            first = pids;
+        } else {
+            assert_eq!(pids, first, "session {i} opened a catalog connection of its own");
+        }
+    }
+    // The target ends the idle catalog backend; the next lookup opens a new one.
+    h.count(&format!("SELECT pg_terminate_backend({first})"));
+    h.wait_for(&catalog_pids, "", "the catalog backend to end").await;
+    let c = h.connect().await;
+    shout(&c).await;
+    let pids = h.count(&catalog_pids);
+    assert!(!pids.is_empty() && pids != first, "catalog backends after the restart: {pids:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_huge_messages_close_only_their_own_session() {
     let h = start(RULES).await;

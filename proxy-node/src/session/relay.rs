@@ -367,6 +367,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
     for p in &up.parameters {
         lexing.report(&p.body);
     }
+    let catalog = crate::catalog::Catalog::new(s.shared.catalogs.clone());
     let (cr, cw) = client.stream.split();
     let (ur, uw) = up.stream.split();
     let mut r = Relay {
@@ -391,7 +392,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         held: None,
         poison_portal: format!("{RESERVED_PREFIX}_{}", Uuid::new_v4().simple()),
         cancel,
-        catalog: crate::catalog::Catalog::default(),
+        catalog,
         rules: None,
         rules_version: None,
         lexing,
