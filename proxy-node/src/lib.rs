@@ -39,6 +39,7 @@ pub mod identity;
 mod journal;
 pub mod mask;
 pub mod policy;
+pub mod scram;
 mod session;
 pub mod tls;
 

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::frontend;
 use proto::policy::{Connection, TlsMode};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::scram::Scram;
 use crate::tls::{self, Stream};
 use crate::wire::postgres::frame::SSL_REQUEST;
 use crate::wire::postgres::messages::read_error_fields;
@@ -276,7 +277,7 @@ async fn handshake(
     let mut out = BytesMut::new();
     frontend::startup_message(params.iter().copied(), &mut out).map_err(io_err)?;
     send(up, &mut out).await?;
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Scram> = None;
     loop {
         let f = up.read_frame(max).await?;
         match f.tag {
@@ -303,8 +304,8 @@ async fn handshake(
                         if !offers_scram {
                             return Err(UpstreamError::Method("SASL without SCRAM-SHA-256".into()));
                         }
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                        let s = Scram::new(pw.as_bytes());
+                        frontend::sasl_initial_response(SCRAM_SHA_256, &s.client_first(), &mut out)
                             .map_err(io_err)?;
                         send(up, &mut out).await?;
                         scram = Some(s);
@@ -313,15 +314,18 @@ async fn handshake(
                         let s = scram
                             .as_mut()
                             .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
-                        s.update(rest).map_err(|e| UpstreamError::Protocol(format!("SCRAM: {e}")))?;
-                        frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
+                        let message = s
+                            .client_final(rest)
+                            .await
+                            .map_err(|e| UpstreamError::Protocol(format!("SCRAM: {e}")))?;
+                        frontend::sasl_response(&message, &mut out).map_err(io_err)?;
                         send(up, &mut out).await?;
                     }
                     Some(12) => {
                         let s = scram
                             .as_mut()
                             .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
-                        s.finish(rest)
+                        s.verify_final(rest)
                             .map_err(|e| UpstreamError::Protocol(format!("SCRAM server proof: {e}")))?;
                     }
                     Some(other) => {

@@ -396,6 +396,40 @@ async fn a_target_on_a_unix_socket_is_served_cancelled_and_guarded() {
     cancel_a_long_query(&h, c).await;
 }
 
+/// The proxy's own SCRAM-SHA-256 client logs in to a real PostgreSQL: again and again (its
+/// salted password kept), with a password SASLprep changes (the server prepared it the same way
+/// when it stored it), and not with a wrong password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_to_the_target_prepares_the_password_and_fails_with_a_wrong_one() {
+    let h = start(RULES).await;
+    // A no-break space (SASLprep: a space) and a soft hyphen (SASLprep: nothing).
+    let stored = "p\u{e4}ss\u{a0}word\u{ad}";
+    h.pg.psql("postgres", &format!("CREATE ROLE scram_user LOGIN PASSWORD '{stored}'")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = proto::policy::parse(&policy("127.0.0.1", h.pg.port, "/unused", RULES)).unwrap();
+    let connect = async |password: &str| {
+        let file = dir.path().join("pw");
+        std::fs::write(&file, password).unwrap();
+        let mut c = doc.connections[0].clone();
+        c.credentials.user = "scram_user".into();
+        c.credentials.password_file = Some(file.display().to_string());
+        proxy_node::upstream::connect(&c, &[], Duration::from_secs(10), 1 << 20, false).await
+    };
+    for password in [stored, stored, "p\u{e4}ss word"] {
+        let up = connect(password).await.unwrap_or_else(|e| panic!("{password:?}: {e}"));
+        assert!(up.backend_key.is_some(), "{password:?}: no session");
+    }
+    for wrong in ["p\u{e4}ssword", "pass word", ""] {
+        match connect(wrong).await {
+            Err(proxy_node::upstream::UpstreamError::Rejected { code, .. }) => {
+                assert_eq!(code, "28P01", "{wrong:?}")
+            }
+            Err(e) => panic!("{wrong:?}: {e}"),
+            Ok(_) => panic!("{wrong:?} logged in"),
+        }
+    }
+}
+
 /// Catalog lookups borrow side connections from the node: sessions one after another reuse
 /// one target backend for them instead of opening (and authenticating) one each, and a pooled
 /// connection the target closed meanwhile is replaced, not turned into a failed lookup.
