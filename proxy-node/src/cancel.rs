@@ -24,7 +24,8 @@ impl Cancels {
     /// A fresh client-facing key for a target backend.
     pub fn register(&self, addr: Endpoint, backend: Option<(i32, i32)>) -> (i32, i32) {
         loop {
-            let key: (i32, i32) = (rand_i32().abs(), rand_i32());
+            // A positive pid, as PostgreSQL's are.
+            let key: (i32, i32) = (rand_i32() & i32::MAX, rand_i32());
             let mut m = self.lock();
             if let std::collections::hash_map::Entry::Vacant(slot) = m.entry(key) {
                 if let Some((pid, secret)) = backend {

@@ -107,16 +107,36 @@ pub enum AuthError {
     SubjectCollides(String),
 }
 
+#[derive(Default)]
 struct Keys {
-    set: JwkSet,
-    fetched: Instant,
+    /// The key set last fetched, and when.
+    set: Option<(JwkSet, Instant)>,
+    /// When a fetch was last started, whatever came of it.
+    attempted: Option<Instant>,
 }
 
 /// Validates OIDC tokens; keys are cached and refreshed on expiry or an unknown `kid`.
+///
+/// Tokens whose key is in the fresh cached set never wait for a fetch. Fetches run one at a
+/// time and at most once per [`MIN_REFETCH`], failed or not, so tokens with made-up `kid`s, or
+/// an issuer that is down, cost one request to the issuer per interval, not one per login, and
+/// logins do not queue behind them.
 pub struct OidcVerifier {
     cfg: OidcConfig,
     http: reqwest::Client,
-    keys: Mutex<Option<Keys>>,
+    keys: std::sync::Mutex<Keys>,
+    /// Held while a fetch runs.
+    fetching: Mutex<()>,
+}
+
+/// The key `kid` names in `set`; without a `kid`, the set's only key.
+fn find_key(set: &JwkSet, kid: Option<&str>) -> Option<DecodingKey> {
+    let jwk = match kid {
+        Some(k) => set.find(k),
+        None if set.keys.len() == 1 => set.keys.first(),
+        None => None,
+    }?;
+    DecodingKey::from_jwk(jwk).ok()
 }
 
 #[derive(Deserialize)]
@@ -125,7 +145,7 @@ struct Discovery {
     jwks_uri: String,
 }
 
-/// The least time between two key fetches caused by unknown `kid`s.
+/// The least time between two key fetches (after one that failed, or found no such `kid`).
 const MIN_REFETCH: Duration = Duration::from_secs(10);
 
 impl OidcVerifier {
@@ -135,7 +155,7 @@ impl OidcVerifier {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Self { cfg, http, keys: Mutex::new(None) }
+        Self { cfg, http, keys: Default::default(), fetching: Mutex::new(()) }
     }
 
     async fn fetch(&self) -> Result<JwkSet, AuthError> {
@@ -172,28 +192,42 @@ impl OidcVerifier {
     }
 
     async fn key_for(&self, kid: Option<&str>) -> Result<DecodingKey, AuthError> {
-        let mut guard = self.keys.lock().await;
-        let fresh = |k: &Keys| k.fetched.elapsed() < self.cfg.jwks_ttl;
-        let find = |set: &JwkSet| -> Option<DecodingKey> {
-            let jwk = match kid {
-                Some(k) => set.find(k),
-                None if set.keys.len() == 1 => set.keys.first(),
-                None => None,
-            }?;
-            DecodingKey::from_jwk(jwk).ok()
-        };
-        if let Some(k) = guard.as_ref().filter(|k| fresh(k)) {
-            if let Some(key) = find(&k.set) {
-                return Ok(key);
-            }
-            if k.fetched.elapsed() < MIN_REFETCH {
-                return Err(AuthError::InvalidToken("unknown key id".into()));
-            }
+        if let Some(answer) = self.cached_key(kid) {
+            return answer;
         }
+        let _one_at_a_time = self.fetching.lock().await;
+        // Another login may have fetched while this one waited.
+        if let Some(answer) = self.cached_key(kid) {
+            return answer;
+        }
+        self.lock_keys().attempted = Some(Instant::now());
         let set = self.fetch().await?;
-        let key = find(&set);
-        *guard = Some(Keys { set, fetched: Instant::now() });
+        let key = find_key(&set, kid);
+        self.lock_keys().set = Some((set, Instant::now()));
         key.ok_or_else(|| AuthError::InvalidToken("unknown key id".into()))
+    }
+
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, Keys> {
+        // Nothing is left half-written under this lock.
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The answer for `kid` without fetching: its key from the fresh set; or a refusal when a
+    /// fetch was started less than [`MIN_REFETCH`] ago (it found no such key, or failed);
+    /// `None` when a fetch is due.
+    fn cached_key(&self, kid: Option<&str>) -> Option<Result<DecodingKey, AuthError>> {
+        let keys = self.lock_keys();
+        let fresh = keys.set.as_ref().filter(|(_, at)| at.elapsed() < self.cfg.jwks_ttl);
+        if let Some(key) = fresh.and_then(|(set, _)| find_key(set, kid)) {
+            return Some(Ok(key));
+        }
+        if keys.attempted.is_some_and(|at| at.elapsed() < MIN_REFETCH) {
+            return Some(Err(match fresh {
+                Some(_) => AuthError::InvalidToken("unknown key id".into()),
+                None => AuthError::Provider("the issuer's keys could not be fetched; retried shortly".into()),
+            }));
+        }
+        None
     }
 
     /// Check a token and return its principal.
@@ -322,6 +356,54 @@ mod tests {
         assert!(c.validate().is_err());
         c.algorithms = vec![];
         assert!(c.validate().is_err());
+    }
+
+    /// An issuer that answers every request with a 500, counting them.
+    async fn failing_issuer() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ =
+                    s.write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+            }
+        });
+        (url, hits)
+    }
+
+    /// A token header naming `kid` (its claims and signature are never reached).
+    fn token_with_kid(kid: &str) -> String {
+        use base64::Engine;
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!("{}.{}.c2ln", b64(&format!(r#"{{"alg":"ES256","kid":"{kid}"}}"#)), b64("{}"))
+    }
+
+    /// Logins with made-up key ids while the issuer fails cost it one request per
+    /// `MIN_REFETCH`, not one each, and fail at once instead of queueing behind fetches.
+    #[tokio::test]
+    async fn made_up_key_ids_do_not_make_a_fetch_each() {
+        let (issuer, hits) = failing_issuer().await;
+        let v = Arc::new(OidcVerifier::new(OidcConfig::for_issuer(&issuer)));
+        let logins: Vec<_> = (0..20)
+            .map(|i| {
+                let v = v.clone();
+                tokio::spawn(async move { v.verify(&token_with_kid(&format!("kid-{i}"))).await })
+            })
+            .collect();
+        for l in logins {
+            assert!(matches!(l.await.unwrap(), Err(AuthError::Provider(_))));
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "one discovery request in all");
+        let started = Instant::now();
+        assert!(matches!(v.verify(&token_with_kid("another")).await, Err(AuthError::Provider(_))));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -89,10 +89,16 @@ impl Client {
     }
 
     /// Send an error and close.
+    /// Tell the client why it is refused, then close. A client that reads nothing gets
+    /// [`REFUSAL_WRITE`] to take the message: the task, its buffers and its socket must not
+    /// wait on it for good.
     async fn refuse(&mut self, code: &str, message: String) -> SessionError {
         self.queue(&msg::fatal(code, &message));
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(REFUSAL_WRITE, async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
         SessionError::Refused(message)
     }
 }
@@ -119,6 +125,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     }
 }
 
+/// The refusal of a second SSLRequest or GSSENCRequest.
+const ENCRYPTION_ASKED_TWICE: &str = "airlock: encryption was already negotiated; asked again";
+
+/// How long a refused client has to take the refusal before its connection is dropped.
+const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+
 /// The largest password message (API key or OIDC token) read from a client not yet
 /// authenticated: a connection cannot make the proxy hold `max_message_bytes` for it.
 const MAX_CREDENTIAL: usize = 64 * 1024;
@@ -130,6 +142,8 @@ const MAX_CREDENTIAL: usize = 64 * 1024;
 async fn negotiate(shared: &Shared, mut tcp: TcpStream) -> Result<Client, SessionError> {
     let mut buf = BytesMut::with_capacity(8192);
     let max = shared.cfg.max_message_bytes;
+    // Each may be asked once, as PostgreSQL allows (libpq asks for GSS, then TLS).
+    let (mut gss_asked, mut ssl_asked) = (false, false);
     loop {
         // Every startup-phase packet starts with its length and a code: look at those only.
         if buf.len() < 8 {
@@ -140,6 +154,15 @@ async fn negotiate(shared: &Shared, mut tcp: TcpStream) -> Result<Client, Sessio
         }
         let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
         let code = i32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        let asked = match (len, code) {
+            (8, GSSENC_REQUEST) => Some(std::mem::replace(&mut gss_asked, true)),
+            (8, SSL_REQUEST) => Some(std::mem::replace(&mut ssl_asked, true)),
+            _ => None,
+        };
+        if asked == Some(true) {
+            let mut client = Client::new(Stream::Plain(tcp), BytesMut::new(), max);
+            return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, ENCRYPTION_ASKED_TWICE.into()).await);
+        }
         match (len, code) {
             (8, GSSENC_REQUEST) => {
                 buf.advance(8);
@@ -201,8 +224,10 @@ async fn authenticate(
     let params = loop {
         match client.read_startup().await {
             Ok(StartupFrame::Ssl | StartupFrame::GssEnc) => {
-                // Encryption was negotiated (or declined) before; another request is declined.
-                client.stream.write_all(b"N").await?;
+                // Encryption was negotiated (or declined) before: PostgreSQL refuses another
+                // request too. Answering each would let a client that never reads fill the
+                // socket and hold the session's task forever.
+                return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, ENCRYPTION_ASKED_TWICE.into()).await);
             }
             Ok(StartupFrame::Cancel { pid, secret }) => {
                 if secret.len() == 4 {
@@ -257,8 +282,15 @@ async fn authenticate(
         Ok(p) => p,
         Err(e) => {
             info!(client = %peer, error = %e, "authentication failed");
+            // The provider's own errors name its internal addresses: not for a stranger.
+            let why = match e {
+                crate::identity::AuthError::Provider(_) => {
+                    "the identity provider could not be reached".to_string()
+                }
+                e => e.to_string(),
+            };
             return Err(client
-                .refuse(sqlstate::INVALID_PASSWORD, format!("airlock: authentication failed: {e}"))
+                .refuse(sqlstate::INVALID_PASSWORD, format!("airlock: authentication failed: {why}"))
                 .await);
         }
     };

@@ -273,6 +273,26 @@ async fn require_refuses_plain_clients_and_survives_garbage_handshakes() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap();
     assert!(String::from_utf8_lossy(&rest).contains("data sent after SSLRequest"), "{rest:?}");
+    // Encryption asked for a second time, inside TLS or in the clear, is refused as PostgreSQL
+    // refuses it (answering each request would let a client that never reads pile them up).
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&SSL_REQUEST).await.unwrap();
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(rustls_client(&h.pki.ca)));
+    let mut t = tls.connect("localhost".try_into().unwrap(), s).await.unwrap();
+    t.write_all(&SSL_REQUEST).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest)).await.unwrap();
+    assert!(String::from_utf8_lossy(&rest).contains("encryption was already negotiated"), "{rest:?}");
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&[GSSENC_REQUEST, GSSENC_REQUEST].concat()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(rest.first(), Some(&b'N'), "{rest:?}");
+    assert!(String::from_utf8_lossy(&rest).contains("encryption was already negotiated"), "{rest:?}");
     // A client that never finishes the handshake is dropped at the auth timeout.
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
     s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
