@@ -221,36 +221,34 @@ async fn authenticate(
     client: &mut Client,
     peer: SocketAddr,
 ) -> Result<Option<Authenticated>, SessionError> {
-    let params = loop {
-        match client.read_startup().await {
-            Ok(StartupFrame::Ssl | StartupFrame::GssEnc) => {
-                // Encryption was negotiated (or declined) before: PostgreSQL refuses another
-                // request too. Answering each would let a client that never reads fill the
-                // socket and hold the session's task forever.
-                return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, ENCRYPTION_ASKED_TWICE.into()).await);
-            }
-            Ok(StartupFrame::Cancel { pid, secret }) => {
-                if secret.len() == 4 {
-                    let key = i32::from_be_bytes([secret[0], secret[1], secret[2], secret[3]]);
-                    shared.cancels.forward(pid, key).await;
-                }
-                return Ok(None);
-            }
-            Ok(StartupFrame::Startup { version, params }) => {
-                if version & 0xffff != 0 {
-                    // Ask the client to fall back to 3.0.
-                    let mut body = BytesMut::new();
-                    body.extend_from_slice(&0i32.to_be_bytes());
-                    body.extend_from_slice(&0i32.to_be_bytes());
-                    client.queue(&Frame { tag: b'v', body: body.freeze() });
-                }
-                break params;
-            }
-            Err(SessionError::Frame(e)) => {
-                return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, format!("airlock: {e}")).await);
-            }
-            Err(e) => return Err(e),
+    let params = match client.read_startup().await {
+        Ok(StartupFrame::Ssl | StartupFrame::GssEnc) => {
+            // Encryption was negotiated (or declined) before: PostgreSQL refuses another
+            // request too. Answering each would let a client that never reads fill the
+            // socket and hold the session's task forever.
+            return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, ENCRYPTION_ASKED_TWICE.into()).await);
         }
+        Ok(StartupFrame::Cancel { pid, secret }) => {
+            if secret.len() == 4 {
+                let key = i32::from_be_bytes([secret[0], secret[1], secret[2], secret[3]]);
+                shared.cancels.forward(pid, key).await;
+            }
+            return Ok(None);
+        }
+        Ok(StartupFrame::Startup { version, params }) => {
+            if version & 0xffff != 0 {
+                // Ask the client to fall back to 3.0.
+                let mut body = BytesMut::new();
+                body.extend_from_slice(&0i32.to_be_bytes());
+                body.extend_from_slice(&0i32.to_be_bytes());
+                client.queue(&Frame { tag: b'v', body: body.freeze() });
+            }
+            params
+        }
+        Err(SessionError::Frame(e)) => {
+            return Err(client.refuse(sqlstate::PROTOCOL_VIOLATION, format!("airlock: {e}")).await);
+        }
+        Err(e) => return Err(e),
     };
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let database = get("database").or_else(|| get("user")).unwrap_or_default();
