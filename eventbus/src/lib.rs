@@ -92,6 +92,11 @@ pub enum EventBus {
     Memory(memory::MemoryBus),
 }
 
+/// A NATS server's `max_payload` unless configured otherwise.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// What a message's headers (`Nats-Msg-Id` and the like) may take of `max_payload`.
+pub const HEADER_ROOM: usize = 4096;
+
 impl EventBus {
     /// Connect to NATS and make sure the stream exists.
     pub async fn connect_nats(cfg: &NatsConfig) -> Result<Self, BusError> {
@@ -101,6 +106,16 @@ impl EventBus {
     /// A new in-process bus.
     pub fn memory() -> Self {
         Self::Memory(memory::MemoryBus::new())
+    }
+
+    /// The most bytes one encoded event may take: the NATS server's `max_payload` (what it
+    /// says at connection), less room for a message's headers. The in-process bus keeps the
+    /// default server's limit, so that what tests send meets the same bound.
+    pub fn max_event_bytes(&self) -> usize {
+        match self {
+            Self::Nats(b) => b.max_event_bytes(),
+            Self::Memory(_) => DEFAULT_MAX_PAYLOAD - HEADER_ROOM,
+        }
     }
 
     /// Publish one event; `Ok` only once it is acknowledged.

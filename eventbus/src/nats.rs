@@ -56,6 +56,11 @@ struct Inner {
 }
 
 impl NatsBus {
+    /// See [`crate::EventBus::max_event_bytes`].
+    pub fn max_event_bytes(&self) -> usize {
+        self.inner.client.max_payload().saturating_sub(crate::HEADER_ROOM)
+    }
+
     /// Connect and create (or reuse) the stream.
     pub async fn connect(cfg: &NatsConfig) -> Result<Self, BusError> {
         // async-nats brings ring while object_store brings aws-lc-rs: pick one for rustls, or it

@@ -64,6 +64,7 @@ pub(crate) struct Journal {
     /// Sessions with a statement at the target whose events will be handed over with its
     /// answer (see [`Journal::pending`]).
     pending: Arc<AtomicUsize>,
+    bus: EventBus,
 }
 
 /// A session's statement is at the target and its events follow with the answer: while any
@@ -79,6 +80,7 @@ impl Drop for Pending {
 impl Journal {
     /// Start the task (on the current runtime); it ends when every handle is dropped.
     pub(crate) fn start(bus: EventBus) -> Self {
+        let handle = bus.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
         let waiting = Arc::new(Notify::new());
         let urgent = waiting.clone();
@@ -136,7 +138,12 @@ impl Journal {
                 }
             }
         });
-        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)), urgent, pending }
+        Self { tx, room: Arc::new(Semaphore::new(MAX_UNPUBLISHED)), urgent, pending, bus: handle }
+    }
+
+    /// The most bytes one encoded event may take on the bus ([`EventBus::max_event_bytes`]).
+    pub(crate) fn max_event_bytes(&self) -> usize {
+        self.bus.max_event_bytes()
     }
 
     /// Note a statement at the target whose events follow with its answer, until dropped.

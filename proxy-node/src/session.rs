@@ -461,8 +461,71 @@ impl Session {
 }
 
 pub(crate) const LOCAL_DECIDER: &str = "proxy-node";
-/// Stop capturing result rows for the record past this many bytes.
-pub(crate) const CAPTURE_BYTES: usize = 1024 * 1024;
+/// The most bytes of result values a response event records (its rows are cut there, and
+/// marked `truncated`): the event must fit on the bus whatever the result, or no other session
+/// of its batch could be recorded either.
+pub(crate) const CAPTURE_BYTES: usize = 256 * 1024;
+/// The most bytes of one result value a response event records.
+const CAPTURE_VALUE_BYTES: usize = 16 * 1024;
+
+/// What a request event adds to its statement and parameters (ids, times, field names).
+const EVENT_OVERHEAD: usize = 2048;
+/// How much of a statement too large to record its refusal's record keeps.
+const CUT_STATEMENT: usize = 4096;
+/// How much of each parameter the record of such a statement keeps, and of how many.
+const CUT_PARAMETER: usize = 256;
+const CUT_PARAMETERS: usize = 256;
+
+fn request_bytes(sql: &str, params: &[Option<String>]) -> usize {
+    EVENT_OVERHEAD + sql.len() + params.iter().map(|p| p.as_ref().map_or(1, |v| v.len() + 5)).sum::<usize>()
+}
+
+/// Why a statement may not run whatever the rules say: its request event (the statement and
+/// its parameters) would be larger than the bus takes (`max`), so it could not be recorded. A
+/// best-effort connection would run it unrecorded, a strict one fail every session whose
+/// events share its batch.
+pub(crate) fn unrecordable(sql: &str, params: &[Option<String>], max: usize) -> Option<String> {
+    let n = request_bytes(sql, params);
+    (n > max).then(|| {
+        format!(
+            "the statement and its parameters ({n} bytes) are too large to record: the event bus takes at most \
+             {max} bytes per event (raise NATS max_payload to send larger statements)"
+        )
+    })
+}
+
+/// The statement and parameters as a request event records them: as they are, or, when they
+/// do not fit in one event (the statement is then refused, [`unrecordable`]), cut, each cut
+/// value saying how long it was and its SHA-256.
+pub(crate) fn fit_for_record(
+    sql: Arc<str>,
+    params: Arc<[Option<String>]>,
+    max: usize,
+) -> (Arc<str>, Arc<[Option<String>]>) {
+    if request_bytes(&sql, &params) <= max {
+        return (sql, params);
+    }
+    let mut kept: Vec<Option<String>> =
+        params.iter().take(CUT_PARAMETERS).map(|p| p.as_deref().map(|v| cut(v, CUT_PARAMETER))).collect();
+    if params.len() > CUT_PARAMETERS {
+        kept.push(Some(format!("… [{} more parameters cut for the record]", params.len() - CUT_PARAMETERS)));
+    }
+    (cut(&sql, CUT_STATEMENT).into(), kept.into())
+}
+
+/// `s`, or its first `keep` bytes (at a character boundary) and what was cut.
+fn cut(s: &str, keep: usize) -> String {
+    if s.len() <= keep {
+        return s.to_string();
+    }
+    let end = (0..=keep).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    format!(
+        "{}… [cut for the record: {} bytes in all, sha256 {}]",
+        &s[..end],
+        s.len(),
+        hex::encode(Sha256::digest(s.as_bytes()))
+    )
+}
 
 /// The result capture and counters of one response.
 pub(crate) struct Response {
@@ -534,10 +597,22 @@ impl Response {
         self.rows += 1;
         if self.capture.rows.len() < cap_rows && self.captured_bytes < CAPTURE_BYTES {
             if let Some(vals) = msg::read_data_row(body) {
-                self.captured_bytes += body.len();
-                self.capture
-                    .rows
-                    .push(vals.into_iter().map(|v| v.map(crate::session::relay::show_value)).collect());
+                let mut row = Vec::with_capacity(vals.len());
+                for v in vals {
+                    let Some(v) = v else {
+                        row.push(None);
+                        continue;
+                    };
+                    let room = CAPTURE_VALUE_BYTES.min(CAPTURE_BYTES.saturating_sub(self.captured_bytes));
+                    let shown = crate::session::relay::show_value(v);
+                    if shown.len() > room {
+                        self.capture.truncated = true;
+                    }
+                    let shown = if shown.len() > room { cut(&shown, room) } else { shown };
+                    self.captured_bytes += shown.len() + 1;
+                    row.push(Some(shown));
+                }
+                self.capture.rows.push(row);
             }
         } else {
             self.capture.truncated = true;

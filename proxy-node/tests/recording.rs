@@ -283,3 +283,60 @@ async fn a_connection_that_does_not_require_recording_does_not_wait_for_the_bus(
     assert!(p[0][2] <= p[1][0], "the read's events come before the write's: {p:?}");
     assert_eq!(h.pg.psql("shop", "SELECT v FROM vault WHERE id = 20").unwrap().trim(), "best effort");
 }
+
+/// An event too large for the bus (NATS's 1 MiB `max_payload`) is its own statement's problem:
+/// a statement whose record would not fit is refused, on a strict connection and on a
+/// best-effort one alike (it would otherwise fail every session whose events share its batch,
+/// or run unrecorded), and its record keeps a cut of it; a result larger than that is served
+/// whole and recorded cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_the_bus_fails_only_its_own_statement() {
+    let h = start().await;
+    let mut durable = h.bus.durable("big", proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
+    let padding = "x".repeat(2 * 1024 * 1024);
+    for (db, id) in [("shop", 40), ("shop_lax", 41)] {
+        let mut s = raw_session_to(h.port, db).await;
+        s.write_all(&query(&format!("INSERT INTO vault VALUES ({id}, 'big') /* {padding} */")))
+            .await
+            .unwrap();
+        let got = read_until_ready(&mut s).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("too large to record"), "{db}: {}", &text[..text.len().min(300)]);
+        s.write_all(&query("SELECT v FROM vault WHERE id = 1")).await.unwrap();
+        let got = read_until_ready(&mut s).await;
+        assert!(contains(&got, SECRET), "{db}: the session did not go on");
+        let q = format!("SELECT count(*) FROM vault WHERE id = {id}");
+        assert_eq!(h.pg.psql("shop", &q).unwrap().trim(), "0", "{db}: the statement ran");
+    }
+    let mut s = raw_session(h.port).await;
+    s.write_all(&query("SELECT repeat('y', 3000000) AS big")).await.unwrap();
+    let got = read_until_ready(&mut s).await;
+    assert!(got.iter().filter(|&&b| b == b'y').count() >= 3_000_000, "the result was not served whole");
+    // The records: both refusals with a cut statement, the big result cut and marked so.
+    let (mut cut_requests, mut cut_result) = (0, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cut_requests < 2 || !cut_result {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records missing: {cut_requests} cut requests, cut result {cut_result}"
+        );
+        for d in durable.next_batch(100, Duration::from_millis(200)).await.unwrap() {
+            d.ack().await.unwrap();
+            match d.envelope.event {
+                Event::RequestReceived { statement, .. } if statement.contains("cut for the record") => {
+                    assert!(
+                        statement.len() < 10_000
+                            && statement.contains(&format!("{} bytes in all", padding.len() + 43))
+                    );
+                    cut_requests += 1;
+                }
+                Event::ResponseSent { result: Some(r), .. } if r.truncated => {
+                    let cell = r.rows[0][0].as_deref().unwrap();
+                    assert!(cell.starts_with("yyyy") && cell.len() < 20_000, "{}", cell.len());
+                    cut_result = true;
+                }
+                _ => {}
+            }
+        }
+    }
+}

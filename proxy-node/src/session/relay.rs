@@ -896,16 +896,18 @@ impl Relay<'_> {
         &mut self,
         policy: &Arc<policy_store::client::ActivePolicy>,
         sql: &str,
+        params: &[Option<String>],
         c: &Arc<Classification>,
         stores: Option<String>,
     ) -> Arc<Decided> {
+        let deny = |rule: &str, reason| {
+            Decided::new(Verdict { decision: Decision::Deny, rule: rule.into(), reason, hold: None })
+        };
+        if let Some(reason) = super::unrecordable(sql, params, self.s.shared.journal.max_event_bytes()) {
+            return deny("builtin.recording", reason);
+        }
         match stores.or_else(|| self.mask_precheck(sql, c)) {
-            Some(reason) => Decided::new(Verdict {
-                decision: Decision::Deny,
-                rule: "builtin.masking".into(),
-                reason,
-                hold: None,
-            }),
+            Some(reason) => deny("builtin.masking", reason),
             None => self.verdict(policy, c),
         }
     }
@@ -954,7 +956,7 @@ impl Relay<'_> {
     ) -> Result<(u64, Arc<Decided>, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = self.decide(&policy, sql, c, stores);
+        let verdict = self.decide(&policy, sql, params, c, stores);
         let (seq, events) = self.request_events(&policy, sql, params, c, &verdict);
         if verdict.decision != Decision::Deny {
             if c.may_change_settings() {
@@ -975,6 +977,8 @@ impl Relay<'_> {
         verdict: &Decided,
     ) -> (u64, Vec<Event>) {
         let (shown_sql, shown_params) = self.shown(sql, params);
+        let (shown_sql, shown_params) =
+            super::fit_for_record(shown_sql, shown_params, self.s.shared.journal.max_event_bytes());
         self.s.seq += 1;
         let seq = self.s.seq;
         debug!(seq, decision = %verdict.decision, rule = %verdict.rule, "policy decision");
@@ -1347,7 +1351,7 @@ impl Relay<'_> {
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = self.decide(&policy, &sql, &c, stores);
+        let verdict = self.decide(&policy, &sql, &[], &c, stores);
         if verdict.decision == Decision::Deny {
             let no_params = self.no_params.clone();
             let (seq, events) = self.request_events(&policy, &sql, &no_params, &c, &verdict);
