@@ -118,6 +118,17 @@ impl EventBus {
         }
     }
 
+    /// How many times so far a [`EventBus::subscribe`] subscription may have missed messages
+    /// (the connection to NATS was lost, or the server dropped messages for a slow
+    /// subscriber): whoever keeps state from a subscription, and cannot afford to miss a
+    /// message, starts over when this changes. Always 0 for the in-process bus.
+    pub fn losses(&self) -> u64 {
+        match self {
+            Self::Nats(b) => b.losses(),
+            Self::Memory(_) => 0,
+        }
+    }
+
     /// Publish one event; `Ok` only once it is acknowledged.
     pub async fn publish(&self, env: &Envelope) -> Result<(), BusError> {
         self.publish_all(std::slice::from_ref(env)).await

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -53,6 +54,9 @@ struct Inner {
     js: jetstream::Context,
     stream: stream::Stream,
     ack_timeout: Duration,
+    /// Disconnections and slow-subscriber drops so far: chances that a subscription missed
+    /// messages.
+    losses: Arc<AtomicU64>,
 }
 
 impl NatsBus {
@@ -67,15 +71,24 @@ impl NatsBus {
         // panics on the first TLS connection. A provider installed earlier wins.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let url = cfg.url.clone();
+        let losses = Arc::new(AtomicU64::new(0));
+        let lost = losses.clone();
         let client = async_nats::ConnectOptions::new()
             .name("airlock")
             .connection_timeout(cfg.ack_timeout.max(Duration::from_secs(1)))
             .event_callback(move |event| {
-                let url = url.clone();
+                let (url, lost) = (url.clone(), lost.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => info!(nats.url = %url, "connected to NATS"),
-                        async_nats::Event::Disconnected => warn!(nats.url = %url, "disconnected from NATS"),
+                        async_nats::Event::Disconnected => {
+                            lost.fetch_add(1, Ordering::SeqCst);
+                            warn!(nats.url = %url, "disconnected from NATS");
+                        }
+                        async_nats::Event::SlowConsumer(sid) => {
+                            lost.fetch_add(1, Ordering::SeqCst);
+                            warn!(nats.url = %url, subscription = sid, "NATS dropped messages for a slow subscriber");
+                        }
                         other => debug!(nats.url = %url, event = %other, "NATS event"),
                     }
                 }
@@ -95,7 +108,12 @@ impl NatsBus {
             })
             .await
             .map_err(|e| BusError::Setup(format!("stream {}: {e}", proto::subjects::STREAM)))?;
-        Ok(Self { inner: Arc::new(Inner { client, js, stream, ack_timeout: cfg.ack_timeout }) })
+        Ok(Self { inner: Arc::new(Inner { client, js, stream, ack_timeout: cfg.ack_timeout, losses }) })
+    }
+
+    /// See [`crate::EventBus::losses`].
+    pub fn losses(&self) -> u64 {
+        self.inner.losses.load(Ordering::SeqCst)
     }
 
     /// The underlying NATS client (for health checks).
