@@ -2,13 +2,15 @@
 //! people (`airlock audit sessions|show|replay|search`), and verification (`airlock audit verify`).
 //!
 //! Everything here reads the bucket alone. Chunks of both formats (chained `.mpk.zst` and the
-//! walking skeleton's `.mpk`) are read.
+//! walking skeleton's `.mpk`) are read, by their exact names only: a chained session is read
+//! along its chain, links checked, so that no other object in its folder can change what an
+//! auditor sees.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
 use proto::events::{Decision, Envelope, Event, Timestamp};
 use uuid::Uuid;
 
@@ -16,6 +18,7 @@ use crate::chunk;
 use crate::error::AuditError;
 
 mod render;
+mod stored;
 mod verify;
 
 pub use render::{render_replay, render_sessions};
@@ -83,15 +86,12 @@ impl SessionSummary {
 
 /// Every recorded session, newest first.
 pub async fn list_sessions(store: &dyn ObjectStore) -> Result<Vec<SessionSummary>, AuditError> {
-    let mut by_session: BTreeMap<Uuid, Vec<Path>> = BTreeMap::new();
-    for path in list_chunks(store, &Path::from(chunk::ROOT)).await? {
-        if let Some(id) = chunk::session_of(&path) {
-            by_session.entry(id).or_default().push(path);
-        }
-    }
-    let mut out: Vec<SessionSummary> = futures::stream::iter(by_session)
-        .map(|(id, paths)| async move {
-            read_chunks(store, paths).await.map(|events| SessionSummary::from_events(id, &events))
+    let paths = stored::list(store, &Path::from(chunk::ROOT)).await?;
+    let sessions = stored::group(paths, stored::known_date);
+    let with_chunks = sessions.into_iter().filter(|(_, o)| !o.chained.is_empty() || !o.legacy.is_empty());
+    let mut out: Vec<SessionSummary> = futures::stream::iter(with_chunks)
+        .map(|(id, objects)| async move {
+            read_objects(store, id, &objects).await.map(|events| SessionSummary::from_events(id, &events))
         })
         .buffer_unordered(READ_CONCURRENCY)
         .try_collect()
@@ -101,59 +101,52 @@ pub async fn list_sessions(store: &dyn ObjectStore) -> Result<Vec<SessionSummary
 }
 
 /// Every recorded event of session `id`, ordered by time (ties in recording order), each once.
+///
+/// Only the session's chain is read, from chunk 0, each link checked
+/// ([`AuditError::Tampered`] if one is broken); objects the recorder never writes are not read.
+/// A session of format-1 chunks alone (not chained) is read from those.
 pub async fn read_session(store: &dyn ObjectStore, id: Uuid) -> Result<Vec<Envelope>, AuditError> {
     let mut paths = Vec::new();
-    if id.get_version_num() == 7 {
-        let date = chunk::session_date(id, Timestamp(0));
-        paths = list_chunks(store, &chunk::session_prefix(&date, id)).await?;
+    if let Some(date) = stored::known_date(id) {
+        paths = stored::list(store, &chunk::session_prefix(&date, id)).await?;
     }
     if paths.is_empty() {
         // Not a UUIDv7, or filed under its first event's date: look everywhere.
-        paths = list_chunks(store, &Path::from(chunk::ROOT))
+        paths = stored::list(store, &Path::from(chunk::ROOT))
             .await?
             .into_iter()
-            .filter(|p| chunk::session_of(p) == Some(id))
+            .filter(|p| chunk::parse_key(p).is_some_and(|(s, _, _)| s == id))
             .collect();
     }
-    if paths.is_empty() {
+    let objects = stored::group(paths, stored::known_date).remove(&id).unwrap_or_default();
+    if objects.chained.is_empty() && objects.legacy.is_empty() {
         return Err(AuditError::NotFound(id));
     }
-    read_chunks(store, paths).await
+    read_objects(store, id, &objects).await
 }
 
-/// Chunk keys under `prefix`, sorted (which is stream order within a session).
-pub(crate) async fn list_chunks(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<Path>, AuditError> {
-    let mut paths = Vec::new();
-    let mut listing = store.list(Some(prefix));
-    while let Some(meta) = listing.next().await {
-        match meta {
-            Ok(meta) if chunk::session_of(&meta.location).is_some() => paths.push(meta.location),
-            Ok(_) => {}
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(AuditError::List(e)),
+/// A session's events: its checked chain if it has one, else its format-1 chunks; deduplicated
+/// by envelope id (format 1 could store an event twice), sorted by time (stable).
+async fn read_objects(
+    store: &dyn ObjectStore,
+    id: Uuid,
+    objects: &stored::SessionObjects,
+) -> Result<Vec<Envelope>, AuditError> {
+    let events = if objects.is_chained() {
+        stored::read_chain(store, id, objects).await?
+    } else {
+        let mut legacy = objects.legacy.clone();
+        legacy.sort();
+        let reads = stored::read_all(store, legacy.into_iter().map(|p| (p.clone(), p))).await?;
+        let mut events = Vec::new();
+        for (path, bytes) in reads {
+            events
+                .extend(chunk::decode_legacy(&bytes).map_err(|source| AuditError::Decode { path, source })?);
         }
-    }
-    paths.sort();
-    Ok(paths)
-}
-
-/// Read chunks in the given order, deduplicate by envelope id, sort by time (stable).
-async fn read_chunks(store: &dyn ObjectStore, mut paths: Vec<Path>) -> Result<Vec<Envelope>, AuditError> {
-    paths.sort();
-    let chunks: Vec<Vec<Envelope>> = futures::stream::iter(paths)
-        .map(|path| async move {
-            let bytes = match store.get(&path).await {
-                Ok(got) => got.bytes().await,
-                Err(e) => Err(e),
-            }
-            .map_err(|source| AuditError::Read { path: path.clone(), source })?;
-            chunk::decode_any(&path, &bytes).map_err(|source| AuditError::Decode { path, source })
-        })
-        .buffered(READ_CONCURRENCY)
-        .try_collect()
-        .await?;
+        events
+    };
     let mut seen = HashSet::new();
-    let mut events: Vec<Envelope> = chunks.into_iter().flatten().filter(|e| seen.insert(e.id)).collect();
+    let mut events: Vec<Envelope> = events.into_iter().filter(|e| seen.insert(e.id)).collect();
     events.sort_by_key(|e| e.at);
     Ok(events)
 }

@@ -15,6 +15,11 @@
 //! Format 1 (the walking skeleton), still read: `{first_stream_seq:020}-{digest}.mpk`, an
 //! uncompressed MessagePack array of envelopes, not chained.
 //!
+//! Only these exact names count: `0.mpk.zst`, `+0.mpk.zst` or `000000000.mpk.zst` would parse as
+//! chunk 0 too, so a forged second copy of a chunk could sit beside the real one. Any other object
+//! in a session's folder is a [`Key::Stray`], which `audit verify` reports as tampering and the
+//! readers never read.
+//!
 //! The date comes from the session id (a UUIDv7 carries its creation time), or from the first
 //! event when the id is not a UUIDv7.
 
@@ -55,7 +60,7 @@ pub(crate) struct ChainedChunk {
     pub(crate) events: Vec<Envelope>,
 }
 
-/// What a key under [`ROOT`] is.
+/// What a key in a session's folder under [`ROOT`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Key {
     /// A format-1 chunk.
@@ -63,6 +68,8 @@ pub(crate) enum Key {
     /// A chained chunk with its index.
     Chained(u64),
     Manifest,
+    /// Anything else: a name the recorder never writes (or a deeper path).
+    Stray,
 }
 
 /// The date folder of a session: from its UUIDv7, else from `fallback`.
@@ -96,34 +103,48 @@ pub(crate) fn manifest_path(date: &str, session: Uuid) -> Path {
     session_prefix(date, session).join(MANIFEST)
 }
 
-/// `(session, date, kind)` of a key under [`ROOT`], if it is one of ours.
+/// `(session, date, kind)` of a key in a session's folder (`sessions/date=D/{session}/...`),
+/// `None` for keys elsewhere.
 pub(crate) fn parse_key(path: &Path) -> Option<(Uuid, String, Key)> {
     let parts: Vec<_> = path.parts().collect();
-    let [root, date, session, file] = parts.as_slice() else { return None };
-    if root.as_ref() != ROOT {
+    let [root, date, session, rest @ ..] = parts.as_slice() else { return None };
+    if root.as_ref() != ROOT || rest.is_empty() {
         return None;
     }
     let date = date.as_ref().strip_prefix("date=")?.to_string();
     let session: Uuid = session.as_ref().parse().ok()?;
-    let file = file.as_ref();
-    let key = if file == MANIFEST {
-        Key::Manifest
-    } else if let Some(index) = file.strip_suffix(EXTENSION) {
-        Key::Chained(index.parse().ok()?)
-    } else if file.ends_with(LEGACY_EXTENSION) {
-        Key::Legacy
-    } else {
-        return None;
+    let key = match rest {
+        [file] if file.as_ref() == MANIFEST => Key::Manifest,
+        [file] => match chained_index(file.as_ref()) {
+            Some(index) => Key::Chained(index),
+            None if is_legacy_name(file.as_ref()) => Key::Legacy,
+            None => Key::Stray,
+        },
+        _ => Key::Stray,
     };
     Some((session, date, key))
 }
 
-/// The session a chunk key (either format) belongs to.
-pub(crate) fn session_of(path: &Path) -> Option<Uuid> {
-    match parse_key(path) {
-        Some((session, _, Key::Legacy | Key::Chained(_))) => Some(session),
-        _ => None,
+/// The index of a chained chunk's file name: exactly what [`chained_path`] writes.
+fn chained_index(file: &str) -> Option<u64> {
+    let digits = file.strip_suffix(EXTENSION)?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
+    let index: u64 = digits.parse().ok()?;
+    (format!("{index:08}") == digits).then_some(index)
+}
+
+/// A format-1 chunk's file name: `{first_stream_seq:020}-{16 lowercase hex digits}.mpk`.
+fn is_legacy_name(file: &str) -> bool {
+    let Some((seq, digest)) = file.strip_suffix(LEGACY_EXTENSION).and_then(|stem| stem.split_once('-'))
+    else {
+        return false;
+    };
+    seq.len() == 20
+        && seq.bytes().all(|b| b.is_ascii_digit())
+        && digest.len() == 16
+        && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Hex SHA-256.
@@ -144,14 +165,6 @@ pub(crate) fn decode_chained(bytes: &[u8]) -> Result<ChainedChunk, ChunkError> {
 /// Decode a format-1 chunk.
 pub(crate) fn decode_legacy(bytes: &[u8]) -> Result<Vec<Envelope>, ChunkError> {
     Ok(rmp_serde::from_slice(bytes)?)
-}
-
-/// The events of a chunk of either format, by its key.
-pub(crate) fn decode_any(path: &Path, bytes: &[u8]) -> Result<Vec<Envelope>, ChunkError> {
-    match parse_key(path) {
-        Some((_, _, Key::Chained(_))) => Ok(decode_chained(bytes)?.events),
-        _ => decode_legacy(bytes),
-    }
 }
 
 #[cfg(test)]
@@ -181,7 +194,37 @@ pub(crate) mod tests {
         let env = Envelope::new(session, Event::SessionEnded { reason: "x".into() });
         let legacy = legacy_path(session, 42, std::slice::from_ref(&env));
         assert_eq!(parse_key(&legacy), Some((session, date, Key::Legacy)));
-        assert_eq!(session_of(&Path::from("sessions/other")), None);
+        assert_eq!(parse_key(&Path::from("sessions/other")), None);
+    }
+
+    /// Only the exact names the recorder writes are chunks: anything that merely parses to an
+    /// index, or merely ends in `.mpk`, is a stray (a second copy of chunk 0 otherwise).
+    #[test]
+    fn only_canonical_names_are_chunks() {
+        let session = Uuid::parse_str("019ac7a0-0000-7000-8000-000000000000").expect("uuid");
+        let key =
+            |file: &str| parse_key(&session_prefix("2026-11-28", session).join(file)).map(|(_, _, k)| k);
+        assert_eq!(key("00000000.mpk.zst"), Some(Key::Chained(0)));
+        assert_eq!(key("123456789.mpk.zst"), Some(Key::Chained(123_456_789)));
+        assert_eq!(key("18446744073709551615.mpk.zst"), Some(Key::Chained(u64::MAX)));
+        assert_eq!(key("00000000000000000001-0123456789abcdef.mpk"), Some(Key::Legacy));
+        for stray in [
+            "0.mpk.zst",
+            "+0.mpk.zst",
+            "000000000.mpk.zst",
+            "0000000a.mpk.zst",
+            "-0000001.mpk.zst",
+            "18446744073709551616.mpk.zst",
+            "x.mpk",
+            "1-0123456789abcdef.mpk",
+            "00000000000000000001-0123456789ABCDEF.mpk",
+            "00000000000000000001-0123456789abcdef0.mpk",
+            "manifest.json.bak",
+        ] {
+            assert_eq!(key(stray), Some(Key::Stray), "{stray}");
+        }
+        let deeper = session_prefix("2026-11-28", session).join("x").join("00000000.mpk.zst");
+        assert_eq!(parse_key(&deeper).map(|(_, _, k)| k), Some(Key::Stray));
     }
 
     #[test]
@@ -217,7 +260,7 @@ pub(crate) mod tests {
         let bytes = encode_chained(&chunk).expect("encode");
         assert_eq!(decode_chained(&bytes).expect("decode"), chunk);
         let legacy = rmp_serde::to_vec_named(&envs).expect("encode legacy");
-        assert_eq!(decode_any(&legacy_path(session, 1, &envs), &legacy).expect("decode legacy"), envs);
+        assert_eq!(decode_legacy(&legacy).expect("decode legacy"), envs);
         assert!(decode_chained(b"\xc1garbage").is_err());
         assert!(decode_legacy(b"\xc1garbage").is_err());
     }

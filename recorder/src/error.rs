@@ -82,6 +82,10 @@ pub enum AuditError {
         #[source]
         source: ChunkError,
     },
+    /// A reader found the session's chain broken: it shows nothing rather than what was not
+    /// recorded.
+    #[error("session {session} was tampered with ({problem}): run `airlock audit verify {session}`")]
+    Tampered { session: Uuid, problem: String },
     #[error("public key: expected 64 hex digits (an Ed25519 public key)")]
     PublicKey,
 }

@@ -255,6 +255,10 @@ fn write_list<'s>(
 /// The statement with its literals (strings, dollar-quoted strings, numbers) replaced by `?`,
 /// so that values typed into a statement do not reach the index. Identifiers, keywords,
 /// comments and `$1` parameters stay.
+///
+/// Scanned as PostgreSQL's lexer does: a quote inside a comment (`--`, or `/* */`, which nest),
+/// a dollar-quoted string or a quoted identifier opens nothing, and `E'...'` strings take
+/// backslash escapes; otherwise a quote there would mask the statements after it.
 pub fn mask_literals(sql: &str) -> String {
     let b = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
@@ -316,6 +320,27 @@ pub fn mask_literals(sql: &str) -> String {
                 i += 1;
             }
             out.push('?');
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            // A block comment, nested as PostgreSQL nests them: kept whole, so that a quote in it
+            // does not open a "string" that would swallow the statements after it.
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                    depth += 1;
+                    j += 2;
+                } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                    depth -= 1;
+                    j += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    j += 1;
+                }
+            }
+            out.push_str(&sql[i..j]);
+            i = j;
         } else if c == b'-' && b.get(i + 1) == Some(&b'-') {
             let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
             out.push_str(&sql[i..end]);
@@ -343,6 +368,30 @@ mod tests {
         assert_eq!(mask_literals("select \"col1\" from t -- 'c'"), "select \"col1\" from t -- 'c'");
         assert_eq!(mask_literals("select 'unterminated"), "select ?");
         assert_eq!(mask_literals("select 'é', 'ü' || 'ö'"), "select ?, ? || ?");
+    }
+
+    /// Quotes inside comments, dollar quotes, escape strings and quoted identifiers open nothing:
+    /// the statements after them stay in the index, as PostgreSQL runs them.
+    #[test]
+    fn quotes_that_open_nothing_do_not_hide_the_statements_after_them() {
+        for (sql, masked) in [
+            ("select 1 /* ' */; drop table users", "select ? /* ' */; drop table users"),
+            ("select 1 /* /* */ ' */; drop table users", "select ? /* /* */ ' */; drop table users"),
+            ("select 1 /* a /* b */ c */ + 2 /* ' */", "select ? /* a /* b */ c */ + ? /* ' */"),
+            ("select 1 /* unterminated '", "select ? /* unterminated '"),
+            ("select 1 -- ' \n; drop table users", "select ? -- ' \n; drop table users"),
+            ("select $$ ' $$; drop table users", "select ?; drop table users"),
+            ("select $a$ $$ ' $a$, 2; drop table users", "select ?, ?; drop table users"),
+            ("select $1, a$b$c from t; drop table users", "select $1, a$b$c from t; drop table users"),
+            ("select E'\\' ', 1; drop table users", "select E?, ?; drop table users"),
+            ("select e'it\\'s', 1; drop table users", "select e?, ?; drop table users"),
+            ("select 'a\\', 1; drop table users", "select ?, ?; drop table users"),
+            ("select \"a'b\", 2; drop table users", "select \"a'b\", ?; drop table users"),
+            ("select \"x\"\"'\" from t; drop table users", "select \"x\"\"'\" from t; drop table users"),
+            ("select '/* ', 1; drop table users", "select ?, ?; drop table users"),
+        ] {
+            assert_eq!(mask_literals(sql), masked, "{sql}");
+        }
     }
 
     #[test]

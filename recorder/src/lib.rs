@@ -39,7 +39,9 @@
 //!   by that check. Replicas that lose a race may append log entries for shorter chains after
 //!   longer ones: [`audit`] holds a manifest to the session's entry with the most chunks.
 //! - Format 1 chunks (`{first_stream_seq:020}-{digest}.mpk`, the walking skeleton's) are still
-//!   read by [`audit`].
+//!   read by [`audit`], for sessions without a chain.
+//! - Only the exact names above count: any other object in a session's folder is a stray, which
+//!   [`audit`] never reads and `verify` reports as tampering.
 //!
 //! # Layout
 //! - this file: [`RecorderConfig`] and [`run`], the consume-write-ack loop.
@@ -68,7 +70,7 @@ use proto::events::{Envelope, Timestamp};
 use proto::subjects;
 use serde::Deserialize;
 use tokio::sync::Mutex;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 pub mod archive;
@@ -443,7 +445,8 @@ async fn record_session(
 
 /// Write the index file, the archive log entry and the manifest of the chain as it stands,
 /// unless a manifest at least as far along is already stored; the chain is followed to its true
-/// end first if another replica extended it.
+/// end first if another replica extended it. A stored manifest that claims more chunks than are
+/// stored is logged as an error, and replaced unless it is signed with our key.
 ///
 /// Replicas race here when a session's events are split between them: the manifest is replaced
 /// only conditionally (on the version read just before), so a replica that finished earlier with
@@ -468,15 +471,32 @@ async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::E
         let bytes = manifest.to_bytes();
         let stored = read_manifest(store, &path).await?;
         if let Some(stored) = &stored {
-            if stored.chunks.is_some_and(|chunks| chunks > s.next_index) {
+            if let Some(ahead) = stored.manifest.as_ref().filter(|m| m.chunks > s.next_index) {
                 // Another replica recorded further: follow the chain, then compare again.
                 if s.catch_up(store).await? {
                     continue;
                 }
-                // The manifest names chunks that are not stored: `audit verify` reports that.
-                warn!(session.id = %s.id, chunks = s.next_index, "the stored manifest is ahead of the stored chain");
-                s.finalized = Some((s.head.clone(), incomplete));
-                return Ok(());
+                // It names chunks that are not stored. Signed with our key, it is genuine and the
+                // chunks were deleted since: it stays, as the evidence `audit verify` reports.
+                // Anything else was forged (a recorder writes chunks before their manifest), and
+                // leaving it would leave the chain without a manifest or log entry, its tail
+                // deletable unnoticed: it is replaced.
+                if signed_by(ahead, ctx.signer.as_ref()) {
+                    error!(
+                        session.id = %s.id,
+                        chunks = s.next_index,
+                        manifest.chunks = ahead.chunks,
+                        "chunks named by the session's signed manifest were deleted from storage; manifest left as evidence"
+                    );
+                    s.finalized = Some((s.head.clone(), incomplete));
+                    return Ok(());
+                }
+                error!(
+                    session.id = %s.id,
+                    chunks = s.next_index,
+                    manifest.chunks = ahead.chunks,
+                    "the stored manifest names chunks never stored and is not signed with this recorder's key: forged; replacing it"
+                );
             }
             if stored.bytes == bytes.as_slice() {
                 if index_for.is_some_and(|chunks| chunks != s.next_index) {
@@ -528,8 +548,8 @@ async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::E
 /// A manifest as stored.
 struct StoredManifest {
     bytes: bytes::Bytes,
-    /// Its chunk count (`None` if it does not parse).
-    chunks: Option<u64>,
+    /// Parsed (`None` if it does not parse).
+    manifest: Option<manifest::Manifest>,
     /// What a conditional replacement must match.
     version: UpdateVersion,
 }
@@ -545,8 +565,16 @@ async fn read_manifest(
     };
     let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
     let bytes = got.bytes().await?;
-    let chunks = serde_json::from_slice::<manifest::Manifest>(&bytes).ok().map(|m| m.chunks);
-    Ok(Some(StoredManifest { bytes, chunks, version }))
+    let manifest = serde_json::from_slice::<manifest::Manifest>(&bytes).ok();
+    Ok(Some(StoredManifest { bytes, manifest, version }))
+}
+
+/// `m` carries a valid signature by `signer`'s key.
+fn signed_by(m: &manifest::Manifest, signer: Option<&SigningKey>) -> bool {
+    signer.is_some_and(|key| {
+        m.public_key.as_deref() == Some(hex::encode(key.verifying_key().as_bytes()).as_str())
+            && m.check_signature() == manifest::SignatureCheck::Valid
+    })
 }
 
 /// Store a manifest: created if none was stored, else replaced only if still at `stored`

@@ -224,3 +224,42 @@ async fn a_local_directory_without_conditional_updates_ends_at_the_chains_end() 
     }
     Ok(())
 }
+
+/// A manifest claiming a trillion chunks, planted before the session ends, does not keep the
+/// recorder from writing the chain's own manifest and archive log entry: a recorder writes chunks
+/// before their manifest, so one ahead of the chain that is not signed with our key was forged,
+/// and is replaced. One signed with our key is genuine (its chunks were deleted since) and stays,
+/// as evidence for `audit verify`.
+#[tokio::test]
+async fn a_manifest_ahead_of_the_chain_is_replaced_unless_signed_with_our_key() -> Result<()> {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let id = Uuid::now_v7();
+    let key = crate::manifest::parse_signing_key(&"5c".repeat(32)).context("key")?;
+    let signing = Ctx { signer: Some(key), ..ctx(store.clone()) };
+    let mut state = None;
+    record_session(&signing, id, &[request(id, 1)], &mut state).await.map_err(step)?;
+    let date = state.as_ref().context("state")?.date.clone();
+    let mut forged = state.as_ref().context("state")?.manifest();
+    forged.chunks = 1_000_000_000_000;
+    let path = chunk::manifest_path(&date, id);
+    store.put(&path, forged.to_bytes().into()).await?;
+
+    let end = Envelope::new(id, Event::SessionEnded { reason: "client closed".into() });
+    record_session(&signing, id, &[end], &mut state).await.map_err(step)?;
+    let state = state.context("state")?;
+    let m = stored_manifest(store.as_ref(), &state).await?;
+    ensure!(m.chunks == 2 && !m.incomplete, "the chain's own manifest replaced the forged one: {m:?}");
+    let report = audit::verify(store.as_ref(), None, None).await?;
+    ensure!(report.ok() && report.log_entries == 1, "{}", report.render());
+
+    // Chunk 1 deleted: a recorder picking the session up again leaves the signed manifest be.
+    store.delete(&chunk::chained_path(&date, id, 1)).await?;
+    let mut again = SessionState::new(id, date);
+    again.catch_up(store.as_ref()).await?;
+    finalize(&signing, &mut again).await?;
+    let kept = stored_manifest(store.as_ref(), &again).await?;
+    ensure!(kept == m, "the signed manifest stays: {kept:?}");
+    let report = audit::verify(store.as_ref(), None, None).await?;
+    ensure!(report.render().contains("chunk 1 deleted from the end of the chain"), "{}", report.render());
+    Ok(())
+}

@@ -24,9 +24,11 @@ use proto::events::{
     ApproverSpec, Decision, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, Timestamp,
 };
 use proto::subjects;
+use recorder::archive::LogEntry;
 use recorder::audit::{self, Verdict, VerifyReport};
 use recorder::manifest::Manifest;
 use recorder::{RecorderConfig, Shard, StorageConfig};
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -313,6 +315,227 @@ async fn edits_deletions_and_swaps_fail_verify_and_are_named_by_session() -> Res
     s.delete(&Path::from("archive/log/00000000000000000000.json")).await?;
     let report = audit::verify(s, None, None).await?;
     ensure!(report.archive_problems.iter().any(|p| p.contains("entry 0 deleted")), "{}", report.render());
+    Ok(())
+}
+
+/// A chained chunk as stored (zstd of MessagePack with field names), for forging one.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredChunk {
+    format: u16,
+    session: Uuid,
+    index: u64,
+    prev_hash: String,
+    events: Vec<Envelope>,
+}
+
+fn decode_chunk(bytes: &[u8]) -> Result<StoredChunk> {
+    Ok(rmp_serde::from_slice(&zstd::stream::decode_all(bytes)?)?)
+}
+
+fn encode_chunk(chunk: &StoredChunk) -> Result<Vec<u8>> {
+    Ok(zstd::bulk::compress(&rmp_serde::to_vec_named(chunk)?, 3)?)
+}
+
+/// The chunk with its texts (statements, principal, reasons; the same event ids) rewritten to
+/// `text`: what a forger who wants the auditor to read something else stores.
+fn forge(bytes: &[u8], text: &str) -> Result<Vec<u8>> {
+    let mut chunk = decode_chunk(bytes)?;
+    let mut forged = false;
+    for env in &mut chunk.events {
+        match &mut env.event {
+            Event::RequestReceived { statement, .. } => *statement = text.into(),
+            Event::SessionStarted { principal, .. } => principal.subject = text.into(),
+            Event::PolicyDecided { reason, .. } => *reason = text.into(),
+            Event::SessionEnded { reason } => *reason = text.into(),
+            _ => continue,
+        }
+        forged = true;
+    }
+    ensure!(forged, "chunk {} has no text to forge", chunk.index);
+    encode_chunk(&chunk)
+}
+
+/// `dir/name` beside `path`.
+fn sibling(path: &Path, name: &str) -> Path {
+    let mut parts: Vec<String> = path.parts().map(|p| p.as_ref().to_string()).collect();
+    parts.pop();
+    parts.push(name.to_string());
+    Path::from_iter(parts)
+}
+
+#[tokio::test]
+async fn a_forged_copy_of_a_chunk_under_another_name_fails_verify_and_is_never_read() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let s3 = testkit::S3::start()?;
+    let bus = nats_bus(&nats).await?;
+    let store = s3_store(&s3)?;
+    let key_dir = tempfile::tempdir()?;
+    let key_file = key_dir.path().join("signing.key");
+    std::fs::write(&key_file, "2b".repeat(32))?;
+    let cfg = RecorderConfig { signing_key_file: Some(key_file.display().to_string()), ..small_batches() };
+    let base = Timestamp::now().as_micros();
+    let sessions: Vec<_> =
+        (0..7).map(|i| session(&format!("agent-{i}"), 6, base + i * 1_000_000, true)).collect();
+    let running = start_recorder(&bus, &store, cfg);
+    bus.publish_all(&interleave(&sessions)).await?;
+    let clean = wait_intact(store.as_ref(), &sessions, Duration::from_secs(30)).await?;
+    running.shutdown().await?;
+    ensure!(clean.sessions.iter().all(|s| s.signed && s.chunks >= 3), "{}", clean.render());
+
+    let s = store.as_ref();
+    let forged_text = "select 'nothing to see here'";
+    let ids: Vec<Uuid> = sessions.iter().map(|e| e[0].session).collect();
+    // Second copies of chunk 0 under names that parse to index 0, holding the real event ids
+    // with other statements; S3 lists them before the real `00000000.mpk.zst`.
+    let mut strays = Vec::new();
+    for (id, name) in ids.iter().zip(["0.mpk.zst", "+0.mpk.zst", "000000000.mpk.zst"]) {
+        let real = chunk_key(s, *id, 0).await?;
+        let stray = sibling(&real, name);
+        s.put(&stray, PutPayload::from(forge(&get(s, &real).await?, forged_text)?)).await?;
+        strays.push((*id, name));
+    }
+    // A format-1 name beside a chain.
+    let real = chunk_key(s, ids[3], 0).await?;
+    let chunk = decode_chunk(&get(s, &real).await?)?;
+    let legacy = sibling(&real, "00000000000000000000-0123456789abcdef.mpk");
+    s.put(&legacy, PutPayload::from(rmp_serde::to_vec_named(&chunk.events)?)).await?;
+    // An index whose successor overflows.
+    let real = chunk_key(s, ids[4], 0).await?;
+    let last = sibling(&real, "18446744073709551615.mpk.zst");
+    s.put(&last, PutPayload::from(get(s, &real).await?)).await?;
+    // A copy of the session in another date folder.
+    let real = chunk_key(s, ids[5], 0).await?;
+    let elsewhere = Path::from_iter(
+        real.parts()
+            .enumerate()
+            .map(|(i, p)| if i == 1 { "date=2000-01-01".to_string() } else { p.as_ref().to_string() }),
+    );
+    s.put(&elsewhere, PutPayload::from(forge(&get(s, &real).await?, forged_text)?)).await?;
+    // Chunk 1 re-encoded with other statements, its own link intact: chunk 2's link breaks.
+    let one = chunk_key(s, ids[6], 1).await?;
+    s.put(&one, PutPayload::from(forge(&get(s, &one).await?, forged_text)?)).await?;
+
+    let report = audit::verify(s, None, None).await?;
+    let text = report.render();
+    ensure!(!report.ok() && text.contains("FAILED"), "verify must fail:\n{text}");
+    for (id, name) in &strays {
+        let problems = problems_of(&report, *id)?;
+        ensure!(problems.contains("unexpected object") && problems.contains(name), "{id}:\n{text}");
+    }
+    ensure!(problems_of(&report, ids[3])?.contains("format-1 chunk"), "{text}");
+    ensure!(problems_of(&report, ids[4])?.contains("holds chunk 0"), "{text}");
+    ensure!(problems_of(&report, ids[5])?.contains("date=2000-01-01"), "{text}");
+    ensure!(problems_of(&report, ids[6])?.contains("chunk 1 edited or replaced"), "{text}");
+    for id in &ids[..6] {
+        ensure!(!audit::verify(s, Some(*id), None).await?.ok(), "{id} alone fails verify too");
+    }
+
+    // The readers show what was recorded, or nothing: never the forged statements.
+    for (id, events) in ids.iter().zip(&sessions).take(6) {
+        if *id != ids[4] {
+            ensure!(audit::read_session(s, *id).await? == *events, "{id} reads back as recorded");
+        }
+    }
+    for id in [ids[4], ids[6]] {
+        let broken = audit::read_session(s, id).await;
+        ensure!(
+            matches!(broken, Err(recorder::AuditError::Tampered { session, .. }) if session == id),
+            "a broken chain is not shown: {:?}",
+            broken.map(|events| events.len())
+        );
+    }
+    s.delete(&last).await?;
+    s.delete(&chunk_key(s, ids[6], 1).await?).await?;
+    s.delete(&chunk_key(s, ids[6], 2).await?).await?;
+    let gap = audit::read_session(s, ids[6]).await;
+    ensure!(
+        matches!(gap, Err(recorder::AuditError::Tampered { .. })),
+        "a gap is not skipped: {:?}",
+        gap.map(|events| events.len())
+    );
+    for id in &ids[6..] {
+        for path in keys_of(s, *id).await? {
+            s.delete(&path).await?;
+        }
+    }
+    let listed = audit::list_sessions(s).await?;
+    ensure!(listed.len() == 6 && listed.iter().all(|l| l.requests == 6), "{listed:?}");
+    ensure!(audit::search(s, "nothing to see").await?.is_empty(), "search reads no forged chunk");
+    ensure!(audit::search(s, "user6@example.com").await?.len() == 6, "search reads the real chunks");
+    Ok(())
+}
+
+/// A chunk count in a manifest or an archive log entry can be forged by anyone who can write to
+/// the bucket: verify looks at the chunks stored and reports the missing ones as one range, so a
+/// huge count costs one line, not one per missing chunk (and never a stall).
+#[tokio::test]
+async fn a_forged_chunk_count_is_reported_once_and_does_not_stall_verify() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let s3 = testkit::S3::start()?;
+    let bus = nats_bus(&nats).await?;
+    let store = s3_store(&s3)?;
+    let base = Timestamp::now().as_micros();
+    let sessions: Vec<_> =
+        (0..2).map(|i| session(&format!("agent-{i}"), 4, base + i * 1_000_000, true)).collect();
+    let running = start_recorder(&bus, &store, small_batches());
+    bus.publish_all(&interleave(&sessions)).await?;
+    wait_intact(store.as_ref(), &sessions, Duration::from_secs(30)).await?;
+    running.shutdown().await?;
+    let s = store.as_ref();
+    let (in_manifest, in_log) = (sessions[0][0].session, sessions[1][0].session);
+    const FORGED: u64 = 2_000_000;
+
+    // The manifest's count.
+    let key = keys_of(s, in_manifest)
+        .await?
+        .into_iter()
+        .find(|p| p.filename() == Some("manifest.json"))
+        .context("manifest")?;
+    let mut m: Manifest = serde_json::from_slice(&get(s, &key).await?)?;
+    let stored = m.chunks;
+    m.chunks = FORGED;
+    s.put(&key, PutPayload::from(m.to_bytes())).await?;
+    // The log's count: the manifest deleted, and a well-chained entry appended for it.
+    let key = keys_of(s, in_log)
+        .await?
+        .into_iter()
+        .find(|p| p.filename() == Some("manifest.json"))
+        .context("manifest")?;
+    let mine: Manifest = serde_json::from_slice(&get(s, &key).await?)?;
+    s.delete(&key).await?;
+    let log: Vec<_> = s.list(Some(&Path::from("archive/log"))).try_collect().await?;
+    let last = log.iter().map(|m| m.location.clone()).max().context("log entries")?;
+    let last_bytes = get(s, &last).await?;
+    let last_entry: LogEntry = serde_json::from_slice(&last_bytes)?;
+    let entry = LogEntry {
+        seq: last_entry.seq + 1,
+        prev: hex::encode(Sha256::digest(&last_bytes)),
+        session: in_log,
+        date: mine.date.clone(),
+        head: mine.head.clone(),
+        chunks: FORGED,
+        incomplete: false,
+        manifest_sha256: "00".repeat(32),
+    };
+    let mut bytes = serde_json::to_vec(&entry)?;
+    bytes.push(b'\n');
+    s.put(&Path::from(format!("archive/log/{:020}.json", entry.seq)), PutPayload::from(bytes)).await?;
+
+    let started = Instant::now();
+    let report = audit::verify(s, None, None).await?;
+    ensure!(started.elapsed() < Duration::from_secs(10), "verify took {:?}", started.elapsed());
+    ensure!(report.archive_problems.is_empty(), "the appended entry is well chained:\n{}", report.render());
+    for (id, first) in [(in_manifest, stored), (in_log, mine.chunks)] {
+        let v = report.sessions.iter().find(|v| v.id == id).context("in the report")?;
+        ensure!(v.verdict == Verdict::Tampered && v.problems.len() <= 3, "{id}:\n{}", report.render());
+        let want = format!("chunks {first} to {} deleted from the end of the chain", FORGED - 1);
+        ensure!(
+            v.problems.iter().filter(|p| p.contains("deleted from the end")).count() == 1,
+            "{:?}",
+            v.problems
+        );
+        ensure!(v.problems.contains(&want), "want {want:?}, got {:?}", v.problems);
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Text renderings for people: the session list and a session's transcript.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -50,6 +51,11 @@ pub fn render_sessions(sessions: &[SessionSummary]) -> String {
 }
 
 /// A readable transcript of a session, one event per line, with time offsets from its first event.
+///
+/// Recorded text is the agent's (statements, and through errors and results, the target's): it
+/// is printed through [`printable`], so that it cannot move the cursor, erase or reorder what is
+/// shown, and a statement's further lines are marked ([`CONTINUED`]) so that none passes for an
+/// entry of its own.
 pub fn render_replay(events: &[Envelope]) -> String {
     let mut out = String::new();
     let Some(first) = events.first() else {
@@ -63,23 +69,30 @@ pub fn render_replay(events: &[Envelope]) -> String {
         let line = match &env.event {
             Event::SessionStarted { principal, connection, protocol, client_addr, node, policy_version } => {
                 format!(
-                    "session started: principal {} (groups: {}) on connection {connection} via {protocol} \
-                     from {client_addr}, node {node}, policy v{policy_version}",
+                    "session started: principal {} (groups: {}) on connection {} via {} from {}, node {}, \
+                     policy v{policy_version}",
                     or_dash(&principal.subject),
                     or_dash(&principal.groups.join(", ")),
+                    printable(connection),
+                    printable(protocol),
+                    printable(client_addr),
+                    printable(node),
                 )
             }
-            Event::SessionEnded { reason } => format!("session ended: {reason}"),
-            Event::RequestReceived { seq, statement, .. } => format!("#{seq} > {statement}"),
+            Event::SessionEnded { reason } => format!("session ended: {}", printable(reason)),
+            Event::RequestReceived { seq, statement, .. } => {
+                let lines: Vec<_> = statement.split('\n').map(printable).collect();
+                format!("#{seq} > {}", lines.join(CONTINUED))
+            }
             Event::PolicyDecided { seq, decision, rule, operations, tables, reason, policy_version } => {
                 let mut line = format!(
                     "#{seq} policy: {decision} (rule: {}; operations: {}; tables: {}; policy v{policy_version})",
-                    rule.as_deref().unwrap_or("-"),
+                    or_dash(rule.as_deref().unwrap_or("")),
                     or_dash(&operations.join(", ")),
                     or_dash(&tables.join(", ")),
                 );
                 if !reason.is_empty() {
-                    let _ = write!(line, ": {reason}");
+                    let _ = write!(line, ": {}", printable(reason));
                 }
                 line
             }
@@ -89,30 +102,39 @@ pub fn render_replay(events: &[Envelope]) -> String {
                     "#{} hold requested: hold {} by rule {}, approvers {} (min {}), expires {}",
                     h.seq,
                     h.hold_id,
-                    h.rule,
+                    printable(&h.rule),
                     or_dash(&h.approvers.groups.join(", ")),
                     h.approvers.min,
                     h.expires_at,
                 )
             }
             Event::PolicyApplied { version, author, digest } => {
-                format!("policy version {version} applied by {author} (sha256 {digest})")
+                format!(
+                    "policy version {version} applied by {} (sha256 {})",
+                    printable(author),
+                    printable(digest)
+                )
             }
             Event::GrantDecided(g) => format!(
                 "grant {}: {} may use {} under rule {} until {} (granted by {})",
-                g.grant_id, g.principal, g.connection, g.rule, g.until, g.granted_by
+                g.grant_id,
+                printable(&g.principal),
+                printable(&g.connection),
+                printable(&g.rule),
+                g.until,
+                printable(&g.granted_by)
             ),
             Event::GrantRevoked(r) => format!(
                 "grant {} revoked by {}{}",
                 r.grant_id,
-                r.revoked_by,
-                r.reason.as_deref().map(|x| format!(": {x}")).unwrap_or_default()
+                printable(&r.revoked_by),
+                r.reason.as_deref().map(|x| format!(": {}", printable(x))).unwrap_or_default()
             ),
             Event::HoldDecided(d) => {
                 let seq = hold_seq.get(&d.hold_id).map_or_else(|| "#?".to_string(), |s| format!("#{s}"));
-                let mut line = format!("{seq} hold decided: {} by {}", d.outcome, d.decided_by);
+                let mut line = format!("{seq} hold decided: {} by {}", d.outcome, printable(&d.decided_by));
                 if let Some(reason) = &d.reason {
-                    let _ = write!(line, " (reason: {reason})");
+                    let _ = write!(line, " (reason: {})", printable(reason));
                 }
                 line
             }
@@ -120,7 +142,7 @@ pub fn render_replay(events: &[Envelope]) -> String {
                 let mut line = format!("#{seq} < ");
                 match error {
                     Some(e) => {
-                        let _ = write!(line, "error {}: {}", e.code, e.message);
+                        let _ = write!(line, "error {}: {}", printable(&e.code), printable(&e.message));
                     }
                     None => {
                         let _ = write!(line, "{rows} row{}", if *rows == 1 { "" } else { "s" });
@@ -132,7 +154,7 @@ pub fn render_replay(events: &[Envelope]) -> String {
                     format_duration_us(i64::try_from(*duration_us).unwrap_or(i64::MAX))
                 );
                 if let Some(tag) = command_tag {
-                    let _ = write!(line, " ({tag})");
+                    let _ = write!(line, " ({})", printable(tag));
                 }
                 if let Some(result) = result {
                     for table_line in render_result(result).lines() {
@@ -147,12 +169,46 @@ pub fn render_replay(events: &[Envelope]) -> String {
     out
 }
 
+/// What starts each further line of a multi-line statement: under the statement, past the
+/// offset column, and marked, so that it never reads as an entry.
+const CONTINUED: &str = "\n           ┆ ";
+
+/// `text` made safe to print on a terminal: C0 control characters (newline too: callers that
+/// keep lines split first), DEL and C1 control characters are written as `\x1b`, and characters
+/// that reorder or hide text (bidirectional marks, embeddings, overrides and isolates; line and
+/// paragraph separators) as `\u{202e}`. Everything else is kept as recorded.
+pub(crate) fn printable(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{2028}' | '\u{2029}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !unsafe_char(c) => out.push(c),
+            c if u32::from(c) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
 fn render_result(result: &ResultCapture) -> String {
     let mut table = Table::new();
-    table.load_preset(presets::ASCII_FULL_CONDENSED).set_header(result.columns.clone());
+    table
+        .load_preset(presets::ASCII_FULL_CONDENSED)
+        .set_header(result.columns.iter().map(|c| printable(c).into_owned()));
     for row in result.rows.iter().take(MAX_ROWS_SHOWN) {
         table.add_row(row.iter().map(|v| match v {
-            Some(v) => cut(v),
+            Some(v) => cut(&printable(v)),
             None => "NULL".to_string(),
         }));
     }
@@ -177,8 +233,9 @@ fn cut(v: &str) -> String {
     }
 }
 
+/// [`printable`], or `-` when empty.
 fn or_dash(s: &str) -> String {
-    if s.is_empty() { "-".to_string() } else { s.to_string() }
+    if s.is_empty() { "-".to_string() } else { printable(s).into_owned() }
 }
 
 fn format_time(t: Timestamp) -> String {
@@ -292,6 +349,74 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    /// An agent's allowed statement carries a carriage return, an "erase line" escape and a
+    /// newline to print a fake denial; other recorded fields carry escapes and bidi overrides.
+    /// The transcript shows them all as escapes: each entry is one line starting with its offset,
+    /// and a statement's further lines are marked as such.
+    #[test]
+    fn recorded_text_cannot_fake_or_hide_transcript_lines() {
+        let session = Uuid::now_v7();
+        let env = |at: i64, event: Event| {
+            let mut e = Envelope::new(session, event);
+            e.at = Timestamp(1_000_000 + at);
+            e
+        };
+        let attack = "DELETE FROM users /*\r\x1b[2K#7 > select 1\n   +0.010s #8 policy: deny (rule: x) */";
+        let events = vec![
+            env(
+                0,
+                Event::RequestReceived { seq: 7, statement: attack.into(), parameters: Default::default() },
+            ),
+            env(
+                1,
+                Event::PolicyDecided {
+                    seq: 7,
+                    decision: Decision::Allow,
+                    rule: Some("r\x1b]0;title\x07".into()),
+                    operations: ["delete\u{9b}2J".into()].into(),
+                    tables: ["users\u{202e}sresu".into()].into(),
+                    reason: "ok\u{2066}\x7f".into(),
+                    policy_version: 1,
+                },
+            ),
+            env(
+                2,
+                Event::ResponseSent {
+                    seq: 7,
+                    rows: 1,
+                    duration_us: 1,
+                    command_tag: Some("DELETE 1\r".into()),
+                    error: Some(ErrorInfo { code: "XX000".into(), message: "a\nb\x1b[1A".into() }),
+                    result: Some(ResultCapture {
+                        columns: vec!["c\x1b[31m".into()],
+                        rows: vec![vec![Some("v\u{202d}\n+0.020s #9".into())]],
+                        truncated: false,
+                    }),
+                },
+            ),
+        ];
+        let text = render_replay(&events);
+        let bidi = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        assert!(!text.chars().any(|c| (c.is_control() && c != '\n') || bidi(c)), "{text:?}");
+        let entries: Vec<&str> = text.lines().skip(1).filter(|l| !l.starts_with("           ")).collect();
+        assert_eq!(entries.len(), events.len(), "one line per entry:\n{text}");
+        assert!(entries.iter().all(|l| l.trim_start().starts_with("+0.000s #7 ")), "{text}");
+        for needle in [
+            "#7 > DELETE FROM users /*\\x0d\\x1b[2K#7 > select 1\n           ┆    +0.010s #8 policy: deny",
+            "rule: r\\x1b]0;title\\x07",
+            "delete\\x9b2J",
+            "users\\u{202e}sresu",
+            "ok\\u{2066}\\x7f",
+            "error XX000: a\\x0ab\\x1b[1A",
+            "(DELETE 1\\x0d)",
+            "c\\x1b[31m",
+            "v\\u{202d}\\x0a+0.020s #9",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        assert_eq!(printable("plain, 'é' and ü"), Cow::Borrowed("plain, 'é' and ü"));
     }
 
     #[test]

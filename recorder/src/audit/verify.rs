@@ -4,15 +4,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
-use bytes::Bytes;
 use ed25519_dalek::VerifyingKey;
 use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
 
+use super::stored::{self, SessionObjects};
 use crate::archive::{self, LogEntry};
-use crate::chunk::{self, GENESIS, Key, sha256_hex};
+use crate::chunk::{self, GENESIS, sha256_hex};
 use crate::error::AuditError;
 use crate::manifest::{Manifest, SignatureCheck};
 
@@ -104,14 +104,6 @@ impl VerifyReport {
     }
 }
 
-/// The objects of one session.
-#[derive(Debug, Default)]
-struct Keys {
-    chained: BTreeMap<u64, Path>,
-    legacy: Vec<Path>,
-    manifest: Option<Path>,
-}
-
 /// Verify session `only` (else every session and the whole archive log). With `key`, every
 /// manifest must be signed by it. Sessions the recorder's retention removed are reported as
 /// expired.
@@ -136,42 +128,25 @@ pub async fn verify_with(
     report.expired_before = marker.map(|m| m.expired_before).max(expired_before);
     let log = read_log(store, &mut report).await?;
 
-    let mut keys: HashMap<Uuid, Keys> = HashMap::new();
-    let mut prefixes = Vec::new();
-    if let Some(id) = only {
-        if let Some(e) = log.get(&id) {
-            prefixes.push(chunk::session_prefix(&e.date, id));
-        } else if id.get_version_num() == 7 {
-            prefixes.push(chunk::session_prefix(&chunk::session_date(id, proto::events::Timestamp(0)), id));
-        }
-    }
-    prefixes.push(Path::from(chunk::ROOT));
-    for prefix in prefixes {
-        let mut listing = store.list(Some(&prefix));
-        while let Some(meta) = listing.next().await {
-            let meta = match meta {
-                Ok(meta) => meta,
-                Err(object_store::Error::NotFound { .. }) => continue,
+    let paths = match only {
+        // Every date folder: a copy of the session filed under another date is tampering too.
+        Some(id) => {
+            let dates = match store.list_with_delimiter(Some(&Path::from(chunk::ROOT))).await {
+                Ok(listing) => listing.common_prefixes,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
                 Err(e) => return Err(AuditError::List(e)),
             };
-            let Some((id, _, kind)) = chunk::parse_key(&meta.location) else { continue };
-            if only.is_some_and(|o| o != id) {
-                continue;
-            }
-            let k = keys.entry(id).or_default();
-            match kind {
-                Key::Chained(i) => {
-                    k.chained.insert(i, meta.location);
-                }
-                Key::Legacy if !k.legacy.contains(&meta.location) => k.legacy.push(meta.location),
-                Key::Legacy => {}
-                Key::Manifest => k.manifest = Some(meta.location),
-            }
+            let found: Vec<Vec<Path>> = futures::stream::iter(dates)
+                .map(|date| async move { stored::list(store, &date.join(id.to_string())).await })
+                .buffered(READ_CONCURRENCY)
+                .try_collect()
+                .await?;
+            found.into_iter().flatten().collect()
         }
-        if only.is_some_and(|o| keys.contains_key(&o)) {
-            break;
-        }
-    }
+        None => stored::list(store, &Path::from(chunk::ROOT)).await?,
+    };
+    let date_of = |id: Uuid| log.get(&id).map(|e| e.date.clone()).or_else(|| stored::known_date(id));
+    let mut keys = stored::group(paths, date_of);
     let mut ids: Vec<Uuid> = keys.keys().copied().collect();
     ids.extend(log.keys().filter(|id| only.is_none_or(|o| o == **id) && !keys.contains_key(id)));
     if let Some(id) = only
@@ -183,7 +158,7 @@ pub async fn verify_with(
     let log = &log;
     let expired_before = report.expired_before.clone();
     let expired_before = expired_before.as_deref();
-    let jobs: Vec<(Uuid, Keys)> =
+    let jobs: Vec<(Uuid, SessionObjects)> =
         ids.into_iter().map(|id| (id, keys.remove(&id).unwrap_or_default())).collect();
     report.sessions = futures::stream::iter(jobs)
         .map(|(id, k)| async move { verify_session(store, id, k, log.get(&id), key, expired_before).await })
@@ -213,11 +188,7 @@ async fn read_log(
         }
     }
     report.log_entries = u64::try_from(seqs.len()).unwrap_or(u64::MAX);
-    let entries: Vec<(u64, Bytes)> = futures::stream::iter(seqs)
-        .map(|(seq, path)| async move { read(store, &path).await.map(|b| (seq, b)) })
-        .buffered(READ_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let entries = stored::read_all(store, seqs).await?;
     let mut latest: HashMap<Uuid, LogEntry> = HashMap::new();
     let mut prev: Option<(u64, String)> = None;
     let mut expected = 0;
@@ -266,18 +237,10 @@ async fn read_log(
     Ok(latest)
 }
 
-async fn read(store: &dyn ObjectStore, path: &Path) -> Result<Bytes, AuditError> {
-    match store.get(path).await {
-        Ok(got) => got.bytes().await,
-        Err(e) => Err(e),
-    }
-    .map_err(|source| AuditError::Read { path: path.clone(), source })
-}
-
 async fn verify_session(
     store: &dyn ObjectStore,
     id: Uuid,
-    keys: Keys,
+    keys: SessionObjects,
     logged: Option<&LogEntry>,
     key: Option<&VerifyingKey>,
     expired_before: Option<&str>,
@@ -294,6 +257,12 @@ async fn verify_session(
         v.verdict = Verdict::Tampered;
         v.problems.push(p);
     };
+    for stray in &keys.strays {
+        tampered(
+            &mut v,
+            format!("unexpected object {stray}: not a name the recorder writes (a forged or copied chunk?)"),
+        );
+    }
     if keys.chained.is_empty() && keys.legacy.is_empty() && keys.manifest.is_none() {
         if let Some(e) = logged
             && expired_before.is_some_and(|before| e.date.as_str() < before)
@@ -315,7 +284,7 @@ async fn verify_session(
     // The manifest, if any.
     let mut manifest: Option<Manifest> = None;
     if let Some(path) = &keys.manifest {
-        let bytes = read(store, path).await?;
+        let bytes = stored::read(store, path).await?;
         match serde_json::from_slice::<Manifest>(&bytes) {
             Err(_) => tampered(&mut v, "manifest edited (unreadable)".into()),
             Ok(m) => {
@@ -350,30 +319,30 @@ async fn verify_session(
         tampered(&mut v, format!("manifest deleted (the archive log records one with {} chunks)", e.chunks));
     }
 
-    // The chain.
+    // The chain. Only stored chunks are looked at one by one: the recorded count comes from the
+    // manifest or the log, which could be forged, so the gaps are reported as ranges.
     let recorded = manifest.as_ref().map(|m| m.chunks).or(logged.map(|e| e.chunks)).unwrap_or(0);
-    let stored_end = keys.chained.keys().next_back().map_or(0, |i| i + 1);
-    let end = recorded.max(stored_end);
     v.chunks = u64::try_from(keys.chained.len()).unwrap_or(u64::MAX);
-    let reads: Vec<(u64, Bytes)> = futures::stream::iter(keys.chained.clone())
-        .map(|(i, path)| async move { read(store, &path).await.map(|b| (i, b)) })
-        .buffered(READ_CONCURRENCY)
-        .try_collect()
-        .await?;
-    let mut hashes: HashMap<u64, String> = HashMap::new();
-    let mut decoded = HashMap::new();
-    for (i, bytes) in reads {
-        hashes.insert(i, sha256_hex(&bytes));
-        decoded.insert(i, chunk::decode_chained(&bytes));
+    let mut next = Some(0u64);
+    for &i in keys.chained.keys() {
+        if let Some(n) = next
+            && i > n
+        {
+            tampered(&mut v, missing(n, i - 1, "deleted"));
+        }
+        next = i.checked_add(1);
     }
+    if let Some(n) = next
+        && recorded > n
+    {
+        tampered(&mut v, missing(n, recorded - 1, "deleted from the end of the chain"));
+    }
+    let reads = stored::read_all(store, keys.chained.iter().map(|(i, p)| (*i, p.clone()))).await?;
+    let hashes: HashMap<u64, String> = reads.iter().map(|(i, bytes)| (*i, sha256_hex(bytes))).collect();
     let mut seen = HashSet::new();
-    for i in 0..end {
-        let Some(result) = decoded.get(&i) else {
-            let why = if i >= stored_end { "deleted from the end of the chain" } else { "deleted" };
-            tampered(&mut v, format!("chunk {i} {why}"));
-            continue;
-        };
-        let c = match result {
+    for (i, bytes) in &reads {
+        let i = *i;
+        let c = match chunk::decode_chained(bytes) {
             Ok(c) => c,
             Err(_) => {
                 tampered(&mut v, format!("chunk {i} edited (does not decode)"));
@@ -409,13 +378,11 @@ async fn verify_session(
     }
     v.events = u64::try_from(seen.len()).unwrap_or(u64::MAX);
     if let Some(m) = &manifest {
-        if stored_end > m.chunks {
+        let after = keys.chained.range(m.chunks..).count();
+        if after > 0 {
             tampered(
                 &mut v,
-                format!(
-                    "{} chunk(s) after the manifest's head (inserted, or still being written)",
-                    stored_end - m.chunks
-                ),
+                format!("{after} chunk(s) after the manifest's head (inserted, or still being written)"),
             );
         }
         let head = match m.chunks {
@@ -434,7 +401,13 @@ async fn verify_session(
             );
         }
     }
-    if !keys.legacy.is_empty() {
+    if keys.is_chained() || logged.is_some() {
+        // Format 1 predates chains: the recorder never writes one into a chained session, and
+        // the readers would not read it.
+        for path in &keys.legacy {
+            tampered(&mut v, format!("format-1 chunk {path} beside the hash chain (forged?)"));
+        }
+    } else if !keys.legacy.is_empty() {
         v.problems
             .push(format!("{} format-1 chunks: not hash-chained, cannot be verified", keys.legacy.len()));
         if v.verdict == Verdict::Intact {
@@ -448,4 +421,9 @@ async fn verify_session(
         );
     }
     Ok(v)
+}
+
+/// "chunk 3 deleted", or "chunks 3 to 9 deleted".
+fn missing(first: u64, last: u64, why: &str) -> String {
+    if first == last { format!("chunk {first} {why}") } else { format!("chunks {first} to {last} {why}") }
 }
