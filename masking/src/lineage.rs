@@ -15,19 +15,26 @@
 //!
 //! Names are folded the way PostgreSQL folds them: unquoted identifiers are lower-cased (ASCII
 //! only, as PostgreSQL does for multi-byte encodings), quoted ones are kept exactly, and both are
-//! truncated to 63 bytes. sqlparser does not decode `U&"…"` identifiers (it reads `U & "…"`), so
-//! such an expression is marked opaque.
+//! truncated to 63 bytes. sqlparser does not decode `U&"…"` identifiers: it reads `U&"d\0061ta"`
+//! as `U & "d\0061ta"`, an operator between two columns. So a quoted identifier with a backslash
+//! is resolved both as written and as PostgreSQL would decode it after `U&`, and the expression
+//! is marked opaque (the operator tree around it is not PostgreSQL's). `UESCAPE` does not parse.
+//!
+//! Scopes follow PostgreSQL's: a FROM item that is not LATERAL (a subquery) does not see the items
+//! before it in its FROM list, a function in FROM and a LATERAL item do, and `JOIN … ON` sees only
+//! the two sides of its join, plus, for all of them, the query levels outside.
 
 use std::collections::BTreeSet;
 
 use sqlparser::ast::{
-    AccessExpr, BinaryOperator, ConnectByKind, CopySource, CopyTarget, Cte, Distinct, Expr, FromTable,
-    Function, FunctionArg, FunctionArgExpr, FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident,
-    InTarget, JoinConstraint, JoinOperator, JsonPathElem, ListAggOnOverflow, MergeAction, MergeInsertKind,
+    AccessExpr, ArrayElemTypeDef, BinaryOperator, CastKind, CeilFloorKind, ConnectByKind, CopySource,
+    CopyTarget, Cte, DataType, DateTimeField, Distinct, ExactNumberInfo, Expr, FromTable, Function,
+    FunctionArg, FunctionArgExpr, FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, InTarget,
+    JoinConstraint, JoinOperator, JsonPathElem, ListAggOnOverflow, MergeAction, MergeInsertKind,
     MergeUpdateKind, NamedWindowExpr, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, OrderBy,
     OrderByExpr, OrderByKind, OutputClause, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
-    Statement, Subscript, TableAlias, TableFactor, TableObject, TableWithJoins, UpdateTableFromKind, Values,
-    WildcardAdditionalOptions, WindowFrameBound, WindowSpec, WindowType,
+    Statement, Subscript, TableAlias, TableFactor, TableObject, TableWithJoins, TimezoneInfo, TrimWhereField,
+    UpdateTableFromKind, Values, WildcardAdditionalOptions, WindowFrameBound, WindowSpec, WindowType,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
@@ -237,6 +244,113 @@ pub fn fold_ident(ident: &Ident) -> String {
     s
 }
 
+/// Truncates a name to 63 bytes on a character boundary, as PostgreSQL does.
+fn truncate_name(mut s: String) -> String {
+    if s.len() > MAX_IDENT_BYTES {
+        let mut end = MAX_IDENT_BYTES;
+        while end > 0 && !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The body of a `U&"…"` identifier as PostgreSQL decodes it with the default escape character
+/// (`str_udeescape` in `parser.c`): `\XXXX` and `\+XXXXXX` code points, UTF-16 surrogate pairs
+/// written as two escapes, `\\` for a backslash. `None` when it has no escape (it reads the same
+/// either way) or one PostgreSQL rejects (then it cannot be a `U&` identifier).
+fn unicode_unescaped(body: &str) -> Option<String> {
+    if !body.contains('\\') {
+        return None;
+    }
+    let hex = |s: &str| -> Option<u32> {
+        s.bytes().all(|b| b.is_ascii_hexdigit()).then(|| u32::from_str_radix(s, 16).ok()).flatten()
+    };
+    let mut out = String::with_capacity(body.len());
+    let mut pair_first: Option<u32> = None;
+    let mut rest = body;
+    while let Some(c) = rest.chars().next() {
+        if c != '\\' {
+            if pair_first.is_some() {
+                return None;
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let after = &rest[1..];
+        let (code, len) = if let Some(tail) = after.strip_prefix('\\') {
+            if pair_first.is_some() {
+                return None;
+            }
+            out.push('\\');
+            rest = tail;
+            continue;
+        } else if let Some(code) = after.get(..4).and_then(hex) {
+            (code, 5)
+        } else if let Some(code) = after.strip_prefix('+').and_then(|a| a.get(..6)).and_then(hex) {
+            (code, 8)
+        } else {
+            return None;
+        };
+        if code == 0 || code > 0x10_FFFF {
+            return None;
+        }
+        let code = match (pair_first.take(), code) {
+            (Some(first), 0xDC00..=0xDFFF) => 0x10000 + ((first - 0xD800) << 10) + (code - 0xDC00),
+            (Some(_), _) | (None, 0xDC00..=0xDFFF) => return None,
+            (None, 0xD800..=0xDBFF) => {
+                pair_first = Some(code);
+                rest = &rest[len..];
+                continue;
+            }
+            (None, code) => code,
+        };
+        out.push(char::from_u32(code)?);
+        rest = &rest[len..];
+    }
+    if pair_first.is_some() {
+        return None;
+    }
+    Some(truncate_name(out))
+}
+
+/// The names an identifier may have: folded as written and, for a quoted one with escapes, as
+/// PostgreSQL decodes it after `U&` (sqlparser reads `U&"d\0061ta"` as `U & "d\0061ta"`, so
+/// which one it is cannot be told here).
+fn ident_names(id: &Ident) -> Vec<String> {
+    let mut names = vec![fold_ident(id)];
+    if id.quote_style == Some('"')
+        && let Some(decoded) = unicode_unescaped(&id.value)
+        && decoded != names[0]
+    {
+        names.push(decoded);
+    }
+    names
+}
+
+/// Every reading of a dotted name whose parts may be `U&` identifiers ([`ident_names`]); only
+/// the last four parts (the most PostgreSQL accepts) have more than one.
+fn name_variants<'a>(parts: impl ExactSizeIterator<Item = &'a Ident>) -> Vec<Vec<String>> {
+    let skip = parts.len().saturating_sub(4);
+    let mut variants = vec![Vec::new()];
+    for (i, part) in parts.enumerate() {
+        let names = if i < skip { vec![fold_ident(part)] } else { ident_names(part) };
+        variants = variants
+            .into_iter()
+            .flat_map(|v| {
+                names.iter().map(move |n| {
+                    let mut v = v.clone();
+                    v.push(n.clone());
+                    v
+                })
+            })
+            .collect();
+    }
+    variants
+}
+
 // ---------------------------------------------------------------------------------------------
 // Internal model
 // ---------------------------------------------------------------------------------------------
@@ -351,6 +465,9 @@ struct Relation {
     schema: Option<String>,
     /// Whether it has an alias (then `schema.table.column` cannot reach it).
     aliased: bool,
+    /// Added by a FROM list still being analysed: only a LATERAL item (or a function) of that
+    /// list may see it (PostgreSQL's `p_lateral_only`).
+    lateral_only: bool,
     kind: RelKind,
 }
 
@@ -412,6 +529,16 @@ impl Relation {
                     m.whole_row(acc);
                 }
             }
+        }
+    }
+
+    /// Adds everything a whole-row reference derives from, except base tables' rows (for a
+    /// join, its members' that are not base tables).
+    fn computed_rows(&self, acc: &mut Acc) {
+        match &self.kind {
+            RelKind::Base(_) => {}
+            RelKind::Join { members, .. } => members.iter().for_each(|m| m.computed_rows(acc)),
+            RelKind::Derived(_) | RelKind::Func { .. } => self.whole_row(acc),
         }
     }
 
@@ -482,6 +609,23 @@ struct Level {
     merged: bool,
     /// Sources of the named windows (`WINDOW w AS (…)`) of this level.
     windows: Acc,
+    /// The FROM item being analysed is LATERAL or a function: it sees the [`Relation::lateral_only`]
+    /// relations of this level (PostgreSQL's `p_lateral_active`).
+    lateral: bool,
+}
+
+impl Level {
+    /// The relations a name in scope of this level may refer to.
+    fn visible(&self) -> impl Iterator<Item = &Relation> {
+        self.rels.iter().filter(|r| self.lateral || !r.lateral_only)
+    }
+
+    /// The FROM list is complete: every clause after it sees all of it.
+    fn complete_from(&mut self) {
+        for rel in &mut self.rels {
+            rel.lateral_only = false;
+        }
+    }
 }
 
 /// Combines the outputs of two set-operation branches (or two rounds of a recursive CTE):
@@ -532,33 +676,72 @@ fn combine(left: Derived, right: Derived) -> Derived {
     Derived { outputs, exact: false }
 }
 
-/// The name PostgreSQL gives an unaliased output column (`FigureColname`), with its strength:
-/// 2 for a real name, 0 for `?column?`. `None` when it cannot be told here.
+/// The name PostgreSQL gives an unaliased output column (`FigureColnameInternal` in
+/// `parse_target.c`), with its strength: 2 for a real name, 1 for a fallback (`case`, a cast's
+/// type), 0 for `?column?`. `None` when it cannot be told here: a wrong name would let a
+/// reference to the real one resolve elsewhere, where no name only makes the output a candidate
+/// for every reference.
 fn figure_name(e: &Expr) -> Option<(String, u8)> {
     let named = |s: &str| Some((s.to_owned(), 2));
+    let unnamed = || Some(("?column?".to_owned(), 0));
     match e {
         Expr::Identifier(id) => Some((fold_ident(id), 2)),
         Expr::CompoundIdentifier(parts) => parts.last().map(|id| (fold_ident(id), 2)),
-        Expr::Function(f) => f.name.0.last().and_then(ObjectNamePart::as_ident).map(|id| (fold_ident(id), 2)),
+        // `(t.*)`: the last field name, ignoring `*`.
+        Expr::QualifiedWildcard(name, _) => function_name(name).map(|n| (n, 2)),
+        // sqlparser reads the subquery `(VALUES (1))` as a call of `values`.
+        Expr::Function(_) if is_values_call(e) => named("column1"),
+        Expr::Function(f) => function_name(&f.name).map(|n| (n, 2)),
+        Expr::Tuple(items) if items.iter().any(is_values_call) => None,
         Expr::Nested(inner) | Expr::Collate { expr: inner, .. } => figure_name(inner),
-        Expr::Cast { expr, .. } => match figure_name(expr) {
-            Some((n, 2)) => Some((n, 2)),
-            _ => None,
+        Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type, format: None } => {
+            match figure_name(expr)? {
+                strong @ (_, 2) => Some(strong),
+                _ => type_name(data_type).map(|n| (n, 1)),
+            }
+        }
+        Expr::TypedString(t) => type_name(&t.data_type).map(|n| (n, 1)),
+        Expr::Interval(_) => Some(("interval".to_owned(), 1)),
+        // The last field name of the chain, ignoring subscripts and `*`, else the root's.
+        Expr::CompoundFieldAccess { root, access_chain } => {
+            for access in access_chain.iter().rev() {
+                match access {
+                    AccessExpr::Dot(Expr::Identifier(id)) => return Some((fold_ident(id), 2)),
+                    AccessExpr::Dot(Expr::Wildcard(_)) | AccessExpr::Subscript(_) => {}
+                    AccessExpr::Dot(_) => return None,
+                }
+            }
+            figure_name(root)
+        }
+        Expr::Case { else_result, .. } => match else_result.as_deref() {
+            None => Some(("case".to_owned(), 1)),
+            Some(e) => match figure_name(e)? {
+                strong @ (_, 2) => Some(strong),
+                _ => Some(("case".to_owned(), 1)),
+            },
         },
-        Expr::CompoundFieldAccess { root, access_chain } => match access_chain.last() {
-            Some(AccessExpr::Dot(Expr::Identifier(id))) => Some((fold_ident(id), 2)),
-            Some(AccessExpr::Dot(_)) => None,
-            Some(AccessExpr::Subscript(_)) | None => figure_name(root),
-        },
-        Expr::Case { else_result, .. } => match else_result.as_deref().map(figure_name) {
-            Some(Some((n, 2))) => Some((n, 2)),
-            Some(None) => None,
-            Some(Some(_)) | None => named("case"),
-        },
-        Expr::Exists { .. } => named("exists"),
-        Expr::Subquery(q) => first_output_name(q),
+        Expr::Exists { negated: false, .. } => named("exists"),
+        // A scalar subquery is named by its column, even `?column?`, as a strong name.
+        Expr::Subquery(q) => first_output_name(q).map(|(n, _)| (n, 2)),
         Expr::Array(_) => named("array"),
         Expr::Tuple(_) => named("row"),
+        // Special syntax that PostgreSQL's grammar turns into function calls.
+        Expr::Trim { trim_where, .. } => named(match trim_where {
+            Some(TrimWhereField::Leading) => "ltrim",
+            Some(TrimWhereField::Trailing) => "rtrim",
+            Some(TrimWhereField::Both) | None => "btrim",
+        }),
+        Expr::Substring { .. } => named("substring"),
+        Expr::Position { .. } => named("position"),
+        Expr::Overlay { .. } => named("overlay"),
+        Expr::Extract { .. } => named("extract"),
+        Expr::AtTimeZone { .. } => named("timezone"),
+        Expr::Ceil { field: CeilFloorKind::DateTimeField(DateTimeField::NoDateTime), .. } => named("ceil"),
+        Expr::Floor { field: CeilFloorKind::DateTimeField(DateTimeField::NoDateTime), .. } => named("floor"),
+        Expr::IsNormalized { negated: false, .. } => named("is_normalized"),
+        Expr::BinaryOp { op: BinaryOperator::Overlaps, .. } => named("overlaps"),
+        // `U&"…"` is read as `U & "…"`: PostgreSQL's tree may be a column, named by it.
+        Expr::BinaryOp { op: BinaryOperator::BitwiseAnd, .. } => None,
         Expr::Value(_)
         | Expr::BinaryOp { .. }
         | Expr::UnaryOp { .. }
@@ -572,15 +755,72 @@ fn figure_name(e: &Expr) -> Option<(String, u8)> {
         | Expr::IsNotUnknown(_)
         | Expr::IsDistinctFrom(..)
         | Expr::IsNotDistinctFrom(..)
+        | Expr::IsNormalized { negated: true, .. }
+        | Expr::Exists { negated: true, .. }
         | Expr::Like { .. }
         | Expr::ILike { .. }
         | Expr::SimilarTo { .. }
         | Expr::Between { .. }
         | Expr::In { .. }
         | Expr::AnyOp { .. }
-        | Expr::AllOp { .. } => Some(("?column?".to_owned(), 0)),
+        | Expr::AllOp { .. } => unnamed(),
         _ => None,
     }
+}
+
+/// `values(…)`: `VALUES` is reserved in PostgreSQL, so this is sqlparser's reading of a
+/// `(VALUES (…), …)` subquery (whose other rows it reads as a row around it).
+fn is_values_call(e: &Expr) -> bool {
+    matches!(e, Expr::Function(f) if matches!(f.name.0.as_slice(),
+        [ObjectNamePart::Identifier(id)] if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("values")))
+}
+
+/// The name PostgreSQL gives a cast's type in a column name: the last part of the type's name
+/// as its grammar builds it (`int` is `int4`, `character varying` is `varchar`). `None` for
+/// types it is not sure of.
+fn type_name(t: &DataType) -> Option<String> {
+    let n = match t {
+        DataType::Custom(name, _) => return function_name(name),
+        DataType::Array(
+            ArrayElemTypeDef::SquareBracket(inner, _)
+            | ArrayElemTypeDef::AngleBracket(inner)
+            | ArrayElemTypeDef::Parenthesis(inner)
+            | ArrayElemTypeDef::Qualified(inner, _),
+        ) => return type_name(inner),
+        DataType::Text => "text",
+        DataType::Int(_) | DataType::Integer(_) | DataType::Int4(_) => "int4",
+        DataType::BigInt(_) | DataType::Int8(_) => "int8",
+        DataType::SmallInt(_) | DataType::Int2(_) => "int2",
+        DataType::Real | DataType::Float4 => "float4",
+        DataType::DoublePrecision | DataType::Float8 => "float8",
+        DataType::Float(ExactNumberInfo::None) => "float8",
+        DataType::Float(ExactNumberInfo::Precision(p)) => match p {
+            1..=24 => "float4",
+            25..=53 => "float8",
+            _ => return None,
+        },
+        DataType::Numeric(_) | DataType::Decimal(_) | DataType::Dec(_) => "numeric",
+        DataType::Bool | DataType::Boolean => "bool",
+        DataType::Varchar(_) | DataType::CharacterVarying(_) | DataType::CharVarying(_) => "varchar",
+        DataType::Char(_) | DataType::Character(_) => "bpchar",
+        DataType::Date => "date",
+        DataType::Time(_, TimezoneInfo::None | TimezoneInfo::WithoutTimeZone) => "time",
+        DataType::Time(_, TimezoneInfo::WithTimeZone | TimezoneInfo::Tz) => "timetz",
+        DataType::Timestamp(_, TimezoneInfo::None | TimezoneInfo::WithoutTimeZone) => "timestamp",
+        DataType::Timestamp(_, TimezoneInfo::WithTimeZone | TimezoneInfo::Tz) => "timestamptz",
+        DataType::Interval { .. } => "interval",
+        DataType::JSON => "json",
+        DataType::JSONB => "jsonb",
+        DataType::Uuid => "uuid",
+        DataType::Bytea => "bytea",
+        DataType::Regclass => "regclass",
+        DataType::Bit(_) => "bit",
+        DataType::BitVarying(_) | DataType::VarBit(_) => "varbit",
+        DataType::TsVector => "tsvector",
+        DataType::TsQuery => "tsquery",
+        _ => return None,
+    };
+    Some(n.to_owned())
 }
 
 /// The name of a subquery's first output, read from its leftmost SELECT.
@@ -597,6 +837,7 @@ fn first_output_name(q: &Query) -> Option<(String, u8)> {
                     _ => None,
                 };
             }
+            SetExpr::Values(_) => return Some(("column1".to_owned(), 2)),
             _ => return None,
         }
     }
@@ -633,12 +874,15 @@ fn function_name(name: &ObjectName) -> Option<String> {
     name.0.last().and_then(ObjectNamePart::as_ident).map(fold_ident)
 }
 
+/// Refuses the functions that run SQL given as text, by any name the call may have (a `U&`
+/// name as PostgreSQL decodes it too).
 fn check_function(name: &ObjectName) -> Result<(), LineageError> {
-    match function_name(name) {
-        Some(n) if SQL_EXECUTING_FUNCTIONS.contains(&n.as_str()) => {
+    let names = name.0.last().and_then(ObjectNamePart::as_ident).map(ident_names).unwrap_or_default();
+    match names.iter().find(|n| SQL_EXECUTING_FUNCTIONS.contains(&n.as_str())) {
+        Some(n) => {
             Err(LineageError::Unsupported(format!("the function {n}, which reads tables it is not given")))
         }
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 
@@ -823,6 +1067,7 @@ impl Analyzer {
                     name: Some(alias.clone().unwrap_or_else(|| table.table.clone())),
                     schema: if alias.is_some() { None } else { table.schema.clone() },
                     aliased: alias.is_some(),
+                    lateral_only: false,
                     kind: RelKind::Base(table),
                 };
                 self.level_mut()?.rels.push(target);
@@ -836,6 +1081,7 @@ impl Analyzer {
                                 name: Some("excluded".into()),
                                 schema: None,
                                 aliased: true,
+                                lateral_only: false,
                                 kind: RelKind::Func { acc: extra.clone(), columns: vec![], complete: false },
                             };
                             self.level_mut()?.rels.push(excluded);
@@ -865,6 +1111,8 @@ impl Analyzer {
                         self.add_from(twj)?;
                     }
                 }
+                // The FROM list does not see the target either, only LATERAL items do (and fail).
+                self.level_mut()?.complete_from();
                 for a in &up.assignments {
                     self.expr(&a.value, &mut extra)?;
                 }
@@ -888,6 +1136,7 @@ impl Analyzer {
                 for twj in del.using.iter().flatten() {
                     self.add_from(twj)?;
                 }
+                self.level_mut()?.complete_from();
                 if let Some(sel) = &del.selection {
                     self.referenced_expr(sel)?;
                 }
@@ -901,12 +1150,14 @@ impl Analyzer {
             }
             Statement::Merge(m) => {
                 self.levels.push(Level::default());
+                // The source does not see the target (PostgreSQL adds the target after it).
                 for rel in self.table_factor(&m.table)? {
-                    self.level_mut()?.rels.push(rel);
+                    self.level_mut()?.rels.push(Relation { lateral_only: true, ..rel });
                 }
                 for rel in self.table_factor(&m.source)? {
-                    self.level_mut()?.rels.push(rel);
+                    self.level_mut()?.rels.push(Relation { lateral_only: true, ..rel });
                 }
+                self.level_mut()?.complete_from();
                 self.referenced_expr(&m.on)?;
                 for clause in &m.clauses {
                     if let Some(p) = &clause.predicate {
@@ -1159,6 +1410,7 @@ impl Analyzer {
         for twj in &s.from {
             self.add_from(twj)?;
         }
+        self.level_mut()?.complete_from();
         let mut windows = Acc::default();
         for def in &s.named_window {
             if let NamedWindowExpr::WindowSpec(spec) = &def.1 {
@@ -1322,14 +1574,16 @@ impl Analyzer {
 
     // ---- FROM ------------------------------------------------------------------------------
 
-    /// Adds a FROM item and its joins to the innermost level.
+    /// Adds a FROM item and its joins to the innermost level, seen only by LATERAL items until
+    /// the FROM list is complete ([`Level::complete_from`]).
     fn add_from(&mut self, twj: &TableWithJoins) -> Result<(), LineageError> {
+        let start = self.level_mut()?.rels.len();
         for rel in self.table_factor(&twj.relation)? {
-            self.level_mut()?.rels.push(rel);
+            self.level_mut()?.rels.push(Relation { lateral_only: true, ..rel });
         }
         for join in &twj.joins {
             for rel in self.table_factor(&join.relation)? {
-                self.level_mut()?.rels.push(rel);
+                self.level_mut()?.rels.push(Relation { lateral_only: true, ..rel });
             }
             let constraint = match &join.join_operator {
                 JoinOperator::Join(c)
@@ -1358,7 +1612,7 @@ impl Analyzer {
                 | JoinOperator::InnerArrayJoin => None,
             };
             match constraint {
-                Some(JoinConstraint::On(e)) => self.referenced_expr(e)?,
+                Some(JoinConstraint::On(e)) => self.join_condition(start, e)?,
                 Some(JoinConstraint::Using(_) | JoinConstraint::UsingAlias(..) | JoinConstraint::Natural) => {
                     self.level_mut()?.merged = true;
                 }
@@ -1368,10 +1622,44 @@ impl Analyzer {
         Ok(())
     }
 
+    /// `JOIN … ON e`: `e` sees the two sides of its join (the relations of this level from
+    /// `start`), not the FROM items before them, whatever their LATERAL state.
+    fn join_condition(&mut self, start: usize, e: &Expr) -> Result<(), LineageError> {
+        let level = self.level_mut()?;
+        let mut rels = std::mem::take(&mut level.rels);
+        let mut sides = rels.split_off(start.min(rels.len()));
+        let lateral_only: Vec<bool> = sides.iter().map(|r| r.lateral_only).collect();
+        for rel in &mut sides {
+            rel.lateral_only = false;
+        }
+        level.rels = sides;
+        let r = self.referenced_expr(e);
+        let level = self.level_mut()?;
+        let mut sides = std::mem::take(&mut level.rels);
+        for (rel, was) in sides.iter_mut().zip(lateral_only) {
+            rel.lateral_only = was;
+        }
+        rels.append(&mut sides);
+        level.rels = rels;
+        r
+    }
+
     /// The relations a table factor brings into scope (several for an unaliased nested join).
+    /// A LATERAL item, and a function (PostgreSQL lets every function in FROM see the items
+    /// before it), is analysed seeing the items before it; a plain subquery is not.
     fn table_factor(&mut self, tf: &TableFactor) -> Result<Vec<Relation>, LineageError> {
         self.enter()?;
+        let lateral = match tf {
+            TableFactor::Derived { lateral, .. } => *lateral,
+            TableFactor::Table { args, .. } => args.is_some(),
+            TableFactor::NestedJoin { .. } => false,
+            _ => true,
+        };
+        let before = self.levels.last_mut().map(|l| std::mem::replace(&mut l.lateral, lateral));
         let r = self.table_factor_inner(tf);
+        if let (Some(level), Some(before)) = (self.levels.last_mut(), before) {
+            level.lateral = before;
+        }
         self.leave();
         r
     }
@@ -1397,6 +1685,7 @@ impl Analyzer {
                             name: Some(alias_name.clone().unwrap_or(cte_name)),
                             schema: None,
                             aliased: alias_name.is_some(),
+                            lateral_only: false,
                             kind: RelKind::Derived(d.renamed(&columns)),
                         },
                         None => {
@@ -1414,6 +1703,7 @@ impl Analyzer {
                                 name: Some(alias_name.clone().unwrap_or_else(|| t.table.clone())),
                                 schema: if alias_name.is_some() { None } else { t.schema.clone() },
                                 aliased: alias_name.is_some(),
+                                lateral_only: false,
                                 kind,
                             }
                         }
@@ -1426,6 +1716,7 @@ impl Analyzer {
                     name: alias.as_ref().map(|a| fold_ident(&a.name)),
                     schema: None,
                     aliased: true,
+                    lateral_only: false,
                     kind: RelKind::Derived(d),
                 }
             }
@@ -1475,6 +1766,7 @@ impl Analyzer {
                     name: None,
                     schema: None,
                     aliased: true,
+                    lateral_only: false,
                     kind: RelKind::Join { members, merged },
                 };
                 let columns = alias_columns(Some(alias));
@@ -1486,7 +1778,13 @@ impl Analyzer {
                     let exact = join.star(&mut outputs);
                     RelKind::Derived(Derived { outputs, exact }.renamed(&columns))
                 };
-                Relation { name: Some(fold_ident(&alias.name)), schema: None, aliased: true, kind }
+                Relation {
+                    name: Some(fold_ident(&alias.name)),
+                    schema: None,
+                    aliased: true,
+                    lateral_only: false,
+                    kind,
+                }
             }
             TableFactor::Pivot { .. }
             | TableFactor::Unpivot { .. }
@@ -1503,44 +1801,46 @@ impl Analyzer {
 
     // ---- name resolution -------------------------------------------------------------------
 
-    /// The relations a qualifier names, from the innermost level that has any.
+    /// The relations a qualifier names, from the innermost level that has any in scope.
     fn find_relations(&self, qualifier: &[String]) -> Option<Vec<&Relation>> {
         self.levels.iter().rev().find_map(|level| {
-            let found: Vec<&Relation> = level.rels.iter().filter(|r| r.matches(qualifier)).collect();
+            let found: Vec<&Relation> = level.visible().filter(|r| r.matches(qualifier)).collect();
             (!found.is_empty()).then_some(found)
         })
     }
 
-    /// An unqualified name: a column of any relation that may have it, from the innermost
-    /// level outwards until a level certainly has it, plus a whole-row reference if a relation
-    /// is so named.
+    /// An unqualified name: a column of any relation in scope that may have it, from the
+    /// innermost level outwards until a level certainly has it, plus a whole-row reference if a
+    /// relation is so named.
     fn resolve_name(&self, c: &str) -> Acc {
         let mut acc = Acc::default();
         let mut row_found = false;
+        let mut named = false;
         for level in self.levels.iter().rev() {
             let (mut definite, mut maybe) = (false, false);
-            for rel in &level.rels {
+            for rel in level.visible() {
                 let (d, m) = rel.column(c, &mut acc);
                 definite |= d;
                 maybe |= m;
             }
             if !row_found {
-                for rel in level.rels.iter().filter(|r| r.name.as_deref() == Some(c)) {
+                for rel in level.visible().filter(|r| r.name.as_deref() == Some(c)) {
                     rel.whole_row(&mut acc);
                     row_found = true;
                 }
             }
+            named |= definite;
             if definite && !maybe {
                 break;
             }
         }
-        if acc.sources.is_empty() && !acc.opaque {
-            // No relation in scope may have this name. PostgreSQL would reject it, unless it
-            // names an output of a derived table differently than here: stay safe.
-            for rel in self.levels.iter().flat_map(|l| &l.rels) {
-                if !matches!(rel.kind, RelKind::Base(_)) {
-                    rel.whole_row(&mut acc);
-                }
+        if !named {
+            // No output is known to have this name, so PostgreSQL takes it from a table, or
+            // from an output it names differently than here (and then nothing else may have
+            // it): whatever a table may have was added, so add everything else in scope. A table
+            // answering "maybe" must not stand in for the output it may really be.
+            for rel in self.levels.iter().flat_map(Level::visible) {
+                rel.computed_rows(&mut acc);
             }
         }
         acc
@@ -1577,11 +1877,15 @@ impl Analyzer {
 
     /// `t.*` inside an expression: the whole row of `t`.
     fn resolve_row(&self, name: &ObjectName) -> Result<Acc, LineageError> {
-        let qualifier = object_idents(name)?;
-        let mut acc = Acc::default();
-        match self.find_relations(&qualifier) {
-            Some(rels) => rels.iter().for_each(|r| r.whole_row(&mut acc)),
-            None => acc.opaque = true,
+        object_idents(name)?;
+        let parts = name.0.iter().filter_map(ObjectNamePart::as_ident).collect::<Vec<_>>();
+        let variants = name_variants(parts.into_iter());
+        let mut acc = Acc { opaque: variants.len() > 1, ..Acc::default() };
+        for qualifier in variants {
+            match self.find_relations(&qualifier) {
+                Some(rels) => rels.iter().for_each(|r| r.whole_row(&mut acc)),
+                None => acc.opaque = true,
+            }
         }
         Ok(acc)
     }
@@ -1590,7 +1894,7 @@ impl Analyzer {
     fn all_rows(&self) -> Acc {
         let mut acc = Acc::default();
         if let Some(level) = self.levels.last() {
-            level.rels.iter().for_each(|r| r.whole_row(&mut acc));
+            level.visible().for_each(|r| r.whole_row(&mut acc));
         }
         acc
     }
@@ -1641,12 +1945,19 @@ impl Analyzer {
     fn expr_inner(&mut self, e: &Expr, acc: &mut Acc) -> Result<(), LineageError> {
         match e {
             Expr::Identifier(id) => {
-                let found = self.resolve_name(&fold_ident(id));
+                let names = ident_names(id);
+                let mut found = Acc { opaque: names.len() > 1, ..Acc::default() };
+                for name in names {
+                    found.merge(&self.resolve_name(&name));
+                }
                 self.add(acc, found);
             }
             Expr::CompoundIdentifier(parts) => {
-                let parts: Vec<String> = parts.iter().map(fold_ident).collect();
-                let found = self.resolve_qualified(&parts);
+                let variants = name_variants(parts.iter());
+                let mut found = Acc { opaque: variants.len() > 1, ..Acc::default() };
+                for parts in variants {
+                    found.merge(&self.resolve_qualified(&parts));
+                }
                 self.add(acc, found);
             }
             Expr::QualifiedWildcard(name, _) => {
@@ -1944,6 +2255,7 @@ fn func_relation(
         name: alias.map(|a| fold_ident(&a.name)).or(name),
         schema: None,
         aliased: true,
+        lateral_only: false,
         kind: RelKind::Func { acc, columns, complete },
     }
 }
@@ -2117,8 +2429,11 @@ mod tests {
     fn unqualified_column_skips_derived_tables_without_that_name() {
         let l = one("SELECT email FROM users, (SELECT 1 AS x) s");
         assert_eq!(column(&l, 0).1, &set(&[email()]));
-        // Inside the subquery, `name` may also be an outer (lateral) users.name.
+        // Inside the subquery, `name` is people's: a subquery in FROM does not see the items
+        // before it; a LATERAL one may also take users.name.
         let l = one("SELECT x FROM users, (SELECT lower(name) AS x FROM people) s");
+        assert_eq!(column(&l, 0).1, &set(&[col("users", "x"), col("people", "name")]));
+        let l = one("SELECT x FROM users, LATERAL (SELECT lower(name) AS x FROM people) s");
         assert_eq!(column(&l, 0).1, &set(&[col("users", "x"), col("people", "name"), col("users", "name")]));
     }
 
@@ -2529,6 +2844,189 @@ mod tests {
     fn unicode_escaped_identifiers_are_opaque() {
         let l = one(r#"SELECT U&"d\0061ta" FROM users"#);
         assert!(column(&l, 0).2);
+    }
+
+    #[test]
+    fn unicode_escaped_identifiers_resolve_as_postgres_decodes_them() {
+        for sql in [
+            r#"SELECT U&"\0065mail" FROM users"#,
+            r#"SELECT U&"\0065mail" || '' FROM users"#,
+            // sqlparser reads `(1 || U) & "\0065mail"`.
+            r#"SELECT 1 || U&"\0065mail" FROM users"#,
+            r#"SELECT U&"\+000065mail" FROM users"#,
+            r#"SELECT U&"\0075".email FROM users u"#,
+            r#"SELECT users.U&"\0065mail" FROM users"#,
+            r#"SELECT x FROM (SELECT U&"\0065mail" AS x FROM users) s"#,
+            r#"COPY (SELECT U&"\0065mail" FROM users) TO STDOUT"#,
+        ] {
+            let l = one(sql);
+            let (_, sources, opaque) = column(&l, 0);
+            assert!(sources.contains(&email()) && opaque, "{sql}: {sources:?}");
+            assert!(l.referenced.contains(&email()), "{sql}: {:?}", l.referenced);
+        }
+        let l = one(r#"INSERT INTO notes (body) SELECT U&"\0065mail" FROM users"#);
+        assert!(l.written.contains(&email()), "{:?}", l.written);
+        // Without `U&` it is that name, as written.
+        let l = one(r#"SELECT "\0065mail" FROM users"#);
+        assert!(column(&l, 0).1.contains(&col("users", r"\0065mail")));
+        assert_unsupported(r#"SELECT U&"query\005Fto\005Fxml"('SELECT email FROM users', true, true, '')"#);
+    }
+
+    #[test]
+    fn unicode_escapes_decode_as_postgres_does() {
+        for (body, decoded) in [
+            (r"\0065mail", "email"),
+            (r"\+01F600", "\u{1F600}"),
+            (r"\D83D\DE00", "\u{1F600}"),
+            (r"a\\b", r"a\b"),
+            (r"\00E9t\00E9", "\u{e9}t\u{e9}"),
+        ] {
+            assert_eq!(unicode_unescaped(body).as_deref(), Some(decoded), "{body}");
+        }
+        // PostgreSQL rejects these after `U&`; without escapes the name reads the same.
+        for body in [r"\D83D", r"\DE00", r"\D83Dx", r"\0000", r"\+110000", r"\x", r"\12", r"\+12345", "plain"]
+        {
+            assert_eq!(unicode_unescaped(body), None, "{body}");
+        }
+        let long = format!(r"{}\00E9", "e".repeat(62));
+        assert_eq!(unicode_unescaped(&long), Some("e".repeat(62)));
+    }
+
+    #[test]
+    fn a_subquery_in_from_does_not_see_the_items_before_it() {
+        // PostgreSQL takes `email` from the outer users: s1 is not in scope inside s2.
+        let leak = "SELECT (SELECT x FROM (SELECT 'a' AS email) s1, (SELECT email AS x) s2) FROM users";
+        assert_email_source(leak);
+        assert_email_source(&format!("COPY ({leak}) TO STDOUT"));
+        assert!(one(&format!("INSERT INTO notes (body) {leak}")).written.contains(&email()));
+        // Nor by its name: `users.email` is the outer table's.
+        assert_email_source(
+            "SELECT (SELECT x FROM (SELECT 'a' AS email) users, (SELECT users.email AS x) s2) FROM users",
+        );
+        assert_email_source(
+            "SELECT (SELECT x FROM (SELECT 'a' AS email) s1 JOIN (SELECT email AS x) s2 ON true) FROM users",
+        );
+        // A LATERAL item does see them: here `email` is s1's.
+        let l =
+            one("SELECT (SELECT x FROM (SELECT 'a' AS email) s1, LATERAL (SELECT email AS x) s2) FROM users");
+        assert!(!column(&l, 0).1.contains(&email()), "{l:?}");
+        // So do functions, and subqueries inside a LATERAL item reach past it.
+        assert_email_source("SELECT x FROM users u, upper(u.email) AS x");
+        assert_email_source("SELECT q.g FROM users u, LATERAL (SELECT * FROM (SELECT u.email AS g) s) q");
+        assert_email_source("SELECT g FROM users u, LATERAL (SELECT (SELECT u.email) AS g) q");
+        // The target of UPDATE and DELETE is hidden from its FROM list only.
+        assert!(one("UPDATE users SET notes = email FROM (SELECT 1 AS k) s").written.contains(&email()));
+        assert_email_source("DELETE FROM users USING (SELECT 1 AS k) s RETURNING email");
+    }
+
+    #[test]
+    fn a_join_condition_sees_only_its_two_sides() {
+        for sql in [
+            "SELECT (SELECT 1 FROM (SELECT 'a' AS email) s1, (SELECT 1 AS k) a \
+             JOIN (SELECT 2 AS j) b ON email::int = 1) FROM users",
+            "SELECT (SELECT 1 FROM (SELECT 'a' AS email) s1 \
+             JOIN ((SELECT 1 AS k) a JOIN (SELECT 2 AS j) b ON email::int = 1) ON true) FROM users",
+        ] {
+            assert!(one(sql).referenced.contains(&email()), "{sql}");
+        }
+        // Both sides, and the joins to the left, are in scope.
+        let l = one("SELECT 1 FROM orders o JOIN users u ON true JOIN people p ON u.email = p.name");
+        assert!(l.referenced.contains(&email()));
+    }
+
+    #[test]
+    fn a_table_that_may_have_a_name_does_not_hide_an_output_named_otherwise() {
+        for other in ["users u2", "pg_namespace n"] {
+            assert_email_source(&format!(
+                r#"SELECT "?column?" FROM (SELECT CASE WHEN true THEN email ELSE (SELECT 'x') END FROM users) s, {other}"#
+            ));
+            // A name no output has: PostgreSQL would take it from a table, or refuse it.
+            assert_email_source(&format!("SELECT nothing FROM (SELECT email AS e FROM users) s, {other}"));
+        }
+    }
+
+    #[test]
+    fn output_names_follow_postgres_figure_colname() {
+        // As PostgreSQL 15 names them, over t(x text, y int, ts timestamptz, a int[]).
+        let named = [
+            ("(ts, ts) OVERLAPS (ts, ts)", "overlaps"),
+            ("x IS NORMALIZED", "is_normalized"),
+            ("x IS NOT NORMALIZED", "?column?"),
+            ("trim(x)", "btrim"),
+            ("trim(leading 'a' from x)", "ltrim"),
+            ("trim(trailing from x)", "rtrim"),
+            ("ceil(y)", "ceil"),
+            ("floor(y)", "floor"),
+            ("extract(year from ts)", "extract"),
+            ("ts AT TIME ZONE 'utc'", "timezone"),
+            ("position('a' in x)", "position"),
+            ("substring(x from 1)", "substring"),
+            ("substring(x, 1, 2)", "substring"),
+            ("overlay(x placing 'a' from 1)", "overlay"),
+            ("true", "?column?"),
+            ("NULL", "?column?"),
+            ("NOT EXISTS (SELECT 1)", "?column?"),
+            ("EXISTS (SELECT 1)", "exists"),
+            ("interval '1 day'", "interval"),
+            ("date '2020-01-01'", "date"),
+            ("current_user", "current_user"),
+            ("ARRAY(SELECT 1)", "array"),
+            ("ROW(1, 2)", "row"),
+            ("(1, 2)", "row"),
+            ("ARRAY[1]", "array"),
+            ("'x'::text", "text"),
+            ("x::int", "x"),
+            ("(CASE WHEN true THEN 1 END)", "case"),
+            ("CASE WHEN true THEN x END", "case"),
+            ("CASE WHEN true THEN '1' ELSE (SELECT 'x') END", "?column?"),
+            ("CASE WHEN true THEN 1 END::text", "text"),
+            ("(SELECT 1)", "?column?"),
+            ("(SELECT x FROM t)", "x"),
+            ("(VALUES (1))", "column1"),
+            ("a[1]", "a"),
+            ("(SELECT 1 UNION SELECT 2)", "?column?"),
+            ("x COLLATE \"C\"", "x"),
+            ("coalesce(x)", "coalesce"),
+            ("nullif(x, x)", "nullif"),
+            ("1::integer", "int4"),
+            ("1::bigint", "int8"),
+            ("1::double precision", "float8"),
+            ("1::varchar(3)", "varchar"),
+            ("1::character varying", "varchar"),
+            ("1::char", "bpchar"),
+            ("1::numeric(3,1)", "numeric"),
+            ("1::real", "float4"),
+            ("1::float", "float8"),
+            ("1::float(10)", "float4"),
+            ("1::smallint", "int2"),
+            ("true::boolean", "bool"),
+            ("ts::timestamp", "ts"),
+            ("1::decimal", "numeric"),
+            ("x::pg_catalog.text", "x"),
+            ("'{1}'::int[]", "int4"),
+            ("-y", "?column?"),
+            ("x LIKE 'a'", "?column?"),
+            ("y BETWEEN 1 AND 2", "?column?"),
+            ("y IN (1)", "?column?"),
+            ("CAST(y AS text)", "y"),
+            ("1::bit", "bit"),
+            ("'a'::name", "name"),
+            ("1::\"char\"", "char"),
+            ("(SELECT t FROM t)", "t"),
+            ("(WITH w AS (SELECT 1 AS k) SELECT k FROM w)", "k"),
+            ("(t).x", "x"),
+            ("(t.*)::text", "t"),
+            ("current_timestamp", "current_timestamp"),
+        ];
+        for (e, name) in named {
+            let l = one(&format!("SELECT {e} FROM t"));
+            assert_eq!(column(&l, 0).0, Some(name), "{e}");
+        }
+        // Not told here (PostgreSQL names them by what `*` or the operator tree really is).
+        for e in ["(SELECT * FROM t1)", r#"U&"\0078""#, "(VALUES (1), (2))"] {
+            let l = one(&format!("SELECT {e} FROM t"));
+            assert_eq!(column(&l, 0).0, None, "{e}");
+        }
     }
 
     #[test]

@@ -1060,3 +1060,157 @@ async fn a_portal_name_reused_after_its_transaction_is_masked_as_what_it_now_run
     let seen = String::from_utf8_lossy(&read_until_ready(&mut s).await).into_owned();
     assert!(leaked(&seen).is_none(), "{seen}");
 }
+
+/// An email that no detector recognises: only column masking stands between it and the agent.
+const PLAIN_EMAIL: &str = "carol private handle";
+
+/// The proxy, with a user whose email is [`PLAIN_EMAIL`] and a `notes` table to copy values into.
+async fn start_with_plain_email() -> Harness {
+    let h = start(DEFAULTS).await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
+             CREATE TABLE notes (body text);"
+        ),
+    )
+    .unwrap();
+    h
+}
+
+/// `select`, whose first column is users.email under another guise, through the simple and the
+/// extended (binary) protocol and as `COPY (…) TO STDOUT`, comes back redacted; as the source of
+/// `INSERT INTO notes … SELECT` it is refused and nothing is stored. Returns what went wrong, in
+/// every channel.
+async fn email_shown(h: &Harness, c: &tokio_postgres::Client, select: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    let copy = format!("COPY ({select}) TO STDOUT");
+    for (mode, seen) in [
+        ("simple", simple(c, select).await),
+        ("extended", extended(c, select).await),
+        ("copy", copy_out(c, &copy).await),
+    ] {
+        if seen.contains(PLAIN_EMAIL) || !seen.contains("[redacted]") {
+            failures.push(format!("{mode} `{select}` shows the email, or no masked value: {seen}"));
+        }
+    }
+    let insert = format!("INSERT INTO notes (body) {select}");
+    let seen = simple(c, &insert).await;
+    if !(seen.contains("42501") && seen.contains("masked")) {
+        failures.push(format!("`{insert}` was not refused: {seen}"));
+    }
+    let stored = h.pg.psql("shop", "SELECT count(*) FROM notes").unwrap();
+    if stored.trim() != "0" {
+        failures.push(format!("`{insert}` stored {} rows", stored.trim()));
+        h.pg.psql("shop", "DELETE FROM notes").unwrap();
+    }
+    failures
+}
+
+/// `sql` fails casting [`PLAIN_EMAIL`] to an integer; the error's text, which echoes it, is
+/// withheld.
+async fn cast_error_shown(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (mode, seen) in [("simple", simple(c, sql).await), ("extended", extended(c, sql).await)] {
+        if !seen.contains("22P02") || seen.contains(PLAIN_EMAIL) {
+            failures.push(format!("{mode} `{sql}`: {seen}"));
+        }
+    }
+    failures
+}
+
+/// A subquery in FROM does not see the FROM items before it (unless LATERAL), so PostgreSQL
+/// takes `email` in s2 from the outer users, not from s1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subquery_in_from_reading_an_outer_column_is_masked() {
+    let h = start_with_plain_email().await;
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for select in [
+        "SELECT (SELECT x FROM (SELECT 'a' AS email) s1, (SELECT email AS x) s2) FROM users",
+        "SELECT (SELECT x FROM (SELECT 'a' AS email) s1 JOIN (SELECT email AS x) s2 ON true) FROM users",
+    ] {
+        failures.extend(email_shown(&h, &c, select).await);
+    }
+    for sql in [
+        "SELECT (SELECT x FROM (SELECT 'a' AS email) s1, (SELECT email::int AS x) s2) FROM users WHERE id = 3",
+        // `JOIN … ON` sees only its two sides: `email` is the outer one there too.
+        "SELECT (SELECT 1 FROM (SELECT 'a' AS email) s1, (SELECT 1 AS k) a \
+         JOIN (SELECT 2 AS j) b ON email::int = 1) FROM users WHERE id = 3",
+    ] {
+        failures.extend(cast_error_shown(&c, sql).await);
+    }
+    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// PostgreSQL names a CASE whose ELSE is a scalar subquery by the subquery's column
+/// (`?column?`), and a table in scope that may have a column of that name must not stand in for
+/// the derived table's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_named_by_a_subquery_is_masked_beside_a_table() {
+    let h = start_with_plain_email().await;
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for other in ["users u2", "pg_namespace n"] {
+        let select = format!(
+            r#"SELECT "?column?" FROM (SELECT CASE WHEN true THEN email ELSE (SELECT 'x') END FROM users) s, {other}"#
+        );
+        failures.extend(email_shown(&h, &c, &select).await);
+    }
+    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// `U&"\0065mail"` is `email` to PostgreSQL, whatever sqlparser makes of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unicode_escaped_column_name_is_masked() {
+    let h = start_with_plain_email().await;
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for select in [
+        r#"SELECT U&"\0065mail" || '' FROM users"#,
+        r#"SELECT U&"\0065mail" FROM users"#,
+        r#"SELECT 'x' || U&"\0065mail" FROM users"#,
+        r#"SELECT U&"\0075".email || '' FROM users u"#,
+    ] {
+        failures.extend(email_shown(&h, &c, select).await);
+    }
+    failures.extend(cast_error_shown(&c, r#"SELECT U&"\0065mail"::int FROM users WHERE id = 3"#).await);
+    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// A view the session itself creates is masked from its first use: the catalog's answers from
+/// before the DDL ran are dropped once it completes, and a name the catalog's side connection
+/// cannot see (created in the open transaction, or temporary) is not taken for a plain table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_the_session_just_created_are_masked() {
+    let h = start_with_plain_email().await;
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    let mut check = async |setup: &str, select: &str| {
+        let seen = simple(&c, setup).await;
+        if seen.contains("ERROR") {
+            failures.push(format!("`{setup}` failed: {seen}"));
+        }
+        for (mode, seen) in [("simple", simple(&c, select).await), ("extended", extended(&c, select).await)] {
+            if seen.contains(PLAIN_EMAIL) || !seen.contains("[redacted]") {
+                failures.push(format!("{mode} `{select}` after `{setup}`: {seen}"));
+            }
+        }
+    };
+    check("CREATE VIEW pv AS SELECT email AS e FROM users", "SELECT e || '' FROM pv").await;
+    check("BEGIN; CREATE VIEW v2 AS SELECT email e FROM users", "SELECT e || '' FROM v2").await;
+    check("ROLLBACK", "SELECT 'x' || e FROM pv").await;
+    check("CREATE TEMP VIEW w AS SELECT email e FROM users", "SELECT e || '' FROM pg_temp.w").await;
+    check("SELECT 1", "SELECT e || '' FROM w").await;
+    // A table read (so looked up) before the DDL replaces it by a view.
+    let seen = simple(&c, "CREATE TABLE t4 (e text); SELECT e || '' FROM t4").await;
+    assert!(!seen.contains("ERROR"), "{seen}");
+    check("DROP TABLE t4; CREATE VIEW t4 AS SELECT email AS e FROM users", "SELECT e || '' FROM t4").await;
+    // The DDL and the read in one message.
+    let q = "CREATE VIEW pv2 AS SELECT email AS e FROM users; SELECT e || '' FROM pv2";
+    let seen = simple(&c, q).await;
+    if seen.contains(PLAIN_EMAIL) || !seen.contains("[redacted]") {
+        failures.push(format!("`{q}`: {seen}"));
+    }
+    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
+}

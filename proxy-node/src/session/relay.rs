@@ -199,6 +199,10 @@ struct Relay<'s> {
     /// The session may have changed its `search_path` (so an unqualified table name may not
     /// resolve to the schema an allow rule names).
     search_path_touched: bool,
+    /// DDL went to the target and its ReadyForQuery has not come back: the catalog was
+    /// invalidated before it ran, and lookups made meanwhile (for the DDL statement itself, or
+    /// for statements behind it) may describe the objects as they were.
+    ddl_unanswered: bool,
     /// The last statement text classified, and its classification: clients repeat one
     /// statement (an extended-protocol Parse of the same text, every time), and comparing the
     /// text is cheaper than the node cache's folding, hashing and lock. The classification is a
@@ -400,6 +404,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         answered_through: 0,
         completed_through: 0,
         search_path_touched: false,
+        ddl_unanswered: false,
         last_classified: None,
         plan_memo: None,
         reach_memo: None,
@@ -1098,6 +1103,7 @@ impl Relay<'_> {
         use proto::policy::Operation as O;
         if c.accesses.iter().any(|a| matches!(a.operation, O::Create | O::Alter | O::Drop)) {
             self.catalog.invalidate();
+            self.ddl_unanswered = true;
         }
         let cfg = &self.s.shared.cfg;
         let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
@@ -1573,6 +1579,13 @@ impl Relay<'_> {
                 self.skip_failed_pipeline();
             }
             return Ok(());
+        }
+        // Each statement completed while DDL is under way may be that DDL: forget what was
+        // looked up before it took effect (a name looked up while `CREATE VIEW` waited to run is
+        // cached as naming nothing, or as the table it replaces).
+        if self.ddl_unanswered && matches!(f.tag, b'C' | b'Z') {
+            self.catalog.invalidate();
+            self.ddl_unanswered = f.tag != b'Z';
         }
         let mut done = false;
         match (head, f.tag) {
