@@ -80,6 +80,11 @@ impl proto::config::Validate for AirlockConfig {
     fn validate(&self) -> Result<(), String> {
         self.proxy.validate()?;
         proto::config::Validate::validate(&self.policy_store)?;
+        // The rest of `[approvals]` is checked once it is complete (it inherits from `[proxy]`,
+        // and `airlock up` adds an admin token); its own OIDC issuer can be checked now.
+        if let Some(o) = self.approvals.as_ref().and_then(|a| a.oidc.as_ref()) {
+            o.validate().map_err(|e| format!("approvals.{e}"))?;
+        }
         if let Some(n) = self.runtime.worker_threads
             && !(1..=RuntimeConfig::MAX_WORKERS).contains(&n)
         {
@@ -179,6 +184,13 @@ mod tests {
         let toml = format!("{toml}policy_store = [\"http://127.0.0.1:8\"]\n");
         let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
         assert_eq!(cfg.approvals().policy_store, vec!["http://127.0.0.1:8".to_string()]);
+    }
+
+    #[test]
+    fn approvals_oidc_with_a_shared_secret_algorithm_is_refused() {
+        let toml = "[approvals.oidc]\nissuer = \"http://127.0.0.1:9\"\nalgorithms = [\"HS256\"]\n";
+        let e = proto::config::load::<AirlockConfig>(Some(toml), vec![], "AIRLOCK_").expect_err("HS256");
+        assert!(e.to_string().contains("approvals.oidc.algorithms"), "{e}");
     }
 
     #[test]

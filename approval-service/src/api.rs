@@ -10,12 +10,15 @@
 //! - `GET /v1/grants` → `[GrantView]` (active just-in-time grants)
 //! - `POST /v1/grants/{id}/revoke`, body optional `{"reason": "..."}` → `GrantView`
 //!
-//! Every `/v1` route requires `Authorization: Bearer <token>`: either an approver's OIDC token
-//! (a JWT from `approvals.oidc`; the caller acts as its `sub`, with its groups, and must satisfy
-//! the rule's approver groups and `min`), or the break-glass admin token (which decides at once
-//! and may name the approver it acts for). Errors are JSON `{"error": "..."}` with 400 (bad
-//! input), 401 (token), 403 (not allowed), 404 (not pending), 409 (already approved by you, or
-//! expired) or 503 (the decision could not be published or stored).
+//! Every `/v1` route requires `Authorization: Bearer <token>`: either a known approver's OIDC
+//! token (a JWT from `approvals.oidc` whose holder some approver group or
+//! `[[approvals.approvers]]` entry lists, see [`crate::approver`]; the caller acts as its `sub`,
+//! with its groups, and must satisfy the rule's approver groups and `min`), or the break-glass
+//! admin token (which decides at once and may name the approver it acts for). A valid token of
+//! anyone else, such as an agent's, gets 403 on every route: it may not even list holds. Errors
+//! are JSON `{"error": "..."}` with 400 (bad input), 401 (token), 403 (not allowed), 404 (not
+//! pending), 409 (already approved by you, or expired) or 503 (the decision could not be
+//! published or stored, or the policy that says who approves has not been read yet).
 
 use std::sync::Arc;
 
@@ -27,7 +30,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use proto::events::{HoldOutcome, Timestamp};
-use proto::policy::ApproverIdentity;
 use proxy_node::identity::OidcVerifier;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -35,7 +37,8 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::HoldError;
-use crate::hold::{Decided, Decider, Hold, Holds, Via};
+use crate::approver::{Directory, NotApprover};
+use crate::hold::{Decided, Decider, Hold, Holds};
 use crate::store::{Change, Status};
 
 /// Longest approver name accepted.
@@ -58,6 +61,11 @@ pub struct PendingHold {
     pub connection: String,
     pub principal: PrincipalView,
     pub statement: String,
+    /// The statement's bound parameters (extended protocol), `$1` first, exactly as the proxy
+    /// will bind them: text as is, `null` for SQL NULL, and binary or non-UTF-8 values as `\x`
+    /// followed by hex. An approval is for the statement with exactly these values.
+    #[serde(default)]
+    pub parameters: Vec<Option<String>>,
     pub rule: String,
     pub reason: String,
     /// RFC 3339.
@@ -72,13 +80,61 @@ pub struct PendingHold {
     /// Approvals needed.
     #[serde(default = "one")]
     pub min: u32,
-    /// Groups whose members may approve (empty: any approver).
+    /// Groups whose members may approve (empty: any known approver).
     #[serde(default)]
     pub approver_groups: Vec<String>,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// A bound parameter as an approver should read it, in SQL: `NULL` for SQL NULL (the text
+/// `'NULL'` is quoted); text as a literal (`'it''s'`), or as an escape-string literal
+/// (`E'a\nb\u202E'`) when it holds a character a reader would not see (control and format
+/// characters, bidi overrides, zero-width and non-ASCII spaces); and `\x` hex, which is how the
+/// proxy passes binary and non-UTF-8 values, marked as bytes.
+pub fn parameter_literal(value: Option<&str>) -> String {
+    use std::fmt::Write as _;
+    let Some(v) = value else { return "NULL".to_string() };
+    // `escape_debug` escapes what Rust's Debug considers unprintable (controls, format
+    // characters, unassigned code points, combining marks); whitespace other than a space is
+    // invisible too.
+    let hidden = |c: char| {
+        c != ' '
+            && (c.is_whitespace() || (c.escape_debug().nth(1).is_some() && !matches!(c, '\\' | '\'' | '"')))
+    };
+    let mut out = String::new();
+    if v.chars().any(hidden) {
+        out.push_str("E'");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\'' => out.push_str("\\'"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if hidden(c) && u32::from(c) <= 0xFFFF => {
+                    let _ = write!(out, "\\u{:04X}", u32::from(c));
+                }
+                c if hidden(c) => {
+                    let _ = write!(out, "\\U{:08X}", u32::from(c));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('\'');
+    } else {
+        out.push('\'');
+        out.push_str(&v.replace('\'', "''"));
+        out.push('\'');
+    }
+    let hex =
+        v.strip_prefix("\\x").is_some_and(|h| h.len() % 2 == 0 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if hex {
+        let _ = write!(out, " ({} bytes, hex: binary or not UTF-8)", (v.len() - 2) / 2);
+    }
+    out
 }
 
 impl From<Hold> for PendingHold {
@@ -90,6 +146,7 @@ impl From<Hold> for PendingHold {
             connection: r.connection,
             principal: PrincipalView { subject: r.principal.subject, groups: r.principal.groups },
             statement: r.statement,
+            parameters: r.parameters,
             rule: r.rule,
             reason: r.reason,
             requested_at: r.requested_at,
@@ -217,19 +274,26 @@ struct AppState {
     holds: Arc<Holds>,
     token: Option<Arc<str>>,
     oidc: Option<Arc<OidcVerifier>>,
+    directory: Arc<Directory>,
 }
 
 /// Who is calling, from the bearer token.
 #[derive(Debug, Clone)]
 enum Caller {
     Admin,
-    Approver { subject: String, groups: Vec<String> },
+    /// A known approver: always a [`Decider::Approver`].
+    Approver(Decider),
 }
 
 /// The service's REST routes: `token` is the break-glass admin token, `oidc` checks approvers'
-/// tokens.
-pub fn router(holds: Arc<Holds>, token: Option<Arc<str>>, oidc: Option<Arc<OidcVerifier>>) -> Router {
-    let state = AppState { holds, token, oidc };
+/// tokens, and `directory` says which token holders are approvers.
+pub fn router(
+    holds: Arc<Holds>,
+    token: Option<Arc<str>>,
+    oidc: Option<Arc<OidcVerifier>>,
+    directory: Arc<Directory>,
+) -> Router {
+    let state = AppState { holds, token, oidc, directory };
     let v1 = Router::new()
         .route("/holds", get(list))
         .route("/holds/{id}", get(show))
@@ -296,10 +360,24 @@ async fn require_token(
             Ok((p, email)) => {
                 // Group membership may come from the policy: let a starting service get it first.
                 st.holds.routes().ready(POLICY_WAIT).await;
-                let who =
-                    ApproverIdentity { subject: Some(&p.subject), email: email.as_deref(), slack_user: None };
-                let groups = st.holds.routes().with_policy_groups(p.groups.clone(), &who);
-                Caller::Approver { subject: p.subject, groups }
+                match st.directory.by_token(&p, email.as_deref(), st.holds.routes()) {
+                    Ok(d) => Caller::Approver(d),
+                    Err(NotApprover::Unknown) => {
+                        warn!(subject = %p.subject, "a valid token of someone who is not an approver was refused");
+                        return ApiError(
+                            StatusCode::FORBIDDEN,
+                            format!("{} is not a known approver", p.subject),
+                        )
+                        .into_response();
+                    }
+                    Err(NotApprover::PolicyNotLoaded) => {
+                        return ApiError(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the policy (approver groups) has not been read yet; try again".into(),
+                        )
+                        .into_response();
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, "rejected an approver token");
@@ -316,12 +394,15 @@ async fn require_token(
 fn decider(caller: Caller, named: Option<String>) -> Result<Decider, ApiError> {
     match caller {
         Caller::Admin => Ok(Decider::Admin { approver: named }),
-        Caller::Approver { subject, groups } => match named {
-            Some(n) if n != subject => Err(ApiError(
+        Caller::Approver(d) => match named {
+            Some(n) if n != d.identity() => Err(ApiError(
                 StatusCode::FORBIDDEN,
-                format!("you are {subject}; an approver's identity comes from its token, not the body"),
+                format!(
+                    "you are {}; an approver's identity comes from its token, not the body",
+                    d.identity()
+                ),
             )),
-            _ => Ok(Decider::Approver { identity: subject, groups, via: Via::Oidc }),
+            _ => Ok(d),
         },
     }
 }
@@ -415,17 +496,16 @@ async fn revoke(
     let reason = optional_text("reason", body.reason, MAX_REASON_LEN)?;
     let who = match &caller {
         Caller::Admin => approver(body.approver)?.unwrap_or_else(|| "admin".into()),
-        Caller::Approver { subject, .. } => subject.clone(),
+        Caller::Approver(d) => d.identity(),
     };
     let records = st.holds.records().await.map_err(unavailable)?;
     let rec = records
         .into_iter()
         .find(|r| r.grant.as_ref().is_some_and(|g| g.grant_id == grant_id))
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no grant {grant_id}")))?;
-    if let Caller::Approver { subject, groups } = &caller {
-        let check = Decider::Approver { identity: subject.clone(), groups: groups.clone(), via: Via::Oidc };
-        check.check(&rec.request, HoldOutcome::Denied).map_err(|why| {
-            ApiError(StatusCode::FORBIDDEN, format!("{subject} may not revoke this grant: {why}"))
+    if let Caller::Approver(d) = &caller {
+        d.check(&rec.request, HoldOutcome::Denied).map_err(|why| {
+            ApiError(StatusCode::FORBIDDEN, format!("{} may not revoke this grant: {why}", d.identity()))
         })?;
     }
     let hold = rec.id();
@@ -502,6 +582,7 @@ mod tests {
             connection: "shop".into(),
             principal: PrincipalView { subject: "a".into(), groups: vec![] },
             statement: "delete from t".into(),
+            parameters: vec![],
             rule: "r".into(),
             reason: "x".into(),
             requested_at: Timestamp(1_764_288_000_000_000),
@@ -524,6 +605,7 @@ mod tests {
             connection: "shop".into(),
             principal: PrincipalView { subject: "a".into(), groups: vec![] },
             statement: String::new(),
+            parameters: vec![],
             rule: "r".into(),
             reason: "x".into(),
             requested_at: Timestamp(-5),
@@ -535,6 +617,24 @@ mod tests {
         let json = serde_json::to_value(&h).unwrap();
         assert_eq!(json["requested_at"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(json["expires_at"], "9999-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn parameters_read_as_sql_with_nulls_bytes_and_hidden_characters_marked() {
+        assert_eq!(parameter_literal(None), "NULL");
+        assert_eq!(parameter_literal(Some("NULL")), "'NULL'");
+        assert_eq!(parameter_literal(Some("admin")), "'admin'");
+        assert_eq!(parameter_literal(Some("it's \\d")), "'it''s \\d'");
+        assert_eq!(parameter_literal(Some("")), "''");
+        assert_eq!(parameter_literal(Some("ad\u{200b}min")), "E'ad\\u200Bmin'");
+        assert_eq!(parameter_literal(Some("a\nb'\\\u{202e}\u{a0}")), "E'a\\nb\\'\\\\\\u202E\\u00A0'");
+        assert_eq!(parameter_literal(Some("x\u{e0001}")), "E'x\\U000E0001'");
+        assert_eq!(
+            parameter_literal(Some("\\xdeadbeef")),
+            "'\\xdeadbeef' (4 bytes, hex: binary or not UTF-8)"
+        );
+        assert_eq!(parameter_literal(Some("\\xdea")), "'\\xdea'", "not whole bytes: text");
+        assert_eq!(parameter_literal(Some("héllo 😀")), "'héllo 😀'", "printable text stays as is");
     }
 
     #[test]

@@ -182,16 +182,26 @@ fn render_holds_at(holds: &[PendingHold], now: Timestamp) -> String {
     out
 }
 
-/// One hold in full, a field per line (the statement as it is, control characters removed).
+/// One hold in full, a field per line (the statement as it is, control characters removed), then
+/// its parameters one per line as SQL literals (see [`crate::api::parameter_literal`]: NULLs,
+/// bytes and invisible characters marked), so the approver sees every value the statement runs
+/// with.
 pub fn render_hold(h: &PendingHold) -> String {
     let clean =
         |s: &str| s.chars().map(|c| if c.is_control() && c != '\n' { ' ' } else { c }).collect::<String>();
     let groups = if h.approver_groups.is_empty() { "any".to_string() } else { h.approver_groups.join(", ") };
     let approvals = if h.approvals.is_empty() { "none".to_string() } else { h.approvals.join(", ") };
+    let mut parameters = String::new();
+    if !h.parameters.is_empty() {
+        parameters.push_str("parameters:\n");
+        for (i, p) in h.parameters.iter().enumerate() {
+            parameters.push_str(&format!("  ${} = {}\n", i + 1, crate::api::parameter_literal(p.as_deref())));
+        }
+    }
     format!(
         "id:          {}\nsession:     {}\nprincipal:   {} (groups: {})\nconnection:  {}\nrule:        {}\n\
          reason:      {}\nrequested:   {}\nexpires:     {}\napprovers:   {groups}, {} needed\napprovals:   {approvals}\n\
-         statement:\n{}\n",
+         statement:\n{}\n{parameters}",
         h.id,
         h.session,
         clean(&h.principal.subject),
@@ -243,6 +253,7 @@ mod tests {
             connection: "shop".into(),
             principal: PrincipalView { subject: "agent-1".into(), groups: vec!["agents".into()] },
             statement: statement.into(),
+            parameters: vec![],
             rule: "writes-need-approval".into(),
             reason: "matched".into(),
             requested_at,
@@ -274,6 +285,18 @@ mod tests {
         // Columns line up: every row has STATEMENT at the same character offset.
         let col = lines[0].find("STATEMENT").unwrap();
         assert!(lines[2][col..].starts_with("update users"), "{table}");
+    }
+
+    #[test]
+    fn a_hold_in_full_shows_its_parameters() {
+        let mut h = hold("update users set role = $1 where id = $2", Timestamp(0), Timestamp(1));
+        assert!(!render_hold(&h).contains("parameters:"), "none to show");
+        h.parameters = vec![Some("admin".into()), None, Some("\u{1b}[2J".into())];
+        let shown = render_hold(&h);
+        assert!(
+            shown.ends_with("parameters:\n  $1 = 'admin'\n  $2 = NULL\n  $3 = E'\\u001B[2J'\n"),
+            "{shown}"
+        );
     }
 
     #[test]

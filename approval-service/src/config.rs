@@ -220,6 +220,11 @@ impl proto::config::Validate for ApprovalsConfig {
             }
             _ => {}
         }
+        // The same checks as `[proxy.oidc]`: pinned public-key algorithms, an http(s) issuer. An
+        // approver's token decides holds, so it must be no easier to forge than an agent's.
+        if let Some(o) = &self.oidc {
+            o.validate().map_err(|e| format!("approvals.{e}"))?;
+        }
         let mut names = std::collections::HashSet::new();
         for (i, a) in self.approvers.iter().enumerate() {
             if a.name.trim().is_empty() {
@@ -284,6 +289,23 @@ mod tests {
         };
         assert!(cfg.validate().is_ok());
         assert_eq!(cfg.admin_token().unwrap(), None);
+    }
+
+    #[test]
+    fn approvers_oidc_is_checked_like_the_proxys() {
+        for (toml, why) in [
+            (
+                "[oidc]\nissuer = \"http://127.0.0.1:1\"\nalgorithms = [\"HS256\"]\n",
+                "shared-secret algorithm",
+            ),
+            ("[oidc]\nissuer = \"http://127.0.0.1:1\"\nalgorithms = []\n", "must not be empty"),
+            ("[oidc]\nissuer = \"ftp://idp.example.com\"\n", "http(s) URL"),
+        ] {
+            let e = proto::config::load::<ApprovalsConfig>(Some(toml), vec![], "X_").unwrap_err().to_string();
+            assert!(e.contains("approvals.oidc") && e.contains(why), "{toml}: {e}");
+        }
+        let ok = "[oidc]\nissuer = \"https://idp.example.com\"\nalgorithms = [\"ES256\"]\n";
+        assert!(proto::config::load::<ApprovalsConfig>(Some(ok), vec![], "X_").is_ok());
     }
 
     #[test]

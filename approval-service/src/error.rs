@@ -32,6 +32,8 @@ pub enum ApprovalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("approvals.{0}")]
+    Oidc(String),
     #[error("approvals: opening the hold store: {0}")]
     Store(#[from] StoreError),
     #[error("approvals: setting up the event bus: {0}")]

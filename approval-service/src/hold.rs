@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::approver::Person;
 use crate::error::{HoldError, StoreError};
 use crate::routes::Routes;
 use crate::store::{Approval, Change, GrantInfo, HoldRecord, Status, Store};
@@ -58,8 +59,9 @@ pub enum Decider {
     /// Break-glass: a caller holding the admin token; `approver` is the name it gave, if any.
     /// Its approval decides at once, whatever the rule's groups and `min`.
     Admin { approver: Option<String> },
-    /// A known approver (OIDC subject, or a Slack user mapped to an approver entry).
-    Approver { identity: String, groups: Vec<String>, via: Via },
+    /// A known approver (only [`crate::approver::Directory`] makes these: nobody else is one),
+    /// recorded as `identity` and compared with the requester and other approvers as `person`.
+    Approver { identity: String, person: Person, groups: Vec<String>, via: Via },
     /// This service itself (expiry).
     Service,
 }
@@ -83,7 +85,20 @@ impl Decider {
         }
     }
 
+    /// The person behind the vote, when it is an approver's.
+    fn person(&self) -> Option<&Person> {
+        match self {
+            Decider::Approver { person, .. } => Some(person),
+            _ => None,
+        }
+    }
+
     /// Whether this decider may give `outcome` to `hold`; `Err` says why not.
+    ///
+    /// An approver whose OIDC subject is unknown (a Slack user with no `[[approvals.approvers]]`
+    /// entry) cannot be told apart from the requester, whom the hold knows by subject only, nor
+    /// from their own earlier vote made with a token: they may approve only a service account's
+    /// hold (a service account is no person) that needs a single approval.
     pub fn check(&self, hold: &HoldRequest, outcome: HoldOutcome) -> Result<(), String> {
         let own = || "a requester can never approve its own hold".to_string();
         match self {
@@ -96,12 +111,24 @@ impl Decider {
                 Err("only the service expires holds".to_string())
             }
             Decider::Admin { .. } => Ok(()),
-            Decider::Approver { identity, groups, .. } => {
+            Decider::Approver { identity, person, groups, .. } => {
                 if outcome == HoldOutcome::Expired {
                     return Err("only the service expires holds".to_string());
                 }
-                if outcome == HoldOutcome::Approved && *identity == hold.principal.subject {
+                let subject = &hold.principal.subject;
+                if outcome == HoldOutcome::Approved && (identity == subject || person.is(subject)) {
                     return Err(own());
+                }
+                if outcome == HoldOutcome::Approved
+                    && !person.subject_known()
+                    && (hold.principal.kind != "service_account" || hold.approvers.min > 1)
+                {
+                    return Err(
+                        "Airlock cannot tell you apart from the requester or the other approvers: approving \
+                         this hold needs an [[approvals.approvers]] entry naming your OIDC subject (or use \
+                         `airlock approvals approve` with your token)"
+                            .to_string(),
+                    );
                 }
                 let wanted = &hold.approvers.groups;
                 if !wanted.is_empty() && !wanted.iter().any(|g| groups.contains(g)) {
@@ -418,18 +445,32 @@ impl Holds {
                 })?;
                 let who = decider.identity();
                 let by_vote = matches!(decider, Decider::Approver { .. }) && outcome == HoldOutcome::Approved;
+                let person = decider.person().cloned().unwrap_or_default();
                 if by_vote {
-                    if rec.approvals.iter().any(|a| a.by == who) {
-                        return Err(HoldError::AlreadyApproved { id, decider: who });
+                    // One person, whatever identifier each vote came with (a token's `sub`, a Slack
+                    // user's entry or e-mail), counts once.
+                    let same = |a: &Approval| a.by == who || person.is(&a.by) || a.person.same_as(&person);
+                    if let Some(earlier) = rec.approvals.iter().find(|a| same(a)) {
+                        return Err(HoldError::AlreadyApproved { id, decider: earlier.by.clone() });
                     }
-                    rec.approvals.push(Approval { by: who.clone(), at: now, via: decider.via().into() });
+                    rec.approvals.push(Approval {
+                        by: who.clone(),
+                        at: now,
+                        via: decider.via().into(),
+                        person: person.clone(),
+                    });
                     if u32::try_from(rec.approvals.len()).unwrap_or(u32::MAX)
                         < rec.request.approvers.min.max(1)
                     {
                         return Ok(Change::Write(()));
                     }
                 } else if outcome == HoldOutcome::Approved {
-                    rec.approvals.push(Approval { by: who.clone(), at: now, via: decider.via().into() });
+                    rec.approvals.push(Approval {
+                        by: who.clone(),
+                        at: now,
+                        via: decider.via().into(),
+                        person,
+                    });
                 }
                 let decided_by = if by_vote {
                     rec.approvals.iter().map(|a| a.by.as_str()).collect::<Vec<_>>().join(", ")
@@ -684,8 +725,15 @@ mod tests {
         Decider::Admin { approver: Some(name.into()) }
     }
 
+    fn approver(name: &str, groups: &[&str]) -> Decider {
+        let mut person = Person::default();
+        person.add_subject(Some(name));
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        Decider::Approver { identity: name.into(), person, groups, via: Via::Oidc }
+    }
+
     fn dba(name: &str) -> Decider {
-        Decider::Approver { identity: name.into(), groups: vec!["dba".into()], via: Via::Slack }
+        approver(name, &["dba"])
     }
 
     fn holds(bus: EventBus) -> Holds {
@@ -706,17 +754,48 @@ mod tests {
         assert!(admin("agent-1").check(&req, HoldOutcome::Approved).is_err());
         assert!(admin("agent-1").check(&req, HoldOutcome::Denied).is_ok());
         assert!(admin("alice").check(&req, HoldOutcome::Approved).is_ok());
-        let own =
-            Decider::Approver { identity: "agent-1".into(), groups: vec!["dba".into()], via: Via::Oidc };
-        assert!(own.check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
+        assert!(dba("agent-1").check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
         assert!(Decider::Service.check(&req, HoldOutcome::Approved).is_err());
+    }
+
+    #[test]
+    fn approvers_are_compared_with_the_requester_as_people() {
+        let mut req = request(Duration::from_secs(60));
+        req.principal.subject = "Dana@Example.com".into();
+        let mut dana = Person::default();
+        dana.add_subject(Some("dana"));
+        dana.add_email(Some("dana@example.com"));
+        let slack_dana = Decider::Approver {
+            identity: "dana".into(),
+            person: dana,
+            groups: vec!["dba".into()],
+            via: Via::Slack,
+        };
+        assert!(slack_dana.check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
+        assert!(slack_dana.check(&req, HoldOutcome::Denied).is_ok());
+        // Known by e-mail and Slack id only: not the requester as far as anyone can tell, but
+        // not provably someone else either.
+        let mut unmapped = Person::default();
+        unmapped.add_email(Some("gus@example.com"));
+        unmapped.add_slack_user(Some("U0GUS"));
+        let gus = Decider::Approver {
+            identity: "gus@example.com".into(),
+            person: unmapped,
+            groups: vec!["dba".into()],
+            via: Via::Slack,
+        };
+        assert!(gus.check(&req, HoldOutcome::Approved).unwrap_err().contains("cannot tell you apart"));
+        assert!(gus.check(&req, HoldOutcome::Denied).is_ok());
+        req.principal.kind = "service_account".into();
+        assert!(gus.check(&req, HoldOutcome::Approved).is_ok());
+        req.approvers.min = 2;
+        assert!(gus.check(&req, HoldOutcome::Approved).is_err(), "two approvals must come from two people");
     }
 
     #[test]
     fn approvers_outside_the_rule_groups_may_not_decide() {
         let req = request(Duration::from_secs(60));
-        let outsider =
-            Decider::Approver { identity: "eve".into(), groups: vec!["agents".into()], via: Via::Oidc };
+        let outsider = approver("eve", &["agents"]);
         assert!(outsider.check(&req, HoldOutcome::Approved).unwrap_err().contains("dba"));
         assert!(outsider.check(&req, HoldOutcome::Denied).is_err());
         assert!(dba("dana").check(&req, HoldOutcome::Approved).is_ok());

@@ -13,6 +13,7 @@
 //! # Layout
 //! - [`config`]: `[approvals]`: listen, tokens, OIDC, approvers, Slack, webhooks.
 //! - [`store`]: hold records and compare-and-set (KV bucket or in-process).
+//! - [`approver`]: who is a known approver, and which person (for self-approval and `min`).
 //! - [`hold`]: who decides ([`hold::Decider`]), votes and `min`, publishing decisions.
 //! - [`routes`]: a rule's Slack channel, webhook and grant limit, from the policy.
 //! - [`slack`]: the Slack bot: Block Kit posts, the deny modal, signed interactivity callbacks.
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub mod api;
+pub mod approver;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -81,6 +83,11 @@ pub async fn run_with_policy(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApprovalError> {
     let token = cfg.admin_token()?.map(Arc::<str>::from);
+    // Whoever loaded `cfg` (the `airlock` binary fills `oidc` from `[proxy.oidc]`), an approver's
+    // token is checked as strictly as an agent's: pinned public-key algorithms, an http(s) issuer.
+    if let Some(o) = &cfg.oidc {
+        o.validate().map_err(ApprovalError::Oidc)?;
+    }
     let oidc = cfg.oidc.clone().map(|c| Arc::new(proxy_node::identity::OidcVerifier::new(c)));
     let slack = match &cfg.slack {
         Some(s) => Some(Arc::new(Slack::from_config(s, &cfg.approvers)?)),
@@ -108,7 +115,8 @@ pub async fn run_with_policy(
 
     let addr = listener.local_addr().ok();
     info!(listen = ?addr, slack = slack.is_some(), oidc = oidc.is_some(), "approval service listening");
-    let mut router = api::router(holds.clone(), token, oidc);
+    let directory = Arc::new(approver::Directory::new(&cfg.approvers));
+    let mut router = api::router(holds.clone(), token, oidc, directory);
     if let Some(s) = &slack {
         router = router.merge(slack::router(holds, s.clone()));
     }

@@ -73,6 +73,26 @@ impl Routes {
             .unwrap_or_default()
     }
 
+    /// Does the current policy name `group` as approvers: in a rule's `approvers.groups`, or as
+    /// an `approver_groups` entry? (A token's groups make its holder an approver only through
+    /// such a group; anything else in the claim, such as `agents`, does not.)
+    pub fn names_approver_group(&self, group: &str) -> bool {
+        self.policy.as_ref().is_some_and(|p| {
+            p.borrow().as_ref().is_some_and(|active| {
+                let d = &active.document;
+                d.approver_groups.iter().any(|g| g.name == group)
+                    || d.rules
+                        .iter()
+                        .any(|r| r.approvers.as_ref().is_some_and(|a| a.groups.iter().any(|g| g == group)))
+            })
+        })
+    }
+
+    /// Is the policy known: there is none to follow, or its first version has arrived?
+    pub fn loaded(&self) -> bool {
+        self.policy.as_ref().is_none_or(|p| p.borrow().is_some())
+    }
+
     /// `groups` (from a token or the Slack mapping) plus those the policy puts `who` in.
     pub fn with_policy_groups(&self, mut groups: Vec<String>, who: &ApproverIdentity<'_>) -> Vec<String> {
         for g in self.approver_groups_of(who) {
@@ -144,5 +164,21 @@ mod tests {
         assert!(Routes::new(None, None).approver_groups_of(&sub).is_empty());
         let (_tx, rx) = watch::channel(None);
         assert!(Routes::new(Some(rx), None).approver_groups_of(&sub).is_empty(), "no version yet");
+    }
+
+    #[test]
+    fn approver_groups_are_those_rules_and_approver_groups_name() {
+        let yaml = "approver_groups:\n  - name: sre\n    members: [x]\nrules:\n  - name: r\n    action: hold\n    \
+                    approvers: { groups: [sre] }\n  - name: d\n    action: hold\n    approvers: { groups: [sre] }\n";
+        let document = proto::policy::parse(yaml).unwrap();
+        let (_tx, rx) =
+            watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
+        let routes = Routes::new(Some(rx), None);
+        assert!(routes.names_approver_group("sre") && routes.loaded());
+        assert!(!routes.names_approver_group("agents"));
+        let (_tx, rx) = watch::channel(None);
+        let waiting = Routes::new(Some(rx), None);
+        assert!(!waiting.loaded() && !waiting.names_approver_group("sre"));
+        assert!(Routes::new(None, None).loaded());
     }
 }

@@ -5,8 +5,13 @@
 //! Every callback is checked with the app's signing secret (HMAC `v0`, timestamp within 5
 //! minutes, by slack-morphism's `SlackEventSignatureVerifier`) before anything else; a request
 //! that fails gets 401 and changes nothing. The clicking Slack user is mapped to an approver
-//! entry (explicit `slack_user`, else the e-mail `users.info` reports) and then checked like any
-//! approver: the rule's groups, `min`, and never the requester itself.
+//! ([`crate::approver::Directory::by_slack`]: explicit `slack_user`, else the e-mail `users.info`
+//! reports) and then checked like any approver: the rule's groups, `min` distinct people, and
+//! never the requester itself.
+//!
+//! The message shows the statement and its bound parameters. When either is too long for a
+//! Slack section, it shows their start and end and offers no Approve button, and an approval
+//! from Slack is refused: nobody approves there what they could not read whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,17 +21,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use proto::events::{HoldId, HoldOutcome};
-use proto::policy::ApproverIdentity;
+use proto::events::{HoldId, HoldOutcome, HoldRequest};
 use serde::Deserialize;
 use serde_json::json;
 use slack_morphism::prelude::*;
 use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
 use tracing::{debug, info, warn};
 
+use crate::approver::Directory;
 use crate::config::{ApproverEntry, SlackConfig, secret};
 use crate::error::{ApprovalError, HoldError};
-use crate::hold::{Decider, Holds, Via};
+use crate::hold::{Decider, Holds};
 use crate::routes::Routes;
 use crate::store::{Change, HoldRecord, SlackMessage, Status};
 
@@ -40,8 +45,12 @@ pub const DENY_CALLBACK: &str = "airlock_deny";
 pub const REASON_INPUT: &str = "reason";
 /// A claim to post older than this (the claimer died) may be taken over.
 const CLAIM_STALE_MICROS: i64 = 60_000_000;
-/// Section text limit is 3000 characters; keep room for the code fence.
-const MAX_STATEMENT_CHARS: usize = 2800;
+/// Room for a code block's content: Slack takes 3000 characters of section text, and this leaves
+/// room for the fences and a heading.
+const CODE_ROOM: usize = 2900;
+/// Of a block that does not fit, this much of the room goes to its start (the rest to its end).
+const HEAD_SHARE: usize = 2;
+const HEAD_OF: usize = 3;
 
 pub mod fake;
 
@@ -61,7 +70,7 @@ pub struct Slack {
     client: Client,
     token: SlackApiToken,
     verifier: SlackEventSignatureVerifier,
-    approvers: Vec<ApproverEntry>,
+    directory: Directory,
 }
 
 impl Slack {
@@ -91,7 +100,7 @@ impl Slack {
             client: SlackClient::new(connector),
             token: SlackApiToken::new(SlackApiTokenValue::new(bot)),
             verifier: SlackEventSignatureVerifier::new(&SlackSigningSecret::new(signing)),
-            approvers: approvers.to_vec(),
+            directory: Directory::new(approvers),
         })
     }
 
@@ -166,26 +175,12 @@ impl Slack {
         }
     }
 
-    /// The approver a Slack user is: an explicit `slack_user` entry, else the entry whose e-mail
-    /// matches the user's profile; its groups, plus those the policy's `approver_groups` put the
-    /// user in (by Slack user id, e-mail, or the entry's name as a subject). A user with no entry
-    /// whom the policy lists is an approver too, known by profile e-mail (else Slack user id).
-    /// `Ok(None)`: not a known approver.
+    /// The approver a Slack user is (see [`Directory::by_slack`]): an explicit `slack_user`
+    /// entry, else the entry whose e-mail matches the user's profile, else a person the policy's
+    /// `approver_groups` list by Slack user id or profile e-mail. `Ok(None)`: not a known approver.
     pub async fn identify(&self, user: &str, routes: &Routes) -> Result<Option<Decider>, SlackError> {
-        let as_decider = |a: &ApproverEntry, email: Option<&str>| {
-            let who = ApproverIdentity {
-                subject: Some(&a.name),
-                email: email.or(a.email.as_deref()),
-                slack_user: Some(user),
-            };
-            Decider::Approver {
-                identity: a.name.clone(),
-                groups: routes.with_policy_groups(a.groups.clone(), &who),
-                via: Via::Slack,
-            }
-        };
-        if let Some(a) = self.approvers.iter().find(|a| a.slack_user.as_deref() == Some(user)) {
-            return Ok(Some(as_decider(a, None)));
+        if self.directory.by_slack_id(user).is_some() {
+            return Ok(self.directory.by_slack(user, None, routes));
         }
         let req = SlackApiUsersInfoRequest::new(user.to_string().into());
         let info = self
@@ -195,24 +190,7 @@ impl Slack {
             .await
             .map_err(|e| SlackError::Api { method: "users.info", message: e.to_string() })?;
         let email = info.user.profile.and_then(|p| p.email).map(|e| e.to_string()).filter(|e| !e.is_empty());
-        if let Some(email) = &email
-            && let Some(a) = self
-                .approvers
-                .iter()
-                .find(|a| a.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(email)))
-        {
-            return Ok(Some(as_decider(a, Some(email))));
-        }
-        let who = ApproverIdentity { subject: None, email: email.as_deref(), slack_user: Some(user) };
-        let groups = routes.approver_groups_of(&who);
-        if groups.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Decider::Approver {
-            identity: email.unwrap_or_else(|| user.to_string()),
-            groups,
-            via: Via::Slack,
-        }))
+        Ok(self.directory.by_slack(user, email.as_deref(), routes))
     }
 }
 
@@ -309,13 +287,57 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// The statement in a code block, cut to fit, with no way to close the fence early.
-fn code(statement: &str) -> String {
-    let mut s: String = statement.replace("```", "`\u{200b}``");
-    if s.chars().count() > MAX_STATEMENT_CHARS {
-        s = s.chars().take(MAX_STATEMENT_CHARS).collect::<String>() + "…";
+/// `text` in a code block, escaped, with no way to close the fence early, and whether all of it
+/// is there. Text that does not fit [`CODE_ROOM`] (counted after escaping) shows its start and
+/// its end around a line saying how much is left out: what a padded statement hides is
+/// usually at its end (`... /* 2800 characters */ OR true`).
+fn code(text: &str) -> (String, bool) {
+    let safe: Vec<char> = text.replace("```", "`\u{200b}``").chars().collect();
+    // What a character takes once escaped by `escape`.
+    let width = |c: &char| match c {
+        '&' => 5,
+        '<' | '>' => 4,
+        _ => 1,
+    };
+    let text = |cs: &[char]| escape(&cs.iter().collect::<String>());
+    if safe.iter().map(width).sum::<usize>() <= CODE_ROOM {
+        return (format!("```{}```", text(&safe)), true);
     }
-    format!("```{}```", escape(&s))
+    // Leave room for the line that says what is missing.
+    let room = CODE_ROOM - 80;
+    let fit = |it: &mut dyn Iterator<Item = &char>, room: usize| {
+        let mut used = 0;
+        it.take_while(|c| {
+            used += width(c);
+            used <= room
+        })
+        .count()
+    };
+    let head = fit(&mut safe.iter(), room * HEAD_SHARE / HEAD_OF);
+    let tail = fit(&mut safe.iter().rev(), room - room * HEAD_SHARE / HEAD_OF);
+    let left_out = safe.len() - head - tail;
+    let body = format!(
+        "{}\n… {left_out} characters not shown …\n{}",
+        text(&safe[..head]),
+        text(&safe[safe.len() - tail..])
+    );
+    (format!("```{body}```"), false)
+}
+
+/// The parameters as `$1 = 'value'` lines (see [`crate::api::parameter_literal`]).
+fn parameter_lines(parameters: &[Option<String>]) -> String {
+    let lines: Vec<String> = parameters
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("${} = {}", i + 1, crate::api::parameter_literal(p.as_deref())))
+        .collect();
+    lines.join("\n")
+}
+
+/// Can the hold's message show its statement and parameters whole? When it cannot, Slack does
+/// not offer (and does not take) an approval: the approver would approve what they could not see.
+pub fn shown_in_full(r: &HoldRequest) -> bool {
+    code(&r.statement).1 && (r.parameters.is_empty() || code(&parameter_lines(&r.parameters)).1)
 }
 
 /// The message for a hold in its current state.
@@ -339,7 +361,29 @@ pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Erro
             { "type": "mrkdwn", "text": format!("*Expires*\n<!date^{expires_unix}^{{date_short_pretty}} {{time_secs}}|{}>", r.expires_at) },
         ]}),
         json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!("*Why held*\n{}", escape(&r.reason)) } }),
-        json!({ "type": "section", "text": { "type": "mrkdwn", "text": code(&r.statement) } }),
+    ];
+    let (statement, mut whole) = code(&r.statement);
+    let parameters = (!r.parameters.is_empty()).then(|| {
+        let (p, all) = code(&parameter_lines(&r.parameters));
+        whole &= all;
+        p
+    });
+    if !whole {
+        blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!(
+            ":warning: *Not shown in full.* This statement or its parameters are too long for Slack: \
+             below are only their start and end. Review the whole hold with `airlock approvals show {}` \
+             and approve it there; it cannot be approved from Slack.",
+            r.hold_id
+        ) } }));
+    }
+    blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": statement } }));
+    if let Some(p) = parameters {
+        blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!(
+            "*Parameters* ({}; NULL is SQL NULL, E'…' escapes characters that would not show)\n{p}",
+            r.parameters.len()
+        ) } }));
+    }
+    blocks.extend([
         json!({ "type": "context", "elements": [{ "type": "mrkdwn", "text": format!(
             "hold `{}` · approvers: {} · approvals {}/{}{}",
             r.hold_id, escape(&approvers), rec.approvals.len(), min,
@@ -347,7 +391,7 @@ pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Erro
                 format!(" ({})", escape(&rec.approvals.iter().map(|a| a.by.as_str()).collect::<Vec<_>>().join(", ")))
             }
         ) }] }),
-    ];
+    ]);
     let (summary, outcome) = match (&rec.status, &rec.decision) {
         (Status::Pending, _) => (format!("Approval needed: {} on {}", r.rule, r.connection), None),
         (Status::Approved, Some(d)) => {
@@ -374,13 +418,13 @@ pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Erro
         ),
         (_, None) => ("Hold decided".to_string(), Some("*Decided*".to_string())),
     };
+    let approve = json!({ "type": "button", "action_id": APPROVE_ACTION, "style": "primary",
+        "value": r.hold_id.to_string(), "text": { "type": "plain_text", "text": "Approve" } });
+    let deny = json!({ "type": "button", "action_id": DENY_ACTION, "style": "danger",
+        "value": r.hold_id.to_string(), "text": { "type": "plain_text", "text": "Deny" } });
     match outcome {
-        None => blocks.push(json!({ "type": "actions", "block_id": "airlock_hold", "elements": [
-            { "type": "button", "action_id": APPROVE_ACTION, "style": "primary", "value": r.hold_id.to_string(),
-              "text": { "type": "plain_text", "text": "Approve" } },
-            { "type": "button", "action_id": DENY_ACTION, "style": "danger", "value": r.hold_id.to_string(),
-              "text": { "type": "plain_text", "text": "Deny" } },
-        ]})),
+        None => blocks.push(json!({ "type": "actions", "block_id": "airlock_hold",
+            "elements": if whole { vec![approve, deny] } else { vec![deny] } })),
         Some(t) => blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": t } })),
     }
     let blocks: Vec<SlackBlock> = serde_json::from_value(serde_json::Value::Array(blocks))?;
@@ -555,6 +599,15 @@ async fn vote(
             return Err("Could not check who you are; try again.".into());
         }
     };
+    if outcome == HoldOutcome::Approved
+        && let Ok(Some(rec)) = st.holds.record(id).await
+        && !shown_in_full(&rec.request)
+    {
+        return Err(format!(
+            "This hold is too long to show in Slack in full: review it with `airlock approvals show {id}` and \
+             approve it there."
+        ));
+    }
     match st.holds.decide(id, outcome, &decider, reason).await {
         Ok(d) => {
             if d.decision.is_none() {
@@ -626,6 +679,36 @@ mod tests {
         // The statement cannot mention anyone or break out of its code block.
         assert!(json.contains("&lt;@U1&gt;"), "{json}");
         assert!(!json.contains("<@U1>"), "{json}");
+    }
+
+    #[test]
+    fn text_too_long_once_escaped_is_cut_to_fit_and_cannot_be_approved_from_slack() {
+        let sections = |rec: &HoldRecord| {
+            let v = serde_json::to_value(message(rec).unwrap()).unwrap();
+            let texts: Vec<String> = v["blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|b| b["text"]["text"].as_str().map(str::to_string))
+                .collect();
+            (texts, v.to_string())
+        };
+        let mut rec = record();
+        // 1000 characters, 4000 once escaped for mrkdwn: more than a section takes.
+        rec.request.statement = "<".repeat(999) + ">";
+        let (texts, json) = sections(&rec);
+        assert!(texts.iter().all(|t| t.chars().count() <= 3000), "{texts:?}");
+        assert!(texts.iter().any(|t| t.contains("&gt;```")), "the end is shown");
+        assert!(!json.contains(APPROVE_ACTION) && json.contains(DENY_ACTION), "{json}");
+        assert!(!shown_in_full(&rec.request));
+        // Likewise a parameter too long to show.
+        rec.request.statement = "update users set note = $1".into();
+        rec.request.parameters = vec![Some("y".repeat(5000))];
+        let (texts, json) = sections(&rec);
+        assert!(texts.iter().all(|t| t.chars().count() <= 3000), "{texts:?}");
+        assert!(!json.contains(APPROVE_ACTION), "{json}");
+        rec.request.parameters = vec![Some("y".repeat(50))];
+        assert!(shown_in_full(&rec.request) && sections(&rec).1.contains(APPROVE_ACTION));
     }
 
     #[test]

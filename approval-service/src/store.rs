@@ -53,6 +53,9 @@ pub struct Approval {
     pub at: Timestamp,
     /// `admin`, `oidc` or `slack`.
     pub via: String,
+    /// Every identifier known for the approver, so that one person counts once.
+    #[serde(default, skip_serializing_if = "crate::approver::Person::is_empty")]
+    pub person: crate::approver::Person,
 }
 
 /// The hold's Slack message.

@@ -358,3 +358,17 @@ async fn decision_for_paused(sub: &mut Subscription, hold: Uuid) -> anyhow::Resu
     }
     bail!("the bus closed")
 }
+
+#[tokio::test]
+async fn the_service_refuses_to_start_with_approvers_oidc_weaker_than_the_proxys() -> anyhow::Result<()> {
+    let oidc: proxy_node::identity::OidcConfig = serde_json::from_value(
+        serde_json::json!({ "issuer": "http://127.0.0.1:1", "algorithms": ["HS256"] }),
+    )?;
+    let cfg = ApprovalsConfig { oidc: Some(oidc), ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let run = approval_service::run(cfg, EventBus::memory(), listener, std::future::pending());
+    let e = tokio::time::timeout(WAIT, run).await.context("the service started")?.unwrap_err();
+    assert!(matches!(e, ApprovalError::Oidc(_)), "{e}");
+    assert!(e.to_string().contains("approvals.oidc.algorithms"), "{e}");
+    Ok(())
+}

@@ -27,6 +27,9 @@ const TOKEN: &str = "test-admin-token";
 const SECRET: &str = "slack-signing-secret";
 const CHANNEL: &str = "C_APPROVALS";
 const WAIT: Duration = Duration::from_secs(15);
+/// A policy whose hold rule names `dba` as its approvers.
+const DBA_RULE: &str =
+    "rules:\n  - name: writes-need-approval\n    action: hold\n    approvers: { groups: [dba] }\n";
 
 struct Service {
     url: String,
@@ -687,7 +690,8 @@ async fn oidc_approvers_act_as_their_token_and_their_groups_are_enforced() -> an
     let mut oidc_cfg = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
     oidc_cfg.audience = oidc.audience.clone();
     let cfg = ApprovalsConfig { oidc: Some(oidc_cfg), ..Default::default() };
-    let svc = Service::start(bus.clone(), cfg, None).await?;
+    // The rule makes `dba` an approver group: a token in it is an approver's.
+    let svc = Service::start(bus.clone(), cfg, Some(DBA_RULE)).await?;
     let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
 
@@ -774,7 +778,7 @@ async fn approver_groups_in_the_policy_let_their_members_approve_and_nobody_else
     let policy = "approver_groups:\n  - name: dba\n    members: [Carol@Example.com, sub-frank]\n    \
                   slack_users: [U0GUS]\n  - name: support\n    members: [mallory]\n";
     let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
-    let req = hold_request(Duration::from_secs(300), 3);
+    let req = hold_request(Duration::from_secs(300), 2);
     request_hold(&bus, &req).await?;
     posted(&slack, req.hold_id).await;
 
@@ -812,16 +816,341 @@ async fn approver_groups_in_the_policy_let_their_members_approve_and_nobody_else
     no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
     assert!(svc.client().get(req.hold_id).await?.approvals.is_empty());
 
-    // Members: by verified e-mail claim, by OIDC subject, by Slack user id.
+    // Members: by verified e-mail claim, by OIDC subject.
     let carol = with_email("sub-carol", "carol@example.com", true);
     assert_eq!(carol.approve(req.hold_id, None).await?.approvals, vec!["sub-carol".to_string()]);
+    // A member by Slack user id only, with no `[[approvals.approvers]]` entry: nothing says
+    // whether Gus is the requester or Carol, so his approval does not count here.
+    svc.signed(&fake::click("U0GUS", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    let told = slack.wait_for("chat.postEphemeral", WAIT, |b| b["user"] == "U0GUS").await;
+    assert!(told.is_some_and(|e| text_of(&e.body).contains("cannot tell you apart")), "Gus was not told why");
+    assert_eq!(svc.client().get(req.hold_id).await?.approvals, vec!["sub-carol".to_string()]);
     let frank = ApprovalsClient::new(&svc.url, &oidc.token("sub-frank", &[]));
     assert_eq!(frank.approve(req.hold_id, None).await?.approvals.len(), 2);
-    svc.signed(&fake::click("U0GUS", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
     let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
-    assert_eq!(
-        (d.outcome, d.decided_by.as_str()),
-        (HoldOutcome::Approved, "sub-carol, sub-frank, gus@example.com")
+    assert_eq!((d.outcome, d.decided_by.as_str()), (HoldOutcome::Approved, "sub-carol, sub-frank"));
+    svc.stop().await
+}
+
+/// The approvers' OIDC settings for `oidc`.
+fn oidc_config(oidc: &testkit::OidcIssuer) -> proxy_node::identity::OidcConfig {
+    let mut c = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
+    c.audience = oidc.audience.clone();
+    c
+}
+
+/// Every string in a JSON value (a Slack message's texts, as a person would read them), one per
+/// line, unescaped.
+fn all_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s}\n"),
+        Value::Array(a) => a.iter().map(all_text).collect(),
+        Value::Object(o) => o.values().map(all_text).collect(),
+        _ => String::new(),
+    }
+}
+
+/// A token with a verified `email` claim.
+fn token_with_email(oidc: &testkit::OidcIssuer, sub: &str, email: &str, groups: &[&str]) -> String {
+    let mut claims = oidc.claims(sub, groups);
+    claims["email"] = email.into();
+    claims["email_verified"] = true.into();
+    oidc.token_with(claims)
+}
+
+/// Waits until `client` (an approver) sees the hold.
+async fn visible(client: &ApprovalsClient, id: Uuid) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.get(id).await.is_err() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "hold {id} never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_of_people_no_approver_group_lists_are_refused_on_every_route() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let oidc = testkit::OidcIssuer::start()?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let cfg = ApprovalsConfig { oidc: Some(oidc_config(&oidc)), ..Default::default() };
+    let policy = "approver_groups:\n  - name: dba\n    members: [sub-dana]\nrules:\n  - name: writes-need-approval\n    \
+                  action: hold\n    approvers: { groups: [dba] }\n";
+    let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
+    // A hold no rule's `approvers` covers, as `defaults.unknown_operation` makes one (`SELECT f()`).
+    let mut open = hold_request(Duration::from_secs(300), 1);
+    open.rule = "defaults.unknown_operation".into();
+    open.approvers = ApproverSpec { groups: vec![], min: 1 };
+    request_hold(&bus, &open).await?;
+    let dba_hold = hold_request(Duration::from_secs(300), 1);
+    request_hold(&bus, &dba_hold).await?;
+    let dana = ApprovalsClient::new(&svc.url, &oidc.token("sub-dana", &[]));
+    visible(&dana, open.hold_id).await?;
+    visible(&dana, dba_hold.hold_id).await?;
+
+    // Another agent, the requester itself, and a staff member with a verified e-mail: valid tokens
+    // from the same issuer, but nothing lists them as approvers.
+    let outsiders = [
+        ("another agent", oidc.token("agent-8", &["agents"])),
+        ("the requester", oidc.token("agent-7", &["agents"])),
+        ("staff", token_with_email(&oidc, "sub-sam", "sam@example.com", &["staff"])),
+    ];
+    for (who, token) in &outsiders {
+        let c = ApprovalsClient::new(&svc.url, token);
+        let forbidden = |r: Option<StatusCode>| assert_eq!(r, Some(StatusCode::FORBIDDEN), "{who}");
+        forbidden(c.approve(open.hold_id, None).await.err().and_then(|e| e.status()));
+        forbidden(c.deny(open.hold_id, "no", None).await.err().and_then(|e| e.status()));
+        forbidden(c.list().await.err().and_then(|e| e.status()));
+        forbidden(c.get(open.hold_id).await.err().and_then(|e| e.status()));
+        forbidden(c.grants().await.err().and_then(|e| e.status()));
+        forbidden(c.revoke(Uuid::now_v7(), None).await.err().and_then(|e| e.status()));
+    }
+    no_decision_for(&mut decisions, open.hold_id, Duration::from_millis(300)).await;
+    assert!(dana.get(open.hold_id).await?.approvals.is_empty());
+
+    // Approvers still decide: a member of a policy group decides the hold that names no group,
+    // and a token whose groups claim holds a group a rule names is an approver's.
+    let view = dana.approve(open.hold_id, None).await?;
+    assert_eq!((view.outcome, view.decided_by.as_str()), (Some(HoldOutcome::Approved), "sub-dana"));
+    assert_eq!(decision_for(&mut decisions, open.hold_id, WAIT).await?.decided_by, "sub-dana");
+    let erin = ApprovalsClient::new(&svc.url, &oidc.token("sub-erin", &["dba"]));
+    assert_eq!(erin.list().await?.len(), 1);
+    erin.approve(dba_hold.hold_id, None).await?;
+    assert_eq!(decision_for(&mut decisions, dba_hold.hold_id, WAIT).await?.decided_by, "sub-erin");
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn one_person_approving_by_token_and_in_slack_counts_once() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let oidc = testkit::OidcIssuer::start()?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let mut cfg = ApprovalsConfig { oidc: Some(oidc_config(&oidc)), ..config(&slack) };
+    // Alice's entry is named `alice`, her token's `sub` is `00u1alice`; the e-mails differ in case.
+    cfg.approvers.push(entry("alice", Some("alice@example.com"), None, &["dba"]));
+    slack.add_user("U_ALICE", "Alice@Example.COM");
+    let svc = Service::start(bus.clone(), cfg, None).await?;
+    let alice =
+        ApprovalsClient::new(&svc.url, &token_with_email(&oidc, "00u1alice", "ALICE@example.com", &[]));
+
+    // Token first, then Slack.
+    let req = hold_request(Duration::from_secs(300), 2);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+    assert_eq!(alice.approve(req.hold_id, None).await?.approvals, vec!["00u1alice".to_string()]);
+    svc.signed(&fake::click("U_ALICE", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    let told = slack.wait_for("chat.postEphemeral", WAIT, |b| b["user"] == "U_ALICE").await;
+    assert!(told.is_some_and(|e| text_of(&e.body).contains("already approved")), "Alice was not told");
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    assert_eq!(svc.client().get(req.hold_id).await?.approvals, vec!["00u1alice".to_string()]);
+    svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
+    assert_eq!(d.decided_by, "00u1alice, dana");
+
+    // Slack first, then the token.
+    let req = hold_request(Duration::from_secs(300), 2);
+    request_hold(&bus, &req).await?;
+    posted(&slack, req.hold_id).await;
+    svc.signed(&fake::click("U_ALICE", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    updated(&slack, "approvals 1/2 (alice)").await;
+    let e = alice.approve(req.hold_id, None).await.unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::CONFLICT), "{e}");
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    assert_eq!(svc.client().get(req.hold_id).await?.approvals, vec!["alice".to_string()]);
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn a_requester_cannot_approve_its_own_hold_under_another_identifier() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    // Alice has no `[[approvals.approvers]]` entry: the policy lists her e-mail in `dba`.
+    slack.add_user("U_ALICE", "alice@example.com");
+    let policy = "approver_groups:\n  - name: dba\n    members: [alice@example.com, dana]\n";
+    let svc = Service::start(bus.clone(), config(&slack), Some(policy)).await?;
+    let refused = |user: &'static str, needle: &'static str| {
+        let slack = &slack;
+        async move {
+            let told = slack
+                .wait_for("chat.postEphemeral", WAIT, |b| b["user"] == user && text_of(b).contains(needle))
+                .await;
+            assert!(
+                told.is_some(),
+                "{user} was not told `{needle}`: {:?}",
+                slack.bodies("chat.postEphemeral")
+            );
+        }
+    };
+
+    // Alice's agent runs as her token (`sub` 00u1alice); she clicks Approve in Slack, where she is
+    // known by e-mail only. Nothing links the two, so the service cannot rule her out.
+    let mut own = hold_request(Duration::from_secs(300), 1);
+    own.principal.subject = "00u1alice".into();
+    request_hold(&bus, &own).await?;
+    posted(&slack, own.hold_id).await;
+    svc.signed(&fake::click("U_ALICE", APPROVE_ACTION, own.hold_id, CHANNEL)).await?;
+    refused("U_ALICE", "cannot tell you apart").await;
+    no_decision_for(&mut decisions, own.hold_id, Duration::from_millis(500)).await;
+
+    // An issuer whose subjects are e-mail addresses: Dana's agent is `Dana@Example.com`, and Dana
+    // approves in Slack through her entry `dana` (dana@example.com).
+    let mut own = hold_request(Duration::from_secs(300), 1);
+    own.principal.subject = "Dana@Example.com".into();
+    request_hold(&bus, &own).await?;
+    posted(&slack, own.hold_id).await;
+    svc.signed(&fake::click("U_DANA", APPROVE_ACTION, own.hold_id, CHANNEL)).await?;
+    refused("U_DANA", "own hold").await;
+    no_decision_for(&mut decisions, own.hold_id, Duration::from_millis(500)).await;
+    assert!(svc.client().get(own.hold_id).await?.approvals.is_empty());
+
+    // A service account is nobody's own: Alice may approve its hold from Slack.
+    let mut etl = hold_request(Duration::from_secs(300), 1);
+    etl.principal = Principal { subject: "etl".into(), groups: vec![], kind: "service_account".into() };
+    request_hold(&bus, &etl).await?;
+    posted(&slack, etl.hold_id).await;
+    svc.signed(&fake::click("U_ALICE", APPROVE_ACTION, etl.hold_id, CHANNEL)).await?;
+    let d = decision_for(&mut decisions, etl.hold_id, WAIT).await?;
+    assert_eq!((d.outcome, d.decided_by.as_str()), (HoldOutcome::Approved, "alice@example.com"));
+    svc.stop().await
+}
+
+/// A receiver for webhooks that keeps every body.
+async fn webhook_receiver() -> anyhow::Result<(String, Arc<Mutex<Vec<Value>>>)> {
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let keep = keep.clone();
+            async move {
+                if let Ok(v) = serde_json::from_str(&body) {
+                    keep.lock().unwrap().push(v);
+                }
+                StatusCode::OK
+            }
+        }),
     );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, got))
+}
+
+#[tokio::test]
+async fn approvers_see_the_bound_parameters_in_slack_rest_the_cli_and_webhooks() -> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let (hook_url, hooks) = webhook_receiver().await?;
+    let mut cfg = config(&slack);
+    cfg.webhooks.insert(
+        "pager".into(),
+        WebhookConfig {
+            url: hook_url,
+            secret: Some("hook-secret".into()),
+            secret_file: None,
+            max_attempts: 3,
+            backoff: Duration::from_millis(50),
+            timeout: Duration::from_secs(2),
+        },
+    );
+    let policy = "rules:\n  - name: writes-need-approval\n    action: hold\n    webhook: pager\n";
+    let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
+    let mut req = hold_request(Duration::from_secs(300), 1);
+    req.statement =
+        "UPDATE users SET role = $1, note = $2, avatar = $3, name = $4, tag = $5 WHERE id = $6".into();
+    let parameters: Vec<Option<String>> = vec![
+        Some("admin".into()),
+        None,
+        Some("\\xdeadbeef".into()),
+        Some("bob\u{202e}nimda".into()),
+        Some("<!channel> it's".into()),
+        Some("42".into()),
+    ];
+    req.parameters = parameters.clone();
+    request_hold(&bus, &req).await?;
+
+    // Slack: every value, NULL and bytes marked, the hidden character shown, nothing mentioned.
+    let msg = posted(&slack, req.hold_id).await;
+    let text = all_text(&msg["blocks"]);
+    for needle in [
+        "$1 = 'admin'",
+        "$2 = NULL",
+        "$3 = '\\xdeadbeef' (4 bytes, hex",
+        "$4 = E'bob\\u202Enimda'",
+        "$5 = '&lt;!channel&gt; it''s'",
+        "$6 = '42'",
+    ] {
+        assert!(text.contains(needle), "the Slack message lacks {needle}: {text}");
+    }
+    assert!(!text.contains("<!channel>"), "{text}");
+    assert!(text_of(&msg).contains(APPROVE_ACTION), "a short hold can be approved from Slack");
+
+    // REST, and the CLI's `approvals show`.
+    let raw: Value = reqwest::Client::new()
+        .get(format!("{}/v1/holds/{}", svc.url, req.hold_id))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(raw["parameters"], serde_json::json!(parameters), "{raw}");
+    let shown = approval_service::client::render_hold(&svc.client().get(req.hold_id).await?);
+    assert!(shown.contains("$1 = 'admin'\n") && shown.contains("$2 = NULL\n"), "{shown}");
+    assert!(shown.contains("$4 = E'bob\\u202Enimda'\n"), "{shown}");
+
+    // The webhook's `hold.created`.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let created = loop {
+        let found = hooks.lock().unwrap().iter().find(|v| v["event"] == "hold.created").cloned();
+        if let Some(v) = found {
+            break v;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no hold.created webhook");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(created["hold"]["parameters"], serde_json::json!(parameters), "{created}");
+    svc.stop().await
+}
+
+#[tokio::test]
+async fn a_statement_too_long_for_slack_shows_its_start_and_end_and_is_approved_elsewhere()
+-> anyhow::Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let slack = FakeSlack::start().await?;
+    let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
+    let svc = Service::start(bus.clone(), config(&slack), None).await?;
+    let mut req = hold_request(Duration::from_secs(300), 1);
+    req.statement = format!("DELETE FROM orders WHERE id = 42 /* {} */ OR true", "x".repeat(3000));
+    request_hold(&bus, &req).await?;
+
+    let msg = posted(&slack, req.hold_id).await;
+    let text = all_text(&msg["blocks"]);
+    assert!(text.contains("DELETE FROM orders WHERE id = 42 /* xxx"), "the start is shown: {text}");
+    assert!(text.contains("xxx */ OR true"), "the end is shown: {text}");
+    assert!(text.contains("characters not shown"), "{text}");
+    assert!(text.contains(&format!("airlock approvals show {}", req.hold_id)), "{text}");
+    assert!(!text_of(&msg).contains(APPROVE_ACTION), "no one-click approval: {msg}");
+    assert!(text_of(&msg).contains(DENY_ACTION), "denying stays possible: {msg}");
+    for block in msg["blocks"].as_array().context("blocks")? {
+        let n = block["text"]["text"].as_str().map_or(0, |t| t.chars().count());
+        assert!(n <= 3000, "a section Slack would refuse ({n} characters)");
+    }
+
+    // An Approve click (from an older message, say) is refused and said why.
+    svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
+    let told = slack.wait_for("chat.postEphemeral", WAIT, |b| b["user"] == "U_DANA").await;
+    assert!(told.is_some_and(|e| text_of(&e.body).contains("approvals show")), "Dana was not told");
+    no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
+    // Having read it in full, an approver approves it through the API.
+    assert_eq!(svc.client().get(req.hold_id).await?.statement, req.statement);
+    svc.client().approve(req.hold_id, Some("dana")).await?;
+    assert_eq!(decision_for(&mut decisions, req.hold_id, WAIT).await?.outcome, HoldOutcome::Approved);
     svc.stop().await
 }

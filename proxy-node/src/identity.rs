@@ -67,7 +67,7 @@ impl OidcConfig {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.algorithms.is_empty() {
             return Err("oidc.algorithms must not be empty".into());
         }
