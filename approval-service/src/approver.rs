@@ -80,6 +80,11 @@ impl Person {
             || self.slack_users.iter().any(|u| u == subject)
     }
 
+    /// Is `email` one of this person's addresses (compared case-insensitively)?
+    pub fn is_email(&self, email: &str) -> bool {
+        self.emails.iter().any(|e| e.eq_ignore_ascii_case(email.trim()))
+    }
+
     /// Do the two share any identifier?
     pub fn same_as(&self, other: &Person) -> bool {
         let any = |a: &[String], b: &[String]| a.iter().any(|x| b.contains(x));

@@ -116,7 +116,11 @@ impl Decider {
                     return Err("only the service expires holds".to_string());
                 }
                 let subject = &hold.principal.subject;
-                if outcome == HoldOutcome::Approved && (identity == subject || person.is(subject)) {
+                // The requester's verified e-mail, which the proxy names in the hold, is one of
+                // its identifiers too (an approver entry named otherwise than its `sub`).
+                let by_email = hold.requester_email.as_deref().is_some_and(|e| person.is_email(e));
+                if outcome == HoldOutcome::Approved && (identity == subject || person.is(subject) || by_email)
+                {
                     return Err(own());
                 }
                 if outcome == HoldOutcome::Approved
@@ -702,6 +706,7 @@ mod tests {
     fn request(expires_in: Duration) -> HoldRequest {
         let now = Timestamp::now();
         HoldRequest {
+            requester_email: None,
             hold_id: Uuid::now_v7(),
             seq: 1,
             connection: "shop".into(),
@@ -790,6 +795,29 @@ mod tests {
         assert!(gus.check(&req, HoldOutcome::Approved).is_ok());
         req.approvers.min = 2;
         assert!(gus.check(&req, HoldOutcome::Approved).is_err(), "two approvals must come from two people");
+    }
+
+    /// The requester's token carried a verified e-mail: an approver known by that e-mail is the
+    /// requester, whatever subject its entry names (say, a name that is not its OIDC `sub`).
+    #[test]
+    fn a_requester_known_by_its_verified_email_cannot_approve_its_own_hold() {
+        let mut req = request(Duration::from_secs(60));
+        req.principal.subject = "00u1dana".into();
+        req.requester_email = Some("Dana@Example.com".into());
+        let mut dana = Person::default();
+        dana.add_subject(Some("dana"));
+        dana.add_email(Some("dana@example.com"));
+        dana.add_slack_user(Some("U0DANA"));
+        let slack_dana = Decider::Approver {
+            identity: "dana".into(),
+            person: dana,
+            groups: vec!["dba".into()],
+            via: Via::Slack,
+        };
+        assert!(slack_dana.check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
+        assert!(slack_dana.check(&req, HoldOutcome::Denied).is_ok());
+        req.requester_email = Some("someone.else@example.com".into());
+        assert!(slack_dana.check(&req, HoldOutcome::Approved).is_ok());
     }
 
     #[test]

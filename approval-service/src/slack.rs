@@ -639,6 +639,7 @@ mod tests {
         HoldRecord::new(
             uuid::Uuid::nil(),
             HoldRequest {
+                requester_email: None,
                 hold_id: uuid::Uuid::nil(),
                 seq: 1,
                 connection: "shop".into(),

@@ -54,6 +54,7 @@ async fn nats_bus(nats: &testkit::Nats) -> anyhow::Result<EventBus> {
 
 fn hold_request(requested_at: Timestamp, timeout: Duration) -> HoldRequest {
     HoldRequest {
+        requester_email: None,
         hold_id: Uuid::now_v7(),
         seq: 3,
         connection: "shop".into(),

@@ -143,6 +143,7 @@ async fn nats_bus(nats: &testkit::Nats) -> anyhow::Result<EventBus> {
 fn hold_request(timeout: Duration, min: u32) -> HoldRequest {
     let now = Timestamp::now();
     HoldRequest {
+        requester_email: None,
         hold_id: Uuid::now_v7(),
         seq: 3,
         connection: "shop".into(),

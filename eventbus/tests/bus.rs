@@ -131,6 +131,7 @@ async fn durable_only_sees_its_filter(bus: EventBus) -> Result<()> {
             seq: 1,
             connection: "shop".into(),
             principal: Default::default(),
+            requester_email: None,
             statement: "delete from orders".into(),
             parameters: Default::default(),
             fingerprint: "ab".into(),

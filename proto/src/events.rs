@@ -213,6 +213,11 @@ pub struct HoldRequest {
     pub seq: u64,
     pub connection: String,
     pub principal: Principal,
+    /// The requester's e-mail, when its OIDC token carried one the issuer verified: the
+    /// approval service knows approvers by e-mail too, and a requester never approves its own
+    /// hold under another of its identifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_email: Option<String>,
     /// The exact statement text the approval binds to.
     pub statement: String,
     /// The bound parameters (extended protocol), as text; binary values as `\x` hex.
@@ -531,6 +536,7 @@ mod tests {
                 seq: 1,
                 connection: "shop".into(),
                 principal: p,
+                requester_email: None,
                 statement: "delete from orders".into(),
                 parameters: vec![],
                 fingerprint: "ab".into(),

@@ -310,19 +310,29 @@ impl Authenticator {
         credential: &str,
         policy: &PolicyDocument,
     ) -> Result<Principal, AuthError> {
+        Ok(self.authenticate_with_email(credential, policy).await?.0)
+    }
+
+    /// [`authenticate`](Self::authenticate), plus the e-mail an OIDC token carried and its
+    /// issuer verified (holds name it, so that the requester is known to approvers by it too).
+    pub async fn authenticate_with_email(
+        &self,
+        credential: &str,
+        policy: &PolicyDocument,
+    ) -> Result<(Principal, Option<String>), AuthError> {
         if credential.is_empty() {
             return Err(AuthError::Missing);
         }
         if looks_like_jwt(credential) {
-            let p = match &self.oidc {
-                Some(v) => v.verify(credential).await?,
+            let (p, email) = match &self.oidc {
+                Some(v) => v.verify_with_email(credential).await?,
                 None => return Err(AuthError::NoIssuer),
             };
             // Rules, grants and approvals name principals by subject alone.
             if policy.service_accounts.iter().any(|sa| sa.name == p.subject) {
                 return Err(AuthError::SubjectCollides(p.subject));
             }
-            return Ok(p);
+            return Ok((p, email));
         }
         let digest = hash_api_key(credential);
         // Compare against every account in constant time, so timing says nothing about which matched.
@@ -334,7 +344,10 @@ impl Authenticator {
             }
         }
         let sa = found.ok_or(AuthError::UnknownKey)?;
-        Ok(Principal { subject: sa.name.clone(), groups: sa.groups.clone(), kind: "service_account".into() })
+        Ok((
+            Principal { subject: sa.name.clone(), groups: sa.groups.clone(), kind: "service_account".into() },
+            None,
+        ))
     }
 }
 

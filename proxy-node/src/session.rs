@@ -211,6 +211,8 @@ async fn negotiate(shared: &Shared, mut tcp: TcpStream) -> Result<Client, Sessio
 struct Authenticated {
     params: Vec<(String, String)>,
     principal: Principal,
+    /// The OIDC token's verified e-mail, if any.
+    email: Option<String>,
     conn: Connection,
     policy: Arc<policy_store::client::ActivePolicy>,
 }
@@ -276,7 +278,7 @@ async fn authenticate(
         Ok(p) => p,
         Err(why) => return Err(client.refuse(sqlstate::CANNOT_CONNECT_NOW, why).await),
     };
-    let principal = match shared.auth.authenticate(&credential, &policy.document).await {
+    let (principal, email) = match shared.auth.authenticate_with_email(&credential, &policy.document).await {
         Ok(p) => p,
         Err(e) => {
             info!(client = %peer, error = %e, "authentication failed");
@@ -298,7 +300,7 @@ async fn authenticate(
             .refuse(sqlstate::INVALID_CATALOG_NAME, format!("airlock: no connection named \"{database}\""))
             .await);
     };
-    Ok(Some(Authenticated { params, principal, conn, policy }))
+    Ok(Some(Authenticated { params, principal, email, conn, policy }))
 }
 
 async fn startup(
@@ -317,12 +319,12 @@ async fn startup(
                 .await);
         }
     };
-    let Authenticated { params, principal, conn, policy } = auth;
+    let Authenticated { params, principal, email, conn, policy } = auth;
 
     let session_id: SessionId = Uuid::now_v7();
     let span = info_span!("session", session.id = %session_id, principal = %principal.subject, connection = %conn.name);
     let read_only = !crate::policy::may_write(&policy.document, &conn.name, &principal);
-    let mut s = Session { shared: shared.clone(), id: session_id, principal, conn, seq: 0, read_only };
+    let mut s = Session { shared: shared.clone(), id: session_id, principal, email, conn, seq: 0, read_only };
     async move {
         let started = Event::SessionStarted {
             principal: s.principal.clone(),
@@ -387,6 +389,8 @@ pub(crate) struct Session {
     pub(crate) shared: Arc<Shared>,
     pub(crate) id: SessionId,
     pub(crate) principal: Principal,
+    /// The principal's verified e-mail (OIDC), named in its hold requests.
+    pub(crate) email: Option<String>,
     pub(crate) conn: Connection,
     /// The number of the last request.
     pub(crate) seq: u64,
@@ -443,6 +447,7 @@ impl Session {
             seq,
             connection: self.conn.name.clone(),
             principal: self.principal.clone(),
+            requester_email: self.email.clone(),
             statement: sql.to_string(),
             parameters: params.to_vec(),
             fingerprint: hex::encode(h.finalize()),

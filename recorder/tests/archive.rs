@@ -76,6 +76,7 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
                 seq,
                 connection: "shop".into(),
                 principal: p.clone(),
+                requester_email: None,
                 statement: String::new(),
                 parameters: Default::default(),
                 fingerprint: String::new(),

@@ -59,6 +59,7 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
                 seq,
                 connection: "shop".into(),
                 principal: p.clone(),
+                requester_email: None,
                 statement: statement.as_str().into(),
                 parameters: Default::default(),
                 fingerprint: "f".into(),
