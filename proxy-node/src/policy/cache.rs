@@ -10,7 +10,7 @@
 //!   literals of up to 18 digits are folded, which every parser rule that takes a number accepts
 //!   whatever their value. Strings, identifiers, other numbers and comments stay in the key.
 //! - before both, the same folding done on the text without tokenizing it, for
-//!   the texts where that is plainly the same thing ([`folded_text`]): only letters, digits,
+//!   the texts where that is plainly the same thing ([`fold_plain_text`]): only letters, digits,
 //!   blanks and a few punctuation marks, no quotes, comments, `$`, `?` or `:`; a run of digits
 //!   folds only when both its neighbours are blanks or operators. Two texts with the same such
 //!   key differ only in integer literals, so they have the same folded tokens, and so the same
@@ -45,9 +45,24 @@ impl ClassifyCache {
         if sql.len() > MAX_TEXT {
             return Arc::new(classify(sql));
         }
-        // A text folded without tokenizing is only ever cached under its folded key.
-        if let Some(key) = folded_text(sql) {
-            return cached(&self.by_folded_text, key.into_boxed_str(), sql);
+        // A text folded without tokenizing is only ever cached under its folded key. The key
+        // is built in a buffer kept per thread, and copied only into a new entry.
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let hit = KEY.with_borrow_mut(|key| {
+            if !fold_plain_text(sql, key) {
+                return None;
+            }
+            if let Some(c) = lock(&self.by_folded_text).get(key.as_str()) {
+                return Some(c.clone());
+            }
+            let c = Arc::new(classify(sql));
+            insert(&self.by_folded_text, key.as_str().into(), c.clone());
+            Some(c)
+        });
+        if let Some(c) = hit {
+            return c;
         }
         if let Some(c) = lock(&self.by_text).get(sql) {
             return c.clone();
@@ -96,7 +111,7 @@ fn insert<K: std::hash::Hash + Eq>(
 
 /// Characters next to which a run of digits is a whole integer literal, to the server and to
 /// sqlparser alike (blanks and operators; not `.`, letters, `_`, `$`, quotes, `:` or `?`).
-fn delimits_number(b: u8) -> bool {
+const fn delimits_number(b: u8) -> bool {
     matches!(
         b,
         b' ' | b'\t'
@@ -119,8 +134,41 @@ fn delimits_number(b: u8) -> bool {
     )
 }
 
-/// `sql` with every integer literal of at most 18 digits set to `0`, found without tokenizing;
-/// `None` unless `sql` is simple enough for that to be certain, and has such a literal.
+/// What a byte is to [`fold_plain_text`]: a digit, part of a word (ASCII letters, `_`, `.`),
+/// a [`delimits_number`] character, or anything else (the text is then not plain).
+const DIGIT: u8 = 0;
+const WORD: u8 = 1;
+const DELIMITER: u8 = 2;
+const OTHER: u8 = 3;
+static CLASS: [u8; 256] = {
+    let mut t = [OTHER; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = if c.is_ascii_digit() {
+            DIGIT
+        } else if c.is_ascii_alphabetic() || c == b'_' || c == b'.' {
+            WORD
+        } else if delimits_number(c) {
+            DELIMITER
+        } else {
+            OTHER
+        };
+        i += 1;
+    }
+    t
+};
+
+/// [`fold_plain_text`] into a new string.
+#[cfg(test)]
+fn folded_text(sql: &str) -> Option<String> {
+    let mut out = String::new();
+    fold_plain_text(sql, &mut out).then_some(out)
+}
+
+/// `sql` with every integer literal of at most 18 digits set to `0`, found without
+/// tokenizing, into `out` (cleared first), in one pass over the text; `false` unless `sql` is
+/// simple enough for that to be certain, and has such a literal.
 ///
 /// Simple enough: ASCII letters, digits, `_`, `.` and the [`delimits_number`] characters only,
 /// and no comment (`--`, `/*`). Without quotes, comments, `$`, `?`, `:` or backslashes, every
@@ -128,39 +176,45 @@ fn delimits_number(b: u8) -> bool {
 /// whose neighbours both delimit numbers (or are the ends of the text) can then only be a whole
 /// integer literal (not part of a name like `t1`, a decimal like `1.5`, an exponent like `1e5`,
 /// `0x1F`, `1_000`, or a parameter like `$1`).
-fn folded_text(sql: &str) -> Option<String> {
+fn fold_plain_text(sql: &str, out: &mut String) -> bool {
+    out.clear();
     let b = sql.as_bytes();
-    let plain = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || delimits_number(c);
-    if !b.iter().all(|&c| plain(c)) || sql.contains("--") || sql.contains("/*") {
-        return None;
-    }
-    // Built only once there is something to fold; `copied` bytes of `sql` are in it.
-    let mut out: Option<String> = None;
-    let mut copied = 0;
-    let mut i = 0;
+    // `copied` bytes of `sql` are in `out`.
+    let (mut copied, mut folded, mut prev, mut i) = (0, false, 0u8, 0);
     while i < b.len() {
-        if !b[i].is_ascii_digit() {
+        let c = b[i];
+        let class = CLASS[usize::from(c)];
+        if class == WORD {
+            prev = c;
             i += 1;
             continue;
         }
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
+        if class == DIGIT {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            let before = start.checked_sub(1).map(|p| b[p]);
+            let after = b.get(i).copied();
+            if i - start <= 18 && before.is_none_or(delimits_number) && after.is_none_or(delimits_number) {
+                out.push_str(&sql[copied..start]);
+                out.push('0');
+                copied = i;
+                folded = true;
+            }
+            prev = b'0';
+            continue;
         }
-        let before = start.checked_sub(1).map(|p| b[p]);
-        let after = b.get(i).copied();
-        let whole = before.is_none_or(delimits_number) && after.is_none_or(delimits_number);
-        if whole && i - start <= 18 {
-            let o = out.get_or_insert_with(|| String::with_capacity(sql.len()));
-            o.push_str(&sql[copied..start]);
-            o.push('0');
-            copied = i;
+        if class == OTHER || (prev == b'-' && c == b'-') || (prev == b'/' && c == b'*') {
+            return false;
         }
+        prev = c;
+        i += 1;
     }
-    out.map(|mut o| {
-        o.push_str(&sql[copied..]);
-        o
-    })
+    if folded {
+        out.push_str(&sql[copied..]);
+    }
+    folded
 }
 
 /// The tokens sqlparser reads in `sql`, with integer literals of at most 18 digits set to `0`;
