@@ -365,7 +365,7 @@ impl Catalog {
         let plain = |t: &crate::policy::TableName| {
             t.schema().is_none() && self.no_view.get(t.table()).is_some_and(|at| at.elapsed() < TTL)
         };
-        if tables.clone().all(plain) {
+        if !self.changed() && tables.clone().all(plain) {
             return true;
         }
         let reach = Reach { target, timeout, max };
@@ -383,6 +383,13 @@ impl Catalog {
                     return false;
                 }
             };
+            // Nothing of that name where the side connection looks: once the session has run
+            // DDL, or in its temporary schema, it may be a view the session made (temporary, or
+            // in its open transaction), whose definition only the session's own backend sees.
+            let temporary = schema.as_deref().is_some_and(|s| s.starts_with("pg_temp"));
+            if rels.is_empty() && (self.changed() || temporary) {
+                return false;
+            }
             for rel in rels.into_iter().filter(|r| r.relkind == 'v') {
                 if depth >= 8 {
                     return false;

@@ -1180,7 +1180,8 @@ async fn a_unicode_escaped_column_name_is_masked() {
 
 /// A view the session itself creates is masked from its first use: the catalog's answers from
 /// before the DDL ran are dropped once it completes, and a name the catalog's side connection
-/// cannot see (created in the open transaction, or temporary) is not taken for a plain table.
+/// cannot see (created in the open transaction, or temporary) is not taken for a plain table
+/// (reading one is of unknown effect to the policy, so it may be refused outright instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_the_session_just_created_are_masked() {
     let h = start_with_plain_email().await;
@@ -1192,7 +1193,8 @@ async fn views_the_session_just_created_are_masked() {
             failures.push(format!("`{setup}` failed: {seen}"));
         }
         for (mode, seen) in [("simple", simple(&c, select).await), ("extended", extended(&c, select).await)] {
-            if seen.contains(PLAIN_EMAIL) || !seen.contains("[redacted]") {
+            let refused = seen.contains("42501") && seen.contains("a view it reads");
+            if seen.contains(PLAIN_EMAIL) || !(seen.contains("[redacted]") || refused) {
                 failures.push(format!("{mode} `{select}` after `{setup}`: {seen}"));
             }
         }

@@ -656,6 +656,43 @@ defaults: { unknown_operation: deny }
     assert_eq!(c.query_one("SELECT order_count()", &[]).await.unwrap().get::<_, i64>(0), 3);
 }
 
+/// With DDL allowed, a view the session creates where the catalog's side connection cannot see
+/// it (temporary, or in the session's open transaction) is of unknown effect when read: its
+/// definition may call a function the session then made volatile and writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_view_the_catalog_cannot_see_is_of_unknown_effect() {
+    let rules = r#"  - name: orders-are-read-only
+    match: { operations: [insert, update, delete, merge, truncate], tables: [orders] }
+    action: deny
+defaults: { unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    let c = h.connect().await;
+    for sql in [
+        "CREATE FUNCTION quiet() RETURNS int STABLE LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TEMP VIEW tv AS SELECT quiet() AS n",
+        "CREATE OR REPLACE FUNCTION quiet() RETURNS int VOLATILE LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'",
+    ] {
+        c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    for read in ["SELECT * FROM tv", "SELECT * FROM pg_temp.tv"] {
+        let e = c.simple_query(read).await.expect_err(read);
+        assert_eq!(code(&e), "42501", "{read}: {e}");
+    }
+    for sql in [
+        "CREATE FUNCTION calm() RETURNS int STABLE LANGUAGE sql AS 'SELECT 1'",
+        "BEGIN",
+        "CREATE VIEW uncommitted AS SELECT calm() AS n",
+        "CREATE OR REPLACE FUNCTION calm() RETURNS int VOLATILE LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'",
+    ] {
+        c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let e = c.simple_query("SELECT * FROM uncommitted").await.expect_err("uncommitted view");
+    assert_eq!(code(&e), "42501", "{e}");
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "a view wrote through the gateway");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_that_may_not_write_gets_a_read_only_target_session() {
     // Writes are denied everywhere, but unknown effects are (carelessly) allowed.

@@ -1149,8 +1149,19 @@ impl Relay<'_> {
         self.resolve_reach(c).await;
         // Reading a view runs its definition: a view that calls a writing function writes.
         if c.unknown.is_none() {
-            let read =
-                c.accesses.iter().filter(|a| a.operation == O::Select).filter_map(|a| a.table.as_ref());
+            // What the statement creates, drops or alters it does not read (and the catalog
+            // does not know a name it is about to create).
+            let ddl_target = |t: &crate::policy::TableName| {
+                c.accesses.iter().any(|a| {
+                    matches!(a.operation, O::Create | O::Drop | O::Alter) && a.table.as_ref() == Some(t)
+                })
+            };
+            let read = c
+                .accesses
+                .iter()
+                .filter(|a| a.operation == O::Select)
+                .filter_map(|a| a.table.as_ref())
+                .filter(|t| !ddl_target(t));
             if !self.catalog.views_read_only(&self.s.conn, read, timeout, max).await {
                 Arc::make_mut(c).unknown =
                     Some("a view it reads may call a function with side effects".into());
