@@ -763,6 +763,11 @@ mod tests {
         assert!(Decider::Service.check(&req, HoldOutcome::Approved).is_err());
     }
 
+    /// A member of `dba` deciding in Slack as `person`.
+    fn slack_dba(identity: &str, person: Person) -> Decider {
+        Decider::Approver { identity: identity.into(), person, groups: vec!["dba".into()], via: Via::Slack }
+    }
+
     #[test]
     fn approvers_are_compared_with_the_requester_as_people() {
         let mut req = request(Duration::from_secs(60));
@@ -770,12 +775,7 @@ mod tests {
         let mut dana = Person::default();
         dana.add_subject(Some("dana"));
         dana.add_email(Some("dana@example.com"));
-        let slack_dana = Decider::Approver {
-            identity: "dana".into(),
-            person: dana,
-            groups: vec!["dba".into()],
-            via: Via::Slack,
-        };
+        let slack_dana = slack_dba("dana", dana);
         assert!(slack_dana.check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
         assert!(slack_dana.check(&req, HoldOutcome::Denied).is_ok());
         // Known by e-mail and Slack id only: not the requester as far as anyone can tell, but
@@ -783,12 +783,7 @@ mod tests {
         let mut unmapped = Person::default();
         unmapped.add_email(Some("gus@example.com"));
         unmapped.add_slack_user(Some("U0GUS"));
-        let gus = Decider::Approver {
-            identity: "gus@example.com".into(),
-            person: unmapped,
-            groups: vec!["dba".into()],
-            via: Via::Slack,
-        };
+        let gus = slack_dba("gus@example.com", unmapped);
         assert!(gus.check(&req, HoldOutcome::Approved).unwrap_err().contains("cannot tell you apart"));
         assert!(gus.check(&req, HoldOutcome::Denied).is_ok());
         req.principal.kind = "service_account".into();
@@ -808,12 +803,7 @@ mod tests {
         dana.add_subject(Some("dana"));
         dana.add_email(Some("dana@example.com"));
         dana.add_slack_user(Some("U0DANA"));
-        let slack_dana = Decider::Approver {
-            identity: "dana".into(),
-            person: dana,
-            groups: vec!["dba".into()],
-            via: Via::Slack,
-        };
+        let slack_dana = slack_dba("dana", dana);
         assert!(slack_dana.check(&req, HoldOutcome::Approved).unwrap_err().contains("own hold"));
         assert!(slack_dana.check(&req, HoldOutcome::Denied).is_ok());
         req.requester_email = Some("someone.else@example.com".into());

@@ -624,17 +624,7 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() -> anyhow::Res
 
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
     let mut cfg = ApprovalsConfig { admin_token: Some(TOKEN.into()), ..Default::default() };
-    cfg.webhooks.insert(
-        "pager".into(),
-        WebhookConfig {
-            url: hook_url,
-            secret: Some("hook-secret".into()),
-            secret_file: None,
-            max_attempts: 5,
-            backoff: Duration::from_millis(50),
-            timeout: Duration::from_secs(2),
-        },
-    );
+    cfg.webhooks.insert("pager".into(), pager(hook_url, 5));
     let policy = "rules:\n  - name: writes-need-approval\n    action: hold\n    webhook: pager\n";
     let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
     let req = hold_request(Duration::from_secs(300), 1);
@@ -1042,6 +1032,18 @@ async fn webhook_receiver() -> anyhow::Result<(String, Arc<Mutex<Vec<Value>>>)> 
     Ok((url, got))
 }
 
+/// The `pager` webhook, signed with `hook-secret`, tried `attempts` times.
+fn pager(url: String, attempts: u32) -> WebhookConfig {
+    WebhookConfig {
+        url,
+        secret: Some("hook-secret".into()),
+        secret_file: None,
+        max_attempts: attempts,
+        backoff: Duration::from_millis(50),
+        timeout: Duration::from_secs(2),
+    }
+}
+
 #[tokio::test]
 async fn approvers_see_the_bound_parameters_in_slack_rest_the_cli_and_webhooks() -> anyhow::Result<()> {
     let nats = testkit::Nats::start()?;
@@ -1049,17 +1051,7 @@ async fn approvers_see_the_bound_parameters_in_slack_rest_the_cli_and_webhooks()
     let slack = FakeSlack::start().await?;
     let (hook_url, hooks) = webhook_receiver().await?;
     let mut cfg = config(&slack);
-    cfg.webhooks.insert(
-        "pager".into(),
-        WebhookConfig {
-            url: hook_url,
-            secret: Some("hook-secret".into()),
-            secret_file: None,
-            max_attempts: 3,
-            backoff: Duration::from_millis(50),
-            timeout: Duration::from_secs(2),
-        },
-    );
+    cfg.webhooks.insert("pager".into(), pager(hook_url, 3));
     let policy = "rules:\n  - name: writes-need-approval\n    action: hold\n    webhook: pager\n";
     let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
     let mut req = hold_request(Duration::from_secs(300), 1);

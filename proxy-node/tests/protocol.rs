@@ -624,16 +624,19 @@ async fn no_bypass_reaches_the_target() {
     assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_function_made_volatile_in_the_session_ends_the_reads_that_call_it() {
-    // The session repeats a statement whose function the catalog judged read-only (it keeps
-    // that resolution and its verdict), then makes the function volatile itself.
-    let rules = r#"  - name: orders-are-read-only
+/// Writes to orders denied, DDL allowed, and whatever has an unknown effect denied (so nothing
+/// waits for a human).
+const WRITES_DENIED_DDL_ALLOWED: &str = r#"  - name: orders-are-read-only
     match: { operations: [insert, update, delete, merge, truncate], tables: [orders] }
     action: deny
 defaults: { unknown_operation: deny }
 "#;
-    let h = start(rules).await;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_made_volatile_in_the_session_ends_the_reads_that_call_it() {
+    // The session repeats a statement whose function the catalog judged read-only (it keeps
+    // that resolution and its verdict), then makes the function volatile itself.
+    let h = start(WRITES_DENIED_DDL_ALLOWED).await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
@@ -661,12 +664,7 @@ defaults: { unknown_operation: deny }
 /// definition may call a function the session then made volatile and writing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_view_the_catalog_cannot_see_is_of_unknown_effect() {
-    let rules = r#"  - name: orders-are-read-only
-    match: { operations: [insert, update, delete, merge, truncate], tables: [orders] }
-    action: deny
-defaults: { unknown_operation: deny }
-"#;
-    let h = start(rules).await;
+    let h = start(WRITES_DENIED_DDL_ALLOWED).await;
     let c = h.connect().await;
     for sql in [
         "CREATE FUNCTION quiet() RETURNS int STABLE LANGUAGE sql AS 'SELECT 1'",
