@@ -254,6 +254,22 @@ fn io_err(e: std::io::Error) -> UpstreamError {
     UpstreamError::Protocol(e.to_string())
 }
 
+/// Where the authentication exchange with the target is.
+enum Auth {
+    /// Nothing asked yet.
+    Start,
+    /// A password (cleartext or md5) was sent.
+    Password,
+    /// SCRAM started: the server's first message is due.
+    Scram(Scram),
+    /// The client's proof was sent: the server's is due.
+    ScramProved(Scram),
+    /// The server proved it knows the password.
+    ScramDone,
+    /// The target said the client is in.
+    Ok,
+}
+
 async fn handshake(
     up: &mut Upstream,
     c: &Connection,
@@ -277,20 +293,30 @@ async fn handshake(
     let mut out = BytesMut::new();
     frontend::startup_message(params.iter().copied(), &mut out).map_err(io_err)?;
     send(up, &mut out).await?;
-    let mut scram: Option<Scram> = None;
+    // Once SCRAM has started, the target must finish it, proving it knows the password, before
+    // it may say the client is in: one that asks for the password in the clear (or md5)
+    // instead, or says "ok" without its proof, is refused (someone between the gateway and the
+    // target would otherwise get the password, or pose as the target).
+    let mut auth = Auth::Start;
     loop {
         let f = up.read_frame(max).await?;
         match f.tag {
             b'R' => {
                 let code = f.body.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
                 let rest = &f.body[4.min(f.body.len())..];
-                match code {
-                    Some(0) => {}
-                    Some(3) => {
+                auth = match (code, std::mem::replace(&mut auth, Auth::Start)) {
+                    (Some(0), Auth::Start | Auth::Password | Auth::ScramDone) => Auth::Ok,
+                    (Some(0), Auth::Scram(_) | Auth::ScramProved(_)) => {
+                        return Err(UpstreamError::Protocol(
+                            "the target ended SCRAM without proving it knows the password".into(),
+                        ));
+                    }
+                    (Some(3), Auth::Start) => {
                         frontend::password_message(pw.as_bytes(), &mut out).map_err(io_err)?;
                         send(up, &mut out).await?;
+                        Auth::Password
                     }
-                    Some(5) => {
+                    (Some(5), Auth::Start) => {
                         let salt: [u8; 4] = rest
                             .get(..4)
                             .and_then(|s| s.try_into().ok())
@@ -298,8 +324,9 @@ async fn handshake(
                         let hash = md5_hash(c.credentials.user.as_bytes(), pw.as_bytes(), salt);
                         frontend::password_message(hash.as_bytes(), &mut out).map_err(io_err)?;
                         send(up, &mut out).await?;
+                        Auth::Password
                     }
-                    Some(10) => {
+                    (Some(10), Auth::Start) => {
                         let offers_scram = rest.split(|b| *b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
                         if !offers_scram {
                             return Err(UpstreamError::Method("SASL without SCRAM-SHA-256".into()));
@@ -308,31 +335,32 @@ async fn handshake(
                         frontend::sasl_initial_response(SCRAM_SHA_256, &s.client_first(), &mut out)
                             .map_err(io_err)?;
                         send(up, &mut out).await?;
-                        scram = Some(s);
+                        Auth::Scram(s)
                     }
-                    Some(11) => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
+                    (Some(11), Auth::Scram(mut s)) => {
                         let message = s
                             .client_final(rest)
                             .await
                             .map_err(|e| UpstreamError::Protocol(format!("SCRAM: {e}")))?;
                         frontend::sasl_response(&message, &mut out).map_err(io_err)?;
                         send(up, &mut out).await?;
+                        Auth::ScramProved(s)
                     }
-                    Some(12) => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
+                    (Some(12), Auth::ScramProved(s)) => {
                         s.verify_final(rest)
                             .map_err(|e| UpstreamError::Protocol(format!("SCRAM server proof: {e}")))?;
+                        Auth::ScramDone
                     }
-                    Some(other) => {
+                    (Some(other @ (0 | 3 | 5 | 10 | 11 | 12)), _) => {
+                        return Err(UpstreamError::Protocol(format!(
+                            "authentication request {other} out of turn"
+                        )));
+                    }
+                    (Some(other), _) => {
                         return Err(UpstreamError::Method(format!("authentication request {other}")));
                     }
-                    None => return Err(UpstreamError::Protocol("short authentication message".into())),
-                }
+                    (None, _) => return Err(UpstreamError::Protocol("short authentication message".into())),
+                };
             }
             b'E' => {
                 let (code, message) = read_error_fields(&f.body);
@@ -346,7 +374,12 @@ async fn handshake(
                     up.backend_key = Some((pid, key));
                 }
             }
-            b'Z' => return Ok(()),
+            b'Z' if matches!(auth, Auth::Ok) => return Ok(()),
+            b'Z' => {
+                return Err(UpstreamError::Protocol(
+                    "the target was ready before authentication ended".into(),
+                ));
+            }
             b'N' => {}
             other => {
                 return Err(UpstreamError::Protocol(format!(
@@ -369,4 +402,75 @@ pub async fn cancel(target: Endpoint, pid: i32, key: i32) -> Result<(), Upstream
     s.write_all(&buf).await?;
     s.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const PASSWORD: &str = "the target's password";
+
+    fn auth(code: i32, rest: &[u8]) -> Vec<u8> {
+        let mut f = vec![b'R'];
+        f.extend_from_slice(&(8 + rest.len() as i32).to_be_bytes());
+        f.extend_from_slice(&code.to_be_bytes());
+        f.extend_from_slice(rest);
+        f
+    }
+
+    /// A "target" that starts SCRAM, then, after the client's first message, answers `then`;
+    /// returns what the gateway's connect said and every byte it sent after its first SCRAM
+    /// message.
+    async fn scram_then(then: Vec<u8>) -> (Result<Upstream, UpstreamError>, Vec<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await.unwrap();
+            let mut startup = vec![0u8; i32::from_be_bytes(len) as usize - 4];
+            s.read_exact(&mut startup).await.unwrap();
+            s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.unwrap();
+            let mut head = [0u8; 5];
+            s.read_exact(&mut head).await.unwrap();
+            let mut first = vec![0u8; i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
+            s.read_exact(&mut first).await.unwrap();
+            s.write_all(&then).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+            rest
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, PASSWORD).unwrap();
+        let doc = proto::policy::parse(&format!(
+            "connections:\n  - name: t\n    kind: postgres\n    upstream: {{ host: 127.0.0.1, port: {port}, tls: disable }}\n    credentials: {{ user: u, password_file: {} }}\n",
+            pw.display()
+        ))
+        .unwrap();
+        let got = connect(&doc.connections[0], &[], Duration::from_secs(5), 1 << 20, false).await;
+        (got, server.await.unwrap())
+    }
+
+    /// A target (or someone posing as it) that starts SCRAM must finish it: asking for the
+    /// password in the clear or md5 instead, or letting the client in without its own proof,
+    /// gets a refusal, and the password is never sent.
+    #[tokio::test]
+    async fn a_target_cannot_leave_scram_for_a_weaker_method_or_skip_its_proof() {
+        let ready = [auth(0, b""), vec![b'Z', 0, 0, 0, 5, b'I']].concat();
+        for (what, then) in [
+            ("cleartext", auth(3, b"")),
+            ("md5", auth(5, b"salt")),
+            ("ok without proof", ready.clone()),
+            ("a second SASL start", auth(10, b"SCRAM-SHA-256\0\0")),
+        ] {
+            let (got, sent) = scram_then(then).await;
+            let e = got.err().unwrap_or_else(|| panic!("{what}: the gateway went on"));
+            assert!(e.to_string().contains("SCRAM") || e.to_string().contains("out of turn"), "{what}: {e}");
+            let text = String::from_utf8_lossy(&sent);
+            assert!(!text.contains(PASSWORD) && !text.contains("md5"), "{what}: sent {text:?}");
+        }
+    }
 }
