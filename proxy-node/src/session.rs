@@ -603,8 +603,11 @@ impl Response {
         if self.capture.rows.len() < cap_rows && self.captured_bytes < CAPTURE_BYTES {
             if let Some(vals) = msg::read_data_row(body) {
                 let mut row = Vec::with_capacity(vals.len());
+                // Every row and value takes room in the event, a NULL too.
+                self.captured_bytes += 8;
                 for v in vals {
                     let Some(v) = v else {
+                        self.captured_bytes += 1;
                         row.push(None);
                         continue;
                     };
@@ -635,7 +638,8 @@ impl Response {
 
     pub(crate) fn error(&mut self, body: &[u8]) {
         let (code, message) = msg::read_error_fields(body);
-        self.error = Some(ErrorInfo { code, message });
+        // An error can quote a value of any size (`invalid input syntax for type integer: "..."`).
+        self.error = Some(ErrorInfo { code: cut(&code, 16), message: cut(&message, CAPTURE_VALUE_BYTES) });
     }
 
     pub(crate) fn into_event(self) -> Event {

@@ -312,6 +312,14 @@ async fn an_event_too_large_for_the_bus_fails_only_its_own_statement() {
     s.write_all(&query("SELECT repeat('y', 3000000) AS big")).await.unwrap();
     let got = read_until_ready(&mut s).await;
     assert!(got.iter().filter(|&&b| b == b'y').count() >= 3_000_000, "the result was not served whole");
+    // An error that quotes a 3 MB value, and rows of 1,600 NULLs: answered, and recorded cut.
+    s.write_all(&query("SELECT repeat('z', 3000000)::int")).await.unwrap();
+    let got = read_until_ready(&mut s).await;
+    assert!(String::from_utf8_lossy(&got).contains("22P02"), "no error came back");
+    let nulls = vec!["NULL"; 1600].join(", ");
+    s.write_all(&query(&format!("SELECT {nulls} FROM generate_series(1, 1000)"))).await.unwrap();
+    let got = read_until_ready(&mut s).await;
+    assert!(String::from_utf8_lossy(&got).contains("SELECT 1000"), "the rows did not come back");
     // The records: both refusals with a cut statement, the big result cut and marked so.
     let (mut cut_requests, mut cut_result) = (0, false);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -331,9 +339,10 @@ async fn an_event_too_large_for_the_bus_fails_only_its_own_statement() {
                     cut_requests += 1;
                 }
                 Event::ResponseSent { result: Some(r), .. } if r.truncated => {
-                    let cell = r.rows[0][0].as_deref().unwrap();
-                    assert!(cell.starts_with("yyyy") && cell.len() < 20_000, "{}", cell.len());
-                    cut_result = true;
+                    if let Some(cell) = r.rows[0][0].as_deref().filter(|c| c.starts_with("yyyy")) {
+                        assert!(cell.len() < 20_000, "{}", cell.len());
+                        cut_result = true;
+                    }
                 }
                 _ => {}
             }
