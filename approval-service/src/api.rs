@@ -89,6 +89,47 @@ fn one() -> u32 {
     1
 }
 
+/// A character a reader would not see, or would take for another: what Rust's Debug escapes
+/// (controls, format characters such as bidi overrides and zero-width spaces, unassigned code
+/// points, combining marks), and the default-ignorable and blank letters it does not (Hangul
+/// fillers, variation selectors, tags, the braille blank).
+pub fn invisible(c: char) -> bool {
+    (c.escape_debug().nth(1).is_some() && !matches!(c, '\\' | '\'' | '"'))
+        || matches!(
+            u32::from(c),
+            0x034F
+                | 0x115F
+                | 0x1160
+                | 0x17B4
+                | 0x17B5
+                | 0x180B..=0x180F
+                | 0x2800
+                | 0x3164
+                | 0xFE00..=0xFE0F
+                | 0xFFA0
+                | 0xE0000..=0xE0FFF
+        )
+}
+
+/// `text` with every [`invisible`] character but newlines and tabs shown as `\u{XXXX}`: a
+/// statement as an approver must read it (a bidi override can make text read backwards).
+pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write as _;
+    let shown = |c: char| matches!(c, '\n' | '\t') || !invisible(c);
+    if text.chars().all(shown) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if shown(c) {
+            out.push(c);
+        } else {
+            let _ = write!(out, "\\u{{{:04X}}}", u32::from(c));
+        }
+    }
+    out.into()
+}
+
 /// A bound parameter as an approver should read it, in SQL: `NULL` for SQL NULL (the text
 /// `'NULL'` is quoted); text as a literal (`'it''s'`), or as an escape-string literal
 /// (`E'a\nb\u202E'`) when it holds a character a reader would not see (control and format
@@ -100,10 +141,7 @@ pub fn parameter_literal(value: Option<&str>) -> String {
     // `escape_debug` escapes what Rust's Debug considers unprintable (controls, format
     // characters, unassigned code points, combining marks); whitespace other than a space is
     // invisible too.
-    let hidden = |c: char| {
-        c != ' '
-            && (c.is_whitespace() || (c.escape_debug().nth(1).is_some() && !matches!(c, '\\' | '\'' | '"')))
-    };
+    let hidden = |c: char| c != ' ' && (c.is_whitespace() || invisible(c));
     let mut out = String::new();
     if v.chars().any(hidden) {
         out.push_str("E'");
@@ -635,6 +673,18 @@ mod tests {
         );
         assert_eq!(parameter_literal(Some("\\xdea")), "'\\xdea'", "not whole bytes: text");
         assert_eq!(parameter_literal(Some("héllo 😀")), "'héllo 😀'", "printable text stays as is");
+        // Blank letters and default-ignorable code points that Debug prints as they are.
+        for c in ['\u{115f}', '\u{1160}', '\u{3164}', '\u{ffa0}', '\u{2800}', '\u{fe0f}', '\u{34f}'] {
+            let shown = parameter_literal(Some(&format!("admin{c}")));
+            assert_eq!(shown, format!("E'admin\\u{:04X}'", u32::from(c)), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn statements_show_what_a_reader_would_not_see() {
+        assert_eq!(visible("SELECT 1\n\tFROM t"), "SELECT 1\n\tFROM t");
+        assert_eq!(visible("DELETE FROM t /* \u{202e}x */"), "DELETE FROM t /* \\u{202E}x */");
+        assert_eq!(visible("a\u{3164}b\rc"), "a\\u{3164}b\\u{000D}c");
     }
 
     #[test]

@@ -292,7 +292,9 @@ fn escape(s: &str) -> String {
 /// its end around a line saying how much is left out: what a padded statement hides is
 /// usually at its end (`... /* 2800 characters */ OR true`).
 fn code(text: &str) -> (String, bool) {
-    let safe: Vec<char> = text.replace("```", "`\u{200b}``").chars().collect();
+    // No two backticks side by side, so nothing in the text can close the block (```` is
+    // ``` and one more); and what a reader would not see is shown as `\u{XXXX}`.
+    let safe: Vec<char> = crate::api::visible(text).replace('`', "`\u{200b}").chars().collect();
     // What a character takes once escaped by `escape`.
     let width = |c: &char| match c {
         '&' => 5,
@@ -599,14 +601,22 @@ async fn vote(
             return Err("Could not check who you are; try again.".into());
         }
     };
-    if outcome == HoldOutcome::Approved
-        && let Ok(Some(rec)) = st.holds.record(id).await
-        && !shown_in_full(&rec.request)
-    {
-        return Err(format!(
-            "This hold is too long to show in Slack in full: review it with `airlock approvals show {id}` and \
-             approve it there."
-        ));
+    if outcome == HoldOutcome::Approved {
+        // Unless the hold is known to show whole here, Slack does not approve it.
+        let whole = match st.holds.record(id).await {
+            Ok(Some(rec)) => shown_in_full(&rec.request),
+            Ok(None) => true,
+            Err(e) => {
+                warn!(hold.id = %id, error = %e, "reading a hold to approve it from Slack failed");
+                return Err("Could not read this hold; try again.".into());
+            }
+        };
+        if !whole {
+            return Err(format!(
+                "This hold is too long to show in Slack in full: review it with `airlock approvals show {id}` and \
+                 approve it there."
+            ));
+        }
     }
     match st.holds.decide(id, outcome, &decider, reason).await {
         Ok(d) => {
@@ -680,6 +690,19 @@ mod tests {
         // The statement cannot mention anyone or break out of its code block.
         assert!(json.contains("&lt;@U1&gt;"), "{json}");
         assert!(!json.contains("<@U1>"), "{json}");
+    }
+
+    /// Backticks in any number cannot close the code block the statement is shown in, and
+    /// what a reader would not see is shown.
+    #[test]
+    fn statements_cannot_close_their_code_block_or_hide_characters() {
+        for text in ["````*bold*````", "```x```", "a`b``c```d````e", "x\u{202e}y"] {
+            let (shown, whole) = code(text);
+            assert!(whole);
+            let inner = &shown[3..shown.len() - 3];
+            assert!(!inner.contains("``"), "{text:?} -> {shown:?}");
+            assert!(!inner.contains('\u{202e}'), "{text:?} -> {shown:?}");
+        }
     }
 
     #[test]
