@@ -433,16 +433,18 @@ impl Derived {
 
     /// Looks a column name up among the outputs. Returns `(definite, maybe)`: a named output
     /// matched, or a star or an output of unknown name may hold it.
+    /// When the outputs are not known exactly (a function's row, a star over something
+    /// unknown), any of them may hold the name, whatever it is called here.
     fn column(&self, c: &str, acc: &mut Acc) -> (bool, bool) {
-        let (mut definite, mut maybe) = (false, false);
+        let (mut definite, mut maybe) = (false, !self.exact);
         for out in &self.outputs {
             match out {
                 Output::Column { name: Some(n), .. } if n == c => {
                     acc.add_output(out);
                     definite = true;
                 }
-                Output::Column { name: Some(_), .. } => {}
-                Output::Column { name: None, .. } => {
+                Output::Column { name: Some(_), .. } if self.exact => {}
+                Output::Column { .. } => {
                     acc.add_output(out);
                     maybe = true;
                 }
@@ -676,6 +678,14 @@ fn combine(left: Derived, right: Derived) -> Derived {
     Derived { outputs, exact: false }
 }
 
+/// `e` without the parentheses around it.
+fn unnested(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => unnested(inner),
+        e => e,
+    }
+}
+
 /// The name PostgreSQL gives an unaliased output column (`FigureColnameInternal` in
 /// `parse_target.c`), with its strength: 2 for a real name, 1 for a fallback (`case`, a cast's
 /// type), 0 for `?column?`. `None` when it cannot be told here: a wrong name would let a
@@ -691,6 +701,8 @@ fn figure_name(e: &Expr) -> Option<(String, u8)> {
         Expr::QualifiedWildcard(name, _) => function_name(name).map(|n| (n, 2)),
         // sqlparser reads the subquery `(VALUES (1))` as a call of `values`.
         Expr::Function(_) if is_values_call(e) => named("column1"),
+        // `treat(x AS t)` is named after the type by PostgreSQL's grammar.
+        Expr::Function(f) if function_name(&f.name).as_deref() == Some("treat") => None,
         Expr::Function(f) => function_name(&f.name).map(|n| (n, 2)),
         Expr::Tuple(items) if items.iter().any(is_values_call) => None,
         Expr::Nested(inner) | Expr::Collate { expr: inner, .. } => figure_name(inner),
@@ -1463,6 +1475,16 @@ impl Analyzer {
         let mut exact = true;
         for item in items {
             match item {
+                // `(t.*)`, even with an alias: PostgreSQL's grammar drops the parentheses and
+                // expands it to every column of `t`, so how many outputs and their names are
+                // not known here.
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. }
+                    if matches!(unnested(e), Expr::QualifiedWildcard(..) | Expr::Wildcard(..)) =>
+                {
+                    let acc = self.expr_acc(e)?;
+                    outputs.push(acc.into_column(None));
+                    exact = false;
+                }
                 SelectItem::UnnamedExpr(e) => {
                     let acc = self.expr_acc(e)?;
                     outputs.push(acc.into_column(output_name(e)));
@@ -1684,7 +1706,8 @@ impl Analyzer {
                         Some((cte_name, d)) => Relation {
                             name: Some(alias_name.clone().unwrap_or(cte_name)),
                             schema: None,
-                            aliased: alias_name.is_some(),
+                            // `schema.name.column` never names a CTE: PostgreSQL looks further out.
+                            aliased: true,
                             lateral_only: false,
                             kind: RelKind::Derived(d.renamed(&columns)),
                         },
@@ -2890,6 +2913,39 @@ mod tests {
         }
         let long = format!(r"{}\00E9", "e".repeat(62));
         assert_eq!(unicode_unescaped(&long), Some("e".repeat(62)));
+    }
+
+    /// A second review's leaks: a name no output of an inexact relation carries (a function's
+    /// row), `treat(... AS text)` named after its type, `(t.*)` expanded by PostgreSQL, and a
+    /// schema-qualified name that never names a CTE.
+    #[test]
+    fn names_pass_inexact_relations_expanded_rows_and_ctes_as_postgres_resolves_them() {
+        assert_email_source(
+            "SELECT (SELECT value FROM (SELECT * FROM json_each(json_build_object('k', \
+             (SELECT reverse(email) FROM users LIMIT 1)))) s LIMIT 1) FROM (SELECT 'safe' AS value) o",
+        );
+        assert_email_source(
+            "SELECT (SELECT text FROM (SELECT treat(reverse(email) AS text) FROM users) s LIMIT 1) \
+             FROM (SELECT 'safe' AS text) o",
+        );
+        assert_email_source(
+            "SELECT (SELECT email FROM (SELECT (u.*) FROM users u) s LIMIT 1) FROM (SELECT 'safe' AS email) o",
+        );
+        assert_email_source(
+            "SELECT (SELECT email FROM (SELECT (u.*) AS x FROM users u) s LIMIT 1) FROM (SELECT 'safe' AS email) o",
+        );
+        let l = one(
+            "SELECT (p.*), (o.*) FROM (SELECT 1 AS k, reverse(email) AS r FROM users) p, (SELECT FROM users) o",
+        );
+        assert!(!l.exact, "(p.*) is not one column: {l:?}");
+        let l = one(
+            "SELECT (WITH users AS (SELECT 'safe' AS email) SELECT public.users.email FROM users) FROM public.users",
+        );
+        let (_, sources, _) = column(&l, 0);
+        assert!(
+            sources.iter().any(|c| c.table == "users" && c.column.as_deref() == Some("email")),
+            "the outer public.users.email: {sources:?}"
+        );
     }
 
     #[test]

@@ -1160,6 +1160,27 @@ async fn an_output_named_by_a_subquery_is_masked_beside_a_table() {
     assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// Names PostgreSQL resolves past what a relation seems to offer: a function's row (whose
+/// columns lineage cannot name), `(u.*)` (expanded to every column, even with an alias), and
+/// `public.users.email` beside a CTE named users. (`treat(...)` is refused by the policy as an
+/// unknown function; lineage's naming of it is a unit test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolved_past_functions_expanded_rows_and_ctes_are_masked() {
+    let h = start_with_plain_email().await;
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for select in [
+        "SELECT (SELECT value FROM (SELECT * FROM json_each_text(json_build_object('k', \
+         (SELECT email FROM users WHERE id = 3)))) s LIMIT 1) FROM (SELECT 'safe' AS value) o",
+        "SELECT (SELECT email FROM (SELECT (u.*) FROM users u WHERE id = 3) s) FROM (SELECT 'safe' AS email) o",
+        "SELECT (SELECT email FROM (SELECT (u.*) AS x FROM users u WHERE id = 3) s) FROM (SELECT 'safe' AS email) o",
+        "SELECT (WITH users AS (SELECT 'safe' AS email) SELECT public.users.email FROM users) FROM public.users WHERE id = 3",
+    ] {
+        failures.extend(email_shown(&h, &c, select).await);
+    }
+    assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
+}
+
 /// `U&"\0065mail"` is `email` to PostgreSQL, whatever sqlparser makes of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unicode_escaped_column_name_is_masked() {
