@@ -1160,6 +1160,19 @@ async fn an_output_named_by_a_subquery_is_masked_beside_a_table() {
     assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// What is recorded is the statement as the detectors leave it, which can be longer than what
+/// was sent (`a@b.cd` becomes a longer marker): a statement that fits on the bus as sent but not
+/// as recorded is refused, not run with a cut record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_scrubbed_record_would_not_fit_is_refused() {
+    let h = start(DEFAULTS).await;
+    let c = h.connect(AGENT_KEY).await;
+    let addresses = "a@b.cd ".repeat(100_000);
+    let seen = simple(&c, &format!("SELECT length('{addresses}')")).await;
+    assert!(seen.contains("too large to record"), "{}", &seen[..seen.len().min(300)]);
+    assert_eq!(simple(&c, "SELECT 1").await, "1", "the session goes on");
+}
+
 /// Names PostgreSQL resolves past what a relation seems to offer: a function's row (whose
 /// columns lineage cannot name), `(u.*)` (expanded to every column, even with an alias), and
 /// `public.users.email` beside a CTE named users. (`treat(...)` is refused by the policy as an

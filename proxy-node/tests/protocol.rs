@@ -430,6 +430,24 @@ async fn scram_to_the_target_prepares_the_password_and_fails_with_a_wrong_one() 
     }
 }
 
+/// A statement too large for approvers to be sent whole (a hold's record may take an eighth of
+/// a bus event) is refused, not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_too_large_to_hold_is_refused() {
+    let h = start(RULES).await;
+    let c = h.connect().await;
+    let padding = "x".repeat(200_000);
+    let sql = format!("DELETE FROM orders WHERE id = 3 /* {padding} */");
+    let e = tokio::time::timeout(Duration::from_secs(10), c.simple_query(&sql))
+        .await
+        .expect("held instead of refused")
+        .expect_err("ran");
+    assert_eq!(code(&e), "42501");
+    let why = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(why.contains("held for approval, but"), "{why}");
+    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 3"), "1");
+}
+
 /// Catalog lookups borrow side connections from the node: sessions one after another reuse
 /// one target backend for them instead of opening (and authenticating) one each, and a pooled
 /// connection the target closed meanwhile is replaced, not turned into a failed lookup.

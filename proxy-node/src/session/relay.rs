@@ -37,6 +37,9 @@ mod masked;
 
 /// Buffers past this size stop reading from the side that fills them (backpressure).
 const HIGH_WATER: usize = 256 * 1024;
+/// A held statement's record may take at most this share of a bus event (see
+/// [`Relay::decide`]).
+const HOLD_SHARE: usize = 8;
 /// The most response bytes withheld from the client while an allowed read's request is not yet
 /// recorded; past this, the request is recorded first and the rest streams.
 const DEFER_LIMIT: usize = 64 * 1024;
@@ -895,26 +898,42 @@ impl Relay<'_> {
         d
     }
 
-    /// The verdict on a statement: refused for `stores` (see [`Relay::check_stores`]) or when
-    /// its results could not be masked, else the policy's.
+    /// The verdict on a statement: refused for `stores` (see [`Relay::check_stores`]), when
+    /// its results could not be masked, or when what its events record (`recorded`: the
+    /// statement and parameters as the detectors leave them, which can be longer) would not
+    /// fit on the bus, else the policy's. A hold's request must also fit where approvers read
+    /// it: the approval service keeps it as JSON, where a control character takes six bytes.
     fn decide(
         &mut self,
         policy: &Arc<policy_store::client::ActivePolicy>,
         sql: &str,
-        params: &[Option<String>],
+        recorded: (&str, &[Option<String>]),
         c: &Arc<Classification>,
         stores: Option<String>,
     ) -> Arc<Decided> {
         let deny = |rule: &str, reason| {
             Decided::new(Verdict { decision: Decision::Deny, rule: rule.into(), reason, hold: None })
         };
-        if let Some(reason) = super::unrecordable(sql, params, self.s.shared.journal.max_event_bytes()) {
+        let p = &self.s.principal;
+        let max = self
+            .s
+            .shared
+            .journal
+            .max_event_bytes()
+            .saturating_sub(p.subject.len() + p.groups.iter().map(|g| g.len() + 2).sum::<usize>());
+        if let Some(reason) = super::unrecordable(recorded.0, recorded.1, max) {
             return deny("builtin.recording", reason);
         }
-        match stores.or_else(|| self.mask_precheck(sql, c)) {
-            Some(reason) => deny("builtin.masking", reason),
+        let verdict = match stores.or_else(|| self.mask_precheck(sql, c)) {
+            Some(reason) => return deny("builtin.masking", reason),
             None => self.verdict(policy, c),
+        };
+        if verdict.decision == Decision::Hold
+            && let Some(reason) = super::unrecordable(recorded.0, recorded.1, max / HOLD_SHARE)
+        {
+            return deny("builtin.recording", format!("held for approval, but {reason}"));
         }
+        verdict
     }
 
     /// Why the statement may not run whatever the rules say, if it would store masked values
@@ -961,8 +980,9 @@ impl Relay<'_> {
     ) -> Result<(u64, Arc<Decided>, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = self.decide(&policy, sql, params, c, stores);
-        let (seq, events) = self.request_events(&policy, sql, params, c, &verdict);
+        let shown = self.shown(sql, params);
+        let verdict = self.decide(&policy, sql, (&shown.0, &shown.1), c, stores);
+        let (seq, events) = self.request_events(&policy, shown, c, &verdict);
         if verdict.decision != Decision::Deny {
             if c.may_change_settings() {
                 self.relexing_through = seq;
@@ -973,15 +993,15 @@ impl Relay<'_> {
     }
 
     /// Number a request and make its request and decision events, for `verdict` on `c`.
+    /// `shown`: the statement and parameters as recorded ([`Relay::shown`]).
     fn request_events(
         &mut self,
         policy: &policy_store::client::ActivePolicy,
-        sql: &Arc<str>,
-        params: &Arc<[Option<String>]>,
+        shown: (Arc<str>, Arc<[Option<String>]>),
         c: &Classification,
         verdict: &Decided,
     ) -> (u64, Vec<Event>) {
-        let (shown_sql, shown_params) = self.shown(sql, params);
+        let (shown_sql, shown_params) = shown;
         let (shown_sql, shown_params) =
             super::fit_for_record(shown_sql, shown_params, self.s.shared.journal.max_event_bytes());
         self.s.seq += 1;
@@ -1368,10 +1388,12 @@ impl Relay<'_> {
         // Evaluated now, and again at Execute with the parameters and the policy of that moment.
         let policy = self.policy()?;
         self.refresh_rules(&policy);
-        let verdict = self.decide(&policy, &sql, &[], &c, stores);
+        // The text as it came (its record, scrubbed, is checked again at Execute).
+        let verdict = self.decide(&policy, &sql, (&sql, &[]), &c, stores);
         if verdict.decision == Decision::Deny {
             let no_params = self.no_params.clone();
-            let (seq, events) = self.request_events(&policy, &sql, &no_params, &c, &verdict);
+            let shown = self.shown(&sql, &no_params);
+            let (seq, events) = self.request_events(&policy, shown, &c, &verdict);
             let m = format!("airlock: denied by rule \"{}\": {}", verdict.rule, verdict.reason);
             return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, true, events).await;
         }
