@@ -19,7 +19,7 @@ use async_nats::jetstream::{
 use futures::StreamExt;
 use proto::events::{self, Envelope};
 use tokio::time::{Instant, timeout, timeout_at};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{Acker, BusError, Delivery, NatsConfig, SharedMessage};
 
@@ -329,7 +329,24 @@ impl NatsDurable {
                 return Vec::new();
             }
         };
-        match events::decode_many(&message.payload) {
+        // Each envelope on its own: one this version cannot read (a newer node's event, say)
+        // must not take the rest of its batch with it.
+        let decoded = events::decode_each(&message.payload).map(|each| {
+            let (good, bad): (Vec<_>, Vec<_>) = each.into_iter().partition(Result::is_ok);
+            if let Some(Err(e)) = bad.first() {
+                error!(
+                    consumer = %self.name,
+                    subject = %message.subject,
+                    stream.seq = stream_seq,
+                    undecodable = bad.len(),
+                    delivered = good.len(),
+                    error = %e,
+                    "events this version cannot read are skipped; the message stays in the stream until max_age"
+                );
+            }
+            good.into_iter().filter_map(Result::ok).collect::<Vec<_>>()
+        });
+        match decoded {
             Ok(envelopes) if !envelopes.is_empty() => {
                 let shared = Arc::new(SharedMessage { message, unacked: AtomicUsize::new(envelopes.len()) });
                 envelopes

@@ -391,6 +391,28 @@ async fn nats_undecodable_messages_are_terminated_not_delivered() -> Result<()> 
     Ok(())
 }
 
+/// One envelope of a batch that this version cannot read (a newer node's event) costs only
+/// itself: the others are delivered.
+#[tokio::test]
+async fn nats_an_undecodable_envelope_does_not_take_its_batch_with_it() -> Result<()> {
+    let nats = testkit::Nats::start()?;
+    let bus = nats_bus(&nats).await?;
+    let mut durable = bus.durable("mixed", subjects::ALL_SESSION_EVENTS).await?;
+    let raw = async_nats::connect(nats.url.as_str()).await?;
+    let js = async_nats::jetstream::new(raw);
+    let (a, b) = (request(Uuid::now_v7(), 1), request(Uuid::now_v7(), 2));
+    let foreign: &[u8] = &[0x81, 0xa5, b'e', b'v', b'e', b'n', b't', 0xa3, b'n', b'e', b'w'];
+    let payload = [&[0x93][..], &proto::events::encode(&a)?, foreign, &proto::events::encode(&b)?].concat();
+    js.publish(subjects::BATCH, bytes::Bytes::from(payload)).await?.await?;
+    let got = collect(&mut durable, 3, Duration::from_secs(2)).await?;
+    ensure!(got.len() == 2, "expected the two good events, got {}", got.len());
+    ensure!(got[0].envelope == a && got[1].envelope == b, "out of order or altered");
+    for d in &got {
+        d.ack().await?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn nats_publish_fails_within_the_ack_timeout_while_nats_is_down_and_recovers() -> Result<()> {
     let mut nats = testkit::Nats::start()?;

@@ -495,15 +495,118 @@ impl Batch {
 
 /// Decode a bus message: a single envelope (a MessagePack map) or a batch (an array of them).
 pub fn decode_many(bytes: &[u8]) -> Result<Vec<Envelope>, CodecError> {
-    match bytes.first() {
-        Some(0x90..=0x9f | 0xdc | 0xdd) => Ok(rmp_serde::from_slice(bytes)?),
-        _ => Ok(vec![decode(bytes)?]),
+    decode_each(bytes)?.into_iter().collect()
+}
+
+/// [`decode_many`], envelope by envelope: one that does not decode (an event a newer node
+/// wrote, say) costs only itself, not the batch it came in. `Err` when the message is not a
+/// MessagePack array of whole values at all.
+pub fn decode_each(bytes: &[u8]) -> Result<Vec<Result<Envelope, CodecError>>, CodecError> {
+    let malformed = || CodecError::Decode(rmp_serde::decode::Error::Syntax("malformed batch".into()));
+    let (count, mut at) = match bytes {
+        [b @ 0x90..=0x9f, ..] => (usize::from(b & 0x0f), 1),
+        [0xdc, a, b, ..] => (usize::from(u16::from_be_bytes([*a, *b])), 3),
+        [0xdd, a, b, c, d, ..] => (u32::from_be_bytes([*a, *b, *c, *d]) as usize, 5),
+        _ => return Ok(vec![decode(bytes)]),
+    };
+    let mut out = Vec::with_capacity(count.min(bytes.len()));
+    for _ in 0..count {
+        let len = msgpack_len(&bytes[at..], 0).ok_or_else(malformed)?;
+        out.push(decode(&bytes[at..at + len]));
+        at += len;
     }
+    if at != bytes.len() {
+        return Err(malformed());
+    }
+    Ok(out)
+}
+
+/// How many bytes the MessagePack value at the start of `b` takes, if it is whole (and nested
+/// no deeper than 64).
+fn msgpack_len(b: &[u8], depth: u8) -> Option<usize> {
+    let be = |n: usize| -> Option<usize> {
+        let bytes = b.get(1..1 + n)?;
+        Some(bytes.iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x)))
+    };
+    // (header bytes, payload bytes, nested values)
+    let (head, body, items): (usize, usize, usize) = match *b.first()? {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, 0, 0),
+        m @ 0x80..=0x8f => (1, 0, 2 * usize::from(m & 0x0f)),
+        a @ 0x90..=0x9f => (1, 0, usize::from(a & 0x0f)),
+        s @ 0xa0..=0xbf => (1, usize::from(s & 0x1f), 0),
+        0xc4 | 0xd9 => (2, be(1)?, 0),
+        0xc5 | 0xda => (3, be(2)?, 0),
+        0xc6 | 0xdb => (5, be(4)?, 0),
+        0xc7 => (3, be(1)?, 0),
+        0xc8 => (4, be(2)?, 0),
+        0xc9 => (6, be(4)?, 0),
+        0xca => (1, 4, 0),
+        0xcb => (1, 8, 0),
+        0xcc | 0xd0 => (1, 1, 0),
+        0xcd | 0xd1 => (1, 2, 0),
+        0xce | 0xd2 => (1, 4, 0),
+        0xcf | 0xd3 => (1, 8, 0),
+        0xd4 => (2, 1, 0),
+        0xd5 => (2, 2, 0),
+        0xd6 => (2, 4, 0),
+        0xd7 => (2, 8, 0),
+        0xd8 => (2, 16, 0),
+        0xdc => (3, 0, be(2)?),
+        0xdd => (5, 0, be(4)?),
+        0xde => (3, 0, 2 * be(2)?),
+        0xdf => (5, 0, 2 * be(4)?),
+        0xc1 => return None,
+    };
+    let mut at = head.checked_add(body)?;
+    if at > b.len() {
+        return None;
+    }
+    if items > 0 {
+        if depth >= 64 {
+            return None;
+        }
+        for _ in 0..items {
+            at += msgpack_len(b.get(at..)?, depth + 1)?;
+        }
+    }
+    Some(at)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One envelope that does not decode costs only itself; a message that is not whole
+    /// MessagePack is refused, without a panic.
+    #[test]
+    fn a_batch_is_decoded_envelope_by_envelope() {
+        let envs: Vec<Envelope> =
+            samples().into_iter().map(|e| Envelope::new(uuid::Uuid::now_v7(), e)).collect();
+        let mut batch = Batch::with_capacity(0);
+        for e in &envs {
+            assert!(batch.push_within(e, usize::MAX).unwrap());
+        }
+        let whole = batch.finish();
+        let got = decode_each(&whole).unwrap();
+        assert_eq!(got.len(), envs.len());
+        assert!(got.iter().zip(&envs).all(|(g, e)| g.as_ref().ok() == Some(e)));
+        // A foreign value between two envelopes (a map of an unknown shape).
+        let one = encode(&envs[0]).unwrap();
+        let foreign: &[u8] = &[0x81, 0xa1, b'x', 0xcd, 0x01, 0x00];
+        let mixed = [&[0x93][..], &one, foreign, &one].concat();
+        let got = decode_each(&mixed).unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got[0].is_ok() && got[1].is_err() && got[2].is_ok());
+        assert!(decode_many(&mixed).is_err(), "all or nothing for decode_many");
+        // Truncated anywhere, trailing bytes, absurd counts and nesting: errors, never panics.
+        for cut in 1..whole.len() {
+            assert!(decode_each(&whole[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode_each(&[&whole[..], &[0xc0]].concat()).is_err());
+        assert!(decode_each(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0]).is_err());
+        let deep = [vec![0x91; 10_000], vec![0xc0]].concat();
+        assert!(decode_each(&[&[0x91][..], &deep].concat()).is_err());
+    }
 
     fn samples() -> Vec<Event> {
         let p = Principal { subject: "agent-1".into(), groups: vec!["agents".into()], kind: "oidc".into() };
