@@ -203,9 +203,20 @@ fn kept() -> &'static Kept {
     KEPT_SALTED.get_or_init(Default::default)
 }
 
-/// How many salted passwords were computed (not found kept), for tests.
+/// The keys of the salted passwords computed (not found kept), for tests.
 #[cfg(test)]
-static COMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static COMPUTED: Mutex<Vec<[u8; 32]>> = Mutex::new(Vec::new());
+
+/// What a salted password is kept under: a digest of the password, the salt and the count.
+fn cache_key(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [password, salt] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.update(iterations.to_be_bytes());
+    h.finalize().into()
+}
 
 /// `Hi(password, salt, iterations)`, kept or computed on a blocking thread.
 async fn salted_password(
@@ -213,19 +224,20 @@ async fn salted_password(
     salt: Vec<u8>,
     iterations: u32,
 ) -> Result<[u8; 32], ScramError> {
-    let mut h = Sha256::new();
-    for part in [&password[..], &salt[..]] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
-    }
-    h.update(iterations.to_be_bytes());
-    let key: [u8; 32] = h.finalize().into();
+    let key = cache_key(&password, &salt, iterations);
     let lock = || kept().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(s) = lock().get(&key) {
         return Ok(*s);
     }
+    // One computation at a time: sessions opening together compute it once (the others find
+    // it kept), and a target asking for many iterations holds one thread, not one per session.
+    static COMPUTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = COMPUTING.lock().await;
+    if let Some(s) = lock().get(&key) {
+        return Ok(*s);
+    }
     #[cfg(test)]
-    COMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    COMPUTED.lock().unwrap_or_else(|p| p.into_inner()).push(key);
     let salted = tokio::task::spawn_blocking(move || hi(&password, &salt, iterations))
         .await
         .map_err(|_| ScramError::Compute)?;
@@ -268,12 +280,11 @@ mod tests {
         let salt = B64.encode(b"a salt of this test");
         let first = format!("r={NONCE}server,s={salt},i=4096");
         let mut a = Scram::with_nonce(b"unique to this test", NONCE.into());
-        let before = COMPUTED.load(std::sync::atomic::Ordering::Relaxed);
         let pa = a.client_final(first.as_bytes()).await.unwrap();
         let first2 = format!("r={NONCE}other,s={salt},i=4096");
         let mut b = Scram::with_nonce(b"unique to this test", NONCE.into());
         let pb = b.client_final(first2.as_bytes()).await.unwrap();
-        assert_eq!(COMPUTED.load(std::sync::atomic::Ordering::Relaxed) - before, 1);
+        assert_eq!(computed(b"unique to this test", b"a salt of this test"), 1);
         // Another server nonce: another proof, another expected signature.
         assert_ne!(pa, pb);
         assert_ne!(a.expect, b.expect);
@@ -281,6 +292,32 @@ mod tests {
         let mut c = Scram::with_nonce(b"another password", NONCE.into());
         c.client_final(first.as_bytes()).await.unwrap();
         assert_ne!(a.expect, c.expect);
+    }
+
+    /// Sessions that open together compute a salted password once between them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_handshakes_compute_the_salted_password_once() {
+        let salt = B64.encode(b"a salt for concurrent handshakes");
+        let handshakes: Vec<_> = (0..8)
+            .map(|i| {
+                let first = format!("r={NONCE}s{i},s={salt},i=4096");
+                tokio::spawn(async move {
+                    let mut s = Scram::with_nonce(b"concurrent password", NONCE.into());
+                    s.client_final(first.as_bytes()).await.unwrap()
+                })
+            })
+            .collect();
+        for h in handshakes {
+            h.await.unwrap();
+        }
+        assert_eq!(computed(b"concurrent password", b"a salt for concurrent handshakes"), 1);
+    }
+
+    /// How many times the salted password of `password` and `salt` (4096 iterations) was
+    /// computed in this process.
+    fn computed(password: &[u8], salt: &[u8]) -> usize {
+        let key = cache_key(&normalize(password), salt, 4096);
+        COMPUTED.lock().unwrap().iter().filter(|k| **k == key).count()
     }
 
     #[tokio::test]
