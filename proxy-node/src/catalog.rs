@@ -196,6 +196,14 @@ impl Catalog {
         self.epoch > 0
     }
 
+    /// May a relation in `schema` (or unqualified) that the side connections do not find
+    /// exist for the session all the same? Once it has run DDL, or in its temporary schema
+    /// (`pg_temp` names `pg_temp_N`): what it created in its open transaction, and its
+    /// temporary objects, only its own backend sees.
+    pub fn may_not_see(&self, schema: Option<&str>) -> bool {
+        self.changed() || schema.is_some_and(|s| s.starts_with("pg_temp"))
+    }
+
     /// Start deriving something from catalog answers (a masking plan, the tables a statement
     /// reaches): note how old the answers given from now on are, and whether a lookup fails.
     /// [`Catalog::derived`] then says how long the result holds.
@@ -383,11 +391,9 @@ impl Catalog {
                     return false;
                 }
             };
-            // Nothing of that name where the side connection looks: once the session has run
-            // DDL, or in its temporary schema, it may be a view the session made (temporary, or
-            // in its open transaction), whose definition only the session's own backend sees.
-            let temporary = schema.as_deref().is_some_and(|s| s.starts_with("pg_temp"));
-            if rels.is_empty() && (self.changed() || temporary) {
+            // Nothing of that name where the side connection looks: it may be a view the
+            // session made, whose definition only the session's own backend sees.
+            if rels.is_empty() && self.may_not_see(schema.as_deref()) {
                 return false;
             }
             for rel in rels.into_iter().filter(|r| r.relkind == 'v') {
@@ -427,10 +433,7 @@ impl Catalog {
         oid: u32,
         attnum: i16,
     ) -> Result<KnownOrigin, UpstreamError> {
-        if let Some((o, at)) = self.origins.get(&(oid, attnum))
-            && at.elapsed() < TTL
-        {
-            let (o, at) = (o.clone(), *at);
+        if let Some((o, at)) = fresh(&self.origins, &(oid, attnum)) {
             self.answered(at);
             return Ok(o);
         }
@@ -461,10 +464,7 @@ impl Catalog {
         name: &str,
     ) -> Result<Vec<Relation>, UpstreamError> {
         let key = (schema.map(str::to_string), name.to_string());
-        if let Some((r, at)) = self.relations.get(&key)
-            && at.elapsed() < TTL
-        {
-            let (r, at) = (r.clone(), *at);
+        if let Some((r, at)) = fresh(&self.relations, &key) {
             self.answered(at);
             return Ok(r);
         }
@@ -500,10 +500,7 @@ impl Catalog {
         reach: Reach<'_>,
         t: &TableName,
     ) -> Result<Arc<[TableName]>, UpstreamError> {
-        if let Some((r, at)) = self.reached.get(t)
-            && at.elapsed() < TTL
-        {
-            let (r, at) = (r.clone(), *at);
+        if let Some((r, at)) = fresh(&self.reached, t) {
             self.answered(at);
             return Ok(r);
         }
@@ -569,10 +566,7 @@ impl Catalog {
         name: &str,
     ) -> Result<GeneratedColumns, UpstreamError> {
         let key = (schema.map(str::to_string), name.to_string());
-        if let Some((g, at)) = self.generated.get(&key)
-            && at.elapsed() < TTL
-        {
-            let (g, at) = (g.clone(), *at);
+        if let Some((g, at)) = fresh(&self.generated, &key) {
             self.answered(at);
             return Ok(g);
         }
@@ -772,6 +766,16 @@ async fn query(
     })
     .await
     .map_err(|_| UpstreamError::Timeout("catalog lookup".into()))?
+}
+
+/// The answer kept under `key`, and when it was looked up, if it is still trusted ([`TTL`]).
+fn fresh<K, Q, V>(answers: &crate::Map<K, (V, Instant)>, key: &Q) -> Option<(V, Instant)>
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+    V: Clone,
+{
+    answers.get(key).filter(|(_, at)| at.elapsed() < TTL).map(|(v, at)| (v.clone(), *at))
 }
 
 fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {

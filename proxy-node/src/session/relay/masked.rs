@@ -585,11 +585,9 @@ impl Relay<'_> {
                     return Some(rules.fallback().clone());
                 }
             };
-            // Once the session has run DDL, a name the catalog's side connection cannot find may
-            // be a view the session created (uncommitted, or temporary: in `pg_temp_N`, which
-            // `pg_temp` names) over masked columns: not a plain table.
-            let temporary = r.schema.as_deref().is_some_and(|s| s.starts_with("pg_temp"));
-            if rels.is_empty() && (self.catalog.changed() || temporary) {
+            // A name the catalog cannot find may be a view the session made over masked
+            // columns: not a plain table.
+            if rels.is_empty() && self.catalog.may_not_see(r.schema.as_deref()) {
                 return Some(rules.fallback().clone());
             }
             for rel in rels.into_iter().filter(|rel| matches!(rel.relkind, 'v' | 'm')) {
