@@ -1480,6 +1480,24 @@ defaults: { no_match: allow, unknown_operation: deny }
     // adding a row to a child.
     assert_eq!(c.query("SELECT * FROM live_orders", &[]).await.unwrap().len(), 3);
     c.simple_query("INSERT INTO child_items VALUES (3)").await.unwrap();
+    // What a statement reaches is remembered for the session's recent statements, and
+    // forgotten when the session changes the schema: a table made a child of a protected one
+    // in between is protected from then on, however often its statement ran before.
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE TABLE late_child (id int); INSERT INTO late_child VALUES (7);",
+    )
+    .unwrap();
+    for _ in 0..3 {
+        for sql in ["DELETE FROM late_child WHERE id = 0", "SELECT count(*) FROM orders", "SELECT 1 FROM kid"]
+        {
+            c.simple_query(sql).await.expect(sql);
+        }
+    }
+    c.simple_query("ALTER TABLE late_child INHERIT base_items").await.unwrap();
+    let e = c.simple_query("DELETE FROM late_child WHERE id = 7").await.expect_err("now a child");
+    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(h.count("SELECT count(*) FROM late_child"), "1", "the target changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

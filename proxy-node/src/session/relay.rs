@@ -213,8 +213,9 @@ struct Relay<'s> {
     last_classified: Option<(Arc<str>, Arc<Classification>)>,
     /// See [`masked::PlanMemo`].
     plan_memo: Option<masked::PlanMemo>,
-    /// The tables the last statement reached ([`Relay::resolve_reach`]).
-    reach_memo: Option<ReachMemo>,
+    /// The tables recent statements reached ([`Relay::resolve_reach`]): a transaction of a
+    /// few statements, repeated, finds each of them here.
+    reach_memo: VecDeque<ReachMemo>,
     /// Recent answers of [`Relay::check_stores`].
     stores_memo: VecDeque<StoresMemo>,
     /// The request and decision events of an allowed read that went to the target before they
@@ -410,7 +411,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         ddl_unanswered: false,
         last_classified: None,
         plan_memo: None,
-        reach_memo: None,
+        reach_memo: VecDeque::new(),
         stores_memo: VecDeque::new(),
         deferred: Vec::new(),
         deferred_out: BytesMut::new(),
@@ -1218,8 +1219,7 @@ impl Relay<'_> {
         };
         // The same statement again (clients repeat a few), with nothing it was derived from
         // changed: the catalog not invalidated, its answers no older than it trusts them.
-        if let Some(m) = &self.reach_memo
-            && Arc::ptr_eq(&m.input, c)
+        if let Some(m) = self.reach_memo.iter().find(|m| Arc::ptr_eq(&m.input, c))
             && m.derived.holds(&self.catalog)
         {
             if m.reaches != c.reaches {
@@ -1247,7 +1247,8 @@ impl Relay<'_> {
             }
         }
         if let Some(derived) = self.catalog.derived(since) {
-            self.reach_memo = Some(ReachMemo { input, derived, reaches: reaches.clone() });
+            self.reach_memo.retain(|m| !Arc::ptr_eq(&m.input, &input));
+            keep_recent(&mut self.reach_memo, ReachMemo { input, derived, reaches: reaches.clone() });
         }
         if reaches != c.reaches {
             Arc::make_mut(c).reaches = reaches;
