@@ -74,6 +74,7 @@ data_dir = "$WORK/store"
 [proxy]
 listen = "127.0.0.1:$PROXY_PORT"
 policy_store = ["http://127.0.0.1:$STORE_PORT"]
+target_password_dir = "$WORK"
 [log]
 format = "json"
 $([ -n "${WORKERS:-}" ] && printf '[runtime]\nworker_threads = %s\n' "$WORKERS")

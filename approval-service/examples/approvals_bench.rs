@@ -100,13 +100,11 @@ service_accounts:
     let (_policy_tx, policy_rx) = tokio::sync::watch::channel(Some(Arc::new(active)));
     let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let proxy_port = proxy_listener.local_addr()?.port();
-    tokio::spawn(proxy_node::run(
-        proxy_node::ProxyConfig::default(),
-        bus.clone(),
-        policy_rx,
-        proxy_listener,
-        std::future::pending(),
-    ));
+    let proxy_cfg = proxy_node::ProxyConfig {
+        target_password_dir: Some(dir.path().display().to_string()),
+        ..Default::default()
+    };
+    tokio::spawn(proxy_node::run(proxy_cfg, bus.clone(), policy_rx, proxy_listener, std::future::pending()));
     let (client, conn) = tokio_postgres::Config::new()
         .host("127.0.0.1")
         .port(proxy_port)

@@ -602,13 +602,13 @@ impl Catalog {
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(up) => up,
-            None => Pool::connect(target, timeout, max).await?,
+            None => self.pool.connect(target, timeout, max).await?,
         };
         let mut result = query(&mut up, sql, params, timeout, max).await;
         if reused
             && matches!(result, Err(ref e) if !matches!(e, UpstreamError::Rejected { .. } | UpstreamError::Timeout(_)))
         {
-            up = Pool::connect(target, timeout, max).await?;
+            up = self.pool.connect(target, timeout, max).await?;
             result = query(&mut up, sql, params, timeout, max).await;
         }
         match result {
@@ -639,9 +639,9 @@ impl Catalog {
 /// A connection is kept only for the very target (address, TLS, credentials) it was opened
 /// for, at most [`MAX_IDLE`] per target, and for [`IDLE_FOR`]; every catalog query runs in an
 /// implicit transaction of its own and leaves no state on it.
-#[derive(Default)]
 pub struct Pool {
     idle: std::sync::Mutex<Vec<Idle>>,
+    sources: upstream::PasswordSources,
 }
 
 struct Idle {
@@ -657,10 +657,27 @@ pub const IDLE_FOR: Duration = Duration::from_secs(60);
 /// What catalog connections call themselves on the target (`pg_stat_activity.application_name`).
 pub const APPLICATION_NAME: &str = "airlock catalog";
 
+/// A pool whose connections read no password ([`upstream::PasswordSources::default`]).
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(Default::default())
+    }
+}
+
 impl Pool {
-    async fn connect(target: &Connection, timeout: Duration, max: usize) -> Result<Upstream, UpstreamError> {
+    /// An empty pool whose connections read target passwords from `sources`.
+    pub fn new(sources: upstream::PasswordSources) -> Self {
+        Self { idle: Default::default(), sources }
+    }
+
+    async fn connect(
+        &self,
+        target: &Connection,
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Upstream, UpstreamError> {
         let params = [("application_name".to_string(), APPLICATION_NAME.to_string())];
-        upstream::connect(target, &params, timeout, max, true).await
+        upstream::connect(target, &params, timeout, max, true, &self.sources).await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {

@@ -105,6 +105,19 @@ pub struct ProxyConfig {
     /// TLS from clients. Default `allow` when a certificate is configured, else `disable`.
     #[serde(default)]
     pub client_tls: Option<ClientTls>,
+    /// The environment variables a policy's `password_env` may name: exact names, or patterns
+    /// with one `*`. Default `["*_DB_PASSWORD"]`. Whoever writes policy chooses a connection's
+    /// host; these bounds keep the gateway's own secrets from being sent there.
+    #[serde(default = "default_password_env")]
+    pub target_password_env: Vec<String>,
+    /// The folder a policy's `password_file` must be in (symbolic links followed). Default
+    /// none: no file is read.
+    #[serde(default)]
+    pub target_password_dir: Option<String>,
+    /// Send a target's password in the clear when it asks so over a connection that is not
+    /// `tls: verify-full`. Default false (SCRAM and md5 are unaffected).
+    #[serde(default)]
+    pub target_cleartext_password: bool,
 }
 
 /// TLS from clients (`proxy.client_tls`).
@@ -143,6 +156,9 @@ fn default_auth_timeout() -> Duration {
 fn default_capture_rows() -> usize {
     1000
 }
+fn default_password_env() -> Vec<String> {
+    vec!["*_DB_PASSWORD".into()]
+}
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -161,6 +177,9 @@ impl Default for ProxyConfig {
             tls_cert_file: None,
             tls_key_file: None,
             client_tls: None,
+            target_password_env: default_password_env(),
+            target_password_dir: None,
+            target_cleartext_password: false,
         }
     }
 }
@@ -183,6 +202,15 @@ impl ProxyConfig {
         Ok(key)
     }
 
+    /// Where target passwords may be read from ([`upstream::PasswordSources`]).
+    pub fn password_sources(&self) -> upstream::PasswordSources {
+        upstream::PasswordSources {
+            env: self.target_password_env.clone(),
+            dir: self.target_password_dir.as_ref().map(std::path::PathBuf::from),
+            cleartext: self.target_cleartext_password,
+        }
+    }
+
     /// Check the settings at start: limits, the OIDC issuer, and that the TLS certificate and key
     /// (both or neither) are readable, parseable and match.
     pub fn validate(&self) -> Result<(), String> {
@@ -194,6 +222,17 @@ impl ProxyConfig {
         }
         if self.policy_store.is_empty() {
             return Err("proxy.policy_store must list at least one endpoint".into());
+        }
+        if let Some(p) = self.target_password_env.iter().find(|p| p.is_empty() || p.matches('*').count() > 1)
+        {
+            return Err(format!(
+                "proxy.target_password_env: {p:?} must be a variable name, or a pattern with one `*`"
+            ));
+        }
+        if let Some(dir) = &self.target_password_dir
+            && !std::path::Path::new(dir).is_dir()
+        {
+            return Err(format!("proxy.target_password_dir {dir}: not a folder this process can see"));
         }
         self.tls_acceptor()?;
         Ok(())
@@ -319,14 +358,14 @@ pub async fn run(
     let grants = grant::Grants::start(&bus).await?;
     let shared = Arc::new(Shared {
         auth: identity::Authenticator::new(cfg.oidc.clone()),
-        cfg,
         journal: journal::Journal::start(bus),
         classifier: Default::default(),
         policy: policy.into(),
         holds,
         grants,
         cancels: cancel::Cancels::default(),
-        catalogs: Default::default(),
+        catalogs: Arc::new(catalog::Pool::new(cfg.password_sources())),
+        cfg,
         masking_key,
         tls,
         client_tls,

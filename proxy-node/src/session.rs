@@ -343,6 +343,7 @@ async fn startup(
             s.shared.cfg.connect_timeout,
             s.shared.cfg.max_message_bytes,
             s.read_only,
+            &s.shared.cfg.password_sources(),
         )
         .await
         {

@@ -203,16 +203,65 @@ impl Upstream {
     }
 }
 
-fn password(c: &Connection) -> Result<String, UpstreamError> {
-    if let Some(var) = &c.credentials.password_env {
-        return std::env::var(var)
-            .map_err(|_| UpstreamError::Password(format!("environment variable {var} is not set")));
+/// Where the proxy may read a target's password, whatever a policy names
+/// (`proxy.target_password_env`, `proxy.target_password_dir`,
+/// `proxy.target_cleartext_password`). A policy names a connection's host and where its password
+/// is; without these bounds, whoever may write policy could have the gateway send any variable
+/// of its environment or any file it can read (its TLS key, the masking key, a token) to a host
+/// of their choosing.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordSources {
+    /// Variables `password_env` may name: exact names, or patterns with one `*` (`*_DB_PASSWORD`).
+    pub env: Vec<String>,
+    /// The folder `password_file` must be in (after symbolic links are followed).
+    pub dir: Option<PathBuf>,
+    /// Send the password in the clear to a target that asks for it over a connection that is
+    /// not `tls: verify-full` (where anyone between the gateway and the target reads it).
+    pub cleartext: bool,
+}
+
+impl PasswordSources {
+    /// `name` is a variable `password_env` may name.
+    pub fn allows_env(&self, name: &str) -> bool {
+        self.env.iter().any(|p| match p.split_once('*') {
+            None => p == name,
+            Some((head, tail)) => {
+                name.len() >= head.len() + tail.len() && name.starts_with(head) && name.ends_with(tail)
+            }
+        })
     }
-    if let Some(path) = &c.credentials.password_file {
-        let s = std::fs::read_to_string(path).map_err(|e| UpstreamError::Password(format!("{path}: {e}")))?;
-        return Ok(s.trim_end_matches(['\r', '\n']).to_string());
+
+    /// The password of `c`, from a source these bounds allow.
+    pub fn password(&self, c: &Connection) -> Result<String, UpstreamError> {
+        let refused = |what: String, setting: &str| {
+            UpstreamError::Password(format!(
+                "{what} is not a source the gateway reads target passwords from (see proxy.{setting})"
+            ))
+        };
+        if let Some(var) = &c.credentials.password_env {
+            if !self.allows_env(var) {
+                return Err(refused(format!("environment variable {var}"), "target_password_env"));
+            }
+            return std::env::var(var)
+                .map_err(|_| UpstreamError::Password(format!("environment variable {var} is not set")));
+        }
+        if let Some(path) = &c.credentials.password_file {
+            let Some(dir) = &self.dir else {
+                return Err(refused(format!("file {path}"), "target_password_dir"));
+            };
+            let inside = std::fs::canonicalize(dir)
+                .ok()
+                .zip(std::fs::canonicalize(path).ok())
+                .is_some_and(|(dir, file)| file != dir && file.starts_with(&dir));
+            if !inside {
+                return Err(refused(format!("file {path}"), "target_password_dir"));
+            }
+            let s =
+                std::fs::read_to_string(path).map_err(|e| UpstreamError::Password(format!("{path}: {e}")))?;
+            return Ok(s.trim_end_matches(['\r', '\n']).to_string());
+        }
+        Err(UpstreamError::Password("no password source configured".into()))
     }
-    Err(UpstreamError::Password("no password source configured".into()))
 }
 
 /// Open and authenticate a session on the target.
@@ -222,11 +271,13 @@ pub async fn connect(
     timeout: Duration,
     max_message: usize,
     read_only: bool,
+    sources: &PasswordSources,
 ) -> Result<Upstream, UpstreamError> {
     let target = Address::of(c);
     let addr = target.name();
     let tls = TargetTls::of(c)?;
-    let pw = password(c)?;
+    let pw = sources.password(c)?;
+    let cleartext = sources.cleartext || c.upstream.tls == TlsMode::VerifyFull;
     let (stream, peer) = tokio::time::timeout(timeout, open(&target, tls.as_ref()))
         .await
         .map_err(|_| UpstreamError::Timeout(addr.clone()))??;
@@ -237,9 +288,12 @@ pub async fn connect(
         backend_key: None,
         addr: Endpoint { addr: peer, tls },
     };
-    tokio::time::timeout(timeout, handshake(&mut up, c, &pw, client_params, max_message, read_only))
-        .await
-        .map_err(|_| UpstreamError::Timeout(addr))??;
+    tokio::time::timeout(
+        timeout,
+        handshake(&mut up, c, &pw, cleartext, client_params, max_message, read_only),
+    )
+    .await
+    .map_err(|_| UpstreamError::Timeout(addr))??;
     Ok(up)
 }
 
@@ -274,6 +328,7 @@ async fn handshake(
     up: &mut Upstream,
     c: &Connection,
     pw: &str,
+    cleartext: bool,
     client_params: &[(String, String)],
     max: usize,
     read_only: bool,
@@ -309,6 +364,13 @@ async fn handshake(
                     (Some(0), Auth::Scram(_) | Auth::ScramProved(_)) => {
                         return Err(UpstreamError::Protocol(
                             "the target ended SCRAM without proving it knows the password".into(),
+                        ));
+                    }
+                    (Some(3), Auth::Start) if !cleartext => {
+                        return Err(UpstreamError::Method(
+                            "the password in the clear, over a connection that is not tls: verify-full \
+                             (set proxy.target_cleartext_password to allow it)"
+                                .into(),
                         ));
                     }
                     (Some(3), Auth::Start) => {
@@ -420,10 +482,16 @@ mod tests {
         f
     }
 
-    /// A "target" that starts SCRAM, then, after the client's first message, answers `then`;
-    /// returns what the gateway's connect said and every byte it sent after its first SCRAM
-    /// message.
-    async fn scram_then(then: Vec<u8>) -> (Result<Upstream, UpstreamError>, Vec<u8>) {
+    /// A "target" that sends `first` after the startup message and, if `then` is given, reads
+    /// the client's next message and sends `then`; returns what the gateway's connect (with
+    /// `sources`, its password in a file `pw` of `dir`) said and every byte it sent after the
+    /// startup message (after its first answer when `then` is given).
+    async fn fake_target(
+        first: Vec<u8>,
+        then: Option<Vec<u8>>,
+        sources: PasswordSources,
+        dir: &std::path::Path,
+    ) -> (Result<Upstream, UpstreamError>, Vec<u8>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
@@ -432,26 +500,109 @@ mod tests {
             s.read_exact(&mut len).await.unwrap();
             let mut startup = vec![0u8; i32::from_be_bytes(len) as usize - 4];
             s.read_exact(&mut startup).await.unwrap();
-            s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.unwrap();
-            let mut head = [0u8; 5];
-            s.read_exact(&mut head).await.unwrap();
-            let mut first = vec![0u8; i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
-            s.read_exact(&mut first).await.unwrap();
-            s.write_all(&then).await.unwrap();
+            s.write_all(&first).await.unwrap();
+            if let Some(then) = then {
+                let mut head = [0u8; 5];
+                s.read_exact(&mut head).await.unwrap();
+                let mut answer =
+                    vec![0u8; i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
+                s.read_exact(&mut answer).await.unwrap();
+                s.write_all(&then).await.unwrap();
+            }
             let mut rest = Vec::new();
             let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
             rest
         });
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("pw");
+        let pw = dir.join("pw");
         std::fs::write(&pw, PASSWORD).unwrap();
+        let got = connect(
+            &target(port, &format!("password_file: {}", pw.display())),
+            &[],
+            Duration::from_secs(5),
+            1 << 20,
+            false,
+            &sources,
+        )
+        .await;
+        (got, server.await.unwrap())
+    }
+
+    /// A plain-text connection `t` to 127.0.0.1:`port` with credentials `{ user: u, CREDS }`.
+    fn target(port: u16, creds: &str) -> Connection {
         let doc = proto::policy::parse(&format!(
-            "connections:\n  - name: t\n    kind: postgres\n    upstream: {{ host: 127.0.0.1, port: {port}, tls: disable }}\n    credentials: {{ user: u, password_file: {} }}\n",
-            pw.display()
+            "connections:\n  - name: t\n    kind: postgres\n    upstream: {{ host: 127.0.0.1, port: {port}, tls: disable }}\n    credentials: {{ user: u, {creds} }}\n"
         ))
         .unwrap();
-        let got = connect(&doc.connections[0], &[], Duration::from_secs(5), 1 << 20, false).await;
-        (got, server.await.unwrap())
+        doc.connections[0].clone()
+    }
+
+    fn sources_in(dir: &std::path::Path) -> PasswordSources {
+        PasswordSources { env: vec!["*_DB_PASSWORD".into()], dir: Some(dir.to_path_buf()), cleartext: false }
+    }
+
+    /// A "target" that starts SCRAM, then, after the client's first message, answers `then`.
+    async fn scram_then(then: Vec<u8>) -> (Result<Upstream, UpstreamError>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        fake_target(auth(10, b"SCRAM-SHA-256\0\0"), Some(then), sources_in(dir.path()), dir.path()).await
+    }
+
+    /// Whoever writes policy names where a target's password is: only the variables and the
+    /// folder the proxy's own configuration allows are read, so a policy cannot have the
+    /// gateway send its storage key, TLS key or any other file or variable to a host it names.
+    #[test]
+    fn a_policy_cannot_point_the_gateway_at_its_own_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let secret = elsewhere.path().join("tls.key");
+        std::fs::write(&secret, "not for targets").unwrap();
+        std::fs::write(dir.path().join("shop"), "shop-pw\n").unwrap();
+        std::os::unix::fs::symlink(&secret, dir.path().join("link")).unwrap();
+        let sources = sources_in(dir.path());
+        let d = dir.path().display();
+        let refused = [
+            ("password_env: AIRLOCK_STORAGE__SECRET_ACCESS_KEY".to_string(), "proxy.target_password_env"),
+            ("password_env: PGPASSWORD".to_string(), "proxy.target_password_env"),
+            ("password_env: SHOP_DB_PASSWORD_OLD".to_string(), "proxy.target_password_env"),
+            (format!("password_file: {}", secret.display()), "proxy.target_password_dir"),
+            (
+                format!(
+                    "password_file: {d}/../{}/tls.key",
+                    elsewhere.path().file_name().unwrap().to_str().unwrap()
+                ),
+                "proxy.target_password_dir",
+            ),
+            (format!("password_file: {d}/link"), "proxy.target_password_dir"),
+            (format!("password_file: {d}"), "proxy.target_password_dir"),
+        ];
+        for (creds, setting) in refused {
+            let e = sources.password(&target(1, &creds)).expect_err(&creds).to_string();
+            assert!(e.contains("is not a source") && e.contains(setting), "{creds}: {e}");
+        }
+        assert_eq!(sources.password(&target(1, &format!("password_file: {d}/shop"))).unwrap(), "shop-pw");
+        // Without a folder configured, no file is read.
+        let e = PasswordSources { dir: None, ..sources.clone() }
+            .password(&target(1, &format!("password_file: {d}/shop")))
+            .expect_err("no folder");
+        assert!(e.to_string().contains("proxy.target_password_dir"), "{e}");
+        assert!(sources.allows_env("SHOP_DB_PASSWORD") && sources.allows_env("_DB_PASSWORD"));
+        assert!(!sources.allows_env("DB_PASSWORD") && !sources.allows_env("MINIO_ROOT_PASSWORD"));
+        let exact = PasswordSources { env: vec!["PGPASS_SHOP".into()], ..Default::default() };
+        assert!(exact.allows_env("PGPASS_SHOP") && !exact.allows_env("PGPASS_SHOPX"));
+    }
+
+    /// A target that asks for the password in the clear over a connection that is not
+    /// `verify-full` (so possibly someone posing as it) does not get it unless the proxy's
+    /// configuration allows it.
+    #[tokio::test]
+    async fn the_password_goes_in_the_clear_only_where_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (got, sent) = fake_target(auth(3, b""), None, sources_in(dir.path()), dir.path()).await;
+        let e = got.err().expect("refused");
+        assert!(e.to_string().contains("target_cleartext_password"), "{e}");
+        assert!(!String::from_utf8_lossy(&sent).contains(PASSWORD), "sent {sent:?}");
+        let allowed = PasswordSources { cleartext: true, ..sources_in(dir.path()) };
+        let (_, sent) = fake_target(auth(3, b""), None, allowed, dir.path()).await;
+        assert!(String::from_utf8_lossy(&sent).contains(PASSWORD), "sent {sent:?}");
     }
 
     /// A target (or someone posing as it) that starts SCRAM must finish it: asking for the

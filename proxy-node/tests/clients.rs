@@ -74,9 +74,13 @@ service_accounts:
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let cfg = proxy_node::ProxyConfig {
+        target_password_dir: Some(dir.path().display().to_string()),
+        ..Default::default()
+    };
     tokio::spawn(async move {
         let _keep = tx;
-        proxy_node::run(proxy_node::ProxyConfig::default(), EventBus::memory(), rx, listener, async {
+        proxy_node::run(cfg, EventBus::memory(), rx, listener, async {
             let _ = stopped.await;
         })
         .await

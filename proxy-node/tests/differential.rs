@@ -454,7 +454,10 @@ async fn resolve(pg: &Postgres, dir: &std::path::Path, c: &mut Classification) -
     ))
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let target = &doc.connections[0];
-    let mut catalog = proxy_node::catalog::Catalog::default();
+    let sources =
+        proxy_node::upstream::PasswordSources { dir: Some(dir.to_path_buf()), ..Default::default() };
+    let mut catalog =
+        proxy_node::catalog::Catalog::new(std::sync::Arc::new(proxy_node::catalog::Pool::new(sources)));
     let mut read_only = Vec::new();
     for f in c.functions.iter().chain(&c.builtins) {
         if catalog.read_only(target, f, std::time::Duration::from_secs(10), 1 << 20).await {

@@ -121,7 +121,11 @@ async fn start(extra: &str) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = proxy_node::ProxyConfig { hold_grace: Duration::from_millis(200), ..Default::default() };
+    let cfg = proxy_node::ProxyConfig {
+        hold_grace: Duration::from_millis(200),
+        target_password_dir: Some(dir.path().display().to_string()),
+        ..Default::default()
+    };
     tokio::spawn(async move {
         proxy_node::run(cfg, bus, rx, listener, async {
             let _ = stop_rx.await;

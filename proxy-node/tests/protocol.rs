@@ -87,6 +87,7 @@ async fn start_on(rules: &str, unix_socket: bool) -> Harness {
         hold_grace: Duration::from_secs(1),
         // Long enough for any client to log in on a loaded machine.
         auth_timeout: AUTH_TIMEOUT,
+        target_password_dir: Some(dir.path().display().to_string()),
         ..Default::default()
     };
     let b = bus.clone();
@@ -413,7 +414,9 @@ async fn scram_to_the_target_prepares_the_password_and_fails_with_a_wrong_one() 
         let mut c = doc.connections[0].clone();
         c.credentials.user = "scram_user".into();
         c.credentials.password_file = Some(file.display().to_string());
-        proxy_node::upstream::connect(&c, &[], Duration::from_secs(10), 1 << 20, false).await
+        let sources =
+            proxy_node::upstream::PasswordSources { dir: Some(dir.path().into()), ..Default::default() };
+        proxy_node::upstream::connect(&c, &[], Duration::from_secs(10), 1 << 20, false, &sources).await
     };
     for password in [stored, stored, "p\u{e4}ss word"] {
         let up = connect(password).await.unwrap_or_else(|e| panic!("{password:?}: {e}"));
@@ -947,7 +950,11 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     // Long enough that the checks just after the store stops run well inside the limit.
-    let cfg = proxy_node::ProxyConfig { policy_max_staleness: Duration::from_secs(6), ..Default::default() };
+    let cfg = proxy_node::ProxyConfig {
+        policy_max_staleness: Duration::from_secs(6),
+        target_password_dir: Some(dir.path().display().to_string()),
+        ..Default::default()
+    };
     tokio::spawn(proxy_node::run(cfg, EventBus::memory(), follower, listener, std::future::pending()));
     let connect = || async move {
         tokio_postgres::Config::new()

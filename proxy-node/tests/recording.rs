@@ -91,9 +91,14 @@ service_accounts:
     let port = listener.local_addr().unwrap().port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let b = bus.clone();
+    let pw_dir = dir.path().display().to_string();
     tokio::spawn(async move {
         let _keep = tx;
-        let cfg = proxy_node::ProxyConfig { auth_timeout: Duration::from_secs(10), ..Default::default() };
+        let cfg = proxy_node::ProxyConfig {
+            auth_timeout: Duration::from_secs(10),
+            target_password_dir: Some(pw_dir),
+            ..Default::default()
+        };
         proxy_node::run(cfg, b, rx, listener, async {
             let _ = stop_rx.await;
         })

@@ -105,6 +105,7 @@ async fn start(
         tls_key_file: Some(pki.key.to_str().unwrap().into()),
         client_tls,
         auth_timeout: AUTH_TIMEOUT,
+        target_password_dir: Some(dir.path().display().to_string()),
         ..Default::default()
     };
     cfg.validate().unwrap();
