@@ -39,7 +39,8 @@ pub(crate) enum AuditCommand {
     Verify {
         /// One session (default: the whole archive).
         id: Option<Uuid>,
-        /// Require manifests signed by this Ed25519 public key (64 hex digits). Default: the
+        /// Require manifests, archive log entries and the retention marker signed by this Ed25519
+        /// public key (64 hex digits). Default: the
         /// public half of `recorder.signing_key_file`, if configured.
         #[arg(long)]
         public_key: Option<String>,

@@ -6,7 +6,13 @@
 //! `archive/log/{seq:020}.json`, each a [`LogEntry`] whose `prev` is the hex SHA-256 of the
 //! previous entry's stored bytes ([`crate::chunk::GENESIS`] for entry 0). Entries are created with
 //! a conditional put, so several recorders append to one chain without overwriting each other.
+//!
+//! With a signing key, each entry is signed ([`Signed`]; the signature covers `seq` and `prev`),
+//! so that rewriting the log from some entry on (to drop a deleted session and re-chain the rest)
+//! needs the key. Only the newest entries can still be removed unnoticed, together with their
+//! sessions: nothing outside the bucket records how long the log was.
 
+use ed25519_dalek::SigningKey;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -14,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::chunk::{GENESIS, sha256_hex};
+use crate::signed::Signed;
 
 /// The folder of the log.
 pub(crate) const LOG_ROOT: &str = "archive/log";
@@ -32,6 +39,23 @@ pub struct LogEntry {
     pub incomplete: bool,
     /// Hex SHA-256 of the manifest's stored bytes.
     pub manifest_sha256: String,
+    /// Hex Ed25519 public key that signed this entry (absent when the recorder has no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Hex Ed25519 signature over the entry's JSON without `signature` ([`Signed::signed_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Signed for LogEntry {
+    fn signature_fields(&self) -> (Option<&str>, Option<&str>) {
+        (self.public_key.as_deref(), self.signature.as_deref())
+    }
+
+    fn set_signature_fields(&mut self, public_key: Option<String>, signature: Option<String>) {
+        self.public_key = public_key;
+        self.signature = signature;
+    }
 }
 
 pub(crate) fn entry_path(seq: u64) -> Path {
@@ -71,7 +95,8 @@ impl ArchiveLog {
         Ok(log)
     }
 
-    /// Follow entries written by others since we last looked.
+    /// Follow entries written by others since we last looked. They are not checked here (not even
+    /// their signatures): `audit verify` does that; the recorder only needs the chain's end.
     async fn catch_up(&mut self, store: &dyn ObjectStore) -> Result<(), object_store::Error> {
         loop {
             match store.get(&entry_path(self.next_seq)).await {
@@ -86,15 +111,21 @@ impl ArchiveLog {
         }
     }
 
-    /// Append an entry for a manifest (`seq` and `prev` are filled in).
+    /// Append an entry for a manifest (`seq` and `prev` are filled in, and it is signed with
+    /// `signer` if given).
     pub(crate) async fn append(
         &mut self,
         store: &dyn ObjectStore,
         mut entry: LogEntry,
+        signer: Option<&SigningKey>,
     ) -> Result<u64, object_store::Error> {
         loop {
             entry.seq = self.next_seq;
             entry.prev = self.head.clone();
+            entry.set_signature_fields(None, None);
+            if let Some(key) = signer {
+                entry.sign(key);
+            }
             let mut bytes = serde_json::to_vec(&entry).expect("a log entry always serializes");
             bytes.push(b'\n');
             let hash = sha256_hex(&bytes);

@@ -42,6 +42,10 @@
 //!   read by [`audit`], for sessions without a chain.
 //! - Only the exact names above count: any other object in a session's folder is a stray, which
 //!   [`audit`] never reads and `verify` reports as tampering.
+//! - With a signing key ([`RecorderConfig::signing_key_file`]), manifests, archive log entries
+//!   and the retention marker are signed ([`signed`]), so rewriting the log without a deleted
+//!   session, or moving the retention cutoff, needs the key. Log entries written by other
+//!   recorders are followed, not checked: `verify` checks them.
 //!
 //! # Layout
 //! - this file: [`RecorderConfig`] and [`run`], the consume-write-ack loop.
@@ -49,7 +53,8 @@
 //! - [`shard`]: [`Shard`], which sessions a recorder writes.
 //! - `chunk`: the key layout and chunk encoding.
 //! - `session`: the per-session writer state.
-//! - [`manifest`]: session manifests and their signatures.
+//! - [`signed`]: the Ed25519 signature scheme shared by manifests, log entries and the marker.
+//! - [`manifest`]: session manifests.
 //! - [`archive`]: the archive log of manifests.
 //! - [`index`]: the Parquet index.
 //! - [`retention`]: deleting expired date partitions.
@@ -82,6 +87,7 @@ pub mod manifest;
 pub mod retention;
 mod session;
 pub mod shard;
+pub mod signed;
 pub mod storage;
 #[cfg(test)]
 mod tests;
@@ -95,6 +101,7 @@ pub use storage::{StorageConfig, open_store};
 
 use archive::{ArchiveLog, LogEntry};
 use session::SessionState;
+use signed::Signed;
 
 /// How many sessions of a batch are written at once.
 const PUT_CONCURRENCY: usize = 16;
@@ -131,7 +138,8 @@ pub struct RecorderConfig {
     /// its manifest is written with `incomplete: true`. Default 10m.
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
-    /// A file holding an Ed25519 seed as 64 hex digits: manifests are signed with it.
+    /// A file holding an Ed25519 seed as 64 hex digits: manifests, archive log entries and the
+    /// retention marker are signed with it.
     /// Default none (manifests unsigned; chains and the archive log still detect tampering).
     #[serde(default)]
     pub signing_key_file: Option<String>,
@@ -240,7 +248,7 @@ pub async fn run(
             if let Some(retention) = cfg.retention
                 && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
             {
-                match retention::expire(store.as_ref(), retention).await {
+                match retention::expire(store.as_ref(), retention, ctx.signer.as_ref()).await {
                     Ok(removed) => {
                         last_retention = Some(Instant::now());
                         info!(removed, "expired recordings removed");
@@ -522,8 +530,10 @@ async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::E
                 chunks: s.next_index,
                 incomplete,
                 manifest_sha256: chunk::sha256_hex(&bytes),
+                public_key: None,
+                signature: None,
             };
-            log.as_mut().expect("loaded just above").append(store, entry).await?;
+            log.as_mut().expect("loaded just above").append(store, entry, ctx.signer.as_ref()).await?;
         }
         match put_manifest(ctx, &path, bytes, stored.map(|m| m.version)).await {
             Ok(()) => {}
@@ -571,10 +581,7 @@ async fn read_manifest(
 
 /// `m` carries a valid signature by `signer`'s key.
 fn signed_by(m: &manifest::Manifest, signer: Option<&SigningKey>) -> bool {
-    signer.is_some_and(|key| {
-        m.public_key.as_deref() == Some(hex::encode(key.verifying_key().as_bytes()).as_str())
-            && m.check_signature() == manifest::SignatureCheck::Valid
-    })
+    signer.is_some_and(|key| m.is_signed_by(&key.verifying_key()))
 }
 
 /// Store a manifest: created if none was stored, else replaced only if still at `stored`

@@ -4,10 +4,11 @@
 //! `incomplete: true`) and rewritten if late events extend the chain. Its content depends only on
 //! the chain (and the key), so replicas and retries write the same bytes.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use proto::events::Timestamp;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+pub use crate::signed::{SignatureCheck, Signed, parse_public_key, parse_signing_key};
 
 /// The manifest format.
 pub const MANIFEST_FORMAT: u16 = 1;
@@ -33,66 +34,30 @@ pub struct Manifest {
     /// Hex Ed25519 public key that signed this manifest.
     #[serde(default)]
     pub public_key: Option<String>,
-    /// Hex Ed25519 signature over the manifest's JSON with `signature` = null.
+    /// Hex Ed25519 signature over the manifest's JSON with `signature` = null
+    /// ([`Signed::signed_bytes`]).
     #[serde(default)]
     pub signature: Option<String>,
 }
 
-/// A manifest's signature, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignatureCheck {
-    Unsigned,
-    Valid,
-    Invalid,
+impl Signed for Manifest {
+    fn signature_fields(&self) -> (Option<&str>, Option<&str>) {
+        (self.public_key.as_deref(), self.signature.as_deref())
+    }
+
+    fn set_signature_fields(&mut self, public_key: Option<String>, signature: Option<String>) {
+        self.public_key = public_key;
+        self.signature = signature;
+    }
 }
 
 impl Manifest {
-    /// The bytes a signature covers.
-    fn signed_bytes(&self) -> Vec<u8> {
-        let unsigned = Manifest { signature: None, ..self.clone() };
-        serde_json::to_vec(&unsigned).expect("a manifest always serializes")
-    }
-
-    /// Sign with `key` (sets `public_key` and `signature`).
-    pub fn sign(&mut self, key: &SigningKey) {
-        self.public_key = Some(hex::encode(key.verifying_key().as_bytes()));
-        let sig = key.sign(&self.signed_bytes());
-        self.signature = Some(hex::encode(sig.to_bytes()));
-    }
-
-    /// Check the signature against the embedded public key.
-    pub fn check_signature(&self) -> SignatureCheck {
-        let (Some(key), Some(sig)) = (&self.public_key, &self.signature) else {
-            return SignatureCheck::Unsigned;
-        };
-        let key = hex::decode(key).ok().and_then(|k| <[u8; 32]>::try_from(k).ok());
-        let sig = hex::decode(sig).ok().and_then(|s| <[u8; 64]>::try_from(s).ok());
-        let (Some(key), Some(sig)) = (key, sig) else { return SignatureCheck::Invalid };
-        let Ok(key) = VerifyingKey::from_bytes(&key) else { return SignatureCheck::Invalid };
-        match key.verify(&self.signed_bytes(), &Signature::from_bytes(&sig)) {
-            Ok(()) => SignatureCheck::Valid,
-            Err(_) => SignatureCheck::Invalid,
-        }
-    }
-
     /// The stored form.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
         out.push(b'\n');
         out
     }
-}
-
-/// Parse a signing key: 64 hex digits (the Ed25519 seed), surrounding whitespace ignored.
-pub fn parse_signing_key(text: &str) -> Option<SigningKey> {
-    let seed: [u8; 32] = hex::decode(text.trim()).ok()?.try_into().ok()?;
-    Some(SigningKey::from_bytes(&seed))
-}
-
-/// Parse a public key: 64 hex digits.
-pub fn parse_public_key(text: &str) -> Option<VerifyingKey> {
-    let bytes: [u8; 32] = hex::decode(text.trim()).ok()?.try_into().ok()?;
-    VerifyingKey::from_bytes(&bytes).ok()
 }
 
 #[cfg(test)]

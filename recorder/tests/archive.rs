@@ -517,6 +517,8 @@ async fn a_forged_chunk_count_is_reported_once_and_does_not_stall_verify() -> Re
         chunks: FORGED,
         incomplete: false,
         manifest_sha256: "00".repeat(32),
+        public_key: None,
+        signature: None,
     };
     let mut bytes = serde_json::to_vec(&entry)?;
     bytes.push(b'\n');

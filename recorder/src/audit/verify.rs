@@ -14,7 +14,9 @@ use super::stored::{self, SessionObjects};
 use crate::archive::{self, LogEntry};
 use crate::chunk::{self, GENESIS, sha256_hex};
 use crate::error::AuditError;
-use crate::manifest::{Manifest, SignatureCheck};
+use crate::manifest::Manifest;
+use crate::retention::{self, RetentionMarker};
+use crate::signed::{SignatureCheck, SignatureProblem, Signed};
 
 /// How many objects are read at once.
 const READ_CONCURRENCY: usize = 16;
@@ -53,6 +55,9 @@ pub struct VerifyReport {
     /// Problems with the archive log itself.
     pub archive_problems: Vec<String>,
     pub log_entries: u64,
+    /// Problems with the retention marker (`archive/retention.json`); its cutoff is not applied
+    /// then.
+    pub retention_problems: Vec<String>,
     /// The retention cutoff applied (from `archive/retention.json` or the caller).
     pub expired_before: Option<String>,
 }
@@ -60,7 +65,9 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Nothing was tampered with.
     pub fn ok(&self) -> bool {
-        self.archive_problems.is_empty() && self.sessions.iter().all(|s| s.verdict != Verdict::Tampered)
+        self.archive_problems.is_empty()
+            && self.retention_problems.is_empty()
+            && self.sessions.iter().all(|s| s.verdict != Verdict::Tampered)
     }
 
     /// A report for people: one line per session, problems indented below it, then a summary.
@@ -88,6 +95,12 @@ impl VerifyReport {
             }
         }
         let count = |v| self.sessions.iter().filter(|s| s.verdict == v).count();
+        if !self.retention_problems.is_empty() {
+            let _ = writeln!(out, "retention marker: TAMPERED");
+            for p in &self.retention_problems {
+                let _ = writeln!(out, "  - {p}");
+            }
+        }
         if let Some(before) = &self.expired_before {
             let _ = writeln!(out, "retention: sessions dated before {before} are expired");
         }
@@ -105,8 +118,9 @@ impl VerifyReport {
 }
 
 /// Verify session `only` (else every session and the whole archive log). With `key`, every
-/// manifest must be signed by it. Sessions the recorder's retention removed are reported as
-/// expired.
+/// manifest, every archive log entry and the retention marker must be signed by it (an invalid
+/// signature is tampering either way). Sessions the recorder's retention removed are reported as
+/// expired, if the retention marker passes that check.
 pub async fn verify(
     store: &dyn ObjectStore,
     only: Option<Uuid>,
@@ -124,9 +138,9 @@ pub async fn verify_with(
     expired_before: Option<String>,
 ) -> Result<VerifyReport, AuditError> {
     let mut report = VerifyReport::default();
-    let marker = crate::retention::read_marker(store).await.map_err(AuditError::List)?;
-    report.expired_before = marker.map(|m| m.expired_before).max(expired_before);
-    let log = read_log(store, &mut report).await?;
+    let marker = read_retention(store, key, &mut report).await?;
+    report.expired_before = marker.max(expired_before);
+    let log = read_log(store, key, &mut report).await?;
 
     let paths = match only {
         // Every date folder: a copy of the session filed under another date is tampering too.
@@ -168,10 +182,37 @@ pub async fn verify_with(
     Ok(report)
 }
 
-/// Read and check the archive log; per session, the entry with the most chunks (the latest of
-/// those).
+/// The retention cutoff of `archive/retention.json`, if there is one and it passes the signature
+/// check (else the problem is reported, and sessions it would expire count as deleted).
+async fn read_retention(
+    store: &dyn ObjectStore,
+    key: Option<&VerifyingKey>,
+    report: &mut VerifyReport,
+) -> Result<Option<String>, AuditError> {
+    let Some(bytes) = retention::read_marker_bytes(store).await.map_err(AuditError::List)? else {
+        return Ok(None);
+    };
+    let problem = match serde_json::from_slice::<RetentionMarker>(&bytes) {
+        Err(_) => format!("retention marker {} edited (unreadable): no cutoff applied", retention::MARKER),
+        Ok(m) => match m.signature_problem(key) {
+            None => return Ok(Some(m.expired_before)),
+            Some(p) => format!(
+                "retention marker {} {p}: forged or edited; its cutoff {} is ignored, so sessions \
+                 missing before it count as deleted",
+                retention::MARKER,
+                m.expired_before
+            ),
+        },
+    };
+    report.retention_problems.push(problem);
+    Ok(None)
+}
+
+/// Read and check the archive log (with `key`, every entry must be signed by it); per session,
+/// the entry with the most chunks (the latest of those).
 async fn read_log(
     store: &dyn ObjectStore,
+    key: Option<&VerifyingKey>,
     report: &mut VerifyReport,
 ) -> Result<HashMap<Uuid, LogEntry>, AuditError> {
     let mut seqs = BTreeMap::new();
@@ -224,6 +265,15 @@ async fn read_log(
                         "archive log entry {seq}: link to entry {} broken (that entry edited or replaced)",
                         seq.saturating_sub(1)
                     ));
+                }
+                // Without a signature by the key, a log re-chained from some entry on (a session's
+                // entry dropped, the rest re-hashed) would pass the checks above.
+                if let Some(p) = e.signature_problem(key) {
+                    let why = match p {
+                        SignatureProblem::Invalid => "edited or forged",
+                        _ => "forged, or the log rewritten from here",
+                    };
+                    report.archive_problems.push(format!("archive log entry {seq} {p}: {why}"));
                 }
                 // A replica that lost a race may log a shorter chain after a longer one: the
                 // furthest head logged (the latest of equals) is the one the manifest must match.
@@ -288,18 +338,13 @@ async fn verify_session(
         match serde_json::from_slice::<Manifest>(&bytes) {
             Err(_) => tampered(&mut v, "manifest edited (unreadable)".into()),
             Ok(m) => {
-                match m.check_signature() {
-                    SignatureCheck::Valid => v.signed = true,
-                    SignatureCheck::Invalid => {
+                v.signed = m.check_signature() == SignatureCheck::Valid;
+                match m.signature_problem(key) {
+                    Some(SignatureProblem::Invalid) => {
                         tampered(&mut v, "manifest signature invalid: manifest edited".into())
                     }
-                    SignatureCheck::Unsigned => {}
-                }
-                if let Some(key) = key {
-                    let want = hex::encode(key.as_bytes());
-                    if m.public_key.as_deref() != Some(want.as_str()) {
-                        tampered(&mut v, "manifest not signed by the expected key".into());
-                    }
+                    Some(_) => tampered(&mut v, "manifest not signed by the expected key".into()),
+                    None => {}
                 }
                 manifest = Some(m);
             }
