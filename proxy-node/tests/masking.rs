@@ -556,6 +556,64 @@ async fn a_clients_describe_of_the_portal_plans_its_masking_and_no_other_does() 
     assert!(!tags(&got).contains(&b'E'), "{seen}");
 }
 
+/// `alice.liddell@example.com` as `encode(convert_to(email, 'UTF8'), 'hex')` shows it: no
+/// detector sees an address in it, so only the column's lineage masks it.
+fn alice_in_hex() -> String {
+    hex::encode("alice.liddell@example.com")
+}
+
+const EMAIL_IN_HEX: &str = "SELECT encode(convert_to(email, 'UTF8'), 'hex') AS x FROM users";
+
+/// A client's Describe of a portal is answered for what the portal held when the Describe was
+/// sent: a Bind of the same name pipelined behind it (before any answer came) does not give the
+/// rows of the first statement the second one's masking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_describe_is_planned_as_what_its_portal_held_when_it_was_sent() {
+    use testkit::pgwire::{self, bind, describe, execute, message, parse, sync};
+    use tokio::io::AsyncWriteExt;
+    let h = start(DEFAULTS).await;
+    let mut s = pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let pipeline = [
+        parse("s1", EMAIL_IN_HEX),
+        bind("", "s1", &[]),
+        describe(b'P', ""),
+        execute(""),
+        parse("s2", "SELECT 'x'::text AS x"),
+        bind("", "s2", &[]),
+        message(b'H', &[]),
+    ]
+    .concat();
+    s.write_all(&pipeline).await.unwrap();
+    let mut seen = pgwire::read_until(&mut s, b'C').await;
+    s.write_all(&sync()).await.unwrap();
+    seen.extend(pgwire::read_until_ready(&mut s).await);
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(!seen.contains(&alice_in_hex()), "{seen}");
+    assert!(seen.contains("SELECT 2"), "{seen}");
+}
+
+/// Messages a client sends after an extended-protocol error and before its Sync are skipped by
+/// the target, and by the proxy: taken as answered by what follows, they would have a later
+/// statement's rows masked as one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_skipped_after_a_pipeline_error_do_not_plan_the_masking_of_later_ones() {
+    use testkit::pgwire::{self, message, parse, query, sync};
+    use tokio::io::AsyncWriteExt;
+    let h = start(DEFAULTS).await;
+    let mut s = pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    s.write_all(&[parse("e", "SELECT nocol FROM users"), message(b'H', &[])].concat()).await.unwrap();
+    pgwire::read_until(&mut s, b'E').await;
+    s.write_all(&[query("SELECT 'a'::text AS x"), query("SELECT 'b'::text AS x"), sync()].concat())
+        .await
+        .unwrap();
+    pgwire::read_until_ready(&mut s).await;
+    s.write_all(&query(EMAIL_IN_HEX)).await.unwrap();
+    let seen = pgwire::read_until_ready(&mut s).await;
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(!seen.contains(&alice_in_hex()), "{seen}");
+    assert!(seen.contains("SELECT 2"), "{seen}");
+}
+
 /// A session keeps the masking plan of the result it described last, for a statement it
 /// repeats. The plan belongs to the rules it was made under: when the policy changes between
 /// two runs of the same statement (the same RowDescription from the target), the second is

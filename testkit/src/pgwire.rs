@@ -89,9 +89,15 @@ pub fn sync() -> Vec<u8> {
 
 /// What the server sends up to the next ReadyForQuery.
 pub async fn read_until_ready(s: &mut TcpStream) -> Vec<u8> {
+    read_until(s, b'Z').await
+}
+
+/// What the server sends up to a whole message tagged `tag` (an ErrorResponse `E`, a
+/// CopyInResponse `G`, ...).
+pub async fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    while !tags(&seen).contains(&b'Z') {
+    while !tags(&seen).contains(&tag) {
         let n = tokio::time::timeout(READ_TIMEOUT, s.read(&mut buf)).await.expect("an answer").expect("read");
         assert!(n > 0, "the server closed: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);

@@ -84,8 +84,16 @@ enum Expect {
         kind: u8,
         name: String,
     },
-    DescribeStatement(String),
-    DescribePortal(String),
+    /// A client's Describe, with the text of what the name meant when the Describe was sent
+    /// (a later Bind or Parse of the same name, pipelined behind it, does not change what the
+    /// target describes).
+    DescribeStatement {
+        sql: Option<Arc<str>>,
+    },
+    DescribePortal {
+        name: String,
+        sql: Option<Arc<str>>,
+    },
     /// The proxy's own Describe of a portal before an Execute, to learn how to mask its rows:
     /// not shown to the client.
     HiddenDescribe,
@@ -105,8 +113,8 @@ impl Expect {
             Expect::Parse { .. } => "Parse",
             Expect::Bind { .. } => "Bind",
             Expect::Close { .. } => "Close",
-            Expect::DescribeStatement(_) => "Describe statement",
-            Expect::DescribePortal(_) => "Describe portal",
+            Expect::DescribeStatement { .. } => "Describe statement",
+            Expect::DescribePortal { .. } => "Describe portal",
             Expect::HiddenDescribe => "Describe",
             Expect::Execute(_) => "Execute",
             Expect::Query(..) => "Query",
@@ -285,6 +293,18 @@ impl std::ops::Deref for Decided {
 /// Verdicts (and function resolutions) a session keeps: agents repeat a handful of statement
 /// shapes.
 const VERDICTS: usize = 32;
+
+/// The record of statement `seq` answered by the proxy itself with an error.
+fn error_response(seq: u64, code: &str, message: String) -> Event {
+    Event::ResponseSent {
+        seq,
+        rows: 0,
+        duration_us: 0,
+        command_tag: None,
+        error: Some(proto::events::ErrorInfo { code: code.into(), message }),
+        result: None,
+    }
+}
 
 /// Keep `item` among the last [`VERDICTS`] of `q`.
 fn keep_recent<T>(q: &mut VecDeque<T>, item: T) {
@@ -661,6 +681,11 @@ impl Relay<'_> {
             self.send_upstream(&f);
             return Ok(Flow::Continue);
         }
+        // The target ignores Sync and Flush during COPY FROM STDIN: nothing answers them.
+        if self.copy_in && matches!(f.tag, b'S' | b'H') {
+            self.send_upstream(&f);
+            return Ok(Flow::Continue);
+        }
         if f.tag == b'X' {
             return Ok(Flow::Stop);
         }
@@ -709,9 +734,9 @@ impl Relay<'_> {
                 self.send_upstream(&f);
                 let name = name.to_string();
                 self.expect.push_back(if kind == b'S' {
-                    Expect::DescribeStatement(name)
+                    Expect::DescribeStatement { sql: self.statement_sql(&name) }
                 } else {
-                    Expect::DescribePortal(name)
+                    Expect::DescribePortal { sql: self.portal_sql(&name), name }
                 });
             }
             b'E' => {
@@ -1083,15 +1108,7 @@ impl Relay<'_> {
         extended: bool,
         mut events: Vec<Event>,
     ) -> Result<(), SessionError> {
-        let ev = Event::ResponseSent {
-            seq,
-            rows: 0,
-            duration_us: 0,
-            command_tag: None,
-            error: Some(proto::events::ErrorInfo { code: code.into(), message: message.clone() }),
-            result: None,
-        };
-        events.push(ev);
+        events.push(error_response(seq, code, message.clone()));
         self.record(events).await?;
         self.expect.push_back(Expect::Local(vec![msg::error(code, &message)]));
         let poison = msg::execute(&self.poison_portal);
@@ -1349,7 +1366,9 @@ impl Relay<'_> {
             .filter(|e| !matches!(e, SessionEffect::None))
             .cloned();
         if self.rules.is_some() {
-            if matches!(self.expect.back(), Some(Expect::DescribePortal(p)) if p == portal) {
+            if matches!(self.expect.back(), Some(Expect::DescribePortal { name, sql: described })
+                if name == portal && *described == r.sql)
+            {
                 r.planned_by_client_describe = true;
             } else {
                 let d = msg::describe(b'P', portal);
@@ -1534,6 +1553,18 @@ impl Relay<'_> {
                 d
             }
         };
+        if self.skip_until_sync {
+            // An earlier message of the pipeline failed meanwhile: the target skips this one,
+            // and so does the proxy, answering nothing, as the target would.
+            let seq = match &h.then {
+                AfterHold::Query { seq, .. } | AfterHold::Execute { seq, .. } => *seq,
+            };
+            let skipped = format!(
+                "not run: an earlier message of its pipeline failed while it was held (hold {})",
+                d.outcome
+            );
+            return self.record(vec![error_response(seq, sqlstate::IN_FAILED_TRANSACTION, skipped)]).await;
+        }
         if d.outcome == HoldOutcome::Approved {
             match h.then {
                 AfterHold::Query { frame, sql, effects, seq } => {
@@ -1594,7 +1625,11 @@ impl Relay<'_> {
             }
             let extended = head.extended();
             match head {
-                Expect::Query(r, _) | Expect::Execute(r) => r.error(&f.body),
+                Expect::Query(r, _) | Expect::Execute(r) => {
+                    // An error ends a COPY FROM STDIN (the target reads no more of its data).
+                    self.copy_in = false;
+                    r.error(&f.body)
+                }
                 _ => {}
             }
             if let Expect::Query(..) | Expect::Sync = head {
@@ -1626,8 +1661,8 @@ impl Relay<'_> {
             (Expect::Parse { .. }, b'1') | (Expect::Bind { .. }, b'2') | (Expect::Close { .. }, b'3') => {
                 done = true
             }
-            (Expect::DescribeStatement(_), b't') => {}
-            (Expect::DescribeStatement(_) | Expect::DescribePortal(_), b'T' | b'n') => done = true,
+            (Expect::DescribeStatement { .. }, b't') => {}
+            (Expect::DescribeStatement { .. } | Expect::DescribePortal { .. }, b'T' | b'n') => done = true,
             (Expect::Execute(r) | Expect::Query(r, _), b'T') => r.columns(&f.body),
             (Expect::Execute(r) | Expect::Query(r, _), b'D') => r.row(&f.body, cap_rows),
             // COPY TO STDOUT: the row count comes with CommandComplete.
@@ -1720,13 +1755,17 @@ impl Relay<'_> {
     /// After an extended-protocol error the target skips to the next Sync: so do the answers
     /// the proxy expected, including its own refusals queued meanwhile, and a simple Query
     /// pipelined before that Sync, which the target skips too (never run, so never answered).
+    /// When the client has not sent that Sync yet, what it sends until then is skipped by the
+    /// target as well, so the proxy drops it unread: forwarded and expected, it would take the
+    /// answers of what comes after, and the proxy would mistake one statement for another.
     fn skip_failed_pipeline(&mut self) {
         while let Some(e) = self.expect.front() {
             if matches!(e, Expect::Sync) {
-                break;
+                return;
             }
             self.expect.pop_front();
         }
+        self.skip_until_sync = true;
     }
 
     fn apply_effect(&mut self, effect: Option<SessionEffect>) {

@@ -176,8 +176,8 @@ impl Relay<'_> {
                         Expect::HiddenDescribe
                             | Expect::Execute(_)
                             | Expect::Query(..)
-                            | Expect::DescribeStatement(_)
-                            | Expect::DescribePortal(_)
+                            | Expect::DescribeStatement { .. }
+                            | Expect::DescribePortal { .. }
                     )
                 ) {
                     return Ok(Some(f));
@@ -188,8 +188,9 @@ impl Relay<'_> {
                         let (sql, stmt) = match self.expect.front() {
                             Some(Expect::HiddenDescribe) => (self.execute_after_describe_sql(), 0),
                             Some(Expect::Execute(r) | Expect::Query(r, _)) => (r.sql.clone(), r.stmt),
-                            Some(Expect::DescribeStatement(name)) => (self.statement_sql(name), 0),
-                            Some(Expect::DescribePortal(name)) => (self.portal_sql(name), 0),
+                            Some(
+                                Expect::DescribeStatement { sql, .. } | Expect::DescribePortal { sql, .. },
+                            ) => (sql.clone(), 0),
                             _ => (None, 0),
                         };
                         self.plan_described(rules, f.body.clone(), &fields, sql.as_deref(), stmt).await
@@ -207,7 +208,7 @@ impl Relay<'_> {
                         return Ok(None);
                     }
                     Some(Expect::Execute(r) | Expect::Query(r, _)) => r.plan = Some(plan),
-                    Some(Expect::DescribePortal(_)) => {
+                    Some(Expect::DescribePortal { .. }) => {
                         if let Some(Expect::Execute(r)) = self.expect.get_mut(1)
                             && r.planned_by_client_describe
                         {
@@ -299,11 +300,11 @@ impl Relay<'_> {
         }
     }
 
-    fn statement_sql(&self, name: &str) -> Option<Arc<str>> {
+    pub(super) fn statement_sql(&self, name: &str) -> Option<Arc<str>> {
         self.lookup_statement(name).map(|p| p.sql).filter(|s| !s.is_empty())
     }
 
-    fn portal_sql(&self, name: &str) -> Option<Arc<str>> {
+    pub(super) fn portal_sql(&self, name: &str) -> Option<Arc<str>> {
         self.lookup_portal(name)
             .and_then(|p| p.stmt.as_ref())
             .map(|p| p.sql.clone())
