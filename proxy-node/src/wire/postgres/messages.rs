@@ -200,19 +200,20 @@ pub fn read_bind(body: &[u8]) -> Option<Bind<'_>> {
     let mut b = body;
     let portal = take_cstr(&mut b)?;
     let statement = take_cstr(&mut b)?;
-    let (nf, mut b) = split_i16(b)?;
-    let mut formats = Vec::with_capacity(nf.max(0) as usize);
+    // The server reads the counts as unsigned: one past i16::MAX would be read differently here.
+    let (nf, mut b) = split_i16(b).filter(|(n, _)| *n >= 0)?;
+    let mut formats = Vec::with_capacity(nf as usize);
     for _ in 0..nf {
         let (f, rest) = split_i16(b)?;
         formats.push(f == 1);
         b = rest;
     }
-    let (np, mut b) = split_i16(b)?;
+    let (np, mut b) = split_i16(b).filter(|(n, _)| *n >= 0)?;
     if nf > 1 && nf != np {
         return None;
     }
-    let mut params = Vec::with_capacity(np.max(0) as usize);
-    for i in 0..np.max(0) as usize {
+    let mut params = Vec::with_capacity(np as usize);
+    for i in 0..np as usize {
         let len = i32::from_be_bytes(b.get(..4)?.try_into().ok()?);
         b = &b[4..];
         let binary = match formats.len() {
@@ -318,6 +319,13 @@ mod tests {
         assert_eq!(bind.params, vec![(Some(&b"42"[..]), false), (None, true)]);
         for cut in 0..b.len() {
             assert!(read_bind(&b[..cut]).is_none(), "truncated at {cut}");
+        }
+        // Counts past i16::MAX, which the server reads as unsigned: 65535 format codes there,
+        // none here.
+        for (at, what) in [(6, "format codes"), (12, "parameters")] {
+            let mut odd = b.to_vec();
+            odd[at..at + 2].copy_from_slice(&(-1i16).to_be_bytes());
+            assert!(read_bind(&odd).is_none(), "a negative count of {what}");
         }
     }
 
