@@ -213,6 +213,7 @@ struct Authenticated {
     principal: Principal,
     /// The OIDC token's verified e-mail, if any.
     email: Option<String>,
+    key_sha256: Option<String>,
     conn: Connection,
     policy: Arc<policy_store::client::ActivePolicy>,
 }
@@ -294,13 +295,16 @@ async fn authenticate(
                 .await);
         }
     };
+    // Kept to tell, when the policy changes, whether the service account still has this key.
+    let key_sha256 =
+        (principal.kind == "service_account").then(|| crate::identity::hash_api_key(&credential));
     drop(credential);
     let Some(conn) = policy.document.connections.iter().find(|c| c.name == database).cloned() else {
         return Err(client
             .refuse(sqlstate::INVALID_CATALOG_NAME, format!("airlock: no connection named \"{database}\""))
             .await);
     };
-    Ok(Some(Authenticated { params, principal, email, conn, policy }))
+    Ok(Some(Authenticated { params, principal, email, key_sha256, conn, policy }))
 }
 
 async fn startup(
@@ -319,12 +323,21 @@ async fn startup(
                 .await);
         }
     };
-    let Authenticated { params, principal, email, conn, policy } = auth;
+    let Authenticated { params, principal, email, key_sha256, conn, policy } = auth;
 
     let session_id: SessionId = Uuid::now_v7();
     let span = info_span!("session", session.id = %session_id, principal = %principal.subject, connection = %conn.name);
     let read_only = !crate::policy::may_write(&policy.document, &conn.name, &principal);
-    let mut s = Session { shared: shared.clone(), id: session_id, principal, email, conn, seq: 0, read_only };
+    let mut s = Session {
+        shared: shared.clone(),
+        id: session_id,
+        principal,
+        email,
+        key_sha256,
+        conn,
+        seq: 0,
+        read_only,
+    };
     async move {
         let started = Event::SessionStarted {
             principal: s.principal.clone(),
@@ -392,6 +405,8 @@ pub(crate) struct Session {
     pub(crate) principal: Principal,
     /// The principal's verified e-mail (OIDC), named in its hold requests.
     pub(crate) email: Option<String>,
+    /// The SHA-256 of the API key a service account logged in with (`None`: an OIDC token).
+    pub(crate) key_sha256: Option<String>,
     pub(crate) conn: Connection,
     /// The number of the last request.
     pub(crate) seq: u64,
@@ -401,6 +416,36 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Why the session may not go on under `doc`, a policy version other than the one it was
+    /// opened under: what it was opened on is gone or changed. Its connection was removed or
+    /// changed (host, credentials, ...), or its service account was removed, given another key
+    /// or other groups; or a service account took an OIDC principal's subject. Rules and
+    /// masking of a new version apply to open sessions at their next statement; these cannot,
+    /// so such a session ends (a revoked key ends its sessions).
+    pub(crate) fn lost_standing(&self, doc: &proto::policy::PolicyDocument) -> Option<String> {
+        let name = &self.conn.name;
+        match doc.connections.iter().find(|c| c.name == *name) {
+            None => return Some(format!("the connection \"{name}\" was removed")),
+            Some(c) if *c != self.conn => return Some(format!("the connection \"{name}\" was changed")),
+            Some(_) => {}
+        }
+        let who = &self.principal.subject;
+        let account = doc.service_accounts.iter().find(|sa| sa.name == *who);
+        match (&self.key_sha256, account) {
+            (Some(_), None) => Some(format!("the service account \"{who}\" was removed")),
+            (Some(key), Some(sa)) if !sa.api_key_sha256.eq_ignore_ascii_case(key) => {
+                Some(format!("the key of the service account \"{who}\" was replaced"))
+            }
+            (Some(_), Some(sa)) if sa.groups != self.principal.groups => {
+                Some(format!("the groups of the service account \"{who}\" changed"))
+            }
+            (None, Some(_)) => {
+                Some(format!("a service account is now named \"{who}\", this principal's subject"))
+            }
+            _ => None,
+        }
+    }
+
     /// Publish events; `Err` is the message to refuse the client with. When the connection
     /// requires recording, `Ok` means they are acknowledged; otherwise they are only queued
     /// (the journal logs what the bus refuses).

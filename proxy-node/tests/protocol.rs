@@ -1273,6 +1273,112 @@ async fn a_query_skipped_after_a_pipeline_error_does_not_shift_what_names_mean()
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
 }
 
+/// A policy version that takes away what an open session was opened on ends the session at
+/// its next statement: its service account removed, given another key or other groups, its
+/// connection changed or removed. A version that only changes rules leaves it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_revokes_a_sessions_key_or_connection_ends_the_session() {
+    let h = start(RULES).await;
+    let good = policy(&h.upstream_host, h.pg.port, &h.pw_file, RULES);
+    let send = |version: u64, yaml: &str| {
+        let document = proto::policy::parse(yaml).unwrap();
+        h.policy
+            .send(Some(Arc::new(ActivePolicy { version, document, digest: format!("v{version}") })))
+            .unwrap();
+    };
+    let c = h.connect().await;
+    h.apply(
+        2,
+        &format!("{RULES}  - {{ name: no-truncate, match: {{ operations: [truncate] }}, action: deny }}\n"),
+    );
+    c.simple_query("SELECT 1").await.expect("a change of rules leaves the session open");
+    let hash = proxy_node::identity::hash_api_key(KEY);
+    let revocations = [
+        ("the service account \"agent\" was removed", good.replace("name: agent,", "name: agent-2,")),
+        ("the key of the service account \"agent\" was replaced", good.replace(&hash, &"ab".repeat(32))),
+        (
+            "the groups of the service account \"agent\" changed",
+            good.replace("groups: [agents]", "groups: [agents, dba]"),
+        ),
+        ("the connection \"shop\" was changed", good.replace("user: airlock_svc", "user: postgres")),
+        ("the connection \"shop\" was removed", good.replace("name: shop", "name: shop2")),
+    ];
+    let mut version = 3;
+    for (why, yaml) in revocations {
+        assert_ne!(yaml, good, "{why}: the policy is unchanged");
+        send(version, &good);
+        let c = h.connect().await;
+        c.simple_query("SELECT 1").await.expect(why);
+        send(version + 1, &yaml);
+        version += 2;
+        let e = c.simple_query("SELECT 1").await.expect_err(why);
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{why}: {e:?}"));
+        assert_eq!(db.code().code(), "57P03", "{why}: {e:?}");
+        assert!(db.message().contains(why), "{why}: {}", db.message());
+        assert!(c.is_closed() || c.simple_query("SELECT 1").await.is_err(), "{why}: the session went on");
+    }
+}
+
+/// After an extended-protocol error the target skips every message up to the client's next
+/// Sync, a simple Query included. A client that waits for the error before sending them gets
+/// them skipped by the proxy too: expected, they would take the answers of what follows, and
+/// a name the target holds as a DELETE would pass for `SELECT 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_after_a_pipeline_error_are_skipped_like_the_target_skips_them() {
+    use testkit::pgwire::{contains, message, parse, query, read_until, read_until_ready, sync};
+    let h = start(RULES).await;
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    s.write_all(&[parse("e", "SELECT nocol FROM orders"), message(b'H', &[])].concat()).await.unwrap();
+    let seen = read_until(&mut s, b'E').await;
+    assert!(contains(&seen, "nocol"), "{}", String::from_utf8_lossy(&seen));
+    // Skipped by the target: no answer but the Sync's.
+    s.write_all(&[query("SELECT 1"), parse("w", "SELECT 1"), sync()].concat()).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert_eq!(testkit::pgwire::tags(&seen), b"Z", "{}", String::from_utf8_lossy(&seen));
+    for step in [
+        [parse("w", "DELETE FROM orders"), sync()].concat(),
+        [parse("e2", "SELECT nocol FROM orders"), sync()].concat(),
+    ] {
+        s.write_all(&step).await.unwrap();
+        read_until_ready(&mut s).await;
+    }
+    s.write_all(&query("EXECUTE w")).await.unwrap();
+    // Held (the notice says so), never run.
+    let seen = read_until(&mut s, b'N').await;
+    assert!(contains(&seen, "waiting for approval"), "{}", String::from_utf8_lossy(&seen));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
+}
+
+/// The target ignores Sync (and Flush) during COPY FROM STDIN: a Sync sent then is answered by
+/// nothing, so the proxy expects nothing for it, and the answers after the COPY stay matched
+/// to their statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_sent_during_copy_from_stdin_expects_no_answer() {
+    use testkit::pgwire::{contains, message, parse, query, read_until, read_until_ready, sync};
+    let h = start(RULES).await;
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    s.write_all(&[parse("w", "DELETE FROM orders"), sync()].concat()).await.unwrap();
+    read_until_ready(&mut s).await;
+    s.write_all(&query("COPY orders FROM STDIN")).await.unwrap();
+    read_until(&mut s, b'G').await;
+    s.write_all(&[sync(), message(b'H', &[]), message(b'c', &[])].concat()).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "COPY 0"), "{}", String::from_utf8_lossy(&seen));
+    // The name is taken: an error, and `w` is still the DELETE.
+    s.write_all(&query("PREPARE w AS SELECT 1")).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "already exists"), "{}", String::from_utf8_lossy(&seen));
+    s.write_all(&query("SELECT 1")).await.unwrap();
+    let seen = read_until_ready(&mut s).await;
+    assert!(contains(&seen, "SELECT 1"), "{}", String::from_utf8_lossy(&seen));
+    s.write_all(&query("EXECUTE w")).await.unwrap();
+    let seen = read_until(&mut s, b'N').await;
+    assert!(contains(&seen, "waiting for approval"), "{}", String::from_utf8_lossy(&seen));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
+}
+
 /// A Parse or Bind the target may refuse or skip (its name is in use; an earlier error skips
 /// it) is not what a message after the next Sync runs: the target may still hold an older
 /// statement or portal of that name. Sent in one write, before any answer comes.

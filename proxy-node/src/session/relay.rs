@@ -243,6 +243,8 @@ struct Relay<'s> {
     /// The policy and session facts the cached verdicts were reached under; when either
     /// changes, they are forgotten. The entry holds the policy, so its address is unique.
     verdicts_under: Option<(Arc<policy_store::client::ActivePolicy>, crate::policy::SessionFacts)>,
+    /// The policy version the session was last found to stand under ([`Relay::policy`]).
+    standing_under: Option<Arc<policy_store::client::ActivePolicy>>,
     /// Recent classifications that call functions, resolved: the shared classification, what
     /// the catalog answered for each of its functions, and the result. A repeated statement
     /// then shares one resolved classification (and so its kept verdict) as long as the
@@ -441,6 +443,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         verdicts: VecDeque::new(),
         verdicts_under: None,
         resolved: VecDeque::new(),
+        standing_under: None,
     };
     let mut result = r.run().await;
     // A read that reached the target is recorded even though its answer never completed (the
@@ -873,8 +876,19 @@ impl Relay<'_> {
         self.lookup_statement(name).map(|p| (*p.classification).clone())
     }
 
+    /// The policy in force, once the session is known to stand under it
+    /// ([`Session::lost_standing`]; checked once per version).
     fn policy(&mut self) -> Result<Arc<policy_store::client::ActivePolicy>, SessionError> {
-        self.s.shared.policy_now().map_err(SessionError::Refused)
+        let policy = self.s.shared.policy_now().map_err(SessionError::Refused)?;
+        if !self.standing_under.as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy)) {
+            if let Some(why) = self.s.lost_standing(&policy.document) {
+                info!(policy.version = policy.version, why = %why, "ending the session: the policy changed");
+                let m = format!("airlock: {why} in policy version {}: reconnect", policy.version);
+                return Err(SessionError::Refused(m));
+            }
+            self.standing_under = Some(policy.clone());
+        }
+        Ok(policy)
     }
 
     /// The policy's verdict on a statement in this session. A verdict reached without asking
