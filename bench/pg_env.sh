@@ -71,9 +71,12 @@ url = "nats://127.0.0.1:$NATS_PORT"
 [policy_store]
 listen = "127.0.0.1:$STORE_PORT"
 data_dir = "$WORK/store"
+admin_token = "bench-admin-$KEY"
+read_token = "bench-read-$KEY"
 [proxy]
 listen = "127.0.0.1:$PROXY_PORT"
 policy_store = ["http://127.0.0.1:$STORE_PORT"]
+policy_store_token = "bench-read-$KEY"
 target_password_dir = "$WORK"
 [log]
 format = "json"

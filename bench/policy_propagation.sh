@@ -24,6 +24,9 @@ cleanup() {
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ports=("$(free_port)" "$(free_port)" "$(free_port)")
+# Every node needs the same admin token (writes, raft RPCs); followers read with the read token.
+admin_token="bench-admin-$RANDOM$RANDOM"
+read_token="bench-read-$RANDOM$RANDOM"
 endpoints=()
 for i in 1 2 3; do
   peers=""
@@ -38,6 +41,8 @@ node_id = $i
 listen = "127.0.0.1:${ports[$((i-1))]}"
 data_dir = "$dir/n$i/data"
 peers = { $peers }
+admin_token = "$admin_token"
+read_token = "$read_token"
 TOML
   RUST_LOG=warn "$airlock" -c "$dir/n$i/airlock.toml" policy-store >"$dir/n$i/log" 2>&1 &
   pids+=("$!")
@@ -47,4 +52,5 @@ for p in "${ports[@]}"; do
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
 done
 # The first apply waits for the election (the store forwards and retries for a leader).
-target/release/examples/propagation_bench "$proxies" "$changes" "${endpoints[@]}"
+STORE_ADMIN_TOKEN="$admin_token" STORE_READ_TOKEN="$read_token" \
+  target/release/examples/propagation_bench "$proxies" "$changes" "${endpoints[@]}"

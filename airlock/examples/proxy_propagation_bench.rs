@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use policy_store::client::PolicyClient;
+
+/// The store's tokens: every node has both; changes are applied with the admin token and the
+/// proxies follow with the read token.
+const ADMIN_TOKEN: &str = "bench-admin-token";
+const READ_TOKEN: &str = "bench-read-token";
 use testkit::{Proc, free_port, wait_for_port};
 
 const DB_PASSWORD: &str = "svc-Pa55word";
@@ -91,7 +96,8 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(
             &config,
             format!(
-                "[policy_store]\nnode_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npeers = {{ {} }}\n",
+                "[policy_store]\nnode_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npeers = {{ {} }}\n\
+                 admin_token = \"{ADMIN_TOKEN}\"\nread_token = \"{READ_TOKEN}\"\n",
                 dir.path().join(format!("store-{id}")).display(),
                 peers.join(", ")
             ),
@@ -104,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut client = loop {
         let attempt = async {
-            let mut c = PolicyClient::connect(&endpoints[0]).await?;
+            let mut c = PolicyClient::connect(&endpoints[0], ADMIN_TOKEN).await?;
             c.apply(&doc(pg.port, "bench-0000"), "bench").await?;
             anyhow::Ok(c)
         };
@@ -129,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(
             &config,
             format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\npolicy_store = [{stores}]\n\n[nats]\nurl = \"{}\"\n",
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\npolicy_store = [{stores}]\npolicy_store_token = \"{READ_TOKEN}\"\n\n[nats]\nurl = \"{}\"\n",
                 nats.url
             ),
         )?;
@@ -188,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
         let endpoint = endpoints[w % endpoints.len()].clone();
         let yaml = doc(pg.port, &format!("bench-w{w}"));
         tasks.push(tokio::spawn(async move {
-            let mut c = PolicyClient::connect(&endpoint).await?;
+            let mut c = PolicyClient::connect(&endpoint, ADMIN_TOKEN).await?;
             for n in 0..per_writer {
                 c.apply(&format!("{yaml}# change {n}\n"), "bench").await?;
             }

@@ -5,51 +5,95 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
+use policy_store::client::PolicyClient;
 use uuid::Uuid;
 
 use crate::config::AirlockConfig;
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCommand {
-    /// Validate and store a policy document as a new version.
+    /// Validate and store a policy document as a new version (admin token).
     Apply {
         /// The YAML file.
         #[arg(long, short = 'f')]
         file: PathBuf,
-        /// Who is applying it (recorded in the history). Default: $USER.
+        /// Who is applying it, recorded in the history after the token's role
+        /// (`admin-token:NAME`; anyone with the token can claim any name). Default: $USER.
         #[arg(long)]
         author: Option<String>,
-        /// Policy store endpoint. Default: http://<policy_store.listen>.
-        #[arg(long)]
-        store: Option<String>,
+        #[command(flatten)]
+        target: StoreTarget,
     },
     /// Print one version's document (default: the latest).
     Get {
         version: Option<u64>,
-        #[arg(long)]
-        store: Option<String>,
+        #[command(flatten)]
+        target: StoreTarget,
     },
     /// List every version.
     History {
-        #[arg(long)]
-        store: Option<String>,
+        #[command(flatten)]
+        target: StoreTarget,
     },
     /// Show what changed between two versions (a unified diff of their documents).
     Diff {
         from: u64,
         to: u64,
-        #[arg(long)]
-        store: Option<String>,
+        #[command(flatten)]
+        target: StoreTarget,
     },
-    /// Apply an old version's document again, as a new version (the history keeps both).
+    /// Apply an old version's document again, as a new version (the history keeps both; admin
+    /// token).
     Rollback {
         version: u64,
-        /// Who is rolling back (recorded in the history). Default: $USER.
+        /// Who is rolling back, recorded as for `apply`. Default: $USER.
         #[arg(long)]
         author: Option<String>,
-        #[arg(long)]
-        store: Option<String>,
+        #[command(flatten)]
+        target: StoreTarget,
     },
+}
+
+/// Which policy store, with which token.
+#[derive(clap::Args)]
+pub(crate) struct StoreTarget {
+    /// Policy store endpoint. Default: http://<policy_store.listen>.
+    #[arg(long)]
+    store: Option<String>,
+    /// Bearer token: the store's admin token (apply, rollback) or its read token (get, history,
+    /// diff). Default: $AIRLOCK_ADMIN_TOKEN, else policy_store.admin_token(_file), else (reads)
+    /// policy_store.read_token(_file), else ./data/admin-token (`airlock up`).
+    #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl StoreTarget {
+    fn endpoint(&self, cfg: &AirlockConfig) -> String {
+        self.store.clone().unwrap_or_else(|| format!("http://{}", cfg.policy_store.listen))
+    }
+
+    /// The token to send; `write` when the command changes the policy.
+    fn token(&self, cfg: &AirlockConfig, write: bool) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        if let Some(t) = cfg.policy_store.token().context("reading policy_store.admin_token_file")? {
+            return Ok(t);
+        }
+        if !write
+            && let Some(t) = cfg.policy_store.read_token().context("reading policy_store.read_token_file")?
+        {
+            return Ok(t);
+        }
+        std::fs::read_to_string("data/admin-token").map(|s| s.trim().to_string()).context(
+            "no policy-store token: pass --token, set AIRLOCK_ADMIN_TOKEN, or configure \
+             policy_store.admin_token (reads: policy_store.read_token)",
+        )
+    }
+
+    async fn client(&self, cfg: &AirlockConfig, write: bool) -> anyhow::Result<PolicyClient> {
+        Ok(PolicyClient::connect(&self.endpoint(cfg), &self.token(cfg, write)?).await?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -98,13 +142,9 @@ pub(crate) struct ApprovalsTarget {
     token: Option<String>,
 }
 
-fn store_endpoint(cfg: &AirlockConfig, store: Option<String>) -> String {
-    store.unwrap_or_else(|| format!("http://{}", cfg.policy_store.listen))
-}
-
 pub(crate) async fn policy(cfg: &AirlockConfig, cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
-        PolicyCommand::Apply { file, author, store } => {
+        PolicyCommand::Apply { file, author, target } => {
             let yaml =
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             // Check locally first, so errors name the file's lines even if the store is down.
@@ -112,7 +152,7 @@ pub(crate) async fn policy(cfg: &AirlockConfig, cmd: PolicyCommand) -> anyhow::R
                 anyhow::bail!("{}: {e}", file.display());
             }
             let author = author.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
-            let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
+            let mut c = target.client(cfg, true).await?;
             let r = c.apply(&yaml, &author).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             if r.changed {
                 println!("applied {} as version {}", file.display(), r.version);
@@ -120,20 +160,19 @@ pub(crate) async fn policy(cfg: &AirlockConfig, cmd: PolicyCommand) -> anyhow::R
                 println!("unchanged: version {} already has this document", r.version);
             }
         }
-        PolicyCommand::Get { version, store } => {
-            let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
-            let v = c.get(version.unwrap_or(0)).await?;
+        PolicyCommand::Get { version, target } => {
+            let v = target.client(cfg, false).await?.get(version.unwrap_or(0)).await?;
             print!("{}", v.document_yaml);
         }
-        PolicyCommand::Diff { from, to, store } => {
-            crate::store_admin::diff(&store_endpoint(cfg, store), from, to).await?;
+        PolicyCommand::Diff { from, to, target } => {
+            crate::store_admin::diff(target.client(cfg, false).await?, from, to).await?;
         }
-        PolicyCommand::Rollback { version, author, store } => {
+        PolicyCommand::Rollback { version, author, target } => {
             let author = author.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
-            crate::store_admin::rollback(&store_endpoint(cfg, store), version, &author).await?;
+            crate::store_admin::rollback(target.client(cfg, true).await?, version, &author).await?;
         }
-        PolicyCommand::History { store } => {
-            let mut c = policy_store::client::PolicyClient::connect(&store_endpoint(cfg, store)).await?;
+        PolicyCommand::History { target } => {
+            let mut c = target.client(cfg, false).await?;
             println!("{:>8}  {:<24}  {:<16}  DIGEST", "VERSION", "APPLIED", "AUTHOR");
             for v in c.history().await? {
                 let at = std::time::UNIX_EPOCH

@@ -101,8 +101,8 @@ impl proto::config::Validate for AirlockConfig {
 }
 
 impl AirlockConfig {
-    /// The `[approvals]` section, or its defaults; approvers' OIDC and the policy stores to
-    /// follow default to the proxy's.
+    /// The `[approvals]` section, or its defaults; approvers' OIDC, the policy stores to follow
+    /// and the token to follow them with default to the proxy's.
     pub(crate) fn approvals(&self) -> approval_service::ApprovalsConfig {
         let mut a: approval_service::ApprovalsConfig = self.approvals.clone().unwrap_or_else(|| {
             toml::Value::Table(toml::Table::new()).try_into().expect("every approvals field has a default")
@@ -112,6 +112,10 @@ impl AirlockConfig {
         }
         if a.policy_store.is_empty() {
             a.policy_store.clone_from(&self.proxy.policy_store);
+        }
+        if a.policy_store_token.is_none() && a.policy_store_token_file.is_none() {
+            a.policy_store_token.clone_from(&self.proxy.policy_store_token);
+            a.policy_store_token_file = self.proxy.policy_store_token_file.as_ref().map(PathBuf::from);
         }
         a
     }
@@ -184,6 +188,20 @@ mod tests {
         let toml = format!("{toml}policy_store = [\"http://127.0.0.1:8\"]\n");
         let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
         assert_eq!(cfg.approvals().policy_store, vec!["http://127.0.0.1:8".to_string()]);
+    }
+
+    #[test]
+    fn approvals_follow_the_store_with_the_proxys_token_unless_set() {
+        let toml =
+            "[proxy]\npolicy_store_token_file = \"/run/read-token\"\n[approvals]\nadmin_token = \"t\"\n";
+        let cfg: AirlockConfig = proto::config::load(Some(toml), vec![], "AIRLOCK_").expect("load");
+        let a = cfg.approvals();
+        assert_eq!(a.policy_store_token_file, Some(PathBuf::from("/run/read-token")));
+        assert_eq!(a.policy_store_token, None);
+        let toml = format!("{toml}policy_store_token = \"own\"\n");
+        let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
+        let a = cfg.approvals();
+        assert_eq!((a.policy_store_token.as_deref(), a.policy_store_token_file), (Some("own"), None));
     }
 
     #[test]

@@ -40,8 +40,9 @@ async fn nats(cfg: &AirlockConfig) -> anyhow::Result<EventBus> {
 }
 
 pub(crate) async fn proxy(cfg: AirlockConfig) -> anyhow::Result<()> {
+    let token = cfg.proxy.policy_store_token().map_err(anyhow::Error::msg)?;
     let bus = nats(&cfg).await?;
-    let follower = policy_store::client::follow(cfg.proxy.policy_store.clone());
+    let follower = policy_store::client::follow(cfg.proxy.policy_store.clone(), &token)?;
     let listener = bind(cfg.proxy.listen, "postgres").await?;
     proxy_node::run(cfg.proxy.clone(), bus, follower, listener, shutdown_signal()).await?;
     Ok(())
@@ -65,9 +66,13 @@ pub(crate) async fn recorder(cfg: AirlockConfig) -> anyhow::Result<()> {
 pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
     let listener = bind(cfg.policy_store.listen, "policy-store").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
+    // Without an admin token the store refuses to start (below); the publisher reads with the
+    // read token, else the admin token.
+    let token = cfg.policy_store.reader_token().context("reading policy_store.read_token_file")?;
     // Publish every committed version to NATS, so the archive shows who changed what.
     let nats = cfg.nats.clone();
     let publisher = tokio::spawn(async move {
+        let Some(token) = token else { return };
         let bus = loop {
             match EventBus::connect_nats(&nats).await {
                 Ok(b) => break b,
@@ -77,7 +82,7 @@ pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
                 }
             }
         };
-        policy_store::publish::publish_versions(endpoint, bus, std::future::pending()).await;
+        policy_store::publish::publish_versions(endpoint, token, bus, std::future::pending()).await;
     });
     let result = policy_store::run(cfg.policy_store.clone(), listener, shutdown_signal()).await;
     publisher.abort();
@@ -85,11 +90,13 @@ pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin token of `airlock up`: configured, or made once and kept in the data folder.
-fn admin_token_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    let path = data_dir.join("admin-token");
+/// A token of `airlock up`, made once and kept in the data folder as `name` (mode 0600): the
+/// admin token (`admin-token`: the approval service's break-glass token and the policy store's
+/// admin token) and the policy store's read token (`policy-read-token`).
+fn token_file(data_dir: &Path, name: &str, prefix: &str) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join(name);
     if !path.exists() {
-        let token = format!("adm_{}", hex::encode(rand::random::<[u8; 24]>()));
+        let token = format!("{prefix}_{}", hex::encode(rand::random::<[u8; 24]>()));
         std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
         #[cfg(unix)]
         {
@@ -117,8 +124,22 @@ pub(crate) async fn up(
     }
     let mut acfg = cfg.approvals();
     if acfg.admin_token.is_none() && acfg.admin_token_file.is_none() {
-        acfg.admin_token_file = Some(admin_token_file(&data_dir)?);
+        acfg.admin_token_file = Some(token_file(&data_dir, "admin-token", "adm")?);
     }
+    // The store's tokens: configured, or kept in the data folder. The proxy, the approval
+    // service and the event publisher read with the read token; `-f` applies with the admin
+    // token, as `airlock policy apply` does (it falls back to ./data/admin-token).
+    let store = &mut cfg.policy_store;
+    if store.admin_token.is_none() && store.admin_token_file.is_none() {
+        store.admin_token_file = Some(token_file(&data_dir, "admin-token", "adm")?);
+    }
+    if store.read_token.is_none() && store.read_token_file.is_none() {
+        store.read_token_file = Some(token_file(&data_dir, "policy-read-token", "rd")?);
+    }
+    let store_admin = cfg.policy_store.token().context("reading policy_store.admin_token_file")?;
+    let store_admin = store_admin.context("policy_store.admin_token")?;
+    let store_read = cfg.policy_store.reader_token().context("reading policy_store.read_token_file")?;
+    let store_read = store_read.context("policy_store.read_token")?;
     anyhow::ensure!(
         cfg.recorder().shard == recorder::Shard::ALL,
         "recorder.shard is {}: `airlock up` runs the only recorder, so it must record every session (\"0/1\")",
@@ -141,7 +162,7 @@ pub(crate) async fn up(
     let endpoint = format!("http://{ps_addr}");
     let approvals_listener = bind(acfg.listen, "approvals").await?;
     // The approval service follows the in-process store: rule routes and `approver_groups`.
-    let approvals_policy = policy_store::client::follow(vec![endpoint.clone()]).policy;
+    let approvals_policy = policy_store::client::follow(vec![endpoint.clone()], &store_read)?.policy;
     let approvals = tokio::spawn(approval_service::run_with_policy(
         acfg.clone(),
         bus.clone(),
@@ -153,7 +174,7 @@ pub(crate) async fn up(
     let ps = tokio::spawn(policy_store::run(cfg.policy_store.clone(), ps_listener, stopped()));
     if let Some(path) = policy {
         let yaml = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut client = connect_retrying(&endpoint).await?;
+        let mut client = connect_retrying(&endpoint, &store_admin).await?;
         let r = client
             .apply(&yaml, "airlock up")
             .await
@@ -162,10 +183,11 @@ pub(crate) async fn up(
     }
     let publisher = tokio::spawn(policy_store::publish::publish_versions(
         endpoint.clone(),
+        store_read.clone(),
         bus.clone(),
         std::future::pending(),
     ));
-    let follower = policy_store::client::follow(vec![endpoint]);
+    let follower = policy_store::client::follow(vec![endpoint], &store_read)?;
     let proxy_listener = bind(cfg.proxy.listen, "postgres").await?;
     info!(
         postgres = %cfg.proxy.listen,
@@ -188,10 +210,13 @@ pub(crate) async fn up(
 }
 
 /// The store may still be starting: retry for a few seconds.
-pub(crate) async fn connect_retrying(endpoint: &str) -> anyhow::Result<policy_store::client::PolicyClient> {
+pub(crate) async fn connect_retrying(
+    endpoint: &str,
+    token: &str,
+) -> anyhow::Result<policy_store::client::PolicyClient> {
     let mut last = None;
     for _ in 0..50 {
-        match policy_store::client::PolicyClient::connect(endpoint).await {
+        match policy_store::client::PolicyClient::connect(endpoint, token).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(e),
         }

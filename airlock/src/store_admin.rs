@@ -42,7 +42,8 @@ pub(crate) struct AdminTarget {
     /// Policy store endpoint (any node). Default: http://<policy_store.listen>.
     #[arg(long)]
     store: Option<String>,
-    /// Admin token. Default: $AIRLOCK_ADMIN_TOKEN, else policy_store.admin_token(_file).
+    /// Admin token. Default: $AIRLOCK_ADMIN_TOKEN, else policy_store.admin_token(_file), else
+    /// ./data/admin-token (`airlock up`).
     #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
@@ -51,9 +52,12 @@ async fn admin_client(cfg: &AirlockConfig, t: AdminTarget) -> anyhow::Result<Adm
     let endpoint = t.store.unwrap_or_else(|| format!("http://{}", cfg.policy_store.listen));
     let token = match t.token {
         Some(t) => t,
-        None => cfg.policy_store.token().context("reading policy_store.admin_token_file")?.context(
-            "no admin token: pass --token, set AIRLOCK_ADMIN_TOKEN, or configure policy_store.admin_token",
-        )?,
+        None => match cfg.policy_store.token().context("reading policy_store.admin_token_file")? {
+            Some(t) => t,
+            None => std::fs::read_to_string("data/admin-token").map(|s| s.trim().to_string()).context(
+                "no admin token: pass --token, set AIRLOCK_ADMIN_TOKEN, or configure policy_store.admin_token",
+            )?,
+        },
     };
     Ok(AdminClient::connect(&endpoint, &token).await?)
 }
@@ -97,8 +101,7 @@ pub(crate) async fn run(cfg: &AirlockConfig, cmd: StoreAdminCommand) -> anyhow::
 }
 
 /// `airlock policy diff V1 V2`: a unified diff of two versions' documents.
-pub(crate) async fn diff(endpoint: &str, from: u64, to: u64) -> anyhow::Result<()> {
-    let mut c = PolicyClient::connect(endpoint).await?;
+pub(crate) async fn diff(mut c: PolicyClient, from: u64, to: u64) -> anyhow::Result<()> {
     let old = c.get(from).await.with_context(|| format!("reading version {from}"))?;
     let new = c.get(to).await.with_context(|| format!("reading version {to}"))?;
     print!("{}", policy_store::client::diff(&old, &new));
@@ -106,8 +109,7 @@ pub(crate) async fn diff(endpoint: &str, from: u64, to: u64) -> anyhow::Result<(
 }
 
 /// `airlock policy rollback V`: apply version V's document again as a new version.
-pub(crate) async fn rollback(endpoint: &str, version: u64, author: &str) -> anyhow::Result<()> {
-    let mut c = PolicyClient::connect(endpoint).await?;
+pub(crate) async fn rollback(mut c: PolicyClient, version: u64, author: &str) -> anyhow::Result<()> {
     let r = c.rollback(version, author).await?;
     if r.changed {
         println!("rolled back to version {version}'s document as version {}", r.version);

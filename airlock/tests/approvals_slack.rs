@@ -52,6 +52,7 @@ url = "{nats}"
 [proxy]
 listen = "127.0.0.1:{proxy}"
 policy_store = ["http://127.0.0.1:{store}"]
+policy_store_token = "test-read-token"
 hold_grace = "2s"
 [proxy.oidc]
 issuer = "{issuer}"
@@ -70,6 +71,8 @@ groups = ["dba"]
 [policy_store]
 listen = "127.0.0.1:{store}"
 data_dir = "{data}/policy-store"
+admin_token = "test-store-admin-token"
+read_token = "test-read-token"
 "#,
             nats = nats.url,
             issuer = oidc.issuer,

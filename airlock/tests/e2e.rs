@@ -88,6 +88,7 @@ fn config(dir: &Path, ports: &Ports, oidc: &OidcIssuer, nats: Option<&Nats>, s3:
         r#"[proxy]
 listen = "127.0.0.1:{proxy}"
 policy_store = ["http://127.0.0.1:{store}"]
+policy_store_token = "test-read-token"
 hold_grace = "2s"
 
 [proxy.oidc]
@@ -101,6 +102,8 @@ admin_token = "test-admin-token"
 [policy_store]
 listen = "127.0.0.1:{store}"
 data_dir = "{data}/policy-store"
+admin_token = "test-store-admin-token"
+read_token = "test-read-token"
 "#,
         proxy = ports.proxy,
         store = ports.store,

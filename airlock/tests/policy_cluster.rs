@@ -16,6 +16,8 @@ use proto::pb::PolicyVersion;
 use testkit::{FaultProxy, Proc, free_port, wait_for_port};
 
 const TOKEN: &str = "cluster-test-admin-token";
+/// The read token: what followers and proxies use.
+const READ: &str = "cluster-test-read-token";
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_airlock"))
@@ -71,7 +73,7 @@ fn write_config(
     let peers = peers.iter().map(|(id, addr)| format!("{id} = \"{addr}\"")).collect::<Vec<_>>().join(", ");
     let text = format!(
         "[policy_store]\nnode_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npeers = {{ {peers} }}\n\
-         join = {join}\nadmin_token = \"{TOKEN}\"\n",
+         join = {join}\nadmin_token = \"{TOKEN}\"\nread_token = \"{READ}\"\n",
         dir.join("data").display()
     );
     let path = dir.join("airlock.toml");
@@ -139,7 +141,7 @@ async fn leader(endpoints: &[String], not: Option<u64>) -> anyhow::Result<u64> {
 async fn apply(endpoint: &str, yaml: &str, author: &str) -> anyhow::Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let attempt = async { PolicyClient::connect(endpoint).await?.apply(yaml, author).await };
+        let attempt = async { PolicyClient::connect(endpoint, TOKEN).await?.apply(yaml, author).await };
         match attempt.await {
             Ok(r) => return Ok(r.version),
             Err(e) if Instant::now() < deadline => {
@@ -152,7 +154,7 @@ async fn apply(endpoint: &str, yaml: &str, author: &str) -> anyhow::Result<u64> 
 }
 
 async fn history(endpoint: &str) -> anyhow::Result<Vec<PolicyVersion>> {
-    Ok(PolicyClient::connect(endpoint).await?.history().await?)
+    Ok(PolicyClient::connect(endpoint, READ).await?.history().await?)
 }
 
 /// Wait until `endpoint` (not linearizable: its own state) has at least `version`.
@@ -208,9 +210,9 @@ async fn every_follower_enforces_an_applied_change_within_a_second_on_three_node
         .map(|i| {
             let mut e = endpoints.clone();
             e.rotate_left(i % 3);
-            follow(e)
+            follow(e, READ)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     enforced(&mut followers, 1, Duration::from_secs(10)).await?;
     for n in 1..=5u64 {
         // Through every node in turn: followers forward to the leader.
@@ -232,7 +234,7 @@ async fn killing_the_leader_elects_another_and_loses_no_committed_version() -> a
     for n in 1..=3 {
         apply(&endpoints[0], &doc(n), "before").await?;
     }
-    let mut follower = follow(endpoints.clone());
+    let mut follower = follow(endpoints.clone(), READ)?;
     cluster.node(old).kill9();
 
     let survivors: Vec<String> =
@@ -242,7 +244,7 @@ async fn killing_the_leader_elects_another_and_loses_no_committed_version() -> a
     for n in 4..=6 {
         assert_eq!(apply(&survivors[n as usize % 2], &doc(n), "after").await?, n);
     }
-    let expected = PolicyClient::connect(&survivors[0]).await?.history_linearizable().await?;
+    let expected = PolicyClient::connect(&survivors[0], READ).await?.history_linearizable().await?;
     assert_eq!(expected.iter().map(|v| v.version).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
     // The follower moved to another node and has the latest version.
     enforced(std::slice::from_mut(&mut follower), 6, Duration::from_secs(10)).await?;
@@ -370,8 +372,8 @@ async fn a_cut_off_minority_refuses_writes_keeps_its_version_and_catches_up_afte
     let minority_endpoint =
         cluster.nodes.iter().find(|n| n.id == minority).map(StoreNode::endpoint).context("node")?;
     apply(&majority_endpoint, &doc(1), "before").await?;
-    let mut on_minority = follow(vec![minority_endpoint.clone()]);
-    let mut on_majority = follow(vec![majority_endpoint.clone()]);
+    let mut on_minority = follow(vec![minority_endpoint.clone()], READ)?;
+    let mut on_majority = follow(vec![majority_endpoint.clone()], READ)?;
     enforced(std::slice::from_mut(&mut on_minority), 1, Duration::from_secs(10)).await?;
 
     for ((from, to), link) in &links {
@@ -381,7 +383,7 @@ async fn a_cut_off_minority_refuses_writes_keeps_its_version_and_catches_up_afte
     }
     assert_eq!(apply(&majority_endpoint, &doc(2), "majority").await?, 2);
     enforced(std::slice::from_mut(&mut on_majority), 2, Duration::from_secs(10)).await?;
-    let refused = PolicyClient::connect(&minority_endpoint).await?.apply(&doc(3), "minority").await;
+    let refused = PolicyClient::connect(&minority_endpoint, TOKEN).await?.apply(&doc(3), "minority").await;
     assert!(refused.is_err(), "the minority accepted a write: {refused:?}");
     // The proxy attached to the minority keeps enforcing the last version it has.
     let kept = on_minority.policy.borrow().clone().context("a version")?;
@@ -394,7 +396,7 @@ async fn a_cut_off_minority_refuses_writes_keeps_its_version_and_catches_up_afte
     enforced(std::slice::from_mut(&mut on_minority), 2, Duration::from_secs(15)).await?;
     let healed = caught_up(&minority_endpoint, 2).await?;
     assert_eq!(healed, history(&majority_endpoint).await?);
-    assert!(healed.iter().all(|v| v.author != "minority"));
+    assert!(healed.iter().all(|v| !v.author.ends_with("minority")));
     Ok(())
 }
 
@@ -420,15 +422,39 @@ async fn history_diff_and_rollback_through_the_cli() -> anyhow::Result<()> {
 
     let rolled = airlock(&["policy", "rollback", "1", "--author", "carol", "--store", &store])?;
     assert!(rolled.contains("as version 3"), "{rolled}");
-    let latest = PolicyClient::connect(&store).await?.get(0).await?;
+    let latest = PolicyClient::connect(&store, READ).await?.get(0).await?;
     assert_eq!(
         (latest.version, latest.document_yaml.as_str(), latest.author.as_str()),
-        (3, doc(1).as_str(), "carol")
+        (3, doc(1).as_str(), "admin-token:carol")
     );
 
-    let listed = airlock(&["policy", "history", "--store", &store])?;
+    // The history names the token's role, then the claimed author.
+    let listed = airlock(&["policy", "history", "--store", &store, "--token", READ])?;
     let authors: Vec<&str> = listed.lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).collect();
-    assert_eq!(authors, vec!["alice", "bob", "carol"], "{listed}");
+    assert_eq!(authors, vec!["admin-token:alice", "admin-token:bob", "admin-token:carol"], "{listed}");
+
+    // The read token does not apply or roll back; no token at all does not even read.
+    let as_reader =
+        |args: &[&str]| Command::new(bin()).args(args).args(["--store", &store, "--token", READ]).output();
+    for args in [&["policy", "apply", "-f", &file(&v2)][..], &["policy", "rollback", "2"]] {
+        let out = as_reader(args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && err.contains("needs the admin token"), "{args:?}: {err}");
+    }
+    // (In a folder with no airlock.toml and no ./data/admin-token.)
+    let elsewhere = tempfile::tempdir()?;
+    let out = Command::new(bin())
+        .args(["policy", "get", "--store", &store])
+        .current_dir(elsewhere.path())
+        .env_remove("AIRLOCK_ADMIN_TOKEN")
+        .env_remove("AIRLOCK_CONFIG")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("no policy-store token"), "{err}");
+    let out = Command::new(bin()).args(["policy", "get", "--store", &store, "--token", "wrong"]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("missing or wrong bearer token"), "{err}");
+    assert_eq!(history(&store).await?.len(), 3);
     Ok(())
 }
 
@@ -452,7 +478,8 @@ fn start_proxy(dir: &Path, i: usize, stores: &[String], nats: &testkit::Nats) ->
     let port = free_port();
     let stores = stores.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\npolicy_store = [{stores}]\nnode_name = \"proxy-{i}\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\npolicy_store = [{stores}]\npolicy_store_token = \"{READ}\"\n\
+         node_name = \"proxy-{i}\"\n\n\
          [nats]\nurl = \"{}\"\n",
         nats.url
     );
@@ -585,5 +612,64 @@ async fn every_proxy_process_enforces_an_applied_change_within_a_second() -> any
         let client = agent(*port).await?;
         denied_by(&client, "SELECT id FROM orders", "no-reading-orders", Duration::from_millis(100)).await?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn airlock_up_makes_its_own_store_tokens_and_everything_in_it_uses_them() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (proxy, approvals, store) = (free_port(), free_port(), free_port());
+    let env = [
+        ("AIRLOCK_PROXY__LISTEN", format!("127.0.0.1:{proxy}")),
+        ("AIRLOCK_APPROVALS__LISTEN", format!("127.0.0.1:{approvals}")),
+        ("AIRLOCK_POLICY_STORE__LISTEN", format!("127.0.0.1:{store}")),
+    ];
+    let command = |args: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).current_dir(dir.path()).env_remove("AIRLOCK_ADMIN_TOKEN").env_remove("AIRLOCK_CONFIG");
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        cmd
+    };
+    let mut up = command(&["up"]);
+    up.env("RUST_LOG", "info,openraft=warn");
+    let up = Proc::spawn(up, "up")?;
+    wait_for_port(proxy, Duration::from_secs(30))?;
+    let endpoint = format!("http://127.0.0.1:{store}");
+
+    // Both tokens were made in ./data, readable by the owner only.
+    let admin = std::fs::read_to_string(dir.path().join("data/admin-token"))?;
+    let read = std::fs::read_to_string(dir.path().join("data/policy-read-token"))?;
+    ensure!(admin.starts_with("adm_") && read.starts_with("rd_") && admin != read);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("data/policy-read-token"))?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // The CLI finds the admin token in ./data, as it does for approvals.
+    let file = dir.path().join("v1.yaml");
+    std::fs::write(&file, doc(1))?;
+    let out =
+        command(&["policy", "apply", "-f", &file.display().to_string(), "--author", "dana"]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let latest = PolicyClient::connect(&endpoint, &read).await?.get(0).await?;
+    assert_eq!((latest.version, latest.author.as_str()), (1, "admin-token:dana"));
+
+    // Without a token, or with the read token for a write, the store refuses.
+    let mut stranger = PolicyClient::connect(&endpoint, "guess").await?;
+    let refused = stranger.get(0).await.expect_err("no token").to_string();
+    ensure!(refused.contains("missing or wrong bearer token"), "{refused}");
+    let refused = PolicyClient::connect(&endpoint, &read).await?.apply(&doc(2), "mallory").await;
+    let refused = refused.expect_err("reader wrote").to_string();
+    ensure!(refused.contains("needs the admin token"), "{refused}");
+
+    // The in-process proxy and approval service follow the store with the read token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.log().matches("policy version active").count() < 2 {
+        ensure!(Instant::now() < deadline, "the followers of `up` never got version 1:\n{}", up.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(!up.log().contains("policy watch failed"), "{}", up.log());
     Ok(())
 }

@@ -35,6 +35,14 @@ pub struct ApprovalsConfig {
     /// Default: none (`airlock` fills it from `[proxy] policy_store`).
     #[serde(default)]
     pub policy_store: Vec<String>,
+    /// The bearer token to follow `policy_store` with: the store's read token (or its admin
+    /// token). Required when `policy_store` is set. Default: none (`airlock` fills it from
+    /// `[proxy] policy_store_token(_file)`).
+    #[serde(default)]
+    pub policy_store_token: Option<String>,
+    /// A file holding `policy_store_token` (trimmed). Default: none.
+    #[serde(default)]
+    pub policy_store_token_file: Option<PathBuf>,
     /// Known approvers: how Slack users map to identities and groups. Default: none.
     #[serde(default)]
     pub approvers: Vec<ApproverEntry>,
@@ -135,6 +143,8 @@ impl Default for ApprovalsConfig {
             admin_token_file: None,
             oidc: None,
             policy_store: Vec::new(),
+            policy_store_token: None,
+            policy_store_token_file: None,
             approvers: Vec::new(),
             slack: None,
             webhooks: BTreeMap::new(),
@@ -198,6 +208,20 @@ impl ApprovalsConfig {
                 }
             }
         }
+    }
+
+    /// The token to follow the policy store with, from `policy_store_token` or its file; an
+    /// error when `policy_store` is set without one.
+    pub fn policy_store_token(&self) -> Result<Option<String>, ApprovalError> {
+        let token = secret(
+            "policy_store_token",
+            self.policy_store_token.as_ref(),
+            self.policy_store_token_file.as_ref(),
+        )?;
+        if token.is_none() && !self.policy_store.is_empty() {
+            return Err(ApprovalError::MissingSecret("policy_store_token"));
+        }
+        Ok(token)
     }
 
     /// The admin token if one is configured; `Ok(None)` is allowed when OIDC is.
@@ -306,6 +330,19 @@ mod tests {
         }
         let ok = "[oidc]\nissuer = \"https://idp.example.com\"\nalgorithms = [\"ES256\"]\n";
         assert!(proto::config::load::<ApprovalsConfig>(Some(ok), vec![], "X_").is_ok());
+    }
+
+    #[test]
+    fn following_a_policy_store_needs_its_token() {
+        let cfg = ApprovalsConfig { policy_store: vec!["http://127.0.0.1:1".into()], ..Default::default() };
+        let e = cfg.policy_store_token().expect_err("no token");
+        assert!(e.to_string().contains("policy_store_token"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-token");
+        std::fs::write(&path, "rd\n").unwrap();
+        let cfg = ApprovalsConfig { policy_store_token_file: Some(path), ..cfg };
+        assert_eq!(cfg.policy_store_token().unwrap().as_deref(), Some("rd"));
+        assert_eq!(ApprovalsConfig::default().policy_store_token().unwrap(), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum ApprovalError {
     },
     #[error("approvals.{0}")]
     Oidc(String),
+    #[error("approvals: following the policy store: {0}")]
+    Follow(#[source] policy_store::ClientError),
     #[error("approvals: opening the hold store: {0}")]
     Store(#[from] StoreError),
     #[error("approvals: setting up the event bus: {0}")]

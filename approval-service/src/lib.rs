@@ -56,7 +56,8 @@ use crate::webhook::Webhooks;
 
 /// Run the approval service until `shutdown` completes: consume hold requests and decisions from
 /// `bus`, expire holds, post to Slack, and serve the REST API and Slack callbacks on `listener`.
-/// Rule settings come from the policy stores in `cfg.policy_store`, if any.
+/// Rule settings come from the policy stores in `cfg.policy_store`, if any, read with
+/// `cfg.policy_store_token` (required with them).
 ///
 /// On shutdown, undecided holds are left unacked, so another replica (or this one, restarted)
 /// gets them redelivered.
@@ -66,10 +67,13 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApprovalError> {
-    let policy = if cfg.policy_store.is_empty() {
-        None
-    } else {
-        Some(policy_store::client::follow(cfg.policy_store.clone()).policy)
+    let policy = match cfg.policy_store_token()? {
+        Some(token) if !cfg.policy_store.is_empty() => Some(
+            policy_store::client::follow(cfg.policy_store.clone(), &token)
+                .map_err(ApprovalError::Follow)?
+                .policy,
+        ),
+        _ => None,
     };
     run_with_policy(cfg, bus, policy, listener, shutdown).await
 }

@@ -5,7 +5,10 @@
 //! changes applied one after another, each timed from the start of `Apply` until every follower
 //! enforces it (p50, p99, max); then apply throughput with 16 concurrent writers.
 //!
-//!   propagation_bench PROXIES CHANGES ENDPOINT...
+//!   STORE_ADMIN_TOKEN=... [STORE_READ_TOKEN=...] propagation_bench PROXIES CHANGES ENDPOINT...
+//!
+//! Changes are applied with the admin token; followers use the read token (default: the admin
+//! token).
 
 use std::time::{Duration, Instant};
 
@@ -28,13 +31,15 @@ async fn main() -> anyhow::Result<()> {
     let changes: usize = args.next().context("CHANGES")?.parse()?;
     let endpoints: Vec<String> = args.collect();
     ensure!(!endpoints.is_empty(), "usage: propagation_bench PROXIES CHANGES ENDPOINT...");
+    let admin = std::env::var("STORE_ADMIN_TOKEN").context("STORE_ADMIN_TOKEN: the store's admin token")?;
+    let read = std::env::var("STORE_READ_TOKEN").unwrap_or_else(|_| admin.clone());
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
 
     // The nodes may still be starting and electing a leader.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut client, first) = loop {
         let attempt = async {
-            let mut c = PolicyClient::connect(&endpoints[0]).await?;
+            let mut c = PolicyClient::connect(&endpoints[0], &admin).await?;
             let v = c.apply(&doc(run, 0), "bench").await?.version;
             anyhow::Ok((c, v))
         };
@@ -51,9 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|i| {
             let mut e = endpoints.clone();
             e.rotate_left(i % endpoints.len());
-            follow(e)
+            follow(e, &read)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     for f in &mut followers {
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -88,8 +93,9 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for w in 0..writers {
         let endpoint = endpoints[w % endpoints.len()].clone();
+        let admin = admin.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = PolicyClient::connect(&endpoint).await?;
+            let mut c = PolicyClient::connect(&endpoint, &admin).await?;
             for n in 0..per_writer {
                 c.apply(&doc(run, 100_000 + w * 10_000 + n), "bench").await?;
             }

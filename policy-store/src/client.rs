@@ -6,6 +6,7 @@ mod follow;
 
 use proto::pb::policy_store_client::PolicyStoreClient;
 use proto::pb::{ApplyRequest, ApplyResponse, GetRequest, HistoryRequest, PolicyVersion, WatchRequest};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 pub use admin::AdminClient;
@@ -17,10 +18,40 @@ pub use crate::error::ClientError;
 /// How long connecting to a store may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A gRPC client of one policy-store node.
-#[derive(Debug, Clone)]
+/// The most a client decodes in one answer: a `History` of many versions can be larger than
+/// one version ([`crate::MAX_VERSION_BYTES`]).
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+/// A gRPC client of one policy-store node. Every request carries the token it was made with
+/// (`authorization: Bearer <token>`): reads need the read token or the admin token, `apply`
+/// and `rollback` the admin token.
+#[derive(Clone)]
 pub struct PolicyClient {
     inner: PolicyStoreClient<Channel>,
+    authorization: Bearer,
+}
+
+impl std::fmt::Debug for PolicyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyClient").finish_non_exhaustive()
+    }
+}
+
+/// A token as the value of an `authorization` header.
+pub(crate) type Bearer = MetadataValue<Ascii>;
+
+/// `Bearer <token>`; an error when the token cannot be a header value.
+pub(crate) fn bearer(token: &str) -> Result<Bearer, ClientError> {
+    let mut value: Bearer = format!("Bearer {token}").parse().map_err(|_| ClientError::InvalidToken)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// `message` with the token.
+pub(crate) fn authorized<T>(message: T, authorization: &Bearer) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", authorization.clone());
+    request
 }
 
 pub(crate) fn endpoint(endpoint: &str) -> Result<Endpoint, ClientError> {
@@ -30,41 +61,52 @@ pub(crate) fn endpoint(endpoint: &str) -> Result<Endpoint, ClientError> {
 }
 
 impl PolicyClient {
-    /// Connect to a node, e.g. `"http://127.0.0.1:17070"`.
-    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
+    /// Connect to a node, e.g. `"http://127.0.0.1:17070"`, with a token: the admin token to
+    /// apply, the read token (or the admin token) to read.
+    pub async fn connect(endpoint: &str, token: &str) -> Result<Self, ClientError> {
+        let authorization = bearer(token)?;
         let channel = self::endpoint(endpoint)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
-        Ok(Self { inner: PolicyStoreClient::new(channel) })
+        let inner = PolicyStoreClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
+        Ok(Self { inner, authorization })
     }
 
-    /// Validate and store a YAML document. An invalid one fails with INVALID_ARGUMENT, whose
-    /// message lists each error as "line N: path: message".
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        authorized(message, &self.authorization)
+    }
+
+    /// Validate and store a YAML document (admin token). An invalid one fails with
+    /// INVALID_ARGUMENT, whose message lists each error as "line N: path: message". The version
+    /// records `author` as the caller's claim after the role that applied it
+    /// (`admin-token:<author>`).
     pub async fn apply(&mut self, yaml: &str, author: &str) -> Result<ApplyResponse, ClientError> {
-        let request = ApplyRequest { document_yaml: yaml.to_string(), author: author.to_string() };
+        let request =
+            self.request(ApplyRequest { document_yaml: yaml.to_string(), author: author.to_string() });
         Ok(self.inner.apply(request).await?.into_inner())
     }
 
     /// One version with its document (0 = the latest). NOT_FOUND when there is no such version.
     pub async fn get(&mut self, version: u64) -> Result<PolicyVersion, ClientError> {
-        Ok(self.inner.get(GetRequest { version }).await?.into_inner())
+        Ok(self.inner.get(self.request(GetRequest { version })).await?.into_inner())
     }
 
     /// Like [`PolicyClient::get`], but linearizable: it reflects every write committed before
     /// the call, even when this node is a lagging follower (the read goes to the leader).
     pub async fn get_linearizable(&mut self, version: u64) -> Result<PolicyVersion, ClientError> {
-        Ok(self.inner.get(linearizable(GetRequest { version })).await?.into_inner())
+        Ok(self.inner.get(linearizable(self.request(GetRequest { version }))).await?.into_inner())
     }
 
     /// Every version, oldest first, without document bodies (`document_yaml` is empty).
     pub async fn history(&mut self) -> Result<Vec<PolicyVersion>, ClientError> {
-        Ok(self.inner.history(HistoryRequest {}).await?.into_inner().versions)
+        Ok(self.inner.history(self.request(HistoryRequest {})).await?.into_inner().versions)
     }
 
     /// Like [`PolicyClient::history`], but linearizable.
     pub async fn history_linearizable(&mut self) -> Result<Vec<PolicyVersion>, ClientError> {
-        Ok(self.inner.history(linearizable(HistoryRequest {})).await?.into_inner().versions)
+        let request = linearizable(self.request(HistoryRequest {}));
+        Ok(self.inner.history(request).await?.into_inner().versions)
     }
 
     /// Apply version `version`'s document again, as a new version by `author`. The history keeps
@@ -79,12 +121,11 @@ impl PolicyClient {
 
     /// The versions after `from_version`, then each new one as it is committed.
     pub async fn watch(&mut self, from_version: u64) -> Result<tonic::Streaming<PolicyVersion>, ClientError> {
-        Ok(self.inner.watch(WatchRequest { from_version }).await?.into_inner())
+        Ok(self.inner.watch(self.request(WatchRequest { from_version })).await?.into_inner())
     }
 }
 
-fn linearizable<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
+fn linearizable<T>(mut request: tonic::Request<T>) -> tonic::Request<T> {
     request
         .metadata_mut()
         .insert(CONSISTENCY_HEADER, tonic::metadata::MetadataValue::from_static(LINEARIZABLE));

@@ -1,5 +1,6 @@
 //! What every node needs to act as part of a cluster: who the leader is, channels to other nodes
-//! for forwarding, and the bearer-token check of the admin API and raft RPCs.
+//! for forwarding, and the bearer-token checks (`Auth`, and the `Guard` interceptor) in front of
+//! every service.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -80,45 +81,88 @@ impl Channels {
     }
 }
 
-/// Checks `authorization: Bearer <token>` in constant time.
-#[derive(Debug, Clone, Default)]
+/// Who a caller is, by the bearer token it presented. Put in a request's extensions by [`Guard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The admin token: writes, the admin API, raft RPCs, and reads.
+    Admin,
+    /// The read token: `Get`, `History`, `Watch` only.
+    Reader,
+}
+
+impl Role {
+    /// How a version's author records the role that applied it.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Role::Admin => "admin-token",
+            Role::Reader => "read-token",
+        }
+    }
+}
+
+/// The node's tokens; checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
 pub(crate) struct Auth {
-    token: Option<Arc<str>>,
+    admin: Arc<str>,
+    read: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("read_token", &self.read.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl Auth {
-    pub(crate) fn new(token: Option<Arc<str>>) -> Self {
-        Self { token }
+    pub(crate) fn new(admin: Arc<str>, read: Option<Arc<str>>) -> Self {
+        Self { admin, read }
     }
 
-    /// Admin calls need the token; with none configured, the admin API is off.
-    pub(crate) fn admin(&self, metadata: &MetadataMap) -> Result<(), StoreError> {
-        match &self.token {
-            None => Err(StoreError::AdminDisabled),
-            Some(token) => check(token, metadata),
+    /// The caller's role; `Unauthenticated` without a token or with a wrong one.
+    pub(crate) fn role(&self, metadata: &MetadataMap) -> Result<Role, StoreError> {
+        let presented = bearer(metadata).ok_or(StoreError::Unauthenticated)?;
+        if matches(&self.admin, presented) {
+            return Ok(Role::Admin);
+        }
+        match &self.read {
+            Some(read) if matches(read, presented) => Ok(Role::Reader),
+            _ => Err(StoreError::Unauthenticated),
         }
     }
 
-    /// Raft RPCs need the token when one is configured.
-    pub(crate) fn peer(&self, metadata: &MetadataMap) -> Result<(), StoreError> {
-        match &self.token {
-            None => Ok(()),
-            Some(token) => check(token, metadata),
-        }
+    /// An interceptor that lets through callers with at least `need`, before the body is read.
+    pub(crate) fn guard(&self, need: Role) -> Guard {
+        Guard { auth: self.clone(), need }
     }
 }
 
-fn check(token: &str, metadata: &MetadataMap) -> Result<(), StoreError> {
-    let presented = metadata
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(StoreError::Unauthenticated)?;
-    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
-        Ok(())
-    } else {
-        Err(StoreError::Unauthenticated)
+/// A tonic interceptor: checks the bearer token before the request body is decoded, refuses
+/// callers without the role a service needs, and records the caller's [`Role`] in the request's
+/// extensions.
+#[derive(Clone)]
+pub(crate) struct Guard {
+    auth: Auth,
+    need: Role,
+}
+
+impl tonic::service::Interceptor for Guard {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let role = self.auth.role(request.metadata())?;
+        if self.need == Role::Admin && role != Role::Admin {
+            return Err(StoreError::AdminOnly.into());
+        }
+        request.extensions_mut().insert(role);
+        Ok(request)
     }
+}
+
+fn bearer(metadata: &MetadataMap) -> Option<&str> {
+    metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether `presented` is `token`, compared in constant time (for equal lengths).
+fn matches(token: &str, presented: &str) -> bool {
+    bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
 }
 
 #[cfg(test)]
@@ -131,21 +175,40 @@ mod tests {
         m
     }
 
-    #[test]
-    fn admin_api_needs_the_configured_token() {
-        let auth = Auth::new(Some("s3cret".into()));
-        assert!(auth.admin(&with("Bearer s3cret")).is_ok());
-        assert!(matches!(auth.admin(&with("Bearer s3cre")), Err(StoreError::Unauthenticated)));
-        assert!(matches!(auth.admin(&with("s3cret")), Err(StoreError::Unauthenticated)));
-        assert!(matches!(auth.admin(&MetadataMap::new()), Err(StoreError::Unauthenticated)));
+    fn auth() -> Auth {
+        Auth::new("s3cret".into(), Some("r34d".into()))
     }
 
     #[test]
-    fn without_a_token_admin_is_off_and_raft_is_open() {
-        let auth = Auth::new(None);
-        assert!(matches!(auth.admin(&with("Bearer x")), Err(StoreError::AdminDisabled)));
-        assert!(auth.peer(&MetadataMap::new()).is_ok());
-        let auth = Auth::new(Some("t".into()));
-        assert!(auth.peer(&MetadataMap::new()).is_err());
+    fn tokens_give_their_roles_and_anything_else_is_unauthenticated() {
+        let auth = auth();
+        assert_eq!(auth.role(&with("Bearer s3cret")).ok(), Some(Role::Admin));
+        assert_eq!(auth.role(&with("Bearer r34d")).ok(), Some(Role::Reader));
+        for wrong in ["Bearer s3cre", "s3cret", "Bearer ", "bearer s3cret", "Bearer s3cret "] {
+            assert!(matches!(auth.role(&with(wrong)), Err(StoreError::Unauthenticated)), "{wrong}");
+        }
+        assert!(matches!(auth.role(&MetadataMap::new()), Err(StoreError::Unauthenticated)));
+        let admin_only = Auth::new("s3cret".into(), None);
+        assert!(matches!(admin_only.role(&with("Bearer r34d")), Err(StoreError::Unauthenticated)));
+    }
+
+    #[test]
+    fn guards_refuse_before_the_handler_and_record_the_role() {
+        use tonic::service::Interceptor;
+        let request = |value: &str| {
+            let mut r = tonic::Request::new(());
+            *r.metadata_mut() = with(value);
+            r
+        };
+        let mut admin = auth().guard(Role::Admin);
+        let mut reader = auth().guard(Role::Reader);
+        let code = |r: Result<tonic::Request<()>, tonic::Status>| r.err().map(|s| s.code());
+        assert_eq!(code(admin.call(request("Bearer r34d"))), Some(tonic::Code::PermissionDenied));
+        assert_eq!(code(admin.call(request("Bearer x"))), Some(tonic::Code::Unauthenticated));
+        assert_eq!(code(reader.call(tonic::Request::new(()))), Some(tonic::Code::Unauthenticated));
+        let passed = reader.call(request("Bearer r34d")).expect("reader");
+        assert_eq!(passed.extensions().get::<Role>(), Some(&Role::Reader));
+        let passed = reader.call(request("Bearer s3cret")).expect("admin reads too");
+        assert_eq!(passed.extensions().get::<Role>(), Some(&Role::Admin));
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Deserializer};
 
 use crate::NodeId;
+use crate::error::StoreError;
 
 /// Config for one node.
 ///
@@ -19,7 +20,12 @@ use crate::NodeId;
 /// listen = "10.0.0.1:17070"
 /// peers = { 2 = "10.0.0.2:17070", 3 = "10.0.0.3:17070" }
 /// admin_token_file = "/etc/airlock/admin-token"
+/// read_token_file = "/etc/airlock/policy-read-token"
 /// ```
+///
+/// Every call needs a bearer token: writes and the admin API the admin token, reads the read
+/// token or the admin token, raft RPCs the admin token. A node without an admin token does not
+/// start.
 ///
 /// A node that joins an existing cluster later sets `join = true` and is added with
 /// `airlock policy-store add-learner`, then `promote`.
@@ -47,13 +53,22 @@ pub struct PolicyStoreConfig {
     /// Start without initializing a cluster and wait to be added by `add-learner`. Default false.
     #[serde(default)]
     pub join: bool,
-    /// Bearer token for the admin API and for raft RPCs between nodes (every node of a cluster
-    /// needs the same one). Default: none (the admin API refuses every call; raft RPCs are open).
+    /// Bearer token for policy writes (`Apply`), the admin API and raft RPCs between nodes; it
+    /// also reads. Every node of a cluster needs the same one. Required: a node without it
+    /// refuses to start.
     #[serde(default)]
     pub admin_token: Option<String>,
     /// A file holding the admin token (trimmed); used when `admin_token` is not set. Default: none.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// Bearer token for reads only (`Get`, `History`, `Watch`): what proxies and the approval
+    /// service follow the store with. Every node of a cluster needs the same one. Default: none
+    /// (reads need the admin token).
+    #[serde(default)]
+    pub read_token: Option<String>,
+    /// A file holding the read token (trimmed); used when `read_token` is not set. Default: none.
+    #[serde(default)]
+    pub read_token_file: Option<PathBuf>,
     /// Build a snapshot (and compact the log) after this many log entries. Default 1000.
     #[serde(default = "default_snapshot_logs")]
     pub snapshot_logs: u64,
@@ -95,6 +110,8 @@ impl Default for PolicyStoreConfig {
             join: false,
             admin_token: None,
             admin_token_file: None,
+            read_token: None,
+            read_token_file: None,
             snapshot_logs: default_snapshot_logs(),
         }
     }
@@ -108,14 +125,74 @@ impl PolicyStoreConfig {
 
     /// The admin token, from `admin_token` or `admin_token_file`; `None` when neither is set.
     pub fn token(&self) -> std::io::Result<Option<String>> {
-        if let Some(t) = &self.admin_token {
-            return Ok(Some(t.clone()));
-        }
-        match &self.admin_token_file {
-            Some(path) => Ok(Some(std::fs::read_to_string(path)?.trim().to_string())),
-            None => Ok(None),
+        read(self.admin_token.as_ref(), self.admin_token_file.as_ref())
+    }
+
+    /// The read token, from `read_token` or `read_token_file`; `None` when neither is set.
+    pub fn read_token(&self) -> std::io::Result<Option<String>> {
+        read(self.read_token.as_ref(), self.read_token_file.as_ref())
+    }
+
+    /// The token a reader of this node uses (the event publisher beside it): the read token,
+    /// else the admin token; `None` when neither is set.
+    pub fn reader_token(&self) -> std::io::Result<Option<String>> {
+        match self.read_token()? {
+            Some(t) => Ok(Some(t)),
+            None => self.token(),
         }
     }
+
+    /// The tokens a node serves with, checked: the admin token (required) and the read token.
+    pub(crate) fn tokens(&self) -> Result<(String, Option<String>), StoreError> {
+        let admin = self
+            .token()
+            .map_err(|source| StoreError::TokenFile {
+                setting: "admin_token_file",
+                path: self.admin_token_file.clone().unwrap_or_default(),
+                source,
+            })?
+            .ok_or(StoreError::NoAdminToken)?;
+        check_token("admin_token", &admin)?;
+        let read = self.read_token().map_err(|source| StoreError::TokenFile {
+            setting: "read_token_file",
+            path: self.read_token_file.clone().unwrap_or_default(),
+            source,
+        })?;
+        if let Some(read) = &read {
+            check_token("read_token", read)?;
+            if read == &admin {
+                return Err(StoreError::BadToken {
+                    setting: "read_token",
+                    problem: "must differ from the admin token",
+                });
+            }
+        }
+        Ok((admin, read))
+    }
+}
+
+fn read(value: Option<&String>, file: Option<&PathBuf>) -> std::io::Result<Option<String>> {
+    if let Some(t) = value {
+        return Ok(Some(t.clone()));
+    }
+    match file {
+        Some(path) => Ok(Some(std::fs::read_to_string(path)?.trim().to_string())),
+        None => Ok(None),
+    }
+}
+
+/// A token must be non-empty and fit in an `authorization` header.
+fn check_token(setting: &'static str, token: &str) -> Result<(), StoreError> {
+    if token.is_empty() {
+        return Err(StoreError::BadToken { setting, problem: "must not be empty" });
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(StoreError::BadToken {
+            setting,
+            problem: "must be printable ASCII without spaces (it is sent as a bearer token)",
+        });
+    }
+    Ok(())
 }
 
 impl proto::config::Validate for PolicyStoreConfig {
@@ -137,6 +214,9 @@ impl proto::config::Validate for PolicyStoreConfig {
         }
         if self.admin_token.as_deref().is_some_and(str::is_empty) {
             return Err("admin_token: must not be empty".into());
+        }
+        if self.read_token.as_deref().is_some_and(str::is_empty) {
+            return Err("read_token: must not be empty".into());
         }
         Ok(())
     }
@@ -169,6 +249,37 @@ mod tests {
         assert!(load("peers = { x = \"127.0.0.1:2\" }").is_err());
         let own = load("node_id = 2\npeers = { 2 = \"127.0.0.1:2\" }").expect_err("self as peer");
         assert!(own.to_string().contains("peers"), "{own}");
+    }
+
+    #[test]
+    fn tokens_are_required_checked_and_read_from_files() {
+        let none = PolicyStoreConfig::default().tokens().expect_err("no admin token");
+        assert!(matches!(none, StoreError::NoAdminToken));
+        assert!(none.to_string().contains("policy_store.admin_token"), "{none}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = dir.path().join("admin");
+        let read = dir.path().join("read");
+        std::fs::write(&admin, "adm\n").expect("write");
+        std::fs::write(&read, " rd \n").expect("write");
+        let cfg = PolicyStoreConfig {
+            admin_token_file: Some(admin),
+            read_token_file: Some(read),
+            ..PolicyStoreConfig::default()
+        };
+        assert_eq!(cfg.tokens().expect("tokens"), ("adm".to_string(), Some("rd".to_string())));
+        assert_eq!(cfg.reader_token().expect("read").as_deref(), Some("rd"));
+
+        let same = PolicyStoreConfig {
+            admin_token: Some("t".into()),
+            read_token: Some("t".into()),
+            ..PolicyStoreConfig::default()
+        };
+        assert!(same.tokens().expect_err("same tokens").to_string().contains("read_token"));
+        let spaced = PolicyStoreConfig { admin_token: Some("a b".into()), ..PolicyStoreConfig::default() };
+        assert!(spaced.tokens().expect_err("space").to_string().contains("admin_token"));
+        let only_admin = PolicyStoreConfig { admin_token: Some("a".into()), ..PolicyStoreConfig::default() };
+        assert_eq!(only_admin.reader_token().expect("read").as_deref(), Some("a"));
     }
 
     #[test]

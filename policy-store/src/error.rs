@@ -92,16 +92,38 @@ pub enum StoreError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("missing or wrong admin token")]
+    /// No token, or one that matches neither the admin token nor the read token.
+    #[error("missing or wrong bearer token (authorization: Bearer <token>)")]
     Unauthenticated,
-    #[error("the admin API is off: set policy_store.admin_token or admin_token_file")]
-    AdminDisabled,
-    #[error("reading the admin token file {path}")]
+    /// The read token was presented for something only the admin token may do.
+    #[error("this call needs the admin token; the read token only reads")]
+    AdminOnly,
+    #[error(
+        "policy_store.admin_token or policy_store.admin_token_file must be set: the policy store \
+         refuses to start without an admin token (it guards policy writes, the admin API and raft RPCs)"
+    )]
+    NoAdminToken,
+    #[error("policy_store.{setting}: {problem}")]
+    BadToken { setting: &'static str, problem: &'static str },
+    #[error("reading policy_store.{setting} {path}")]
     TokenFile {
+        setting: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the policy document is {bytes} bytes; the policy store accepts at most {limit} bytes \
+         (policy_store::MAX_DOCUMENT_BYTES)"
+    )]
+    DocumentTooLarge { bytes: usize, limit: usize },
+    #[error(
+        "the stored version would be {bytes} bytes; followers accept at most {limit} bytes \
+         (policy_store::MAX_VERSION_BYTES)"
+    )]
+    VersionTooLarge { bytes: usize, limit: usize },
+    #[error("author: {0}")]
+    InvalidAuthor(&'static str),
     #[error("raft RPC payload is not valid")]
     Payload(#[source] serde_json::Error),
     #[error("node {0} is not a member of the cluster")]
@@ -134,7 +156,10 @@ impl From<StoreError> for tonic::Status {
             },
             StoreError::CheckLeader(_) | StoreError::NoLeader => tonic::Status::unavailable(error_chain(&e)),
             StoreError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
-            StoreError::AdminDisabled => tonic::Status::permission_denied(e.to_string()),
+            StoreError::AdminOnly => tonic::Status::permission_denied(e.to_string()),
+            StoreError::DocumentTooLarge { .. }
+            | StoreError::VersionTooLarge { .. }
+            | StoreError::InvalidAuthor(_) => tonic::Status::invalid_argument(e.to_string()),
             StoreError::Payload(_) => tonic::Status::invalid_argument(error_chain(&e)),
             StoreError::NotAMember(_) => tonic::Status::not_found(e.to_string()),
             StoreError::RaftFatal(_) => tonic::Status::unavailable(error_chain(&e)),
@@ -170,7 +195,7 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("the admin token is not a valid header value")]
+    #[error("the token is not a valid header value (printable ASCII without spaces)")]
     InvalidToken,
     /// The server's answer; displays the server's message verbatim.
     #[error("{}", .0.message())]

@@ -10,14 +10,21 @@
 //! ([`network`] out, `grpc::raft` in), followers forward writes to the leader, reads can be
 //! linearizable, and the admin API changes the membership (see [`cluster`]).
 //!
+//! # Authentication
+//! Every call carries `authorization: Bearer <token>`, checked in constant time by an interceptor
+//! before the request body is decoded. `Apply`, the admin API and raft RPCs need the admin token;
+//! `Get`, `History` and `Watch` the read token or the admin token. A node without an admin token
+//! refuses to start. A version's `author` is `admin-token:<claim>`: the role that applied it,
+//! then the caller's own, unverified `author` text.
+//!
 //! # Layout
-//! - [`config`]: [`PolicyStoreConfig`], one node's config (peers, admin token, snapshots).
+//! - [`config`]: [`PolicyStoreConfig`], one node's config (peers, tokens, snapshots).
 //! - [`store`]: durable raft storage in redb: the log store and the state machine (the versions).
 //! - [`command`]: what is proposed to raft ([`Command`]) and what applying it yields ([`ApplyOutcome`]).
 //! - [`version`]: one stored policy version and its digest.
 //! - [`publish`]: every committed version as a `PolicyApplied` event on the bus.
 //! - [`network`]: the raft network: openraft RPCs to peers over tonic.
-//! - [`cluster`]: leader lookup, channels for forwarding, the admin-token check, routing headers.
+//! - [`cluster`]: leader lookup, channels for forwarding, the token checks, routing headers.
 //! - `grpc`: the tonic services: `PolicyStore` (Apply, Get, History, Watch), `Raft`, `PolicyStoreAdmin`.
 //! - [`client`]: [`client::PolicyClient`] for policy commands, [`client::AdminClient`] for the
 //!   cluster, [`client::follow`] for proxies, [`client::diff`] between versions.
@@ -48,6 +55,17 @@ use tracing::{info, warn};
 pub use command::{ApplyOutcome, Command};
 pub use config::PolicyStoreConfig;
 pub use error::{ClientError, DbError, StoreError};
+
+/// The largest policy document (its YAML, in bytes) `Apply` accepts.
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+/// The longest `author` text (bytes) `Apply` accepts; it is recorded as the applier's claim.
+pub const MAX_AUTHOR_BYTES: usize = 256;
+/// The largest stored version, encoded as a `PolicyVersion` message: the largest document plus
+/// room for the author, digest and numbers. `Apply` refuses a version that would be larger, the
+/// server accepts requests up to this size, and clients ([`client::PolicyClient`],
+/// [`client::follow`]) accept messages this large (tonic's default limit is 4 MiB, which a
+/// document near [`MAX_DOCUMENT_BYTES`] exceeds once stored).
+pub const MAX_VERSION_BYTES: usize = MAX_DOCUMENT_BYTES + 64 * 1024;
 
 /// A raft node id.
 pub type NodeId = u64;
@@ -90,13 +108,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StoreError> {
     let addr = listener.local_addr().map_err(StoreError::Listener)?;
-    let token: Option<Arc<str>> = cfg
-        .token()
-        .map_err(|source| StoreError::TokenFile {
-            path: cfg.admin_token_file.clone().unwrap_or_default(),
-            source,
-        })?
-        .map(Arc::from);
+    // Fail closed: no admin token, no node (before the storage is opened).
+    let (admin, read) = cfg.tokens()?;
+    let auth = cluster::Auth::new(Arc::from(admin.as_str()), read.as_deref().map(Arc::from));
+    let token: Arc<str> = Arc::from(admin);
     let (log_store, state_machine) = store::open(&cfg.data_dir)?;
     let storage = log_store.database();
     let versions = state_machine.subscribe();
@@ -117,7 +132,7 @@ pub async fn run(
         .await
         .map_err(|e| StoreError::RaftFatal(Box::new(e)))?;
 
-    let served = serve(&cfg, addr, token, raft.clone(), versions, listener, shutdown).await;
+    let served = serve(&cfg, addr, auth, raft.clone(), versions, listener, shutdown).await;
 
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft did not shut down cleanly");
@@ -161,7 +176,7 @@ async fn initialize(
 async fn serve(
     cfg: &PolicyStoreConfig,
     addr: SocketAddr,
-    token: Option<Arc<str>>,
+    auth: cluster::Auth,
     raft: Raft,
     versions: tokio::sync::watch::Receiver<store::Versions>,
     listener: TcpListener,
@@ -191,22 +206,34 @@ async fn serve(
     info!(listen = %addr, node.id = cfg.node_id, policy.version = latest, "policy store serving");
 
     let cancel = CancellationToken::new();
-    let auth = cluster::Auth::new(token);
     let channels = Arc::new(cluster::Channels::new(cfg.peers.clone()));
     let service =
         grpc::PolicyStoreService::new(raft.clone(), versions.clone(), cancel.clone(), channels.clone());
-    let admin = grpc::AdminService::new(cfg.node_id, raft.clone(), versions, auth.clone(), channels);
-    let raft_rpc = grpc::RaftService::new(raft, auth);
+    let admin = grpc::AdminService::new(cfg.node_id, raft.clone(), versions, channels);
+    let raft_rpc = grpc::RaftService::new(raft);
+    // Every service checks the bearer token in an interceptor, before the body is decoded:
+    // reads need the read or the admin token (`Apply` then checks for the admin role), the admin
+    // API and raft RPCs the admin token.
+    use cluster::Role::{Admin, Reader};
+    use tonic::service::interceptor::InterceptedService;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
-        .add_service(proto::pb::policy_store_server::PolicyStoreServer::new(service))
-        .add_service(proto::pb::policy_store_admin_server::PolicyStoreAdminServer::new(admin))
-        .add_service(
+        .add_service(InterceptedService::new(
+            proto::pb::policy_store_server::PolicyStoreServer::new(service)
+                .max_decoding_message_size(MAX_VERSION_BYTES),
+            auth.guard(Reader),
+        ))
+        .add_service(InterceptedService::new(
+            proto::pb::policy_store_admin_server::PolicyStoreAdminServer::new(admin),
+            auth.guard(Admin),
+        ))
+        .add_service(InterceptedService::new(
             proto::pb::raft_server::RaftServer::new(raft_rpc)
                 .max_decoding_message_size(network::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(network::MAX_MESSAGE_BYTES),
-        )
+            auth.guard(Admin),
+        ))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             shutdown.await;
             // Ends open Watch streams, so the graceful shutdown does not wait for them forever.

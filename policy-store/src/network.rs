@@ -29,18 +29,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Raft messages (entries carry whole documents; snapshots come in chunks).
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Creates a [`Peer`] per target node. Carries the admin token, sent on every RPC, and the
-/// configured peer addresses, which win over the addresses in the membership.
-#[derive(Debug, Clone, Default)]
+/// Creates a [`Peer`] per target node. Carries the admin token, sent on every RPC (peers refuse
+/// raft RPCs without it), and the configured peer addresses, which win over the addresses in the
+/// membership.
+#[derive(Clone)]
 pub struct Network {
-    token: Option<Arc<str>>,
+    token: Arc<str>,
     overrides: Arc<BTreeMap<NodeId, String>>,
 }
 
 impl Network {
-    /// A network whose RPCs carry `token` as a bearer token (when set) and reach the nodes in
-    /// `overrides` at those addresses.
-    pub fn new(token: Option<Arc<str>>, overrides: BTreeMap<NodeId, String>) -> Self {
+    /// A network whose RPCs carry `token` as a bearer token and reach the nodes in `overrides`
+    /// at those addresses.
+    pub fn new(token: Arc<str>, overrides: BTreeMap<NodeId, String>) -> Self {
         Self { token, overrides: Arc::new(overrides) }
     }
 }
@@ -62,13 +63,25 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("overrides", &self.overrides).finish_non_exhaustive()
+    }
+}
+
 /// A connection to one peer (connected lazily, reconnected by tonic when it drops).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Peer {
     target: NodeId,
     addr: String,
     client: Result<RaftClient<Channel>, String>,
-    token: Option<Arc<str>>,
+    token: Arc<str>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("target", &self.target).field("addr", &self.addr).finish_non_exhaustive()
+    }
 }
 
 /// Why a peer's address cannot be used.
@@ -121,12 +134,10 @@ impl Peer {
         })?;
         let mut request = tonic::Request::new(RaftPayload { payload });
         request.set_timeout(option.hard_ttl());
-        if let Some(token) = &self.token {
-            let value = format!("Bearer {token}").parse().map_err(
-                |e: tonic::metadata::errors::InvalidMetadataValue| RPCError::Network(NetworkError::new(&e)),
-            )?;
-            request.metadata_mut().insert("authorization", value);
-        }
+        let value = format!("Bearer {}", self.token).parse().map_err(
+            |e: tonic::metadata::errors::InvalidMetadataValue| RPCError::Network(NetworkError::new(&e)),
+        )?;
+        request.metadata_mut().insert("authorization", value);
         let mut client = client;
         let answer = match rpc {
             Rpc::Append => client.append_entries(request).await,

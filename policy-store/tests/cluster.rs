@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 const TOKEN: &str = "test-admin-token";
+const READ: &str = "test-read-token";
 
 struct Node {
     id: u64,
@@ -40,6 +41,7 @@ async fn start_cluster(dirs: &[tempfile::TempDir]) -> anyhow::Result<Vec<Node>> 
             node_id: id,
             peers,
             admin_token: Some(TOKEN.into()),
+            read_token: Some(READ.into()),
             ..PolicyStoreConfig::default()
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -94,16 +96,23 @@ async fn three_nodes_replicate_writes_sent_to_any_node_and_survive_losing_the_le
     let follower = nodes.iter().find(|n| n.id != leader).context("a follower")?;
 
     // A write sent to a follower is forwarded to the leader.
-    let mut client = PolicyClient::connect(&follower.endpoint).await?;
+    let mut client = PolicyClient::connect(&follower.endpoint, TOKEN).await?;
     let applied =
         while_unavailable(&mut client, async |c| c.apply("defaults: { no_match: deny }\n", "alice").await)
             .await?;
     assert_eq!((applied.version, applied.changed), (1, true));
-    // A linearizable read on any node sees it at once.
+    // A linearizable read on any node sees it at once, with the read token (forwarded to the
+    // leader with the caller's token).
     for n in &nodes {
-        let mut c = PolicyClient::connect(&n.endpoint).await?;
+        let mut c = PolicyClient::connect(&n.endpoint, READ).await?;
         let v = while_unavailable(&mut c, async |c| c.get_linearizable(0).await).await?;
-        assert_eq!((v.version, v.author.as_str()), (1, "alice"));
+        assert_eq!((v.version, v.author.as_str()), (1, "admin-token:alice"));
+    }
+    // The read token does not write, on the leader or through a follower.
+    for n in &nodes {
+        let mut c = PolicyClient::connect(&n.endpoint, READ).await?;
+        let refused = c.apply("defaults: { no_match: allow }\n", "mallory").await.expect_err("reader wrote");
+        assert_eq!(refused.code(), Some(tonic::Code::PermissionDenied), "{refused}");
     }
 
     // The admin API refuses a wrong token.
@@ -117,13 +126,16 @@ async fn three_nodes_replicate_writes_sent_to_any_node_and_survive_losing_the_le
     tokio::time::timeout(Duration::from_secs(10), old.task).await.context("leader did not stop")???;
     let new_leader = leader_of(&nodes, Some(leader)).await?;
     assert_ne!(new_leader, leader);
-    let mut client = PolicyClient::connect(&nodes[0].endpoint).await?;
+    let mut client = PolicyClient::connect(&nodes[0].endpoint, TOKEN).await?;
     let second =
         while_unavailable(&mut client, async |c| c.apply("defaults: { no_match: allow }\n", "bob").await)
             .await?;
     assert_eq!((second.version, second.changed), (2, true));
     let history = while_unavailable(&mut client, async |c| c.history_linearizable().await).await?;
-    assert_eq!(history.iter().map(|v| v.author.as_str()).collect::<Vec<_>>(), vec!["alice", "bob"]);
+    assert_eq!(
+        history.iter().map(|v| v.author.as_str()).collect::<Vec<_>>(),
+        vec!["admin-token:alice", "admin-token:bob"]
+    );
 
     for n in nodes {
         let _ = n.stop.send(());

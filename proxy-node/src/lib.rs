@@ -63,6 +63,13 @@ pub struct ProxyConfig {
     /// Policy store gRPC endpoints to follow. Default `["http://127.0.0.1:17070"]`.
     #[serde(default = "default_policy_store")]
     pub policy_store: Vec<String>,
+    /// The bearer token to follow the policy store with: its read token (or its admin token).
+    /// `airlock proxy` needs it (or the `_file` variant); `airlock up` sets its own. Default none.
+    #[serde(default)]
+    pub policy_store_token: Option<String>,
+    /// A file holding `policy_store_token` (trimmed). Default none.
+    #[serde(default)]
+    pub policy_store_token_file: Option<String>,
     /// This node's name in events. Default `proxy-<pid>`.
     #[serde(default)]
     pub node_name: Option<String>,
@@ -165,6 +172,8 @@ impl Default for ProxyConfig {
         Self {
             listen: default_listen(),
             policy_store: default_policy_store(),
+            policy_store_token: None,
+            policy_store_token_file: None,
             node_name: None,
             oidc: None,
             max_message_bytes: default_max_message(),
@@ -185,6 +194,30 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// The token to follow the policy store with: [`ProxyConfig::policy_store_token`] or the
+    /// contents of [`ProxyConfig::policy_store_token_file`] (trimmed); exactly one must be set.
+    pub fn policy_store_token(&self) -> Result<String, String> {
+        let token = match (&self.policy_store_token, &self.policy_store_token_file) {
+            (Some(_), Some(_)) => {
+                return Err("set proxy.policy_store_token or proxy.policy_store_token_file, not both".into());
+            }
+            (None, None) => {
+                return Err("set proxy.policy_store_token or proxy.policy_store_token_file: the policy \
+                            store's read token, which the proxy follows the store with"
+                    .into());
+            }
+            (Some(t), None) => t.trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("proxy.policy_store_token_file {path}: {e}"))?
+                .trim()
+                .to_string(),
+        };
+        if token.is_empty() {
+            return Err("proxy.policy_store_token: the token is empty".into());
+        }
+        Ok(token)
+    }
+
     /// The key of the `hash` masking strategy: from [`ProxyConfig::masking_key_file`], or random.
     pub fn masking_key(&self) -> Result<Vec<u8>, String> {
         let Some(path) = &self.masking_key_file else {

@@ -923,6 +923,8 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     let store_cfg = policy_store::PolicyStoreConfig {
         listen: store_listener.local_addr().unwrap(),
         data_dir: dir.path().join("store"),
+        admin_token: Some("test-admin-token".into()),
+        read_token: Some("test-read-token".into()),
         ..Default::default()
     };
     let (stop_store, store_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -930,7 +932,7 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
         let _ = store_stopped.await;
     }));
     let mut client = loop {
-        match policy_store::client::PolicyClient::connect(&endpoint).await {
+        match policy_store::client::PolicyClient::connect(&endpoint, "test-admin-token").await {
             Ok(c) => break c,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -946,7 +948,7 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
         assert!(std::time::Instant::now() < deadline, "store never accepted the policy");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let follower = policy_store::client::follow(vec![endpoint]);
+    let follower = policy_store::client::follow(vec![endpoint], "test-read-token").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     // Long enough that the checks just after the store stops run well inside the limit.

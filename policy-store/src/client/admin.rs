@@ -2,23 +2,28 @@
 
 use proto::pb::policy_store_admin_client::PolicyStoreAdminClient;
 use proto::pb::{AddLearnerRequest, MembershipResponse, NodeIds, StatusRequest, StatusResponse};
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::ClientError;
 use crate::NodeId;
 
 /// A client of one node's admin API. Any node answers; changes are forwarded to the leader.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminClient {
     inner: PolicyStoreAdminClient<Channel>,
-    authorization: MetadataValue<tonic::metadata::Ascii>,
+    authorization: super::Bearer,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient").finish_non_exhaustive()
+    }
 }
 
 impl AdminClient {
     /// Connect to a node, e.g. `"http://127.0.0.1:17070"`, with the admin token.
     pub async fn connect(endpoint: &str, token: &str) -> Result<Self, ClientError> {
-        let authorization = format!("Bearer {token}").parse().map_err(|_| ClientError::InvalidToken)?;
+        let authorization = super::bearer(token)?;
         let channel = super::endpoint(endpoint)?
             .connect()
             .await
@@ -27,9 +32,7 @@ impl AdminClient {
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.metadata_mut().insert("authorization", self.authorization.clone());
-        request
+        super::authorized(message, &self.authorization)
     }
 
     /// Add `node_id` at `addr` (`host:port`) as a learner; returns once it has caught up.

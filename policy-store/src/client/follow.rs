@@ -1,14 +1,15 @@
-//! Following the store's Watch stream in the background, for proxies.
+//! Following the store in the background, for proxies and the approval service.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::FutureExt;
 use proto::pb::policy_store_client::PolicyStoreClient;
-use proto::pb::{PolicyVersion, WatchRequest};
+use proto::pb::{GetRequest, PolicyVersion, WatchRequest};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::ClientError;
+use super::{Bearer, ClientError, authorized};
 
 /// The first wait after a failed attempt; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -95,22 +96,32 @@ impl Follower {
     }
 }
 
-/// Follow the store's Watch stream in a background task: keeps the last version; on disconnect,
-/// retries with backoff (100ms doubling to 2s) cycling through `endpoints`, resuming from the last
-/// version it has. A received document that fails `proto::policy::parse` is logged and skipped
-/// (the last good one stays). The receiver starts at `None`. The task ends when every receiver of
-/// [`Follower::policy`] is dropped. Must be called inside a tokio runtime.
-pub fn follow(endpoints: Vec<String>) -> Follower {
+/// Follow the store in a background task, with `token` (the read token, or the admin token) as
+/// `authorization: Bearer <token>` on every request. On each connection it first asks for the
+/// newest version (`Get`) and enforces only that, never the history before it, then follows
+/// `Watch` from there; of versions that arrive together only the newest valid one is activated.
+/// A version not newer than the last one seen is refused and logged: a store that went back
+/// (restored from an old backup, a lagging node) never makes a proxy enforce an older version.
+/// On disconnect it retries with backoff (100ms doubling to 2s), cycling through `endpoints`.
+/// A received document that fails `proto::policy::parse` is logged and skipped (the last good
+/// one stays). The store counts as reached only when it answered with versions that decoded,
+/// or while a stream that did stays open; a failing stream never refreshes it, so a proxy
+/// that cannot read the store goes stale. Answers up to [`crate::MAX_VERSION_BYTES`] are
+/// accepted. The receiver starts at `None`. The task ends when every receiver of
+/// [`Follower::policy`] is dropped. Must be called inside a tokio runtime; fails only when the
+/// token cannot be sent as a header.
+pub fn follow(endpoints: Vec<String>, token: &str) -> Result<Follower, ClientError> {
+    let authorization = super::bearer(token)?;
     let (tx, policy) = watch::channel(None);
     let last_contact = Arc::new(Mutex::new(None));
     let contact = Contact(last_contact.clone());
     tokio::spawn(async move {
         tokio::select! {
-            () = follow_loop(endpoints, &tx, &contact) => {}
+            () = follow_loop(endpoints, &authorization, &tx, &contact) => {}
             () = tx.closed() => debug!("policy follower dropped"),
         }
     });
-    Follower { policy, last_contact, started: (Instant::now(), SystemTime::now()) }
+    Ok(Follower { policy, last_contact, started: (Instant::now(), SystemTime::now()) })
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +136,7 @@ impl Contact {
 
 async fn follow_loop(
     endpoints: Vec<String>,
+    authorization: &Bearer,
     tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
     contact: &Contact,
 ) {
@@ -135,7 +147,7 @@ async fn follow_loop(
     let mut last_seen = 0u64;
     let mut backoff = MIN_BACKOFF;
     for endpoint in endpoints.iter().cycle() {
-        match stream_once(endpoint, &mut last_seen, tx, contact, &mut backoff).await {
+        match stream_once(endpoint, authorization, &mut last_seen, tx, contact, &mut backoff).await {
             Ok(()) => info!(endpoint = %endpoint, "policy watch stream ended; reconnecting"),
             Err(e) => warn!(endpoint = %endpoint, error = %e, "policy watch failed; retrying"),
         }
@@ -144,9 +156,11 @@ async fn follow_loop(
     }
 }
 
-/// One connection: stream versions into `tx` until the stream ends or fails.
+/// One connection: the newest version, then the stream of later ones into `tx`, until the
+/// stream ends or fails.
 async fn stream_once(
     endpoint: &str,
+    authorization: &Bearer,
     last_seen: &mut u64,
     tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
     contact: &Contact,
@@ -159,20 +173,53 @@ async fn stream_once(
         .connect()
         .await
         .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
-    let mut stream =
-        PolicyStoreClient::new(channel).watch(WatchRequest { from_version: *last_seen }).await?.into_inner();
+    let mut client = PolicyStoreClient::new(channel).max_decoding_message_size(crate::MAX_VERSION_BYTES);
+    match client.get(authorized(GetRequest { version: 0 }, authorization)).await {
+        Ok(latest) => {
+            let latest = latest.into_inner();
+            if latest.version < *last_seen {
+                warn!(
+                    endpoint = %endpoint,
+                    policy.version = latest.version,
+                    policy.seen = *last_seen,
+                    "the policy store's newest version is older than the one enforced; keeping it"
+                );
+            } else if latest.version > *last_seen {
+                accept(vec![latest], last_seen, tx);
+            }
+        }
+        // An empty store: nothing to enforce yet.
+        Err(status) if status.code() == tonic::Code::NotFound => {}
+        Err(status) => return Err(status.into()),
+    }
     contact.touch();
     *backoff = MIN_BACKOFF;
+    let request = authorized(WatchRequest { from_version: *last_seen }, authorization);
+    let mut stream = client.watch(request).await?.into_inner();
     debug!(endpoint = %endpoint, policy.version = *last_seen, "following policy store");
-    let mut tick = tokio::time::interval(CONTACT_TICK);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + CONTACT_TICK, CONTACT_TICK);
     loop {
         tokio::select! {
             message = stream.message() => match message? {
-                Some(version) => {
-                    contact.touch();
-                    *last_seen = (*last_seen).max(version.version);
-                    if let Some(active) = activate(version) {
-                        tx.send_replace(Some(Arc::new(active)));
+                Some(first) => {
+                    // Take whatever else already arrived, so a backlog activates only its newest.
+                    let mut batch = vec![first];
+                    let mut failed = None;
+                    loop {
+                        match stream.message().now_or_never() {
+                            Some(Ok(Some(v))) => batch.push(v),
+                            Some(Err(e)) => {
+                                failed = Some(e);
+                                break;
+                            }
+                            Some(Ok(None)) | None => break,
+                        }
+                    }
+                    if accept(batch, last_seen, tx) {
+                        contact.touch();
+                    }
+                    if let Some(e) = failed {
+                        return Err(e.into());
                     }
                 }
                 None => return Ok(()),
@@ -180,6 +227,36 @@ async fn stream_once(
             _ = tick.tick() => contact.touch(),
         }
     }
+}
+
+/// Take `batch` (versions received in order): refuse (and log) each one not newer than
+/// `last_seen`, then activate the newest valid one of the rest. Returns whether any was newer.
+fn accept(
+    batch: Vec<PolicyVersion>,
+    last_seen: &mut u64,
+    tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
+) -> bool {
+    let mut newer = Vec::with_capacity(batch.len());
+    for v in batch {
+        if v.version <= *last_seen {
+            warn!(
+                policy.version = v.version,
+                policy.seen = *last_seen,
+                "refused a policy version not newer than the last one seen"
+            );
+        } else {
+            *last_seen = v.version;
+            newer.push(v);
+        }
+    }
+    let any = !newer.is_empty();
+    while let Some(v) = newer.pop() {
+        if let Some(active) = activate(v) {
+            tx.send_replace(Some(Arc::new(active)));
+            break;
+        }
+    }
+    any
 }
 
 /// Parse and check a received version; `None` (logged) when it cannot be enforced.
@@ -261,6 +338,24 @@ mod tests {
         let err = f.current(Duration::from_secs(30)).expect_err("nothing received");
         assert!(matches!(err, StalePolicy::NeverReceived { .. }));
         assert!(err.to_string().starts_with("no policy version received from the policy store"), "{err}");
+    }
+
+    #[test]
+    fn only_newer_versions_are_taken_and_only_the_newest_valid_one_is_activated() {
+        let (tx, rx) = watch::channel(None);
+        let mut seen = 0;
+        let batch = vec![version(1, "rules: []\n"), version(2, "defaults: { no_match: deny }\n")];
+        assert!(accept(batch, &mut seen, &tx));
+        assert_eq!(rx.borrow().as_ref().map(|p| p.version), Some(2));
+        assert_eq!(seen, 2);
+        // Older or equal versions are refused; nothing changes.
+        assert!(!accept(vec![version(1, "rules: []\n"), version(2, "rules: []\n")], &mut seen, &tx));
+        assert_eq!(rx.borrow().as_ref().map(|p| p.version), Some(2));
+        // A newer invalid one is skipped in favour of the newest valid one before it.
+        let batch = vec![version(3, "rules: []\n"), version(4, ": : :\n\t- [")];
+        assert!(accept(batch, &mut seen, &tx));
+        assert_eq!(rx.borrow().as_ref().map(|p| p.version), Some(3));
+        assert_eq!(seen, 4);
     }
 
     #[test]

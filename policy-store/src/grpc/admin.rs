@@ -1,5 +1,6 @@
 //! Serves the admin API (`proto/raft.proto`, service `PolicyStoreAdmin`): membership changes
-//! and status. Every call needs the admin token; a follower forwards changes to the leader.
+//! and status. Every call needs the admin token, checked by the interceptor the service is
+//! registered with (`lib.rs`); a follower forwards changes to the leader with the caller's token.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::cluster::{Auth, Channels, MAX_HOPS};
+use crate::cluster::{Channels, MAX_HOPS};
 use crate::error::StoreError;
 use crate::store::Versions;
 use crate::{NodeId, Raft};
@@ -51,7 +52,6 @@ pub(crate) struct AdminService {
     node_id: NodeId,
     raft: Raft,
     versions: watch::Receiver<Versions>,
-    auth: Auth,
     channels: Arc<Channels>,
 }
 
@@ -60,10 +60,9 @@ impl AdminService {
         node_id: NodeId,
         raft: Raft,
         versions: watch::Receiver<Versions>,
-        auth: Auth,
         channels: Arc<Channels>,
     ) -> Self {
-        Self { node_id, raft, versions, auth, channels }
+        Self { node_id, raft, versions, channels }
     }
 
     /// The leader's admin client when `error` says this node is not the leader and the request
@@ -117,7 +116,6 @@ impl PolicyStoreAdmin for AdminService {
         &self,
         request: Request<AddLearnerRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        self.auth.admin(request.metadata())?;
         let hops = crate::cluster::hops(request.metadata());
         let metadata = request.metadata().clone();
         let AddLearnerRequest { node_id, addr } = request.into_inner();
@@ -135,7 +133,6 @@ impl PolicyStoreAdmin for AdminService {
     }
 
     async fn promote(&self, request: Request<NodeIds>) -> Result<Response<MembershipResponse>, Status> {
-        self.auth.admin(request.metadata())?;
         let hops = crate::cluster::hops(request.metadata());
         let metadata = request.metadata().clone();
         let ids = request.into_inner();
@@ -154,7 +151,6 @@ impl PolicyStoreAdmin for AdminService {
     }
 
     async fn remove(&self, request: Request<NodeIds>) -> Result<Response<MembershipResponse>, Status> {
-        self.auth.admin(request.metadata())?;
         let hops = crate::cluster::hops(request.metadata());
         let metadata = request.metadata().clone();
         let ids = request.into_inner();
@@ -197,8 +193,7 @@ impl PolicyStoreAdmin for AdminService {
         }
     }
 
-    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        self.auth.admin(request.metadata())?;
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let m = self.raft.metrics().borrow().clone();
         Ok(Response::new(StatusResponse {
             node_id: self.node_id,

@@ -1,5 +1,7 @@
 //! Serves raft RPCs from peers (`proto/raft.proto`, service `Raft`): decode the JSON request,
-//! hand it to the local raft node, answer with the JSON of its `Result`.
+//! hand it to the local raft node, answer with the JSON of its `Result`. The admin token is
+//! checked before this, by the interceptor the service is registered with (`lib.rs`), so no
+//! body is read for a caller without it.
 
 use proto::pb::RaftPayload;
 use serde::Serialize;
@@ -7,22 +9,19 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
 use crate::Raft;
-use crate::cluster::Auth;
 use crate::error::StoreError;
 
 pub(crate) struct RaftService {
     raft: Raft,
-    auth: Auth,
 }
 
 impl RaftService {
-    pub(crate) fn new(raft: Raft, auth: Auth) -> Self {
-        Self { raft, auth }
+    pub(crate) fn new(raft: Raft) -> Self {
+        Self { raft }
     }
 }
 
-fn decode<T: DeserializeOwned>(request: Request<RaftPayload>, auth: &Auth) -> Result<T, Status> {
-    auth.peer(request.metadata())?;
+fn decode<T: DeserializeOwned>(request: Request<RaftPayload>) -> Result<T, Status> {
     serde_json::from_slice(&request.into_inner().payload).map_err(|e| StoreError::Payload(e).into())
 }
 
@@ -34,17 +33,17 @@ fn encode<T: Serialize>(answer: &T) -> Result<Response<RaftPayload>, Status> {
 #[tonic::async_trait]
 impl proto::pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request, &self.auth)?;
+        let rpc = decode(request)?;
         encode(&self.raft.append_entries(rpc).await)
     }
 
     async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request, &self.auth)?;
+        let rpc = decode(request)?;
         encode(&self.raft.install_snapshot(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request, &self.auth)?;
+        let rpc = decode(request)?;
         encode(&self.raft.vote(rpc).await)
     }
 }

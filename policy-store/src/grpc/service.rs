@@ -1,4 +1,5 @@
-//! Serves the policy store's gRPC API from a raft node.
+//! Serves the policy store's gRPC API from a raft node. The interceptor in front of it (`lib.rs`)
+//! lets through callers with the read or the admin token; `Apply` needs the admin token.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
-use crate::cluster::{CONSISTENCY_HEADER, Channels, LINEARIZABLE, MAX_HOPS};
+use crate::cluster::{CONSISTENCY_HEADER, Channels, LINEARIZABLE, MAX_HOPS, Role};
 use crate::command::Command;
 use crate::error::StoreError;
 use crate::store::Versions;
@@ -38,10 +39,12 @@ pub(crate) struct PolicyStoreService {
     channels: Arc<Channels>,
 }
 
-/// What a request asks of the node that received it.
+/// What a request asks of the node that received it, and the caller's token, sent along when
+/// the request is forwarded (the leader checks it again).
 struct Routing {
     hops: u32,
     linearizable: bool,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Routing {
@@ -57,6 +60,7 @@ impl Routing {
             linearizable: metadata
                 .get(CONSISTENCY_HEADER)
                 .is_some_and(|v| v.as_bytes() == LINEARIZABLE.as_bytes()),
+            authorization: metadata.get("authorization").cloned(),
         }
     }
 
@@ -64,6 +68,9 @@ impl Routing {
     fn forward<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         crate::cluster::mark_forwarded(&mut request, self.hops);
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert("authorization", authorization.clone());
+        }
         if self.linearizable {
             request
                 .metadata_mut()
@@ -127,6 +134,44 @@ impl PolicyStoreService {
     }
 }
 
+/// The author a version records: the role that applied it (server-side, from the token), then
+/// the caller's `author` text as an unverified claim, e.g. `admin-token:alice`. Anyone holding
+/// the token can claim any name; the prefix cannot be forged.
+fn recorded_author(role: Role, claim: &str) -> Result<String, StoreError> {
+    if claim.len() > crate::MAX_AUTHOR_BYTES {
+        return Err(StoreError::InvalidAuthor("longer than policy_store::MAX_AUTHOR_BYTES (256 bytes)"));
+    }
+    if claim.chars().any(char::is_control) {
+        return Err(StoreError::InvalidAuthor("must not contain control characters"));
+    }
+    let claim = claim.trim();
+    Ok(if claim.is_empty() { role.label().to_string() } else { format!("{}:{claim}", role.label()) })
+}
+
+/// Refuse a document over [`crate::MAX_DOCUMENT_BYTES`], or one whose stored version would be
+/// over [`crate::MAX_VERSION_BYTES`], the most followers decode.
+fn check_size(document_yaml: &str, author: &str) -> Result<(), StoreError> {
+    use prost::Message;
+    if document_yaml.len() > crate::MAX_DOCUMENT_BYTES {
+        return Err(StoreError::DocumentTooLarge {
+            bytes: document_yaml.len(),
+            limit: crate::MAX_DOCUMENT_BYTES,
+        });
+    }
+    let stored = PolicyVersion {
+        version: u64::MAX,
+        document_yaml: document_yaml.to_string(),
+        author: author.to_string(),
+        applied_at_unix_ms: i64::MAX,
+        digest: "0".repeat(64),
+    };
+    let bytes = stored.encoded_len();
+    if bytes > crate::MAX_VERSION_BYTES {
+        return Err(StoreError::VersionTooLarge { bytes, limit: crate::MAX_VERSION_BYTES });
+    }
+    Ok(())
+}
+
 fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -136,8 +181,15 @@ fn now_unix_ms() -> i64 {
 #[tonic::async_trait]
 impl PolicyStore for PolicyStoreService {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        // The interceptor let readers through; writing needs the admin token.
+        let role = request.extensions().get::<Role>().copied();
+        if role != Some(Role::Admin) {
+            return Err(StoreError::AdminOnly.into());
+        }
         let routing = Routing::of(&request);
-        let ApplyRequest { document_yaml, author } = request.into_inner();
+        let ApplyRequest { document_yaml, author: claim } = request.into_inner();
+        let author = recorded_author(Role::Admin, &claim)?;
+        check_size(&document_yaml, &author)?;
         if let Err(errors) = proto::policy::parse(&document_yaml) {
             info!(errors = errors.0.len(), author = %author, "rejected an invalid policy document");
             return Err(StoreError::InvalidDocument(errors).into());
@@ -162,7 +214,8 @@ impl PolicyStore for PolicyStoreService {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if routing.may_forward() => {
                     if let (Some(id), Some(node)) = (f.leader_id, &f.leader_node) {
                         debug!(leader = id, "forwarding a policy write to the leader");
-                        let request = routing.forward(ApplyRequest { document_yaml, author });
+                        // The leader checks the token and records the author itself.
+                        let request = routing.forward(ApplyRequest { document_yaml, author: claim });
                         return self.client(id, node)?.apply(request).await;
                     }
                     crate::cluster::leader(&self.raft, LEADER_WAIT).await;
@@ -232,5 +285,26 @@ async fn feed_watch(
             () = shutdown.cancelled() => return,
             () = tx.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_author_is_the_role_then_the_claim() {
+        assert_eq!(recorded_author(Role::Admin, "alice").expect("ok"), "admin-token:alice");
+        assert_eq!(recorded_author(Role::Admin, " ").expect("ok"), "admin-token");
+        assert!(recorded_author(Role::Admin, "alice\nadmin-token:bob").is_err());
+        assert!(recorded_author(Role::Admin, &"a".repeat(crate::MAX_AUTHOR_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn a_document_at_the_cap_fits_a_stored_version_and_one_byte_more_does_not() {
+        let author = format!("admin-token:{}", "a".repeat(crate::MAX_AUTHOR_BYTES));
+        assert!(check_size(&"x".repeat(crate::MAX_DOCUMENT_BYTES), &author).is_ok());
+        let e = check_size(&"x".repeat(crate::MAX_DOCUMENT_BYTES + 1), &author).expect_err("too large");
+        assert!(matches!(e, StoreError::DocumentTooLarge { .. }), "{e}");
     }
 }
