@@ -696,6 +696,18 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
         for (j, t) in r.matches.tables.iter().enumerate() {
             if t.is_empty() || t.split('.').any(str::is_empty) {
                 err(format!("{p}.match.tables[{j}]"), format!("`{t}` is not a table name"));
+            } else if t.contains('"') {
+                err(
+                    format!("{p}.match.tables[{j}]"),
+                    format!(
+                        "`{t}`: write the name as PostgreSQL stores it, without quotes (`Users` for a table created as \"Users\"); deny and hold rules match names whatever their case"
+                    ),
+                );
+            } else if t.split('.').any(|part| part.trim() != part) {
+                err(
+                    format!("{p}.match.tables[{j}]"),
+                    format!("`{t}`: a name with spaces before or after it names no table you meant"),
+                );
             } else if t.split('.').count() > 2 {
                 err(
                     format!("{p}.match.tables[{j}]"),
@@ -797,6 +809,7 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
         }
     }
     let mut sa_names = HashSet::new();
+    let mut key_owners = std::collections::HashMap::new();
     for (i, s) in doc.service_accounts.iter().enumerate() {
         let p = format!("service_accounts[{i}]");
         if s.name.is_empty() {
@@ -807,6 +820,13 @@ fn validate(doc: &PolicyDocument, err: &mut dyn FnMut(String, String)) {
         }
         if s.api_key_sha256.len() != 64 || !s.api_key_sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             err(format!("{p}.api_key_sha256"), "must be 64 hex characters (a SHA-256)".into());
+        } else if let Some(first) = key_owners.insert(s.api_key_sha256.to_ascii_lowercase(), s.name.as_str())
+        {
+            // One key would log in as whichever account comes first.
+            err(
+                format!("{p}.api_key_sha256"),
+                format!("the same key as service account `{first}`: each account needs its own key"),
+            );
         }
     }
 }
@@ -1017,9 +1037,40 @@ defaults: { unparsed: deny, unknown_operation: hold }
             assert_eq!(e.0[0].path, "rules[0].match.tables[1]", "{pattern}");
             assert!(e.to_string().contains(says), "{pattern}: {e}");
         }
+        // Quoted or padded, a name would match nothing: a deny rule that silently does nothing.
+        for (pattern, says) in [
+            ("\"Users\"", "without quotes"),
+            ("public.\"Users\"", "without quotes"),
+            (" orders", "spaces before or after"),
+            ("public. orders", "spaces before or after"),
+            ("orders ", "spaces before or after"),
+        ] {
+            let bad = GOOD.replace("tables: [orders, users]", &format!("tables: [orders, '{pattern}']"));
+            let e = parse(&bad).expect_err(pattern);
+            assert_eq!(e.0[0].path, "rules[0].match.tables[1]", "{pattern}");
+            assert!(e.to_string().contains(says), "{pattern}: {e}");
+        }
         let fine = "t".repeat(MAX_IDENTIFIER_BYTES);
-        parse(&GOOD.replace("tables: [orders, users]", &format!("tables: [public.{fine}, \"User\"]")))
-            .expect("valid");
+        parse(
+            &GOOD.replace(
+                "tables: [orders, users]",
+                &format!("tables: [public.{fine}, \"User\", 'my table']"),
+            ),
+        )
+        .expect("valid");
+    }
+
+    #[test]
+    fn two_service_accounts_may_not_share_a_key() {
+        let key = "ab".repeat(32);
+        let doc = format!(
+            "{GOOD}service_accounts:\n  - {{ name: a, api_key_sha256: {key} }}\n  - {{ name: b, api_key_sha256: {} }}\n",
+            key.to_uppercase()
+        );
+        let e = parse(&doc).expect_err("shared key");
+        assert_eq!(e.0[0].path, "service_accounts[1].api_key_sha256");
+        assert!(e.to_string().contains("the same key as service account `a`"), "{e}");
+        parse(&doc.replace(&key.to_uppercase(), &"cd".repeat(32))).expect("own keys");
     }
 
     #[test]
