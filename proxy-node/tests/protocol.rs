@@ -1344,12 +1344,7 @@ async fn messages_sent_after_a_pipeline_error_are_skipped_like_the_target_skips_
         s.write_all(&step).await.unwrap();
         read_until_ready(&mut s).await;
     }
-    s.write_all(&query("EXECUTE w")).await.unwrap();
-    // Held (the notice says so), never run.
-    let seen = read_until(&mut s, b'N').await;
-    assert!(contains(&seen, "waiting for approval"), "{}", String::from_utf8_lossy(&seen));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
+    executing_w_is_held(&h, &mut s).await;
 }
 
 /// The target ignores Sync (and Flush) during COPY FROM STDIN: a Sync sent then is answered by
@@ -1374,8 +1369,15 @@ async fn a_sync_sent_during_copy_from_stdin_expects_no_answer() {
     s.write_all(&query("SELECT 1")).await.unwrap();
     let seen = read_until_ready(&mut s).await;
     assert!(contains(&seen, "SELECT 1"), "{}", String::from_utf8_lossy(&seen));
+    executing_w_is_held(&h, &mut s).await;
+}
+
+/// `EXECUTE w`, where `w` is the target's `DELETE FROM orders`: held (the notice says so), and
+/// never run.
+async fn executing_w_is_held(h: &Harness, s: &mut tokio::net::TcpStream) {
+    use testkit::pgwire::{contains, query, read_until};
     s.write_all(&query("EXECUTE w")).await.unwrap();
-    let seen = read_until(&mut s, b'N').await;
+    let seen = read_until(s, b'N').await;
     assert!(contains(&seen, "waiting for approval"), "{}", String::from_utf8_lossy(&seen));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
