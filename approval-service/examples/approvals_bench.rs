@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
             signing_secret_file: None,
             api_url: slack.api_url.clone(),
             default_channel: Some("C_BENCH".into()),
+            team_id: Some("T0001".into()),
         }),
         ..Default::default()
     };

@@ -94,6 +94,11 @@ pub struct SlackConfig {
     /// The channel for holds whose rule names none. Default: none (such holds are not posted).
     #[serde(default)]
     pub default_channel: Option<String>,
+    /// The workspace (`T…`) whose members may decide holds from Slack. Default: none (any
+    /// workspace the bot's messages reach, such as the other side of a Slack Connect channel:
+    /// a warning at start says so).
+    #[serde(default)]
+    pub team_id: Option<String>,
 }
 
 /// An outgoing webhook.

@@ -71,11 +71,19 @@ pub struct Slack {
     token: SlackApiToken,
     verifier: SlackEventSignatureVerifier,
     directory: Directory,
+    /// The only workspace whose members may decide (`slack.team_id`).
+    team_id: Option<String>,
 }
 
 impl Slack {
     /// The bot from its config; secrets are read from their values or files.
     pub fn from_config(cfg: &SlackConfig, approvers: &[ApproverEntry]) -> Result<Self, ApprovalError> {
+        if cfg.team_id.is_none() {
+            warn!(
+                "slack.team_id is not set: members of any workspace that sees the bot's messages (a Slack Connect \
+                 channel's other side) may click approve; set it to your workspace's id (T…)"
+            );
+        }
         let bot = secret("Slack bot token", cfg.bot_token.as_ref(), cfg.bot_token_file.as_ref())?
             .ok_or(ApprovalError::MissingSecret("Slack bot token"))?;
         let signing =
@@ -101,6 +109,7 @@ impl Slack {
             token: SlackApiToken::new(SlackApiTokenValue::new(bot)),
             verifier: SlackEventSignatureVerifier::new(&SlackSigningSecret::new(signing)),
             directory: Directory::new(approvers),
+            team_id: cfg.team_id.clone(),
         })
     }
 
@@ -438,7 +447,10 @@ pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Erro
 struct Interaction {
     #[serde(rename = "type")]
     kind: String,
-    user: IdOnly,
+    user: SlackUser,
+    /// The workspace the interaction happened in.
+    #[serde(default)]
+    team: Option<IdOnly>,
     #[serde(default)]
     trigger_id: Option<String>,
     #[serde(default)]
@@ -452,6 +464,24 @@ struct Interaction {
 #[derive(Debug, Deserialize)]
 struct IdOnly {
     id: String,
+}
+
+/// Who clicked: their id and home workspace.
+#[derive(Debug, Deserialize)]
+struct SlackUser {
+    id: String,
+    #[serde(default)]
+    team_id: Option<String>,
+}
+
+impl Interaction {
+    /// Why the clicking user may not decide here: they are not of the configured workspace
+    /// (their home workspace, or where they clicked, when Slack does not say).
+    fn foreign(&self, team_id: Option<&str>) -> Option<String> {
+        let want = team_id?;
+        let theirs = self.user.team_id.as_deref().or(self.team.as_ref().map(|t| t.id.as_str()));
+        (theirs != Some(want)).then(|| "Only members of this workspace may decide Airlock holds.".to_string())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -536,7 +566,7 @@ async fn block_actions(st: &AppState, ia: &Interaction) -> Response {
         let Some(id) = action.value.as_deref().and_then(|v| uuid::Uuid::parse_str(v).ok()) else { continue };
         match action.action_id.as_str() {
             APPROVE_ACTION => {
-                if let Err(why) = vote(st, &ia.user.id, id, HoldOutcome::Approved, None).await
+                if let Err(why) = vote(st, ia, id, HoldOutcome::Approved, None).await
                     && let Some(c) = channel
                 {
                     st.slack.ephemeral(c, &ia.user.id, &why).await;
@@ -572,7 +602,7 @@ async fn view_submission(st: &AppState, ia: &Interaction) -> Response {
         .filter(|r| !r.is_empty())
         .map(str::to_string);
     let Some(reason) = reason else { return modal_error("A denial needs a reason.") };
-    match vote(st, &ia.user.id, id, HoldOutcome::Denied, Some(reason)).await {
+    match vote(st, ia, id, HoldOutcome::Denied, Some(reason)).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(why) => modal_error(&why),
     }
@@ -585,11 +615,16 @@ fn modal_error(msg: &str) -> Response {
 /// One Slack user's vote; `Err` is what to tell them.
 async fn vote(
     st: &AppState,
-    user: &str,
+    ia: &Interaction,
     id: HoldId,
     outcome: HoldOutcome,
     reason: Option<String>,
 ) -> Result<(), String> {
+    let user = ia.user.id.as_str();
+    if let Some(why) = ia.foreign(st.slack.team_id.as_deref()) {
+        warn!(hold.id = %id, slack.user = %user, slack.team = ?ia.user.team_id, "a Slack user of another workspace tried to decide");
+        return Err(why);
+    }
     let decider = match st.slack.identify(user, st.holds.routes()).await {
         Ok(Some(d)) => d,
         Ok(None) => {

@@ -130,6 +130,7 @@ fn config(slack: &FakeSlack) -> ApprovalsConfig {
             signing_secret_file: None,
             api_url: slack.api_url.clone(),
             default_channel: Some(CHANNEL.into()),
+            team_id: Some("T0001".into()),
         }),
         ..Default::default()
     }
@@ -382,6 +383,19 @@ async fn unknown_users_outsiders_and_the_requester_cannot_decide_from_slack() ->
             .unwrap_or_else(|| panic!("{why}: the user was not told"));
         assert_eq!(told.body["channel"], CHANNEL);
     }
+    // An approver's Slack id, clicking from another workspace (the other side of a shared
+    // channel): not of `slack.team_id`, so not an approver here.
+    let foreign = fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL).replace("T0001", "T0666");
+    svc.signed(&foreign).await?;
+    let told = slack.wait_for("chat.postEphemeral", WAIT, |b| b["user"] == "U_DANA").await.expect("told");
+    assert!(
+        told.body["text"].as_str().unwrap_or_default().contains("Only members of this workspace"),
+        "{}",
+        told.body
+    );
+    let (_, body) =
+        svc.signed(&fake::deny_submission("U_DANA", req.hold_id, "no").replace("T0001", "T0666")).await?;
+    assert!(body.contains("Only members of this workspace"), "{body}");
     // Olly cannot deny either.
     let (_, body) = svc.signed(&fake::deny_submission("U_OLLY", req.hold_id, "no")).await?;
     assert!(body.contains("approver groups"), "{body}");
