@@ -485,8 +485,8 @@ pub struct Defaults {
     /// A statement the gateway cannot parse. Default deny.
     #[serde(default = "deny")]
     pub unparsed: Action,
-    /// A statement whose effect cannot be known. Default hold.
-    #[serde(default = "hold")]
+    /// A statement whose effect cannot be known. Default deny (`hold` sends it to approvers).
+    #[serde(default = "deny")]
     pub unknown_operation: Action,
     /// A statement no rule matches. Default allow.
     #[serde(default = "allow")]
@@ -513,7 +513,7 @@ impl Default for Defaults {
     fn default() -> Self {
         Self {
             unparsed: deny(),
-            unknown_operation: hold(),
+            unknown_operation: deny(),
             no_match: allow(),
             hold_timeout: five_minutes(),
             unknown_lineage: UnknownLineage::Mask,
@@ -523,9 +523,6 @@ impl Default for Defaults {
 
 fn deny() -> Action {
     Action::Deny
-}
-fn hold() -> Action {
-    Action::Hold
 }
 fn allow() -> Action {
     Action::Allow
