@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod classify;
 pub mod evaluate;
+pub mod scan;
 
 pub use classify::{
     Access, AttributeCall, Classification, FunctionRef, SessionEffect, TableName, classify,

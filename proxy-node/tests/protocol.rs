@@ -591,6 +591,17 @@ const BYPASSES: &[&str] = &[
     "RESET ALL",
     "BEGIN READ WRITE",
     "SET default_transaction_read_only = off",
+    // Operators that run into comments: the server reads `?` or `>` and a comment, the parser
+    // an operator and a string that hides what follows.
+    "SELECT '{}'::jsonb ?-- '\nversion(); DELETE FROM orders; --'",
+    "SELECT id FROM orders ORDER BY id USING >/*, '*/; DELETE FROM orders; --'",
+    "SELECT '{}'::jsonb ?-- '\nwipe_orders_fn()::text --'",
+    // The parser takes the lines after `COPY … FROM STDIN;` as data; the server runs them.
+    "COPY payments FROM STDIN;\nDELETE FROM orders;",
+    // Calls the parser gives nodes of their own, resolved by search_path: the user's wins.
+    "SELECT ceil(1)",
+    "SELECT floor(2)",
+    "SELECT substring(1, 2)",
 ];
 
 const DENY_ORDER_WRITES: &str = r#"  - name: orders-are-read-only
@@ -619,7 +630,10 @@ async fn no_bypass_reaches_the_target() {
         "SET ROLE airlock_svc; \
          CREATE PROCEDURE wipe_orders() LANGUAGE sql AS 'DELETE FROM orders'; \
          CREATE FUNCTION wipe_orders_fn() RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'; \
-         CREATE FUNCTION order_count() RETURNS bigint STABLE LANGUAGE sql AS 'SELECT count(*) FROM orders';",
+         CREATE FUNCTION order_count() RETURNS bigint STABLE LANGUAGE sql AS 'SELECT count(*) FROM orders'; \
+         CREATE FUNCTION public.ceil(int) RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'; \
+         CREATE FUNCTION public.floor(int) RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'; \
+         CREATE FUNCTION public.substring(int, int) RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1';",
     )
     .unwrap();
     let before = snapshot(&h);

@@ -740,7 +740,8 @@ fn operation(stmt: &Statement) -> Option<Operation> {
 /// Classify the text of one simple-protocol message (one or more statements).
 pub fn classify(sql: &str) -> Classification {
     let mut c = Classification::default();
-    if let Some(why) = dollar_quote_hazard(sql) {
+    let scanned = super::scan::scan(sql);
+    if let Some(why) = dollar_quote_hazard(sql).or(scanned.unreadable) {
         c.unparsed = Some(why);
         return c;
     }
@@ -782,6 +783,9 @@ pub fn classify(sql: &str) -> Classification {
             }
             _ => {}
         }
+    }
+    if let Some(why) = scanned.unknown {
+        c.unknown.get_or_insert(why);
     }
     c.calls_functions = !c.functions.is_empty();
     c
@@ -889,10 +893,49 @@ fn relations_of(stmt: &Statement) -> BTreeSet<TableName> {
     out
 }
 
+/// `op`, and what else the statement does under it: an upsert's `DO UPDATE` updates, a MERGE
+/// inserts, updates or deletes as its `WHEN` clauses say; a rule on those operations must meet
+/// them.
+fn with_implied(op: Operation, stmt: &Statement) -> Vec<Operation> {
+    use sqlparser::ast::{MergeAction, OnConflict, OnConflictAction, OnInsert};
+    let mut ops = vec![op];
+    match stmt {
+        Statement::Insert(i) => {
+            if let Some(OnInsert::OnConflict(OnConflict { action: OnConflictAction::DoUpdate(_), .. })) =
+                &i.on
+            {
+                ops.push(Operation::Update);
+            }
+        }
+        Statement::Merge(m) => {
+            for clause in &m.clauses {
+                let implied = match clause.action {
+                    MergeAction::Insert(_) => Operation::Insert,
+                    MergeAction::Update(_) => Operation::Update,
+                    MergeAction::Delete { .. } => Operation::Delete,
+                    MergeAction::DoNothing { .. } => continue,
+                };
+                if !ops.contains(&implied) {
+                    ops.push(implied);
+                }
+            }
+        }
+        _ => {}
+    }
+    ops
+}
+
 fn classify_statement(top: &Statement, c: &mut Classification) {
     // Every statement node, the top one and any nested in CTEs, EXPLAIN, PREPARE, DECLARE.
-    if let Statement::Copy { to, target, source, .. } = top {
+    if let Statement::Copy { to, target, source, payload, .. } = top {
         use sqlparser::ast::{CopySource, CopyTarget};
+        // The parser takes the lines after `COPY … FROM STDIN;` as its data; the server never
+        // reads data from a Query message, and runs those lines as SQL.
+        if payload.is_some() {
+            c.unparsed.get_or_insert_with(|| {
+                "text after COPY … FROM STDIN; in the same message (the server runs it as SQL, not as data)".into()
+            });
+        }
         if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
             c.denied_function.get_or_insert_with(|| "COPY to or from a server file or program".into());
         }
@@ -917,13 +960,14 @@ fn classify_statement(top: &Statement, c: &mut Classification) {
                 c.unknown = Some(format!("the effect of {kind} cannot be known"));
             }
             Some(op) => {
+                let ops = with_implied(op, stmt);
                 let rels = relations_of(stmt);
                 if rels.is_empty() {
-                    c.accesses.insert(Access { operation: op, table: None });
+                    c.accesses.extend(ops.iter().map(|&operation| Access { operation, table: None }));
                 }
                 for t in rels {
-                    if op != Operation::Select {
-                        c.accesses.insert(Access { operation: op, table: Some(t.clone()) });
+                    for &operation in ops.iter().filter(|&&o| o != Operation::Select) {
+                        c.accesses.insert(Access { operation, table: Some(t.clone()) });
                     }
                     c.accesses.insert(Access { operation: Operation::Select, table: Some(t) });
                 }
@@ -945,6 +989,11 @@ struct Calls<'a> {
 }
 
 impl Calls<'_> {
+    /// A call of the unqualified function `name`.
+    fn call_bare(&mut self, name: &str) {
+        self.call(&ObjectName::from(vec![sqlparser::ast::Ident::new(name)]));
+    }
+
     fn call(&mut self, name: &ObjectName) {
         let c = &mut *self.c;
         let full = function_name(name);
@@ -1083,6 +1132,14 @@ impl Visitor for Calls<'_> {
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         match e {
             Expr::Function(f) => self.call(&f.name),
+            // Calls the parser gives nodes of their own, which the server resolves by
+            // search_path like any other (a user's `public.ceil(int)` comes first for an int):
+            // `ceil(x)`, `floor(x)`, `substring(a, b)`, `convert(a, b, c)`. The keyword forms
+            // (`substring(a FROM b)`, `trim`, `position`, `extract`) name pg_catalog's.
+            Expr::Ceil { .. } => self.call_bare("ceil"),
+            Expr::Floor { .. } => self.call_bare("floor"),
+            Expr::Substring { special: true, .. } => self.call_bare("substring"),
+            Expr::Convert { .. } => self.call_bare("convert"),
             // `o.name` and `(expr).name`: a column, or a call of `name(o)`.
             Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
                 if let Some(last) = parts.last() {
@@ -1442,6 +1499,48 @@ mod tests {
         for p in ["User", "user", "USER", "public.User", "Us*"] {
             assert!(quoted.matches(p, true), "{p}");
             assert!(!quoted.matches(p, false), "{p}");
+        }
+    }
+
+    #[test]
+    fn text_after_copy_from_stdin_is_unparsed_and_calls_with_nodes_of_their_own_are_resolved() {
+        let c = classify("COPY payments FROM STDIN;\nDELETE FROM orders;");
+        assert!(c.unparsed.is_some(), "{c:?}");
+        for plain in ["COPY payments FROM STDIN", "COPY payments FROM STDIN;\n"] {
+            let c = classify(plain);
+            assert!(c.unparsed.is_none() && has(&c, Operation::Copy, "payments"), "{plain}: {c:?}");
+        }
+        for (sql, name) in [
+            ("SELECT ceil(x) FROM t", "ceil"),
+            ("SELECT floor(x) FROM t", "floor"),
+            ("SELECT substring(x, 2) FROM t", "substring"),
+        ] {
+            let c = classify(sql);
+            let resolved = c.builtins.iter().chain(&c.functions).any(|f| f.name == name);
+            assert!(resolved, "{sql}: {c:?}");
+        }
+        // The keyword form names pg_catalog's.
+        let c = classify("SELECT substring(x FROM 2) FROM t");
+        assert!(!c.builtins.iter().chain(&c.functions).any(|f| f.name == "substring"), "{c:?}");
+    }
+
+    #[test]
+    fn upserts_update_and_merges_do_what_their_clauses_say() {
+        let c = classify("INSERT INTO orders SELECT * FROM orders ON CONFLICT (id) DO UPDATE SET total = 0");
+        assert!(has(&c, Operation::Insert, "orders") && has(&c, Operation::Update, "orders"), "{c:?}");
+        let c = classify("INSERT INTO orders VALUES (1) ON CONFLICT DO NOTHING");
+        assert!(has(&c, Operation::Insert, "orders") && !has(&c, Operation::Update, "orders"), "{c:?}");
+        let c =
+            classify("MERGE INTO orders o USING (SELECT 1 AS id) s ON o.id = s.id WHEN MATCHED THEN DELETE");
+        assert!(has(&c, Operation::Merge, "orders") && has(&c, Operation::Delete, "orders"), "{c:?}");
+        assert!(!has(&c, Operation::Insert, "orders") && !has(&c, Operation::Update, "orders"), "{c:?}");
+        let c = classify(
+            "MERGE INTO orders o USING new_orders s ON o.id = s.id \
+             WHEN MATCHED AND s.total = 0 THEN DELETE WHEN MATCHED THEN UPDATE SET total = s.total \
+             WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.total)",
+        );
+        for op in [Operation::Insert, Operation::Update, Operation::Delete] {
+            assert!(has(&c, op, "orders"), "{op:?}: {c:?}");
         }
     }
 

@@ -296,7 +296,8 @@ rules:
         let v = decide("select my_func()", "shop", &agent());
         assert_eq!((v.decision, v.rule.as_str()), (Decision::Deny, "defaults.unknown_operation"));
         // Sent to approvers only when the policy says so.
-        let doc = proto::policy::parse(&format!("{DOC}defaults: {{ unknown_operation: hold }}\n")).expect("doc");
+        let doc =
+            proto::policy::parse(&format!("{DOC}defaults: {{ unknown_operation: hold }}\n")).expect("doc");
         let v = evaluate(&doc, "shop", &agent(), &classify("select my_func()"));
         assert_eq!((v.decision, v.rule.as_str()), (Decision::Hold, "defaults.unknown_operation"));
     }
