@@ -375,6 +375,12 @@ async fn a_cut_off_minority_refuses_writes_keeps_its_version_and_catches_up_afte
     let mut on_minority = follow(vec![minority_endpoint.clone()], READ)?;
     let mut on_majority = follow(vec![majority_endpoint.clone()], READ)?;
     enforced(std::slice::from_mut(&mut on_minority), 1, Duration::from_secs(10)).await?;
+    // Fresh once the node it follows confirmed with the quorum that it is current (a heartbeat).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_minority.current(Duration::from_secs(30)).is_err() {
+        ensure!(Instant::now() < deadline, "the follower of the minority never had a heartbeat");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     for ((from, to), link) in &links {
         if *from == minority || *to == minority {
@@ -389,6 +395,16 @@ async fn a_cut_off_minority_refuses_writes_keeps_its_version_and_catches_up_afte
     let kept = on_minority.policy.borrow().clone().context("a version")?;
     assert_eq!(kept.version, 1);
     assert!(on_minority.current(Duration::from_secs(30)).is_ok());
+    // ...but only within the staleness limit: the minority node cannot confirm with a quorum that
+    // it is current, so it sends no heartbeats and ends its Watch streams, while the majority's
+    // heartbeats keep its follower fresh.
+    let limit = Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while on_minority.current(limit).is_ok() {
+        ensure!(Instant::now() < deadline, "the follower of the cut-off minority stayed fresh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(on_majority.current(limit).is_ok(), "the follower of the majority went stale");
 
     for link in links.values() {
         link.heal();

@@ -5,7 +5,10 @@ mod admin;
 mod follow;
 
 use proto::pb::policy_store_client::PolicyStoreClient;
-use proto::pb::{ApplyRequest, ApplyResponse, GetRequest, HistoryRequest, PolicyVersion, WatchRequest};
+use proto::pb::watch_event::Event;
+use proto::pb::{
+    ApplyRequest, ApplyResponse, GetRequest, HistoryRequest, PolicyVersion, WatchEvent, WatchRequest,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
@@ -119,8 +122,30 @@ impl PolicyClient {
         self.apply(&old.document_yaml, author).await
     }
 
-    /// The versions after `from_version`, then each new one as it is committed.
-    pub async fn watch(&mut self, from_version: u64) -> Result<tonic::Streaming<PolicyVersion>, ClientError> {
+    /// The versions after `from_version`, then each new one as it is committed. Heartbeats (and
+    /// events this client does not know) are left out; see [`PolicyClient::watch_events`].
+    pub async fn watch(
+        &mut self,
+        from_version: u64,
+    ) -> Result<
+        impl tokio_stream::Stream<Item = Result<PolicyVersion, ClientError>> + Send + Unpin + 'static,
+        ClientError,
+    > {
+        use tokio_stream::StreamExt;
+        let events = self.watch_events(from_version).await?;
+        Ok(events.filter_map(|event| match event {
+            Ok(WatchEvent { event: Some(Event::Version(v)) }) => Some(Ok(v)),
+            Ok(_) => None,
+            Err(status) => Some(Err(ClientError::from(status))),
+        }))
+    }
+
+    /// The Watch stream as sent: versions, and a heartbeat each time the node confirmed with its
+    /// raft quorum that it is current. It ends with UNAVAILABLE when the node cannot confirm.
+    pub async fn watch_events(
+        &mut self,
+        from_version: u64,
+    ) -> Result<tonic::Streaming<WatchEvent>, ClientError> {
         Ok(self.inner.watch(self.request(WatchRequest { from_version })).await?.into_inner())
     }
 }

@@ -118,6 +118,11 @@ impl Auth {
         Self { admin, read }
     }
 
+    /// The admin token, for this node's own calls to other nodes.
+    pub(crate) fn admin(&self) -> Arc<str> {
+        self.admin.clone()
+    }
+
     /// The caller's role; `Unauthenticated` without a token or with a wrong one.
     pub(crate) fn role(&self, metadata: &MetadataMap) -> Result<Role, StoreError> {
         let presented = bearer(metadata).ok_or(StoreError::Unauthenticated)?;

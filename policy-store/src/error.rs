@@ -86,6 +86,14 @@ pub enum StoreError {
     CheckLeader(#[source] Box<RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>>),
     #[error("no raft leader elected yet; retry")]
     NoLeader,
+    /// This node has not confirmed with the raft leader and a quorum that it is current (a
+    /// partition, or no leader): it serves no Watch stream, so followers move to another node.
+    #[error(
+        "this policy-store node cannot reach a raft quorum: not confirmed current for over {}s; \
+         try another node",
+        crate::confirm::UNCONFIRMED_LIMIT.as_secs()
+    )]
+    NoQuorum,
     #[error("invalid node address {addr:?}")]
     PeerAddress {
         addr: String,
@@ -154,7 +162,9 @@ impl From<StoreError> for tonic::Status {
                     tonic::Status::failed_precondition(error_chain(&e))
                 }
             },
-            StoreError::CheckLeader(_) | StoreError::NoLeader => tonic::Status::unavailable(error_chain(&e)),
+            StoreError::CheckLeader(_) | StoreError::NoLeader | StoreError::NoQuorum => {
+                tonic::Status::unavailable(error_chain(&e))
+            }
             StoreError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
             StoreError::AdminOnly => tonic::Status::permission_denied(e.to_string()),
             StoreError::DocumentTooLarge { .. }

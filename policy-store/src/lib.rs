@@ -4,7 +4,9 @@
 //! [`Command::Apply`] to raft; the state machine turns it into version N+1, or into no change when
 //! the document's SHA-256 equals the latest version's. Versions, the raft log and the vote live in
 //! one redb file under [`PolicyStoreConfig::data_dir`], so a restarted node has the same history.
-//! Proxies follow the `Watch` stream with [`client::follow`].
+//! Proxies follow the `Watch` stream with [`client::follow`]; it carries a heartbeat each time
+//! the node confirmed with its raft quorum that it is current, and only that (or a new version)
+//! keeps a proxy fresh.
 //!
 //! A node runs alone (no `peers`) or as one of a 3- or 5-node cluster: raft RPCs go over tonic
 //! ([`network`] out, `grpc::raft` in), followers forward writes to the leader, reads can be
@@ -25,6 +27,8 @@
 //! - [`publish`]: every committed version as a `PolicyApplied` event on the bus.
 //! - [`network`]: the raft network: openraft RPCs to peers over tonic.
 //! - [`cluster`]: leader lookup, channels for forwarding, the token checks, routing headers.
+//! - `confirm`: whether this node is current, confirmed with the raft quorum about every second;
+//!   Watch streams send each confirmation as a heartbeat and end without one.
 //! - `grpc`: the tonic services: `PolicyStore` (Apply, Get, History, Watch), `Raft`, `PolicyStoreAdmin`.
 //! - [`client`]: [`client::PolicyClient`] for policy commands, [`client::AdminClient`] for the
 //!   cluster, [`client::follow`] for proxies, [`client::diff`] between versions.
@@ -34,6 +38,7 @@ pub mod client;
 pub mod cluster;
 pub mod command;
 pub mod config;
+mod confirm;
 pub mod error;
 mod grpc;
 pub mod network;
@@ -207,8 +212,17 @@ async fn serve(
 
     let cancel = CancellationToken::new();
     let channels = Arc::new(cluster::Channels::new(cfg.peers.clone()));
-    let service =
-        grpc::PolicyStoreService::new(raft.clone(), versions.clone(), cancel.clone(), channels.clone());
+    // Whether this node is current, confirmed with the raft quorum about every second: Watch
+    // streams carry it as heartbeats and end when it is missing.
+    let (confirmed, confirming) =
+        confirm::spawn(raft.clone(), versions.clone(), channels.clone(), auth.admin(), cancel.clone());
+    let service = grpc::PolicyStoreService::new(
+        raft.clone(),
+        versions.clone(),
+        confirmed,
+        cancel.clone(),
+        channels.clone(),
+    );
     let admin = grpc::AdminService::new(cfg.node_id, raft.clone(), versions, channels);
     let raft_rpc = grpc::RaftService::new(raft);
     // Every service checks the bearer token in an interceptor, before the body is decoded:
@@ -216,7 +230,7 @@ async fn serve(
     // API and raft RPCs the admin token.
     use cluster::Role::{Admin, Reader};
     use tonic::service::interceptor::InterceptedService;
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
         .add_service(InterceptedService::new(
@@ -234,13 +248,20 @@ async fn serve(
                 .max_encoding_message_size(network::MAX_MESSAGE_BYTES),
             auth.guard(Admin),
         ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            // Ends open Watch streams, so the graceful shutdown does not wait for them forever.
-            cancel.cancel();
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), {
+            let cancel = cancel.clone();
+            async move {
+                shutdown.await;
+                // Ends open Watch streams, so the graceful shutdown does not wait for them forever.
+                cancel.cancel();
+            }
         })
         .await
-        .map_err(StoreError::Serve)
+        .map_err(StoreError::Serve);
+    // Also when serving failed: the confirmations stop before raft does.
+    cancel.cancel();
+    let _ = confirming.await;
+    served
 }
 
 /// Wait until every raft task has dropped its handle on the storage file.

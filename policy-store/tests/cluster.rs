@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use policy_store::client::{AdminClient, ClientError, PolicyClient};
+use policy_store::client::{AdminClient, ClientError, PolicyClient, StalePolicy, follow};
 use policy_store::{PolicyStoreConfig, StoreError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -141,5 +141,83 @@ async fn three_nodes_replicate_writes_sent_to_any_node_and_survive_losing_the_le
         let _ = n.stop.send(());
         tokio::time::timeout(Duration::from_secs(10), n.task).await.context("node did not stop")???;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_follower_of_a_node_cut_off_from_the_majority_goes_stale_and_the_node_ends_its_watch()
+-> anyhow::Result<()> {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let mut nodes = start_cluster(&dirs).await?;
+    let leader = leader_of(&nodes, None).await?;
+    let mut client = PolicyClient::connect(&nodes[0].endpoint, TOKEN).await?;
+    while_unavailable(&mut client, async |c| c.apply("defaults: { no_match: deny }\n", "alice").await)
+        .await?;
+
+    // A proxy that reaches only one node, a raft follower (it confirms through the leader's read
+    // index; a leader cut off fails its own quorum round the same way).
+    let cut_off = nodes.remove(nodes.iter().position(|n| n.id != leader).context("a follower")?);
+    let max_staleness = Duration::from_secs(2);
+    let follower = follow(vec![cut_off.endpoint.clone()], READ)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while follower.current(max_staleness).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the follower never got version 1 and a heartbeat");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // With the cluster whole, heartbeats keep it fresh though no version is applied for three
+    // times the staleness limit.
+    let until = Instant::now() + 3 * max_staleness;
+    while Instant::now() < until {
+        let current = follower.current(max_staleness).map(|p| p.version);
+        assert_eq!(current, Ok(1), "stale while the node was part of the majority");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Cut the node off: the other two are gone, it still serves its state machine.
+    for n in nodes {
+        let _ = n.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), n.task).await.context("node did not stop")???;
+    }
+    let cut = Instant::now();
+    let stale = loop {
+        match follower.current(max_staleness) {
+            Err(e) => break e,
+            Ok(_) => {
+                anyhow::ensure!(
+                    cut.elapsed() < max_staleness + Duration::from_secs(4),
+                    "the follower of a cut-off node still looks fresh after {:?}",
+                    cut.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(matches!(stale, StalePolicy::Stale { version: 1, .. }), "{stale}");
+    // The node still answers reads from its own state, but serves no Watch once it has not been
+    // confirmed for 5 s, saying why.
+    let mut reader = PolicyClient::connect(&cut_off.endpoint, READ).await?;
+    assert_eq!(reader.get(0).await?.version, 1);
+    tokio::time::sleep((cut + Duration::from_secs(6)).saturating_duration_since(Instant::now())).await;
+    let refused = match reader.watch_events(1).await {
+        Err(e) => e,
+        Ok(mut events) => {
+            let status = loop {
+                match tokio::time::timeout(Duration::from_secs(5), events.message()).await? {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => anyhow::bail!("the watch ended without an error"),
+                    Err(status) => break status,
+                }
+            };
+            ClientError::from(status)
+        }
+    };
+    assert_eq!(refused.code(), Some(tonic::Code::Unavailable), "{refused}");
+    assert!(refused.to_string().contains("cannot reach a raft quorum"), "{refused}");
+    assert!(follower.current(max_staleness).is_err());
+
+    let _ = cut_off.stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), cut_off.task)
+        .await
+        .context("the cut-off node did not stop")???;
     Ok(())
 }

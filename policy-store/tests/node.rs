@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use policy_store::client::{PolicyClient, follow};
+use policy_store::client::{ClientError, PolicyClient, follow};
 use policy_store::{PolicyStoreConfig, StoreError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -146,10 +146,12 @@ async fn get_unknown_version_is_not_found() -> anyhow::Result<()> {
     node.stop().await
 }
 
+/// The next version of a [`PolicyClient::watch`] stream (heartbeats are left out).
 async fn next(
-    stream: &mut tonic::Streaming<proto::pb::PolicyVersion>,
+    stream: &mut (impl tokio_stream::Stream<Item = Result<proto::pb::PolicyVersion, ClientError>> + Unpin),
 ) -> anyhow::Result<Option<proto::pb::PolicyVersion>> {
-    Ok(tokio::time::timeout(Duration::from_secs(5), stream.message()).await??)
+    use tokio_stream::StreamExt;
+    Ok(tokio::time::timeout(Duration::from_secs(5), stream.next()).await?.transpose()?)
 }
 
 #[tokio::test]
@@ -189,7 +191,14 @@ async fn follower_sees_a_new_version_within_a_second() -> anyhow::Result<()> {
     let first =
         tokio::time::timeout(Duration::from_secs(5), policy.wait_for(Option::is_some)).await??.clone();
     assert_eq!(first.as_ref().map(|p| p.version), Some(1));
-    assert!(follower.last_contact().is_some());
+    // Contact comes with the Watch stream's first heartbeat, right after the version.
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while follower.last_contact().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("no heartbeat")?;
 
     client.apply(DOC_2, "alice").await?;
     let applied = std::time::Instant::now();
@@ -525,10 +534,9 @@ async fn a_new_follower_activates_only_the_newest_version() -> anyhow::Result<()
 /// A policy store that answers `Get` with `latest` and streams whatever the test sends on
 /// `Watch`, ignoring `from_version`: a store gone back, or a misbehaving node.
 struct FakeStore {
-    latest: proto::pb::PolicyVersion,
-    watch: std::sync::Mutex<
-        Option<tokio::sync::mpsc::Receiver<Result<proto::pb::PolicyVersion, tonic::Status>>>,
-    >,
+    latest: std::sync::Mutex<proto::pb::PolicyVersion>,
+    watch:
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Result<proto::pb::WatchEvent, tonic::Status>>>>,
     tokens: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -553,7 +561,7 @@ impl proto::pb::policy_store_server::PolicyStore for FakeStore {
         request: tonic::Request<proto::pb::GetRequest>,
     ) -> Result<tonic::Response<proto::pb::PolicyVersion>, tonic::Status> {
         self.token(&request);
-        Ok(tonic::Response::new(self.latest.clone()))
+        Ok(tonic::Response::new(self.latest.lock().expect("lock").clone()))
     }
 
     async fn history(
@@ -563,8 +571,7 @@ impl proto::pb::policy_store_server::PolicyStore for FakeStore {
         Err(tonic::Status::unimplemented("fake"))
     }
 
-    type WatchStream =
-        tokio_stream::wrappers::ReceiverStream<Result<proto::pb::PolicyVersion, tonic::Status>>;
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<proto::pb::WatchEvent, tonic::Status>>;
 
     async fn watch(
         &self,
@@ -586,6 +593,17 @@ fn stored(version: u64, yaml: &str) -> proto::pb::PolicyVersion {
     }
 }
 
+/// `v` as a Watch event.
+fn event(v: proto::pb::PolicyVersion) -> proto::pb::WatchEvent {
+    proto::pb::WatchEvent { event: Some(proto::pb::watch_event::Event::Version(v)) }
+}
+
+/// A heartbeat naming `version`, confirmed just now.
+fn beat(version: u64) -> proto::pb::WatchEvent {
+    let heartbeat = proto::pb::Heartbeat { version, confirmed_ms_ago: 0 };
+    proto::pb::WatchEvent { event: Some(proto::pb::watch_event::Event::Heartbeat(heartbeat)) }
+}
+
 #[tokio::test]
 async fn a_follower_never_activates_a_version_lower_than_it_has() -> anyhow::Result<()> {
     let log = Activations::default();
@@ -593,7 +611,7 @@ async fn a_follower_never_activates_a_version_lower_than_it_has() -> anyhow::Res
     let (versions, rx) = tokio::sync::mpsc::channel(16);
     let tokens = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let fake = FakeStore {
-        latest: stored(5, DOC_1),
+        latest: std::sync::Mutex::new(stored(5, DOC_1)),
         watch: std::sync::Mutex::new(Some(rx)),
         tokens: tokens.clone(),
     };
@@ -615,7 +633,7 @@ async fn a_follower_never_activates_a_version_lower_than_it_has() -> anyhow::Res
     .context("the follower did not take the newest version from Get")??;
     // Older and equal versions on the stream are refused; the next newer one is taken.
     for v in [stored(3, DOC_2), stored(5, DOC_3), stored(4, DOC_2), stored(6, DOC_3)] {
-        versions.send(Ok(v)).await?;
+        versions.send(Ok(event(v))).await?;
     }
     let seen = tokio::time::timeout(
         Duration::from_secs(5),
@@ -640,7 +658,7 @@ async fn a_follower_that_cannot_decode_the_store_never_counts_it_as_reached() ->
     // it, so the follower must go stale instead of looking healthy on the version it has.
     let (_versions, rx) = tokio::sync::mpsc::channel(1);
     let fake = FakeStore {
-        latest: stored(5, &padded(policy_store::MAX_VERSION_BYTES + 1024)),
+        latest: std::sync::Mutex::new(stored(5, &padded(policy_store::MAX_VERSION_BYTES + 1024))),
         watch: std::sync::Mutex::new(Some(rx)),
         tokens: std::sync::Arc::default(),
     };
@@ -657,5 +675,101 @@ async fn a_follower_that_cannot_decode_the_store_never_counts_it_as_reached() ->
     assert!(follower.policy.borrow().is_none());
     assert!(follower.current(Duration::from_secs(60)).is_err());
     server.abort();
+    Ok(())
+}
+
+/// `follower.last_contact()` becomes `Some` within `within`.
+async fn contact_within(follower: &policy_store::client::Follower, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        while follower.last_contact().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn only_heartbeats_and_versions_are_contact_and_a_heartbeat_ahead_makes_the_follower_resync()
+-> anyhow::Result<()> {
+    let (events, rx) = tokio::sync::mpsc::channel(16);
+    let fake = std::sync::Arc::new(FakeStore {
+        latest: std::sync::Mutex::new(stored(5, DOC_1)),
+        watch: std::sync::Mutex::new(Some(rx)),
+        tokens: std::sync::Arc::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::pb::policy_store_server::PolicyStoreServer::from_arc(fake.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let follower = follow(vec![endpoint], READ)?;
+    let mut policy = follower.policy.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        policy.wait_for(|p| p.as_ref().is_some_and(|p| p.version == 5)),
+    )
+    .await
+    .context("the follower did not take the newest version from Get")??;
+    // `Get` answered and the Watch stream is open, but no node said it is current: no contact.
+    assert!(!contact_within(&follower, Duration::from_millis(1500)).await, "contact without a heartbeat");
+    assert!(follower.current(Duration::from_secs(60)).is_err());
+    // A heartbeat for the version it has is contact.
+    events.send(Ok(beat(5))).await?;
+    assert!(contact_within(&follower, Duration::from_secs(2)).await, "a heartbeat was not contact");
+    assert_eq!(follower.current(Duration::from_secs(60)).map(|p| p.version), Ok(5));
+    // A heartbeat naming version 6, which never came on the stream: the follower asks again.
+    *fake.latest.lock().expect("lock") = stored(6, DOC_2);
+    let before = follower.last_contact();
+    events.send(Ok(beat(6))).await?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        policy.wait_for(|p| p.as_ref().is_some_and(|p| p.version == 6)),
+    )
+    .await
+    .context("the follower did not resync after a heartbeat ahead of it")??;
+    assert_eq!(follower.last_contact(), before, "a heartbeat ahead of the follower counted as contact");
+    server.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_follower_of_a_single_node_fresh_while_no_version_is_applied() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(dir.path()).await?;
+    let mut client = node.client().await?;
+    client.apply(DOC_1, "alice").await?;
+
+    // The raw stream: the backlog, then a heartbeat naming the newest version, then more.
+    let mut events = client.watch_events(0).await?;
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let event =
+            tokio::time::timeout(Duration::from_secs(3), events.message()).await??.context("ended")?;
+        kinds.push(match event.event.context("an event")? {
+            proto::pb::watch_event::Event::Version(v) => format!("version {}", v.version),
+            proto::pb::watch_event::Event::Heartbeat(h) => format!("heartbeat {}", h.version),
+        });
+    }
+    assert_eq!(kinds, vec!["version 1", "heartbeat 1", "heartbeat 1"]);
+
+    // A follower stays fresh for three times its staleness limit with no new version.
+    let max_staleness = Duration::from_secs(2);
+    let follower = follow(vec![node.endpoint.clone()], READ)?;
+    assert!(contact_within(&follower, Duration::from_secs(5)).await, "no heartbeat");
+    let until = std::time::Instant::now() + 3 * max_staleness;
+    while std::time::Instant::now() < until {
+        let current = follower.current(max_staleness).map(|p| p.version);
+        assert_eq!(current, Ok(1), "stale while the store was up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Without the store the same follower goes stale once the limit has passed.
+    node.stop().await?;
+    tokio::time::sleep(max_staleness + Duration::from_millis(1500)).await;
+    let stale = follower.current(max_staleness).expect_err("fresh with the store gone");
+    assert!(matches!(stale, policy_store::client::StalePolicy::Stale { version: 1, .. }), "{stale}");
     Ok(())
 }

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use proto::pb::policy_store_client::PolicyStoreClient;
-use proto::pb::{GetRequest, PolicyVersion, WatchRequest};
+use proto::pb::watch_event::Event;
+use proto::pb::{GetRequest, Heartbeat, PolicyVersion, WatchRequest};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -17,8 +18,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// HTTP/2 pings detect a dead store while no versions arrive.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
-/// While a stream is open and pings answered, contact is refreshed this often.
-const CONTACT_TICK: Duration = Duration::from_millis(500);
+/// A stream that brought no version or heartbeat for this long is given up for the next
+/// endpoint: a node sends a heartbeat about every second while it is confirmed current.
+const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// A parsed, validated version the proxy enforces.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,8 +61,9 @@ pub enum StalePolicy {
 }
 
 impl Follower {
-    /// When the follower last had a live stream to a store (a version received, or the open stream
-    /// confirmed alive by HTTP/2 keepalive); `None` if never.
+    /// When the store was last known current: a heartbeat (the serving node had confirmed with
+    /// its raft leader and quorum that it was current, at this instant) or a version received on
+    /// the Watch stream; `None` if never.
     pub fn last_contact(&self) -> Option<Instant> {
         self.contact().map(|(at, _)| at)
     }
@@ -104,9 +107,14 @@ impl Follower {
 /// (restored from an old backup, a lagging node) never makes a proxy enforce an older version.
 /// On disconnect it retries with backoff (100ms doubling to 2s), cycling through `endpoints`.
 /// A received document that fails `proto::policy::parse` is logged and skipped (the last good
-/// one stays). The store counts as reached only when it answered with versions that decoded,
-/// or while a stream that did stays open; a failing stream never refreshes it, so a proxy
-/// that cannot read the store goes stale. Answers up to [`crate::MAX_VERSION_BYTES`] are
+/// one stays). The store counts as reached (contact, see [`Follower::current`]) only by a
+/// heartbeat, which a node sends each time its raft leader and quorum confirmed it current (the
+/// contact dates from that confirmation), or by a version received on the Watch stream. Neither
+/// an open stream nor `Get` counts: a node cut off from the raft majority still answers from its
+/// old state, and ends its streams when it cannot confirm. A heartbeat naming a version above
+/// the last one seen means one was missed: the follower reconnects and starts again with `Get`.
+/// A stream silent for 5 s is given up for the next endpoint. Undecodable answers never count,
+/// so a proxy that cannot read the store goes stale. Answers up to [`crate::MAX_VERSION_BYTES`] are
 /// accepted. The receiver starts at `None`. The task ends when every receiver of
 /// [`Follower::policy`] is dropped. Must be called inside a tokio runtime; fails only when the
 /// token cannot be sent as a header.
@@ -129,9 +137,29 @@ struct Contact(Arc<Mutex<Option<(Instant, SystemTime)>>>);
 
 impl Contact {
     fn touch(&self) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((Instant::now(), SystemTime::now()));
+        self.at(Instant::now());
     }
+
+    /// The store was known current at `at`; contact never moves back.
+    fn at(&self, at: Instant) {
+        let mut contact = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if contact.is_some_and(|(last, _)| last >= at) {
+            return;
+        }
+        let now = SystemTime::now();
+        *contact = Some((at, now.checked_sub(at.elapsed()).unwrap_or(now)));
+    }
+}
+
+/// How a stream that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The server ended it.
+    Closed,
+    /// Nothing arrived for [`SILENCE_LIMIT`].
+    Silent,
+    /// A heartbeat named a version above the last one seen: start again with `Get`.
+    Resync,
 }
 
 async fn follow_loop(
@@ -146,18 +174,36 @@ async fn follow_loop(
     }
     let mut last_seen = 0u64;
     let mut backoff = MIN_BACKOFF;
-    for endpoint in endpoints.iter().cycle() {
-        match stream_once(endpoint, authorization, &mut last_seen, tx, contact, &mut backoff).await {
-            Ok(()) => info!(endpoint = %endpoint, "policy watch stream ended; reconnecting"),
+    let mut next = 0usize;
+    loop {
+        let endpoint = &endpoints[next % endpoints.len()];
+        let ended = stream_once(endpoint, authorization, &mut last_seen, tx, contact, &mut backoff).await;
+        let resync = matches!(ended, Ok(Ended::Resync));
+        match ended {
+            Ok(Ended::Closed) => info!(endpoint = %endpoint, "policy watch stream ended; reconnecting"),
+            Ok(Ended::Silent) => warn!(
+                endpoint = %endpoint,
+                "no heartbeat from the policy store for {}s; trying the next endpoint",
+                SILENCE_LIMIT.as_secs()
+            ),
+            Ok(Ended::Resync) => info!(
+                endpoint = %endpoint,
+                policy.seen = last_seen,
+                "the policy store is at a version this follower has not seen; resyncing"
+            ),
             Err(e) => warn!(endpoint = %endpoint, error = %e, "policy watch failed; retrying"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        // A resync asks the same node again; anything else moves on to the next one.
+        if !resync {
+            next = next.wrapping_add(1);
+        }
     }
 }
 
 /// One connection: the newest version, then the stream of later ones into `tx`, until the
-/// stream ends or fails.
+/// stream ends, fails, falls silent or shows that a version was missed.
 async fn stream_once(
     endpoint: &str,
     authorization: &Bearer,
@@ -165,7 +211,7 @@ async fn stream_once(
     tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
     contact: &Contact,
     backoff: &mut Duration,
-) -> Result<(), ClientError> {
+) -> Result<Ended, ClientError> {
     let channel = super::endpoint(endpoint)?
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -174,6 +220,8 @@ async fn stream_once(
         .await
         .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
     let mut client = PolicyStoreClient::new(channel).max_decoding_message_size(crate::MAX_VERSION_BYTES);
+    // Served from the node's own state, which may be old: not contact. The Watch stream's first
+    // heartbeat says whether the node is current.
     match client.get(authorized(GetRequest { version: 0 }, authorization)).await {
         Ok(latest) => {
             let latest = latest.into_inner();
@@ -192,22 +240,22 @@ async fn stream_once(
         Err(status) if status.code() == tonic::Code::NotFound => {}
         Err(status) => return Err(status.into()),
     }
-    contact.touch();
     *backoff = MIN_BACKOFF;
     let request = authorized(WatchRequest { from_version: *last_seen }, authorization);
     let mut stream = client.watch(request).await?.into_inner();
     debug!(endpoint = %endpoint, policy.version = *last_seen, "following policy store");
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + CONTACT_TICK, CONTACT_TICK);
+    let silence = tokio::time::sleep(SILENCE_LIMIT);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
             message = stream.message() => match message? {
                 Some(first) => {
                     // Take whatever else already arrived, so a backlog activates only its newest.
-                    let mut batch = vec![first];
+                    let mut events = vec![first];
                     let mut failed = None;
                     loop {
                         match stream.message().now_or_never() {
-                            Some(Ok(Some(v))) => batch.push(v),
+                            Some(Ok(Some(e))) => events.push(e),
                             Some(Err(e)) => {
                                 failed = Some(e);
                                 break;
@@ -215,18 +263,61 @@ async fn stream_once(
                             Some(Ok(None)) | None => break,
                         }
                     }
-                    if accept(batch, last_seen, tx) {
+                    let mut versions = Vec::new();
+                    let mut heartbeats = Vec::new();
+                    for event in events {
+                        match event.event {
+                            Some(Event::Version(v)) => versions.push(v),
+                            Some(Event::Heartbeat(h)) => heartbeats.push(h),
+                            None => debug!(endpoint = %endpoint, "ignored a Watch event of an unknown kind"),
+                        }
+                    }
+                    let mut reached = accept(versions, last_seen, tx);
+                    if reached {
                         contact.touch();
+                    }
+                    // Versions come before the heartbeat that names them, so every version a
+                    // heartbeat names was taken above.
+                    for h in heartbeats {
+                        if !heartbeat(&h, *last_seen, contact) {
+                            return Ok(Ended::Resync);
+                        }
+                        reached = true;
                     }
                     if let Some(e) = failed {
                         return Err(e.into());
                     }
+                    if reached {
+                        silence.as_mut().reset(tokio::time::Instant::now() + SILENCE_LIMIT);
+                    }
                 }
-                None => return Ok(()),
+                None => return Ok(Ended::Closed),
             },
-            _ = tick.tick() => contact.touch(),
+            () = &mut silence => return Ok(Ended::Silent),
         }
     }
+}
+
+/// Take a heartbeat: the node was current when it confirmed, `confirmed_ms_ago` before sending,
+/// so that is when the store was last reached. False (no contact) when it names a version above
+/// `last_seen`: this follower missed one and must resync. One below `last_seen` (the store went
+/// back, e.g. restored from an old backup) still counts; the newer version stays enforced.
+fn heartbeat(h: &Heartbeat, last_seen: u64, contact: &Contact) -> bool {
+    if h.version > last_seen {
+        return false;
+    }
+    if h.version < last_seen {
+        debug!(
+            policy.version = h.version,
+            policy.seen = last_seen,
+            "the policy store is at an older version than the one enforced"
+        );
+    }
+    // An age too large to subtract cannot be fresh: no contact, but no resync either.
+    if let Some(at) = Instant::now().checked_sub(Duration::from_millis(h.confirmed_ms_ago)) {
+        contact.at(at);
+    }
+    true
 }
 
 /// Take `batch` (versions received in order): refuse (and log) each one not newer than
@@ -356,6 +447,24 @@ mod tests {
         assert!(accept(batch, &mut seen, &tx));
         assert_eq!(rx.borrow().as_ref().map(|p| p.version), Some(3));
         assert_eq!(seen, 4);
+    }
+
+    #[test]
+    fn a_heartbeat_is_contact_from_its_confirmation_unless_it_names_a_version_not_seen() {
+        let contact = Contact(Arc::default());
+        let beat = |version, confirmed_ms_ago| Heartbeat { version, confirmed_ms_ago };
+        // Ahead of the follower: resync, no contact.
+        assert!(!heartbeat(&beat(8, 0), 7, &contact));
+        assert_eq!(*contact.0.lock().expect("lock"), None);
+        // Dated from the confirmation, not the arrival.
+        assert!(heartbeat(&beat(7, 3_000), 7, &contact));
+        let (at, _) = contact.0.lock().expect("lock").expect("contact");
+        assert!(at.elapsed() >= Duration::from_secs(3));
+        // An older confirmation never moves contact back; a lower version still counts.
+        assert!(heartbeat(&beat(7, 60_000), 7, &contact));
+        assert_eq!(contact.0.lock().expect("lock").map(|c| c.0), Some(at));
+        assert!(heartbeat(&beat(6, 0), 7, &contact));
+        assert!(contact.0.lock().expect("lock").expect("contact").0 > at);
     }
 
     #[test]

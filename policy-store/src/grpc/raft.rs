@@ -1,5 +1,6 @@
 //! Serves raft RPCs from peers (`proto/raft.proto`, service `Raft`): decode the JSON request,
-//! hand it to the local raft node, answer with the JSON of its `Result`. The admin token is
+//! hand it to the local raft node, answer with the JSON of its `Result`; and `ReadIndex`, with
+//! which the other nodes confirm that they are current. The admin token is
 //! checked before this, by the interceptor the service is registered with (`lib.rs`), so no
 //! body is read for a caller without it.
 
@@ -45,5 +46,11 @@ impl proto::pb::raft_server::Raft for RaftService {
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request)?;
         encode(&self.raft.vote(rpc).await)
+    }
+
+    /// The leader's read index, after it confirmed its leadership with a quorum: another node
+    /// that has applied up to it is current (see `confirm`). The request carries nothing.
+    async fn read_index(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        encode(&self.raft.get_read_log_id().await)
     }
 }

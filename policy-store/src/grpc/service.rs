@@ -10,8 +10,10 @@ use openraft::BasicNode;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use proto::pb::policy_store_client::PolicyStoreClient;
 use proto::pb::policy_store_server::PolicyStore;
+use proto::pb::watch_event::Event;
 use proto::pb::{
-    ApplyRequest, ApplyResponse, GetRequest, HistoryRequest, HistoryResponse, PolicyVersion, WatchRequest,
+    ApplyRequest, ApplyResponse, GetRequest, Heartbeat, HistoryRequest, HistoryResponse, PolicyVersion,
+    WatchEvent, WatchRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +24,7 @@ use tracing::{debug, info};
 
 use crate::cluster::{CONSISTENCY_HEADER, Channels, LINEARIZABLE, MAX_HOPS, Role};
 use crate::command::Command;
+use crate::confirm::{CONFIRM_INTERVAL, Confirmations, Confirmed, UNCONFIRMED_LIMIT};
 use crate::error::StoreError;
 use crate::store::Versions;
 use crate::version::StoredVersion;
@@ -35,6 +38,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct PolicyStoreService {
     raft: Raft,
     versions: watch::Receiver<Versions>,
+    confirmed: Confirmations,
     shutdown: CancellationToken,
     channels: Arc<Channels>,
 }
@@ -84,10 +88,11 @@ impl PolicyStoreService {
     pub(crate) fn new(
         raft: Raft,
         versions: watch::Receiver<Versions>,
+        confirmed: Confirmations,
         shutdown: CancellationToken,
         channels: Arc<Channels>,
     ) -> Self {
-        Self { raft, versions, shutdown, channels }
+        Self { raft, versions, confirmed, shutdown, channels }
     }
 
     fn client(&self, id: NodeId, node: &BasicNode) -> Result<PolicyStoreClient<Channel>, StoreError> {
@@ -251,40 +256,100 @@ impl PolicyStore for PolicyStoreService {
         Ok(Response::new(HistoryResponse { versions }))
     }
 
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<PolicyVersion, Status>> + Send + 'static>>;
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send + 'static>>;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let from_version = request.into_inner().from_version;
+        // A node that is not confirmed current serves no stream: its versions may be old. One
+        // that just started (or missed a round) gets a little time to confirm.
+        let mut confirmed = self.confirmed.clone();
+        let fresh = |c: &Option<Confirmed>| c.as_ref().is_some_and(Confirmed::fresh);
+        if !fresh(&confirmed.borrow()) {
+            let waited = tokio::time::timeout(2 * CONFIRM_INTERVAL, confirmed.wait_for(fresh)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                return Err(StoreError::NoQuorum.into());
+            }
+        }
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(feed_watch(self.versions.clone(), from_version, tx, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(feed_watch(self.versions.clone(), confirmed, from_version, tx, self.shutdown.clone()));
+        // A heartbeat's age is taken as it leaves the queue, so a slow reader never sees a
+        // confirmation as newer than it is.
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |item| {
+            item.map(|item| {
+                let event = match item {
+                    Item::Version(v) => Event::Version(v),
+                    Item::Beat(c) => Event::Heartbeat(Heartbeat {
+                        version: c.version,
+                        confirmed_ms_ago: u64::try_from(c.at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    }),
+                };
+                WatchEvent { event: Some(event) }
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Send every version after `sent`, then each new one, until the client goes away or the server
-/// shuts down. The watch channel always holds the full list and `borrow_and_update` marks what was
-/// seen, so a version committed between the backlog and the wait is never missed.
+/// Send every version after `sent`, then each new one, and a heartbeat for each confirmation
+/// that this node is current (the first one right after the backlog), until the client goes
+/// away, the server shuts down, or the node has not been confirmed for [`UNCONFIRMED_LIMIT`]:
+/// then the stream ends with UNAVAILABLE, so the follower moves to another node. The watch
+/// channels always hold the latest state and `borrow_and_update` marks what was seen, so a
+/// version committed between the backlog and the wait is never missed. The confirmation is read
+/// before the versions, so a heartbeat comes after every version it names.
 async fn feed_watch(
     mut versions: watch::Receiver<Versions>,
+    mut confirmed: Confirmations,
     mut sent: u64,
-    tx: mpsc::Sender<Result<PolicyVersion, Status>>,
+    tx: mpsc::Sender<Result<Item, Status>>,
     shutdown: CancellationToken,
 ) {
+    let mut beat: Option<Confirmed> = None;
     loop {
+        let latest = *confirmed.borrow_and_update();
         let pending: Vec<Arc<StoredVersion>> =
             versions.borrow_and_update().iter().filter(|v| v.version > sent).cloned().collect();
         for v in pending {
-            tokio::select! {
-                delivered = tx.send(Ok(PolicyVersion::from(v.as_ref()))) => if delivered.is_err() { return },
-                () = shutdown.cancelled() => return,
+            if !send(&tx, Item::Version(PolicyVersion::from(v.as_ref())), &shutdown).await {
+                return;
             }
             sent = v.version;
         }
+        let Some(latest) = latest.filter(Confirmed::fresh) else {
+            // Not confirmed for too long: a partitioned node must not look current.
+            tokio::select! {
+                _ = tx.send(Err(StoreError::NoQuorum.into())) => {}
+                () = shutdown.cancelled() => {}
+            }
+            return;
+        };
+        if beat != Some(latest) {
+            if !send(&tx, Item::Beat(latest), &shutdown).await {
+                return;
+            }
+            beat = Some(latest);
+        }
         tokio::select! {
             changed = versions.changed() => if changed.is_err() { return },
+            changed = confirmed.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep_until(latest.at + UNCONFIRMED_LIMIT) => {}
             () = shutdown.cancelled() => return,
             () = tx.closed() => return,
         }
+    }
+}
+
+/// What `feed_watch` queues for a Watch stream.
+enum Item {
+    Version(PolicyVersion),
+    Beat(Confirmed),
+}
+
+/// Queue `item` on the stream; false when the client went away or the server is stopping.
+async fn send(tx: &mpsc::Sender<Result<Item, Status>>, item: Item, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        delivered = tx.send(Ok(item)) => delivered.is_ok(),
+        () = shutdown.cancelled() => false,
     }
 }
 
