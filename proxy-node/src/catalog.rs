@@ -8,13 +8,16 @@
 //! are cached per session, and dropped whenever the session runs DDL.
 //!
 //! Masking looks up result columns' origins, relations by name (with view definitions) and
-//! table columns the same way.
+//! table columns the same way. Policy looks up what a statement reaches through the tables it
+//! names: their lines of inheritance and views' base tables ([`Catalog::reached`]), and for a
+//! write the tables foreign keys write and the triggers and rules it fires
+//! ([`Catalog::writes_reached`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use proto::policy::Connection;
+use proto::policy::{Connection, Operation};
 use tokio::io::AsyncWriteExt;
 
 use crate::policy::{AttributeCall, FunctionRef, TableName};
@@ -22,9 +25,19 @@ use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
 use masking::lineage::ColumnRef;
 
+/// The overloads of a function: schema, volatility, language, source, how many user types they
+/// take or return, and whether the function makes a value of a type its caller names: a type's
+/// input or receive function (first argument `cstring` or `internal`, 2275 and 2281) that takes
+/// a type OID (`oid` or `regtype`, 26 and 2206), such as `domain_in`, `record_in`, `array_in` or
+/// `range_in`, or `json(b)_populate_record(set)`, which fills a row type's columns from text.
+/// Whatever that type's input runs (a domain's `CHECK`, a range's canonical function), it runs
+/// although the function itself is a stable built-in.
 const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc, \
      (SELECT count(*) FROM pg_catalog.pg_type ty WHERE ty.oid = ANY (p.proargtypes::oid[] || p.prorettype) \
-       AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text \
+       AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text, \
+     ((p.pronargs > 0 AND p.proargtypes[0] IN (2275, 2281) AND p.proargtypes::oid[] && '{26,2206}'::oid[]) \
+       OR p.proname IN ('json_populate_record', 'json_populate_recordset', 'jsonb_populate_record', \
+         'jsonb_populate_recordset'))::text \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
      WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
@@ -94,6 +107,83 @@ const INHERITANCE_SQL: &str = "WITH RECURSIVE start AS ( \
      SELECT n.nspname, c.relname FROM (SELECT oid FROM up UNION SELECT oid FROM down) r \
      JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
 
+/// What writing the relations named in `$1` (a JSON array of `[name, schema or null]`; an
+/// unqualified name counts in every schema) runs and writes besides, one row each, with the
+/// name's index in `$1`:
+/// - `t`: an enabled user trigger (`tgname`): code of any effect runs with the write;
+/// - `r`: a rewrite rule other than a view's `_RETURN` (`ON INSERT/UPDATE/DELETE ... DO ALSO` or
+///   `INSTEAD`), which runs other statements in the write's place or with it;
+/// - `f`: a table with a foreign key referencing it (schema, name, and `confdeltype` and
+///   `confupdtype` together): what deleting or updating a referenced row does there.
+const WRITES_SQL: &str = "WITH want AS ( \
+       SELECT (w.i - 1)::int AS i, w.v->>0 AS name, w.v->>1 AS schema \
+       FROM pg_catalog.jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS w(v, i)), \
+     rel AS (SELECT want.i, c.oid FROM want JOIN pg_catalog.pg_class c ON c.relname = want.name \
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       WHERE want.schema IS NULL OR n.nspname = want.schema) \
+     SELECT rel.i::text, 't', n.nspname, c.relname, t.tgname FROM rel \
+       JOIN pg_catalog.pg_trigger t ON t.tgrelid = rel.oid \
+       JOIN pg_catalog.pg_class c ON c.oid = rel.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' \
+     UNION ALL SELECT rel.i::text, 'r', n.nspname, c.relname, w.rulename FROM rel \
+       JOIN pg_catalog.pg_rewrite w ON w.ev_class = rel.oid \
+       JOIN pg_catalog.pg_class c ON c.oid = rel.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       WHERE w.ev_type <> '1' \
+     UNION ALL SELECT rel.i::text, 'f', n.nspname, c.relname, k.confdeltype::text || k.confupdtype::text FROM rel \
+       JOIN pg_catalog.pg_constraint k ON k.confrelid = rel.oid AND k.contype = 'f' \
+       JOIN pg_catalog.pg_class c ON c.oid = k.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+
+/// How many rounds of foreign keys [`Catalog::writes_reached`] follows (a table referencing one
+/// referencing one ...), and to how many (operation, table) pairs in all: past either, the
+/// write's effect is unknown. (A table's own partitions and children count for neither: the
+/// catalog lists them in one answer.)
+const MAX_FK_DEPTH: usize = 16;
+const MAX_WRITES_REACHED: usize = 256;
+
+/// What writing one relation runs and writes besides (a row of [`WRITES_SQL`] each).
+#[derive(Debug, Default)]
+struct WriteFacts {
+    /// A user trigger or rewrite rule that runs with a write: what, for the reason.
+    runs: Option<String>,
+    /// The tables whose foreign keys reference it, each with its `confdeltype` and
+    /// `confupdtype`.
+    referencing: Vec<(TableName, char, char)>,
+}
+
+/// What the writes a statement names do besides ([`Catalog::writes_reached`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WritesReached {
+    /// Tables written through foreign keys and through the line of inheritance and views of
+    /// those, with what is done to each.
+    pub tables: Vec<(Operation, TableName)>,
+    /// Why the effect is unknown, if it is: a trigger or rule runs, or the foreign keys lead
+    /// further than the gateway follows.
+    pub unknown: Option<String>,
+}
+
+/// What PostgreSQL does to a table whose foreign key (with `ON DELETE` action `del` and
+/// `ON UPDATE` action `upd`, as `pg_constraint` spells them) references a table that `op` writes:
+/// `TRUNCATE` truncates every referencing table (with `CASCADE`; without it the server refuses),
+/// `DELETE` deletes rows there (`CASCADE`) or updates them (`SET NULL`, `SET DEFAULT`), `UPDATE`
+/// updates them (any of the three). `NO ACTION` and `RESTRICT` only check.
+fn through_foreign_key(op: Operation, del: char, upd: char) -> Option<Operation> {
+    match (op, del, upd) {
+        (Operation::Truncate, _, _) => Some(Operation::Truncate),
+        (Operation::Delete, 'c', _) => Some(Operation::Delete),
+        (Operation::Delete, 'n' | 'd', _) => Some(Operation::Update),
+        (Operation::Update, _, 'c' | 'n' | 'd') => Some(Operation::Update),
+        _ => None,
+    }
+}
+
+/// Does `op` write rows of its table (so its triggers and rules run)?
+pub fn writes_rows(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::Insert | Operation::Update | Operation::Delete | Operation::Merge | Operation::Truncate
+    )
+}
+
 const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
      WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
        ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
@@ -136,6 +226,8 @@ pub struct Catalog {
     generated: crate::Map<(Option<String>, String), (GeneratedColumns, Instant)>,
     /// See [`Catalog::reached`].
     reached: crate::Map<TableName, (Arc<[TableName]>, Instant)>,
+    /// See [`Catalog::writes_reached`].
+    write_facts: crate::Map<TableName, (Arc<WriteFacts>, Instant)>,
     /// How many times it was invalidated: what was derived from its answers holds while this
     /// stays the same (and for [`TTL`]).
     epoch: u64,
@@ -188,6 +280,7 @@ impl Catalog {
         self.columns.clear();
         self.generated.clear();
         self.reached.clear();
+        self.write_facts.clear();
     }
 
     /// Has the session run DDL (so it may have objects, temporary tables among them, that
@@ -349,7 +442,7 @@ impl Catalog {
     /// [`Catalog::fields_call_nothing_unknown`] for the SQL bodies of rows of [`FUNCTION_SQL`].
     async fn bodies_call_nothing_by_field(&mut self, reach: Reach<'_>, rows: &[Vec<Option<String>>]) -> bool {
         for row in rows {
-            if let [Some(schema), _, Some(language), Some(body), _] = row.as_slice()
+            if let [Some(schema), _, Some(language), Some(body), ..] = row.as_slice()
                 && schema != "pg_catalog"
                 && language == "sql"
                 && !self.fields_call_nothing_unknown(reach, &crate::policy::classify(body)).await
@@ -536,6 +629,133 @@ impl Catalog {
         self.reached.insert(t.clone(), (out.clone(), now));
         self.answered(now);
         Ok(out)
+    }
+
+    /// What the writes `writes` (each an operation that writes rows, [`writes_rows`], on a table
+    /// the statement names) do besides, beyond the named tables and what [`Catalog::reached`]
+    /// finds for them:
+    /// - through foreign keys, recursively: a `TRUNCATE` truncates the tables referencing its
+    ///   table, a `DELETE` or `UPDATE` deletes or updates rows of those whose key says so
+    ///   ([`through_foreign_key`]), and each of those written tables' own lines of inheritance
+    ///   and views ([`Catalog::reached`]) are written alike;
+    /// - a user trigger or a rewrite rule on any table written (named, reached, or through a
+    ///   foreign key) runs code of any effect: the effect is unknown.
+    ///
+    /// Past [`MAX_FK_DEPTH`] rounds of foreign keys or [`MAX_WRITES_REACHED`] tables the effect is
+    /// unknown too. Each relation's facts are looked up once (in one query for all those a round
+    /// finds new) and cached like the other answers.
+    pub async fn writes_reached(
+        &mut self,
+        reach: Reach<'_>,
+        writes: &[(Operation, TableName)],
+    ) -> Result<WritesReached, UpstreamError> {
+        let mut out = WritesReached::default();
+        let mut seen: std::collections::HashSet<(Operation, TableName)> = std::collections::HashSet::new();
+        let mut round: Vec<(Operation, TableName)> = writes.to_vec();
+        // How many (operation, table) pairs foreign keys led to.
+        let mut followed = 0;
+        for depth in 0..=MAX_FK_DEPTH {
+            // This round's tables, and what each reaches through inheritance and views.
+            let mut here: Vec<(Operation, TableName)> = Vec::new();
+            for (op, t) in round.drain(..) {
+                let reached = self.reached(reach, &t).await?;
+                for n in std::iter::once(&t).chain(reached.iter()) {
+                    if seen.insert((op, n.clone())) {
+                        here.push((op, n.clone()));
+                    }
+                }
+            }
+            if here.is_empty() {
+                return Ok(out);
+            }
+            let facts = self.write_facts(reach, &here).await?;
+            for ((op, t), f) in here.into_iter().zip(facts) {
+                if let Some(runs) = &f.runs {
+                    out.unknown = Some(format!("{op} on {t} runs {runs}"));
+                    return Ok(out);
+                }
+                for (child, del, upd) in &f.referencing {
+                    if let Some(cop) = through_foreign_key(op, *del, *upd)
+                        && !seen.contains(&(cop, child.clone()))
+                        && !round.contains(&(cop, child.clone()))
+                    {
+                        round.push((cop, child.clone()));
+                        followed += 1;
+                    }
+                }
+                if !writes.contains(&(op, t.clone())) {
+                    out.tables.push((op, t));
+                }
+            }
+            if round.is_empty() {
+                return Ok(out);
+            }
+            if followed > MAX_WRITES_REACHED || depth == MAX_FK_DEPTH {
+                break;
+            }
+        }
+        out.unknown = Some(format!(
+            "the foreign keys of the tables it writes lead further than the gateway follows \
+             ({MAX_FK_DEPTH} deep, {MAX_WRITES_REACHED} tables)"
+        ));
+        Ok(out)
+    }
+
+    /// [`WriteFacts`] of each of `tables`, in order: cached ones from the cache, the others in
+    /// one lookup.
+    async fn write_facts(
+        &mut self,
+        reach: Reach<'_>,
+        tables: &[(Operation, TableName)],
+    ) -> Result<Vec<Arc<WriteFacts>>, UpstreamError> {
+        let mut missing: Vec<&TableName> = Vec::new();
+        for (_, t) in tables {
+            match fresh(&self.write_facts, t) {
+                Some((_, at)) => self.answered(at),
+                None if !missing.contains(&t) => missing.push(t),
+                None => {}
+            }
+        }
+        if !missing.is_empty() {
+            let want = serde_json::Value::Array(
+                missing.iter().map(|t| serde_json::json!([t.table(), t.schema()])).collect(),
+            )
+            .to_string();
+            let rows = self.rows(reach, WRITES_SQL, &[Some(&want)]).await;
+            let rows = self.noted(rows)?;
+            let mut found: Vec<WriteFacts> = missing.iter().map(|_| WriteFacts::default()).collect();
+            for row in rows {
+                let [Some(i), Some(kind), Some(schema), Some(name), Some(what)] = row.as_slice() else {
+                    continue;
+                };
+                let Some(f) = i.parse::<usize>().ok().and_then(|i| found.get_mut(i)) else { continue };
+                match kind.as_str() {
+                    "t" => {
+                        f.runs.get_or_insert_with(|| format!("trigger {what} of {schema}.{name}"));
+                    }
+                    "r" => {
+                        f.runs.get_or_insert_with(|| format!("rule {what} of {schema}.{name}"));
+                    }
+                    _ => {
+                        let mut a = what.chars();
+                        let (Some(del), Some(upd)) = (a.next(), a.next()) else { continue };
+                        let child = TableName { parts: vec![schema.clone(), name.clone()] };
+                        if !f.referencing.contains(&(child.clone(), del, upd)) {
+                            f.referencing.push((child, del, upd));
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            for (t, f) in missing.into_iter().zip(found) {
+                self.write_facts.insert(t.clone(), (Arc::new(f), now));
+            }
+            self.answered(now);
+        }
+        Ok(tables
+            .iter()
+            .map(|(_, t)| self.write_facts.get(t).map(|(f, _)| f.clone()).unwrap_or_default())
+            .collect())
     }
 
     /// The live columns of a table, in order, as the target's `search_path` resolves `name`.
@@ -812,7 +1032,7 @@ fn overloads_read(rows: &[Vec<Option<String>>]) -> FunctionReads {
         match row.as_slice() {
             [Some(schema), ..] if schema == "pg_catalog" => {}
             // An empty source is a SQL-standard body, which is not kept as text.
-            [_, _, Some(language), Some(body), _] if language == "sql" && !body.trim().is_empty() => {
+            [_, _, Some(language), Some(body), ..] if language == "sql" && !body.trim().is_empty() => {
                 if !crate::policy::classify(body).functions.is_empty() {
                     return None;
                 }
@@ -826,11 +1046,16 @@ fn overloads_read(rows: &[Vec<Option<String>>]) -> FunctionReads {
 
 /// One overload of a function (a row of [`FUNCTION_SQL`]): may it run as a read?
 fn overload_read_only(f: &FunctionRef, row: &[Option<String>]) -> bool {
-    let [Some(schema), Some(volatility), Some(language), body, Some(user_types)] = row else { return false };
+    let [Some(schema), Some(volatility), Some(language), body, Some(user_types), Some(makes_named_type)] =
+        row
+    else {
+        return false;
+    };
     // An argument or result of a domain (whose CHECK runs on the value), or of a base or range
     // type that is not built in (its own input function), runs functions the body does not
-    // show. Composite and enum types run only built-in code.
-    if user_types != "0" {
+    // show. Composite and enum types run only built-in code. So does a built-in that makes a
+    // value of whatever type its caller names (`domain_in('5', 'd'::regtype, -1)`).
+    if user_types != "0" || makes_named_type != "false" {
         return false;
     }
     if volatility == "v" && !(schema == "pg_catalog" && crate::policy::is_read_only_builtin(&f.name)) {
@@ -852,4 +1077,41 @@ fn overload_read_only(f: &FunctionRef, row: &[Option<String>]) -> bool {
         && c.executes.is_empty()
         && c.functions.is_empty()
         && c.accesses.iter().all(|a| a.operation == proto::policy::Operation::Select)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_keys_write_what_their_actions_say() {
+        use Operation as O;
+        // TRUNCATE reaches every referencing table, whatever its key does.
+        for (del, upd) in [('a', 'a'), ('r', 'r'), ('c', 'a')] {
+            assert_eq!(through_foreign_key(O::Truncate, del, upd), Some(O::Truncate));
+        }
+        assert_eq!(through_foreign_key(O::Delete, 'c', 'a'), Some(O::Delete));
+        assert_eq!(through_foreign_key(O::Delete, 'n', 'a'), Some(O::Update));
+        assert_eq!(through_foreign_key(O::Delete, 'd', 'a'), Some(O::Update));
+        assert_eq!(through_foreign_key(O::Delete, 'a', 'c'), None);
+        assert_eq!(through_foreign_key(O::Delete, 'r', 'c'), None);
+        for upd in ['c', 'n', 'd'] {
+            assert_eq!(through_foreign_key(O::Update, 'a', upd), Some(O::Update));
+        }
+        assert_eq!(through_foreign_key(O::Update, 'c', 'a'), None);
+        assert_eq!(through_foreign_key(O::Insert, 'c', 'c'), None);
+        assert!(writes_rows(O::Merge) && writes_rows(O::Truncate) && !writes_rows(O::Select));
+        assert!(!writes_rows(O::Copy), "COPY FROM is an insert too; COPY TO writes nothing");
+    }
+
+    #[test]
+    fn a_builtin_that_makes_a_named_type_is_not_read_only() {
+        let f = FunctionRef { schema: None, name: "domain_in".into() };
+        let row = |makes: &str| {
+            ["pg_catalog", "s", "internal", "domain_in", "0", makes].map(|v| Some(v.to_string())).to_vec()
+        };
+        assert!(overload_read_only(&f, &row("false")));
+        assert!(!overload_read_only(&f, &row("true")));
+        assert!(!overload_read_only(&f, &row("false")[..5]), "a row without the column");
+    }
 }

@@ -128,7 +128,7 @@ impl Harness {
 
     async fn decide(&mut self, outcome: HoldOutcome) -> HoldRequest {
         let (session, h) =
-            tokio::time::timeout(Duration::from_secs(10), self.holds.recv()).await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(30), self.holds.recv()).await.unwrap().unwrap();
         self.answer(session, &h, outcome).await;
         h
     }
@@ -303,13 +303,17 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
     assert!(exec.await.unwrap().is_err());
     assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 1"), "1");
     // A protocol-level named statement is in the same namespace as SQL PREPARE.
-    // (tokio-postgres names a fresh connection's first statement s0.)
-    let fresh = Arc::new(h.connect().await);
-    let _s = fresh.prepare("DELETE FROM orders WHERE id = 2").await.unwrap();
-    let c2 = fresh.clone();
-    let exec = tokio::spawn(async move { c2.simple_query("EXECUTE s0").await });
-    h.decide(HoldOutcome::Denied).await;
-    assert!(exec.await.unwrap().is_err());
+    {
+        use testkit::pgwire::{contains, parse, query, read_until, read_until_ready, sync};
+        let mut raw = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+        raw.write_all(&[parse("w2", "DELETE FROM orders WHERE id = 2"), sync()].concat()).await.unwrap();
+        read_until_ready(&mut raw).await;
+        raw.write_all(&query("EXECUTE w2")).await.unwrap();
+        let req = h.decide(HoldOutcome::Denied).await;
+        assert_eq!((req.statement.as_str(), req.rule.as_str()), ("EXECUTE w2", "order-deletes-held"));
+        let seen = read_until(&mut raw, b'Z').await;
+        assert!(contains(&seen, "42501"), "{}", String::from_utf8_lossy(&seen));
+    }
     assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 2"), "1");
     // Unknown names take unknown_operation (deny by default).
     let e = c.simple_query("EXECUTE nosuch").await.expect_err("unknown");
@@ -1802,4 +1806,178 @@ defaults: { no_match: deny, unknown_operation: deny }
         Ok(rows) => assert_ne!(items(rows), ["top secret"], "read sneaky.orders"),
         Err(e) => assert_eq!(code(&e), "42501", "{e:?}"),
     }
+}
+
+/// Refuses `sql` (simple and extended protocol) with 42501.
+async fn refused(c: &tokio_postgres::Client, sql: &str) {
+    let e = c.simple_query(sql).await.expect_err(sql);
+    assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+    let e = c.query(sql, &[]).await.expect_err(sql);
+    assert_eq!(code(&e), "42501", "extended {sql}: {e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_on_a_table_hold_for_what_foreign_keys_write_there() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+  - { name: kids-fixed, match: { operations: [update], tables: [kids] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE TABLE regions (id int primary key); INSERT INTO regions VALUES (1); \
+         CREATE TABLE customers (id int primary key, region_id int REFERENCES regions ON DELETE CASCADE); \
+         INSERT INTO customers VALUES (1, 1), (2, 1), (3, 1); \
+         ALTER TABLE orders ADD COLUMN customer_id int REFERENCES customers ON DELETE CASCADE; \
+         UPDATE orders SET customer_id = id; \
+         CREATE TABLE parent (id int primary key); INSERT INTO parent VALUES (1); \
+         CREATE TABLE kids (id int, parent_id int REFERENCES parent ON DELETE SET NULL, \
+           parent_ref int REFERENCES parent ON UPDATE CASCADE); \
+         INSERT INTO kids VALUES (1, 1, 1); \
+         CREATE TABLE plain (id int); INSERT INTO plain VALUES (1), (2), (3);",
+    )
+    .unwrap();
+    let state = || {
+        h.count(
+            "SELECT (SELECT string_agg(id || ':' || customer_id, ',' ORDER BY id) FROM orders) || ' ' || \
+             (SELECT count(*) FROM customers) || ' ' || (SELECT count(*) FROM regions) || ' ' || \
+             (SELECT string_agg(id || ':' || parent_id || ':' || parent_ref, ',') FROM kids)",
+        )
+    };
+    let before = state();
+    assert_eq!(before, "1:1,2:2,3:3 3 1 1:1:1");
+    let c = h.connect().await;
+    for sql in [
+        // ON DELETE CASCADE deletes orders; through two keys from regions.
+        "DELETE FROM customers",
+        "DELETE FROM customers WHERE id = 1",
+        "DELETE FROM public.customers WHERE id = 2",
+        "DELETE FROM regions",
+        // TRUNCATE ... CASCADE truncates every referencing table, whatever the key's action.
+        "TRUNCATE customers CASCADE",
+        "TRUNCATE regions CASCADE",
+        "TRUNCATE customers",
+        "WITH gone AS (DELETE FROM customers RETURNING id) SELECT count(*) FROM gone",
+        // ON DELETE SET NULL updates kids; ON UPDATE CASCADE too.
+        "DELETE FROM parent",
+        "UPDATE parent SET id = 5",
+    ] {
+        refused(&c, sql).await;
+    }
+    assert_eq!(state(), before, "the target changed");
+    // Writes that set nothing off still run, and are remembered as such for the session (the
+    // keys have no ON UPDATE action, and inserting fires none).
+    for id in [4, 5] {
+        c.simple_query("UPDATE customers SET region_id = 1 WHERE id = 3").await.unwrap();
+        c.simple_query(&format!("INSERT INTO customers VALUES ({id}, 1)")).await.unwrap();
+        c.simple_query(&format!("INSERT INTO parent VALUES ({id})")).await.unwrap();
+        c.simple_query("UPDATE kids SET parent_id = NULL WHERE false").await.expect_err("kids-fixed");
+    }
+    c.simple_query("DELETE FROM plain WHERE id = 1").await.unwrap();
+    c.query("DELETE FROM plain WHERE id = $1", &[&2i32]).await.unwrap();
+    c.simple_query("TRUNCATE plain").await.unwrap();
+    assert_eq!(h.count("SELECT count(*) FROM plain"), "0");
+    assert_eq!(state(), "1:1,2:2,3:3 5 1 1:1:1", "the target changed");
+    // A key referencing its own table ends; a chain of keys longer than the gateway follows
+    // is of unknown effect (a shorter one is followed to its end).
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE TABLE staff (id int primary key, boss int REFERENCES staff ON DELETE CASCADE); \
+         CREATE TABLE chain_0 (id int primary key); \
+         DO $d$ BEGIN FOR i IN 1..20 LOOP EXECUTE format( \
+           'CREATE TABLE chain_%s (id int primary key REFERENCES chain_%s ON DELETE CASCADE)', i, i - 1); \
+         END LOOP; END $d$;",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    c.simple_query("DELETE FROM staff").await.unwrap();
+    c.simple_query("DELETE FROM chain_10").await.unwrap();
+    refused(&c, "DELETE FROM chain_0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fires_a_trigger_or_rule_is_of_unknown_effect() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION zap_orders() RETURNS trigger LANGUAGE plpgsql AS \
+           $f$ BEGIN DELETE FROM orders; RETURN NEW; END $f$; \
+         CREATE TABLE audit_me (id int); \
+         CREATE TRIGGER audit_trg AFTER INSERT ON audit_me FOR EACH ROW EXECUTE FUNCTION zap_orders(); \
+         CREATE TABLE ruled (id int); \
+         CREATE RULE ruled_zap AS ON INSERT TO ruled DO ALSO DELETE FROM orders; \
+         CREATE VIEW audit_view AS SELECT * FROM audit_me; \
+         CREATE TABLE quiet (id int); \
+         CREATE TRIGGER quiet_trg AFTER INSERT ON quiet FOR EACH ROW EXECUTE FUNCTION zap_orders(); \
+         ALTER TABLE quiet DISABLE TRIGGER quiet_trg; \
+         CREATE TABLE plain (id int); CREATE VIEW plain_view AS SELECT * FROM plain;",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    for _ in 0..2 {
+        for sql in [
+            "INSERT INTO audit_me VALUES (1)",
+            "INSERT INTO public.audit_me VALUES (1)",
+            "INSERT INTO ruled VALUES (1)",
+            // Through a view: the base table's trigger fires.
+            "INSERT INTO audit_view VALUES (1)",
+            "WITH x AS (INSERT INTO ruled VALUES (1) RETURNING id) SELECT * FROM x",
+        ] {
+            refused(&c, sql).await;
+        }
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    // Reading such a table runs nothing; a disabled trigger does not fire; a view's own
+    // (SELECT) rule is no write rule.
+    c.simple_query("SELECT * FROM audit_me").await.unwrap();
+    c.simple_query("SELECT * FROM ruled").await.unwrap();
+    c.simple_query("INSERT INTO quiet VALUES (1)").await.unwrap();
+    c.simple_query("INSERT INTO plain_view VALUES (1)").await.unwrap();
+    c.simple_query("DELETE FROM plain_view").await.unwrap();
+    c.simple_query("INSERT INTO plain VALUES (1)").await.unwrap();
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    // A trigger the session itself adds counts from its next statement, however often the
+    // write ran before.
+    c.simple_query(
+        "CREATE TRIGGER late_trg AFTER INSERT ON plain FOR EACH ROW EXECUTE FUNCTION zap_orders()",
+    )
+    .await
+    .unwrap();
+    refused(&c, "INSERT INTO plain VALUES (1)").await;
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builtin_that_makes_a_value_of_a_named_type_is_of_unknown_effect() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION zap(int) RETURNS bool VOLATILE LANGUAGE plpgsql AS \
+           $f$ BEGIN DELETE FROM orders; RETURN true; END $f$; \
+         CREATE DOMAIN sneaky_int AS int CHECK (zap(VALUE)); \
+         CREATE TABLE holder (x sneaky_int);",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    for sql in [
+        "SELECT domain_in('5', 'sneaky_int'::regtype, -1) IS NULL",
+        "SELECT pg_catalog.domain_in('5', 'sneaky_int'::regtype, -1) IS NULL",
+        "SELECT array_in('{5}', 'sneaky_int'::regtype, -1) IS NULL",
+        "SELECT jsonb_populate_record(h, '{\"x\": 7}') IS NULL FROM (SELECT 1) s LEFT JOIN holder h ON false",
+    ] {
+        refused(&c, sql).await;
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    // Other built-ins still read.
+    c.simple_query("SELECT lower('A'), int4in('5') IS NULL, now() IS NULL").await.unwrap();
 }

@@ -1236,8 +1236,10 @@ impl Relay<'_> {
     }
 
     /// Note what the statement does to the tables it reaches through those it names (a
-    /// partition's parents, a view's base tables: [`crate::catalog::Catalog::reached`]), for
-    /// deny and hold rules on those. A failed lookup leaves the effect unknown.
+    /// partition's parents, a view's base tables: [`crate::catalog::Catalog::reached`]; what
+    /// its writes write through foreign keys: [`crate::catalog::Catalog::writes_reached`]), for
+    /// deny and hold rules on those. A failed lookup, or a written table with a trigger or rule,
+    /// leaves the effect unknown.
     async fn resolve_reach(&mut self, c: &mut Arc<Classification>) {
         if c.accesses.iter().all(|a| a.table.is_none()) {
             return;
@@ -1259,6 +1261,7 @@ impl Relay<'_> {
             }
             return;
         }
+        use proto::policy::Operation as O;
         let input = c.clone();
         let since = self.catalog.start_deriving();
         let mut reaches = std::collections::BTreeSet::new();
@@ -1277,12 +1280,48 @@ impl Relay<'_> {
                 }
             }
         }
-        if let Some(derived) = self.catalog.derived(since) {
-            self.reach_memo.retain(|m| !Arc::ptr_eq(&m.input, &input));
+        // What the writes set off: foreign keys' actions, triggers and rules.
+        let writes: Vec<(O, crate::policy::TableName)> = c
+            .accesses
+            .iter()
+            .filter(|a| crate::catalog::writes_rows(a.operation))
+            .filter_map(|a| Some((a.operation, a.table.clone()?)))
+            .collect();
+        let mut unknown = None;
+        if !writes.is_empty() {
+            match self.catalog.writes_reached(reach, &writes).await {
+                Ok(w) => {
+                    reaches.extend(
+                        w.tables
+                            .into_iter()
+                            .map(|(operation, t)| crate::policy::Access { operation, table: Some(t) })
+                            .filter(|r| !c.accesses.contains(r)),
+                    );
+                    unknown = w.unknown;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog lookup of what a write sets off failed");
+                    unknown = Some(
+                        "cannot look up the foreign keys, triggers and rules of the tables it writes".into(),
+                    );
+                }
+            }
+        }
+        self.reach_memo.retain(|m| !Arc::ptr_eq(&m.input, &input));
+        // Only a known effect is remembered (the memo keeps the reached tables alone); an unknown
+        // one is worked out again from the cached answers.
+        if unknown.is_none()
+            && let Some(derived) = self.catalog.derived(since)
+        {
             keep_recent(&mut self.reach_memo, ReachMemo { input, derived, reaches: reaches.clone() });
         }
         if reaches != c.reaches {
             Arc::make_mut(c).reaches = reaches;
+        }
+        if let Some(why) = unknown
+            && c.unknown.is_none()
+        {
+            Arc::make_mut(c).unknown = Some(why);
         }
     }
 
