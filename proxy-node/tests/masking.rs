@@ -880,7 +880,8 @@ async fn values_computed_from_masked_columns_are_redacted_whatever_the_strategy(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_write_does_not_show_the_row_it_would_have_written() {
     // The trigger makes a write's effect unknown: allowed here, to see what its messages show.
-    let h = start("  - columns: [users.name]\n    strategy: redact\ndefaults: { unknown_operation: allow }").await;
+    let h = start("  - columns: [users.name]\n    strategy: redact\ndefaults: { unknown_operation: allow }")
+        .await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
