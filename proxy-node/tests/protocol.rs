@@ -295,6 +295,10 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
     prep.await.unwrap().unwrap();
     // A PREPARE that fails on the target (the name exists) must not rename what p runs.
     assert!(c.simple_query("PREPARE p(int) AS SELECT $1").await.is_err());
+    // tokio-postgres returns the error before the ReadyForQuery after it: until the proxy has
+    // that too, `p` may be what the failed PREPARE made it (of unknown effect). A round trip
+    // makes sure it has.
+    c.simple_query("SELECT 1").await.unwrap();
     // EXECUTE p runs the DELETE: it is held again, and denied here.
     let c2 = c.clone();
     let exec = tokio::spawn(async move { c2.simple_query("EXECUTE p(1)").await });
@@ -329,6 +333,7 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
         tokio::spawn(async move { c2.execute("PREPARE q AS DELETE FROM orders WHERE id = 3", &[]).await });
     h.decide(HoldOutcome::Approved).await;
     prep.await.unwrap().unwrap();
+    fresh.simple_query("SELECT 1").await.unwrap();
     let c2 = fresh.clone();
     let exec = tokio::spawn(async move { c2.simple_query("EXECUTE q").await });
     let req = h.decide(HoldOutcome::Denied).await;
