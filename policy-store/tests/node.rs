@@ -533,6 +533,20 @@ async fn a_new_follower_activates_only_the_newest_version() -> anyhow::Result<()
 
 /// A policy store that answers `Get` with `latest` and streams whatever the test sends on
 /// `Watch`, ignoring `from_version`: a store gone back, or a misbehaving node.
+/// Serve `fake` on a free loopback port: its endpoint, and the server's task.
+async fn serve_fake(
+    fake: std::sync::Arc<FakeStore>,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::pb::policy_store_server::PolicyStoreServer::from_arc(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok((endpoint, server))
+}
+
 struct FakeStore {
     latest: std::sync::Mutex<proto::pb::PolicyVersion>,
     watch:
@@ -615,13 +629,7 @@ async fn a_follower_never_activates_a_version_lower_than_it_has() -> anyhow::Res
         watch: std::sync::Mutex::new(Some(rx)),
         tokens: tokens.clone(),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::pb::policy_store_server::PolicyStoreServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (endpoint, server) = serve_fake(std::sync::Arc::new(fake)).await?;
 
     let follower = follow(vec![endpoint], READ)?;
     let mut policy = follower.policy.clone();
@@ -662,13 +670,7 @@ async fn a_follower_that_cannot_decode_the_store_never_counts_it_as_reached() ->
         watch: std::sync::Mutex::new(Some(rx)),
         tokens: std::sync::Arc::default(),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::pb::policy_store_server::PolicyStoreServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (endpoint, server) = serve_fake(std::sync::Arc::new(fake)).await?;
     let follower = follow(vec![endpoint], READ)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(follower.last_contact(), None);
@@ -698,13 +700,7 @@ async fn only_heartbeats_and_versions_are_contact_and_a_heartbeat_ahead_makes_th
         watch: std::sync::Mutex::new(Some(rx)),
         tokens: std::sync::Arc::default(),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::pb::policy_store_server::PolicyStoreServer::from_arc(fake.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (endpoint, server) = serve_fake(fake.clone()).await?;
     let follower = follow(vec![endpoint], READ)?;
     let mut policy = follower.policy.clone();
     tokio::time::timeout(
