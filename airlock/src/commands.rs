@@ -57,7 +57,8 @@ pub(crate) enum PolicyCommand {
 /// Which policy store, with which token.
 #[derive(clap::Args)]
 pub(crate) struct StoreTarget {
-    /// Policy store endpoint. Default: http://<policy_store.listen>.
+    /// Policy store endpoint. Default: http(s)://<policy_store.listen> (https when it serves TLS; its
+    /// certificate is checked against policy_store.tls_ca_file, else the system roots).
     #[arg(long)]
     store: Option<String>,
     /// Bearer token: the store's admin token (apply, rollback) or its read token (get, history,
@@ -69,7 +70,7 @@ pub(crate) struct StoreTarget {
 
 impl StoreTarget {
     fn endpoint(&self, cfg: &AirlockConfig) -> String {
-        self.store.clone().unwrap_or_else(|| format!("http://{}", cfg.policy_store.listen))
+        self.store.clone().unwrap_or_else(|| cfg.policy_store.local_url())
     }
 
     /// The token to send; `write` when the command changes the policy.
@@ -92,7 +93,8 @@ impl StoreTarget {
     }
 
     async fn client(&self, cfg: &AirlockConfig, write: bool) -> anyhow::Result<PolicyClient> {
-        Ok(PolicyClient::connect(&self.endpoint(cfg), &self.token(cfg, write)?).await?)
+        let tls = cfg.policy_store.client_tls()?;
+        Ok(PolicyClient::connect_with(&self.endpoint(cfg), &self.token(cfg, write)?, &tls).await?)
     }
 }
 

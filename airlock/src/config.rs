@@ -117,6 +117,9 @@ impl AirlockConfig {
             a.policy_store_token.clone_from(&self.proxy.policy_store_token);
             a.policy_store_token_file = self.proxy.policy_store_token_file.as_ref().map(PathBuf::from);
         }
+        if a.policy_store_ca_file.is_none() {
+            a.policy_store_ca_file.clone_from(&self.proxy.policy_store_ca_file);
+        }
         a
     }
 
@@ -191,17 +194,19 @@ mod tests {
     }
 
     #[test]
-    fn approvals_follow_the_store_with_the_proxys_token_unless_set() {
-        let toml =
-            "[proxy]\npolicy_store_token_file = \"/run/read-token\"\n[approvals]\nadmin_token = \"t\"\n";
+    fn approvals_follow_the_store_with_the_proxys_token_and_ca_unless_set() {
+        let toml = "[proxy]\npolicy_store_token_file = \"/run/read-token\"\npolicy_store_ca_file = \"/run/ca.pem\"\n\
+                    [approvals]\nadmin_token = \"t\"\n";
         let cfg: AirlockConfig = proto::config::load(Some(toml), vec![], "AIRLOCK_").expect("load");
         let a = cfg.approvals();
         assert_eq!(a.policy_store_token_file, Some(PathBuf::from("/run/read-token")));
         assert_eq!(a.policy_store_token, None);
-        let toml = format!("{toml}policy_store_token = \"own\"\n");
+        assert_eq!(a.policy_store_ca_file, Some(PathBuf::from("/run/ca.pem")));
+        let toml = format!("{toml}policy_store_token = \"own\"\npolicy_store_ca_file = \"/run/own-ca.pem\"\n");
         let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
         let a = cfg.approvals();
         assert_eq!((a.policy_store_token.as_deref(), a.policy_store_token_file), (Some("own"), None));
+        assert_eq!(a.policy_store_ca_file, Some(PathBuf::from("/run/own-ca.pem")));
     }
 
     #[test]

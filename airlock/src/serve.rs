@@ -31,6 +31,12 @@ pub(crate) async fn shutdown_signal() {
     info!("shutting down");
 }
 
+/// Where a client in this process reaches the store listening at `addr`.
+fn store_url(cfg: &AirlockConfig, addr: SocketAddr) -> String {
+    let scheme = if cfg.policy_store.tls_cert_file.is_some() { "https" } else { "http" };
+    format!("{scheme}://{addr}")
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))
 }
@@ -42,7 +48,8 @@ async fn nats(cfg: &AirlockConfig) -> anyhow::Result<EventBus> {
 pub(crate) async fn proxy(cfg: AirlockConfig) -> anyhow::Result<()> {
     let token = cfg.proxy.policy_store_token().map_err(anyhow::Error::msg)?;
     let bus = nats(&cfg).await?;
-    let follower = policy_store::client::follow(cfg.proxy.policy_store.clone(), &token)?;
+    let tls = policy_store::ClientTls::new(cfg.proxy.policy_store_ca_file.as_deref())?;
+    let follower = policy_store::client::follow_with(cfg.proxy.policy_store.clone(), &token, tls)?;
     let listener = bind(cfg.proxy.listen, "postgres").await?;
     proxy_node::run(cfg.proxy.clone(), bus, follower, listener, shutdown_signal()).await?;
     Ok(())
@@ -65,7 +72,8 @@ pub(crate) async fn recorder(cfg: AirlockConfig) -> anyhow::Result<()> {
 
 pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
     let listener = bind(cfg.policy_store.listen, "policy-store").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
+    let endpoint = store_url(&cfg, listener.local_addr()?);
+    let tls = cfg.policy_store.client_tls()?;
     // Without an admin token the store refuses to start (below); the publisher reads with the
     // read token, else the admin token.
     let token = cfg.policy_store.reader_token().context("reading policy_store.read_token_file")?;
@@ -82,7 +90,7 @@ pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
                 }
             }
         };
-        policy_store::publish::publish_versions(endpoint, token, bus, std::future::pending()).await;
+        policy_store::publish::publish_versions(endpoint, tls, token, bus, std::future::pending()).await;
     });
     let result = policy_store::run(cfg.policy_store.clone(), listener, shutdown_signal()).await;
     publisher.abort();
@@ -159,10 +167,13 @@ pub(crate) async fn up(
     let recorder = tokio::spawn(recorder::run(cfg.recorder(), bus.clone(), store, stopped()));
     let ps_listener = bind(cfg.policy_store.listen, "policy-store").await?;
     let ps_addr = ps_listener.local_addr()?;
-    let endpoint = format!("http://{ps_addr}");
+    // The in-process parts reach the store as any client does: over TLS when it serves TLS.
+    let endpoint = store_url(&cfg, ps_addr);
+    let store_tls = cfg.policy_store.client_tls()?;
     let approvals_listener = bind(acfg.listen, "approvals").await?;
     // The approval service follows the in-process store: rule routes and `approver_groups`.
-    let approvals_policy = policy_store::client::follow(vec![endpoint.clone()], &store_read)?.policy;
+    let approvals_policy =
+        policy_store::client::follow_with(vec![endpoint.clone()], &store_read, store_tls.clone())?.policy;
     let approvals = tokio::spawn(approval_service::run_with_policy(
         acfg.clone(),
         bus.clone(),
@@ -174,7 +185,7 @@ pub(crate) async fn up(
     let ps = tokio::spawn(policy_store::run(cfg.policy_store.clone(), ps_listener, stopped()));
     if let Some(path) = policy {
         let yaml = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut client = connect_retrying(&endpoint, &store_admin).await?;
+        let mut client = connect_retrying(&endpoint, &store_admin, &store_tls).await?;
         let r = client
             .apply(&yaml, "airlock up")
             .await
@@ -183,11 +194,12 @@ pub(crate) async fn up(
     }
     let publisher = tokio::spawn(policy_store::publish::publish_versions(
         endpoint.clone(),
+        store_tls.clone(),
         store_read.clone(),
         bus.clone(),
         std::future::pending(),
     ));
-    let follower = policy_store::client::follow(vec![endpoint], &store_read)?;
+    let follower = policy_store::client::follow_with(vec![endpoint], &store_read, store_tls)?;
     let proxy_listener = bind(cfg.proxy.listen, "postgres").await?;
     info!(
         postgres = %cfg.proxy.listen,
@@ -213,10 +225,11 @@ pub(crate) async fn up(
 pub(crate) async fn connect_retrying(
     endpoint: &str,
     token: &str,
+    tls: &policy_store::ClientTls,
 ) -> anyhow::Result<policy_store::client::PolicyClient> {
     let mut last = None;
     for _ in 0..50 {
-        match policy_store::client::PolicyClient::connect(endpoint, token).await {
+        match policy_store::client::PolicyClient::connect_with(endpoint, token, tls).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(e),
         }

@@ -39,7 +39,8 @@ pub(crate) enum StoreAdminCommand {
 
 #[derive(clap::Args)]
 pub(crate) struct AdminTarget {
-    /// Policy store endpoint (any node). Default: http://<policy_store.listen>.
+    /// Policy store endpoint (any node). Default: http(s)://<policy_store.listen> (https when it
+    /// serves TLS).
     #[arg(long)]
     store: Option<String>,
     /// Admin token. Default: $AIRLOCK_ADMIN_TOKEN, else policy_store.admin_token(_file), else
@@ -49,7 +50,7 @@ pub(crate) struct AdminTarget {
 }
 
 async fn admin_client(cfg: &AirlockConfig, t: AdminTarget) -> anyhow::Result<AdminClient> {
-    let endpoint = t.store.unwrap_or_else(|| format!("http://{}", cfg.policy_store.listen));
+    let endpoint = t.store.unwrap_or_else(|| cfg.policy_store.local_url());
     let token = match t.token {
         Some(t) => t,
         None => match cfg.policy_store.token().context("reading policy_store.admin_token_file")? {
@@ -59,7 +60,7 @@ async fn admin_client(cfg: &AirlockConfig, t: AdminTarget) -> anyhow::Result<Adm
             )?,
         },
     };
-    Ok(AdminClient::connect(&endpoint, &token).await?)
+    Ok(AdminClient::connect_with(&endpoint, &token, &cfg.policy_store.client_tls()?).await?)
 }
 
 fn print_members(r: &MembershipResponse) {

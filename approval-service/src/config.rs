@@ -43,6 +43,11 @@ pub struct ApprovalsConfig {
     /// A file holding `policy_store_token` (trimmed). Default: none.
     #[serde(default)]
     pub policy_store_token_file: Option<PathBuf>,
+    /// The CA (PEM) that `https://` policy-store endpoints' certificates are checked against.
+    /// Default: the system's trusted roots (`airlock` fills it from `[proxy]
+    /// policy_store_ca_file`).
+    #[serde(default)]
+    pub policy_store_ca_file: Option<PathBuf>,
     /// Known approvers: how Slack users map to identities and groups. Default: none.
     #[serde(default)]
     pub approvers: Vec<ApproverEntry>,
@@ -150,6 +155,7 @@ impl Default for ApprovalsConfig {
             policy_store: Vec::new(),
             policy_store_token: None,
             policy_store_token_file: None,
+            policy_store_ca_file: None,
             approvers: Vec::new(),
             slack: None,
             webhooks: BTreeMap::new(),

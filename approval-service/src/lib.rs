@@ -68,11 +68,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApprovalError> {
     let policy = match cfg.policy_store_token()? {
-        Some(token) if !cfg.policy_store.is_empty() => Some(
-            policy_store::client::follow(cfg.policy_store.clone(), &token)
-                .map_err(ApprovalError::Follow)?
-                .policy,
-        ),
+        Some(token) if !cfg.policy_store.is_empty() => {
+            let tls = policy_store::ClientTls::new(cfg.policy_store_ca_file.as_deref())
+                .map_err(ApprovalError::Follow)?;
+            Some(
+                policy_store::client::follow_with(cfg.policy_store.clone(), &token, tls)
+                    .map_err(ApprovalError::Follow)?
+                    .policy,
+            )
+        }
         _ => None,
     };
     run_with_policy(cfg, bus, policy, listener, shutdown).await

@@ -13,7 +13,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 pub use admin::AdminClient;
-pub use follow::{ActivePolicy, Follower, StalePolicy, follow};
+pub use follow::{ActivePolicy, Follower, StalePolicy, follow, follow_with};
 
 use crate::cluster::{CONSISTENCY_HEADER, LINEARIZABLE};
 pub use crate::error::ClientError;
@@ -57,18 +57,25 @@ pub(crate) fn authorized<T>(message: T, authorization: &Bearer) -> tonic::Reques
     request
 }
 
-pub(crate) fn endpoint(endpoint: &str) -> Result<Endpoint, ClientError> {
-    Endpoint::from_shared(endpoint.to_string())
-        .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.to_string(), source })
-        .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
+pub(crate) fn endpoint(endpoint: &str, tls: &crate::ClientTls) -> Result<Endpoint, ClientError> {
+    tls.endpoint(endpoint, CONNECT_TIMEOUT)
 }
 
 impl PolicyClient {
     /// Connect to a node, e.g. `"http://127.0.0.1:17070"`, with a token: the admin token to
     /// apply, the read token (or the admin token) to read.
     pub async fn connect(endpoint: &str, token: &str) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, token, &crate::ClientTls::default()).await
+    }
+
+    /// [`PolicyClient::connect`], checking an `https://` node's certificate as `tls` says.
+    pub async fn connect_with(
+        endpoint: &str,
+        token: &str,
+        tls: &crate::ClientTls,
+    ) -> Result<Self, ClientError> {
         let authorization = bearer(token)?;
-        let channel = self::endpoint(endpoint)?
+        let channel = self::endpoint(endpoint, tls)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use openraft::BasicNode;
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::StoreError;
 use crate::{NodeId, Raft};
@@ -53,12 +53,13 @@ pub(crate) async fn leader(raft: &Raft, wait: Duration) -> Option<(NodeId, Basic
 #[derive(Debug, Default)]
 pub(crate) struct Channels {
     overrides: BTreeMap<NodeId, String>,
+    peers: crate::tls::Peers,
     by_addr: Mutex<HashMap<String, Channel>>,
 }
 
 impl Channels {
-    pub(crate) fn new(overrides: BTreeMap<NodeId, String>) -> Self {
-        Self { overrides, by_addr: Mutex::default() }
+    pub(crate) fn new(overrides: BTreeMap<NodeId, String>, peers: crate::tls::Peers) -> Self {
+        Self { overrides, peers, by_addr: Mutex::default() }
     }
 
     /// A channel to node `id`, whose membership entry is `node`.
@@ -71,9 +72,9 @@ impl Channels {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| StoreError::PeerAddress { addr: addr.to_string(), source })?
-            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+        let channel = (self.peers)
+            .endpoint(addr, FORWARD_CONNECT_TIMEOUT)
+            .map_err(|source| StoreError::PeerAddress { addr: addr.to_string(), source: Box::new(source) })?
             .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());

@@ -72,6 +72,17 @@ pub struct PolicyStoreConfig {
     /// Build a snapshot (and compact the log) after this many log entries. Default 1000.
     #[serde(default = "default_snapshot_logs")]
     pub snapshot_logs: u64,
+    /// Serve gRPC over TLS with this certificate chain (PEM), and reach the peers at
+    /// `https://`. Set on every node of a cluster, with `tls_key_file`. Default: none (plain
+    /// HTTP/2, for a store reached only over loopback or a trusted network).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`. Default: none.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) the peers' certificates are checked against. Default: the system's roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -113,6 +124,9 @@ impl Default for PolicyStoreConfig {
             read_token: None,
             read_token_file: None,
             snapshot_logs: default_snapshot_logs(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -121,6 +135,17 @@ impl PolicyStoreConfig {
     /// The address peers reach this node at.
     pub fn advertised(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The URL a client on this host reaches the node at: `https://` when it serves TLS.
+    pub fn local_url(&self) -> String {
+        let scheme = if self.tls_cert_file.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.listen)
+    }
+
+    /// How clients on this host check the node's certificate (`tls_ca_file`).
+    pub fn client_tls(&self) -> Result<crate::ClientTls, crate::ClientError> {
+        crate::ClientTls::new(self.tls_ca_file.as_deref())
     }
 
     /// The admin token, from `admin_token` or `admin_token_file`; `None` when neither is set.

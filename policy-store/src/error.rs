@@ -98,7 +98,7 @@ pub enum StoreError {
     PeerAddress {
         addr: String,
         #[source]
-        source: tonic::transport::Error,
+        source: Box<ClientError>,
     },
     /// No token, or one that matches neither the admin token nor the read token.
     #[error("missing or wrong bearer token (authorization: Bearer <token>)")]
@@ -136,6 +136,8 @@ pub enum StoreError {
     Payload(#[source] serde_json::Error),
     #[error("node {0} is not a member of the cluster")]
     NotAMember(NodeId),
+    #[error("policy_store.{setting} {path}: {problem}")]
+    Tls { setting: &'static str, path: PathBuf, problem: String },
 }
 
 impl From<StoreError> for tonic::Status {
@@ -193,6 +195,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// A policy-store client error.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error("the policy-store CA file {path}: {problem}")]
+    Tls { path: PathBuf, problem: String },
+    #[error("policy-store endpoint {0:?}: must start with https:// (or http:// on a trusted network)")]
+    Scheme(String),
     #[error("invalid policy-store endpoint {endpoint:?}")]
     InvalidEndpoint {
         endpoint: String,

@@ -44,6 +44,7 @@ mod grpc;
 pub mod network;
 pub mod publish;
 pub mod store;
+pub mod tls;
 pub mod version;
 
 use std::collections::BTreeMap;
@@ -60,6 +61,7 @@ use tracing::{info, warn};
 pub use command::{ApplyOutcome, Command};
 pub use config::PolicyStoreConfig;
 pub use error::{ClientError, DbError, StoreError};
+pub use tls::ClientTls;
 
 /// The largest policy document (its YAML, in bytes) `Apply` accepts.
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
@@ -117,6 +119,8 @@ pub async fn run(
     let (admin, read) = cfg.tokens()?;
     let auth = cluster::Auth::new(Arc::from(admin.as_str()), read.as_deref().map(Arc::from));
     let token: Arc<str> = Arc::from(admin);
+    let tls =
+        tls::NodeTls::new(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), cfg.tls_ca_file.as_ref())?;
     let (log_store, state_machine) = store::open(&cfg.data_dir)?;
     let storage = log_store.database();
     let versions = state_machine.subscribe();
@@ -132,12 +136,12 @@ pub async fn run(
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().map_err(|e| StoreError::RaftConfig(Box::new(e)))?);
-    let network = network::Network::new(token.clone(), cfg.peers.clone());
+    let network = network::Network::new(token.clone(), cfg.peers.clone(), tls.peers.clone());
     let raft = Raft::new(cfg.node_id, raft_config, network, log_store, state_machine)
         .await
         .map_err(|e| StoreError::RaftFatal(Box::new(e)))?;
 
-    let served = serve(&cfg, addr, auth, raft.clone(), versions, listener, shutdown).await;
+    let served = serve(&cfg, tls, addr, auth, raft.clone(), versions, listener, shutdown).await;
 
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft did not shut down cleanly");
@@ -178,8 +182,10 @@ async fn initialize(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &PolicyStoreConfig,
+    tls: tls::NodeTls,
     addr: SocketAddr,
     auth: cluster::Auth,
     raft: Raft,
@@ -211,7 +217,7 @@ async fn serve(
     info!(listen = %addr, node.id = cfg.node_id, policy.version = latest, "policy store serving");
 
     let cancel = CancellationToken::new();
-    let channels = Arc::new(cluster::Channels::new(cfg.peers.clone()));
+    let channels = Arc::new(cluster::Channels::new(cfg.peers.clone(), tls.peers));
     // Whether this node is current, confirmed with the raft quorum about every second: Watch
     // streams carry it as heartbeats and end when it is missing.
     let (confirmed, confirming) =
@@ -230,7 +236,11 @@ async fn serve(
     // API and raft RPCs the admin token.
     use cluster::Role::{Admin, Reader};
     use tonic::service::interceptor::InterceptedService;
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(config) = tls.server {
+        server = server.tls_config(config).map_err(StoreError::Serve)?;
+    }
+    let served = server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
         .add_service(InterceptedService::new(

@@ -20,7 +20,7 @@ use proto::pb::RaftPayload;
 use proto::pb::raft_client::RaftClient;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{NodeId, TypeConfig};
 
@@ -36,13 +36,18 @@ pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct Network {
     token: Arc<str>,
     overrides: Arc<BTreeMap<NodeId, String>>,
+    peers: crate::tls::Peers,
 }
 
 impl Network {
     /// A network whose RPCs carry `token` as a bearer token and reach the nodes in `overrides`
     /// at those addresses.
-    pub fn new(token: Arc<str>, overrides: BTreeMap<NodeId, String>) -> Self {
-        Self { token, overrides: Arc::new(overrides) }
+    pub(crate) fn new(
+        token: Arc<str>,
+        overrides: BTreeMap<NodeId, String>,
+        peers: crate::tls::Peers,
+    ) -> Self {
+        Self { token, overrides: Arc::new(overrides), peers }
     }
 }
 
@@ -51,8 +56,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         let addr = self.overrides.get(&target).unwrap_or(&node.addr).clone();
-        let client = Endpoint::from_shared(format!("http://{addr}"))
-            .map(|e| e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
+        let client = (self.peers)
+            .endpoint(&addr, CONNECT_TIMEOUT)
+            .map(|e| e.tcp_nodelay(true).connect_lazy())
             .map(|channel| {
                 RaftClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

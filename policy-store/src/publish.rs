@@ -41,10 +41,12 @@ pub fn event_for(v: &proto::pb::PolicyVersion) -> Envelope {
     }
 }
 
-/// Follow the store at `endpoint` with `token` (the read token, or the admin token) and publish
-/// each version, from the first, until `shutdown`. Failures are retried; nothing is skipped.
+/// Follow the store at `endpoint` (checked as `tls` says) with `token` (the read token, or the
+/// admin token) and publish each version, from the first, until `shutdown`. Failures are
+/// retried; nothing is skipped.
 pub async fn publish_versions(
     endpoint: String,
+    tls: crate::ClientTls,
     token: String,
     bus: EventBus,
     shutdown: impl std::future::Future<Output = ()>,
@@ -54,7 +56,8 @@ pub async fn publish_versions(
     let mut backoff = Duration::from_millis(100);
     loop {
         let round = async {
-            let mut client = PolicyClient::connect(&endpoint, &token).await.map_err(|e| e.to_string())?;
+            let mut client =
+                PolicyClient::connect_with(&endpoint, &token, &tls).await.map_err(|e| e.to_string())?;
             let mut stream = client.watch(published).await.map_err(|e| e.to_string())?;
             while let Some(v) = stream.next().await {
                 let v = v.map_err(|e| e.to_string())?;

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use policy_store::client::{AdminClient, ClientError, PolicyClient, StalePolicy, follow};
-use policy_store::{PolicyStoreConfig, StoreError};
+use policy_store::{ClientTls, PolicyStoreConfig, StoreError};
+use testkit::pki::{Pki, make_pki};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -20,6 +21,12 @@ struct Node {
 }
 
 async fn start_cluster(dirs: &[tempfile::TempDir]) -> anyhow::Result<Vec<Node>> {
+    start_cluster_with(dirs, None).await
+}
+
+/// [`start_cluster`], serving TLS with `pki`'s certificate (every node the same one, made for
+/// 127.0.0.1) and checking peers against its CA.
+async fn start_cluster_with(dirs: &[tempfile::TempDir], pki: Option<&Pki>) -> anyhow::Result<Vec<Node>> {
     let mut listeners = Vec::new();
     for _ in dirs {
         listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
@@ -42,13 +49,17 @@ async fn start_cluster(dirs: &[tempfile::TempDir]) -> anyhow::Result<Vec<Node>> 
             peers,
             admin_token: Some(TOKEN.into()),
             read_token: Some(READ.into()),
+            tls_cert_file: pki.map(|p| p.cert.clone()),
+            tls_key_file: pki.map(|p| p.key.clone()),
+            tls_ca_file: pki.map(|p| p.ca.clone()),
             ..PolicyStoreConfig::default()
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(policy_store::run(cfg, listener, async move {
             let _ = stopped.await;
         }));
-        nodes.push(Node { id, endpoint: format!("http://{}", addrs[i]), stop, task });
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        nodes.push(Node { id, endpoint: format!("{scheme}://{}", addrs[i]), stop, task });
     }
     Ok(nodes)
 }
@@ -219,5 +230,105 @@ async fn a_follower_of_a_node_cut_off_from_the_majority_goes_stale_and_the_node_
     tokio::time::timeout(Duration::from_secs(10), cut_off.task)
         .await
         .context("the cut-off node did not stop")???;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cluster_serves_tls_between_its_nodes_and_to_clients_that_trust_its_ca() -> anyhow::Result<()> {
+    testkit::init_crypto();
+    let certs = tempfile::tempdir()?;
+    let pki = make_pki(certs.path(), "store");
+    let wrong = make_pki(certs.path(), "wrong");
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let nodes = start_cluster_with(&dirs, Some(&pki)).await?;
+    let tls = ClientTls::new(Some(&pki.ca))?;
+    // An election needs the peers' votes: raft RPCs go over TLS. Then a write sent to a
+    // follower is forwarded to the leader over TLS, and every node reads it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let mut found = None;
+        for n in &nodes {
+            if let Ok(mut admin) = AdminClient::connect_with(&n.endpoint, TOKEN, &tls).await
+                && let Ok(status) = admin.status().await
+                && status.leader_id != 0
+            {
+                found = Some(status.leader_id);
+            }
+        }
+        match found {
+            Some(id) => break id,
+            None if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => anyhow::bail!("no leader elected over TLS within 10s"),
+        }
+    };
+    let follower = nodes.iter().find(|n| n.id != leader).context("a follower")?;
+    let mut client = PolicyClient::connect_with(&follower.endpoint, TOKEN, &tls).await?;
+    let applied =
+        while_unavailable(&mut client, async |c| c.apply("defaults: { no_match: deny }\n", "alice").await)
+            .await?;
+    assert_eq!(applied.version, 1);
+    for n in &nodes {
+        let mut c = PolicyClient::connect_with(&n.endpoint, READ, &tls).await?;
+        assert_eq!(while_unavailable(&mut c, async |c| c.get_linearizable(0).await).await?.version, 1);
+    }
+    // A proxy follows over TLS.
+    let follower_of = policy_store::client::follow_with(vec![nodes[0].endpoint.clone()], READ, tls.clone())?;
+    let mut policy = follower_of.policy.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        policy.wait_for(|p| p.as_ref().is_some_and(|p| p.version == 1)),
+    )
+    .await
+    .context("the follower did not get version 1 over TLS")??;
+
+    // No TLS, a CA that did not sign the certificate, the system's roots: no answer, and the
+    // token is never sent in clear.
+    let plain = nodes[0].endpoint.replace("https://", "http://");
+    let refused = match PolicyClient::connect(&plain, READ).await {
+        Ok(mut c) => c.get(0).await.map(|_| ()).expect_err("a plaintext call was answered"),
+        Err(e) => e,
+    };
+    assert!(!matches!(refused, ClientError::Server(ref s) if s.code() == tonic::Code::Ok), "{refused}");
+    for tls in [ClientTls::new(Some(&wrong.ca))?, ClientTls::default()] {
+        let failed = match PolicyClient::connect_with(&nodes[0].endpoint, READ, &tls).await {
+            Ok(mut c) => c.get(0).await.map(|_| ()).expect_err("an unverified node was trusted"),
+            Err(e) => e,
+        };
+        assert!(matches!(failed, ClientError::Connect { .. }), "{failed:?}");
+    }
+    for n in nodes {
+        let _ = n.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), n.task).await.context("node did not stop")???;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_settings_that_cannot_work_stop_the_node_with_a_clear_error() -> anyhow::Result<()> {
+    let certs = tempfile::tempdir()?;
+    let pki = make_pki(certs.path(), "store");
+    let dir = tempfile::tempdir()?;
+    let base = PolicyStoreConfig {
+        data_dir: dir.path().to_path_buf(),
+        admin_token: Some(TOKEN.into()),
+        ..PolicyStoreConfig::default()
+    };
+    let cases = [
+        (PolicyStoreConfig { tls_cert_file: Some(pki.cert.clone()), ..base.clone() }, "go together"),
+        (
+            PolicyStoreConfig {
+                tls_cert_file: Some(pki.cert.clone()),
+                tls_key_file: Some(certs.path().join("missing.key")),
+                ..base.clone()
+            },
+            "tls_key_file",
+        ),
+        (PolicyStoreConfig { tls_ca_file: Some(pki.ca.clone()), ..base.clone() }, "tls_ca_file"),
+    ];
+    for (cfg, expected) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let e = policy_store::run(cfg, listener, std::future::pending()).await.expect_err("started");
+        assert!(e.to_string().contains(expected), "{e}");
+    }
     Ok(())
 }

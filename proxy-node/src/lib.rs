@@ -70,6 +70,10 @@ pub struct ProxyConfig {
     /// A file holding `policy_store_token` (trimmed). Default none.
     #[serde(default)]
     pub policy_store_token_file: Option<String>,
+    /// The CA (PEM) that `https://` policy-store endpoints' certificates are checked against.
+    /// Default: the system's trusted roots.
+    #[serde(default)]
+    pub policy_store_ca_file: Option<std::path::PathBuf>,
     /// This node's name in events. Default `proxy-<pid>`.
     #[serde(default)]
     pub node_name: Option<String>,
@@ -174,6 +178,7 @@ impl Default for ProxyConfig {
             policy_store: default_policy_store(),
             policy_store_token: None,
             policy_store_token_file: None,
+            policy_store_ca_file: None,
             node_name: None,
             oidc: None,
             max_message_bytes: default_max_message(),

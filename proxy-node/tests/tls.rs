@@ -13,6 +13,7 @@ use eventbus::EventBus;
 use policy_store::client::ActivePolicy;
 use proxy_node::{ClientTls, ProxyConfig};
 use testkit::Postgres;
+use testkit::pki::{Pki, make_pki};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_postgres::SimpleQueryMessage;
@@ -23,40 +24,6 @@ const SSL_OF_BACKEND: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend
 /// The proxy's `auth_timeout` in these tests: long enough for any client to log in on a
 /// loaded machine.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A CA and a server certificate it signed for `localhost` and `127.0.0.1`, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn make_pki(dir: &Path, name: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("airlock test CA {name}"));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let pki = Pki {
-        ca: dir.join(format!("{name}-ca.pem")),
-        cert: dir.join(format!("{name}-server.pem")),
-        key: dir.join(format!("{name}-server.key")),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    };
-    std::fs::write(&pki.ca, ca.pem()).unwrap();
-    std::fs::write(&pki.cert, &pki.cert_pem).unwrap();
-    std::fs::write(&pki.key, &pki.key_pem).unwrap();
-    pki
-}
 
 struct Harness {
     pg: Postgres,

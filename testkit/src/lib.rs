@@ -19,6 +19,7 @@ pub mod fault;
 pub mod nats;
 pub mod oidc;
 pub mod pgwire;
+pub mod pki;
 pub mod postgres;
 pub mod proc;
 pub mod s3;

@@ -23,8 +23,17 @@ impl std::fmt::Debug for AdminClient {
 impl AdminClient {
     /// Connect to a node, e.g. `"http://127.0.0.1:17070"`, with the admin token.
     pub async fn connect(endpoint: &str, token: &str) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, token, &crate::ClientTls::default()).await
+    }
+
+    /// [`AdminClient::connect`], checking an `https://` node's certificate as `tls` says.
+    pub async fn connect_with(
+        endpoint: &str,
+        token: &str,
+        tls: &crate::ClientTls,
+    ) -> Result<Self, ClientError> {
         let authorization = super::bearer(token)?;
-        let channel = super::endpoint(endpoint)?
+        let channel = super::endpoint(endpoint, tls)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;

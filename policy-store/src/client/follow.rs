@@ -119,13 +119,22 @@ impl Follower {
 /// [`Follower::policy`] is dropped. Must be called inside a tokio runtime; fails only when the
 /// token cannot be sent as a header.
 pub fn follow(endpoints: Vec<String>, token: &str) -> Result<Follower, ClientError> {
+    follow_with(endpoints, token, crate::ClientTls::default())
+}
+
+/// [`follow`], checking `https://` nodes' certificates as `tls` says.
+pub fn follow_with(
+    endpoints: Vec<String>,
+    token: &str,
+    tls: crate::ClientTls,
+) -> Result<Follower, ClientError> {
     let authorization = super::bearer(token)?;
     let (tx, policy) = watch::channel(None);
     let last_contact = Arc::new(Mutex::new(None));
     let contact = Contact(last_contact.clone());
     tokio::spawn(async move {
         tokio::select! {
-            () = follow_loop(endpoints, &authorization, &tx, &contact) => {}
+            () = follow_loop(endpoints, &authorization, &tls, &tx, &contact) => {}
             () = tx.closed() => debug!("policy follower dropped"),
         }
     });
@@ -165,6 +174,7 @@ enum Ended {
 async fn follow_loop(
     endpoints: Vec<String>,
     authorization: &Bearer,
+    tls: &crate::ClientTls,
     tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
     contact: &Contact,
 ) {
@@ -177,7 +187,8 @@ async fn follow_loop(
     let mut next = 0usize;
     loop {
         let endpoint = &endpoints[next % endpoints.len()];
-        let ended = stream_once(endpoint, authorization, &mut last_seen, tx, contact, &mut backoff).await;
+        let ended =
+            stream_once(endpoint, (authorization, tls), &mut last_seen, tx, contact, &mut backoff).await;
         let resync = matches!(ended, Ok(Ended::Resync));
         match ended {
             Ok(Ended::Closed) => info!(endpoint = %endpoint, "policy watch stream ended; reconnecting"),
@@ -206,13 +217,13 @@ async fn follow_loop(
 /// stream ends, fails, falls silent or shows that a version was missed.
 async fn stream_once(
     endpoint: &str,
-    authorization: &Bearer,
+    (authorization, tls): (&Bearer, &crate::ClientTls),
     last_seen: &mut u64,
     tx: &watch::Sender<Option<Arc<ActivePolicy>>>,
     contact: &Contact,
     backoff: &mut Duration,
 ) -> Result<Ended, ClientError> {
-    let channel = super::endpoint(endpoint)?
+    let channel = super::endpoint(endpoint, tls)?
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
