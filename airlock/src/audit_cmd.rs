@@ -49,6 +49,11 @@ pub(crate) enum AuditCommand {
         /// its cutoff in the archive, so it needs no flag.
         #[arg(long)]
         expired_before: Option<String>,
+        /// An archive log head an earlier `audit verify` printed (`SEQ:SHA256`), kept outside the
+        /// bucket: the log must still hold that entry unchanged, so deleting the newest sessions
+        /// together with their log entries is detected.
+        #[arg(long)]
+        checkpoint: Option<audit::Checkpoint>,
     },
 }
 
@@ -106,7 +111,7 @@ pub(crate) async fn audit(cfg: &AirlockConfig, cmd: AuditCommand) -> anyhow::Res
                 println!("{id} {line}");
             }
         }
-        AuditCommand::Verify { id, public_key, expired_before } => {
+        AuditCommand::Verify { id, public_key, expired_before, checkpoint } => {
             if let Some(date) = &expired_before {
                 time_arg("expired-before", Some(date.clone()))?;
             }
@@ -117,7 +122,9 @@ pub(crate) async fn audit(cfg: &AirlockConfig, cmd: AuditCommand) -> anyhow::Res
                 ),
                 None => cfg.recorder().signing_key()?.map(|k| k.verifying_key()),
             };
-            let report = audit::verify_with(store.as_ref(), id, key.as_ref(), expired_before).await?;
+            let report =
+                audit::verify_with(store.as_ref(), id, key.as_ref(), expired_before, checkpoint.as_ref())
+                    .await?;
             print!("{}", report.render());
             if !report.ok() {
                 std::process::exit(1);

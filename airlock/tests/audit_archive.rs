@@ -234,6 +234,19 @@ async fn recorder_killed_with_sigkill_mid_flight_records_every_event_exactly_onc
         "{}",
         stdout(&verify)
     );
+    // The head it prints, passed back as a checkpoint, is found; one beyond the log is not.
+    let head = stdout(&verify)
+        .lines()
+        .find_map(|l| l.strip_prefix("archive log head: "))
+        .and_then(|l| l.split_whitespace().next())
+        .context("verify prints the log head")?
+        .to_string();
+    let anchored = airlock(&cfg, &["audit", "verify", "--checkpoint", &head])?;
+    ensure!(anchored.status.success(), "verify --checkpoint: {}", stdout(&anchored));
+    let (seq, hash) = head.split_once(':').context("SEQ:SHA256")?;
+    let beyond = format!("{}:{hash}", seq.parse::<u64>()? + 1);
+    let cut = airlock(&cfg, &["audit", "verify", "--checkpoint", &beyond])?;
+    ensure!(!cut.status.success() && stdout(&cut).contains("of the checkpoint"), "{}", stdout(&cut));
     restarted.terminate();
     Ok(())
 }

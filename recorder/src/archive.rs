@@ -9,8 +9,9 @@
 //!
 //! With a signing key, each entry is signed ([`Signed`]; the signature covers `seq` and `prev`),
 //! so that rewriting the log from some entry on (to drop a deleted session and re-chain the rest)
-//! needs the key. Only the newest entries can still be removed unnoticed, together with their
-//! sessions: nothing outside the bucket records how long the log was.
+//! needs the key. Only the newest entries can still be removed unnoticed from the bucket alone,
+//! together with their sessions; the recorder logs each entry's checkpoint (`SEQ:SHA256`), and
+//! `audit verify --checkpoint` checks the log still holds one kept outside the bucket.
 
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
@@ -112,13 +113,13 @@ impl ArchiveLog {
     }
 
     /// Append an entry for a manifest (`seq` and `prev` are filled in, and it is signed with
-    /// `signer` if given).
+    /// `signer` if given); returns its seq and the hash of its stored bytes.
     pub(crate) async fn append(
         &mut self,
         store: &dyn ObjectStore,
         mut entry: LogEntry,
         signer: Option<&SigningKey>,
-    ) -> Result<u64, object_store::Error> {
+    ) -> Result<crate::audit::Checkpoint, object_store::Error> {
         loop {
             entry.seq = self.next_seq;
             entry.prev = self.head.clone();
@@ -132,9 +133,9 @@ impl ArchiveLog {
             let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
             match store.put_opts(&entry_path(entry.seq), PutPayload::from(bytes), opts).await {
                 Ok(_) => {
-                    self.head = hash;
+                    self.head.clone_from(&hash);
                     self.next_seq += 1;
-                    return Ok(entry.seq);
+                    return Ok(crate::audit::Checkpoint { seq: entry.seq, sha256: hash });
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => self.catch_up(store).await?,
                 Err(e) => return Err(e),

@@ -22,7 +22,7 @@ mod stored;
 mod verify;
 
 pub use render::{render_replay, render_sessions};
-pub use verify::{SessionVerdict, Verdict, VerifyReport, verify, verify_with};
+pub use verify::{Checkpoint, SessionVerdict, Verdict, VerifyReport, verify, verify_with};
 
 /// How many chunks are read at once.
 const READ_CONCURRENCY: usize = 16;

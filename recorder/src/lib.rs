@@ -533,7 +533,10 @@ async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::E
                 public_key: None,
                 signature: None,
             };
-            log.as_mut().expect("loaded just above").append(store, entry, ctx.signer.as_ref()).await?;
+            let logged =
+                log.as_mut().expect("loaded just above").append(store, entry, ctx.signer.as_ref()).await?;
+            // Outside the bucket (the recorder's log), a checkpoint for `audit verify --checkpoint`.
+            info!(session.id = %s.id, archive.checkpoint = %logged, "archive log entry written");
         }
         match put_manifest(ctx, &path, bytes, stored.map(|m| m.version)).await {
             Ok(()) => {}

@@ -906,3 +906,64 @@ fn duckdb(query: &str) -> Result<Vec<String>> {
     ensure!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8(out.stdout)?.lines().map(str::to_string).collect())
 }
+
+/// Deleting the newest sessions together with their archive log entries leaves a shorter log
+/// that is consistent in itself: only a checkpoint kept outside the bucket shows it.
+#[tokio::test]
+async fn a_checkpoint_kept_outside_the_bucket_detects_the_newest_sessions_deleted_with_their_log_entries()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (bus, store) = local_setup(dir.path()).await?;
+    let base = Timestamp::now().as_micros();
+    let sessions: Vec<_> =
+        (0..3).map(|i| session(&format!("agent-{i}"), 3, base + i * 1_000, true)).collect();
+    let running = start_recorder(&bus, &store, small_batches());
+    bus.publish_all(&interleave(&sessions)).await?;
+    let clean = wait_intact(store.as_ref(), &sessions, Duration::from_secs(20)).await?;
+    running.shutdown().await?;
+    let head = clean.log_head.clone().context("a log head")?;
+    ensure!(head.seq == 2, "three sessions, three entries:\n{}", clean.render());
+    ensure!(clean.render().contains(&format!("archive log head: {head}")), "{}", clean.render());
+    let parsed: audit::Checkpoint = head.to_string().parse().map_err(anyhow::Error::msg)?;
+    ensure!(parsed == head, "a printed head parses back");
+    let s = store.as_ref();
+    let checked = audit::verify_with(s, None, None, None, Some(&head)).await?;
+    ensure!(checked.ok() && checked.checkpoint_matched == Some(head.clone()), "{}", checked.render());
+
+    // Remove the newest entry and the session it names: the bucket alone still verifies.
+    let last = Path::from(format!("archive/log/{:020}.json", head.seq));
+    let entry: LogEntry = serde_json::from_slice(&get(s, &last).await?)?;
+    for path in keys_of(s, entry.session).await? {
+        s.delete(&path).await?;
+    }
+    s.delete(&last).await?;
+    let unanchored = audit::verify(s, None, None).await?;
+    ensure!(unanchored.ok(), "without a checkpoint the cut is invisible:\n{}", unanchored.render());
+    let anchored = audit::verify_with(s, None, None, None, Some(&head)).await?;
+    ensure!(!anchored.ok(), "{}", anchored.render());
+    ensure!(
+        anchored
+            .archive_problems
+            .iter()
+            .any(|p| p.contains(&format!("entry {} of the checkpoint", head.seq))),
+        "{}",
+        anchored.render()
+    );
+
+    // Put a different entry in its place (an unsigned log is re-chained as easily): it is not
+    // the one the checkpoint saw.
+    let forged = LogEntry { chunks: entry.chunks + 1, ..entry };
+    let mut bytes = serde_json::to_vec(&forged)?;
+    bytes.push(b'\n');
+    s.put(&last, PutPayload::from(bytes)).await?;
+    let rewritten = audit::verify_with(s, None, None, None, Some(&head)).await?;
+    ensure!(
+        rewritten.archive_problems.iter().any(|p| p.contains("differs from the checkpoint")),
+        "{}",
+        rewritten.render()
+    );
+    // A malformed checkpoint is refused with what is expected.
+    let bad = "2:nothex".parse::<audit::Checkpoint>().expect_err("not a checkpoint");
+    ensure!(bad.contains("SEQ:SHA256"), "{bad}");
+    Ok(())
+}

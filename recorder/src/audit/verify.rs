@@ -60,6 +60,41 @@ pub struct VerifyReport {
     pub retention_problems: Vec<String>,
     /// The retention cutoff applied (from `archive/retention.json` or the caller).
     pub expired_before: Option<String>,
+    /// The newest log entry: keep it outside the bucket and pass it back as a checkpoint, and a
+    /// later removal of it (or of any entry before it) is detected.
+    pub log_head: Option<Checkpoint>,
+    /// The checkpoint given was found and matched.
+    pub checkpoint_matched: Option<Checkpoint>,
+}
+
+/// An archive log entry as someone outside the bucket saw it: its seq and the hex SHA-256 of its
+/// stored bytes, written `SEQ:SHA256`. Each entry's hash covers the one before it, so a
+/// checkpoint vouches for the whole log up to it. Removing the newest entries together with
+/// their sessions is otherwise undetectable from the bucket alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub sha256: String,
+}
+
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.sha256)
+    }
+}
+
+impl std::str::FromStr for Checkpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected SEQ:SHA256 (as `audit verify` prints the archive log head)");
+        let (seq, hash) = s.trim().split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(Self { seq, sha256: hash.to_ascii_lowercase() })
+    }
 }
 
 impl VerifyReport {
@@ -88,6 +123,16 @@ impl VerifyReport {
         }
         if self.archive_problems.is_empty() {
             let _ = writeln!(out, "archive log: {} entries, chain OK", self.log_entries);
+            if let Some(c) = &self.checkpoint_matched {
+                let _ = writeln!(out, "archive log checkpoint {c}: present and unchanged");
+            }
+            if let Some(head) = &self.log_head {
+                let _ = writeln!(
+                    out,
+                    "archive log head: {head} (keep it outside the bucket; `--checkpoint {head}` \
+                     later detects its removal)"
+                );
+            }
         } else {
             let _ = writeln!(out, "archive log: {} entries, TAMPERED", self.log_entries);
             for p in &self.archive_problems {
@@ -126,21 +171,23 @@ pub async fn verify(
     only: Option<Uuid>,
     key: Option<&VerifyingKey>,
 ) -> Result<VerifyReport, AuditError> {
-    verify_with(store, only, key, None).await
+    verify_with(store, only, key, None, None).await
 }
 
-/// [`verify`], also treating sessions dated before `expired_before` (`YYYY-MM-DD`) as expired:
-/// for archives whose retention is done by storage lifecycle rules.
+/// [`verify`], also treating sessions dated before `expired_before` (`YYYY-MM-DD`) as expired
+/// (for archives whose retention is done by storage lifecycle rules), and requiring the archive
+/// log to hold `checkpoint` unchanged.
 pub async fn verify_with(
     store: &dyn ObjectStore,
     only: Option<Uuid>,
     key: Option<&VerifyingKey>,
     expired_before: Option<String>,
+    checkpoint: Option<&Checkpoint>,
 ) -> Result<VerifyReport, AuditError> {
     let mut report = VerifyReport::default();
     let marker = read_retention(store, key, &mut report).await?;
     report.expired_before = marker.max(expired_before);
-    let log = read_log(store, key, &mut report).await?;
+    let log = read_log(store, key, checkpoint, &mut report).await?;
 
     let paths = match only {
         // Every date folder: a copy of the session filed under another date is tampering too.
@@ -213,6 +260,7 @@ async fn read_retention(
 async fn read_log(
     store: &dyn ObjectStore,
     key: Option<&VerifyingKey>,
+    checkpoint: Option<&Checkpoint>,
     report: &mut VerifyReport,
 ) -> Result<HashMap<Uuid, LogEntry>, AuditError> {
     let mut seqs = BTreeMap::new();
@@ -282,8 +330,27 @@ async fn read_log(
                 }
             }
         }
+        if let Some(c) = checkpoint.filter(|c| c.seq == seq) {
+            if c.sha256 == hash {
+                report.checkpoint_matched = Some(c.clone());
+            } else {
+                report.archive_problems.push(format!(
+                    "archive log entry {seq} differs from the checkpoint {c}: the log was rewritten"
+                ));
+            }
+        }
         prev = Some((seq, hash));
     }
+    if let Some(c) = checkpoint
+        && prev.as_ref().is_none_or(|(last, _)| *last < c.seq)
+    {
+        report.archive_problems.push(format!(
+            "archive log entry {} of the checkpoint {c} is gone: the newest entries (and their sessions) \
+             were deleted",
+            c.seq
+        ));
+    }
+    report.log_head = prev.map(|(seq, sha256)| Checkpoint { seq, sha256 });
     Ok(latest)
 }
 
