@@ -12,6 +12,13 @@ use crate::config::AirlockConfig;
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCommand {
+    /// Check policy documents as the store would, without one (no token; for a policy
+    /// repository's CI). Exits 1 if any is invalid.
+    Validate {
+        /// The YAML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Validate and store a policy document as a new version (admin token).
     Apply {
         /// The YAML file.
@@ -146,6 +153,28 @@ pub(crate) struct ApprovalsTarget {
 
 pub(crate) async fn policy(cfg: &AirlockConfig, cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
+        PolicyCommand::Validate { files } => {
+            let mut invalid = 0;
+            for file in &files {
+                match std::fs::read_to_string(file).map_err(|e| e.to_string()).and_then(|yaml| {
+                    proto::policy::parse(&yaml).map_err(|e| e.to_string().trim_end().to_string())
+                }) {
+                    Ok(doc) => println!(
+                        "{}: valid ({} connections, {} rules, {} masking entries, {} service accounts)",
+                        file.display(),
+                        doc.connections.len(),
+                        doc.rules.len(),
+                        doc.masking.len(),
+                        doc.service_accounts.len()
+                    ),
+                    Err(e) => {
+                        invalid += 1;
+                        eprintln!("{}: {e}", file.display());
+                    }
+                }
+            }
+            anyhow::ensure!(invalid == 0, "{invalid} of {} documents invalid", files.len());
+        }
         PolicyCommand::Apply { file, author, target } => {
             let yaml =
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;

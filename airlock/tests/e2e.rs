@@ -553,6 +553,21 @@ async fn invalid_policy_is_rejected_naming_field_and_line_and_changes_nothing() 
     let err = stderr(&o);
     let line = bad.lines().position(|l| l.contains("dney")).unwrap() + 1;
     assert!(err.contains(&format!("line {line}")) && err.contains("rules[2].action"), "{err}");
+    // The same check without a store or token, for a policy repository's CI.
+    let good_file = dir.path().join("good.yaml");
+    std::fs::write(&good_file, &good).unwrap();
+    let offline = dir.path().join("offline.toml");
+    std::fs::write(&offline, "[policy_store]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let o = airlock(dir.path(), &offline, &["policy", "validate", good_file.to_str().unwrap()]);
+    assert!(o.status.success() && stdout(&o).contains("good.yaml: valid"), "{}", stderr(&o));
+    let o = airlock(
+        dir.path(),
+        &offline,
+        &["policy", "validate", good_file.to_str().unwrap(), file.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad.yaml: policy document is invalid"), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("line {line}")), "{}", stderr(&o));
 
     let bad = good.replace("connections: [shop]", "connections: [shp]");
     std::fs::write(&file, &bad).unwrap();
@@ -574,4 +589,5 @@ fn bad_config_exits_64_with_one_clear_line() {
     assert_eq!(o.status.code(), Some(64));
     let err = stderr(&o);
     assert!(err.contains("listen") && err.lines().count() <= 3, "{err}");
+    assert_eq!(err.matches("invalid socket address").count(), 1, "said once: {err}");
 }

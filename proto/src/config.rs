@@ -14,12 +14,19 @@ pub trait Validate {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    // Not a `#[source]`: the message already holds it, and error chains would print it twice.
     #[error("config: {0}")]
-    Toml(#[from] toml::de::Error),
+    Toml(toml::de::Error),
     #[error("config: environment override {name}: {message}")]
     Env { name: String, message: String },
     #[error("config: {0}")]
     Invalid(String),
+}
+
+impl From<toml::de::Error> for ConfigError {
+    fn from(e: toml::de::Error) -> Self {
+        Self::Toml(e)
+    }
 }
 
 /// Load a config from optional TOML text and environment pairs.
@@ -105,6 +112,8 @@ mod tests {
     fn errors_are_clear() {
         let e = load::<Cfg>(Some("[proxy]\nlisten = 5\n"), vec![], "AIRLOCK_").expect_err("type error");
         assert!(e.to_string().contains("listen"), "{e}");
+        // Said once: the message is not repeated as its own cause.
+        assert!(std::error::Error::source(&e).is_none(), "{e}");
         let e = load::<Cfg>(Some("[proxy]\nmax = 500\n"), vec![], "AIRLOCK_").expect_err("invalid");
         assert!(e.to_string().contains("proxy.max"), "{e}");
         let e = load::<Cfg>(None, vec![("AIRLOCK_PROXY__LISTEN__X".into(), "1".into())], "AIRLOCK_");
