@@ -61,6 +61,20 @@ pub(crate) fn endpoint(endpoint: &str, tls: &crate::ClientTls) -> Result<Endpoin
     tls.endpoint(endpoint, CONNECT_TIMEOUT)
 }
 
+/// A connected channel to `endpoint`, and the `authorization` value for `token`.
+pub(crate) async fn connect(
+    endpoint: &str,
+    token: &str,
+    tls: &crate::ClientTls,
+) -> Result<(Channel, Bearer), ClientError> {
+    let authorization = bearer(token)?;
+    let channel = self::endpoint(endpoint, tls)?
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
+    Ok((channel, authorization))
+}
+
 impl PolicyClient {
     /// Connect to a node, e.g. `"http://127.0.0.1:17070"`, with a token: the admin token to
     /// apply, the read token (or the admin token) to read.
@@ -74,11 +88,7 @@ impl PolicyClient {
         token: &str,
         tls: &crate::ClientTls,
     ) -> Result<Self, ClientError> {
-        let authorization = bearer(token)?;
-        let channel = self::endpoint(endpoint, tls)?
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
+        let (channel, authorization) = connect(endpoint, token, tls).await?;
         let inner = PolicyStoreClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
         Ok(Self { inner, authorization })
     }

@@ -32,11 +32,7 @@ impl AdminClient {
         token: &str,
         tls: &crate::ClientTls,
     ) -> Result<Self, ClientError> {
-        let authorization = super::bearer(token)?;
-        let channel = super::endpoint(endpoint, tls)?
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
+        let (channel, authorization) = super::connect(endpoint, token, tls).await?;
         Ok(Self { inner: PolicyStoreAdminClient::new(channel), authorization })
     }
 
