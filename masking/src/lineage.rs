@@ -27,14 +27,15 @@
 use std::collections::BTreeSet;
 
 use sqlparser::ast::{
-    AccessExpr, ArrayElemTypeDef, BinaryOperator, CastKind, CeilFloorKind, ConnectByKind, CopySource,
-    CopyTarget, Cte, DataType, DateTimeField, Distinct, ExactNumberInfo, Expr, FromTable, Function,
-    FunctionArg, FunctionArgExpr, FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, InTarget,
-    JoinConstraint, JoinOperator, JsonPathElem, ListAggOnOverflow, MergeAction, MergeInsertKind,
-    MergeUpdateKind, NamedWindowExpr, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, OrderBy,
-    OrderByExpr, OrderByKind, OutputClause, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
-    Statement, Subscript, TableAlias, TableFactor, TableObject, TableWithJoins, TimezoneInfo, TrimWhereField,
-    UpdateTableFromKind, Values, WildcardAdditionalOptions, WindowFrameBound, WindowSpec, WindowType,
+    AccessExpr, AlterSchemaOperation, AlterTable, AlterTableOperation, AlterViewOperation, ArrayElemTypeDef,
+    BinaryOperator, CastKind, CeilFloorKind, ConnectByKind, CopySource, CopyTarget, Cte, DataType,
+    DateTimeField, Distinct, ExactNumberInfo, Expr, FromTable, Function, FunctionArg, FunctionArgExpr,
+    FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, InTarget, JoinConstraint, JoinOperator,
+    JsonPathElem, ListAggOnOverflow, MergeAction, MergeInsertKind, MergeUpdateKind, NamedWindowExpr,
+    ObjectName, ObjectNamePart, OnConflictAction, OnInsert, OrderBy, OrderByExpr, OrderByKind, OutputClause,
+    Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, Subscript, TableAlias,
+    TableFactor, TableObject, TableWithJoins, TimezoneInfo, TrimWhereField, UpdateTableFromKind, Values,
+    WildcardAdditionalOptions, WindowFrameBound, WindowSpec, WindowType,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
@@ -77,6 +78,30 @@ const SQL_EXECUTING_FUNCTIONS: &[&str] = &[
     "dblink_get_result",
     "dblink_send_query",
     "dblink_open",
+];
+
+/// Built-ins that keep what they are given where a later statement reads it back, unmasked: a
+/// sequence's value (`setval`, read by `currval` or the sequence itself), an advisory lock's key
+/// (`pg_locks`), the random seed (`random()`), a setting (`current_setting`), a notification's
+/// payload (listeners the gateway does not mask for), a WAL message, a large object. Their
+/// arguments count as stored ([`Lineage::written`]).
+const STORING_FUNCTIONS: &[&str] = &[
+    "setval",
+    "setseed",
+    "set_config",
+    "pg_notify",
+    "pg_logical_emit_message",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "lo_from_bytea",
+    "lo_put",
+    "lowrite",
 ];
 
 /// A table column, or a whole row of a table when `column` is `None`.
@@ -163,9 +188,15 @@ pub struct Lineage {
     /// conservative fallback.
     pub referenced: BTreeSet<ColumnRef>,
     /// What the values the statement stores come from (`INSERT`, `UPDATE`, `MERGE`, writing
-    /// CTEs, `SELECT INTO`, `CREATE TABLE AS`): every column a stored value is computed from,
-    /// and, when one is computed by something opaque (a function of a whole row, say), every
-    /// column referenced. A masked column among them would be stored where it is not masked.
+    /// CTEs, `SELECT INTO`, `CREATE TABLE AS`, the arguments of built-ins that keep them, such
+    /// as `setval`): every column a stored value is computed from, and, when one is computed by
+    /// something opaque (a function of a whole row, say), every column referenced. A masked
+    /// column among them would be stored where it is not masked.
+    ///
+    /// DDL that gives a table's values another identity counts as storing them there: the
+    /// columns it renames, the tables it renames, and both sides of a partition it detaches or
+    /// an inheritance it ends (`ALTER TABLE users RENAME email TO e` would otherwise leave
+    /// `users.email`'s values under a name no masking pattern covers).
     pub written: BTreeSet<ColumnRef>,
 }
 
@@ -898,6 +929,17 @@ fn check_function(name: &ObjectName) -> Result<(), LineageError> {
     }
 }
 
+/// Is the function one of [`STORING_FUNCTIONS`], by any name the call may have?
+fn stores_arguments(name: &ObjectName) -> bool {
+    let names = name.0.last().and_then(ObjectNamePart::as_ident).map(ident_names).unwrap_or_default();
+    names.iter().any(|n| STORING_FUNCTIONS.contains(&n.as_str()))
+}
+
+/// Does `ALTER SCHEMA` rename the schema?
+pub fn renames_schema(a: &sqlparser::ast::AlterSchema) -> bool {
+    a.operations.iter().any(|o| matches!(o, AlterSchemaOperation::Rename { .. }))
+}
+
 /// `U&"…"` is read by sqlparser as `U & "…"`: the quoted identifier is not decoded.
 fn is_unicode_ident(left: &Expr, op: &BinaryOperator) -> bool {
     matches!(op, BinaryOperator::BitwiseAnd)
@@ -1043,8 +1085,57 @@ impl Analyzer {
             Statement::Call(_) => Err(LineageError::Unsupported("CALL".into())),
             Statement::ExplainTable { .. } => Err(LineageError::Unsupported("DESCRIBE".into())),
             Statement::Pragma { .. } => Err(LineageError::Unsupported("PRAGMA".into())),
+            Statement::AlterTable(at) => {
+                self.alter_table(at)?;
+                Ok(Derived::exact(vec![]))
+            }
+            Statement::AlterView(av) => {
+                let t = table_ref(&av.name)?;
+                match &av.operation {
+                    AlterViewOperation::RenameColumn { old_column_name, .. } => {
+                        let c = fold_ident(old_column_name);
+                        self.written.sources.insert(ColumnRef::of_table(&t, Some(&c)));
+                    }
+                    AlterViewOperation::RenameTo { .. } | AlterViewOperation::SetSchema { .. } => {
+                        self.written.sources.insert(ColumnRef::of_table(&t, None));
+                    }
+                    _ => {}
+                }
+                Ok(Derived::exact(vec![]))
+            }
+            // Every table of the schema changes name; which of them are masked by a pattern
+            // naming the schema cannot be told here.
+            Statement::AlterSchema(a) if renames_schema(a) => {
+                Err(LineageError::Unsupported("ALTER SCHEMA ... RENAME".into()))
+            }
             _ => Ok(Derived::exact(vec![])),
         }
+    }
+
+    /// What `ALTER TABLE` gives another identity: see [`Lineage::written`].
+    fn alter_table(&mut self, at: &AlterTable) -> Result<(), LineageError> {
+        let t = table_ref(&at.name)?;
+        for op in &at.operations {
+            match op {
+                AlterTableOperation::RenameColumn { old_column_name: c, .. }
+                | AlterTableOperation::ChangeColumn { old_name: c, .. } => {
+                    let c = fold_ident(c);
+                    self.written.sources.insert(ColumnRef::of_table(&t, Some(&c)));
+                }
+                AlterTableOperation::RenameTable { .. } => {
+                    self.written.sources.insert(ColumnRef::of_table(&t, None));
+                }
+                AlterTableOperation::NoInherit { parent: other }
+                | AlterTableOperation::DetachPartitionOf { partition: other, .. }
+                | AlterTableOperation::SwapWith { table_name: other } => {
+                    let other = table_ref(other)?;
+                    self.written.sources.insert(ColumnRef::of_table(&t, None));
+                    self.written.sources.insert(ColumnRef::of_table(&other, None));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// INSERT / UPDATE / DELETE / MERGE: the outputs of RETURNING.
@@ -2156,6 +2247,17 @@ impl Analyzer {
 
     fn function(&mut self, f: &Function, acc: &mut Acc) -> Result<(), LineageError> {
         check_function(&f.name)?;
+        if !stores_arguments(&f.name) {
+            return self.function_call(f, acc);
+        }
+        let mut args = Acc::default();
+        self.function_call(f, &mut args)?;
+        self.written.merge(&args);
+        acc.merge(&args);
+        Ok(())
+    }
+
+    fn function_call(&mut self, f: &Function, acc: &mut Acc) -> Result<(), LineageError> {
         let name = function_name(&f.name);
         for args in [&f.parameters, &f.args] {
             match args {
@@ -2384,6 +2486,36 @@ mod tests {
             let l = one(sql);
             assert!(!l.written.contains(&email()), "{sql}: {:?}", l.written);
         }
+    }
+
+    #[test]
+    fn renames_and_builtins_that_keep_values_count_as_stores() {
+        for (sql, want) in [
+            ("ALTER TABLE users RENAME COLUMN email TO e", vec![email()]),
+            ("ALTER TABLE IF EXISTS ONLY users RENAME \"email\" TO e", vec![email()]),
+            ("ALTER TABLE users RENAME TO u2", vec![row("users")]),
+            ("ALTER VIEW users RENAME COLUMN email TO e", vec![email()]),
+            ("ALTER MATERIALIZED VIEW users RENAME TO u2", vec![row("users")]),
+            ("ALTER TABLE users DETACH PARTITION users_low", vec![row("users"), row("users_low")]),
+            ("ALTER TABLE users_child NO INHERIT users", vec![row("users_child"), row("users")]),
+            ("SELECT setval('s', ascii(email)) FROM users", vec![email()]),
+            ("SELECT 1 FROM users WHERE pg_catalog.pg_try_advisory_lock(length(email))", vec![email()]),
+            ("SELECT setseed(length(email) / 100.0) FROM users", vec![email()]),
+        ] {
+            let l = one(sql);
+            for r in want {
+                assert!(l.written.contains(&r), "{sql}: {r:?} missing from {:?}", l.written);
+            }
+        }
+        for sql in [
+            "ALTER TABLE users RENAME CONSTRAINT c TO d",
+            "ALTER TABLE users ADD COLUMN x int",
+            "SELECT setval('s', 42)",
+            "SELECT upper(email) FROM users",
+        ] {
+            assert!(one(sql).written.is_empty(), "{sql}: {:?}", one(sql).written);
+        }
+        assert_unsupported("ALTER SCHEMA public RENAME TO p2");
     }
 
     /// The first output of `sql` derives from users.email (or the whole users row).

@@ -452,12 +452,30 @@ mod copy {
 
     use super::CsvShape;
 
+    /// The raw fields of a text-format row: split at each delimiter that is not escaped (the
+    /// server writes a delimiter inside a value as a backslash and the delimiter).
+    fn raw_fields(row: &[u8], delim: u8) -> impl Iterator<Item = &[u8]> {
+        let mut start = Some(0);
+        std::iter::from_fn(move || {
+            let s = start?;
+            let mut i = s;
+            while let Some(&c) = row.get(i)
+                && c != delim
+            {
+                i += if c == b'\\' { 2 } else { 1 };
+            }
+            let end = i.min(row.len());
+            start = (end < row.len()).then_some(end + 1);
+            row.get(s..end)
+        })
+    }
+
     /// Split a text-format row (with its trailing newline) into unescaped values.
     pub(super) fn split_text(row: &[u8], delim: u8) -> Option<Vec<Option<Vec<u8>>>> {
         let row = row.strip_suffix(b"\n").unwrap_or(row);
         let row = row.strip_suffix(b"\r").unwrap_or(row);
         let mut out = Vec::new();
-        for raw in row.split(|&c| c == delim) {
+        for raw in raw_fields(row, delim) {
             if raw == b"\\N" {
                 out.push(None);
                 continue;
@@ -517,6 +535,8 @@ mod copy {
         Some(out)
     }
 
+    /// Join values into a text-format row, escaped as the server escapes them
+    /// (`CopyAttributeOutText`).
     pub(super) fn join_text(vals: &[Option<Vec<u8>>], delim: u8) -> Vec<u8> {
         let mut out = Vec::new();
         for (i, v) in vals.iter().enumerate() {
@@ -527,13 +547,21 @@ mod copy {
                 None => out.extend_from_slice(b"\\N"),
                 Some(v) => {
                     for &c in v {
-                        match c {
-                            b'\\' => out.extend_from_slice(b"\\\\"),
-                            b'\n' => out.extend_from_slice(b"\\n"),
-                            b'\r' => out.extend_from_slice(b"\\r"),
-                            c if c == delim => out.extend_from_slice(format!("\\x{c:02x}").as_bytes()),
-                            c => out.push(c),
-                        }
+                        let escaped = match c {
+                            8 => b'b',
+                            12 => b'f',
+                            b'\n' => b'n',
+                            b'\r' => b'r',
+                            b'\t' => b't',
+                            11 => b'v',
+                            b'\\' => b'\\',
+                            c if c == delim => c,
+                            c => {
+                                out.push(c);
+                                continue;
+                            }
+                        };
+                        out.extend_from_slice(&[b'\\', escaped]);
                     }
                 }
             }
@@ -622,6 +650,17 @@ mod copy {
             assert_eq!(vals[3], None);
             assert_eq!(split_text(&join_text(&vals, b'\t'), b'\t').expect("valid"), vals);
             assert_eq!(split_text(b"\\x41\\101\n", b'\t').expect("valid")[0].as_deref(), Some(&b"AA"[..]));
+        }
+
+        #[test]
+        fn escaped_delimiters_stay_in_their_value() {
+            // `COPY ... (DELIMITER ',')` of ('a,b', 'c\,', NULL): the server escapes the commas.
+            let row = b"a\\,b,c\\\\\\,,\\N\n";
+            let vals = split_text(row, b',').expect("valid");
+            assert_eq!(vals, vec![Some(b"a,b".to_vec()), Some(b"c\\,".to_vec()), None]);
+            assert_eq!(join_text(&vals, b','), row.to_vec(), "joined back as the server wrote it");
+            let row = b"tab\\there\tx\n";
+            assert_eq!(join_text(&split_text(row, b'\t').expect("valid"), b'\t'), row.to_vec());
         }
 
         #[test]
@@ -766,11 +805,28 @@ pub(crate) fn precheck_facts(stmts: &[Statement]) -> PrecheckFacts {
     facts
 }
 
-/// Does the statement store values it computes (so they could come from masked columns)?
+/// Does the statement store values it computes (so they could come from masked columns), or
+/// give stored values another identity (a rename; see [`masking::lineage::Lineage::written`])?
 fn stores_values(st: &Statement) -> bool {
+    use sqlparser::ast::{AlterTableOperation as T, AlterViewOperation as V};
     match st {
         Statement::Insert(_) | Statement::Update(_) | Statement::Merge(_) => true,
         Statement::CreateTable(ct) => ct.query.is_some(),
+        Statement::AlterTable(at) => at.operations.iter().any(|op| {
+            matches!(
+                op,
+                T::RenameColumn { .. }
+                    | T::ChangeColumn { .. }
+                    | T::RenameTable { .. }
+                    | T::NoInherit { .. }
+                    | T::DetachPartitionOf { .. }
+                    | T::SwapWith { .. }
+            )
+        }),
+        Statement::AlterView(av) => {
+            matches!(av.operation, V::RenameColumn { .. } | V::RenameTo { .. } | V::SetSchema { .. })
+        }
+        Statement::AlterSchema(a) => masking::lineage::renames_schema(a),
         // SELECT INTO, or a writing CTE: the query's text says which.
         Statement::Query(q) => {
             let text = q.to_string().to_ascii_lowercase();

@@ -1314,3 +1314,143 @@ async fn views_the_session_just_created_are_masked() {
     }
     assert!(failures.is_empty(), "{} leaks:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// DDL that gives a masked table's values another identity would leave them under a name no
+/// masking pattern covers: a renamed column or table, a partition detached from its masked
+/// parent, a child no longer inheriting from one, a renamed schema that a pattern names. Such
+/// DDL is refused while the names are masked; renaming what is not masked still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_or_detaching_what_is_masked_is_refused() {
+    let h = start(&format!(
+        "  - columns: [people.name, staff.name, ps.t.secret]\n    strategy: redact\n{DEFAULTS}"
+    ))
+    .await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
+             INSERT INTO customers VALUES (7, 'zed quiet number', 'zed quiet account'); \
+             CREATE TABLE people (id int, name text) PARTITION BY RANGE (id); \
+             CREATE TABLE people_low PARTITION OF people FOR VALUES FROM (0) TO (100); \
+             INSERT INTO people VALUES (1, 'zed quiet person'); \
+             CREATE TABLE staff (id int, name text); CREATE TABLE contractors () INHERITS (staff); \
+             INSERT INTO contractors VALUES (2, 'zed quiet contractor'); \
+             CREATE SCHEMA ps; CREATE TABLE ps.t (secret text); INSERT INTO ps.t VALUES ('zed quiet schema');"
+        ),
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for q in [
+        "ALTER TABLE users RENAME COLUMN email TO contact",
+        "ALTER TABLE users RENAME email TO contact",
+        "ALTER TABLE IF EXISTS ONLY public.users RENAME COLUMN \"email\" TO contact",
+        "ALTER TABLE users RENAME TO users_old",
+        "ALTER TABLE customers RENAME TO cust",
+        "ALTER TABLE customers RENAME COLUMN ssn TO s",
+        "ALTER TABLE people DETACH PARTITION people_low",
+        "ALTER TABLE contractors NO INHERIT staff",
+        "ALTER TABLE staff RENAME TO crew",
+        "ALTER SCHEMA ps RENAME TO ps2",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            if !(seen.contains("42501") && seen.contains("builtin.masking")) {
+                failures.push(format!("{mode} `{q}` was not refused: {seen}"));
+            }
+        }
+    }
+    // The values are still where the patterns say, and masked there.
+    for q in [
+        "SELECT email FROM users WHERE id = 3",
+        "SELECT * FROM customers WHERE id = 7",
+        "SELECT name FROM people_low",
+        "SELECT name FROM contractors",
+        "SELECT secret FROM ps.t",
+    ] {
+        let seen = simple(&c, q).await;
+        if seen.contains(PLAIN_EMAIL) || seen.contains("zed quiet") || !seen.contains("[redacted]") {
+            failures.push(format!("`{q}` after the refused DDL: {seen}"));
+        }
+    }
+    // What is not masked can be renamed.
+    for q in ["ALTER TABLE users RENAME COLUMN notes TO remarks", "ALTER TABLE orders RENAME TO purchases"] {
+        let seen = simple(&c, q).await;
+        if seen.contains("ERROR") {
+            failures.push(format!("`{q}` was refused: {seen}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Built-ins that keep their argument where a later statement reads it back (a sequence's value,
+/// an advisory lock's key in pg_locks, the random seed) would store a value computed from a
+/// masked column unmasked: `setval('s', ascii(substr(email, n, 1)))` then `currval('s')`, one
+/// character at a time. Refused even where the policy lets functions of unknown effect run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtins_that_keep_their_arguments_are_not_given_masked_values() {
+    let h = start("defaults: { unknown_operation: allow }").await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
+             CREATE SEQUENCE sq;"
+        ),
+    )
+    .unwrap();
+    let c = h.connect(AGENT_KEY).await;
+    let mut failures = Vec::new();
+    for q in [
+        "SELECT setval('sq', ascii(substr(email, 1, 1))) FROM users WHERE id = 3",
+        "SELECT pg_catalog.setval('sq', length(email), true) FROM users WHERE id = 3",
+        "SELECT pg_advisory_lock(ascii(substr(email, 2, 1))) FROM users WHERE id = 3",
+        "SELECT 1 FROM users WHERE id = 3 AND pg_try_advisory_lock(ascii(substr(email, 3, 1)), 0)",
+        "SELECT setseed(ascii(substr(email, 1, 1)) / 256.0) FROM users WHERE id = 3",
+        "SELECT setval('sq', (SELECT ascii(c::text) FROM customers c LIMIT 1))",
+    ] {
+        for (mode, seen) in [("simple", simple(&c, q).await), ("extended", extended(&c, q).await)] {
+            if !(seen.contains("42501") && seen.contains("builtin.masking")) {
+                failures.push(format!("{mode} `{q}` was not refused: {seen}"));
+            }
+        }
+    }
+    // Nothing was kept: the sequence was never set, no advisory lock is held.
+    let kept =
+        h.pg.psql(
+            "shop",
+            "SELECT (SELECT last_value || '/' || is_called FROM sq) || '|' || \
+             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')",
+        )
+        .unwrap();
+    if kept.trim() != "1/false|0" {
+        failures.push(format!("a value was kept: {}", kept.trim()));
+    }
+    // Values that are not masked are kept as usual.
+    let seen = simple(&c, "SELECT setval('sq', id) FROM users WHERE id = 3").await;
+    if seen != "3" {
+        failures.push(format!("setval of an unmasked value: {seen}"));
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// In COPY's text format the server writes a delimiter inside a value as a backslash and the
+/// delimiter: the row is split where the delimiter is not escaped, masked, and written back as
+/// the server would have written it (the session is not closed over a comma in a value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_text_with_the_delimiter_inside_a_value_is_masked_field_by_field() {
+    let h = start_with_plain_email().await;
+    let c = h.connect(AGENT_KEY).await;
+    for (q, want) in [
+        (
+            "COPY (SELECT 'a,b' AS x, email, 'c\\d' AS y FROM users WHERE id = 3) TO STDOUT WITH (DELIMITER ',')",
+            "a\\,b,[redacted],c\\\\d\n",
+        ),
+        (
+            "COPY (SELECT email, 'one two' FROM users WHERE id = 3) TO STDOUT WITH (DELIMITER ' ')",
+            "[redacted] one\\ two\n",
+        ),
+        ("COPY (SELECT email, E'a\\tb' FROM users WHERE id = 3) TO STDOUT", "[redacted]\ta\\tb\n"),
+    ] {
+        assert_eq!(copy_out(&c, q).await, want, "`{q}`");
+    }
+    assert_eq!(simple(&c, "SELECT 1").await, "1", "the session goes on");
+}
