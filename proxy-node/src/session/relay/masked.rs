@@ -106,7 +106,11 @@ impl Relay<'_> {
         c: &crate::policy::Classification,
     ) -> Option<String> {
         let rules = self.rules.clone().filter(|r| r.has_columns())?;
-        let facts = facts_of(sql, c)?;
+        // Text neither parser reads (`ALTER TABLE users SET SCHEMA x`, which the default
+        // `unparsed: deny` refuses anyway) may rename or store what is masked.
+        let Some(facts) = facts_of(sql, c) else {
+            return Some("the gateway cannot tell what it stores, and column masking is on".into());
+        };
         if let Some(i) = facts.unclear_writes {
             return Some(format!(
                 "statement {} stores values whose origin cannot be told, and column masking is on",
@@ -121,6 +125,26 @@ impl Relay<'_> {
         }) || !facts.written.is_empty();
         if stores && c.calls_functions && self.functions_reveal_masked(&rules, sql).await {
             return Some("it would store what a function that reads masked columns returns".into());
+        }
+        // A function that may write (volatile, or not known) may keep its arguments where a
+        // later statement reads them unmasked (`SELECT log_it(email) FROM users`, when unknown
+        // effects are allowed or a hold is approved).
+        if c.calls_functions && self.may_write_through_functions(c).await {
+            let read = lineage_sql(sql)
+                .map(|ls| {
+                    ls.iter().flat_map(|l| l.referenced.iter().cloned().chain(output_sources(l))).collect()
+                })
+                .ok();
+            let masked = match read {
+                Some(refs) => self.refs_masker(&rules, refs).await.is_some(),
+                None => true,
+            };
+            if masked {
+                return Some(
+                    "it passes values of masked columns to a function that may write them where they are not masked"
+                        .into(),
+                );
+            }
         }
         if facts.written.is_empty() {
             return None;
@@ -449,6 +473,18 @@ impl Relay<'_> {
         RowPlan::new(rules, fields, whole)
     }
 
+    /// Does the statement call a function that may write (not read-only, or not known)?
+    async fn may_write_through_functions(&mut self, c: &crate::policy::Classification) -> bool {
+        let cfg = &self.s.shared.cfg;
+        let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
+        for f in c.functions.iter().chain(&c.builtins) {
+            if !self.catalog.read_only(&self.s.conn, f, timeout, max).await {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Could a function `sql` calls return values of masked columns (its body reads them, or
     /// its body cannot be read)? Then every computed column of the result is masked: lineage
     /// sees a call's arguments, not what the function reads.
@@ -456,6 +492,12 @@ impl Relay<'_> {
         let c = self.s.shared.classifier.classify(sql);
         if c.functions.is_empty() && c.builtins.is_empty() && c.attribute_calls.is_empty() {
             return false;
+        }
+        // Other sessions' statement texts, with whatever values they hold.
+        if c.functions.iter().chain(&c.builtins).any(|f| {
+            f.schema.as_deref().is_none_or(|s| s == "pg_catalog") && SHOWS_STATEMENTS.contains(&f.name.as_str())
+        }) {
+            return true;
         }
         let cfg = &self.s.shared.cfg;
         let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
@@ -781,9 +823,10 @@ fn generated_sources(r: &ColumnRef, expr: &str) -> Option<Vec<ColumnRef>> {
 }
 
 /// Is `r` a column of the planner's statistics that holds sampled values of other tables'
-/// columns (`pg_stats.histogram_bounds`, `pg_statistic.stavalues1`, ...), or a whole row of
-/// them? Which table's values a row holds is only known row by row, so where column masking
-/// is on they are masked whatever table they sample.
+/// columns (`pg_stats.histogram_bounds`, `pg_statistic.stavalues1`, ...), or other sessions'
+/// statement texts (`pg_stat_activity.query`), or a whole row of those? Which table's values a
+/// row holds is only known row by row, so where column masking is on they are masked whatever
+/// table they come from.
 fn samples_values(r: &ColumnRef) -> bool {
     const RELATIONS: &[&str] =
         &["pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"];
@@ -804,10 +847,18 @@ fn samples_values(r: &ColumnRef) -> bool {
     ];
     // Unqualified, these names are pg_catalog's: it is searched first unless a session puts it
     // later, which only makes a masked reading of some other relation.
-    r.schema.as_deref().is_none_or(|s| s == "pg_catalog")
-        && RELATIONS.contains(&r.table.as_str())
-        && r.column.as_deref().is_none_or(|c| VALUES.contains(&c))
+    let catalog = r.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+    let column_in = |columns: &[&str]| r.column.as_deref().is_none_or(|c| columns.contains(&c));
+    // The text of other sessions' statements (the gateway's target role sees every session of
+    // its role, an exempt person's included), with the values they hold. pg_stat_statements
+    // lives in whatever schema the extension was created in.
+    (catalog && RELATIONS.contains(&r.table.as_str()) && column_in(VALUES))
+        || (catalog && r.table == "pg_stat_activity" && column_in(&["query"]))
+        || (r.table == "pg_stat_statements" && column_in(&["query"]))
 }
+
+/// Built-ins that return other sessions' statement texts (what `pg_stat_activity` shows).
+const SHOWS_STATEMENTS: &[&str] = &["pg_stat_get_activity", "pg_stat_get_backend_activity"];
 
 /// The masker of a column by the rules for the tables in its line of inheritance: a
 /// partition's rows are its parent's, and a parent's include its partitions' (their columns
