@@ -1986,3 +1986,59 @@ defaults: { no_match: allow, unknown_operation: deny }
     // Other built-ins still read.
     c.simple_query("SELECT lower('A'), int4in('5') IS NULL, now() IS NULL").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_on_a_table_meets_statements_that_name_it_outside_a_from_clause() {
+    let rules = r#"  - { name: orders-untouchable, match: { tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql("shop", "SET ROLE airlock_svc; COMMENT ON TABLE orders IS 'what was sold';").unwrap();
+    // Its comments, privileges, statistics, storage and triggers, read on the target directly.
+    let state = |t: &str| {
+        h.count(&format!(
+            "SELECT concat_ws(' | ', coalesce(obj_description(c.oid, 'pg_class'), 'no comment'), \
+               coalesce(col_description(c.oid, 2), 'no column comment'), coalesce(c.relacl::text, 'default acl'), \
+               c.reltuples, pg_relation_filenode(c.oid), (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid)) \
+             FROM pg_class c WHERE c.oid = '{t}'::regclass"
+        ))
+    };
+    let before = state("orders");
+    let c = h.connect().await;
+    for sql in [
+        "COMMENT ON TABLE orders IS 'x'",
+        "COMMENT ON TABLE public.Orders IS NULL",
+        "COMMENT ON COLUMN orders.item IS 'x'",
+        "GRANT ALL ON orders TO PUBLIC",
+        "GRANT SELECT (item) ON TABLE public.orders TO PUBLIC",
+        "REVOKE ALL ON orders FROM airlock_svc",
+        // Every table of the schema, or of the database.
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO PUBLIC",
+        "VACUUM orders",
+        "VACUUM FULL orders",
+        "VACUUM FULL",
+        "VACUUM VERBOSE",
+        "ANALYZE",
+        "ANALYZE VERBOSE",
+        "CREATE TRIGGER keep BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        // A read of orders.
+        "SELECT * FROM (TABLE orders) o",
+    ] {
+        refused(&c, sql).await;
+    }
+    assert_eq!(state("orders"), before, "orders changed");
+    // The same statements on a table no rule names go through.
+    let before = state("payments");
+    for sql in
+        ["COMMENT ON TABLE payments IS 'paid'", "GRANT SELECT ON payments TO PUBLIC", "VACUUM payments"]
+    {
+        c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let after = state("payments");
+    assert!(after.starts_with("paid | ") && after.contains("=r/airlock_svc"), "{before} -> {after}");
+    assert_eq!(
+        h.count("SELECT reltuples FROM pg_class WHERE oid = 'payments'::regclass"),
+        "1",
+        "not vacuumed"
+    );
+}
