@@ -966,10 +966,32 @@ fn named_tables(stmt: &Statement, out: &mut BTreeSet<TableName>) {
     let mut add = |n: &ObjectName| out.extend(TableName::from_object_name(n));
     match stmt {
         // Drops every table in it: they are not named, so no rule on one would meet it.
+        // (And, by CASCADE, what depends on them anywhere: see below.)
         Statement::Drop { object_type: ObjectType::Schema, names, cascade: true, .. } => {
             out.extend(names.iter().map(|n| TableName::every(Some(n))));
+            out.insert(TableName::every(None));
         }
-        Statement::Drop { names, table, .. } => names.iter().chain(table).for_each(add),
+        // CASCADE drops what depends on the objects, wherever: a type's or domain's columns, a
+        // function's or sequence's defaults, triggers and views, other tables' foreign keys.
+        // Which tables those are is not in the text: every table.
+        Statement::Drop { names, table, cascade, .. } => {
+            names.iter().chain(table).for_each(add);
+            if *cascade {
+                out.insert(TableName::every(None));
+            }
+        }
+        Statement::DropFunction(sqlparser::ast::DropFunction { drop_behavior, .. })
+        | Statement::DropDomain(sqlparser::ast::DropDomain { drop_behavior, .. })
+        | Statement::DropProcedure { drop_behavior, .. }
+            if matches!(drop_behavior, Some(sqlparser::ast::DropBehavior::Cascade)) =>
+        {
+            out.insert(TableName::every(None));
+        }
+        Statement::DropExtension(sqlparser::ast::DropExtension { cascade_or_restrict, .. })
+            if matches!(cascade_or_restrict, Some(sqlparser::ast::ReferentialAction::Cascade)) =>
+        {
+            out.insert(TableName::every(None));
+        }
         // A new name or owner for the schema is one for each of its tables (the owner of a
         // schema may drop what is in it).
         Statement::AlterSchema(a) => {
@@ -1921,9 +1943,25 @@ mod tests {
             ("DROP SCHEMA audit CASCADE", O::Drop, "audit.*"),
             ("ALTER SCHEMA public RENAME TO old", O::Alter, "public.*"),
             ("ALTER SCHEMA public OWNER TO bob", O::Alter, "public.*"),
+            // CASCADE drops what depends on the object: columns, defaults, views, keys.
+            ("DROP SCHEMA audit CASCADE", O::Drop, "*"),
+            ("DROP TYPE mood CASCADE", O::Drop, "*"),
+            ("DROP DOMAIN posint CASCADE", O::Drop, "*"),
+            ("DROP FUNCTION f(int) CASCADE", O::Drop, "*"),
+            ("DROP PROCEDURE p() CASCADE", O::Drop, "*"),
+            ("DROP EXTENSION hstore CASCADE", O::Drop, "*"),
+            ("DROP SEQUENCE s CASCADE", O::Drop, "*"),
+            ("DROP TABLE customers CASCADE", O::Drop, "*"),
+            ("DROP VIEW v CASCADE", O::Drop, "*"),
         ] {
             let got = tables_for(sql, op);
             assert!(got.iter().any(|t| t == table), "{sql}: {op:?} on {got:?}, not {table}");
+        }
+        for sql in
+            ["DROP TYPE mood", "DROP FUNCTION f(int) RESTRICT", "DROP TABLE customers", "DROP EXTENSION x"]
+        {
+            let got = tables_for(sql, O::Drop);
+            assert!(!got.iter().any(|t| t == "*"), "{sql}: {got:?}");
         }
         // Every table is whatever table a deny or hold rule names (in its schema); an allow
         // rule must name every table.
