@@ -99,6 +99,14 @@ const STORAGE_CLOSE_WAIT: Duration = Duration::from_secs(5);
 const HEARTBEAT_MS: u64 = 100;
 const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
+/// The most log entries one AppendEntries carries, so that a batch of the largest entries still
+/// fits in a raft message (openraft's default, 300, made batches of a lagging node's catch-up
+/// past 64 MiB, which the peer refused, again and again). See [`MAX_ENTRY_JSON_BYTES`].
+const MAX_PAYLOAD_ENTRIES: u64 = (network::MAX_MESSAGE_BYTES / MAX_ENTRY_JSON_BYTES) as u64;
+/// The largest log entry as JSON: a document of [`MAX_DOCUMENT_BYTES`] (JSON escapes at most
+/// double YAML's characters: quotes, backslashes, tabs, line ends), its author, and room for the
+/// entry's other fields.
+const MAX_ENTRY_JSON_BYTES: usize = 2 * MAX_DOCUMENT_BYTES + 64 * 1024;
 /// Snapshots travel to lagging nodes in chunks of this size.
 const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
@@ -125,16 +133,7 @@ pub async fn run(
     let storage = log_store.database();
     let versions = state_machine.subscribe();
 
-    let raft_config = openraft::Config {
-        cluster_name: "airlock-policy-store".into(),
-        heartbeat_interval: HEARTBEAT_MS,
-        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
-        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
-        max_in_snapshot_log_to_keep: cfg.snapshot_logs,
-        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
-        ..Default::default()
-    };
+    let raft_config = raft_config(&cfg);
     let raft_config = Arc::new(raft_config.validate().map_err(|e| StoreError::RaftConfig(Box::new(e)))?);
     let network = network::Network::new(token.clone(), cfg.peers.clone(), tls.peers.clone());
     let raft = Raft::new(cfg.node_id, raft_config, network, log_store, state_machine)
@@ -150,6 +149,21 @@ pub async fn run(
     wait_closed(storage).await;
     info!(node.id = cfg.node_id, "policy store stopped");
     served
+}
+
+/// The raft settings of a node.
+fn raft_config(cfg: &PolicyStoreConfig) -> openraft::Config {
+    openraft::Config {
+        cluster_name: "airlock-policy-store".into(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+        max_in_snapshot_log_to_keep: cfg.snapshot_logs,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        ..Default::default()
+    }
 }
 
 /// The members a new cluster starts with: this node plus the configured peers.
@@ -283,5 +297,29 @@ async fn wait_closed(storage: std::sync::Weak<redb::Database>) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of as many of the largest entries as one AppendEntries may carry fits in a raft
+    /// message, so a node far behind catches up.
+    #[test]
+    fn a_batch_of_the_largest_entries_fits_in_a_raft_message() {
+        // Every character of the document escaped in JSON.
+        let document_yaml = format!("# {}", "\"\\".repeat((MAX_DOCUMENT_BYTES - 2) / 2));
+        assert!(document_yaml.len() <= MAX_DOCUMENT_BYTES);
+        let command = Command::Apply { document_yaml, author: "a".repeat(256), applied_at_unix_ms: i64::MIN };
+        let entry = openraft::Entry::<TypeConfig> {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(u64::MAX, u64::MAX), u64::MAX),
+            payload: openraft::EntryPayload::Normal(command),
+        };
+        let json = serde_json::to_vec(&entry).unwrap().len();
+        assert!(json <= MAX_ENTRY_JSON_BYTES, "{json} > {MAX_ENTRY_JSON_BYTES}");
+        let entries = raft_config(&PolicyStoreConfig::default()).max_payload_entries;
+        assert!(entries >= 1);
+        assert!(entries as usize * MAX_ENTRY_JSON_BYTES <= network::MAX_MESSAGE_BYTES, "{entries} entries");
     }
 }
