@@ -9,9 +9,11 @@
 //!
 //! Masking looks up result columns' origins, relations by name (with view definitions) and
 //! table columns the same way. Policy looks up what a statement reaches through the tables it
-//! names: their lines of inheritance and views' base tables ([`Catalog::reached`]), and for a
-//! write the tables foreign keys write and the triggers and rules it fires
-//! ([`Catalog::writes_reached`]).
+//! names: their lines of inheritance and views' base tables ([`Catalog::reached`]), for a
+//! write the tables foreign keys write, the triggers and rules it fires, and the functions its
+//! defaults, constraints, indexes and column types run ([`Catalog::writes_reached`]), and for a
+//! read the functions views, row security and column types' casts and operators run
+//! ([`Catalog::views_read_only`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,35 @@ use crate::upstream::{self, Upstream, UpstreamError};
 use crate::wire::postgres::messages::{read_data_row, read_error_fields};
 use masking::lineage::ColumnRef;
 
+// Every catalog query compares OIDs only with OIDs (`16384::pg_catalog.oid`) and calls the
+// built-ins behind polymorphic operators by name (`pg_catalog.arrayoverlap`): an operator a
+// user made for exactly the types written (`>=(oid, integer)`, `&&(oid[], oid[])`) would be
+// picked over a built-in that needs a coercion, and run on the catalog connection. Catalog
+// connections search `pg_catalog` first ([`SEARCH_PATH_SQL`]), so a user's operator of the
+// same types as a built-in is not picked either. Catalogs by OID: 1247 `pg_type`,
+// 1255 `pg_proc`, 1259 `pg_class`, 2604 `pg_attrdef`, 2606 `pg_constraint`, 2617
+// `pg_operator`, 3256 `pg_policy`, 3381 `pg_statistic_ext`.
+
+/// Whether function `p` makes a value of a type its caller names (see [`FUNCTION_SQL`]).
+macro_rules! makes_named_type_sql {
+    () => {
+        "((p.pronargs > 0 AND p.proargtypes[0] IN (2275::pg_catalog.oid, 2281::pg_catalog.oid) \
+           AND pg_catalog.arrayoverlap(p.proargtypes::pg_catalog.oid[], '{26,2206}'::pg_catalog.oid[])) \
+         OR p.proname IN ('json_populate_record', 'json_populate_recordset', 'jsonb_populate_record', \
+           'jsonb_populate_recordset'))"
+    };
+}
+
+/// How many user types (OID 16384 up) that run code of their own function `p` takes or
+/// returns (see [`FUNCTION_SQL`]).
+macro_rules! user_types_sql {
+    () => {
+        "(SELECT count(*) FROM pg_catalog.pg_type ty \
+           WHERE ty.oid = ANY (pg_catalog.array_append(p.proargtypes::pg_catalog.oid[], p.prorettype)) \
+           AND ty.oid >= 16384::pg_catalog.oid AND ty.typtype IN ('d', 'b', 'r', 'm'))::text"
+    };
+}
+
 /// The overloads of a function: schema, volatility, language, source, how many user types they
 /// take or return, and whether the function makes a value of a type its caller names: a type's
 /// input or receive function (first argument `cstring` or `internal`, 2275 and 2281) that takes
@@ -32,26 +63,36 @@ use masking::lineage::ColumnRef;
 /// `range_in`, or `json(b)_populate_record(set)`, which fills a row type's columns from text.
 /// Whatever that type's input runs (a domain's `CHECK`, a range's canonical function), it runs
 /// although the function itself is a stable built-in.
-const FUNCTION_SQL: &str = "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc, \
-     (SELECT count(*) FROM pg_catalog.pg_type ty WHERE ty.oid = ANY (p.proargtypes::oid[] || p.prorettype) \
-       AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text, \
-     ((p.pronargs > 0 AND p.proargtypes[0] IN (2275, 2281) AND p.proargtypes::oid[] && '{26,2206}'::oid[]) \
-       OR p.proname IN ('json_populate_record', 'json_populate_recordset', 'jsonb_populate_record', \
-         'jsonb_populate_recordset'))::text \
+const FUNCTION_SQL: &str = concat!(
+    "SELECT n.nspname, p.provolatile::text, l.lanname, p.prosrc, ",
+    user_types_sql!(),
+    ", ",
+    makes_named_type_sql!(),
+    "::text \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
-     WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
+     WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)"
+);
 
 /// The functions PostgreSQL could call for `x.$1` or `(x).$1` (field selection that names no
 /// column): those callable with one argument, and, failing those, a cast to a type of that name
 /// (a domain's `CHECK`, a user type's input function: listed as volatile user code).
-const ATTRIBUTE_SQL: &str = "SELECT n.nspname, p.provolatile::text, \
-     (SELECT count(*) FROM pg_catalog.pg_type ty WHERE ty.oid = ANY (p.proargtypes::oid[] || p.prorettype) \
-       AND ty.oid >= 16384 AND ty.typtype IN ('d', 'b', 'r', 'm'))::text \
-     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-     WHERE p.proname = $1 AND p.pronargs >= 1 AND (p.pronargs - p.pronargdefaults <= 1 OR p.provariadic <> 0) \
+const ATTRIBUTE_SQL: &str = concat!(
+    "SELECT n.nspname, p.provolatile::text, ",
+    user_types_sql!(),
+    " FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE p.proname = $1 AND p.pronargs >= 1 \
+       AND (p.pronargs - p.pronargdefaults <= 1 OR p.provariadic <> 0::pg_catalog.oid) \
      UNION ALL SELECT n.nspname, 'v', '1' FROM pg_catalog.pg_type t \
-     JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = $1 AND t.oid >= 16384";
+     JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
+     WHERE t.typname = $1 AND t.oid >= 16384::pg_catalog.oid"
+);
+
+/// Run first on every catalog connection: `pg_catalog` ahead of the `search_path` the role or
+/// database sets (which may list it after a schema users write). Functions only: no operator
+/// is looked up before it holds.
+const SEARCH_PATH_SQL: &str = "SELECT pg_catalog.set_config('search_path', \
+     pg_catalog.rtrim(pg_catalog.concat('pg_catalog, ', pg_catalog.current_setting('search_path')), ', '), false)";
 
 /// Cached entries live this long at most.
 /// How long a looked-up answer is trusted.
@@ -80,6 +121,60 @@ pub struct Relation {
     pub schema: String,
     pub relkind: char,
     pub view_sql: Option<String>,
+    /// Functions reading it may run besides a view's definition: its row security policies'
+    /// (when enabled), and the casts and operators users made for its columns' types.
+    pub reading_runs: Vec<Called>,
+    /// Why reading it runs code of unknown effect, if it does: a policy reads a relation whose
+    /// reading runs code of its own (a view, a table with row security).
+    pub reading_unknown: Option<String>,
+}
+
+/// A function that an expression the catalog keeps calls (a column default, a constraint, an
+/// index expression, a partition key, a row security policy, a domain's constraint or default,
+/// a cast or operator of a column's type), as [`WRITES_SQL`] and [`RELATION_SQL`] list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Called {
+    pub schema: String,
+    pub name: String,
+    /// One character each: `provolatile`; `prokind`; `c` for C or internal code (only a
+    /// superuser creates those) or `o`; `b` for a built-in (OID below 16384) or `u`; `t` if it
+    /// makes a value of a type its caller names ([`FUNCTION_SQL`]) or `f`.
+    flags: String,
+}
+
+impl Called {
+    /// May it write, as far as its row says? `None`: a user function in SQL or a procedural
+    /// language, which only its body can tell ([`Catalog::read_only`]). `write`: it runs as a
+    /// row is written, where a sequence's `nextval` (a serial column's default) writes only the
+    /// sequence.
+    fn may_write(&self, write: bool) -> Option<bool> {
+        let f: Vec<char> = self.flags.chars().collect();
+        let [volatility, kind, code, origin, makes] = f[..] else { return Some(true) };
+        if crate::policy::is_denied_builtin(&self.name) || makes != 'f' {
+            return Some(true);
+        }
+        if origin == 'b' {
+            let known = volatility != 'v'
+                || crate::policy::is_read_only_builtin(&self.name)
+                || (write && self.name == "nextval");
+            return Some(!known);
+        }
+        // C says what it does (no user but a superuser can create it) when it is not volatile
+        // or is named a read-only built-in (`uuid_generate_v4`). An aggregate is C too,
+        // whatever its state function is; there is no body to read either way.
+        if code == 'c' {
+            let known = kind == 'f' && (volatility != 'v' || crate::policy::is_read_only_builtin(&self.name));
+            return Some(!known);
+        }
+        None
+    }
+}
+
+/// Parse `[[schema, name, flags], ...]` as [`RELATION_SQL`] lists [`Called`] functions.
+fn called_from_json(json: Option<&str>) -> Option<Vec<Called>> {
+    let Some(json) = json else { return Some(Vec::new()) };
+    let rows: Vec<(String, String, String)> = serde_json::from_str(json).ok()?;
+    Some(rows.into_iter().map(|(schema, name, flags)| Called { schema, name, flags }).collect())
 }
 
 const ORIGIN_SQL: &str = "SELECT n.nspname, c.relname, a.attname, c.relkind::text, \
@@ -89,10 +184,116 @@ const ORIGIN_SQL: &str = "SELECT n.nspname, c.relname, a.attname, c.relkind::tex
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE a.attrelid = $1::text::oid AND a.attnum = $2::text::int2";
 
-const RELATION_SQL: &str = "SELECT n.nspname, c.relkind::text, \
-     CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
-     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)";
+/// CTEs the write and read lookups share, once a query has defined `rel(i, oid)` (the
+/// relations asked about, `i` naming each in the answer) and `obj(i, classid, objid, tree)`
+/// (catalog objects whose expressions run, each with its expression tree as text): `ref`, what
+/// those objects depend on. The query then defines `typ0(i, oid, made)`: the types it starts
+/// from (see [`calls_sql`]).
+macro_rules! refs_sql {
+    () => {
+        "ref(i, classid, oid) AS (SELECT obj.i, d.refclassid, d.refobjid FROM obj \
+           JOIN pg_catalog.pg_depend d ON d.classid = obj.classid AND d.objid = obj.objid), "
+    };
+}
+
+/// CTEs the write and read lookups share, after [`refs_sql`] and `typ0`:
+/// - `typ(i, oid, made)`: the types reached from `typ0`: from each user type (OID 16384 up) a
+///   domain's base type and the types its constraints name, an array's element type, a range's
+///   subtype, a composite type's attribute types, and so on. `made`: values of it are made, so
+///   a domain's constraints and default run (reading a column runs neither);
+/// - `tree(i, t)`: expression trees that run: the objects', and made domains' defaults and
+///   constraints;
+/// - `called(i, schema, name, flags)`: the functions those run ([`Called`]): those the objects
+///   and made domains depend on, those the trees call by OID (a built-in is in no
+///   `pg_depend`), those behind the operators they use, and the cast functions and the
+///   functions of user operators of every type reached (a cast or operator applied to a
+///   column runs them, the statement does not name them). Of a built-in type, only operators
+///   spelled like built-in ones count: the classifier refuses other spellings (`###`) itself.
+macro_rules! calls_sql {
+    () => {
+        concat!(
+            "typ(i, oid, made) AS (SELECT i, oid, made FROM typ0 \
+               UNION SELECT typ.i, m.oid, typ.made FROM typ JOIN pg_catalog.pg_type ty ON ty.oid = typ.oid, \
+               LATERAL (SELECT d.refobjid FROM pg_catalog.pg_depend d \
+                   WHERE d.classid = 1247::pg_catalog.oid AND d.objid = ty.oid \
+                     AND d.refclassid = 1247::pg_catalog.oid \
+                 UNION ALL SELECT d.refobjid FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_depend d \
+                   ON d.classid = 2606::pg_catalog.oid AND d.objid = k.oid \
+                   WHERE k.contypid = ty.oid AND d.refclassid = 1247::pg_catalog.oid \
+                 UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a \
+                   WHERE a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped) m(oid) \
+               WHERE ty.oid >= 16384::pg_catalog.oid), \
+             tree(i, t) AS (SELECT i, tree FROM obj WHERE tree IS NOT NULL \
+               UNION ALL SELECT typ.i, ty.typdefaultbin::text FROM typ \
+                 JOIN pg_catalog.pg_type ty ON ty.oid = typ.oid WHERE typ.made AND ty.typdefaultbin IS NOT NULL \
+               UNION ALL SELECT typ.i, k.conbin::text FROM typ \
+                 JOIN pg_catalog.pg_constraint k ON k.contypid = typ.oid WHERE typ.made AND k.conbin IS NOT NULL), \
+             dep(i, classid, oid) AS (SELECT i, classid, oid FROM ref \
+               UNION ALL SELECT typ.i, d.refclassid, d.refobjid FROM typ \
+                 JOIN pg_catalog.pg_type ty ON ty.oid = typ.oid \
+                 JOIN pg_catalog.pg_depend d ON d.classid = 1247::pg_catalog.oid AND d.objid = ty.oid \
+                 WHERE typ.made AND ty.typtype IN ('d', 'r') \
+               UNION ALL SELECT typ.i, d.refclassid, d.refobjid FROM typ \
+                 JOIN pg_catalog.pg_constraint k ON k.contypid = typ.oid \
+                 JOIN pg_catalog.pg_depend d ON d.classid = 2606::pg_catalog.oid AND d.objid = k.oid \
+                 WHERE typ.made \
+               UNION ALL SELECT typ.i, 1255::pg_catalog.oid, k.castfunc FROM typ \
+                 JOIN pg_catalog.pg_cast k ON k.castsource = typ.oid OR k.casttarget = typ.oid \
+                 WHERE typ.oid >= 16384::pg_catalog.oid AND k.castfunc <> 0::pg_catalog.oid \
+               UNION ALL SELECT typ.i, 2617::pg_catalog.oid, o.oid FROM typ \
+                 JOIN pg_catalog.pg_operator o ON o.oprleft = typ.oid OR o.oprright = typ.oid \
+                 WHERE o.oid >= 16384::pg_catalog.oid AND (typ.oid >= 16384::pg_catalog.oid OR o.oprname IN ( \
+                   '+', '-', '*', '/', '//', '%', '^', '=', '<>', '<', '>', '<=', '>=', '<=>', '||', '|', '&', \
+                   '#', '##', '#-', '#>', '#>>', '~', '~*', '!~', '!~*', '~~', '~~*', '!~~', '!~~*', '~=', \
+                   '<<', '>>', '&&', '&<', '&>', '&<|', '|&>', '<<|', '|>>', '<^', '>^', '<->', '<@', '@>', \
+                   '->', '->>', '?', '?|', '?&', '?#', '?-', '?-|', '?||', '@', '@?', '@@', '^@', '@-@', '!', \
+                   '!!', '|/', '||/'))), \
+             fn(i, oid) AS (SELECT i, oid FROM dep WHERE classid = 1255::pg_catalog.oid \
+               UNION SELECT dep.i, o.oprcode::pg_catalog.oid FROM dep \
+                 JOIN pg_catalog.pg_operator o ON o.oid = dep.oid WHERE dep.classid = 2617::pg_catalog.oid \
+               UNION SELECT tree.i, m[1]::pg_catalog.oid FROM tree, \
+                 pg_catalog.regexp_matches(tree.t, ':(?:funcid|aggfnoid|winfnoid) ([0-9]+)', 'g') m), \
+             called(i, schema, name, flags) AS (SELECT DISTINCT fn.i, n.nspname::text, p.proname::text, \
+               pg_catalog.concat(p.provolatile, p.prokind, \
+                 CASE WHEN l.lanname IN ('c', 'internal') THEN 'c' ELSE 'o' END, \
+                 CASE WHEN p.oid < 16384::pg_catalog.oid THEN 'b' ELSE 'u' END, \
+                 CASE WHEN ",
+            makes_named_type_sql!(),
+            " THEN 't' ELSE 'f' END) \
+               FROM fn JOIN pg_catalog.pg_proc p ON p.oid = fn.oid \
+               JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+               JOIN pg_catalog.pg_language l ON l.oid = p.prolang) "
+        )
+    };
+}
+
+/// Relations called `$1` (in schema `$2`, or in any): schema, kind, a view's definition, and
+/// what reading one runs: the functions its row security policies call when row security is
+/// on, and its columns' types' user casts and operators, as a JSON array of [`Called`]; and
+/// the first relation a policy reads whose reading runs code of its own (a view, a table with
+/// row security, a sequence), if any.
+const RELATION_SQL: &str = concat!(
+    "WITH RECURSIVE rel AS (SELECT c.oid AS i, c.oid, n.nspname, c.relkind, c.relrowsecurity \
+       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)), \
+     obj(i, classid, objid, tree) AS (SELECT rel.i, 3256::pg_catalog.oid, p.oid, \
+         pg_catalog.concat(p.polqual::text, ' ', p.polwithcheck::text) \
+       FROM rel JOIN pg_catalog.pg_policy p ON p.polrelid = rel.oid WHERE rel.relrowsecurity), ",
+    refs_sql!(),
+    "typ0(i, oid, made) AS (SELECT ref.i, ref.oid, true FROM ref WHERE ref.classid = 1247::pg_catalog.oid \
+       UNION SELECT rel.i, a.atttypid, false FROM rel JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid \
+         WHERE a.attnum > 0 AND NOT a.attisdropped), ",
+    calls_sql!(),
+    "SELECT rel.nspname, rel.relkind::text, \
+       CASE WHEN rel.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(rel.oid) END, \
+       (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(called.schema, called.name, called.flags))::text \
+         FROM called WHERE called.i = rel.i), \
+       (SELECT pg_catalog.concat(n.nspname, '.', c.relname) FROM ref \
+         JOIN pg_catalog.pg_class c ON c.oid = ref.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE ref.i = rel.i AND ref.classid = 1259::pg_catalog.oid AND ref.oid <> rel.oid \
+           AND (c.relkind NOT IN ('r', 'p') OR c.relrowsecurity) LIMIT 1) \
+     FROM rel"
+);
 
 /// The tables a relation called `$1` (in schema `$2`, or in any) inherits from or is a
 /// partition of, up to the root, and those that inherit from it or are its partitions, down to
@@ -114,14 +315,38 @@ const INHERITANCE_SQL: &str = "WITH RECURSIVE start AS ( \
 /// - `r`: a rewrite rule other than a view's `_RETURN` (`ON INSERT/UPDATE/DELETE ... DO ALSO` or
 ///   `INSTEAD`), which runs other statements in the write's place or with it;
 /// - `f`: a table with a foreign key referencing it (schema, name, and `confdeltype` and
-///   `confupdtype` together): what deleting or updating a referenced row does there.
-const WRITES_SQL: &str = "WITH want AS ( \
+///   `confupdtype` together): what deleting or updating a referenced row does there;
+/// - `c`: a function writing a row runs ([`Called`]: schema, name, flags): in a column's
+///   default or generation expression, a constraint, an index's expression or predicate, the
+///   partition key, a domain's constraints and default (of a column's type, or a type those are
+///   made of), or a cast or user operator of those types; or that `ANALYZE` runs, in an
+///   extended statistics expression (`stxexprs` read by name: PostgreSQL 14 added it).
+const WRITES_SQL: &str = concat!(
+    "WITH RECURSIVE want AS ( \
        SELECT (w.i - 1)::int AS i, w.v->>0 AS name, w.v->>1 AS schema \
        FROM pg_catalog.jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS w(v, i)), \
      rel AS (SELECT want.i, c.oid FROM want JOIN pg_catalog.pg_class c ON c.relname = want.name \
        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-       WHERE want.schema IS NULL OR n.nspname = want.schema) \
-     SELECT rel.i::text, 't', n.nspname, c.relname, t.tgname FROM rel \
+       WHERE want.schema IS NULL OR n.nspname = want.schema), \
+     obj(i, classid, objid, tree) AS ( \
+       SELECT rel.i, 2604::pg_catalog.oid, d.oid, d.adbin::text FROM rel \
+         JOIN pg_catalog.pg_attrdef d ON d.adrelid = rel.oid \
+       UNION ALL SELECT rel.i, 2606::pg_catalog.oid, k.oid, k.conbin::text FROM rel \
+         JOIN pg_catalog.pg_constraint k ON k.conrelid = rel.oid \
+       UNION ALL SELECT rel.i, 1259::pg_catalog.oid, x.indexrelid, \
+           pg_catalog.concat(x.indexprs::text, ' ', x.indpred::text) FROM rel \
+         JOIN pg_catalog.pg_index x ON x.indrelid = rel.oid \
+       UNION ALL SELECT rel.i, 1259::pg_catalog.oid, rel.oid, k.partexprs::text FROM rel \
+         LEFT JOIN pg_catalog.pg_partitioned_table k ON k.partrelid = rel.oid \
+       UNION ALL SELECT rel.i, 3381::pg_catalog.oid, x.oid, \
+           pg_catalog.jsonb_extract_path_text(pg_catalog.to_jsonb(x), 'stxexprs') FROM rel \
+         JOIN pg_catalog.pg_statistic_ext x ON x.stxrelid = rel.oid), ",
+    refs_sql!(),
+    "typ0(i, oid, made) AS (SELECT ref.i, ref.oid, true FROM ref WHERE ref.classid = 1247::pg_catalog.oid \
+       UNION SELECT rel.i, a.atttypid, true FROM rel JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid \
+         WHERE a.attnum > 0 AND NOT a.attisdropped), ",
+    calls_sql!(),
+    "SELECT rel.i::text, 't', n.nspname, c.relname, t.tgname FROM rel \
        JOIN pg_catalog.pg_trigger t ON t.tgrelid = rel.oid \
        JOIN pg_catalog.pg_class c ON c.oid = rel.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
        WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' \
@@ -131,7 +356,9 @@ const WRITES_SQL: &str = "WITH want AS ( \
        WHERE w.ev_type <> '1' \
      UNION ALL SELECT rel.i::text, 'f', n.nspname, c.relname, k.confdeltype::text || k.confupdtype::text FROM rel \
        JOIN pg_catalog.pg_constraint k ON k.confrelid = rel.oid AND k.contype = 'f' \
-       JOIN pg_catalog.pg_class c ON c.oid = k.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+       JOIN pg_catalog.pg_class c ON c.oid = k.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     UNION ALL SELECT called.i::text, 'c', called.schema, called.name, called.flags FROM called"
+);
 
 /// How many rounds of foreign keys [`Catalog::writes_reached`] follows (a table referencing one
 /// referencing one ...), and to how many (operation, table) pairs in all: past either, the
@@ -148,6 +375,8 @@ struct WriteFacts {
     /// The tables whose foreign keys reference it, each with its `confdeltype` and
     /// `confupdtype`.
     referencing: Vec<(TableName, char, char)>,
+    /// The functions writing a row runs (defaults, constraints, indexes, its types' checks).
+    code: Vec<Called>,
 }
 
 /// What the writes a statement names do besides ([`Catalog::writes_reached`]).
@@ -176,17 +405,27 @@ fn through_foreign_key(op: Operation, del: char, upd: char) -> Option<Operation>
     }
 }
 
-/// Does `op` write rows of its table (so its triggers and rules run)?
+/// Does `op` write rows of its table (so its triggers and rules run), or what is computed from
+/// them (`VACUUM FULL` rebuilds its indexes, `ANALYZE` computes index and statistics
+/// expressions, `ALTER TABLE` may fill a column or check rows: user functions in those run)?
 pub fn writes_rows(op: Operation) -> bool {
     matches!(
         op,
-        Operation::Insert | Operation::Update | Operation::Delete | Operation::Merge | Operation::Truncate
+        Operation::Insert
+            | Operation::Update
+            | Operation::Delete
+            | Operation::Merge
+            | Operation::Truncate
+            | Operation::Vacuum
+            | Operation::Analyze
+            | Operation::Alter
     )
 }
 
 const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
      WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
-       ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
+       ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text))::pg_catalog.oid, \
+       0::pg_catalog.oid) \
        AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
 
 /// The generated columns of a relation called `$1` (in schema `$2`, or as the search path
@@ -194,7 +433,8 @@ const COLUMNS_SQL: &str = "SELECT a.attname FROM pg_catalog.pg_attribute a \
 const GENERATED_SQL: &str = "SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
      WHERE a.attrelid = coalesce(pg_catalog.to_regclass(CASE WHEN $2::text IS NULL THEN '' \
-       ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text)), 0) \
+       ELSE pg_catalog.quote_ident($2::text) || '.' END || pg_catalog.quote_ident($1::text))::pg_catalog.oid, \
+       0::pg_catalog.oid) \
        AND a.attgenerated <> '' AND NOT a.attisdropped";
 
 /// A relation's generated columns, each with its expression ([`Catalog::generated`]).
@@ -219,9 +459,10 @@ pub struct Catalog {
     attribute_calls: crate::Map<String, (AttributeCall, Instant)>,
     origins: crate::Map<(u32, i16), (KnownOrigin, Instant)>,
     relations: crate::Map<(Option<String>, String), (Vec<Relation>, Instant)>,
-    /// Unqualified names last found to name no view in any schema (so reading them runs no
-    /// view definition): the answer of [`Catalog::views_read_only`] without a lookup.
-    no_view: crate::Map<String, Instant>,
+    /// Unqualified names last found to name no view in any schema, and no relation whose
+    /// reading runs functions (row security, casts and operators of its columns' types): the
+    /// answer of [`Catalog::views_read_only`] without a lookup.
+    plain_read: crate::Map<String, Instant>,
     columns: crate::Map<(Option<String>, String), (Vec<String>, Instant)>,
     generated: crate::Map<(Option<String>, String), (GeneratedColumns, Instant)>,
     /// See [`Catalog::reached`].
@@ -236,7 +477,14 @@ pub struct Catalog {
     oldest: Option<Instant>,
     /// An origin or relation lookup failed since [`Catalog::start_deriving`].
     failed: bool,
+    /// How deep the judging of function bodies is nested (a body reads a view that calls a
+    /// function whose body ...): see [`MAX_NESTING`].
+    nesting: u8,
 }
+
+/// How deeply function bodies, and the views and functions they reach, are judged: deeper,
+/// they count as not read-only (and a cycle ends).
+const MAX_NESTING: u8 = 8;
 
 /// What a result derived from catalog answers rests on ([`Catalog::derived`]).
 #[derive(Debug, Clone, Copy)]
@@ -276,7 +524,7 @@ impl Catalog {
         self.attribute_calls.clear();
         self.origins.clear();
         self.relations.clear();
-        self.no_view.clear();
+        self.plain_read.clear();
         self.columns.clear();
         self.generated.clear();
         self.reached.clear();
@@ -328,7 +576,8 @@ impl Catalog {
     /// - in `pg_catalog`: a known read-only built-in, or not volatile;
     /// - anywhere else: not volatile, written in SQL, and its body itself a read that calls no
     ///   function but read-only built-ins (a STABLE function may call a VOLATILE one, and
-    ///   PostgreSQL lets that write; other languages cannot be inspected).
+    ///   PostgreSQL lets that write; other languages cannot be inspected), and reads nothing
+    ///   whose reading runs more ([`Catalog::views_read_only`]).
     ///
     /// Lookup failures and unknown names count as not read-only.
     pub async fn read_only(
@@ -372,6 +621,9 @@ impl Catalog {
                     && !self.bodies_call_nothing_by_field(reach, &rows).await
                 {
                     facts = FunctionFacts { read_only: false, reads: None };
+                }
+                if facts.read_only && !self.bodies_read_plainly(reach, &rows).await {
+                    facts.read_only = false;
                 }
                 facts
             }
@@ -453,9 +705,70 @@ impl Catalog {
         true
     }
 
+    /// Do the SQL bodies of rows of [`FUNCTION_SQL`] call the read-only built-ins they name
+    /// (not a user function of that name the server may pick: `lower(5)` finds a user's
+    /// `lower(int)`), and read only relations whose reading runs nothing unknown (a view's
+    /// definition, row security: [`Catalog::views_read_only`])? A STABLE function may read
+    /// a view that calls a VOLATILE one, and PostgreSQL lets that write.
+    async fn bodies_read_plainly(&mut self, reach: Reach<'_>, rows: &[Vec<Option<String>>]) -> bool {
+        if self.nesting >= MAX_NESTING {
+            return false;
+        }
+        self.nesting += 1;
+        let mut plain = true;
+        for row in rows {
+            let [Some(schema), _, Some(language), Some(body), ..] = row.as_slice() else { continue };
+            if schema == "pg_catalog" || language != "sql" {
+                continue;
+            }
+            let c = crate::policy::classify(body);
+            for f in &c.builtins {
+                plain = plain && Box::pin(self.function(reach, f)).await.read_only;
+            }
+            let read: Vec<TableName> = c
+                .accesses
+                .iter()
+                .filter(|a| a.operation == Operation::Select)
+                .filter_map(|a| a.table.clone())
+                .collect();
+            plain = plain
+                && Box::pin(self.views_read_only(reach.target, read.iter(), reach.timeout, reach.max)).await;
+            if !plain {
+                break;
+            }
+        }
+        self.nesting -= 1;
+        plain
+    }
+
+    /// The first of `called` that may write (as `schema.name()`), if any: judged by its row
+    /// ([`Called::may_write`]), and a user function by its overloads in its schema
+    /// ([`Catalog::read_only`]). `write`: they run as a row is written.
+    async fn first_may_write(&mut self, reach: Reach<'_>, called: &[Called], write: bool) -> Option<String> {
+        for c in called {
+            let may_write = match c.may_write(write) {
+                Some(w) => w,
+                None => {
+                    let f = FunctionRef { schema: Some(c.schema.clone()), name: c.name.clone() };
+                    let read_only = Box::pin(self.function(reach, &f)).await.read_only;
+                    if let Some((_, at)) = fresh(&self.functions, &f) {
+                        self.answered(at);
+                    }
+                    !read_only
+                }
+            };
+            if may_write {
+                return Some(format!("{}.{}()", c.schema, c.name));
+            }
+        }
+        None
+    }
+
     /// Do the views among `tables`, and the views those read in turn, only read and call
-    /// nothing but read-only functions? Reading a view runs its definition, functions included.
-    /// Lookup failures and views nested too deep count as no.
+    /// nothing but read-only functions? Reading a view runs its definition, functions included;
+    /// reading any relation runs its row security policies' functions (when row security is
+    /// on) and the casts and operators users made for its columns' types (applied in the
+    /// statement, or implicitly). Lookup failures and views nested too deep count as no.
     pub async fn views_read_only<'t>(
         &mut self,
         target: &Connection,
@@ -464,7 +777,7 @@ impl Catalog {
         max: usize,
     ) -> bool {
         let plain = |t: &crate::policy::TableName| {
-            t.schema().is_none() && self.no_view.get(t.table()).is_some_and(|at| at.elapsed() < TTL)
+            t.schema().is_none() && self.plain_read.get(t.table()).is_some_and(|at| at.elapsed() < TTL)
         };
         if !self.changed() && tables.clone().all(plain) {
             return true;
@@ -489,7 +802,16 @@ impl Catalog {
             if rels.is_empty() && self.may_not_see(schema.as_deref()) {
                 return false;
             }
-            for rel in rels.into_iter().filter(|r| r.relkind == 'v') {
+            for rel in rels {
+                // Row security policies, and casts and operators of its columns' types.
+                if rel.reading_unknown.is_some()
+                    || self.first_may_write(reach, &rel.reading_runs, false).await.is_some()
+                {
+                    return false;
+                }
+                if rel.relkind != 'v' {
+                    continue;
+                }
                 if depth >= 8 {
                     return false;
                 }
@@ -567,15 +889,28 @@ impl Catalog {
             .into_iter()
             .filter_map(|r| {
                 let mut r = r.into_iter();
+                let (schema, relkind, view_sql) = (r.next()??, r.next()??.chars().next()?, r.next()?);
+                let runs = called_from_json(r.next()?.as_deref());
+                let policy_reads = r.next()?;
                 Some(Relation {
-                    schema: r.next()??,
-                    relkind: r.next()??.chars().next()?,
-                    view_sql: r.next().flatten(),
+                    schema,
+                    relkind,
+                    view_sql,
+                    reading_unknown: match (&runs, policy_reads) {
+                        (_, Some(p)) => Some(format!("a row security policy reads {p}")),
+                        (None, _) => Some("what its row security and column types run cannot be read".into()),
+                        _ => None,
+                    },
+                    reading_runs: runs.unwrap_or_default(),
                 })
             })
             .collect();
-        if schema.is_none() && rels.iter().all(|r| r.relkind != 'v') {
-            self.no_view.insert(name.to_string(), Instant::now());
+        if schema.is_none()
+            && rels
+                .iter()
+                .all(|r| r.relkind != 'v' && r.reading_runs.is_empty() && r.reading_unknown.is_none())
+        {
+            self.plain_read.insert(name.to_string(), Instant::now());
         }
         let now = Instant::now();
         self.relations.insert(key, (rels.clone(), now));
@@ -670,8 +1005,22 @@ impl Catalog {
             }
             let facts = self.write_facts(reach, &here).await?;
             for ((op, t), f) in here.into_iter().zip(facts) {
-                if let Some(runs) = &f.runs {
+                if let Some(runs) = &f.runs
+                    && !matches!(op, Operation::Vacuum | Operation::Analyze | Operation::Alter)
+                {
                     out.unknown = Some(format!("{op} on {t} runs {runs}"));
+                    return Ok(out);
+                }
+                // Inserting or updating a row computes defaults and index entries, and checks
+                // constraints (deleting one does neither); VACUUM and ANALYZE compute index (and
+                // statistics) expressions, ALTER TABLE defaults and constraints.
+                if !matches!(op, Operation::Delete | Operation::Truncate)
+                    && let Some(g) = self.first_may_write(reach, &f.code, true).await
+                {
+                    out.unknown = Some(format!(
+                        "{op} on {t} runs {g} (a default, constraint, index or type check), \
+                         which may have side effects"
+                    ));
                     return Ok(out);
                 }
                 for (child, del, upd) in &f.referencing {
@@ -736,6 +1085,11 @@ impl Catalog {
                     "r" => {
                         f.runs.get_or_insert_with(|| format!("rule {what} of {schema}.{name}"));
                     }
+                    "c" => f.code.push(Called {
+                        schema: schema.clone(),
+                        name: name.clone(),
+                        flags: what.clone(),
+                    }),
                     _ => {
                         let mut a = what.chars();
                         let (Some(del), Some(upd)) = (a.next(), a.next()) else { continue };
@@ -897,7 +1251,14 @@ impl Pool {
         max: usize,
     ) -> Result<Upstream, UpstreamError> {
         let params = [("application_name".to_string(), APPLICATION_NAME.to_string())];
-        upstream::connect(target, &params, timeout, max, true, &self.sources).await
+        let mut up = upstream::connect(target, &params, timeout, max, true, &self.sources).await?;
+        match query(&mut up, SEARCH_PATH_SQL, &[], timeout, max).await? {
+            (_, b'I') => Ok(up),
+            (_, status) => Err(UpstreamError::Protocol(format!(
+                "the catalog connection was left in transaction state {:?}",
+                char::from(status)
+            ))),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -1102,6 +1463,29 @@ mod tests {
         assert_eq!(through_foreign_key(O::Insert, 'c', 'c'), None);
         assert!(writes_rows(O::Merge) && writes_rows(O::Truncate) && !writes_rows(O::Select));
         assert!(!writes_rows(O::Copy), "COPY FROM is an insert too; COPY TO writes nothing");
+    }
+
+    #[test]
+    fn a_function_a_kept_expression_calls_is_judged_by_its_row_or_its_body() {
+        let f =
+            |name: &str, flags: &str| Called { schema: "s".into(), name: name.into(), flags: flags.into() };
+        // Built-ins: by volatility and the gateway's lists; a serial column's `nextval` only
+        // as the row is written.
+        assert_eq!(f("now", "sfcbf").may_write(false), Some(false));
+        assert_eq!(f("nextval", "vfcbf").may_write(true), Some(false));
+        assert_eq!(f("nextval", "vfcbf").may_write(false), Some(true));
+        assert_eq!(f("txid_current", "vfcbf").may_write(true), Some(true));
+        assert_eq!(f("ts_rewrite", "ifcbf").may_write(false), Some(true), "denied");
+        assert_eq!(f("domain_in", "sfcbt").may_write(false), Some(true), "makes a named type");
+        // A user's C: trusted unless volatile; an aggregate's state function may be any.
+        assert_eq!(f("citext_eq", "ifcuf").may_write(false), Some(false));
+        assert_eq!(f("schedule", "vfcuf").may_write(true), Some(true));
+        assert_eq!(f("dblink_exec", "ifcuf").may_write(true), Some(true));
+        assert_eq!(f("uuid_generate_v4", "vfcuf").may_write(true), Some(false));
+        assert_eq!(f("my_sum", "iacuf").may_write(false), Some(true));
+        // Other languages: the body decides; a malformed row may write.
+        assert_eq!(f("zapi", "ifouf").may_write(false), None);
+        assert_eq!(f("zapi", "if").may_write(false), Some(true));
     }
 
     #[test]

@@ -1958,6 +1958,282 @@ defaults: { no_match: allow, unknown_operation: deny }
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
 }
 
+/// `zap()` deletes every order; `zapi()` and `zapb(int)` are declared IMMUTABLE (as defaults,
+/// index expressions and partition keys require), but call `zap()`, which PostgreSQL lets write.
+const ZAP: &str = "SET ROLE airlock_svc; \
+     CREATE FUNCTION zap() RETURNS int VOLATILE LANGUAGE plpgsql AS \
+       $f$ BEGIN DELETE FROM orders; RETURN 1; END $f$; \
+     CREATE FUNCTION zapi() RETURNS int IMMUTABLE LANGUAGE plpgsql AS $f$ BEGIN RETURN zap(); END $f$; \
+     CREATE FUNCTION zapb(int) RETURNS bool IMMUTABLE LANGUAGE plpgsql AS \
+       $f$ BEGIN PERFORM zap(); RETURN true; END $f$;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_runs_a_user_function_in_a_default_constraint_or_index_is_of_unknown_effect() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "{ZAP} \
+         CREATE TABLE by_default (x int DEFAULT zapi(), y int); INSERT INTO by_default VALUES (1, 1); \
+         CREATE DOMAIN zap_default AS int DEFAULT zapi(); \
+         CREATE TABLE by_domain_default (x zap_default, y int); \
+         CREATE TABLE checked (x int); INSERT INTO checked VALUES (1); \
+         ALTER TABLE checked ADD CHECK (zapb(x)) NOT VALID; \
+         CREATE DOMAIN zap_checked AS int CHECK (zapb(VALUE)); \
+         CREATE DOMAIN zap_checked_too AS zap_checked; \
+         CREATE TABLE by_domain (x zap_checked_too[], y int); \
+         CREATE TABLE by_domain_null (x zap_checked, y int); \
+         CREATE TABLE indexed (x int); CREATE INDEX ON indexed ((x + zapi())); \
+         CREATE TABLE partial (x int); CREATE INDEX ON partial (x) WHERE zapb(x); \
+         CREATE TABLE keyed (x int) PARTITION BY RANGE ((x + zapi())); \
+         CREATE TABLE keyed_1 PARTITION OF keyed FOR VALUES FROM (0) TO (100); \
+         CREATE TABLE computed (x int, y int GENERATED ALWAYS AS (x + zapi()) STORED); \
+         CREATE TABLE counted (x int); CREATE STATISTICS counted_s ON (x + zapi()) FROM counted; \
+         CREATE FUNCTION positive(int) RETURNS bool IMMUTABLE LANGUAGE sql AS $f$ SELECT $1 > 0 $f$; \
+         CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 10) DEFAULT 'x'; \
+         CREATE TABLE plain (id serial PRIMARY KEY, at timestamptz DEFAULT now(), \
+           name text CHECK (name <> ''), n int CHECK (positive(n)), s short_text); \
+         CREATE INDEX ON plain (lower(name)) WHERE n > 0; \
+         DELETE FROM orders; INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum');"
+        ),
+    )
+    .unwrap();
+    let c = h.connect().await;
+    for _ in 0..2 {
+        for sql in [
+            // A column default, directly or through its domain.
+            "INSERT INTO by_default (y) VALUES (1)",
+            "INSERT INTO by_default VALUES (DEFAULT, 1)",
+            "INSERT INTO by_default DEFAULT VALUES",
+            "UPDATE by_default SET x = DEFAULT",
+            "MERGE INTO by_default t USING (SELECT 1 AS y) s ON false WHEN NOT MATCHED THEN INSERT (y) VALUES (s.y)",
+            "COPY by_default (y) FROM STDIN",
+            "INSERT INTO by_domain_default (y) VALUES (1)",
+            // A CHECK constraint; a domain's, of a domain under an array of one, and for the
+            // NULL an omitted column gets.
+            "INSERT INTO checked VALUES (1)",
+            "UPDATE checked SET x = 2",
+            "WITH w AS (INSERT INTO checked VALUES (3) RETURNING x) SELECT * FROM w",
+            "INSERT INTO by_domain VALUES ('{1}', 1)",
+            "INSERT INTO by_domain_null (y) VALUES (1)",
+            // An index expression, a partial index's predicate, a partition key (also for a
+            // row written to the partition itself), a generated column.
+            "INSERT INTO indexed VALUES (1)",
+            "INSERT INTO partial VALUES (1)",
+            "INSERT INTO keyed VALUES (1)",
+            "INSERT INTO keyed_1 VALUES (1)",
+            "INSERT INTO computed (x) VALUES (1)",
+            // VACUUM FULL rebuilds indexes, ANALYZE computes index and statistics expressions,
+            // VALIDATE CONSTRAINT checks every row.
+            "VACUUM FULL indexed",
+            "ANALYZE indexed",
+            "ANALYZE counted",
+            "ALTER TABLE checked VALIDATE CONSTRAINT checked_x_check",
+            // An IMMUTABLE function that calls a VOLATILE one, called directly.
+            "SELECT zapi()",
+        ] {
+            refused(&c, sql).await;
+        }
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    // Deleting runs no default, constraint or index expression; built-ins and a SQL function
+    // that only computes are known.
+    c.simple_query("DELETE FROM checked").await.unwrap();
+    c.simple_query("DELETE FROM by_default").await.unwrap();
+    for _ in 0..2 {
+        c.simple_query("INSERT INTO plain (name, n) VALUES ('a', 1)").await.unwrap();
+        c.simple_query("UPDATE plain SET n = 2, s = DEFAULT").await.unwrap();
+    }
+    assert_eq!(h.count("SELECT count(*) || ' ' || min(s) FROM plain"), "2 x");
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_security_policies_that_call_user_functions_are_of_unknown_effect() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "{ZAP} \
+         CREATE TABLE guarded (id int); INSERT INTO guarded VALUES (1); \
+         CREATE POLICY zap_rows ON guarded USING (zapb(id)); \
+         ALTER TABLE guarded ENABLE ROW LEVEL SECURITY; ALTER TABLE guarded FORCE ROW LEVEL SECURITY; \
+         CREATE VIEW guarded_view AS SELECT * FROM guarded; \
+         CREATE VIEW zapping AS SELECT zap() AS z; \
+         CREATE TABLE nested (id int); INSERT INTO nested VALUES (1); \
+         CREATE POLICY through_view ON nested USING ((SELECT z FROM zapping) = 1); \
+         ALTER TABLE nested ENABLE ROW LEVEL SECURITY; ALTER TABLE nested FORCE ROW LEVEL SECURITY; \
+         CREATE TABLE owners (name text); INSERT INTO owners VALUES ('airlock_svc'); \
+         CREATE TABLE mine (id int, owner text); INSERT INTO mine VALUES (1, 'airlock_svc'); \
+         CREATE POLICY own ON mine USING (owner = current_user AND owner IN (SELECT name FROM owners)); \
+         ALTER TABLE mine ENABLE ROW LEVEL SECURITY; ALTER TABLE mine FORCE ROW LEVEL SECURITY; \
+         CREATE TABLE off (id int); CREATE POLICY zap_off ON off USING (zapb(id));"
+        ),
+    )
+    .unwrap();
+    let c = h.connect().await;
+    for _ in 0..2 {
+        for sql in [
+            "SELECT * FROM guarded",
+            "SELECT count(*) FROM public.guarded",
+            "SELECT * FROM guarded_view",
+            "INSERT INTO guarded VALUES (2)",
+            "UPDATE guarded SET id = 3",
+            "DELETE FROM guarded",
+            // A policy that reads a view, which calls a function.
+            "SELECT * FROM nested",
+        ] {
+            refused(&c, sql).await;
+        }
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    // A policy of built-ins reading a plain table, and one on a table without row security,
+    // run no user code.
+    for _ in 0..2 {
+        let rows = c.simple_query("SELECT * FROM mine").await.unwrap();
+        assert_eq!(rows.iter().filter(|m| matches!(m, SimpleQueryMessage::Row(_))).count(), 1);
+        c.simple_query("SELECT * FROM off").await.unwrap();
+        c.simple_query("INSERT INTO off VALUES (1)").await.unwrap();
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn casts_operators_and_what_function_bodies_read_run_user_code() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        &format!(
+            "{ZAP} \
+         CREATE TYPE mood AS ENUM ('happy', 'sad'); \
+         CREATE FUNCTION to_mood(text) RETURNS mood LANGUAGE plpgsql AS \
+           $f$ BEGIN PERFORM zap(); RETURN enum_first(NULL::mood); END $f$; \
+         CREATE CAST (text AS mood) WITH FUNCTION to_mood(text) AS ASSIGNMENT; \
+         CREATE FUNCTION from_mood(mood) RETURNS text LANGUAGE plpgsql AS \
+           $f$ BEGIN PERFORM zap(); RETURN 'x'; END $f$; \
+         CREATE CAST (mood AS text) WITH FUNCTION from_mood(mood) AS IMPLICIT; \
+         CREATE TABLE moods (m mood); INSERT INTO moods VALUES ('sad'); \
+         CREATE TYPE feeling AS ENUM ('calm'); CREATE TABLE feelings (f feeling); \
+         INSERT INTO feelings VALUES ('calm'); \
+         CREATE VIEW zapping AS SELECT zap() AS z; \
+         CREATE FUNCTION reads_view() RETURNS bigint STABLE LANGUAGE sql AS \
+           $f$ SELECT count(*) FROM zapping $f$; \
+         CREATE TABLE guarded (id int); INSERT INTO guarded VALUES (1); \
+         CREATE POLICY zap_rows ON guarded USING (zapb(id)); \
+         ALTER TABLE guarded ENABLE ROW LEVEL SECURITY; ALTER TABLE guarded FORCE ROW LEVEL SECURITY; \
+         CREATE FUNCTION reads_guarded() RETURNS bigint STABLE LANGUAGE sql AS \
+           $f$ SELECT count(*) FROM guarded $f$; \
+         CREATE FUNCTION lower(int) RETURNS text VOLATILE LANGUAGE plpgsql AS \
+           $f$ BEGIN PERFORM zap(); RETURN 'x'; END $f$; \
+         CREATE FUNCTION shadowed() RETURNS text STABLE LANGUAGE sql AS $f$ SELECT lower(5) $f$; \
+         CREATE FUNCTION reads_orders() RETURNS bigint STABLE LANGUAGE sql AS \
+           $f$ SELECT count(*) FROM orders $f$;"
+        ),
+    )
+    .unwrap();
+    let c = h.connect().await;
+    for _ in 0..2 {
+        for sql in [
+            // A user cast, run on assignment or implicitly.
+            "INSERT INTO moods SELECT item FROM orders LIMIT 1",
+            "SELECT upper(m) FROM moods",
+            // A STABLE SQL function that reads a view calling a writing function, or a table
+            // whose row security calls one, or calls a user function shadowing a built-in.
+            "SELECT reads_view()",
+            "SELECT reads_guarded()",
+            "SELECT shadowed()",
+        ] {
+            refused(&c, sql).await;
+        }
+    }
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    for _ in 0..2 {
+        c.simple_query("SELECT reads_orders(), upper(f::text) FROM feelings").await.unwrap();
+        c.simple_query("SELECT item || item FROM orders").await.unwrap();
+    }
+    // A user operator on built-in types, applied to a table's columns.
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION zap_plus(text, text) RETURNS text LANGUAGE plpgsql AS \
+           $f$ BEGIN PERFORM zap(); RETURN $1; END $f$; \
+         CREATE OPERATOR + (leftarg = text, rightarg = text, function = zap_plus);",
+    )
+    .unwrap();
+    let c = h.connect().await;
+    refused(&c, "SELECT item + item FROM orders").await;
+    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_lookups_run_no_user_operator() {
+    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    // Operators for exactly the argument types the catalog queries could write (an OID and an
+    // integer, arrays of OIDs), and for OIDs alike with a search_path that puts pg_catalog
+    // after public: the first call on a catalog connection turns its read-only default off,
+    // the next deletes every order.
+    let mut sql = String::from(
+        "SET ROLE airlock_svc; \
+         CREATE FUNCTION hook() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN \
+           IF current_setting('transaction_read_only') = 'on' THEN \
+             PERFORM set_config('default_transaction_read_only', 'off', false); \
+           ELSE DELETE FROM orders; END IF; END $f$; \
+         ALTER ROLE airlock_svc SET search_path = public, pg_catalog;",
+    );
+    for (i, (op, left, right, body)) in [
+        (">=", "oid", "integer", "$1 OPERATOR(pg_catalog.>=) $2::oid"),
+        ("<>", "oid", "integer", "$1 OPERATOR(pg_catalog.<>) $2::oid"),
+        ("=", "oid", "integer", "$1 OPERATOR(pg_catalog.=) $2::oid"),
+        ("=", "oid", "regclass", "$1 OPERATOR(pg_catalog.=) $2::oid"),
+        ("=", "oid", "oid", "$1 OPERATOR(pg_catalog.=) $2"),
+        ("&&", "oid[]", "oid[]", "$1 OPERATOR(pg_catalog.&&) $2"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        sql.push_str(&format!(
+            "CREATE FUNCTION hooked_{i}(a {left}, b {right}) RETURNS bool LANGUAGE plpgsql AS \
+               $f$ BEGIN PERFORM hook(); RETURN {body}; END $f$; \
+             CREATE OPERATOR {op} (leftarg = {left}, rightarg = {right}, function = hooked_{i});"
+        ));
+    }
+    sql.push_str(
+        "CREATE FUNCTION hooked_cat(a oid[], b oid) RETURNS oid[] LANGUAGE plpgsql AS \
+           $f$ BEGIN PERFORM hook(); RETURN pg_catalog.array_append(a, b); END $f$; \
+         CREATE OPERATOR || (leftarg = oid[], rightarg = oid, function = hooked_cat); \
+         CREATE TABLE plain (id int);",
+    );
+    h.pg.psql("shop", &sql).unwrap();
+    for _ in 0..2 {
+        let c = h.connect().await;
+        for sql in [
+            "SELECT lower(item) FROM orders",
+            "SELECT upper(o.item) FROM orders o",
+            "SELECT * FROM orders",
+            "INSERT INTO plain VALUES (1)",
+            "SELECT * FROM plain p JOIN orders o ON o.id = p.id",
+        ] {
+            // Run, or refused: reading a column of a type with such an operator may run it.
+            if let Err(e) = c.simple_query(sql).await {
+                assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+            }
+        }
+        assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_builtin_that_makes_a_value_of_a_named_type_is_of_unknown_effect() {
     let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
@@ -2041,40 +2317,4 @@ defaults: { no_match: allow, unknown_operation: deny }
         "1",
         "not vacuumed"
     );
-}
-
-/// `DROP … CASCADE` drops what depends on the object wherever it is: a type's columns, a
-/// sequence's defaults, views. Which tables those are is not in the text, so a rule on any table
-/// meets it; without CASCADE only the object is dropped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drop_cascade_meets_a_rule_on_any_table_it_could_reach() {
-    let rules = r#"  - { name: orders-untouchable, match: { operations: [drop, alter], tables: [orders] }, action: deny }
-defaults: { no_match: allow, unknown_operation: deny }
-"#;
-    let h = start(rules).await;
-    h.pg.psql(
-        "shop",
-        "SET ROLE airlock_svc; CREATE TYPE mood AS ENUM ('ok', 'sad'); \
-         CREATE SEQUENCE order_no; CREATE DOMAIN posint AS int CHECK (VALUE > 0); \
-         ALTER TABLE orders ADD COLUMN mood mood, ADD COLUMN no int DEFAULT nextval('order_no'), \
-           ADD COLUMN qty posint; \
-         CREATE TYPE spare AS ENUM ('x');",
-    )
-    .unwrap();
-    let columns = || {
-        h.count(
-            "SELECT string_agg(attname || ':' || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ',' ORDER BY attnum) \
-             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE attrelid = 'orders'::regclass AND attnum > 0 AND NOT attisdropped",
-        )
-    };
-    let before = columns();
-    assert!(before.contains("mood:") && before.contains("nextval") && before.contains("qty:"), "{before}");
-    let c = h.connect().await;
-    for sql in ["DROP TYPE mood CASCADE", "DROP SEQUENCE order_no CASCADE", "DROP DOMAIN posint CASCADE"] {
-        refused(&c, sql).await;
-    }
-    assert_eq!(columns(), before, "orders lost a column or a default");
-    // Without CASCADE, and for an object nothing of orders depends on, it goes through.
-    c.simple_query("DROP TYPE spare").await.unwrap();
 }

@@ -987,9 +987,10 @@ fn named_tables(stmt: &Statement, out: &mut BTreeSet<TableName>) {
         {
             out.insert(TableName::every(None));
         }
-        Statement::DropExtension(sqlparser::ast::DropExtension { cascade_or_restrict, .. })
-            if matches!(cascade_or_restrict, Some(sqlparser::ast::ReferentialAction::Cascade)) =>
-        {
+        Statement::DropExtension(sqlparser::ast::DropExtension {
+            cascade_or_restrict: Some(sqlparser::ast::ReferentialAction::Cascade),
+            ..
+        }) => {
             out.insert(TableName::every(None));
         }
         // A new name or owner for the schema is one for each of its tables (the owner of a
