@@ -22,6 +22,8 @@ pub(crate) struct AirlockConfig {
     #[serde(default)]
     pub(crate) policy_store: policy_store::PolicyStoreConfig,
     #[serde(default)]
+    pub(crate) admin: crate::admin::AdminConfig,
+    #[serde(default)]
     pub(crate) log: LogConfig,
     #[serde(default)]
     pub(crate) runtime: RuntimeConfig,
@@ -202,7 +204,8 @@ mod tests {
         assert_eq!(a.policy_store_token_file, Some(PathBuf::from("/run/read-token")));
         assert_eq!(a.policy_store_token, None);
         assert_eq!(a.policy_store_ca_file, Some(PathBuf::from("/run/ca.pem")));
-        let toml = format!("{toml}policy_store_token = \"own\"\npolicy_store_ca_file = \"/run/own-ca.pem\"\n");
+        let toml =
+            format!("{toml}policy_store_token = \"own\"\npolicy_store_ca_file = \"/run/own-ca.pem\"\n");
         let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
         let a = cfg.approvals();
         assert_eq!((a.policy_store_token.as_deref(), a.policy_store_token_file), (Some("own"), None));

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod audit_cmd;
 mod commands;
 mod config;
@@ -102,25 +103,25 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up { data_dir, policy } => {
                 telemetry::init(&cfg.log);
-                serve::up(cfg, data_dir, policy).await
+                serve::up(cfg, admin::install_recorder()?, data_dir, policy).await
             }
             Command::Proxy => {
                 telemetry::init(&cfg.log);
-                serve::proxy(cfg).await
+                serve::proxy(cfg, admin::install_recorder()?).await
             }
             Command::Approvals { command: None } => {
                 telemetry::init(&cfg.log);
-                serve::approvals(cfg).await
+                serve::approvals(cfg, admin::install_recorder()?).await
             }
             Command::Approvals { command: Some(c) } => commands::approvals(&cfg, c).await,
             Command::Recorder => {
                 telemetry::init(&cfg.log);
-                serve::recorder(cfg).await
+                serve::recorder(cfg, admin::install_recorder()?).await
             }
             Command::PolicyStore { command: Some(c) } => store_admin::run(&cfg, c).await,
             Command::PolicyStore { command: None } => {
                 telemetry::init(&cfg.log);
-                serve::policy_store(cfg).await
+                serve::policy_store(cfg, admin::install_recorder()?).await
             }
             Command::Policy { command } => commands::policy(&cfg, command).await,
             Command::Audit { command } => audit_cmd::audit(&cfg, command).await,

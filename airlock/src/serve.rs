@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use eventbus::EventBus;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::admin::{self, Component};
 use crate::config::AirlockConfig;
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -45,33 +47,38 @@ async fn nats(cfg: &AirlockConfig) -> anyhow::Result<EventBus> {
     EventBus::connect_nats(&cfg.nats).await.context("connecting to NATS")
 }
 
-pub(crate) async fn proxy(cfg: AirlockConfig) -> anyhow::Result<()> {
+pub(crate) async fn proxy(cfg: AirlockConfig, metrics: PrometheusHandle) -> anyhow::Result<()> {
     let token = cfg.proxy.policy_store_token().map_err(anyhow::Error::msg)?;
     let bus = nats(&cfg).await?;
     let tls = policy_store::ClientTls::new(cfg.proxy.policy_store_ca_file.as_deref())?;
     let follower = policy_store::client::follow_with(cfg.proxy.policy_store.clone(), &token, tls)?;
+    let ready = admin::proxy_readiness(follower.clone(), cfg.proxy.policy_max_staleness);
+    admin::serve(&cfg.admin, Component::Proxy, metrics, ready).await?;
     let listener = bind(cfg.proxy.listen, "postgres").await?;
     proxy_node::run(cfg.proxy.clone(), bus, follower, listener, shutdown_signal()).await?;
     Ok(())
 }
 
-pub(crate) async fn approvals(cfg: AirlockConfig) -> anyhow::Result<()> {
+pub(crate) async fn approvals(cfg: AirlockConfig, metrics: PrometheusHandle) -> anyhow::Result<()> {
     let bus = nats(&cfg).await?;
+    admin::serve(&cfg.admin, Component::Approvals, metrics, admin::always()).await?;
     let acfg = cfg.approvals();
     let listener = bind(acfg.listen, "approvals").await?;
     approval_service::run(acfg, bus, listener, shutdown_signal()).await?;
     Ok(())
 }
 
-pub(crate) async fn recorder(cfg: AirlockConfig) -> anyhow::Result<()> {
+pub(crate) async fn recorder(cfg: AirlockConfig, metrics: PrometheusHandle) -> anyhow::Result<()> {
     let bus = nats(&cfg).await?;
+    admin::serve(&cfg.admin, Component::Recorder, metrics, admin::always()).await?;
     let store = recorder::open_store(&cfg.storage()).context("opening the recordings store")?;
     recorder::run(cfg.recorder(), bus, store, shutdown_signal()).await?;
     Ok(())
 }
 
-pub(crate) async fn policy_store(cfg: AirlockConfig) -> anyhow::Result<()> {
+pub(crate) async fn policy_store(cfg: AirlockConfig, metrics: PrometheusHandle) -> anyhow::Result<()> {
     let listener = bind(cfg.policy_store.listen, "policy-store").await?;
+    admin::serve(&cfg.admin, Component::PolicyStore, metrics, admin::always()).await?;
     let endpoint = store_url(&cfg, listener.local_addr()?);
     let tls = cfg.policy_store.client_tls()?;
     // Without an admin token the store refuses to start (below); the publisher reads with the
@@ -118,6 +125,7 @@ fn token_file(data_dir: &Path, name: &str, prefix: &str) -> anyhow::Result<PathB
 /// Everything in one process.
 pub(crate) async fn up(
     mut cfg: AirlockConfig,
+    metrics: PrometheusHandle,
     data_dir: PathBuf,
     policy: Option<PathBuf>,
 ) -> anyhow::Result<()> {
@@ -200,11 +208,14 @@ pub(crate) async fn up(
         std::future::pending(),
     ));
     let follower = policy_store::client::follow_with(vec![endpoint], &store_read, store_tls)?;
+    let ready = admin::proxy_readiness(follower.clone(), cfg.proxy.policy_max_staleness);
+    let admin_addr = admin::serve(&cfg.admin, Component::Up, metrics, ready).await?;
     let proxy_listener = bind(cfg.proxy.listen, "postgres").await?;
     info!(
         postgres = %cfg.proxy.listen,
         approvals = %acfg.listen,
         policy_store = %ps_addr,
+        admin = ?admin_addr,
         data = %data_dir.display(),
         "airlock is up"
     );

@@ -446,14 +446,70 @@ async fn airlock_up_alone_allows_denies_holds_and_records() {
     let cfg = config(dir.path(), &ports, &oidc, None, None);
     let policy = dir.path().join("initial.yaml");
     std::fs::write(&policy, policy_yaml(&pg)).unwrap();
+    let admin = free_port();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
     let _up = spawn(dir.path(), &cfg, &["up", "-f", policy.to_str().unwrap()], "up");
     wait_for_port(ports.proxy, Duration::from_secs(30)).unwrap();
 
     allow_deny_hold(dir.path(), &cfg, &pg, &ports, &oidc).await;
+    // The admin port: health, readiness (a policy, not stale), and what happened as metrics.
+    assert!(http_get(admin, "/healthz").await.starts_with("HTTP/1.1 200"));
+    let ready = http_get(admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = http_get(admin, "/metrics").await;
+    let value = |line: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {line} in:\n{metrics}"))
+    };
+    for decision in ["allow", "deny", "hold"] {
+        let n = value(&format!("airlock_statements_total{{decision=\"{decision}\"}}"));
+        assert!(n >= 1.0, "{decision}: {n}");
+    }
+    assert!(value("airlock_sessions_started_total") >= 1.0);
+    assert!(value("airlock_events_published_total") >= 1.0);
+    assert!(value("airlock_statement_duration_seconds_count") >= 1.0);
+    assert_eq!(value("airlock_policy_store_leader"), 1.0);
+    assert_eq!(value("airlock_policy_store_latest_version"), 1.0);
     // `up` records to ./data/recordings, which is where `airlock audit` looks by default.
     let text = replay_of_agent_session(dir.path(), &cfg);
     assert_replay_in_order(&text);
     assert!(dir.path().join("data/recordings").exists());
+}
+
+/// `GET path` on the admin port: the status line, headers and body.
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A proxy that has no policy to enforce is alive but not ready, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_a_policy_is_live_but_not_ready() {
+    let nats = Nats::start().unwrap();
+    let oidc = OidcIssuer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::new();
+    let cfg = config(dir.path(), &ports, &oidc, Some(&nats), None);
+    let admin = free_port();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
+    // No policy store at ports.store.
+    let _proxy = spawn(dir.path(), &cfg, &["proxy"], "proxy");
+    wait_for_port(admin, Duration::from_secs(30)).unwrap();
+    assert!(http_get(admin, "/healthz").await.starts_with("HTTP/1.1 200"));
+    let ready = http_get(admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("no policy version received"), "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,6 +166,37 @@ fn raft_config(cfg: &PolicyStoreConfig) -> openraft::Config {
     }
 }
 
+/// Keep the node's Prometheus gauges current: its raft state and the latest version it holds.
+async fn export_metrics(
+    node_id: NodeId,
+    raft: Raft,
+    mut versions: tokio::sync::watch::Receiver<store::Versions>,
+    cancel: CancellationToken,
+) {
+    use metrics::gauge;
+    let leader = gauge!("airlock_policy_store_leader");
+    let term = gauge!("airlock_policy_store_term");
+    let applied = gauge!("airlock_policy_store_last_applied_index");
+    let members = gauge!("airlock_policy_store_voters");
+    let latest = gauge!("airlock_policy_store_latest_version");
+    let mut raft_metrics = raft.metrics();
+    loop {
+        {
+            let m = raft_metrics.borrow_and_update();
+            leader.set(if m.current_leader == Some(node_id) { 1.0 } else { 0.0 });
+            term.set(m.current_term as f64);
+            applied.set(m.last_applied.map_or(0, |l| l.index) as f64);
+            members.set(m.membership_config.membership().voter_ids().count() as f64);
+        }
+        latest.set(versions.borrow_and_update().last().map_or(0, |v| v.version) as f64);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = raft_metrics.changed() => if r.is_err() { return },
+            r = versions.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 /// The members a new cluster starts with: this node plus the configured peers.
 fn initial_members(cfg: &PolicyStoreConfig, addr: SocketAddr) -> BTreeMap<NodeId, BasicNode> {
     let own =
@@ -236,6 +267,7 @@ async fn serve(
     // streams carry it as heartbeats and end when it is missing.
     let (confirmed, confirming) =
         confirm::spawn(raft.clone(), versions.clone(), channels.clone(), auth.admin(), cancel.clone());
+    tokio::spawn(export_metrics(cfg.node_id, raft.clone(), versions.clone(), cancel.clone()));
     let service = grpc::PolicyStoreService::new(
         raft.clone(),
         versions.clone(),

@@ -86,6 +86,7 @@ impl Journal {
         let urgent = waiting.clone();
         let pending = Arc::new(AtomicUsize::new(0));
         let at_target = pending.clone();
+        let counters = Counters::new();
         tokio::spawn(async move {
             let mut entries = Vec::with_capacity(MAX_ENTRIES);
             let mut envs = Vec::new();
@@ -128,7 +129,12 @@ impl Journal {
                     }
                     envs.append(&mut e.envs);
                 }
+                counters.count(&envs);
                 let result = bus.publish_batch(&envs).await.map_err(|e| e.to_string());
+                match &result {
+                    Ok(()) => counters.published.increment(envs.len() as u64),
+                    Err(_) => counters.unpublished.increment(envs.len() as u64),
+                }
                 if let (Err(e), true) = (&result, unwaited > 0) {
                     warn!(events = unwaited, error = %e, "events of best-effort sessions were not recorded");
                 }
@@ -165,6 +171,61 @@ impl Journal {
         let n = u32::try_from(envs.len().clamp(1, MAX_UNPUBLISHED)).unwrap_or(u32::MAX);
         let room = self.room.clone().acquire_many_owned(n).await.map_err(|_| STOPPED.to_string())?;
         self.tx.send(Entry { envs, done: None, _room: Some(room) }).map_err(|_| STOPPED.to_string())
+    }
+}
+
+/// The node's Prometheus counters, read off the events it publishes (each statement's decision
+/// and answer, each session's start and end): handles made once, so counting is an atomic add.
+struct Counters {
+    allowed: metrics::Counter,
+    denied: metrics::Counter,
+    held: metrics::Counter,
+    failed: metrics::Counter,
+    duration: metrics::Histogram,
+    sessions_started: metrics::Counter,
+    sessions_ended: metrics::Counter,
+    published: metrics::Counter,
+    unpublished: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        use metrics::{counter, histogram};
+        let statements = |d: &'static str| counter!("airlock_statements_total", "decision" => d);
+        Self {
+            allowed: statements("allow"),
+            denied: statements("deny"),
+            held: statements("hold"),
+            failed: counter!("airlock_statement_errors_total"),
+            duration: histogram!("airlock_statement_duration_seconds"),
+            sessions_started: counter!("airlock_sessions_started_total"),
+            sessions_ended: counter!("airlock_sessions_ended_total"),
+            published: counter!("airlock_events_published_total"),
+            unpublished: counter!("airlock_events_unpublished_total"),
+        }
+    }
+
+    fn count(&self, envs: &[Envelope]) {
+        use proto::events::{Decision, Event};
+        for e in envs {
+            match &e.event {
+                Event::PolicyDecided { decision, .. } => match decision {
+                    Decision::Allow => &self.allowed,
+                    Decision::Deny => &self.denied,
+                    Decision::Hold => &self.held,
+                }
+                .increment(1),
+                Event::ResponseSent { error, duration_us, .. } => {
+                    self.duration.record(*duration_us as f64 / 1e6);
+                    if error.is_some() {
+                        self.failed.increment(1);
+                    }
+                }
+                Event::SessionStarted { .. } => self.sessions_started.increment(1),
+                Event::SessionEnded { .. } => self.sessions_ended.increment(1),
+                _ => {}
+            }
+        }
     }
 }
 

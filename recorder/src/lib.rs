@@ -288,6 +288,7 @@ pub async fn run(
             break;
         }
         ack_all(&batch).await;
+        metrics::counter!("airlock_recorder_events_stored_total").increment(batch.len() as u64);
     }
     info!("recorder stopped");
     Ok(())
@@ -386,6 +387,7 @@ async fn store_batch(
             return Ok(true);
         }
         let delay = backoff.next_delay();
+        metrics::counter!("airlock_recorder_write_retries_total").increment(1);
         warn!(sessions = pending.len(), retry_in = ?delay, "retrying session writes");
         let wait = sleep_or_shutdown(delay, shutdown);
         let mut wait = std::pin::pin!(wait);
@@ -537,6 +539,8 @@ async fn finalize(ctx: &Ctx, s: &mut SessionState) -> Result<(), object_store::E
                 log.as_mut().expect("loaded just above").append(store, entry, ctx.signer.as_ref()).await?;
             // Outside the bucket (the recorder's log), a checkpoint for `audit verify --checkpoint`.
             info!(session.id = %s.id, archive.checkpoint = %logged, "archive log entry written");
+            metrics::counter!("airlock_recorder_sessions_archived_total").increment(1);
+            metrics::gauge!("airlock_recorder_archive_log_seq").set(logged.seq as f64);
         }
         match put_manifest(ctx, &path, bytes, stored.map(|m| m.version)).await {
             Ok(()) => {}

@@ -31,8 +31,8 @@ pub struct ActivePolicy {
     pub digest: String,
 }
 
-/// A background follower of the store's Watch stream (see [`follow`]).
-#[derive(Debug)]
+/// A background follower of the store's Watch stream (see [`follow`]). Clones share it.
+#[derive(Debug, Clone)]
 pub struct Follower {
     /// The last good version; `None` until the first one arrives.
     pub policy: watch::Receiver<Option<Arc<ActivePolicy>>>,
