@@ -160,10 +160,10 @@ fn render_holds_at(holds: &[PendingHold], now: Timestamp) -> String {
                 h.id.to_string(),
                 short_duration(age),
                 if left > 0 { short_duration(left) } else { "expired".to_string() },
-                h.principal.subject.clone(),
-                h.connection.clone(),
-                h.rule.clone(),
-                one_line(&h.statement, STATEMENT_WIDTH),
+                one_line(&crate::api::visible(&h.principal.subject), usize::MAX),
+                one_line(&crate::api::visible(&h.connection), usize::MAX),
+                one_line(&crate::api::visible(&h.rule), usize::MAX),
+                one_line(&crate::api::visible(&h.statement), STATEMENT_WIDTH),
             ]
         })
         .collect();
@@ -182,15 +182,29 @@ fn render_holds_at(holds: &[PendingHold], now: Timestamp) -> String {
     out
 }
 
-/// One hold in full, a field per line (the statement as it is, control characters removed), then
-/// its parameters one per line as SQL literals (see [`crate::api::parameter_literal`]: NULLs,
-/// bytes and invisible characters marked), so the approver sees every value the statement runs
-/// with.
+/// One hold in full, a field per line, then its parameters one per line as SQL literals (see
+/// [`crate::api::parameter_literal`]: NULLs, bytes and invisible characters marked), so the
+/// approver sees every value the statement runs with. What a reader would not see, or would take
+/// for something else (controls, bidi overrides, zero-width characters), is shown as `\u{XXXX}`
+/// ([`crate::api::visible`]), as in Slack: the statement keeps its line breaks and tabs, the
+/// one-line fields show theirs too, so that no value can pass for another field's line.
 pub fn render_hold(h: &PendingHold) -> String {
-    let clean =
-        |s: &str| s.chars().map(|c| if c.is_control() && c != '\n' { ' ' } else { c }).collect::<String>();
-    let groups = if h.approver_groups.is_empty() { "any".to_string() } else { h.approver_groups.join(", ") };
-    let approvals = if h.approvals.is_empty() { "none".to_string() } else { h.approvals.join(", ") };
+    let clean = |s: &str| {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(s.len());
+        for c in crate::api::visible(s).chars() {
+            match c {
+                '\n' | '\t' => {
+                    let _ = write!(out, "\\u{{{:04X}}}", u32::from(c));
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    };
+    let groups =
+        if h.approver_groups.is_empty() { "any".to_string() } else { clean(&h.approver_groups.join(", ")) };
+    let approvals = if h.approvals.is_empty() { "none".to_string() } else { clean(&h.approvals.join(", ")) };
     let mut parameters = String::new();
     if !h.parameters.is_empty() {
         parameters.push_str("parameters:\n");
@@ -212,7 +226,7 @@ pub fn render_hold(h: &PendingHold) -> String {
         h.requested_at,
         h.expires_at,
         h.min,
-        clean(&h.statement),
+        crate::api::visible(&h.statement),
     )
 }
 

@@ -112,6 +112,7 @@ fn config(slack: &FakeSlack) -> ApprovalsConfig {
         ("U_ERIN", "Erin@Example.com"),
         ("U_OLLY", "olly@example.com"),
         ("U_STRANGER", "stranger@example.com"),
+        ("U_AGENT", "agent-7@example.com"),
     ] {
         slack.add_user(u, e);
     }

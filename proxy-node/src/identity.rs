@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use proto::events::Principal;
 use proto::policy::PolicyDocument;
@@ -83,7 +83,30 @@ impl OidcConfig {
         if !(self.issuer.starts_with("https://") || self.issuer.starts_with("http://")) {
             return Err("oidc.issuer must be an http(s) URL".into());
         }
-        Ok(())
+        key_source(&self.issuer).map_err(|e| format!("oidc.issuer: {e}"))
+    }
+}
+
+/// May the keys that verify tokens come from `url`? Over TLS, or in the clear from this machine
+/// only (tests, an issuer on the same host): keys fetched in the clear from elsewhere can be
+/// swapped on the way, and whoever swaps them signs any token they like.
+fn key_source(url: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let loopback = u.host_str().is_some_and(|h| {
+        h.eq_ignore_ascii_case("localhost")
+            || h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback())
+    });
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "{url} is plain http to another host: the issuer's keys would be fetched in the clear, where anyone \
+             on the way could swap them; use https"
+        )),
+        other => Err(format!("{url}: keys are fetched over https, not {other}")),
     }
 }
 
@@ -129,11 +152,21 @@ pub struct OidcVerifier {
     fetching: Mutex<()>,
 }
 
-/// The key `kid` names in `set`; without a `kid`, the set's only key.
-fn find_key(set: &JwkSet, kid: Option<&str>) -> Option<DecodingKey> {
+/// The key `kid` names in `set` for a signature made with `alg`; without a `kid`, the set's only
+/// key. A key the issuer published for something else is not one: marked for encryption
+/// (`"use": "enc"`), for other operations (`key_ops` without `verify`), or for another algorithm
+/// (`alg`), so that each key verifies only what it was published for (RFC 8725 3.1). Several
+/// keys may share a `kid` (a signing and an encryption key, say): the one that fits is taken.
+fn find_key(set: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
+    let fits = |jwk: &&Jwk| {
+        let c = &jwk.common;
+        c.public_key_use.as_ref().is_none_or(|u| *u == PublicKeyUse::Signature)
+            && c.key_operations.as_ref().is_none_or(|ops| ops.contains(&KeyOperations::Verify))
+            && c.key_algorithm.is_none_or(|a| a == KeyAlgorithm::from(alg))
+    };
     let jwk = match kid {
-        Some(k) => set.find(k),
-        None if set.keys.len() == 1 => set.keys.first(),
+        Some(k) => set.keys.iter().filter(|j| j.common.key_id.as_deref() == Some(k)).find(fits),
+        None if set.keys.len() == 1 => set.keys.first().filter(fits),
         None => None,
     }?;
     DecodingKey::from_jwk(jwk).ok()
@@ -179,6 +212,8 @@ impl OidcVerifier {
                 d.issuer
             )));
         }
+        // An issuer reached over TLS may still name keys to be fetched in the clear.
+        key_source(&d.jwks_uri).map_err(|e| AuthError::Provider(format!("jwks_uri: {e}")))?;
         self.http
             .get(&d.jwks_uri)
             .send()
@@ -191,18 +226,18 @@ impl OidcVerifier {
             .map_err(p)
     }
 
-    async fn key_for(&self, kid: Option<&str>) -> Result<DecodingKey, AuthError> {
-        if let Some(answer) = self.cached_key(kid) {
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, AuthError> {
+        if let Some(answer) = self.cached_key(kid, alg) {
             return answer;
         }
         let _one_at_a_time = self.fetching.lock().await;
         // Another login may have fetched while this one waited.
-        if let Some(answer) = self.cached_key(kid) {
+        if let Some(answer) = self.cached_key(kid, alg) {
             return answer;
         }
         self.lock_keys().attempted = Some(Instant::now());
         let set = self.fetch().await?;
-        let key = find_key(&set, kid);
+        let key = find_key(&set, kid, alg);
         self.lock_keys().set = Some((set, Instant::now()));
         key.ok_or_else(|| AuthError::InvalidToken("unknown key id".into()))
     }
@@ -215,10 +250,10 @@ impl OidcVerifier {
     /// The answer for `kid` without fetching: its key from the fresh set; or a refusal when a
     /// fetch was started less than [`MIN_REFETCH`] ago (it found no such key, or failed);
     /// `None` when a fetch is due.
-    fn cached_key(&self, kid: Option<&str>) -> Option<Result<DecodingKey, AuthError>> {
+    fn cached_key(&self, kid: Option<&str>, alg: Algorithm) -> Option<Result<DecodingKey, AuthError>> {
         let keys = self.lock_keys();
         let fresh = keys.set.as_ref().filter(|(_, at)| at.elapsed() < self.cfg.jwks_ttl);
-        if let Some(key) = fresh.and_then(|(set, _)| find_key(set, kid)) {
+        if let Some(key) = fresh.and_then(|(set, _)| find_key(set, kid, alg)) {
             return Some(Ok(key));
         }
         if keys.attempted.is_some_and(|at| at.elapsed() < MIN_REFETCH) {
@@ -243,7 +278,11 @@ impl OidcVerifier {
         if !self.cfg.algorithms.contains(&header.alg) {
             return Err(AuthError::Algorithm(header.alg));
         }
-        let key = self.key_for(header.kid.as_deref()).await?;
+        // Extensions the token says must be understood: none is (RFC 7515 4.1.11).
+        if let Some(crit) = &header.crit {
+            return Err(AuthError::InvalidToken(format!("unsupported critical header parameters {crit:?}")));
+        }
+        let key = self.key_for(header.kid.as_deref(), header.alg).await?;
         let mut v = Validation::new(header.alg);
         v.algorithms = vec![header.alg];
         v.set_issuer(&[self.cfg.issuer.trim_end_matches('/'), self.cfg.issuer.as_str()]);
@@ -255,6 +294,11 @@ impl OidcVerifier {
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         let claims = data.claims;
+        // One issuer: a list that merely includes ours (the library accepts any overlap) is not
+        // a token our issuer made for itself.
+        if !claims.get("iss").is_some_and(serde_json::Value::is_string) {
+            return Err(AuthError::InvalidToken("iss must be a single string".into()));
+        }
         let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default().to_string();
         if subject.is_empty() {
             return Err(AuthError::InvalidToken("empty sub".into()));
@@ -373,21 +417,63 @@ mod tests {
 
     /// An issuer that answers every request with a 500, counting them.
     async fn failing_issuer() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        issuer_answering(|_| "HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into())
+            .await
+    }
+
+    /// An issuer on 127.0.0.1 that answers every request with `answer(its URL)`, counting them.
+    async fn issuer_answering(
+        answer: impl Fn(&str) -> String + Send + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let h = hits.clone();
+        let base = url.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let _ =
-                    s.write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                let _ = s.write_all(answer(&base).as_bytes()).await;
             }
         });
         (url, hits)
+    }
+
+    /// Keys come over TLS, or in the clear from this machine only: an issuer configured as
+    /// plain http elsewhere is refused, and so is a discovery document that names plain-http
+    /// keys on another host (nothing is fetched from there).
+    #[tokio::test]
+    async fn keys_are_fetched_over_tls_or_from_this_machine_only() {
+        for ok in [
+            "https://idp.example.com/realms/a",
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9",
+        ] {
+            assert_eq!(OidcConfig::for_issuer(ok).validate(), Ok(()), "{ok}");
+        }
+        for bad in ["http://idp.example.com", "http://10.0.0.5:8080/realms/a", "http://127.0.0.1.example.com"]
+        {
+            let e = OidcConfig::for_issuer(bad).validate().unwrap_err();
+            assert!(e.contains("plain http"), "{bad}: {e}");
+        }
+        let (issuer, hits) = issuer_answering(|base| {
+            let body = format!(r#"{{"issuer":"{base}","jwks_uri":"http://192.0.2.1/jwks.json"}}"#);
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await;
+        let v = OidcVerifier::new(OidcConfig::for_issuer(&issuer));
+        match v.verify(&token_with_kid("k1")).await {
+            Err(AuthError::Provider(e)) => assert!(e.contains("jwks_uri") && e.contains("plain http"), "{e}"),
+            other => panic!("{:?}", other.map(|p| p.subject)),
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "the discovery document only");
     }
 
     /// A token header naming `kid` (its claims and signature are never reached).

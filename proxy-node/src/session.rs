@@ -269,6 +269,15 @@ async fn authenticate(
     };
     let credential = match (f.tag, msg::read_cstr_body(&f.body)) {
         (b'p', Some(s)) => s.to_string(),
+        (b'p', None) => {
+            return Err(client
+                .refuse(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "airlock: the password must be one NUL-terminated UTF-8 string (an OIDC token or an API key)"
+                        .into(),
+                )
+                .await);
+        }
         _ => {
             return Err(client
                 .refuse(sqlstate::PROTOCOL_VIOLATION, "airlock: expected a password message".into())
