@@ -134,10 +134,28 @@ pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
 /// `'NULL'` is quoted); text as a literal (`'it''s'`), or as an escape-string literal
 /// (`E'a\nb\u202E'`) when it holds a character a reader would not see (control and format
 /// characters, bidi overrides, zero-width and non-ASCII spaces); and `\x` hex, which is how the
-/// proxy passes binary and non-UTF-8 values, marked as bytes.
+/// proxy passes binary and non-UTF-8 values, marked as bytes. Text that begins with a backslash
+/// the proxy passes with one more in front (so that the text `\x41` never reads as the byte
+/// `A`): it is shown without it, marked as text.
 pub fn parameter_literal(value: Option<&str>) -> String {
     use std::fmt::Write as _;
     let Some(v) = value else { return "NULL".to_string() };
+    if let Some(text) = v.strip_prefix('\\').filter(|t| t.starts_with('\\')) {
+        return format!("{} (text, not bytes)", text_literal(text));
+    }
+    let mut out = text_literal(v);
+    let hex =
+        v.strip_prefix("\\x").is_some_and(|h| h.len() % 2 == 0 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if hex {
+        let _ = write!(out, " ({} bytes, hex: binary or not UTF-8)", (v.len() - 2) / 2);
+    }
+    out
+}
+
+/// Text as an SQL literal: `'it''s'`, or `E'a\nb'` when it holds a character a reader would not
+/// see.
+fn text_literal(v: &str) -> String {
+    use std::fmt::Write as _;
     // `escape_debug` escapes what Rust's Debug considers unprintable (controls, format
     // characters, unassigned code points, combining marks); whitespace other than a space is
     // invisible too.
@@ -166,11 +184,6 @@ pub fn parameter_literal(value: Option<&str>) -> String {
         out.push('\'');
         out.push_str(&v.replace('\'', "''"));
         out.push('\'');
-    }
-    let hex =
-        v.strip_prefix("\\x").is_some_and(|h| h.len() % 2 == 0 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    if hex {
-        let _ = write!(out, " ({} bytes, hex: binary or not UTF-8)", (v.len() - 2) / 2);
     }
     out
 }
@@ -672,6 +685,11 @@ mod tests {
             "'\\xdeadbeef' (4 bytes, hex: binary or not UTF-8)"
         );
         assert_eq!(parameter_literal(Some("\\xdea")), "'\\xdea'", "not whole bytes: text");
+        // Text that begins with a backslash comes with one more in front: never read as bytes.
+        assert_eq!(parameter_literal(Some("\\\\x41")), "'\\x41' (text, not bytes)");
+        assert_eq!(parameter_literal(Some("\\x41")), "'\\x41' (1 bytes, hex: binary or not UTF-8)");
+        assert_eq!(parameter_literal(Some("\\\\\\x41")), "'\\\\x41' (text, not bytes)");
+        assert_eq!(parameter_literal(Some("\\\\a\n")), "E'\\\\a\\n' (text, not bytes)");
         assert_eq!(parameter_literal(Some("héllo 😀")), "'héllo 😀'", "printable text stays as is");
         // Blank letters and default-ignorable code points that Debug prints as they are.
         for c in ['\u{115f}', '\u{1160}', '\u{3164}', '\u{ffa0}', '\u{2800}', '\u{fe0f}', '\u{34f}'] {

@@ -6,8 +6,9 @@
 //! minutes, by slack-morphism's `SlackEventSignatureVerifier`) before anything else; a request
 //! that fails gets 401 and changes nothing. The clicking Slack user is mapped to an approver
 //! ([`crate::approver::Directory::by_slack`]: explicit `slack_user`, else the e-mail `users.info`
-//! reports) and then checked like any approver: the rule's groups, `min` distinct people, and
-//! never the requester itself.
+//! reports; the profile e-mail is looked up either way, as one of the person's identifiers) and
+//! then checked like any approver: the rule's groups, `min` distinct people, and never the
+//! requester itself.
 //!
 //! The message shows the statement and its bound parameters. When either is too long for a
 //! Slack section, it shows their start and end and offers no Approve button, and an approval
@@ -51,6 +52,8 @@ const CODE_ROOM: usize = 2900;
 /// Of a block that does not fit, this much of the room goes to its start (the rest to its end).
 const HEAD_SHARE: usize = 2;
 const HEAD_OF: usize = 3;
+/// How many look-alike characters a hold's message names (see [`lookalikes`]).
+const LOOKALIKES_SHOWN: usize = 12;
 
 pub mod fake;
 
@@ -118,6 +121,17 @@ impl Slack {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let sig = header(SlackEventSignatureVerifier::SLACK_SIGNED_HASH_HEADER).ok_or("missing signature")?;
         let ts = header(SlackEventSignatureVerifier::SLACK_SIGNED_TIMESTAMP).ok_or("missing timestamp")?;
+        // The verifier subtracts the timestamp from now unchecked: one near i64::MIN overflows
+        // (a panic where overflow is checked). Only a timestamp within its window goes on.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let recent = ts.parse::<i64>().ok().and_then(|t| now.checked_sub(t)).is_some_and(|age| {
+            age.checked_abs().is_some_and(|a| a <= SlackEventSignatureVerifier::MAX_TIMESTAMP_AGE_SECONDS)
+        });
+        if !recent {
+            return Err(format!("timestamp {ts:?} is not within 5 minutes of now"));
+        }
         self.verifier.verify(sig, body, ts).map_err(|e| e.to_string())
     }
 
@@ -187,10 +201,11 @@ impl Slack {
     /// The approver a Slack user is (see [`Directory::by_slack`]): an explicit `slack_user`
     /// entry, else the entry whose e-mail matches the user's profile, else a person the policy's
     /// `approver_groups` list by Slack user id or profile e-mail. `Ok(None)`: not a known approver.
+    ///
+    /// The profile e-mail is asked for even when an entry names the user by Slack id: it is one
+    /// of the person's identifiers, compared with the requester's verified e-mail and with other
+    /// votes' (one person, one approval). A user Slack cannot say that of is not identified.
     pub async fn identify(&self, user: &str, routes: &Routes) -> Result<Option<Decider>, SlackError> {
-        if self.directory.by_slack_id(user).is_some() {
-            return Ok(self.directory.by_slack(user, None, routes));
-        }
         let req = SlackApiUsersInfoRequest::new(user.to_string().into());
         let info = self
             .client
@@ -335,6 +350,30 @@ fn code(text: &str) -> (String, bool) {
     (format!("```{body}```"), false)
 }
 
+/// The characters of `texts` that pass for Latin letters or digits (Greek, Cyrillic, Armenian,
+/// Cherokee, fullwidth, mathematical and letter-like forms, IPA, small capitals, other digits),
+/// each once, as `` `о` U+043E ``; at most [`LOOKALIKES_SHOWN`] of them, then how many more.
+/// `DELETE FROM оrders` with a Cyrillic `о`, or `'аdmin'`, reads as what it is not.
+fn lookalikes<'a>(texts: impl Iterator<Item = &'a str>) -> String {
+    let alike = |c: char| {
+        matches!(u32::from(c),
+            0x0250..=0x02AF | 0x0370..=0x058F | 0x13A0..=0x13FF | 0x1D00..=0x1DBF | 0x2100..=0x218F
+            | 0xFF01..=0xFF5E | 0x1D400..=0x1D7FF)
+            || c == '\u{0131}'
+            || (c.is_numeric() && !c.is_ascii_digit())
+    };
+    let mut found = std::collections::BTreeSet::new();
+    for t in texts {
+        found.extend(t.chars().filter(|&c| alike(c)));
+    }
+    let mut shown: Vec<String> =
+        found.iter().take(LOOKALIKES_SHOWN).map(|&c| format!("`{c}` U+{:04X}", u32::from(c))).collect();
+    if found.len() > LOOKALIKES_SHOWN {
+        shown.push(format!("and {} more", found.len() - LOOKALIKES_SHOWN));
+    }
+    shown.join(", ")
+}
+
 /// The parameters as `$1 = 'value'` lines (see [`crate::api::parameter_literal`]).
 fn parameter_lines(parameters: &[Option<String>]) -> String {
     let lines: Vec<String> = parameters
@@ -348,7 +387,9 @@ fn parameter_lines(parameters: &[Option<String>]) -> String {
 /// Can the hold's message show its statement and parameters whole? When it cannot, Slack does
 /// not offer (and does not take) an approval: the approver would approve what they could not see.
 pub fn shown_in_full(r: &HoldRequest) -> bool {
-    code(&r.statement).1 && (r.parameters.is_empty() || code(&parameter_lines(&r.parameters)).1)
+    code(&r.reason).1
+        && code(&r.statement).1
+        && (r.parameters.is_empty() || code(&parameter_lines(&r.parameters)).1)
 }
 
 /// The message for a hold in its current state.
@@ -371,9 +412,16 @@ pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Erro
             { "type": "mrkdwn", "text": format!("*Rule*\n{}", escape(&r.rule)) },
             { "type": "mrkdwn", "text": format!("*Expires*\n<!date^{expires_unix}^{{date_short_pretty}} {{time_secs}}|{}>", r.expires_at) },
         ]}),
-        json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!("*Why held*\n{}", escape(&r.reason)) } }),
     ];
-    let (statement, mut whole) = code(&r.statement);
+    // The reason names what the statement touches (table names are the agent's to choose, and
+    // may hold line breaks, backticks or mrkdwn) and what a held `EXECUTE` runs: a code block,
+    // like the statement, so none of it can pass for another part of the message.
+    let (reason, mut whole) = code(&r.reason);
+    blocks.push(
+        json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!("*Why held*\n{reason}") } }),
+    );
+    let (statement, all) = code(&r.statement);
+    whole &= all;
     let parameters = (!r.parameters.is_empty()).then(|| {
         let (p, all) = code(&parameter_lines(&r.parameters));
         whole &= all;
@@ -385,6 +433,15 @@ pub fn message(rec: &HoldRecord) -> Result<SlackMessageContent, serde_json::Erro
              below are only their start and end. Review the whole hold with `airlock approvals show {}` \
              and approve it there; it cannot be approved from Slack.",
             r.hold_id
+        ) } }));
+    }
+    let alike = lookalikes(
+        std::iter::once(r.statement.as_str()).chain(r.parameters.iter().flatten().map(String::as_str)),
+    );
+    if !alike.is_empty() {
+        blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": format!(
+            ":warning: *Look-alike characters.* The statement or its parameters hold characters that look like \
+             Latin letters or digits but are not ({alike}): a name or value may not be the one it looks like."
         ) } }));
     }
     blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": statement } }));
@@ -768,6 +825,54 @@ mod tests {
         assert!(!json.contains(APPROVE_ACTION), "{json}");
         rec.request.parameters = vec![Some("y".repeat(50))];
         assert!(shown_in_full(&rec.request) && sections(&rec).1.contains(APPROVE_ACTION));
+    }
+
+    /// The text of the message's section whose text starts with `heading`.
+    fn section(rec: &HoldRecord, heading: &str) -> String {
+        let v = serde_json::to_value(message(rec).unwrap()).unwrap();
+        v["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["text"]["text"].as_str())
+            .find(|t| t.starts_with(heading))
+            .unwrap_or_else(|| panic!("no {heading:?} section: {v}"))
+            .to_string()
+    }
+
+    /// The reason names the tables the statement touches, which an agent names as it likes
+    /// (a quoted identifier may hold line breaks, backticks, mrkdwn): it cannot open a code block
+    /// of its own that passes for the statement, nor format, mention or link; and a reason too
+    /// long to show whole (a held `EXECUTE` shows what it runs there) cannot be approved here.
+    #[test]
+    fn the_reason_cannot_pass_for_the_statement_or_format_the_message() {
+        let mut rec = record();
+        rec.request.reason =
+            "delete on x\n```\n*DELETE FROM orders WHERE id = 1*\n```\n<!channel> matched rule `r`".into();
+        let why = section(&rec, "*Why held*");
+        let inner = why.strip_prefix("*Why held*\n```").and_then(|t| t.strip_suffix("```")).expect(&why);
+        assert!(!inner.contains("``") && !inner.contains('<'), "{why}");
+        assert!(inner.contains("*DELETE FROM orders WHERE id = 1*"), "{why}");
+        rec.request.reason = format!("delete on orders\n\nEXECUTE w runs:\n{}", "x".repeat(4000));
+        assert!(!shown_in_full(&rec.request));
+        assert!(!serde_json::to_string(&message(&rec).unwrap()).unwrap().contains(APPROVE_ACTION));
+    }
+
+    /// Letters and digits of other scripts that look like Latin ones are named, with their code
+    /// points, in a warning; accented Latin letters and ordinary text raise none.
+    #[test]
+    fn look_alike_characters_are_pointed_out() {
+        let mut rec = record();
+        rec.request.statement = "DELETE FROM \u{43e}rders WHERE name = $1".into();
+        rec.request.parameters = vec![Some("\u{430}dmin".into()), None, Some("１".into())];
+        let warning = section(&rec, ":warning: *Look-alike");
+        for needle in ["U+043E", "U+0430", "U+FF11"] {
+            assert!(warning.contains(needle), "{needle}: {warning}");
+        }
+        rec.request.statement = "UPDATE users SET name = 'José Müller' WHERE id = $1".into();
+        rec.request.parameters = vec![Some("Zoë".into())];
+        let json = serde_json::to_string(&message(&rec).unwrap()).unwrap();
+        assert!(!json.contains("Look-alike"), "{json}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Just-in-time access grants: an approver granted a principal a connection, for statements
 //! under one rule, until a time. The node follows grant and revocation events and consults them
-//! when a rule would hold; expiry is checked against the clock on every statement.
+//! when a rule would hold; expiry is checked against the clock on every statement, and against
+//! the rule as the policy in force has it (a version that takes `grant` away, or shortens its
+//! `max`, ends the grants it no longer allows).
 //!
 //! Grants made before this node started are not known to it (the statements are then held as
 //! usual, which fails safe). Nor are grants announced while its connection to the bus was
@@ -12,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use eventbus::{BusError, EventBus};
 use proto::events::{Event, GrantDecision, Timestamp};
+use proto::policy::Rule;
 use uuid::Uuid;
 
 #[derive(Clone)]
@@ -61,17 +64,25 @@ impl Grants {
         g
     }
 
-    /// The grant covering `rule` for this principal and connection now, as "grant ID until T".
-    pub fn covering(&self, principal: &str, connection: &str, rule: &str) -> Option<String> {
+    /// The grant covering `rule` (as the policy in force has it) for this principal and
+    /// connection now, as "grant ID until T". A rule that grants no access (any more) is
+    /// covered by no grant; nor is it past the longest grant the rule now allows
+    /// (`grant.max` from its start), should a new policy version have shortened that.
+    pub fn covering(&self, principal: &str, connection: &str, rule: &Rule) -> Option<String> {
+        let max = rule.grant.as_ref()?.max;
         let now = Timestamp::now();
         let mut guard = self.lock();
         let m = &mut guard.0;
         m.retain(|_, g| g.until > now);
         m.values()
             .find(|g| {
-                g.principal == principal && g.connection == connection && g.rule == rule && g.from <= now
+                g.principal == principal
+                    && g.connection == connection
+                    && g.rule == rule.name
+                    && g.from <= now
+                    && now < g.from.plus(max)
             })
-            .map(|g| format!("grant {} until {}", g.grant_id, g.until))
+            .map(|g| format!("grant {} until {}", g.grant_id, g.until.min(g.from.plus(max))))
     }
 }
 
@@ -82,6 +93,59 @@ mod tests {
     use proto::events::Envelope;
 
     use super::*;
+
+    fn rule(name: &str, max: Duration) -> Rule {
+        Rule {
+            name: name.into(),
+            connections: vec![],
+            principals: None,
+            matches: Default::default(),
+            action: proto::events::Decision::Hold,
+            approvers: None,
+            timeout: None,
+            slack: None,
+            webhook: None,
+            grant: Some(proto::policy::GrantSpec { max }),
+        }
+    }
+
+    /// A grant covers its rule only while the rule, as the policy in force has it, grants
+    /// access, and no longer than the rule's `grant.max` from the grant's start (a new policy
+    /// version may have shortened it). Nor another rule, principal or connection.
+    #[tokio::test]
+    async fn a_grant_covers_its_rule_only_as_long_as_the_rule_now_allows() {
+        let bus = EventBus::memory();
+        let grants = Grants::start(&bus).await.expect("grants");
+        let now = Timestamp::now();
+        let g = GrantDecision {
+            grant_id: Uuid::now_v7(),
+            hold_id: Uuid::now_v7(),
+            principal: "agent".into(),
+            connection: "shop".into(),
+            rule: "deletes".into(),
+            granted_by: "alice".into(),
+            from: Timestamp(now.0 - 10 * 60 * 1_000_000),
+            until: now.plus(Duration::from_secs(3600)),
+        };
+        bus.publish(&Envelope::new(Uuid::now_v7(), Event::GrantDecided(g))).await.expect("publish");
+        let long = rule("deletes", Duration::from_secs(8 * 3600));
+        for _ in 0..100 {
+            if grants.covering("agent", "shop", &long).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(grants.covering("agent", "shop", &long).is_some());
+        assert!(grants.covering("agent", "shop", &rule("updates", Duration::from_secs(3600))).is_none());
+        assert!(grants.covering("other", "shop", &long).is_none());
+        assert!(grants.covering("agent", "crm", &long).is_none());
+        // Shortened to 5 minutes: the grant, 10 minutes old, is over.
+        assert!(grants.covering("agent", "shop", &rule("deletes", Duration::from_secs(300))).is_none());
+        let mut no_grant = long.clone();
+        no_grant.grant = None;
+        assert!(grants.covering("agent", "shop", &no_grant).is_none());
+        assert!(grants.covering("agent", "shop", &long).is_some(), "the grant itself is kept");
+    }
 
     /// A node that lost its connection to the bus may have missed a revocation: it forgets the
     /// grants it knew (the statements they covered are held again), and learns new ones.
@@ -102,9 +166,10 @@ mod tests {
             from: Timestamp::now(),
             until: Timestamp::now().plus(Duration::from_secs(3600)),
         };
+        let rule = rule("deletes", Duration::from_secs(3600));
         let known = async |grants: &Grants, want: bool| {
             for _ in 0..100 {
-                if grants.covering("agent", "shop", "deletes").is_some() == want {
+                if grants.covering("agent", "shop", &rule).is_some() == want {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

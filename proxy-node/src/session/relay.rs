@@ -50,6 +50,10 @@ const RESERVED_PREFIX: &str = "__airlock";
 #[derive(Debug, Clone)]
 struct Prepared {
     sql: Arc<str>,
+    /// The text that made it, as approvers are shown it when a held statement runs it by name
+    /// (`EXECUTE name`): the Parse's statement, or the message with the `PREPARE`. Empty when
+    /// not known.
+    made_by: Arc<str>,
     classification: Arc<Classification>,
     /// Its text runs SQL `EXECUTE name`: resolved again at each Execute, since the name may
     /// stand for another statement by then.
@@ -143,7 +147,32 @@ struct Held {
     deadline: tokio::time::Instant,
     then: AfterHold,
     extended: bool,
+    /// What was held, and the policy it was held under: an approval that arrives under a newer
+    /// policy is checked against that one too (see [`Relay::denied_since`]).
+    sql: Arc<str>,
+    params: Arc<[Option<String>]>,
+    classification: Arc<Classification>,
+    policy: Option<Arc<policy_store::client::ActivePolicy>>,
 }
+
+/// A statement to hold: its text, parameters and classification.
+struct ToHold<'a> {
+    sql: &'a Arc<str>,
+    params: &'a Arc<[Option<String>]>,
+    classification: &'a Arc<Classification>,
+}
+
+/// What approvers of a hold are shown besides the statement and its parameters.
+#[derive(Default)]
+struct HoldContext {
+    /// The prepared statements the held statement runs by name (`EXECUTE name`), with the text
+    /// that made each: approving `EXECUTE p` blind to what `p` is approves nothing in particular.
+    runs: Vec<(String, Arc<str>)>,
+}
+
+/// The most bytes of prepared statements' text a hold shows besides its own statement; a
+/// statement that runs more is refused rather than held (approvers could not read it whole).
+const HOLD_CONTEXT_BYTES: usize = 16 * 1024;
 
 enum HeldEvent {
     Decided(HoldDecision),
@@ -446,6 +475,9 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         standing_under: None,
     };
     let mut result = r.run().await;
+    // However the session ended (the target gone, a policy that ends it, a failure to record),
+    // a statement it held will not run.
+    r.abandon_hold("the session ended while waiting").await;
     // A read that reached the target is recorded even though its answer never completed (the
     // session is over: what the target answered is not released).
     if !r.deferred.is_empty() {
@@ -468,6 +500,24 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
     Frame { tag: b'X', body: bytes::Bytes::new() }.encode_into(&mut bye);
     let _ = r.uw.write_all(&bye).await;
     result
+}
+
+/// A bound parameter as events and approvers see it, so that two values that differ (in bytes
+/// or in format) never look the same: bytes (binary format, or text that is not UTF-8 or holds
+/// a NUL) as `\x` hex; text as it is, but with one more backslash in front when it begins with
+/// one. Text `\x41` (four characters, which a text column stores as they are) is then `\\x41`,
+/// never `\x41`, the byte `A` in binary format.
+pub(crate) fn show_parameter(v: &[u8], binary: bool) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) if !binary && !s.contains('\0') => {
+            if s.starts_with('\\') {
+                format!("\\{s}")
+            } else {
+                s.to_string()
+            }
+        }
+        _ => format!("\\x{}", hex::encode(v)),
+    }
 }
 
 /// A value as the record shows it: text as is, anything else as `\x` hex.
@@ -541,9 +591,18 @@ impl Relay<'_> {
                     self.on_held(ev).await?;
                 }
                 r = self.cr.read_buf(&mut self.cin), if client_room => {
-                    if r? == 0 {
-                        self.client_gone().await;
-                        return Err(SessionError::Closed);
+                    // Closed or broken (a reset: the client left with our answers unread),
+                    // the client is gone either way.
+                    match r {
+                        Ok(0) => {
+                            self.client_gone().await;
+                            return Err(SessionError::Closed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.client_gone().await;
+                            return Err(e.into());
+                        }
                     }
                 }
                 r = self.ur.read_buf(&mut self.uin), if up_room => {
@@ -562,12 +621,15 @@ impl Relay<'_> {
     /// deny and record a hold it was waiting for.
     async fn client_gone(&mut self) {
         self.cancel_running();
+        self.abandon_hold("the client disconnected while waiting").await;
+    }
+
+    /// The session ends with a statement still held: deny the hold (approvers are told, and an
+    /// approval can no longer come for a statement that will never run) and record that.
+    async fn abandon_hold(&mut self, why: &str) {
         if let Some(h) = self.held.take() {
-            let d = self.s.local_decision(
-                h.hold_id,
-                HoldOutcome::Denied,
-                "the client disconnected while waiting",
-            );
+            self.s.shared.holds.forget(h.hold_id);
+            let d = self.s.local_decision(h.hold_id, HoldOutcome::Denied, why);
             let _ = self.record(vec![Event::HoldDecided(d)]).await;
         }
     }
@@ -720,9 +782,7 @@ impl Relay<'_> {
                     params: b
                         .params
                         .iter()
-                        .map(|(v, binary)| {
-                            v.map(|v| if *binary { format!("\\x{}", hex::encode(v)) } else { show_value(v) })
-                        })
+                        .map(|(v, binary)| v.map(|v| show_parameter(v, *binary)))
                         .collect(),
                 };
                 let portal = b.portal.to_string();
@@ -927,7 +987,7 @@ impl Relay<'_> {
             facts,
             &|rule| {
                 asked_for_grant.set(true);
-                grants.covering(who, conn, &rule.name)
+                grants.covering(who, conn, rule)
             },
         );
         let d = Decided::new(v);
@@ -1011,17 +1071,33 @@ impl Relay<'_> {
     }
 
     /// Decide a request: its number, the verdict, and the request and decision events to record.
+    /// `unshowable`: why approvers could not be shown what the statement runs, if they could
+    /// not; a statement the policy holds is then refused (approving it would approve unseen).
     fn judge(
         &mut self,
         sql: &Arc<str>,
         params: &Arc<[Option<String>]>,
         c: &Arc<Classification>,
         stores: Option<String>,
+        unshowable: Option<String>,
     ) -> Result<(u64, Arc<Decided>, Vec<Event>), SessionError> {
         let policy = self.policy()?;
         self.refresh_rules(&policy);
         let shown = self.shown(sql, params);
-        let verdict = self.decide(&policy, sql, (&shown.0, &shown.1), c, stores);
+        let mut verdict = self.decide(&policy, sql, (&shown.0, &shown.1), c, stores);
+        if verdict.decision == Decision::Hold
+            && let Some(why) = unshowable
+        {
+            verdict = Decided::new(Verdict {
+                decision: Decision::Deny,
+                rule: "builtin.unshowable-hold".into(),
+                reason: format!(
+                    "held for approval by rule \"{}\", but {why}: approvers cannot be shown what it runs",
+                    verdict.rule
+                ),
+                hold: None,
+            });
+        }
         let (seq, events) = self.request_events(&policy, shown, c, &verdict);
         if verdict.decision != Decision::Deny {
             if c.may_change_settings() {
@@ -1366,13 +1442,15 @@ impl Relay<'_> {
     /// ([`msg::read_cstr_body`]), so what goes to the target is what was decided.
     async fn simple_query(&mut self, f: Frame, sql: Arc<str>) -> Result<(), SessionError> {
         let mut c = self.classify_as_server(&sql);
+        let context = self.hold_context(&c);
         if !c.executes.is_empty() {
             Arc::make_mut(&mut c).resolve_executes(|n| self.prepared(n));
         }
         self.resolve_functions(&mut c).await;
         let stores = self.check_stores(&sql, &c).await?;
         let no_params = self.no_params.clone();
-        let (seq, verdict, events) = self.judge(&sql, &no_params, &c, stores)?;
+        let unshowable = context.as_ref().err().cloned();
+        let (seq, verdict, events) = self.judge(&sql, &no_params, &c, stores, unshowable)?;
         let effects: Vec<SessionEffect> = c.effects.clone();
         match verdict.decision {
             Decision::Allow => {
@@ -1386,15 +1464,9 @@ impl Relay<'_> {
             }
             Decision::Hold => {
                 self.record(events).await?;
-                self.hold(
-                    seq,
-                    &sql,
-                    &no_params,
-                    &verdict,
-                    AfterHold::Query { frame: f, sql: sql.clone(), effects, seq },
-                    false,
-                )
-                .await
+                let then = AfterHold::Query { frame: f, sql: sql.clone(), effects, seq };
+                let held = ToHold { sql: &sql, params: &no_params, classification: &c };
+                self.hold(seq, held, &verdict, context.unwrap_or_default(), then, false).await
             }
         }
     }
@@ -1475,8 +1547,10 @@ impl Relay<'_> {
             self.statements.remove("");
         }
         self.send_upstream(&f);
-        self.expect
-            .push_back(Expect::Parse { name, stmt: Prepared { sql, classification: c, runs_execute } });
+        self.expect.push_back(Expect::Parse {
+            name,
+            stmt: Prepared { made_by: sql.clone(), sql, classification: c, runs_execute },
+        });
         Ok(())
     }
 
@@ -1523,8 +1597,10 @@ impl Relay<'_> {
         // A statement that runs `EXECUTE name` runs what the name is now, not what it was when
         // the statement was parsed.
         let mut c = c;
+        let mut context = Ok(HoldContext::default());
         if runs_execute {
             let mut fresh = self.s.shared.classifier.classify(&sql);
+            context = self.hold_context(&fresh);
             Arc::make_mut(&mut fresh).resolve_executes(|n| self.prepared(n));
             if let Some(u) = &c.unknown {
                 Arc::make_mut(&mut fresh).unknown.get_or_insert_with(|| u.clone());
@@ -1533,7 +1609,15 @@ impl Relay<'_> {
             c = fresh;
         }
         let stores = self.check_stores(&sql, &c).await?;
-        let (seq, verdict, events) = self.judge(&sql, &params, &c, stores)?;
+        // Approvers are shown the text of what the portal runs: without it (a statement the
+        // gateway never saw parsed, a portal it cannot be sure of, a cursor) they would approve
+        // blind whatever the name stands for at the target.
+        let unshowable = match (&stmt_sql, &context) {
+            (None, _) => Some("the gateway does not know the text of the statement this portal runs".into()),
+            (Some(_), Err(why)) => Some(why.clone()),
+            (Some(_), Ok(_)) => None,
+        };
+        let (seq, verdict, events) = self.judge(&sql, &params, &c, stores, unshowable)?;
         match verdict.decision {
             Decision::Allow => {
                 self.record_allowed(&c, events).await?;
@@ -1547,24 +1631,68 @@ impl Relay<'_> {
             Decision::Hold => {
                 self.record(events).await?;
                 let then = AfterHold::Execute { frame: f, portal, sql: stmt_sql, seq };
-                self.hold(seq, &sql, &params, &verdict, then, true).await
+                let context = context.unwrap_or_default();
+                let held = ToHold { sql: &sql, params: &params, classification: &c };
+                self.hold(seq, held, &verdict, context, then, true).await
             }
         }
     }
 
+    /// The prepared statements `c` (before [`Classification::resolve_executes`]) runs by name
+    /// from the session, with the text that made each, to show approvers; `Err`: why they
+    /// cannot be shown. A name prepared earlier in the same message is shown by the message.
+    fn hold_context(&self, c: &Classification) -> Result<HoldContext, String> {
+        let mut ctx = HoldContext::default();
+        let mut bytes = 0;
+        for (j, n) in c.executes.iter().enumerate() {
+            let before = c.executes_at.get(j).map_or(c.effects.len(), |&at| at.min(c.effects.len()));
+            if c.effects[..before].iter().any(|e| e.touches_statement(n))
+                || ctx.runs.iter().any(|(m, _)| m == n)
+            {
+                continue;
+            }
+            match self.lookup_statement(n) {
+                Some(p) if !p.made_by.is_empty() => {
+                    bytes += p.made_by.len();
+                    ctx.runs.push((n.clone(), p.made_by));
+                }
+                _ => return Err(format!("the gateway does not know the text of prepared statement \"{n}\"")),
+            }
+        }
+        if bytes > HOLD_CONTEXT_BYTES {
+            return Err(format!(
+                "the prepared statements it runs are longer than the {HOLD_CONTEXT_BYTES} bytes a hold shows"
+            ));
+        }
+        Ok(ctx)
+    }
+
+    /// Hold a statement (`held`: its text, parameters and classification) for approval.
     async fn hold(
         &mut self,
         seq: u64,
-        sql: &Arc<str>,
-        params: &Arc<[Option<String>]>,
+        held: ToHold<'_>,
         verdict: &Verdict,
+        context: HoldContext,
         then: AfterHold,
         extended: bool,
     ) -> Result<(), SessionError> {
+        let ToHold { sql, params, classification } = held;
         let (mut req, timeout) = self.s.hold_request(seq, sql, params, verdict);
         // Approvers see the statement as recorded: masked. The fingerprint binds the original.
         let (statement, parameters) = self.shown(sql, params);
         (req.statement, req.parameters) = (statement.to_string(), parameters.to_vec());
+        // What the statement's text alone does not tell them.
+        for (name, text) in &context.runs {
+            let (text, _) = self.shown(text, &self.no_params);
+            req.reason.push_str(&format!("\n\nEXECUTE {name} runs the statement prepared by:\n{text}"));
+        }
+        if self.search_path_touched {
+            req.reason.push_str(
+                "\n\nNote: this session may have changed search_path (or its role), so unqualified names in the \
+                 statement may not name the objects they usually do.",
+            );
+        }
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
         if let Err(e) = self.record(vec![Event::HoldRequested(Box::new(req.clone()))]).await {
@@ -1584,8 +1712,40 @@ impl Relay<'_> {
             deadline: tokio::time::Instant::now() + timeout + self.s.shared.cfg.hold_grace,
             then,
             extended,
+            sql: sql.clone(),
+            params: params.clone(),
+            classification: classification.clone(),
+            policy: self.standing_under.clone(),
         });
         Ok(())
+    }
+
+    /// Why an approved statement may not run after all: the policy in force now, a newer
+    /// version than the one it was held under, denies it (deny wins over an approval given
+    /// under older rules). A session that no longer stands under the policy (its key revoked,
+    /// its connection changed) ends here, as it would at its next statement.
+    async fn denied_since(&mut self, h: &Held, seq: u64) -> Result<Option<String>, SessionError> {
+        let policy = match self.policy() {
+            Ok(p) => p,
+            Err(e) => {
+                let m = e.to_string();
+                self.record(vec![error_response(seq, sqlstate::CANNOT_CONNECT_NOW, m)]).await?;
+                return Err(e);
+            }
+        };
+        if h.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy)) {
+            return Ok(None);
+        }
+        self.refresh_rules(&policy);
+        let stores = self.check_stores(&h.sql, &h.classification).await?;
+        let shown = self.shown(&h.sql, &h.params);
+        let v = self.decide(&policy, &h.sql, (&shown.0, &shown.1), &h.classification, stores);
+        Ok((v.decision == Decision::Deny).then(|| {
+            format!(
+                "airlock: hold {} was approved, but policy version {} denies the statement now: rule \"{}\": {}",
+                h.hold_id, policy.version, v.rule, v.reason
+            )
+        }))
     }
 
     async fn on_held(&mut self, ev: HeldEvent) -> Result<(), SessionError> {
@@ -1619,6 +1779,13 @@ impl Relay<'_> {
             return self.record(vec![error_response(seq, sqlstate::IN_FAILED_TRANSACTION, skipped)]).await;
         }
         if d.outcome == HoldOutcome::Approved {
+            let seq = match &h.then {
+                AfterHold::Query { seq, .. } | AfterHold::Execute { seq, .. } => *seq,
+            };
+            if let Some(m) = self.denied_since(&h, seq).await? {
+                info!(hold.id = %h.hold_id, "approved statement not run: the policy denies it now");
+                return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, h.extended, Vec::new()).await;
+            }
             match h.then {
                 AfterHold::Query { frame, sql, effects, seq } => {
                     self.forward_query(&frame, sql, effects, seq)
@@ -1733,7 +1900,8 @@ impl Relay<'_> {
             (Expect::Execute(r), b'C') => {
                 r.complete(&f.body);
                 let effect = r.effect.take();
-                self.apply_effect(effect);
+                let text = r.sql.clone();
+                self.apply_effect(effect, text);
                 done = true;
             }
             (Expect::Execute(_), b'I' | b's') => done = true,
@@ -1741,7 +1909,8 @@ impl Relay<'_> {
                 r.complete(&f.body);
                 r.next_statement();
                 let effect = effects.pop_front();
-                self.apply_effect(effect);
+                let text = r.sql.clone();
+                self.apply_effect(effect, text);
             }
             (Expect::Query(..), b'I') => {}
             (Expect::Query(..) | Expect::Sync, b'Z') => {
@@ -1821,12 +1990,14 @@ impl Relay<'_> {
         self.skip_until_sync = true;
     }
 
-    fn apply_effect(&mut self, effect: Option<SessionEffect>) {
+    /// Apply what a statement did to the session's names; `text`: the message it came in.
+    fn apply_effect(&mut self, effect: Option<SessionEffect>, text: Option<Arc<str>>) {
         match effect {
             Some(SessionEffect::Prepare(name, c)) => {
+                let made_by = text.unwrap_or_else(|| "".into());
                 self.statements.insert(
                     name,
-                    Prepared { sql: "".into(), classification: Arc::new(*c), runs_execute: false },
+                    Prepared { sql: "".into(), made_by, classification: Arc::new(*c), runs_execute: false },
                 );
             }
             Some(SessionEffect::Deallocate(Some(name))) => {
