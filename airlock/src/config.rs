@@ -109,8 +109,13 @@ impl AirlockConfig {
         let mut a: approval_service::ApprovalsConfig = self.approvals.clone().unwrap_or_else(|| {
             toml::Value::Table(toml::Table::new()).try_into().expect("every approvals field has a default")
         });
+        // The proxy's issuer, but an audience of its own: a token minted for the data path (one a
+        // person hands their agent) must not also decide holds.
         if a.oidc.is_none() {
-            a.oidc.clone_from(&self.proxy.oidc);
+            a.oidc = self.proxy.oidc.clone().map(|mut o| {
+                o.audience = format!("{}-approvals", o.audience);
+                o
+            });
         }
         if a.policy_store.is_empty() {
             a.policy_store.clone_from(&self.proxy.policy_store);
@@ -188,7 +193,10 @@ mod tests {
                     [approvals]\nadmin_token = \"t\"\n";
         let cfg: AirlockConfig = proto::config::load(Some(toml), vec![], "AIRLOCK_").expect("load");
         let a = cfg.approvals();
-        assert_eq!(a.oidc.expect("from the proxy").issuer, "http://127.0.0.1:9");
+        let oidc = a.oidc.expect("from the proxy");
+        assert_eq!(oidc.issuer, "http://127.0.0.1:9");
+        // Agents' tokens (audience `airlock`) are not approvers' tokens.
+        assert_eq!(oidc.audience, "airlock-approvals");
         assert_eq!(a.policy_store, vec!["http://127.0.0.1:7".to_string()]);
         let toml = format!("{toml}policy_store = [\"http://127.0.0.1:8\"]\n");
         let cfg: AirlockConfig = proto::config::load(Some(&toml), vec![], "AIRLOCK_").expect("load");
