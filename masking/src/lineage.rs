@@ -23,6 +23,15 @@
 //! Scopes follow PostgreSQL's: a FROM item that is not LATERAL (a subquery) does not see the items
 //! before it in its FROM list, a function in FROM and a LATERAL item do, and `JOIN … ON` sees only
 //! the two sides of its join, plus, for all of them, the query levels outside.
+//!
+//! Besides what each output derives from, the analysis tells which columns *choose rows*
+//! ([`Lineage::chooses`]): those whose values decide which rows a statement returns or changes,
+//! how many, or in which order (`WHERE`, `JOIN`, `GROUP BY`, `ORDER BY`, `LIMIT`, window
+//! clauses, `FILTER`, `CASE` conditions, the arguments of set-returning functions, `DISTINCT`
+//! and set operations that compare rows, and whatever subqueries feed those). A masked value
+//! used there shows through the rows, even when every value returned is masked. A column only
+//! compared unchanged for equality with constants or parameters is kept apart
+//! ([`Lineage::looked_up`]).
 
 use std::collections::BTreeSet;
 
@@ -33,9 +42,10 @@ use sqlparser::ast::{
     FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, InTarget, JoinConstraint, JoinOperator,
     JsonPathElem, ListAggOnOverflow, MergeAction, MergeInsertKind, MergeUpdateKind, NamedWindowExpr,
     ObjectName, ObjectNamePart, OnConflictAction, OnInsert, OrderBy, OrderByExpr, OrderByKind, OutputClause,
-    Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, Subscript, TableAlias,
-    TableFactor, TableObject, TableWithJoins, TimezoneInfo, TrimWhereField, UpdateTableFromKind, Values,
-    WildcardAdditionalOptions, WindowFrameBound, WindowSpec, WindowType,
+    Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, SetOperator, SetQuantifier, Statement,
+    Subscript, TableAlias, TableFactor, TableObject, TableWithJoins, TimezoneInfo, TrimWhereField,
+    UnaryOperator, UpdateTableFromKind, Values, WildcardAdditionalOptions, WindowFrameBound, WindowSpec,
+    WindowType,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
@@ -104,6 +114,39 @@ const STORING_FUNCTIONS: &[&str] = &[
     "lowrite",
 ];
 
+/// Built-in set-returning functions: how many rows they return depends on their arguments
+/// (`generate_series(1, ascii(email))`), so in a select list their arguments choose rows
+/// ([`Lineage::chooses`]). In FROM, every function's arguments do.
+const SET_RETURNING_FUNCTIONS: &[&str] = &[
+    "generate_series",
+    "generate_subscripts",
+    "unnest",
+    "regexp_matches",
+    "regexp_split_to_table",
+    "string_to_table",
+    "json_array_elements",
+    "json_array_elements_text",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "json_each",
+    "json_each_text",
+    "jsonb_each",
+    "jsonb_each_text",
+    "json_object_keys",
+    "jsonb_object_keys",
+    "json_populate_recordset",
+    "jsonb_populate_recordset",
+    "json_to_recordset",
+    "jsonb_to_recordset",
+    "jsonb_path_query",
+    "jsonb_path_query_tz",
+    "ts_stat",
+    "ts_debug",
+    "ts_parse",
+    "pg_options_to_table",
+    "aclexplode",
+];
+
 /// A table column, or a whole row of a table when `column` is `None`.
 ///
 /// Names are folded the way PostgreSQL folds them (see the [module docs](self)). `schema` is the
@@ -164,6 +207,12 @@ pub enum Output {
         /// over a column, an unresolvable name, …): the proxy treats it as masked if ANY column
         /// in [`Lineage::referenced`] is masked.
         opaque: bool,
+        /// Every value is one of `sources` passed through unchanged (a plain reference, through
+        /// aliases, subqueries, CTEs and `UNION ALL` branches that are plain too) or a constant:
+        /// comparing it with a constant compares the column's own values. `false` when anything
+        /// is computed from them (a function, an operator, a cast, `COLLATE`, an aggregate …);
+        /// `true` for an output with no sources.
+        plain: bool,
     },
     /// `*` or `t.*` over base tables: expands, in order, to all columns of these tables (the
     /// proxy knows the columns from the catalog).
@@ -198,6 +247,27 @@ pub struct Lineage {
     /// an inheritance it ends (`ALTER TABLE users RENAME email TO e` would otherwise leave
     /// `users.email`'s values under a name no masking pattern covers).
     pub written: BTreeSet<ColumnRef>,
+    /// The columns whose values choose rows: which rows the statement returns or changes, how
+    /// many, or in which order. Those read in `WHERE`, `JOIN … ON`/`USING`/`NATURAL`,
+    /// `GROUP BY`, `HAVING`, `ORDER BY` (by expression, output name or position), `DISTINCT`
+    /// and `DISTINCT ON`, window `PARTITION BY`/`ORDER BY`/frames, `LIMIT`/`OFFSET`/`FETCH`,
+    /// `FILTER`, an aggregate's `ORDER BY` and `WITHIN GROUP`, `CASE` conditions, the
+    /// arguments of functions in FROM and of set-returning functions, the outputs of
+    /// `UNION`/`INTERSECT`/`EXCEPT` (which compare rows; not `UNION ALL`), MERGE's `ON` and
+    /// `WHEN` conditions, `ON CONFLICT … WHERE`, the query of `CREATE VIEW`, the statement
+    /// under `EXPLAIN`, and what subqueries in any of those return. A name the analysis cannot
+    /// resolve there (an opaque one) adds every column in [`Lineage::referenced`].
+    ///
+    /// Excludes what is only looked up by equality ([`Lineage::looked_up`]).
+    pub chooses: BTreeSet<ColumnRef>,
+    /// The columns that choose rows only by an equality lookup: compared unchanged, with `=`,
+    /// `<>`, `IN (…)`, `= ANY(…)` or `IS [NOT] NULL`, with constants or parameters only
+    /// (`WHERE email = $1`). Such a lookup answers only "is it exactly this value". A column also
+    /// used otherwise is in [`Lineage::chooses`] only.
+    pub looked_up: BTreeSet<ColumnRef>,
+    /// Part of the statement (the query of `EXPLAIN` or `CREATE VIEW`) could not be analysed:
+    /// columns that choose rows may be missing from [`Lineage::chooses`].
+    pub chooses_unknown: bool,
 }
 
 /// Why a statement's lineage cannot be told.
@@ -245,7 +315,21 @@ pub fn lineage(stmt: &Statement) -> Result<Lineage, LineageError> {
     if a.written.opaque {
         written.extend(a.referenced.iter().cloned());
     }
-    Ok(Lineage { outputs: d.outputs, exact: d.exact, referenced: a.referenced, written })
+    let mut chooses = a.chosen.sources;
+    if a.chosen.opaque {
+        chooses.extend(a.referenced.iter().cloned());
+    }
+    let mut looked_up = a.looked_up;
+    looked_up.retain(|r| !chooses.contains(r));
+    Ok(Lineage {
+        outputs: d.outputs,
+        exact: d.exact,
+        referenced: a.referenced,
+        written,
+        chooses,
+        looked_up,
+        chooses_unknown: a.choice_unknown,
+    })
 }
 
 /// Parses `sql` with the PostgreSQL dialect and returns the lineage of each statement, in order.
@@ -391,29 +475,66 @@ fn name_variants<'a>(parts: impl ExactSizeIterator<Item = &'a Ident>) -> Vec<Vec
 struct Acc {
     sources: BTreeSet<ColumnRef>,
     opaque: bool,
+    /// The sources whose values reach the expression unchanged, on every path (a subset of
+    /// `sources`): see [`Output::Column::plain`].
+    plain: BTreeSet<ColumnRef>,
 }
 
 impl Acc {
     fn merge(&mut self, other: &Acc) {
-        self.sources.extend(other.sources.iter().cloned());
+        for s in &other.sources {
+            let new = self.sources.insert(s.clone());
+            if !other.plain.contains(s) {
+                self.plain.remove(s);
+            } else if new {
+                self.plain.insert(s.clone());
+            }
+        }
         self.opaque |= other.opaque;
+    }
+
+    /// Adds a source whose values reach the expression unchanged.
+    fn add_plain(&mut self, r: ColumnRef) {
+        if self.sources.insert(r.clone()) {
+            self.plain.insert(r);
+        }
+    }
+
+    /// Adds a source the expression computes something from.
+    fn add_computed(&mut self, r: ColumnRef) {
+        self.plain.remove(&r);
+        self.sources.insert(r);
+    }
+
+    /// Something is computed from every source gathered so far.
+    fn computed(&mut self) {
+        self.plain.clear();
     }
 
     /// Adds what an output item derives from: a column's sources, or a star's whole tables.
     fn add_output(&mut self, out: &Output) {
         match out {
-            Output::Column { sources, opaque, .. } => {
-                self.sources.extend(sources.iter().cloned());
+            Output::Column { sources, opaque, plain, .. } => {
+                for s in sources {
+                    if *plain {
+                        self.add_plain(s.clone());
+                    } else {
+                        self.add_computed(s.clone());
+                    }
+                }
                 self.opaque |= *opaque;
             }
             Output::Star { tables } => {
-                self.sources.extend(tables.iter().map(|t| ColumnRef::of_table(t, None)));
+                for t in tables {
+                    self.add_computed(ColumnRef::of_table(t, None));
+                }
             }
         }
     }
 
     fn into_column(self, name: Option<String>) -> Output {
-        Output::Column { name, sources: self.sources, opaque: self.opaque }
+        let plain = self.plain.len() == self.sources.len();
+        Output::Column { name, sources: self.sources, opaque: self.opaque, plain }
     }
 }
 
@@ -455,7 +576,8 @@ impl Derived {
             }
             return self;
         }
-        let all = self.all();
+        let mut all = self.all();
+        all.computed();
         let mut outputs: Vec<Output> =
             names.iter().map(|n| all.clone().into_column(Some(n.clone()))).collect();
         outputs.append(&mut self.outputs);
@@ -480,7 +602,9 @@ impl Derived {
                     maybe = true;
                 }
                 Output::Star { tables } => {
-                    acc.sources.extend(tables.iter().map(|t| ColumnRef::of_table(t, Some(c))));
+                    for t in tables {
+                        acc.add_plain(ColumnRef::of_table(t, Some(c)));
+                    }
                     maybe = true;
                 }
             }
@@ -522,11 +646,12 @@ impl Relation {
     fn column(&self, c: &str, acc: &mut Acc) -> (bool, bool) {
         match &self.kind {
             RelKind::Base(t) => {
-                acc.sources.insert(ColumnRef::of_table(t, Some(c)));
+                acc.add_plain(ColumnRef::of_table(t, Some(c)));
                 (false, true)
             }
             RelKind::Derived(d) => d.column(c, acc),
             RelKind::Func { acc: f, columns, complete } => {
+                // `func_relation` made every source computed.
                 if columns.iter().any(|n| n == c) {
                     acc.merge(f);
                     (true, false)
@@ -552,10 +677,12 @@ impl Relation {
     /// Adds everything a whole-row reference to this relation derives from.
     fn whole_row(&self, acc: &mut Acc) {
         match &self.kind {
-            RelKind::Base(t) => {
-                acc.sources.insert(ColumnRef::of_table(t, None));
+            RelKind::Base(t) => acc.add_computed(ColumnRef::of_table(t, None)),
+            RelKind::Derived(d) => {
+                let mut all = d.all();
+                all.computed();
+                acc.merge(&all);
             }
-            RelKind::Derived(d) => acc.merge(&d.all()),
             RelKind::Func { acc: f, .. } => acc.merge(f),
             RelKind::Join { members, .. } => {
                 for m in members {
@@ -566,12 +693,21 @@ impl Relation {
     }
 
     /// Adds everything a whole-row reference derives from, except base tables' rows (for a
-    /// join, its members' that are not base tables).
+    /// join, its members' that are not base tables), and the columns of stars: a star's columns
+    /// have their tables' names, so [`Derived::column`] already added the one a name may be.
     fn computed_rows(&self, acc: &mut Acc) {
         match &self.kind {
             RelKind::Base(_) => {}
+            RelKind::Derived(d) => {
+                let mut rows = Acc::default();
+                for out in d.outputs.iter().filter(|o| matches!(o, Output::Column { .. })) {
+                    rows.add_output(out);
+                }
+                rows.computed();
+                acc.merge(&rows);
+            }
             RelKind::Join { members, .. } => members.iter().for_each(|m| m.computed_rows(acc)),
-            RelKind::Derived(_) | RelKind::Func { .. } => self.whole_row(acc),
+            RelKind::Func { .. } => self.whole_row(acc),
         }
     }
 
@@ -676,14 +812,15 @@ fn combine(left: Derived, right: Derived) -> Derived {
             .outputs
             .into_iter()
             .zip(&right.outputs)
-            .map(|(l, r)| match l {
-                Output::Column { name, mut sources, opaque } => {
+            .map(|(l, r)| match &l {
+                Output::Column { name, .. } => {
+                    let name = name.clone();
                     let mut acc = Acc::default();
+                    acc.add_output(&l);
                     acc.add_output(r);
-                    sources.extend(acc.sources);
-                    Output::Column { name, sources, opaque: opaque || acc.opaque }
+                    acc.into_column(name)
                 }
-                star @ Output::Star { .. } => star,
+                Output::Star { .. } => l,
             })
             .collect();
         return Derived { outputs, exact };
@@ -696,6 +833,7 @@ fn combine(left: Derived, right: Derived) -> Derived {
             let mut acc = Acc::default();
             acc.add_output(l);
             acc.merge(&all_right);
+            acc.computed();
             let name = match l {
                 Output::Column { name, .. } => name.clone(),
                 Output::Star { .. } => None,
@@ -704,6 +842,8 @@ fn combine(left: Derived, right: Derived) -> Derived {
         })
         .collect();
     if outputs.is_empty() && !right.outputs.is_empty() {
+        let mut all_right = all_right;
+        all_right.computed();
         outputs.push(all_right.into_column(None));
     }
     Derived { outputs, exact: false }
@@ -959,6 +1099,18 @@ struct Analyzer {
     referenced: BTreeSet<ColumnRef>,
     /// What stored values derive from (see [`Lineage::written`]).
     written: Acc,
+    /// Analysing a clause whose values choose rows: names resolved now are
+    /// [`Lineage::chooses`] (or [`Lineage::looked_up`]).
+    choosing: bool,
+    /// Resolving the column side of an equality lookup ([`lookup_column`]).
+    lookup: bool,
+    /// What chooses rows other than by equality lookups; `opaque` when a name there could not
+    /// be resolved.
+    chosen: Acc,
+    /// What chooses rows by equality lookups only.
+    looked_up: BTreeSet<ColumnRef>,
+    /// Part of the statement could not be analysed for what chooses rows.
+    choice_unknown: bool,
     depth: usize,
     steps: usize,
 }
@@ -982,6 +1134,109 @@ impl Analyzer {
 
     fn note(&mut self, acc: &Acc) {
         self.referenced.extend(acc.sources.iter().cloned());
+    }
+
+    /// Everything `found` derives from chooses rows.
+    fn chose(&mut self, found: &Acc) {
+        self.chosen.sources.extend(found.sources.iter().cloned());
+        self.chosen.opaque |= found.opaque;
+    }
+
+    /// Runs `f` in a clause whose values choose rows.
+    fn in_choosing<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, LineageError>,
+    ) -> Result<T, LineageError> {
+        let was = std::mem::replace(&mut self.choosing, true);
+        let r = f(self);
+        self.choosing = was;
+        r
+    }
+
+    /// Runs `f` outside any choosing clause: a query nested in one (its own clauses choose
+    /// rows, and what it returns is accounted for by its caller), a FROM item.
+    fn in_values<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, LineageError>,
+    ) -> Result<T, LineageError> {
+        let was = (std::mem::replace(&mut self.choosing, false), std::mem::replace(&mut self.lookup, false));
+        let r = f(self);
+        (self.choosing, self.lookup) = was;
+        r
+    }
+
+    /// Resolves an expression whose values choose rows (only for `referenced` and `chosen`).
+    fn choosing_expr(&mut self, e: &Expr) -> Result<(), LineageError> {
+        self.in_choosing(|a| a.referenced_expr(e))
+    }
+
+    /// Analyses a part of the statement that contributes only what it references and what
+    /// chooses rows (the statement under EXPLAIN, a view's query): when it cannot be analysed,
+    /// the rest of the statement still is, and [`Lineage::chooses_unknown`] is set.
+    fn contained(&mut self, f: impl FnOnce(&mut Self) -> Result<(), LineageError>) {
+        let depth = self.depth;
+        let (levels, ctes) = (self.levels.len(), self.ctes.len());
+        let flags = (self.choosing, self.lookup);
+        if f(self).is_err() {
+            self.depth = depth;
+            self.levels.truncate(levels);
+            self.ctes.truncate(ctes);
+            (self.choosing, self.lookup) = flags;
+            self.choice_unknown = true;
+        }
+    }
+
+    /// Sort and grouping keys (`ORDER BY`, `GROUP BY`, `DISTINCT ON`): they choose rows, and an
+    /// output name or position among them stands for that output of `outputs`.
+    fn sort_keys<'e>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'e Expr>,
+        outputs: &Derived,
+    ) -> Result<(), LineageError> {
+        for e in keys {
+            self.by_output(e, outputs);
+            self.choosing_expr(e)?;
+        }
+        Ok(())
+    }
+
+    /// `ORDER BY 2`, `GROUP BY e` (an output's name): that output chooses rows. A position
+    /// past a star, or past the end, counts every output.
+    fn by_output(&mut self, e: &Expr, outputs: &Derived) {
+        match unnested(e) {
+            Expr::Value(v) => {
+                let Ok(n) = v.value.to_string().parse::<usize>() else { return };
+                let mut at = 0;
+                for out in &outputs.outputs {
+                    match out {
+                        Output::Column { .. } => {
+                            at += 1;
+                            if at == n {
+                                let mut acc = Acc::default();
+                                acc.add_output(out);
+                                self.chose(&acc);
+                                return;
+                            }
+                        }
+                        Output::Star { .. } => break,
+                    }
+                }
+                self.chose(&outputs.all());
+            }
+            Expr::Identifier(id) => {
+                let names = ident_names(id);
+                let mut acc = Acc::default();
+                for out in &outputs.outputs {
+                    if let Output::Column { name: Some(n), .. } = out
+                        && names.contains(n)
+                    {
+                        acc.add_output(out);
+                    }
+                }
+                self.chose(&acc);
+            }
+            _ => {}
+        }
     }
 
     fn level_mut(&mut self) -> Result<&mut Level, LineageError> {
@@ -1008,6 +1263,11 @@ impl Analyzer {
                     d
                 })
             }
+            // A view's query chooses rows whenever the view is read; it returns none now.
+            Statement::CreateView(cv) => {
+                self.contained(|a| a.query(&cv.query).map(drop));
+                Ok(Derived::exact(vec![]))
+            }
             Statement::CreateTable(ct) if ct.query.is_some() => {
                 if let Some(q) = &ct.query {
                     let d = self.query(q)?;
@@ -1024,18 +1284,14 @@ impl Analyzer {
             },
             Statement::Prepare { statement, .. } => self.statement(statement),
             Statement::Explain { statement, .. } => {
-                // The plan is not data; the inner statement only contributes `referenced`.
-                let depth = self.depth;
-                let (levels, ctes) = (self.levels.len(), self.ctes.len());
-                if self.statement(statement).is_err() {
-                    self.depth = depth;
-                    self.levels.truncate(levels);
-                    self.ctes.truncate(ctes);
-                }
+                // The plan is not data; the inner statement only contributes `referenced` and
+                // what chooses its rows (the plan shows how many rows each step finds).
+                self.contained(|a| a.statement(statement).map(drop));
                 let plan = Output::Column {
                     name: Some("QUERY PLAN".into()),
                     sources: BTreeSet::new(),
                     opaque: false,
+                    plain: false,
                 };
                 Ok(Derived::exact(vec![plan]))
             }
@@ -1056,7 +1312,7 @@ impl Analyzer {
                                     .map(|c| {
                                         let c = fold_ident(c);
                                         let sources = BTreeSet::from([ColumnRef::of_table(&t, Some(&c))]);
-                                        Output::Column { name: Some(c), sources, opaque: false }
+                                        Output::Column { name: Some(c), sources, opaque: false, plain: true }
                                     })
                                     .collect(),
                             )
@@ -1192,7 +1448,7 @@ impl Analyzer {
                                 self.expr(&a.value, &mut extra)?;
                             }
                             if let Some(sel) = &du.selection {
-                                self.referenced_expr(sel)?;
+                                self.choosing_expr(sel)?;
                             }
                             self.level_mut()?.rels.pop();
                         }
@@ -1220,13 +1476,13 @@ impl Analyzer {
                     self.expr(&a.value, &mut extra)?;
                 }
                 if let Some(sel) = &up.selection {
-                    self.referenced_expr(sel)?;
+                    self.choosing_expr(sel)?;
                 }
                 for o in &up.order_by {
-                    self.order_by_expr(o, &mut Acc::default())?;
+                    self.in_choosing(|a| a.order_by_expr(o, &mut Acc::default()))?;
                 }
                 if let Some(l) = &up.limit {
-                    self.referenced_expr(l)?;
+                    self.choosing_expr(l)?;
                 }
                 up.returning.as_deref().or(output_items(up.output.as_ref()))
             }
@@ -1241,13 +1497,13 @@ impl Analyzer {
                 }
                 self.level_mut()?.complete_from();
                 if let Some(sel) = &del.selection {
-                    self.referenced_expr(sel)?;
+                    self.choosing_expr(sel)?;
                 }
                 for o in &del.order_by {
-                    self.order_by_expr(o, &mut Acc::default())?;
+                    self.in_choosing(|a| a.order_by_expr(o, &mut Acc::default()))?;
                 }
                 if let Some(l) = &del.limit {
-                    self.referenced_expr(l)?;
+                    self.choosing_expr(l)?;
                 }
                 del.returning.as_deref().or(output_items(del.output.as_ref()))
             }
@@ -1261,10 +1517,10 @@ impl Analyzer {
                     self.level_mut()?.rels.push(Relation { lateral_only: true, ..rel });
                 }
                 self.level_mut()?.complete_from();
-                self.referenced_expr(&m.on)?;
+                self.choosing_expr(&m.on)?;
                 for clause in &m.clauses {
                     if let Some(p) = &clause.predicate {
-                        self.referenced_expr(p)?;
+                        self.choosing_expr(p)?;
                     }
                     match &clause.action {
                         MergeAction::Insert(ins) => {
@@ -1284,7 +1540,7 @@ impl Analyzer {
                                 }
                             }
                             if let Some(p) = &ins.insert_predicate {
-                                self.referenced_expr(p)?;
+                                self.choosing_expr(p)?;
                             }
                         }
                         MergeAction::Update(up) => {
@@ -1305,7 +1561,7 @@ impl Analyzer {
                                 }
                             }
                             for p in [&up.update_predicate, &up.delete_predicate].into_iter().flatten() {
-                                self.referenced_expr(p)?;
+                                self.choosing_expr(p)?;
                             }
                         }
                         MergeAction::Delete { .. } | MergeAction::DoNothing { .. } => {}
@@ -1355,22 +1611,22 @@ impl Analyzer {
             }
         }
         let d = self.set_expr(&q.body, q.order_by.as_ref())?;
-        let mut sink = Acc::default();
+        // How many rows, and which, are returned.
         if let Some(limit) = &q.limit_clause {
             match limit {
                 sqlparser::ast::LimitClause::LimitOffset { limit, offset, limit_by } => {
                     for e in limit.iter().chain(offset.as_ref().map(|o| &o.value)).chain(limit_by) {
-                        self.expr(e, &mut sink)?;
+                        self.choosing_expr(e)?;
                     }
                 }
                 sqlparser::ast::LimitClause::OffsetCommaLimit { offset, limit } => {
-                    self.expr(offset, &mut sink)?;
-                    self.expr(limit, &mut sink)?;
+                    self.choosing_expr(offset)?;
+                    self.choosing_expr(limit)?;
                 }
             }
         }
         if let Some(e) = q.fetch.as_ref().and_then(|f| f.quantity.as_ref()) {
-            self.expr(e, &mut sink)?;
+            self.choosing_expr(e)?;
         }
         Ok(d)
     }
@@ -1405,8 +1661,9 @@ impl Analyzer {
         }
         if !converged && let Some((_, d)) = self.ctes.last_mut() {
             for out in &mut d.outputs {
-                if let Output::Column { opaque, .. } = out {
+                if let Output::Column { opaque, plain, .. } = out {
                     *opaque = true;
+                    *plain = false;
                 }
             }
         }
@@ -1432,7 +1689,11 @@ impl Analyzer {
                 // Walk the left spine iteratively: long UNION chains are left-deep.
                 let mut rights = Vec::new();
                 let mut cur = body;
-                while let SetExpr::SetOperation { left, right, .. } = cur {
+                let mut compares = false;
+                while let SetExpr::SetOperation { left, right, op, set_quantifier } = cur {
+                    // All but UNION ALL compare rows with each other, by every output.
+                    compares |= !(matches!(op, SetOperator::Union)
+                        && matches!(set_quantifier, SetQuantifier::All | SetQuantifier::AllByName));
                     rights.push(right.as_ref());
                     cur = left;
                 }
@@ -1440,6 +1701,9 @@ impl Analyzer {
                 for right in rights.into_iter().rev() {
                     let r = self.set_expr(right, None)?;
                     d = combine(d, r);
+                }
+                if compares {
+                    self.chose(&d.all());
                 }
                 d
             }
@@ -1462,7 +1726,7 @@ impl Analyzer {
         };
         // ORDER BY of a set operation names its outputs; only subqueries in it can reference.
         if let Some(ob) = order_by {
-            self.order_by(ob, &mut Acc::default())?;
+            self.sort_by(ob, &d)?;
         }
         Ok(d)
     }
@@ -1523,38 +1787,38 @@ impl Analyzer {
         self.level_mut()?.windows = windows;
         let mut d = self.project(&s.projection, None)?;
         d.exact &= s.exclude.is_none();
-        let mut sink = Acc::default();
+        // Everything below chooses rows: which, how many, in which order.
         for e in [&s.prewhere, &s.selection, &s.having, &s.qualify].into_iter().flatten() {
-            self.expr(e, &mut sink)?;
+            self.choosing_expr(e)?;
         }
-        if let Some(Distinct::On(exprs)) = &s.distinct {
-            for e in exprs {
-                self.expr(e, &mut sink)?;
-            }
+        match &s.distinct {
+            Some(Distinct::On(exprs)) => self.sort_keys(exprs, &d)?,
+            // Rows are compared with each other by every output.
+            Some(Distinct::Distinct) => self.chose(&d.all()),
+            Some(Distinct::All) | None => {}
         }
-        if let GroupByExpr::Expressions(exprs, _) = &s.group_by {
-            for e in exprs {
-                self.expr(e, &mut sink)?;
-            }
+        match &s.group_by {
+            GroupByExpr::Expressions(exprs, _) => self.sort_keys(exprs, &d)?,
+            GroupByExpr::All(_) => self.chose(&d.all()),
         }
         for e in s.cluster_by.iter().chain(&s.distribute_by) {
-            self.expr(e, &mut sink)?;
+            self.choosing_expr(e)?;
         }
         for o in &s.sort_by {
-            self.order_by_expr(o, &mut sink)?;
+            self.in_choosing(|a| a.order_by_expr(o, &mut Acc::default()))?;
         }
         for c in &s.connect_by {
             match c {
                 ConnectByKind::ConnectBy { relationships, .. } => {
                     for e in relationships {
-                        self.expr(e, &mut sink)?;
+                        self.choosing_expr(e)?;
                     }
                 }
-                ConnectByKind::StartWith { condition, .. } => self.expr(condition, &mut sink)?,
+                ConnectByKind::StartWith { condition, .. } => self.choosing_expr(condition)?,
             }
         }
         if let Some(ob) = order_by {
-            self.order_by(ob, &mut sink)?;
+            self.sort_by(ob, &d)?;
         }
         Ok(d)
     }
@@ -1633,9 +1897,10 @@ impl Analyzer {
         if let Some(extra) = extra {
             for out in &mut outputs {
                 match out {
-                    Output::Column { sources, opaque, .. } => {
+                    Output::Column { sources, opaque, plain, .. } => {
                         sources.extend(extra.sources.iter().cloned());
                         *opaque |= extra.opaque;
+                        *plain &= extra.sources.is_empty();
                     }
                     Output::Star { .. } => {
                         let mut acc = Acc::default();
@@ -1659,6 +1924,20 @@ impl Analyzer {
             && opts.opt_exclude.is_none()
             && opts.opt_except.is_none()
             && opts.opt_rename.is_none())
+    }
+
+    /// A query's `ORDER BY`: it chooses the rows' order, by expressions or by the names and
+    /// positions of `outputs`.
+    fn sort_by(&mut self, ob: &OrderBy, outputs: &Derived) -> Result<(), LineageError> {
+        match &ob.kind {
+            OrderByKind::Expressions(exprs) => {
+                for o in exprs {
+                    self.by_output(&o.expr, outputs);
+                }
+            }
+            OrderByKind::All(_) => self.chose(&outputs.all()),
+        }
+        self.in_choosing(|a| a.order_by(ob, &mut Acc::default()))
     }
 
     fn order_by(&mut self, ob: &OrderBy, acc: &mut Acc) -> Result<(), LineageError> {
@@ -1715,7 +1994,7 @@ impl Analyzer {
                 | JoinOperator::RightAnti(c)
                 | JoinOperator::StraightJoin(c) => Some(c),
                 JoinOperator::AsOf { match_condition, constraint } => {
-                    self.referenced_expr(match_condition)?;
+                    self.choosing_expr(match_condition)?;
                     Some(constraint)
                 }
                 JoinOperator::CrossApply
@@ -1724,10 +2003,31 @@ impl Analyzer {
                 | JoinOperator::LeftArrayJoin
                 | JoinOperator::InnerArrayJoin => None,
             };
+            // The join's condition chooses which rows pair up.
             match constraint {
-                Some(JoinConstraint::On(e)) => self.join_condition(start, e)?,
-                Some(JoinConstraint::Using(_) | JoinConstraint::UsingAlias(..) | JoinConstraint::Natural) => {
+                Some(JoinConstraint::On(e)) => self.join_condition(start, |a| a.choosing_expr(e))?,
+                Some(JoinConstraint::Using(names) | JoinConstraint::UsingAlias(names, _)) => {
                     self.level_mut()?.merged = true;
+                    self.join_condition(start, |a| {
+                        for name in names {
+                            let parts = name.0.iter().filter_map(ObjectNamePart::as_ident).cloned();
+                            let e = Expr::CompoundIdentifier(parts.collect());
+                            a.choosing_expr(&e)?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                Some(JoinConstraint::Natural) => {
+                    // Every column the two sides share: which, only the catalog knows.
+                    self.level_mut()?.merged = true;
+                    self.join_condition(start, |a| {
+                        let mut rows = Acc::default();
+                        if let Some(level) = a.levels.last() {
+                            level.visible().for_each(|r| r.whole_row(&mut rows));
+                        }
+                        a.chose(&rows);
+                        Ok(())
+                    })?;
                 }
                 Some(JoinConstraint::None) | None => {}
             }
@@ -1735,9 +2035,14 @@ impl Analyzer {
         Ok(())
     }
 
-    /// `JOIN … ON e`: `e` sees the two sides of its join (the relations of this level from
-    /// `start`), not the FROM items before them, whatever their LATERAL state.
-    fn join_condition(&mut self, start: usize, e: &Expr) -> Result<(), LineageError> {
+    /// `JOIN … ON e` (and the names of `USING`): `e` sees the two sides of its join (the
+    /// relations of this level from `start`), not the FROM items before them, whatever their
+    /// LATERAL state. Runs `f` in that scope.
+    fn join_condition(
+        &mut self,
+        start: usize,
+        f: impl FnOnce(&mut Self) -> Result<(), LineageError>,
+    ) -> Result<(), LineageError> {
         let level = self.level_mut()?;
         let mut rels = std::mem::take(&mut level.rels);
         let mut sides = rels.split_off(start.min(rels.len()));
@@ -1746,7 +2051,7 @@ impl Analyzer {
             rel.lateral_only = false;
         }
         level.rels = sides;
-        let r = self.referenced_expr(e);
+        let r = f(self);
         let level = self.level_mut()?;
         let mut sides = std::mem::take(&mut level.rels);
         for (rel, was) in sides.iter_mut().zip(lateral_only) {
@@ -1769,7 +2074,7 @@ impl Analyzer {
             _ => true,
         };
         let before = self.levels.last_mut().map(|l| std::mem::replace(&mut l.lateral, lateral));
-        let r = self.table_factor_inner(tf);
+        let r = self.in_values(|a| a.table_factor_inner(tf));
         if let (Some(level), Some(before)) = (self.levels.last_mut(), before) {
             level.lateral = before;
         }
@@ -1782,8 +2087,9 @@ impl Analyzer {
             TableFactor::Table { name, alias, args, with_ordinality, .. } => {
                 if let Some(args) = args {
                     check_function(name)?;
+                    // How many rows a function in FROM returns depends on its arguments.
                     let mut acc = Acc::default();
-                    self.function_args_list(&args.args, None, &mut acc)?;
+                    self.in_choosing(|a| a.function_args_list(&args.args, None, &mut acc))?;
                     func_relation(function_name(name), acc, alias.as_ref(), *with_ordinality)
                 } else {
                     let parts = object_idents(name)?;
@@ -1835,35 +2141,36 @@ impl Analyzer {
                 }
             }
             TableFactor::TableFunction { expr, alias } => {
-                let acc = self.expr_acc(expr)?;
+                let acc = self.in_choosing(|a| a.expr_acc(expr))?;
                 func_relation(None, acc, alias.as_ref(), false)
             }
             TableFactor::Function { name, args, with_ordinality, alias, .. } => {
                 check_function(name)?;
                 let mut acc = Acc::default();
-                self.function_args_list(args, None, &mut acc)?;
+                self.in_choosing(|a| a.function_args_list(args, None, &mut acc))?;
                 func_relation(function_name(name), acc, alias.as_ref(), *with_ordinality)
             }
             TableFactor::UNNEST { alias, array_exprs, with_ordinality, with_offset, .. } => {
                 let mut acc = Acc::default();
-                for e in array_exprs {
-                    self.expr(e, &mut acc)?;
-                }
+                self.in_choosing(|a| a.exprs(array_exprs, &mut acc))?;
                 func_relation(Some("unnest".into()), acc, alias.as_ref(), *with_ordinality || *with_offset)
             }
             TableFactor::JsonTable { json_expr, alias, .. } => {
-                let acc = self.expr_acc(json_expr)?;
+                let acc = self.in_choosing(|a| a.expr_acc(json_expr))?;
                 func_relation(Some("json_table".into()), acc, alias.as_ref(), true)
             }
             TableFactor::OpenJsonTable { json_expr, alias, .. } => {
-                let acc = self.expr_acc(json_expr)?;
+                let acc = self.in_choosing(|a| a.expr_acc(json_expr))?;
                 func_relation(Some("openjson".into()), acc, alias.as_ref(), true)
             }
             TableFactor::XmlTable { row_expression, passing, alias, .. } => {
-                let mut acc = self.expr_acc(row_expression)?;
-                for arg in &passing.arguments {
-                    self.expr(&arg.expr, &mut acc)?;
-                }
+                let acc = self.in_choosing(|a| {
+                    let mut acc = a.expr_acc(row_expression)?;
+                    for arg in &passing.arguments {
+                        a.expr(&arg.expr, &mut acc)?;
+                    }
+                    Ok(acc)
+                })?;
                 func_relation(Some("xmltable".into()), acc, alias.as_ref(), true)
             }
             TableFactor::NestedJoin { table_with_joins, alias } => {
@@ -2028,12 +2335,35 @@ impl Analyzer {
 
     fn add(&mut self, acc: &mut Acc, found: Acc) {
         self.note(&found);
+        if self.choosing {
+            if self.lookup && !found.opaque {
+                // The column itself, compared for equality with constants: a lookup. Anything
+                // computed from it, or a whole row, chooses rows by more than that.
+                for s in &found.sources {
+                    if s.column.is_some() && found.plain.contains(s) {
+                        self.looked_up.insert(s.clone());
+                    } else {
+                        self.chosen.sources.insert(s.clone());
+                    }
+                }
+            } else {
+                self.chose(&found);
+            }
+        }
         acc.merge(&found);
     }
 
+    /// A subquery used as a value (scalar, `IN`, `ANY`, `ARRAY(…)`): in a choosing clause,
+    /// what it returns chooses rows too.
     fn subquery(&mut self, q: &Query, acc: &mut Acc) -> Result<(), LineageError> {
-        let d = self.query(q)?;
-        acc.merge(&d.all());
+        let choosing = self.choosing;
+        let d = self.in_values(|a| a.query(q))?;
+        let mut all = d.all();
+        all.computed();
+        if choosing {
+            self.chose(&all);
+        }
+        acc.merge(&all);
         Ok(())
     }
 
@@ -2057,6 +2387,28 @@ impl Analyzer {
     }
 
     fn expr_inner(&mut self, e: &Expr, acc: &mut Acc) -> Result<(), LineageError> {
+        if self.choosing
+            && !self.lookup
+            && let Some(column) = lookup_column(e)
+        {
+            // `email = 'x'`, `email IN ($1, $2)`, `email IS NULL`: the constants read nothing.
+            self.lookup = true;
+            let r = self.expr(column, acc);
+            self.lookup = false;
+            r?;
+            acc.computed();
+            return Ok(());
+        }
+        self.expr_kind(e, acc)?;
+        // Only a name (or a constant) passes values through unchanged.
+        if !matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_) | Expr::Nested(_) | Expr::Value(_))
+        {
+            acc.computed();
+        }
+        Ok(())
+    }
+
+    fn expr_kind(&mut self, e: &Expr, acc: &mut Acc) -> Result<(), LineageError> {
         match e {
             Expr::Identifier(id) => {
                 let names = ident_names(id);
@@ -2087,6 +2439,9 @@ impl Analyzer {
                 let mut rights = Vec::new();
                 let mut cur = e;
                 while let Expr::BinaryOp { left, op, right } = cur {
+                    if self.choosing && !self.lookup && lookup_column(cur).is_some() {
+                        break;
+                    }
                     acc.opaque |= is_unicode_ident(left, op);
                     rights.push(right.as_ref());
                     cur = left;
@@ -2167,8 +2522,8 @@ impl Analyzer {
                     InTarget::Table { name, args } => {
                         // ClickHouse `IN table`: the whole table.
                         let t = table_ref(name)?;
-                        let found =
-                            Acc { sources: BTreeSet::from([ColumnRef::of_table(&t, None)]), opaque: false };
+                        let mut found = Acc::default();
+                        found.add_computed(ColumnRef::of_table(&t, None));
                         self.add(acc, found);
                         if let Some(args) = args {
                             self.function_args_list(args, None, acc)?;
@@ -2203,14 +2558,28 @@ impl Analyzer {
             Expr::Value(_) | Expr::TypedString(_) => {}
             Expr::Function(f) => self.function(f, acc)?,
             Expr::Case { operand, conditions, else_result, .. } => {
-                self.exprs(operand.as_deref(), acc)?;
-                for cw in conditions {
-                    self.expr(&cw.condition, acc)?;
-                    self.expr(&cw.result, acc)?;
-                }
+                // The conditions choose which result a row gets (`THEN 1/0` would show it).
+                // `CASE email WHEN 'a' THEN …` only compares the column with constants.
+                let lookup = operand.as_deref().is_some_and(is_column)
+                    && conditions.iter().all(|cw| is_constant(&cw.condition));
+                self.in_choosing(|a| {
+                    if let Some(o) = operand.as_deref() {
+                        let was = std::mem::replace(&mut a.lookup, lookup);
+                        let r = a.expr(o, acc);
+                        a.lookup = was;
+                        r?;
+                    }
+                    a.exprs(conditions.iter().map(|cw| &cw.condition), acc)
+                })?;
+                self.exprs(conditions.iter().map(|cw| &cw.result), acc)?;
                 self.exprs(else_result.as_deref(), acc)?;
             }
-            Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => self.subquery(subquery, acc)?,
+            // Whether rows exist, not what they hold: its own clauses choose them.
+            Expr::Exists { subquery, .. } => {
+                let d = self.in_values(|a| a.query(subquery))?;
+                acc.merge(&d.all());
+            }
+            Expr::Subquery(subquery) => self.subquery(subquery, acc)?,
             Expr::GroupingSets(sets) | Expr::Cube(sets) | Expr::Rollup(sets) => {
                 self.exprs(sets.iter().flatten(), acc)?;
             }
@@ -2259,21 +2628,54 @@ impl Analyzer {
 
     fn function_call(&mut self, f: &Function, acc: &mut Acc) -> Result<(), LineageError> {
         let name = function_name(&f.name);
+        // How many rows a set-returning function gives depends on its arguments.
+        let set_returning = name.as_deref().is_some_and(|n| SET_RETURNING_FUNCTIONS.contains(&n));
+        let was = self.choosing;
+        self.choosing |= set_returning;
+        let r = self.function_arguments(f, name.as_deref(), acc);
+        self.choosing = was;
+        r?;
+        // Which rows an aggregate takes, in which order, and the window it sees, are chosen.
+        self.in_choosing(|a| {
+            for o in &f.within_group {
+                a.order_by_expr(o, acc)?;
+            }
+            a.exprs(f.filter.as_deref(), acc)
+        })?;
+        match &f.over {
+            None => {}
+            Some(WindowType::NamedWindow(_)) => self.named_windows(acc),
+            Some(WindowType::WindowSpec(spec)) => {
+                if spec.window_name.is_some() {
+                    self.named_windows(acc);
+                }
+                self.window_spec(spec, acc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn function_arguments(
+        &mut self,
+        f: &Function,
+        name: Option<&str>,
+        acc: &mut Acc,
+    ) -> Result<(), LineageError> {
         for args in [&f.parameters, &f.args] {
             match args {
                 FunctionArguments::None => {}
                 FunctionArguments::Subquery(q) => self.subquery(q, acc)?,
                 FunctionArguments::List(list) => {
-                    self.function_args_list(&list.args, name.as_deref(), acc)?;
+                    self.function_args_list(&list.args, name, acc)?;
                     for clause in &list.clauses {
                         match clause {
                             FunctionArgumentClause::Where(e) | FunctionArgumentClause::Limit(e) => {
-                                self.expr(e, acc)?;
+                                self.in_choosing(|a| a.expr(e, acc))?;
                             }
-                            FunctionArgumentClause::Having(h) => self.expr(&h.1, acc)?,
+                            FunctionArgumentClause::Having(h) => self.in_choosing(|a| a.expr(&h.1, acc))?,
                             FunctionArgumentClause::OrderBy(exprs) => {
                                 for o in exprs {
-                                    self.order_by_expr(o, acc)?;
+                                    self.in_choosing(|a| a.order_by_expr(o, acc))?;
                                 }
                             }
                             FunctionArgumentClause::OnOverflow(ListAggOnOverflow::Truncate {
@@ -2292,20 +2694,6 @@ impl Analyzer {
                 }
             }
         }
-        for o in &f.within_group {
-            self.order_by_expr(o, acc)?;
-        }
-        self.exprs(f.filter.as_deref(), acc)?;
-        match &f.over {
-            None => {}
-            Some(WindowType::NamedWindow(_)) => self.named_windows(acc),
-            Some(WindowType::WindowSpec(spec)) => {
-                if spec.window_name.is_some() {
-                    self.named_windows(acc);
-                }
-                self.window_spec(spec, acc)?;
-            }
-        }
         Ok(())
     }
 
@@ -2315,7 +2703,12 @@ impl Analyzer {
         }
     }
 
+    /// A window's partitions, order and frame choose which rows each result sees.
     fn window_spec(&mut self, spec: &WindowSpec, acc: &mut Acc) -> Result<(), LineageError> {
+        self.in_choosing(|a| a.window_spec_inner(spec, acc))
+    }
+
+    fn window_spec_inner(&mut self, spec: &WindowSpec, acc: &mut Acc) -> Result<(), LineageError> {
         self.exprs(&spec.partition_by, acc)?;
         for o in &spec.order_by {
             self.order_by_expr(o, acc)?;
@@ -2372,6 +2765,7 @@ fn func_relation(
     extra_columns: bool,
 ) -> Relation {
     acc.opaque |= !acc.sources.is_empty();
+    acc.computed();
     let columns = alias_columns(alias);
     let complete = !extra_columns
         && !columns.is_empty()
@@ -2390,6 +2784,71 @@ fn output_items(output: Option<&OutputClause>) -> Option<&[SelectItem]> {
         OutputClause::Output { select_items, .. } | OutputClause::Returning { select_items, .. } => {
             Some(select_items)
         }
+    }
+}
+
+/// Is `e` a column named as it is (a name, maybe in parentheses)?
+fn is_column(e: &Expr) -> bool {
+    matches!(unnested(e), Expr::Identifier(_) | Expr::CompoundIdentifier(_))
+}
+
+/// Is `e` a constant the statement supplies: a literal, a parameter (`$1`), or one of those
+/// negated, parenthesised or cast to a built-in type (a type of its own could compare by
+/// anything)?
+fn is_constant(e: &Expr) -> bool {
+    match e {
+        Expr::Value(_) | Expr::TypedString(_) => true,
+        Expr::Nested(x) | Expr::UnaryOp { op: UnaryOperator::Minus | UnaryOperator::Plus, expr: x } => {
+            is_constant(x)
+        }
+        Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type, format: None } => {
+            builtin_type(data_type) && is_constant(expr)
+        }
+        Expr::Array(a) => a.elem.iter().all(is_constant),
+        _ => false,
+    }
+}
+
+fn builtin_type(t: &DataType) -> bool {
+    match t {
+        DataType::Custom(..) => false,
+        DataType::Array(
+            ArrayElemTypeDef::SquareBracket(inner, _)
+            | ArrayElemTypeDef::AngleBracket(inner)
+            | ArrayElemTypeDef::Parenthesis(inner)
+            | ArrayElemTypeDef::Qualified(inner, _),
+        ) => builtin_type(inner),
+        _ => true,
+    }
+}
+
+/// The column of an equality lookup, when `e` is one: the column, unchanged, compared with
+/// constants only by `=`, `<>`, `IN (…)`, `= ANY (…)`, `<> ALL (…)` or `IS [NOT] NULL`. Such a
+/// test tells only whether the value is exactly one the statement names.
+fn lookup_column(e: &Expr) -> Option<&Expr> {
+    match e {
+        Expr::BinaryOp { left, op: BinaryOperator::Eq | BinaryOperator::NotEq, right } => {
+            if is_column(left) && is_constant(right) {
+                Some(left)
+            } else if is_column(right) && is_constant(left) {
+                Some(right)
+            } else {
+                None
+            }
+        }
+        Expr::In { expr, target: InTarget::List(list), .. }
+            if !list.is_empty() && is_column(expr) && list.iter().all(is_constant) =>
+        {
+            Some(expr)
+        }
+        Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. }
+        | Expr::AllOp { left, compare_op: BinaryOperator::NotEq, right }
+            if is_column(left) && is_constant(right) =>
+        {
+            Some(left)
+        }
+        Expr::IsNull(x) | Expr::IsNotNull(x) if is_column(x) => Some(x),
+        _ => None,
     }
 }
 
@@ -2449,7 +2908,7 @@ mod tests {
 
     fn column(l: &Lineage, i: usize) -> (Option<&str>, &BTreeSet<ColumnRef>, bool) {
         match l.outputs.get(i) {
-            Some(Output::Column { name, sources, opaque }) => (name.as_deref(), sources, *opaque),
+            Some(Output::Column { name, sources, opaque, .. }) => (name.as_deref(), sources, *opaque),
             other => panic!("output {i} is not a column: {other:?} in {l:?}"),
         }
     }
@@ -3335,5 +3794,195 @@ mod tests {
     #[test]
     fn prepare_has_the_statement_lineage() {
         assert_email_source("PREPARE p AS SELECT email FROM users WHERE id = $1");
+    }
+
+    /// Does `email` (or the whole users row) choose rows of `sql` other than by a lookup?
+    fn chooses_email(l: &Lineage) -> bool {
+        l.chooses.contains(&email()) || l.chooses.contains(&row("users"))
+    }
+
+    #[test]
+    fn columns_that_choose_rows_are_told_apart() {
+        for sql in [
+            // The review's extraction, a character at a time, in one statement.
+            "SELECT string_agg(ch.c, '' ORDER BY i) FROM users u, generate_series(1,40) i, \
+             (SELECT chr(n) c FROM generate_series(32,126) n) ch WHERE u.id=3 AND substr(u.email,i,1)=ch.c",
+            "SELECT count(*) FROM generate_series(1, (SELECT ascii(substr(email, 1, 1)) FROM users LIMIT 1))",
+            "SELECT count(*) FROM users, generate_series(1, ascii(substr(email, 1, 1)))",
+            "SELECT count(*) FROM users, LATERAL unnest(string_to_array(email, '@')) p",
+            "SELECT generate_series(1, ascii(email)) FROM users",
+            "SELECT 1 + regexp_split_to_table(email, '') FROM users",
+            "SELECT id FROM users WHERE email LIKE 'a%'",
+            "SELECT id FROM users WHERE email ILIKE 'a%' OR email SIMILAR TO 'b%'",
+            "SELECT id FROM users WHERE email ~ '^a'",
+            "SELECT id FROM users WHERE email > 'm'",
+            "SELECT id FROM users WHERE email BETWEEN 'a' AND 'b'",
+            "SELECT id FROM users WHERE substr(email, 1, 1) = 'a'",
+            "SELECT id FROM users WHERE lower(email) = 'a'",
+            "SELECT id FROM users WHERE email::text = 'a'",
+            "SELECT id FROM users WHERE email COLLATE \"C\" = 'a'",
+            "SELECT id FROM users WHERE email = 'a' || name",
+            "SELECT id FROM users WHERE email = (SELECT note FROM orders LIMIT 1)",
+            "SELECT id FROM users WHERE email IN (SELECT note FROM orders)",
+            "SELECT id FROM users WHERE email IN ('a', name)",
+            "SELECT id FROM users WHERE length(email) = 5 AND email = 'a'",
+            "SELECT id FROM users WHERE NOT (email < 'b')",
+            "SELECT id FROM users ORDER BY email",
+            "SELECT id FROM users ORDER BY email DESC LIMIT 1",
+            "SELECT email FROM users ORDER BY 1",
+            "SELECT id, email AS e FROM users ORDER BY e",
+            "SELECT count(*) FROM users GROUP BY email",
+            "SELECT email, count(*) FROM users GROUP BY 1",
+            "SELECT count(*) FROM users GROUP BY ROLLUP (email)",
+            "SELECT count(*) FROM users HAVING max(email) > 'm'",
+            "SELECT DISTINCT ON (email) id FROM users",
+            "SELECT DISTINCT email FROM users",
+            "SELECT count(*) FROM (SELECT DISTINCT substr(email, 1, 1) FROM users) s",
+            "SELECT count(*) FROM users u JOIN orders o ON o.note = u.email",
+            "SELECT count(*) FROM users u JOIN orders o ON o.note LIKE u.email",
+            "SELECT count(*) FROM users JOIN contacts USING (email)",
+            "SELECT count(*) FROM users NATURAL JOIN contacts",
+            "SELECT row_number() OVER (PARTITION BY email) FROM users",
+            "SELECT rank() OVER (ORDER BY email) FROM users",
+            "SELECT rank() OVER w FROM users WINDOW w AS (ORDER BY email)",
+            "SELECT id FROM users LIMIT (SELECT ascii(email) FROM users WHERE id = 1)",
+            "SELECT id FROM users OFFSET (SELECT length(email) FROM users WHERE id = 1)",
+            "SELECT count(*) FILTER (WHERE email LIKE 'a%') FROM users",
+            "SELECT string_agg(name, ',' ORDER BY email) FROM users",
+            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY email) FROM users",
+            "SELECT CASE WHEN email LIKE 'a%' THEN 1 END FROM users",
+            "SELECT CASE WHEN email = 'a' THEN 1 WHEN email LIKE 'b%' THEN 2 END FROM users",
+            "SELECT CASE email WHEN name THEN 1 END FROM users",
+            "SELECT id FROM users WHERE id IN (SELECT id FROM users WHERE email LIKE 'c%')",
+            "SELECT id FROM users WHERE 'a@b' IN (SELECT email FROM users)",
+            "SELECT id FROM users WHERE 'a@b' = ANY (SELECT email FROM users)",
+            "SELECT id FROM users WHERE EXISTS (SELECT 1 FROM users u2 WHERE u2.email > users.email)",
+            "SELECT (SELECT count(*) FROM orders o WHERE o.note = u.email) FROM users u",
+            "WITH c AS (SELECT id FROM users WHERE email LIKE 'c%') SELECT count(*) FROM c",
+            "WITH x AS (SELECT email AS e FROM users) SELECT count(*) FROM x WHERE e LIKE 'a%'",
+            "WITH x AS (SELECT email FROM users) SELECT 1 WHERE 'a' IN (TABLE x)",
+            // A value computed from the column, compared for equality through a subquery.
+            "SELECT count(*) FROM (SELECT substr(email, 1, 1) AS i FROM users) s WHERE s.i = 'a'",
+            "SELECT email FROM users UNION SELECT 'x'",
+            "SELECT email FROM users INTERSECT SELECT note FROM orders",
+            "SELECT email FROM users EXCEPT ALL SELECT note FROM orders",
+            "(SELECT email AS e FROM users UNION ALL SELECT note FROM orders) ORDER BY e",
+            "SELECT id FROM users u WHERE row_to_json(u)::text LIKE '%a%'",
+            "SELECT id FROM users u WHERE u::text LIKE '%a%'",
+            "SELECT id FROM users u WHERE u = u",
+            "UPDATE users SET name = 'x' WHERE email LIKE 'a%'",
+            "UPDATE orders o SET total = 0 FROM users u WHERE u.id = o.user_id AND u.email > 'm'",
+            "DELETE FROM users WHERE email LIKE 'a%' RETURNING id",
+            "INSERT INTO orders (id) SELECT id FROM users WHERE email LIKE 'a%'",
+            "INSERT INTO orders (id, note) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET note = 'y' \
+             WHERE (SELECT email FROM users LIMIT 1) > 'm'",
+            "MERGE INTO orders o USING users u ON o.note = u.email WHEN MATCHED THEN DELETE",
+            "MERGE INTO orders o USING users u ON o.user_id = u.id WHEN MATCHED AND u.email > 'm' THEN DELETE",
+            "EXPLAIN SELECT id FROM users WHERE email < 'b'",
+            "EXPLAIN ANALYZE SELECT id FROM users ORDER BY email",
+            "CREATE VIEW c_users AS SELECT id FROM users WHERE email LIKE 'c%'",
+            "CREATE MATERIALIZED VIEW c_users AS SELECT id FROM users ORDER BY email",
+            "CREATE TABLE c_users AS SELECT id FROM users WHERE email LIKE 'c%'",
+            "DECLARE c CURSOR FOR SELECT id FROM users ORDER BY email",
+            "PREPARE p AS SELECT id FROM users WHERE email LIKE $1",
+            "COPY (SELECT id FROM users WHERE email LIKE 'a%') TO STDOUT",
+            "SELECT count(*) FROM jsonb_each_text((SELECT to_jsonb(u) FROM users u LIMIT 1))",
+        ] {
+            let l = one(sql);
+            assert!(chooses_email(&l), "{sql}: users.email missing from {:?}", l.chooses);
+            assert!(!l.chooses_unknown, "{sql}");
+        }
+    }
+
+    #[test]
+    fn equality_lookups_of_an_unchanged_column_are_kept_apart() {
+        for sql in [
+            "SELECT id, email FROM users WHERE email = 'carol'",
+            "SELECT id FROM users WHERE 'carol' = email",
+            "SELECT id FROM users WHERE email = $1",
+            "SELECT id FROM users u WHERE u.email <> $1",
+            "SELECT id FROM users WHERE (email) = 'a'::text",
+            "SELECT id FROM users WHERE email IN ('a', 'b')",
+            "SELECT id FROM users WHERE email NOT IN ('a', $2)",
+            "SELECT id FROM users WHERE email IS NULL",
+            "SELECT id FROM users WHERE email IS NOT NULL AND id > 2",
+            "SELECT id FROM users WHERE email = ANY($1)",
+            "SELECT id FROM users WHERE email = ANY(ARRAY['a', 'b'])",
+            "SELECT id FROM users WHERE email = 'a' OR (email = 'b' AND id = 3)",
+            "SELECT id FROM users WHERE NOT (email = 'a')",
+            "SELECT id FROM (SELECT id, email AS e FROM users) s WHERE e = 'a'",
+            "WITH x AS (SELECT * FROM users) SELECT id FROM x WHERE email = 'a'",
+            "SELECT id FROM (SELECT email FROM users UNION ALL SELECT 'x') s(e) WHERE e = 'a'",
+            "SELECT CASE email WHEN 'a' THEN 1 WHEN 'b' THEN 2 END FROM users",
+            "SELECT CASE WHEN email = 'a' THEN 1 END FROM users",
+            "SELECT count(*) FILTER (WHERE email IS NULL) FROM users",
+            "SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.email = 'a'",
+            "SELECT id FROM users WHERE id IN (SELECT id FROM users WHERE email = $1)",
+            "UPDATE users SET name = 'x' WHERE email = $1",
+            "DELETE FROM users WHERE email IN ('a', 'b')",
+        ] {
+            let l = one(sql);
+            assert!(!chooses_email(&l), "{sql}: chooses {:?}", l.chooses);
+            assert!(l.looked_up.contains(&email()), "{sql}: looked up {:?}", l.looked_up);
+        }
+    }
+
+    #[test]
+    fn returned_values_choose_no_rows() {
+        for sql in [
+            "SELECT email FROM users",
+            "SELECT lower(email), email || 'x', email = 'a', email LIKE 'a%' FROM users WHERE id = 1",
+            "SELECT count(email), max(email), string_agg(email, ',') FROM users",
+            "SELECT (SELECT email FROM users LIMIT 1)",
+            "SELECT u.email FROM users u JOIN orders o ON o.user_id = u.id ORDER BY o.total",
+            "SELECT email FROM users UNION ALL SELECT 'x'",
+            "SELECT * FROM users WHERE EXISTS (SELECT * FROM users u2 WHERE u2.id = 1)",
+            "SELECT email FROM users ORDER BY id LIMIT 5",
+            "SELECT e FROM (SELECT email AS e, id FROM users) s WHERE id = 2",
+            "SELECT row_to_json(u) FROM users u",
+            "SELECT CASE WHEN id > 1 THEN email ELSE name END FROM users",
+            "UPDATE users SET name = 'x' WHERE id = 1 RETURNING email",
+        ] {
+            let l = one(sql);
+            assert!(!chooses_email(&l), "{sql}: chooses {:?}", l.chooses);
+            assert!(!l.looked_up.contains(&email()), "{sql}: looked up {:?}", l.looked_up);
+        }
+        // Other columns choose the rows.
+        let l = one("SELECT email FROM users u JOIN orders o ON o.user_id = u.id WHERE o.total > 5");
+        assert_eq!(l.chooses, set(&[col("orders", "user_id"), col("users", "id"), col("orders", "total")]));
+    }
+
+    #[test]
+    fn what_cannot_be_told_chooses_rows() {
+        // A name no relation in scope has, in a choosing clause: every referenced column.
+        let l = one("SELECT email FROM users WHERE nope.x = 1");
+        assert!(chooses_email(&l), "{:?}", l.chooses);
+        // A view's query, or the statement under EXPLAIN, that cannot be analysed.
+        for sql in [
+            "CREATE VIEW v AS SELECT * FROM dblink('host=x', 'SELECT email FROM users') AS t(e text)",
+            "EXPLAIN SELECT * FROM query_to_xml('SELECT email FROM users', true, false, '')",
+        ] {
+            assert!(one(sql).chooses_unknown, "{sql}");
+        }
+        assert!(!one("EXPLAIN SELECT id FROM users WHERE id = 1").chooses_unknown);
+    }
+
+    #[test]
+    fn outputs_tell_whether_they_pass_a_column_through_unchanged() {
+        let l = one(
+            "SELECT u.email, (u.email), u.email AS e, lower(u.email), u.email::text, 'x', count(id), s.e2, s.c \
+             FROM users u, (SELECT email AS e2, upper(name) AS c FROM users) s",
+        );
+        let plain: Vec<bool> = l
+            .outputs
+            .iter()
+            .map(|o| match o {
+                Output::Column { plain, .. } => *plain,
+                Output::Star { .. } => panic!("a star"),
+            })
+            .collect();
+        assert_eq!(plain, [true, true, true, false, false, true, false, true, false]);
+        let l = one("SELECT email FROM users UNION ALL SELECT lower(note) FROM orders");
+        assert!(matches!(&l.outputs[0], Output::Column { plain: false, .. }));
     }
 }

@@ -498,6 +498,10 @@ pub struct Defaults {
     /// columns: `mask` it (default) or `deny` the statement.
     #[serde(default)]
     pub unknown_lineage: UnknownLineage,
+    /// A masked column used to choose rows (`WHERE`, `JOIN`, `GROUP BY`, `ORDER BY`, …) rather
+    /// than returned, masked: see [`MaskedPredicates`]. Default `equality`.
+    #[serde(default)]
+    pub masked_predicates: MaskedPredicates,
 }
 
 /// See [`Defaults::unknown_lineage`].
@@ -509,6 +513,38 @@ pub enum UnknownLineage {
     Deny,
 }
 
+/// See [`Defaults::masked_predicates`]. Masking hides the values a statement returns; a masked
+/// column that chooses which rows come back, how many, or in which order shows through them
+/// (`WHERE email LIKE 'a%'` answers one question a statement; `ORDER BY email` sorts by it;
+/// `generate_series(1, ascii(email))` counts to a character's code). For the principals the
+/// column is masked for (exemptions apply), statements using it so are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskedPredicates {
+    /// A masked column may only be returned (masked): anywhere else (`WHERE`, `JOIN … ON`/
+    /// `USING`, `GROUP BY`, `HAVING`, `ORDER BY`, `DISTINCT`, window clauses, `LIMIT`,
+    /// `FILTER`, `CASE` conditions, arguments of set-returning functions, subqueries feeding
+    /// those) the statement is refused.
+    Deny,
+    /// As `deny`, except a lookup by a value the statement names: the column, unchanged,
+    /// compared with constants or parameters by `=`, `<>`, `IN (…)` or `IS [NOT] NULL`
+    /// (`WHERE email = $1`), which tells only whether it is exactly that value.
+    #[default]
+    Equality,
+    /// No check: masked columns may choose rows any way (their values can be inferred).
+    Allow,
+}
+
+impl std::fmt::Display for MaskedPredicates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Deny => "deny",
+            Self::Equality => "equality",
+            Self::Allow => "allow",
+        })
+    }
+}
+
 impl Default for Defaults {
     fn default() -> Self {
         Self {
@@ -517,6 +553,7 @@ impl Default for Defaults {
             no_match: allow(),
             hold_timeout: five_minutes(),
             unknown_lineage: UnknownLineage::Mask,
+            masked_predicates: MaskedPredicates::Equality,
         }
     }
 }
@@ -1259,6 +1296,28 @@ defaults: { unparsed: deny, unknown_operation: hold }
         let doc = parse(&doc).expect("valid");
         assert_eq!(doc.masking[0].columns.len(), 3);
         assert_eq!(doc.defaults.unknown_lineage, UnknownLineage::Mask);
+        assert_eq!(doc.defaults.masked_predicates, MaskedPredicates::Equality);
+    }
+
+    #[test]
+    fn masked_predicates_parse_and_typos_are_named() {
+        for (value, want) in [
+            ("deny", MaskedPredicates::Deny),
+            ("equality", MaskedPredicates::Equality),
+            ("allow", MaskedPredicates::Allow),
+        ] {
+            let doc = GOOD.replace(
+                "unknown_operation: hold }",
+                &format!("unknown_operation: hold, masked_predicates: {value} }}"),
+            );
+            let doc = parse(&doc).expect("valid");
+            assert_eq!(doc.defaults.masked_predicates, want);
+            assert_eq!(want.to_string(), value);
+        }
+        let bad =
+            GOOD.replace("unknown_operation: hold }", "unknown_operation: hold, masked_predicates: equal }");
+        let e = parse(&bad).expect_err("typo");
+        assert!(e.to_string().contains("masked_predicates"), "{e}");
     }
 
     #[test]

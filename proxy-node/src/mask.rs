@@ -12,7 +12,7 @@ use masking::detect::Detectors;
 use masking::strategy::{Masker, Strategy};
 use masking::value::{self, Format, MaskError};
 use proto::events::Principal;
-use proto::policy::{ColumnPattern, PolicyDocument, UnknownLineage};
+use proto::policy::{ColumnPattern, MaskedPredicates, PolicyDocument, UnknownLineage};
 use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Statement};
 
 /// The masking entries that apply to one session, compiled.
@@ -24,6 +24,8 @@ pub struct Rules {
     /// 9, '0')` would keep the four chosen digits).
     fallback: Masker,
     pub unknown: UnknownLineage,
+    /// How masked columns may choose rows (`defaults.masked_predicates`).
+    pub predicates: MaskedPredicates,
 }
 
 /// How strict a strategy is, for choosing one when entries disagree.
@@ -93,6 +95,7 @@ impl Rules {
             detect,
             fallback: Masker::new(Strategy::Redact, key),
             unknown: doc.defaults.unknown_lineage,
+            predicates: doc.defaults.masked_predicates,
         })
     }
 
@@ -761,6 +764,23 @@ pub struct PrecheckFacts {
     pub written: Vec<masking::lineage::ColumnRef>,
     /// The first statement that stores values whose sources cannot be told.
     pub unclear_writes: Option<usize>,
+    /// The columns that choose rows other than by equality lookups, each with the first
+    /// statement that uses it so ([`masking::lineage::Lineage::chooses`]): checked against
+    /// `defaults.masked_predicates`.
+    pub chooses: Vec<(masking::lineage::ColumnRef, usize)>,
+    /// The columns that choose rows by equality lookups only, across the statements
+    /// ([`masking::lineage::Lineage::looked_up`]), each with the first statement that does.
+    pub looked_up: Vec<(masking::lineage::ColumnRef, usize)>,
+    /// The first statement naming tables whose row-choosing columns cannot all be told (its
+    /// lineage cannot be analysed, or part of it).
+    pub unclear_choice: Option<usize>,
+}
+
+impl PrecheckFacts {
+    /// Does any statement choose rows by a column, or may it?
+    pub fn chooses_rows(&self) -> bool {
+        !self.chooses.is_empty() || !self.looked_up.is_empty() || self.unclear_choice.is_some()
+    }
 }
 
 /// [`PrecheckFacts`] of parsed statements.
@@ -795,14 +815,39 @@ pub(crate) fn precheck_facts(stmts: &[Statement]) -> PrecheckFacts {
                         facts.written.push(r);
                     }
                 }
+                for r in l.chooses {
+                    if !facts.chooses.iter().any(|(c, _)| *c == r) {
+                        facts.chooses.push((r, i));
+                    }
+                }
+                for r in l.looked_up {
+                    if !facts.looked_up.iter().any(|(c, _)| *c == r) {
+                        facts.looked_up.push((r, i));
+                    }
+                }
+                if l.chooses_unknown {
+                    facts.unclear_choice.get_or_insert(i);
+                }
             }
-            Err(_) if stores_values(st) => {
-                facts.unclear_writes.get_or_insert(i);
+            Err(e) => {
+                if stores_values(st) {
+                    facts.unclear_writes.get_or_insert(i);
+                }
+                // What a statement naming no table chooses rows by (`SHOW`, `FETCH`, `EXECUTE`
+                // of a statement checked when prepared) is no table's column.
+                if names_tables(st) {
+                    tracing::debug!(error = %e, "the columns choosing a statement's rows cannot be told");
+                    facts.unclear_choice.get_or_insert(i);
+                }
             }
-            Err(_) => {}
         }
     }
     facts
+}
+
+/// Does the statement name a table, view or function in FROM anywhere?
+fn names_tables(st: &Statement) -> bool {
+    sqlparser::ast::visit_relations(st, |_| std::ops::ControlFlow::Break(())).is_break()
 }
 
 /// Does the statement store values it computes (so they could come from masked columns), or
@@ -913,6 +958,24 @@ mod tests {
         assert!(mask_parameter_status(&d, b"TimeZone\0UTC\0", true).is_none());
         let out = mask_parameter_status(&d, b"application_name\0psql\0", true).expect("withheld");
         assert!(!String::from_utf8_lossy(&out).contains("psql"));
+    }
+
+    #[test]
+    fn precheck_facts_tell_what_chooses_rows_per_statement() {
+        let parse = |sql: &str| {
+            sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql).unwrap()
+        };
+        let email = masking::lineage::ColumnRef::column(None, "users", "email");
+        let f = precheck_facts(&parse(
+            "SELECT 1; SELECT id FROM users WHERE email = $1; SELECT id FROM users ORDER BY email",
+        ));
+        assert_eq!(f.looked_up, [(email.clone(), 1)]);
+        assert!(f.chooses.contains(&(email, 2)), "{f:?}");
+        assert!(f.unclear_choice.is_none() && f.chooses_rows());
+        // A statement naming tables whose lineage cannot be told; one naming none is clear.
+        let f = precheck_facts(&parse("SHOW search_path; EXECUTE p((SELECT email FROM users LIMIT 1))"));
+        assert_eq!(f.unclear_choice, Some(1), "{f:?}");
+        assert!(!precheck_facts(&parse("SELECT email FROM users; FETCH 1 FROM c")).chooses_rows());
     }
 
     #[test]

@@ -1045,8 +1045,15 @@ impl Relay<'_> {
         c: &Arc<Classification>,
     ) -> Result<Option<String>, SessionError> {
         let f = &c.mask_facts;
-        if c.unparsed.is_none() && f.written.is_empty() && f.unclear_writes.is_none() && !c.calls_functions {
-            // Stores nothing computed: a read, or a write of constants and parameters.
+        if c.unparsed.is_none()
+            && f.written.is_empty()
+            && f.unclear_writes.is_none()
+            && !c.calls_functions
+            && !f.chooses_rows()
+        {
+            // Stores nothing computed and chooses rows by no column: a plain read of whole
+            // tables, or a write of constants and parameters. (A column that chooses rows may
+            // be a masked one behind a view, a parent or a generated column: the catalog says.)
             return Ok(None);
         }
         let policy = self.policy()?;

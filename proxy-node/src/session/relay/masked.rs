@@ -9,12 +9,16 @@
 //!   references any masked column; when the statement cannot be analysed at all, always.
 //! - Detectors run on every value of every other column.
 //! - A value that cannot be masked ends the session: the client never gets the raw value.
+//! - A masked column that would choose rows (`WHERE email LIKE 'a%'`, `ORDER BY email`, …)
+//!   rather than be returned refuses the statement before it runs, as
+//!   `defaults.masked_predicates` says: the rows would tell what the values hide.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use masking::lineage::lineage_sql;
+use proto::policy::MaskedPredicates;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -92,8 +96,212 @@ impl Relay<'_> {
                 "statement {} reads columns whose origin cannot be told, and the policy says to deny rather than mask (defaults.unknown_lineage)",
                 i + 1
             )),
-            _ => None,
+            _ => self.predicates_precheck(rules, c, &facts),
         }
+    }
+
+    /// A reason to refuse a statement whose rows a masked column would choose
+    /// (`defaults.masked_predicates`), told without the catalog, for the statements
+    /// [`Self::storing_masked`] did not judge with it ([`Self::choosing_masked`]; the relay
+    /// skips that for statements that store nothing computed, reads among them). It refuses
+    /// the columns the masking patterns name (and a field that may call a function of a row
+    /// of a masked table, and the planner's sampled values), and, when which columns choose
+    /// rows cannot be told, a statement reaching tables with masked columns. What only the
+    /// catalog tells (a view's column over a masked one, a partition's, a generated column's)
+    /// is left to [`Self::choosing_masked`].
+    fn predicates_precheck(
+        &self,
+        rules: &Arc<Rules>,
+        c: &crate::policy::Classification,
+        facts: &mask::PrecheckFacts,
+    ) -> Option<String> {
+        if rules.predicates == MaskedPredicates::Allow || !rules.has_columns() || !facts.chooses_rows() {
+            return None;
+        }
+        // Judged with the catalog for these rules already.
+        if self.stores_memo.iter().any(|m| {
+            std::ptr::eq(Arc::as_ptr(&m.input), c)
+                && Arc::ptr_eq(&m.rules, rules)
+                && m.derived.holds(&self.catalog)
+        }) {
+            return None;
+        }
+        let covered = |schema: Option<&str>, table: &str, column: Option<&str>| {
+            rules.masker_for(schema, table, column).is_some()
+        };
+        if let Some(i) = facts.unclear_choice
+            && c.accesses
+                .iter()
+                .chain(&c.reaches)
+                .filter_map(|a| a.table.as_ref())
+                .any(|t| covered(t.schema(), t.table(), None))
+        {
+            return Some(predicate_refusal(rules.predicates, i, None));
+        }
+        // `u.name` that may call `name(u)` (the catalog said so: it stays in `attribute_calls`).
+        let column = |r: &ColumnRef| match &r.column {
+            Some(n) if c.attribute_calls.contains(n) => None,
+            other => other.clone(),
+        };
+        let itself = |r: &ColumnRef| covered(r.schema.as_deref(), &r.table, column(r).as_deref());
+        let deny = rules.predicates == MaskedPredicates::Deny;
+        for (r, i) in facts.chooses.iter().chain(facts.looked_up.iter().filter(|_| deny)) {
+            if itself(r) || samples_values(r) {
+                return Some(predicate_refusal(rules.predicates, *i, Some(r)));
+            }
+        }
+        // A lookup of a masked column itself is allowed; of a whole row, or of sampled values
+        // of any column, it is not.
+        if !deny {
+            for (r, i) in &facts.looked_up {
+                if (column(r).is_none() && itself(r)) || samples_values(r) {
+                    return Some(predicate_refusal(rules.predicates, *i, Some(r)));
+                }
+            }
+        }
+        None
+    }
+
+    /// A reason to refuse a statement whose rows a masked column would choose, under
+    /// `defaults.masked_predicates`, with the catalog: views are followed to their base columns,
+    /// and a line of inheritance and generated columns are looked at, as for masking a result
+    /// ([`Self::refs_masker`]). Under `equality`, a lookup of a view's column is allowed when
+    /// the view passes a masked column through unchanged, not when it computes something from
+    /// one (`substr(email, 1, 1) AS initial`).
+    async fn choosing_masked(
+        &mut self,
+        rules: &Rules,
+        sql: &str,
+        c: &crate::policy::Classification,
+        facts: &mask::PrecheckFacts,
+    ) -> Option<String> {
+        if rules.predicates == MaskedPredicates::Allow || !facts.chooses_rows() {
+            return None;
+        }
+        if let Some(i) = facts.unclear_choice {
+            let tables: Vec<ColumnRef> = c
+                .accesses
+                .iter()
+                .chain(&c.reaches)
+                .filter_map(|a| a.table.as_ref())
+                .map(|t| ColumnRef::whole_row(t.schema(), t.table()))
+                .collect();
+            if !tables.is_empty() && self.refs_masker(rules, tables).await.is_some() {
+                return Some(predicate_refusal(rules.predicates, i, None));
+            }
+        }
+        // `u.name` calls `name(u)` where no column has the name: a function of the whole row.
+        let called = self.field_calls(sql, facts).await;
+        let widen = |r: &ColumnRef| match &r.column {
+            Some(n) if called.contains(n) => ColumnRef::whole_row(r.schema.as_deref(), &r.table),
+            _ => r.clone(),
+        };
+        let deny = rules.predicates == MaskedPredicates::Deny;
+        for (r, i) in facts.chooses.iter().chain(facts.looked_up.iter().filter(|_| deny)) {
+            if self.refs_masker(rules, vec![widen(r)]).await.is_some() {
+                return Some(predicate_refusal(rules.predicates, *i, Some(r)));
+            }
+        }
+        if !deny {
+            for (r, i) in &facts.looked_up {
+                let w = widen(r);
+                let reveals = if w == *r {
+                    self.lookup_reveals(rules, w).await
+                } else {
+                    self.refs_masker(rules, vec![w]).await.is_some()
+                };
+                if reveals {
+                    return Some(predicate_refusal(rules.predicates, *i, Some(r)));
+                }
+            }
+        }
+        None
+    }
+
+    /// The names among the columns that choose rows that PostgreSQL would read as calls of a
+    /// function on a row (`u.row_to_json`, `o.total_of` for a user's `total_of(orders)`): no
+    /// column of the table has them, and a function of one argument does.
+    async fn field_calls(&mut self, sql: &str, facts: &mask::PrecheckFacts) -> HashSet<String> {
+        let raw = self.s.shared.classifier.classify(sql);
+        let mut called = HashSet::new();
+        if raw.attribute_calls.is_empty() {
+            return called;
+        }
+        let cfg = &self.s.shared.cfg;
+        let reach = Reach { target: &self.s.conn, timeout: cfg.connect_timeout, max: cfg.max_message_bytes };
+        let names: HashSet<&String> = facts
+            .chooses
+            .iter()
+            .chain(&facts.looked_up)
+            .filter_map(|(r, _)| r.column.as_ref())
+            .filter(|n| raw.attribute_calls.contains(*n))
+            .collect();
+        for n in names {
+            if !matches!(
+                self.catalog.attribute_call(reach, n).await,
+                crate::policy::AttributeCall::NoFunction
+            ) {
+                called.insert(n.clone());
+            }
+        }
+        called
+    }
+
+    /// Would an equality lookup of column `r` (`WHERE r = 'x'`) tell more than whether a masked
+    /// value is exactly a given one? Not when `r` is masked by its own pattern (or its line of
+    /// inheritance's), or is not masked at all; when it is a view's column that passes such a
+    /// column through unchanged, as that column. Yes when it is computed from masked columns (a
+    /// view's `substr(email, 1, 1)`, a generated column), or when the catalog cannot say.
+    async fn lookup_reveals(&mut self, rules: &Rules, r: ColumnRef) -> bool {
+        let cfg = &self.s.shared.cfg;
+        let (timeout, max) = (cfg.connect_timeout, cfg.max_message_bytes);
+        let mut work = vec![(r, 0u8)];
+        let mut seen = HashSet::new();
+        while let Some((r, depth)) = work.pop() {
+            if !seen.insert(r.clone()) {
+                continue;
+            }
+            if self.refs_masker(rules, vec![r.clone()]).await.is_none() {
+                continue;
+            }
+            let (schema, column) = (r.schema.as_deref(), r.column.as_deref());
+            if rules.masker_for(schema, &r.table, column).is_some() {
+                continue;
+            }
+            let reach = Reach { target: &self.s.conn, timeout, max };
+            if inherited_masker(&mut self.catalog, reach, rules, schema, &r.table, column).await.is_some() {
+                continue;
+            }
+            let Some(column) = r.column.clone() else { return true };
+            if samples_values(&r) || depth >= MAX_VIEW_DEPTH {
+                return true;
+            }
+            let reach = Reach { target: &self.s.conn, timeout, max };
+            let Ok(rels) = self.catalog.relations(reach, r.schema.as_deref(), &r.table).await else {
+                return true;
+            };
+            let views: Vec<_> = rels.into_iter().filter(|rel| matches!(rel.relkind, 'v' | 'm')).collect();
+            // Masked, but not by a pattern, an ancestor or a view: a generated column, or a
+            // name the catalog does not see.
+            if views.is_empty() {
+                return true;
+            }
+            for view in views {
+                let Some(def) = view.view_sql else { return true };
+                let Some(l) = lineage_sql(&def).ok().and_then(|mut ls| ls.pop()) else { return true };
+                let passed = l.outputs.iter().find_map(|o| match o {
+                    Output::Column { name: Some(n), sources, opaque: false, plain: true } if *n == column => {
+                        Some(sources.clone())
+                    }
+                    _ => None,
+                });
+                match passed {
+                    Some(sources) => work.extend(sources.into_iter().map(|s| (s, depth + 1))),
+                    None => return true,
+                }
+            }
+        }
+        false
     }
 
     /// A reason to refuse a statement that would store values of masked columns where they
@@ -111,6 +319,10 @@ impl Relay<'_> {
         let Some(facts) = facts_of(sql, c) else {
             return Some("the gateway cannot tell what it stores, and column masking is on".into());
         };
+        // Not a store, but judged here for the catalog (and remembered with the answer).
+        if let Some(refusal) = self.choosing_masked(&rules, sql, c, &facts).await {
+            return Some(refusal);
+        }
         if let Some(i) = facts.unclear_writes {
             return Some(format!(
                 "statement {} stores values whose origin cannot be told, and column masking is on",
@@ -495,7 +707,8 @@ impl Relay<'_> {
         }
         // Other sessions' statement texts, with whatever values they hold.
         if c.functions.iter().chain(&c.builtins).any(|f| {
-            f.schema.as_deref().is_none_or(|s| s == "pg_catalog") && SHOWS_STATEMENTS.contains(&f.name.as_str())
+            f.schema.as_deref().is_none_or(|s| s == "pg_catalog")
+                && SHOWS_STATEMENTS.contains(&f.name.as_str())
         }) {
             return true;
         }
@@ -785,6 +998,31 @@ fn facts_of<'a>(
     } else {
         Some(std::borrow::Cow::Borrowed(&c.mask_facts))
     }
+}
+
+/// Why a statement whose rows masked column `column` chooses (statement `stmt`, 0-based) is
+/// refused; `None`: which columns choose them cannot be told.
+fn predicate_refusal(mode: MaskedPredicates, stmt: usize, column: Option<&ColumnRef>) -> String {
+    let what = match column {
+        Some(r) => {
+            let mut name = r.schema.as_ref().map(|s| format!("{s}.")).unwrap_or_default();
+            name.push_str(&r.table);
+            name.push('.');
+            name.push_str(r.column.as_deref().unwrap_or("*"));
+            format!("uses {name}, a masked column, to choose rows")
+        }
+        None => "may use masked columns to choose rows (the gateway cannot tell which columns do)".into(),
+    };
+    let allowed = match mode {
+        MaskedPredicates::Equality => {
+            "a masked column may only be returned, or compared unchanged with constants or parameters by =, <>, IN or IS NULL"
+        }
+        MaskedPredicates::Deny | MaskedPredicates::Allow => "a masked column may only be returned",
+    };
+    format!(
+        "statement {} {what}: which rows come back would tell its values; {allowed} (defaults.masked_predicates: {mode})",
+        stmt + 1
+    )
 }
 
 /// Every source column of every output of a lineage (stars as whole-row references).
