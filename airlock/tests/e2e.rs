@@ -480,6 +480,51 @@ async fn airlock_up_alone_allows_denies_holds_and_records() {
     assert!(dir.path().join("data/recordings").exists());
 }
 
+/// A session lasts as long as the token it logged in with: past its `exp` (and the leeway) the
+/// next statement is refused and the session ends, as a new login with it would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    testkit::init_crypto();
+    let pg = Postgres::start().unwrap();
+    seed(&pg);
+    let oidc = OidcIssuer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::new();
+    let cfg = config(dir.path(), &ports, &oidc, None, None);
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[proxy.oidc]\n",
+        "[proxy.oidc]\nleeway = \"0s\"\n",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let policy = dir.path().join("initial.yaml");
+    std::fs::write(&policy, policy_yaml(&pg)).unwrap();
+    let _up = spawn(dir.path(), &cfg, &["up", "-f", policy.to_str().unwrap()], "up");
+    wait_for_port(ports.proxy, Duration::from_secs(30)).unwrap();
+    let mut claims = oidc.claims("agent-1", &["agents"]);
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3;
+    claims["exp"] = serde_json::json!(exp);
+    let token = oidc.token_with(claims);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent = loop {
+        match connect(ports.proxy, &token).await {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    agent.client.simple_query("SELECT count(*) FROM orders").await.unwrap();
+    // Wait past exp (whole seconds).
+    while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() <= exp {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = agent.client.simple_query("SELECT count(*) FROM orders").await.expect_err("ran past exp");
+    assert!(format!("{e:?}").contains("expired"), "{e:?}");
+    assert!(agent.client.simple_query("SELECT 1").await.is_err(), "the session goes on");
+}
+
 /// `GET path` on the admin port: the status line, headers and body.
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

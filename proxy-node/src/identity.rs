@@ -273,6 +273,11 @@ impl OidcVerifier {
     /// [`verify`](Self::verify), plus the token's `email` claim when `email_verified` is true
     /// (the approval service matches approver groups on it).
     pub async fn verify_with_email(&self, token: &str) -> Result<(Principal, Option<String>), AuthError> {
+        self.verify_token(token).await.map(|v| (v.principal, v.email))
+    }
+
+    /// [`verify_with_email`](Self::verify_with_email), with when the token stops being valid.
+    pub async fn verify_token(&self, token: &str) -> Result<Verified, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         if !self.cfg.algorithms.contains(&header.alg) {
@@ -324,7 +329,12 @@ impl OidcVerifier {
             .and_then(|e| e.as_str())
             .filter(|e| verified && !e.is_empty())
             .map(str::to_string);
-        Ok((Principal { subject, groups, kind: "oidc".into() }, email))
+        // `exp` is required and checked above; past it (and the leeway) the session ends too.
+        let expires = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .map(|exp| std::time::UNIX_EPOCH + Duration::from_secs(exp) + self.cfg.leeway);
+        Ok(Verified { principal: Principal { subject, groups, kind: "oidc".into() }, email, expires })
     }
 }
 
@@ -354,7 +364,7 @@ impl Authenticator {
         credential: &str,
         policy: &PolicyDocument,
     ) -> Result<Principal, AuthError> {
-        Ok(self.authenticate_with_email(credential, policy).await?.0)
+        Ok(self.authenticate_with_email(credential, policy).await?.principal)
     }
 
     /// [`authenticate`](Self::authenticate), plus the e-mail an OIDC token carried and its
@@ -363,20 +373,20 @@ impl Authenticator {
         &self,
         credential: &str,
         policy: &PolicyDocument,
-    ) -> Result<(Principal, Option<String>), AuthError> {
+    ) -> Result<Verified, AuthError> {
         if credential.is_empty() {
             return Err(AuthError::Missing);
         }
         if looks_like_jwt(credential) {
-            let (p, email) = match &self.oidc {
-                Some(v) => v.verify_with_email(credential).await?,
+            let verified = match &self.oidc {
+                Some(v) => v.verify_token(credential).await?,
                 None => return Err(AuthError::NoIssuer),
             };
             // Rules, grants and approvals name principals by subject alone.
-            if policy.service_accounts.iter().any(|sa| sa.name == p.subject) {
-                return Err(AuthError::SubjectCollides(p.subject));
+            if policy.service_accounts.iter().any(|sa| sa.name == verified.principal.subject) {
+                return Err(AuthError::SubjectCollides(verified.principal.subject));
             }
-            return Ok((p, email));
+            return Ok(verified);
         }
         let digest = hash_api_key(credential);
         // Compare against every account in constant time, so timing says nothing about which matched.
@@ -388,11 +398,27 @@ impl Authenticator {
             }
         }
         let sa = found.ok_or(AuthError::UnknownKey)?;
-        Ok((
-            Principal { subject: sa.name.clone(), groups: sa.groups.clone(), kind: "service_account".into() },
-            None,
-        ))
+        Ok(Verified {
+            principal: Principal {
+                subject: sa.name.clone(),
+                groups: sa.groups.clone(),
+                kind: "service_account".into(),
+            },
+            email: None,
+            expires: None,
+        })
     }
+}
+
+/// Who a credential names, and for how long.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub principal: Principal,
+    /// The e-mail an OIDC token carried and its issuer verified.
+    pub email: Option<String>,
+    /// When an OIDC token stops being valid (its `exp` plus the leeway); `None` for an API key,
+    /// which is valid until the policy removes or replaces it.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 #[cfg(test)]

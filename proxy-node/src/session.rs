@@ -213,6 +213,7 @@ struct Authenticated {
     principal: Principal,
     /// The OIDC token's verified e-mail, if any.
     email: Option<String>,
+    expires: Option<std::time::SystemTime>,
     key_sha256: Option<String>,
     conn: Connection,
     policy: Arc<policy_store::client::ActivePolicy>,
@@ -288,22 +289,23 @@ async fn authenticate(
         Ok(p) => p,
         Err(why) => return Err(client.refuse(sqlstate::CANNOT_CONNECT_NOW, why).await),
     };
-    let (principal, email) = match shared.auth.authenticate_with_email(&credential, &policy.document).await {
-        Ok(p) => p,
-        Err(e) => {
-            info!(client = %peer, error = %e, "authentication failed");
-            // The provider's own errors name its internal addresses: not for a stranger.
-            let why = match e {
-                crate::identity::AuthError::Provider(_) => {
-                    "the identity provider could not be reached".to_string()
-                }
-                e => e.to_string(),
-            };
-            return Err(client
-                .refuse(sqlstate::INVALID_PASSWORD, format!("airlock: authentication failed: {why}"))
-                .await);
-        }
-    };
+    let crate::identity::Verified { principal, email, expires } =
+        match shared.auth.authenticate_with_email(&credential, &policy.document).await {
+            Ok(p) => p,
+            Err(e) => {
+                info!(client = %peer, error = %e, "authentication failed");
+                // The provider's own errors name its internal addresses: not for a stranger.
+                let why = match e {
+                    crate::identity::AuthError::Provider(_) => {
+                        "the identity provider could not be reached".to_string()
+                    }
+                    e => e.to_string(),
+                };
+                return Err(client
+                    .refuse(sqlstate::INVALID_PASSWORD, format!("airlock: authentication failed: {why}"))
+                    .await);
+            }
+        };
     // Kept to tell, when the policy changes, whether the service account still has this key.
     let key_sha256 =
         (principal.kind == "service_account").then(|| crate::identity::hash_api_key(&credential));
@@ -313,7 +315,7 @@ async fn authenticate(
             .refuse(sqlstate::INVALID_CATALOG_NAME, format!("airlock: no connection named \"{database}\""))
             .await);
     };
-    Ok(Some(Authenticated { params, principal, email, key_sha256, conn, policy }))
+    Ok(Some(Authenticated { params, principal, email, expires, key_sha256, conn, policy }))
 }
 
 async fn startup(
@@ -332,7 +334,7 @@ async fn startup(
                 .await);
         }
     };
-    let Authenticated { params, principal, email, key_sha256, conn, policy } = auth;
+    let Authenticated { params, principal, email, expires, key_sha256, conn, policy } = auth;
 
     let session_id: SessionId = Uuid::now_v7();
     let span = info_span!("session", session.id = %session_id, principal = %principal.subject, connection = %conn.name);
@@ -342,6 +344,7 @@ async fn startup(
         id: session_id,
         principal,
         email,
+        expires,
         key_sha256,
         conn,
         seq: 0,
@@ -414,6 +417,9 @@ pub(crate) struct Session {
     pub(crate) principal: Principal,
     /// The principal's verified e-mail (OIDC), named in its hold requests.
     pub(crate) email: Option<String>,
+    /// When the OIDC token it logged in with stops being valid (`exp` plus the leeway): the
+    /// session ends at its first statement after that, as a new login with it would fail.
+    pub(crate) expires: Option<std::time::SystemTime>,
     /// The SHA-256 of the API key a service account logged in with (`None`: an OIDC token).
     pub(crate) key_sha256: Option<String>,
     pub(crate) conn: Connection,

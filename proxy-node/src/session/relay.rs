@@ -940,6 +940,15 @@ impl Relay<'_> {
     /// ([`Session::lost_standing`]; checked once per version).
     fn policy(&mut self) -> Result<Arc<policy_store::client::ActivePolicy>, SessionError> {
         let policy = self.s.shared.policy_now().map_err(SessionError::Refused)?;
+        if let Some(at) = self.s.expires
+            && std::time::SystemTime::now() > at
+        {
+            info!("ending the session: its token expired");
+            return Err(SessionError::Refused(format!(
+                "airlock: the token this session logged in with expired at {}: reconnect with a new one",
+                humantime::format_rfc3339_seconds(at)
+            )));
+        }
         if !self.standing_under.as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy)) {
             if let Some(why) = self.s.lost_standing(&policy.document) {
                 info!(policy.version = policy.version, why = %why, "ending the session: the policy changed");
