@@ -2318,3 +2318,39 @@ defaults: { no_match: allow, unknown_operation: deny }
         "not vacuumed"
     );
 }
+
+/// `DROP … CASCADE` drops what depends on the object wherever it is: a type's columns, a
+/// sequence's defaults, views. Which tables those are is not in the text, so a rule on any table
+/// meets it; without CASCADE only the object is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_cascade_meets_a_rule_on_any_table_it_could_reach() {
+    let rules = r#"  - { name: orders-untouchable, match: { operations: [drop, alter], tables: [orders] }, action: deny }
+defaults: { no_match: allow, unknown_operation: deny }
+"#;
+    let h = start(rules).await;
+    h.pg.psql(
+        "shop",
+        "SET ROLE airlock_svc; CREATE TYPE mood AS ENUM ('ok', 'sad'); \
+         CREATE SEQUENCE order_no; CREATE DOMAIN posint AS int CHECK (VALUE > 0); \
+         ALTER TABLE orders ADD COLUMN mood mood, ADD COLUMN no int DEFAULT nextval('order_no'), \
+           ADD COLUMN qty posint; \
+         CREATE TYPE spare AS ENUM ('x');",
+    )
+    .unwrap();
+    let columns = || {
+        h.count(
+            "SELECT string_agg(attname || ':' || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ',' ORDER BY attnum) \
+             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE attrelid = 'orders'::regclass AND attnum > 0 AND NOT attisdropped",
+        )
+    };
+    let before = columns();
+    assert!(before.contains("mood:") && before.contains("nextval") && before.contains("qty:"), "{before}");
+    let c = h.connect().await;
+    for sql in ["DROP TYPE mood CASCADE", "DROP SEQUENCE order_no CASCADE", "DROP DOMAIN posint CASCADE"] {
+        refused(&c, sql).await;
+    }
+    assert_eq!(columns(), before, "orders lost a column or a default");
+    // Without CASCADE, and for an object nothing of orders depends on, it goes through.
+    c.simple_query("DROP TYPE spare").await.unwrap();
+}
