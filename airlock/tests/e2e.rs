@@ -446,10 +446,7 @@ async fn airlock_up_alone_allows_denies_holds_and_records() {
     let cfg = config(dir.path(), &ports, &oidc, None, None);
     let policy = dir.path().join("initial.yaml");
     std::fs::write(&policy, policy_yaml(&pg)).unwrap();
-    let admin = free_port();
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
-    std::fs::write(&cfg, text).unwrap();
+    let admin = with_admin_port(&cfg);
     let _up = spawn(dir.path(), &cfg, &["up", "-f", policy.to_str().unwrap()], "up");
     wait_for_port(ports.proxy, Duration::from_secs(30)).unwrap();
 
@@ -505,16 +502,7 @@ async fn a_session_ends_when_its_token_expires() {
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3;
     claims["exp"] = serde_json::json!(exp);
     let token = oidc.token_with(claims);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let agent = loop {
-        match connect(ports.proxy, &token).await {
-            Ok(a) => break a,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let agent = connect_when_ready(ports.proxy, &token).await;
     agent.client.simple_query("SELECT count(*) FROM orders").await.unwrap();
     // Wait past exp (whole seconds).
     while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() <= exp {
@@ -523,6 +511,16 @@ async fn a_session_ends_when_its_token_expires() {
     let e = agent.client.simple_query("SELECT count(*) FROM orders").await.expect_err("ran past exp");
     assert!(format!("{e:?}").contains("expired"), "{e:?}");
     assert!(agent.client.simple_query("SELECT 1").await.is_err(), "the session goes on");
+}
+
+/// Give the config an admin port of its own (the default ones are shared by every test); its
+/// port.
+fn with_admin_port(cfg: &Path) -> u16 {
+    let port = free_port();
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(cfg, text).unwrap();
+    port
 }
 
 /// `GET path` on the admin port: the status line, headers and body.
@@ -545,10 +543,7 @@ async fn a_proxy_without_a_policy_is_live_but_not_ready() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::new();
     let cfg = config(dir.path(), &ports, &oidc, Some(&nats), None);
-    let admin = free_port();
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
-    std::fs::write(&cfg, text).unwrap();
+    let admin = with_admin_port(&cfg);
     // No policy store at ports.store.
     let _proxy = spawn(dir.path(), &cfg, &["proxy"], "proxy");
     wait_for_port(admin, Duration::from_secs(30)).unwrap();
