@@ -349,6 +349,7 @@ async fn startup(
         conn,
         seq: 0,
         read_only,
+        cancelled: Arc::default(),
     };
     async move {
         let started = Event::SessionStarted {
@@ -389,7 +390,7 @@ async fn startup(
         for p in &up.parameters {
             client.queue(p);
         }
-        let key = s.shared.cancels.register(up.addr.clone(), up.backend_key);
+        let key = s.shared.cancels.register(up.addr.clone(), up.backend_key, s.cancelled.clone());
         let mut body = BytesMut::new();
         body.extend_from_slice(&key.0.to_be_bytes());
         body.extend_from_slice(&key.1.to_be_bytes());
@@ -428,6 +429,8 @@ pub(crate) struct Session {
     /// The principal may never write here: the target session is read-only, and anything
     /// that would widen it is refused.
     pub(crate) read_only: bool,
+    /// Woken by a CancelRequest with this session's key ([`crate::cancel::Cancels`]).
+    pub(crate) cancelled: Arc<crate::cancel::CancelSignal>,
 }
 
 impl Session {

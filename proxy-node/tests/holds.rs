@@ -360,6 +360,39 @@ async fn an_approval_after_the_client_left_runs_nothing() {
     assert_eq!(h.ids(), "1,2,3");
 }
 
+/// A CancelRequest while a statement is held cancels it (57014, as the target answers a cancelled
+/// statement) and denies its hold: the target is idle meanwhile, so forwarding the cancel alone
+/// would leave the hold open and an approval would run what the client cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_held_statement_is_denied_and_never_runs() {
+    let mut h = start(RULES).await;
+    let mut decided = h.bus.subscribe(proto::subjects::HOLD_DECIDED).await.unwrap();
+    let c = Arc::new(h.connect().await);
+    let c2 = c.clone();
+    let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await });
+    let (s, held) = h.held().await;
+    c.cancel_token().cancel_query(NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), del).await.expect("answered").unwrap().unwrap_err();
+    assert_eq!(code(&e), "57014", "{e:?}");
+    let d = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Envelope { event: Event::HoldDecided(d), .. }) = decided.next().await
+                && d.hold_id == held.hold_id
+            {
+                return d;
+            }
+        }
+    })
+    .await
+    .expect("the proxy denies the cancelled hold");
+    assert_eq!(d.outcome, HoldOutcome::Denied);
+    // An approval that comes anyway runs nothing, and the session goes on.
+    h.answer(s, &held, HoldOutcome::Approved).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.ids(), "1,2,3");
+    assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
+}
+
 /// A statement approved after a new policy version came to deny it does not run: deny wins over
 /// an approval given under the older rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

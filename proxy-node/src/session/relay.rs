@@ -153,6 +153,8 @@ struct Held {
     params: Arc<[Option<String>]>,
     classification: Arc<Classification>,
     policy: Option<Arc<policy_store::client::ActivePolicy>>,
+    /// The session's CancelRequests counted when it was held: one more cancels it.
+    cancels_seen: u64,
 }
 
 /// A statement to hold: its text, parameters and classification.
@@ -174,12 +176,17 @@ struct HoldContext {
 /// statement that runs more is refused rather than held (approvers could not read it whole).
 const HOLD_CONTEXT_BYTES: usize = 16 * 1024;
 
+/// The reason of the proxy's own denial of a hold whose client cancelled it.
+const CANCELLED_BY_CLIENT: &str = "cancelled by the client";
+
 enum HeldEvent {
     Decided(HoldDecision),
     TimedOut,
+    /// The client sent a CancelRequest for the session.
+    Cancelled,
 }
 
-async fn wait_held(h: &mut Option<Held>) -> HeldEvent {
+async fn wait_held(h: &mut Option<Held>, cancelled: &crate::cancel::CancelSignal) -> HeldEvent {
     match h {
         Some(h) => tokio::select! {
             d = &mut h.rx => match d {
@@ -187,6 +194,7 @@ async fn wait_held(h: &mut Option<Held>) -> HeldEvent {
                 Err(_) => HeldEvent::TimedOut,
             },
             _ = tokio::time::sleep_until(h.deadline) => HeldEvent::TimedOut,
+            () = cancelled.past(h.cancels_seen) => HeldEvent::Cancelled,
         },
         None => std::future::pending().await,
     }
@@ -587,7 +595,7 @@ impl Relay<'_> {
                         Err(e) => return Err(self.refuse_fatal(sqlstate::CONNECTION_FAILURE, format!("airlock: target connection lost: {e}"))),
                     }
                 }
-                ev = wait_held(&mut self.held) => {
+                ev = wait_held(&mut self.held, &self.s.cancelled) => {
                     self.on_held(ev).await?;
                 }
                 r = self.cr.read_buf(&mut self.cin), if client_room => {
@@ -1711,6 +1719,8 @@ impl Relay<'_> {
         }
         let hold_id = req.hold_id;
         let rx = self.s.shared.holds.register(hold_id);
+        // Cancels from here on are for this statement (its client sees it held from now).
+        let cancels_seen = self.s.cancelled.count();
         if let Err(e) = self.record(vec![Event::HoldRequested(Box::new(req.clone()))]).await {
             self.s.shared.holds.forget(hold_id);
             return Err(e);
@@ -1732,6 +1742,7 @@ impl Relay<'_> {
             params: params.clone(),
             classification: classification.clone(),
             policy: self.standing_under.clone(),
+            cancels_seen,
         });
         Ok(())
     }
@@ -1767,10 +1778,10 @@ impl Relay<'_> {
     async fn on_held(&mut self, ev: HeldEvent) -> Result<(), SessionError> {
         let Some(h) = self.held.take() else { return Ok(()) };
         self.s.shared.holds.forget(h.hold_id);
-        let d = match ev {
+        let (d, cancelled) = match ev {
             HeldEvent::Decided(d) => {
                 info!(hold.id = %h.hold_id, outcome = %d.outcome, by = %d.decided_by, "hold decided");
-                d
+                (d, false)
             }
             HeldEvent::TimedOut => {
                 let d = self.s.local_decision(
@@ -1779,7 +1790,15 @@ impl Relay<'_> {
                     "no decision arrived before the timeout",
                 );
                 self.record(vec![Event::HoldDecided(d.clone())]).await?;
-                d
+                (d, false)
+            }
+            // The client cancelled it: deny the hold, so that approvers see it is gone and no
+            // approval can run it (answered below with 57014, as the target would).
+            HeldEvent::Cancelled => {
+                info!(hold.id = %h.hold_id, "held statement cancelled by the client");
+                let d = self.s.local_decision(h.hold_id, HoldOutcome::Denied, CANCELLED_BY_CLIENT);
+                self.record(vec![Event::HoldDecided(d.clone())]).await?;
+                (d, true)
             }
         };
         if self.skip_until_sync {
@@ -1820,7 +1839,8 @@ impl Relay<'_> {
             "airlock: hold {} was {} by {}{why} (rule \"{}\")",
             d.hold_id, d.outcome, d.decided_by, h.rule
         );
-        self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, h.extended, Vec::new()).await
+        let code = if cancelled { sqlstate::QUERY_CANCELED } else { sqlstate::INSUFFICIENT_PRIVILEGE };
+        self.refuse(seq, code, m, h.extended, Vec::new()).await
     }
 
     /// One frame from the target.
