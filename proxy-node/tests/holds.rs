@@ -334,17 +334,7 @@ async fn an_approval_after_the_client_left_runs_nothing() {
     let (s, held) = h.held().await;
     raw.set_zero_linger().unwrap();
     drop(raw);
-    let d = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(Envelope { event: Event::HoldDecided(d), .. }) = decided.next().await
-                && d.hold_id == held.hold_id
-            {
-                return d;
-            }
-        }
-    })
-    .await
-    .expect("the proxy denies the abandoned hold");
+    let d = decision_of(&mut decided, held.hold_id).await.expect("the proxy denies the abandoned hold");
     assert_eq!(d.outcome, HoldOutcome::Denied);
     h.answer(s, &held, HoldOutcome::Approved).await;
     let mut raw = h.raw().await;
@@ -358,6 +348,21 @@ async fn an_approval_after_the_client_left_runs_nothing() {
     h.answer(s2, &again, HoldOutcome::Denied).await;
     assert!(contains(&read_until_ready(&mut raw).await, "42501"));
     assert_eq!(h.ids(), "1,2,3");
+}
+
+/// The decision of hold `hold_id` among the `HOLD_DECIDED` events of `decided`, within 10 s.
+async fn decision_of(decided: &mut eventbus::Subscription, hold_id: Uuid) -> Option<HoldDecision> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Envelope { event: Event::HoldDecided(d), .. }) = decided.next().await
+                && d.hold_id == hold_id
+            {
+                return d;
+            }
+        }
+    })
+    .await
+    .ok()
 }
 
 /// A CancelRequest while a statement is held cancels it (57014, as the target answers a cancelled
@@ -374,17 +379,7 @@ async fn a_cancelled_held_statement_is_denied_and_never_runs() {
     c.cancel_token().cancel_query(NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), del).await.expect("answered").unwrap().unwrap_err();
     assert_eq!(code(&e), "57014", "{e:?}");
-    let d = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(Envelope { event: Event::HoldDecided(d), .. }) = decided.next().await
-                && d.hold_id == held.hold_id
-            {
-                return d;
-            }
-        }
-    })
-    .await
-    .expect("the proxy denies the cancelled hold");
+    let d = decision_of(&mut decided, held.hold_id).await.expect("the proxy denies the cancelled hold");
     assert_eq!(d.outcome, HoldOutcome::Denied);
     // An approval that comes anyway runs nothing, and the session goes on.
     h.answer(s, &held, HoldOutcome::Approved).await;

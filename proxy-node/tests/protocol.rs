@@ -1814,6 +1814,15 @@ defaults: { no_match: deny, unknown_operation: deny }
 }
 
 /// Refuses `sql` (simple and extended protocol) with 42501.
+/// Each of `sqls` refused ([`refused`]), and again once the catalog's answers are cached.
+async fn refused_twice(c: &tokio_postgres::Client, sqls: &[&str]) {
+    for _ in 0..2 {
+        for sql in sqls {
+            refused(c, sql).await;
+        }
+    }
+}
+
 async fn refused(c: &tokio_postgres::Client, sql: &str) {
     let e = c.simple_query(sql).await.expect_err(sql);
     assert_eq!(code(&e), "42501", "{sql}: {e:?}");
@@ -1925,18 +1934,18 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let c = h.connect().await;
-    for _ in 0..2 {
-        for sql in [
+    refused_twice(
+        &c,
+        &[
             "INSERT INTO audit_me VALUES (1)",
             "INSERT INTO public.audit_me VALUES (1)",
             "INSERT INTO ruled VALUES (1)",
             // Through a view: the base table's trigger fires.
             "INSERT INTO audit_view VALUES (1)",
             "WITH x AS (INSERT INTO ruled VALUES (1) RETURNING id) SELECT * FROM x",
-        ] {
-            refused(&c, sql).await;
-        }
-    }
+        ],
+    )
+    .await;
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
     // Reading such a table runs nothing; a disabled trigger does not fire; a view's own
     // (SELECT) rule is no write rule.
@@ -2002,8 +2011,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let c = h.connect().await;
-    for _ in 0..2 {
-        for sql in [
+    refused_twice(&c, &[
             // A column default, directly or through its domain.
             "INSERT INTO by_default (y) VALUES (1)",
             "INSERT INTO by_default VALUES (DEFAULT, 1)",
@@ -2034,10 +2042,8 @@ defaults: { no_match: allow, unknown_operation: deny }
             "ALTER TABLE checked VALIDATE CONSTRAINT checked_x_check",
             // An IMMUTABLE function that calls a VOLATILE one, called directly.
             "SELECT zapi()",
-        ] {
-            refused(&c, sql).await;
-        }
-    }
+    ])
+    .await;
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
     // Deleting runs no default, constraint or index expression; built-ins and a SQL function
     // that only computes are known.
@@ -2078,8 +2084,9 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let c = h.connect().await;
-    for _ in 0..2 {
-        for sql in [
+    refused_twice(
+        &c,
+        &[
             "SELECT * FROM guarded",
             "SELECT count(*) FROM public.guarded",
             "SELECT * FROM guarded_view",
@@ -2088,10 +2095,9 @@ defaults: { no_match: allow, unknown_operation: deny }
             "DELETE FROM guarded",
             // A policy that reads a view, which calls a function.
             "SELECT * FROM nested",
-        ] {
-            refused(&c, sql).await;
-        }
-    }
+        ],
+    )
+    .await;
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
     // A policy of built-ins reading a plain table, and one on a table without row security,
     // run no user code.
@@ -2141,8 +2147,9 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let c = h.connect().await;
-    for _ in 0..2 {
-        for sql in [
+    refused_twice(
+        &c,
+        &[
             // A user cast, run on assignment or implicitly.
             "INSERT INTO moods SELECT item FROM orders LIMIT 1",
             "SELECT upper(m) FROM moods",
@@ -2151,10 +2158,9 @@ defaults: { no_match: allow, unknown_operation: deny }
             "SELECT reads_view()",
             "SELECT reads_guarded()",
             "SELECT shadowed()",
-        ] {
-            refused(&c, sql).await;
-        }
-    }
+        ],
+    )
+    .await;
     assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
     for _ in 0..2 {
         c.simple_query("SELECT reads_orders(), upper(f::text) FROM feelings").await.unwrap();
