@@ -18,6 +18,9 @@ use proxy_node::policy::{Classification, FunctionRef, SessionEffect, classify};
 use testkit::Postgres;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+#[path = "differential/generate.rs"]
+mod generate;
+
 /// Operations that neither change data nor widen rights.
 const READ_OPS: &[Operation] = &[
     Operation::Select,
@@ -613,47 +616,65 @@ async fn reseed(pg: &Postgres) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_classifier_never_calls_a_server_write_read_only() -> anyhow::Result<()> {
-    let pg = Postgres::start()?;
-    pg.psql("postgres", "CREATE DATABASE shop_tpl")?;
-    pg.psql("shop_tpl", SEED)?;
-    pg.psql("postgres", "CREATE DATABASE shop TEMPLATE shop_tpl")?;
-    let dir = tempfile::tempdir()?;
-    let csv = dir.path().join("orders.csv");
-    std::fs::write(&csv, "78,from file\n")?;
-    // The server process reads the file.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+/// A PostgreSQL cluster with `shop` seeded (and `shop_tpl` to remake it from), a CSV file the
+/// server can read, and the fingerprints each statement must leave as they are.
+struct Target {
+    pg: Postgres,
+    dir: tempfile::TempDir,
+    /// The CSV file's path, for `{file}` in a statement.
+    csv: String,
+    baseline: Vec<String>,
+    seq_baseline: Vec<String>,
+}
 
-    let catalog = pg.connect("shop").await?;
-    let baseline = first_row(&catalog.simple_query(&format!("SELECT {}", fingerprint_sql())).await?);
-    let seq_baseline = sequence_state(&catalog).await?;
-    drop(catalog);
-
-    let mut cases: Vec<(Option<&str>, String)> =
-        CORPUS.iter().map(|s| (None, s.replace("{file}", csv.to_str().expect("utf-8 path")))).collect();
-    cases.extend(PREPARED.iter().map(|(setup, sql)| (Some(*setup), sql.to_string())));
-    assert!(cases.len() >= 150, "corpus has {} statements", cases.len());
-
-    let mut rows = Vec::new();
-    for (setup, sql) in &cases {
-        let mut c = classify(sql);
-        if let Some(s) = setup {
-            let prepared = prepared_of(&classify(s));
-            c.resolve_executes(|n| prepared.get(n).cloned());
-        } else {
-            c.resolve_executes(|_| None);
-        }
-        // Resolve against the pristine catalog (a statement may have committed DDL before).
-        resolve(&pg, dir.path(), &mut c).await?;
-        let verdict = judge(&c);
-        let (outcome, error) = run_on_server(&pg, &baseline, &seq_baseline, *setup, sql).await?;
-        rows.push(Row { sql: sql.clone(), verdict, outcome, error });
+impl Target {
+    async fn start() -> anyhow::Result<Self> {
+        let pg = Postgres::start()?;
+        pg.psql("postgres", "CREATE DATABASE shop_tpl")?;
+        pg.psql("shop_tpl", SEED)?;
+        pg.psql("postgres", "CREATE DATABASE shop TEMPLATE shop_tpl")?;
+        let dir = tempfile::tempdir()?;
+        let csv = dir.path().join("orders.csv");
+        std::fs::write(&csv, "78,from file\n")?;
+        // The server process reads the file.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let catalog = pg.connect("shop").await?;
+        let baseline = first_row(&catalog.simple_query(&format!("SELECT {}", fingerprint_sql())).await?);
+        let seq_baseline = sequence_state(&catalog).await?;
+        let csv = csv.to_str().expect("utf-8 path").to_string();
+        Ok(Self { pg, dir, csv, baseline, seq_baseline })
     }
 
+    /// Classify each case (after its setup statement, if any) as the gateway does, and run it on
+    /// the server.
+    async fn run(&self, cases: &[(Option<&str>, String)]) -> anyhow::Result<Vec<Row>> {
+        let mut rows = Vec::with_capacity(cases.len());
+        for (setup, sql) in cases {
+            let sql = sql.replace("{file}", &self.csv);
+            let mut c = classify(&sql);
+            if let Some(s) = setup {
+                let prepared = prepared_of(&classify(s));
+                c.resolve_executes(|n| prepared.get(n).cloned());
+            } else {
+                c.resolve_executes(|_| None);
+            }
+            // Resolve against the pristine catalog (a statement may have committed DDL before).
+            resolve(&self.pg, self.dir.path(), &mut c).await?;
+            let verdict = judge(&c);
+            let (outcome, error) =
+                run_on_server(&self.pg, &self.baseline, &self.seq_baseline, *setup, &sql).await?;
+            rows.push(Row { sql, verdict, outcome, error });
+        }
+        Ok(rows)
+    }
+}
+
+/// A line per row (what the server did, the classifier's verdict, the statement) and how many
+/// rows had each outcome.
+fn report(rows: &[Row]) -> (String, BTreeMap<&'static str, usize>) {
     let mut report = String::new();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &rows {
+    for r in rows {
         let (kind, why) = match r.outcome {
             Outcome::Wrote(w) => ("WROTE", w),
             Outcome::Clean => ("clean", ""),
@@ -671,9 +692,26 @@ async fn the_classifier_never_calls_a_server_write_read_only() -> anyhow::Result
             r.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
         );
     }
+    (report, counts)
+}
+
+/// The rows the server wrote for while the classifier called them read-only.
+fn bypasses(rows: &[Row]) -> Vec<&Row> {
+    rows.iter().filter(|r| r.verdict.is_ok() && wrote(r)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classifier_never_calls_a_server_write_read_only() -> anyhow::Result<()> {
+    let target = Target::start().await?;
+    let mut cases: Vec<(Option<&str>, String)> = CORPUS.iter().map(|s| (None, s.to_string())).collect();
+    cases.extend(PREPARED.iter().map(|(setup, sql)| (Some(*setup), sql.to_string())));
+    assert!(cases.len() >= 150, "corpus has {} statements", cases.len());
+    let rows = target.run(&cases).await?;
+
+    let (report, counts) = report(&rows);
     println!("{report}\n{counts:?}");
 
-    let bypasses: Vec<&Row> = rows.iter().filter(|r| r.verdict.is_ok() && wrote(r)).collect();
+    let bypasses = bypasses(&rows);
     let new: Vec<String> = bypasses
         .iter()
         .filter(|r| !KNOWN_BYPASSES.contains(&r.sql.as_str()))
@@ -699,14 +737,7 @@ async fn the_classifier_never_calls_a_server_write_read_only() -> anyhow::Result
 /// classifier calling it read-only would fail the test above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_harness_detects_each_kind_of_write() -> anyhow::Result<()> {
-    let pg = Postgres::start()?;
-    pg.psql("postgres", "CREATE DATABASE shop_tpl")?;
-    pg.psql("shop_tpl", SEED)?;
-    pg.psql("postgres", "CREATE DATABASE shop TEMPLATE shop_tpl")?;
-    let c = pg.connect("shop").await?;
-    let baseline = first_row(&c.simple_query(&format!("SELECT {}", fingerprint_sql())).await?);
-    let seq = sequence_state(&c).await?;
-    drop(c);
+    let Target { pg, baseline, seq_baseline: seq, .. } = Target::start().await?;
     for (sql, want) in [
         (
             "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
@@ -726,5 +757,39 @@ async fn the_harness_detects_each_kind_of_write() -> anyhow::Result<()> {
     // And the judge rejects a writing CTE, so calling it read-only is what the main test catches.
     assert!(judge(&classify("WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d")).is_err());
     assert!(judge(&classify("SELECT * FROM orders")).is_ok());
+    Ok(())
+}
+
+/// The corpus generated from pieces ([`generate`]): every payload in every context, then
+/// random recombinations with lexical tricks. None may be called read-only and write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_corpus_holds_no_write_the_classifier_calls_read_only() -> anyhow::Result<()> {
+    let var =
+        |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let seed = var("DIFFERENTIAL_SEED", 0x5eed_a11c);
+    let n = var("DIFFERENTIAL_RANDOM", 500) as usize;
+    let mut sqls = generate::systematic();
+    let systematic = sqls.len();
+    sqls.extend(generate::random(&mut generate::Rng::new(seed), n));
+    let cases: Vec<(Option<&str>, String)> = sqls.into_iter().map(|s| (None, s)).collect();
+    let target = Target::start().await?;
+    let rows = target.run(&cases).await?;
+
+    let (report, counts) = report(&rows);
+    println!("{report}\n{counts:?}");
+    let found: Vec<String> =
+        bypasses(&rows).iter().map(|r| format!("{:?} ({:?})", r.sql, r.outcome)).collect();
+    assert!(
+        found.is_empty(),
+        "seed {seed}: the server wrote but the classifier said read-only:\n{}",
+        found.join("\n")
+    );
+    // The corpus exercised both sides: the server wrote for many statements, in the systematic
+    // part and the random one, and many others it ran clean were called read-only.
+    let wrote_in = |rows: &[Row]| rows.iter().filter(|r| wrote(r)).count();
+    assert!(wrote_in(&rows[..systematic]) * 2 >= systematic, "{counts:?}");
+    assert!(wrote_in(&rows[systematic..]) * 3 >= n, "{counts:?}");
+    let read_only_clean = rows.iter().filter(|r| r.verdict.is_ok() && r.outcome == Outcome::Clean).count();
+    assert!(read_only_clean >= 40, "{read_only_clean} read-only statements ran clean: {counts:?}");
     Ok(())
 }

@@ -1415,6 +1415,20 @@ impl Visitor for Calls<'_> {
             // A cast to a user type (a domain's CHECK, a user cast) runs functions too.
             Expr::Cast { data_type, .. } => self.cast(data_type),
             Expr::TypedString(t) => self.cast(&t.data_type),
+            // `x AS name` inside a call's parentheses: PostgreSQL reads `CAST(x AS name)` or
+            // `TREAT(x AS name)` there (in FROM, sqlparser takes them for table functions with
+            // such an argument), so `name` is a type the value is converted to.
+            Expr::Named { name, .. } => {
+                let unquoted = name.quote_style.is_none().then(|| {
+                    Parser::new(&PostgreSqlDialect {})
+                        .try_with_sql(&name.value)
+                        .and_then(|mut p| p.parse_data_type())
+                });
+                match unquoted {
+                    Some(Ok(t)) => self.cast(&t),
+                    _ => self.cast(&DataType::Custom(ObjectName::from(vec![name.clone()]), vec![])),
+                }
+            }
             _ => {}
         }
         ControlFlow::Continue(())
@@ -1687,6 +1701,11 @@ mod tests {
         assert!(classify(r#"SELECT * FROM jsonb_to_record('{"a":1}') AS t(a my_domain)"#).unknown.is_some());
         assert!(classify(r#"SELECT * FROM jsonb_to_record('{"a":1}') AS t(a int)"#).unknown.is_none());
         assert!(classify("SELECT '5'::int4, now()::date, '10.0.0.1'::inet").unknown.is_none());
+        // A cast in FROM, which sqlparser reads as a table function `cast` with an argument
+        // `1 AS my_domain` (found by the generated differential corpus).
+        assert!(classify("SELECT * FROM CAST(1 AS my_domain) f").unknown.is_some());
+        assert!(classify("SELECT * FROM pg_catalog.cast(1 AS my_domain) f").unknown.is_some());
+        assert!(classify("SELECT * FROM CAST(1 AS int) f").unknown.is_none());
         // Row locks anywhere.
         let c = classify("SELECT * FROM (SELECT * FROM orders FOR UPDATE) s");
         assert!(c.accesses.iter().any(|a| a.operation == Operation::Lock), "{c:?}");
