@@ -2,35 +2,21 @@
 //! against a real PostgreSQL, NATS JetStream and OIDC issuer, with a fake Slack that records
 //! every Web API call. A signed click in "Slack" makes the held statement run on PostgreSQL.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use approval_service::slack::fake::{self, FakeSlack};
 use approval_service::slack::{APPROVE_ACTION, DENY_ACTION};
-use futures::StreamExt;
-use testkit::{Nats, OidcIssuer, Postgres, Proc, free_port, wait_for_port};
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use common::{
+    Agent, Ports, airlock, apply_policy_file, connect_when_ready, gateway_toml, seed_shop,
+    shop_connection_yaml, spawn,
+};
+use testkit::{Nats, OidcIssuer, Postgres, Proc, wait_for_port};
 
-const DB_PASSWORD: &str = "svc-Pa55word";
 const SECRET: &str = "e2e-signing-secret";
 const CHANNEL: &str = "C_DBA";
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_airlock"))
-}
-
-fn seed(pg: &Postgres) {
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql(
-        "shop",
-        "SET ROLE airlock_svc; CREATE TABLE orders (id int primary key, item text); \
-         INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum');",
-    )
-    .unwrap();
-}
 
 struct Env {
     dir: tempfile::TempDir,
@@ -42,24 +28,15 @@ struct Env {
 /// airlock.toml with Slack pointed at `slack`, and the policy applied.
 fn setup(pg: &Postgres, nats: &Nats, oidc: &OidcIssuer, slack: &FakeSlack) -> (Env, Proc) {
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, approvals, store) = (free_port(), free_port(), free_port());
+    let ports = Ports::new();
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
         &cfg,
         format!(
             r#"[nats]
 url = "{nats}"
-[proxy]
-listen = "127.0.0.1:{proxy}"
-policy_store = ["http://127.0.0.1:{store}"]
-policy_store_token = "test-read-token"
-hold_grace = "2s"
-[proxy.oidc]
-issuer = "{issuer}"
-audience = "{aud}"
-[approvals]
-listen = "127.0.0.1:{approvals}"
-admin_token = "test-admin-token"
+
+{gateway}
 [approvals.slack]
 bot_token = "xoxb-e2e"
 signing_secret = "{SECRET}"
@@ -68,33 +45,21 @@ api_url = "{api}"
 name = "dana"
 email = "dana@example.com"
 groups = ["dba"]
-[policy_store]
-listen = "127.0.0.1:{store}"
-data_dir = "{data}/policy-store"
-admin_token = "test-store-admin-token"
-read_token = "test-read-token"
 "#,
             nats = nats.url,
-            issuer = oidc.issuer,
-            aud = oidc.audience,
+            gateway = gateway_toml(dir.path(), &ports, oidc),
             api = slack.api_url,
-            data = dir.path().join("data").display(),
         ),
     )
     .unwrap();
     slack.add_user("U_DANA", "dana@example.com");
     let store_proc = spawn(dir.path(), &cfg, &["policy-store"], "policy-store");
-    wait_for_port(store, Duration::from_secs(20)).unwrap();
+    wait_for_port(ports.store, Duration::from_secs(20)).unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
         format!(
-            r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_env: SHOP_DB_PASSWORD }}
-rules:
+            r#"{connections}rules:
   - name: order-writes-need-approval
     connections: [shop]
     match: {{ operations: [delete, update], tables: [orders] }}
@@ -105,75 +70,12 @@ rules:
 masking:
   - detectors: [email]
 "#,
-            port = pg.port
+            connections = shop_connection_yaml(pg)
         ),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = Command::new(bin())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["policy", "apply", "-f", policy.to_str().unwrap()])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        if o.status.success() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "policy apply: {}", String::from_utf8_lossy(&o.stderr));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    (Env { dir, cfg, proxy, approvals }, store_proc)
-}
-
-fn spawn(dir: &Path, cfg: &Path, args: &[&str], name: &str) -> Proc {
-    let mut cmd = Command::new(bin());
-    cmd.arg("-c")
-        .arg(cfg)
-        .args(args)
-        .current_dir(dir)
-        .env("SHOP_DB_PASSWORD", DB_PASSWORD)
-        .env("RUST_LOG", "info");
-    Proc::spawn(cmd, name).unwrap()
-}
-
-struct Agent {
-    client: tokio_postgres::Client,
-    notices: mpsc::UnboundedReceiver<String>,
-}
-
-async fn connect_when_ready(port: u16, token: &str) -> Agent {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let attempt = tokio_postgres::Config::new()
-            .host("127.0.0.1")
-            .port(port)
-            .user("agent")
-            .password(token)
-            .dbname("shop")
-            .connect_timeout(Duration::from_secs(5))
-            .connect(NoTls)
-            .await;
-        match attempt {
-            Ok((client, mut conn)) => {
-                let (tx, notices) = mpsc::unbounded_channel();
-                tokio::spawn(async move {
-                    let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-                    while let Some(Ok(m)) = stream.next().await {
-                        if let AsyncMessage::Notice(n) = m {
-                            let _ = tx.send(n.message().to_string());
-                        }
-                    }
-                });
-                return Agent { client, notices };
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect through the gateway: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    apply_policy_file(dir.path(), &cfg, &policy);
+    (Env { dir, cfg, proxy: ports.proxy, approvals: ports.approvals }, store_proc)
 }
 
 fn hold_id_from(notice: &str) -> uuid::Uuid {
@@ -189,7 +91,7 @@ async fn callback(port: u16, body: &str) -> u16 {
 async fn a_signed_slack_click_runs_the_held_statement_and_a_slack_denial_keeps_it_from_running() {
     testkit::init_crypto();
     let pg = Postgres::start().unwrap();
-    seed(&pg);
+    seed_shop(&pg, "");
     let nats = Nats::start().unwrap();
     let oidc = OidcIssuer::start().unwrap();
     let slack = FakeSlack::start().await.unwrap();
@@ -215,13 +117,11 @@ async fn a_signed_slack_click_runs_the_held_statement_and_a_slack_denial_keeps_i
     assert!(posted.body.to_string().contains("DELETE FROM orders WHERE id = 1"));
     // The CLI shows the same hold in full.
     let url = format!("http://127.0.0.1:{}", env.approvals);
-    let shown = Command::new(bin())
-        .arg("-c")
-        .arg(&env.cfg)
-        .args(["approvals", "show", &id.to_string(), "--url", &url, "--token", "test-admin-token"])
-        .current_dir(env.dir.path())
-        .output()
-        .unwrap();
+    let shown = airlock(
+        env.dir.path(),
+        &env.cfg,
+        &["approvals", "show", &id.to_string(), "--url", &url, "--token", "test-admin-token"],
+    );
     let shown = String::from_utf8_lossy(&shown.stdout);
     for needle in
         ["DELETE FROM orders WHERE id = 1", "agent-7", "order-writes-need-approval", "dba, 1 needed"]
@@ -278,7 +178,7 @@ async fn a_signed_slack_click_runs_the_held_statement_and_a_slack_denial_keeps_i
 async fn a_hold_pending_when_the_service_is_killed_with_9_completes_after_a_restart() {
     testkit::init_crypto();
     let pg = Postgres::start().unwrap();
-    seed(&pg);
+    seed_shop(&pg, "");
     let nats = Nats::start().unwrap();
     let oidc = OidcIssuer::start().unwrap();
     let slack = FakeSlack::start().await.unwrap();

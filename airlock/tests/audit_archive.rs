@@ -15,6 +15,7 @@ use proto::subjects;
 use recorder::audit::{self, Verdict};
 use recorder::{RecorderConfig, StorageConfig};
 use testkit::Proc;
+use testkit::sessions::{interleave, spaced};
 use uuid::Uuid;
 
 fn bin() -> PathBuf {
@@ -77,20 +78,7 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
         }
     }
     events.push(Event::SessionEnded { reason: "client closed".into() });
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(i, event)| {
-            let mut env = Envelope::new(id, event);
-            env.at = Timestamp(start + i64::try_from(i).expect("small") * 1_000);
-            env
-        })
-        .collect()
-}
-
-fn interleave(sessions: &[Vec<Envelope>]) -> Vec<Envelope> {
-    let longest = sessions.iter().map(Vec::len).max().unwrap_or(0);
-    (0..longest).flat_map(|i| sessions.iter().filter_map(move |s| s.get(i).cloned())).collect()
+    spaced(events, start, 1_000, |event, at| Envelope { at: Timestamp(at), ..Envelope::new(id, event) })
 }
 
 fn storage_toml(s: &StorageConfig) -> String {

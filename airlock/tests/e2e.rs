@@ -2,21 +2,20 @@
 //! against a real PostgreSQL, NATS JetStream, S3 server and OIDC issuer, driven by a real
 //! Postgres client.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use testkit::{Nats, OidcIssuer, Postgres, Proc, S3, free_port, wait_for_port};
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
+use common::{
+    Ports, airlock, apply_policy_file, connect, connect_when_ready, gateway_toml, seed_shop,
+    shop_connection_yaml, spawn,
+};
+use testkit::{Nats, OidcIssuer, Postgres, S3, free_port, wait_for_port};
+use tokio_postgres::SimpleQueryMessage;
 
-const DB_PASSWORD: &str = "svc-Pa55word";
 const ETL_KEY: &str = "ak_test_etl_0123456789";
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_airlock"))
-}
 
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
@@ -25,27 +24,16 @@ fn sha256_hex(s: &str) -> String {
 
 /// Create the target database, the gateway's own role, and some rows.
 fn seed(pg: &Postgres) {
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql(
-        "shop",
-        "SET ROLE airlock_svc; \
-         CREATE TABLE orders (id int primary key, item text); \
-         INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum'); \
-         CREATE TABLE payments (id int primary key, amount int); \
+    seed_shop(
+        pg,
+        " CREATE TABLE payments (id int primary key, amount int); \
          INSERT INTO payments VALUES (1, 10), (2, 20);",
-    )
-    .unwrap();
+    );
 }
 
 fn policy_yaml(pg: &Postgres) -> String {
     format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_env: SHOP_DB_PASSWORD }}
-rules:
+        r#"{connections}rules:
   - name: order-writes-need-approval
     connections: [shop]
     principals: {{ groups: [agents] }}
@@ -65,53 +53,14 @@ service_accounts:
     groups: [agents]
     api_key_sha256: {hash}
 "#,
-        port = pg.port,
+        connections = shop_connection_yaml(pg),
         hash = sha256_hex(ETL_KEY)
     )
 }
 
-struct Ports {
-    proxy: u16,
-    approvals: u16,
-    store: u16,
-}
-
-impl Ports {
-    fn new() -> Self {
-        Self { proxy: free_port(), approvals: free_port(), store: free_port() }
-    }
-}
-
 /// airlock.toml for a deployment.
 fn config(dir: &Path, ports: &Ports, oidc: &OidcIssuer, nats: Option<&Nats>, s3: Option<&S3>) -> PathBuf {
-    let mut c = format!(
-        r#"[proxy]
-listen = "127.0.0.1:{proxy}"
-policy_store = ["http://127.0.0.1:{store}"]
-policy_store_token = "test-read-token"
-hold_grace = "2s"
-
-[proxy.oidc]
-issuer = "{issuer}"
-audience = "{aud}"
-
-[approvals]
-listen = "127.0.0.1:{approvals}"
-admin_token = "test-admin-token"
-
-[policy_store]
-listen = "127.0.0.1:{store}"
-data_dir = "{data}/policy-store"
-admin_token = "test-store-admin-token"
-read_token = "test-read-token"
-"#,
-        proxy = ports.proxy,
-        store = ports.store,
-        approvals = ports.approvals,
-        issuer = oidc.issuer,
-        aud = oidc.audience,
-        data = dir.join("data").display(),
-    );
+    let mut c = gateway_toml(dir, ports, oidc);
     if let Some(n) = nats {
         // Ample for every record while NATS is up; short enough that the test taking NATS down
         // sees its sessions fail soon.
@@ -128,22 +77,6 @@ read_token = "test-read-token"
     path
 }
 
-fn spawn(dir: &Path, cfg: &Path, args: &[&str], name: &str) -> Proc {
-    let mut cmd = Command::new(bin());
-    cmd.arg("-c")
-        .arg(cfg)
-        .args(args)
-        .current_dir(dir)
-        .env("SHOP_DB_PASSWORD", DB_PASSWORD)
-        .env("RUST_LOG", "info");
-    Proc::spawn(cmd, name).unwrap()
-}
-
-/// Run an admin command to completion.
-fn airlock(dir: &Path, cfg: &Path, args: &[&str]) -> Output {
-    Command::new(bin()).arg("-c").arg(cfg).args(args).current_dir(dir).output().unwrap()
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -155,58 +88,8 @@ fn stderr(o: &Output) -> String {
 fn apply_policy(dir: &Path, cfg: &Path, yaml: &str) {
     let file = dir.join("policy.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = airlock(dir, cfg, &["policy", "apply", "-f", file.to_str().unwrap()]);
-        if o.status.success() {
-            assert!(stdout(&o).contains("version"), "{}", stdout(&o));
-            return;
-        }
-        assert!(Instant::now() < deadline, "policy apply failed: {}", stderr(&o));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-struct Agent {
-    client: tokio_postgres::Client,
-    notices: mpsc::UnboundedReceiver<String>,
-}
-
-async fn connect(port: u16, password: &str) -> Result<Agent, tokio_postgres::Error> {
-    let (client, mut conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("agent")
-        .password(password)
-        .dbname("shop")
-        .connect_timeout(Duration::from_secs(10))
-        .connect(NoTls)
-        .await?;
-    let (tx, notices) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = stream.next().await {
-            if let AsyncMessage::Notice(n) = m {
-                let _ = tx.send(n.message().to_string());
-            }
-        }
-    });
-    Ok(Agent { client, notices })
-}
-
-/// Connect, retrying while the proxy is still receiving its first policy.
-async fn connect_when_ready(port: u16, password: &str) -> Agent {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match connect(port, password).await {
-            Ok(a) => return a,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("cannot connect through the gateway: {e}"),
-        }
-    }
+    let o = apply_policy_file(dir, cfg, &file);
+    assert!(stdout(&o).contains("version"), "{}", stdout(&o));
 }
 
 fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {

@@ -4,192 +4,26 @@
 //! as something else in `airlock approvals show`. Against a real nats-server, the fake Slack and a
 //! real OIDC issuer (testkit's).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use approval_service::ApprovalsConfig;
 use approval_service::client::{ApprovalsClient, render_hold, render_holds};
-use approval_service::config::{ApproverEntry, SlackConfig};
 use approval_service::slack::APPROVE_ACTION;
 use approval_service::slack::fake::{self, FakeSlack};
-use approval_service::{ApprovalError, ApprovalsConfig};
-use eventbus::{EventBus, NatsConfig, Subscription};
-use policy_store::client::ActivePolicy;
-use proto::events::{
-    ApproverSpec, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, SessionId, Timestamp,
+use common::{
+    CHANNEL, DBA_RULE, SECRET, Service, WAIT, decision_for, entry, hold_request, nats_bus, no_decision_for,
+    oidc_config, posted, request_hold, slack_config, token_with_email, visible,
 };
+use proto::events::{Event, HoldDecision, HoldOutcome, HoldRequest, Timestamp};
 use proto::subjects;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 const TOKEN: &str = "test-admin-token-0123456789";
-const SECRET: &str = "slack-signing-secret";
-const CHANNEL: &str = "C_APPROVALS";
-const WAIT: Duration = Duration::from_secs(15);
-/// A policy whose hold rule names `dba` as its approvers.
-const DBA_RULE: &str =
-    "rules:\n  - name: writes-need-approval\n    action: hold\n    approvers: { groups: [dba] }\n";
-
-struct Service {
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ApprovalError>>,
-}
-
-impl Service {
-    async fn start(bus: EventBus, cfg: ApprovalsConfig, policy: &str) -> anyhow::Result<Service> {
-        testkit::init_crypto();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let document = proto::policy::parse(policy)?;
-        let (tx, rx) =
-            watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task =
-            tokio::spawn(approval_service::run_with_policy(cfg, bus, Some(rx), listener, async move {
-                let _keep = tx;
-                let _ = stopped.await;
-            }));
-        Ok(Service { url, stop, task })
-    }
-
-    fn admin(&self) -> ApprovalsClient {
-        ApprovalsClient::new(&self.url, TOKEN)
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task).await.context("service did not stop")??.context("run failed")
-    }
-
-    /// POST a Slack callback with these timestamp and signature headers.
-    async fn callback(&self, body: &str, ts: &str, sig: &str) -> anyhow::Result<StatusCode> {
-        let resp = reqwest::Client::new()
-            .post(format!("{}/slack/interactions", self.url))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("x-slack-request-timestamp", ts)
-            .header("x-slack-signature", sig)
-            .body(body.to_string())
-            .send()
-            .await?;
-        Ok(resp.status())
-    }
-
-    /// POST a correctly signed Slack callback.
-    async fn signed(&self, body: &str) -> anyhow::Result<StatusCode> {
-        let ts = fake::now_ts();
-        self.callback(body, &ts, &fake::sign(SECRET, &ts, body)).await
-    }
-}
-
-fn entry(name: &str, email: Option<&str>, slack_user: Option<&str>, groups: &[&str]) -> ApproverEntry {
-    ApproverEntry {
-        name: name.into(),
-        email: email.map(str::to_string),
-        slack_user: slack_user.map(str::to_string),
-        groups: groups.iter().map(|g| g.to_string()).collect(),
-    }
-}
-
-fn slack_config(slack: &FakeSlack) -> SlackConfig {
-    SlackConfig {
-        bot_token: Some("xoxb-test".into()),
-        bot_token_file: None,
-        signing_secret: Some(SECRET.into()),
-        signing_secret_file: None,
-        api_url: slack.api_url.clone(),
-        default_channel: Some(CHANNEL.into()),
-        team_id: Some("T0001".into()),
-    }
-}
-
-fn oidc_config(oidc: &testkit::OidcIssuer) -> proxy_node::identity::OidcConfig {
-    let mut c = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
-    c.audience = oidc.audience.clone();
-    c
-}
-
-/// A token with a verified `email` claim.
-fn token_with_email(oidc: &testkit::OidcIssuer, sub: &str, email: &str, groups: &[&str]) -> String {
-    let mut claims = oidc.claims(sub, groups);
-    claims["email"] = email.into();
-    claims["email_verified"] = true.into();
-    oidc.token_with(claims)
-}
-
-async fn nats_bus(nats: &testkit::Nats) -> anyhow::Result<EventBus> {
-    testkit::init_crypto();
-    Ok(EventBus::connect_nats(&NatsConfig { url: nats.url.clone(), ..Default::default() }).await?)
-}
-
-fn hold_request(min: u32) -> HoldRequest {
-    let now = Timestamp::now();
-    HoldRequest {
-        requester_email: None,
-        hold_id: Uuid::now_v7(),
-        seq: 3,
-        connection: "shop".into(),
-        principal: Principal {
-            subject: "agent-7".into(),
-            groups: vec!["agents".into()],
-            kind: "oidc".into(),
-        },
-        statement: "DELETE FROM orders WHERE id = 42".into(),
-        parameters: vec![],
-        fingerprint: "f00d".into(),
-        rule: "writes-need-approval".into(),
-        reason: "delete on orders".into(),
-        approvers: ApproverSpec { groups: vec!["dba".into()], min },
-        requested_at: now,
-        expires_at: now.plus(Duration::from_secs(300)),
-    }
-}
-
-async fn request_hold(bus: &EventBus, req: &HoldRequest) -> anyhow::Result<SessionId> {
-    let session = Uuid::now_v7();
-    bus.publish(&Envelope::new(session, Event::HoldRequested(Box::new(req.clone())))).await?;
-    Ok(session)
-}
-
-async fn decision_for(sub: &mut Subscription, hold: Uuid, within: Duration) -> anyhow::Result<HoldDecision> {
-    let wait = async {
-        while let Some(env) = sub.next().await {
-            if let Event::HoldDecided(d) = env.event
-                && d.hold_id == hold
-            {
-                return Ok(d);
-            }
-        }
-        bail!("the bus closed")
-    };
-    tokio::time::timeout(within, wait).await.context("no decision in time")?
-}
-
-async fn no_decision_for(sub: &mut Subscription, hold: Uuid, within: Duration) {
-    let r = decision_for(sub, hold, within).await;
-    assert!(r.is_err(), "unexpected decision: {r:?}");
-}
-
-/// Waits until `client` sees the hold.
-async fn visible(client: &ApprovalsClient, id: Uuid) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while client.get(id).await.is_err() {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "hold {id} never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-/// The hold's message, once posted.
-async fn posted(slack: &FakeSlack, hold: Uuid) {
-    slack
-        .wait_for("chat.postMessage", WAIT, |b| b.to_string().contains(&hold.to_string()))
-        .await
-        .expect("the hold was posted to Slack");
-}
 
 /// What Slack told `user` (ephemerally) that contains `needle`, if anything.
 async fn told(slack: &FakeSlack, user: &str, needle: &str) -> Option<Value> {
@@ -223,10 +57,10 @@ async fn a_slack_user_mapped_by_id_is_known_by_their_profile_email_too() -> anyh
         ..Default::default()
     };
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone(), cfg, DBA_RULE).await?;
+    let svc = Service::start(bus.clone(), cfg, Some(DBA_RULE)).await?;
 
     // Alice's agent runs as her token: `sub` 00u1alice, her verified e-mail named in the hold.
-    let mut own = hold_request(1);
+    let mut own = hold_request(Duration::from_secs(300), 1);
     own.principal.subject = "00u1alice".into();
     own.requester_email = Some("alice@example.com".into());
     request_hold(&bus, &own).await?;
@@ -234,10 +68,10 @@ async fn a_slack_user_mapped_by_id_is_known_by_their_profile_email_too() -> anyh
     svc.signed(&fake::click("U_ALICE", APPROVE_ACTION, own.hold_id, CHANNEL)).await?;
     assert!(told(&slack, "U_ALICE", "own hold").await.is_some(), "{:?}", slack.bodies("chat.postEphemeral"));
     no_decision_for(&mut decisions, own.hold_id, Duration::from_millis(500)).await;
-    assert!(svc.admin().get(own.hold_id).await?.approvals.is_empty());
+    assert!(svc.client().get(own.hold_id).await?.approvals.is_empty());
 
     // Two approvals needed: Alice's token, then Alice in Slack, are one person.
-    let req = hold_request(2);
+    let req = hold_request(Duration::from_secs(300), 2);
     request_hold(&bus, &req).await?;
     posted(&slack, req.hold_id).await;
     let alice =
@@ -246,7 +80,7 @@ async fn a_slack_user_mapped_by_id_is_known_by_their_profile_email_too() -> anyh
     svc.signed(&fake::click("U_ALICE", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
     assert!(told(&slack, "U_ALICE", "already approved").await.is_some(), "Alice was not told");
     no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(500)).await;
-    assert_eq!(svc.admin().get(req.hold_id).await?.approvals, vec!["00u1alice".to_string()]);
+    assert_eq!(svc.client().get(req.hold_id).await?.approvals, vec!["00u1alice".to_string()]);
     // Another person completes it.
     svc.signed(&fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL)).await?;
     let d = decision_for(&mut decisions, req.hold_id, WAIT).await?;
@@ -270,14 +104,14 @@ async fn absurd_timestamps_and_misshapen_signatures_get_401() -> anyhow::Result<
         ..Default::default()
     };
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone(), cfg, DBA_RULE).await?;
-    let req = hold_request(1);
+    let svc = Service::start(bus.clone(), cfg, Some(DBA_RULE)).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
     posted(&slack, req.hold_id).await;
     let body = fake::click("U_DANA", APPROVE_ACTION, req.hold_id, CHANNEL);
 
     for ts in [i64::MIN.to_string(), (i64::MIN + 1).to_string(), i64::MAX.to_string(), "-1".into()] {
-        let status = svc.callback(&body, &ts, &fake::sign(SECRET, &ts, &body)).await?;
+        let (status, _) = svc.callback(&body, Some(&ts), Some(&fake::sign(SECRET, &ts, &body))).await?;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "timestamp {ts}");
     }
     let now = fake::now_ts();
@@ -291,12 +125,12 @@ async fn absurd_timestamps_and_misshapen_signatures_get_401() -> anyhow::Result<
         ("a second signature after it", format!("{good},v0={}", "0".repeat(64))),
         ("only half of it", good[..good.len() / 2].to_string()),
     ] {
-        assert_eq!(svc.callback(&body, &now, &sig).await?, StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(svc.callback(&body, Some(&now), Some(&sig)).await?.0, StatusCode::UNAUTHORIZED, "{what}");
     }
     no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
-    assert!(svc.admin().get(req.hold_id).await?.approvals.is_empty());
+    assert!(svc.client().get(req.hold_id).await?.approvals.is_empty());
     // The service is still there, and takes a proper click.
-    assert_eq!(svc.signed(&body).await?, StatusCode::OK);
+    assert_eq!(svc.signed(&body).await?.0, StatusCode::OK);
     assert_eq!(decision_for(&mut decisions, req.hold_id, WAIT).await?.decided_by, "dana");
     svc.stop().await
 }
@@ -316,10 +150,10 @@ async fn forged_and_foreign_tokens_decide_nothing() -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone(), cfg, DBA_RULE).await?;
-    let req = hold_request(1);
+    let svc = Service::start(bus.clone(), cfg, Some(DBA_RULE)).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
-    visible(&svc.admin(), req.hold_id).await?;
+    visible(&svc.client(), req.hold_id).await?;
 
     let now = Timestamp::now().as_micros() / 1_000_000;
     let dana = |set: Value| {
@@ -366,12 +200,12 @@ async fn racing_on_the_last_approval_decides_once() -> anyhow::Result<()> {
     let oidc = testkit::OidcIssuer::start()?;
     let cfg = || ApprovalsConfig { oidc: Some(oidc_config(&oidc)), ..Default::default() };
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let a = Service::start(nats_bus(&nats).await?, cfg(), DBA_RULE).await?;
-    let b = Service::start(nats_bus(&nats).await?, cfg(), DBA_RULE).await?;
+    let a = Service::start(nats_bus(&nats).await?, cfg(), Some(DBA_RULE)).await?;
+    let b = Service::start(nats_bus(&nats).await?, cfg(), Some(DBA_RULE)).await?;
     let dana = ApprovalsClient::new(&a.url, &oidc.token("dana", &["dba"]));
     let erin = ApprovalsClient::new(&a.url, &oidc.token("erin", &["dba"]));
     let frank = ApprovalsClient::new(&b.url, &oidc.token("frank", &["dba"]));
-    let reqs: Vec<HoldRequest> = (0..8).map(|_| hold_request(2)).collect();
+    let reqs: Vec<HoldRequest> = (0..8).map(|_| hold_request(Duration::from_secs(300), 2)).collect();
     for r in &reqs {
         request_hold(&bus, r).await?;
     }
@@ -417,19 +251,19 @@ async fn the_cli_shows_what_a_statement_hides() -> anyhow::Result<()> {
     let svc = Service::start(
         bus.clone(),
         ApprovalsConfig { admin_token: Some(TOKEN.into()), ..Default::default() },
-        DBA_RULE,
+        Some(DBA_RULE),
     )
     .await?;
-    let mut req = hold_request(1);
+    let mut req = hold_request(Duration::from_secs(300), 1);
     // Reads as `... WHERE id = 42 /* keep */` with the rest hidden behind the override.
     req.statement = "DELETE FROM orders WHERE id = 42 /*\u{202E} OR true --*/".into();
     req.principal.subject = "dana\u{200B}".into();
     req.reason = "delete on orders\napprovals:   dana, erin".into();
     request_hold(&bus, &req).await?;
-    visible(&svc.admin(), req.hold_id).await?;
+    visible(&svc.client(), req.hold_id).await?;
 
-    let shown = render_hold(&svc.admin().get(req.hold_id).await?);
-    let listed = render_holds(&svc.admin().list().await?);
+    let shown = render_hold(&svc.client().get(req.hold_id).await?);
+    let listed = render_holds(&svc.client().list().await?);
     for text in [&shown, &listed] {
         assert!(!text.contains('\u{202E}') && !text.contains('\u{200B}'), "{text}");
         assert!(text.contains("\\u{202E}"), "{text}");

@@ -2,83 +2,26 @@
 //! on the bus, the REST API driven through `ApprovalsClient`. Against a real nats-server and
 //! against the in-process bus.
 
+mod common;
+
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use approval_service::client::{ApprovalsClient, PendingHold};
 use approval_service::{ApprovalError, ApprovalsConfig};
-use eventbus::{EventBus, NatsConfig, Subscription};
-use proto::events::{
-    ApproverSpec, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, SessionId, Timestamp,
+use common::{
+    Service, TOKEN, WAIT, decision_within, hold_request, hold_request_at, nats_bus, next_decision,
+    request_hold,
 };
+use eventbus::EventBus;
+use proto::events::{HoldOutcome, Timestamp};
 use proto::subjects;
 use reqwest::StatusCode;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-const TOKEN: &str = "test-admin-token";
-const WAIT: Duration = Duration::from_secs(15);
-
-struct Service {
-    url: String,
-    client: ApprovalsClient,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ApprovalError>>,
-}
-
-impl Service {
-    async fn start(bus: EventBus) -> anyhow::Result<Service> {
-        testkit::init_crypto();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let cfg = ApprovalsConfig { admin_token: Some(TOKEN.into()), ..Default::default() };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(approval_service::run(cfg, bus, listener, async move {
-            let _ = stopped.await;
-        }));
-        let client = ApprovalsClient::new(&url, TOKEN);
-        Ok(Service { url, client, stop, task })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task).await.context("service did not stop")??.context("run failed")
-    }
-}
-
-async fn nats_bus(nats: &testkit::Nats) -> anyhow::Result<EventBus> {
-    testkit::init_crypto();
-    Ok(EventBus::connect_nats(&NatsConfig { url: nats.url.clone(), ..Default::default() }).await?)
-}
-
-fn hold_request(requested_at: Timestamp, timeout: Duration) -> HoldRequest {
-    HoldRequest {
-        requester_email: None,
-        hold_id: Uuid::now_v7(),
-        seq: 3,
-        connection: "shop".into(),
-        principal: Principal {
-            subject: "agent-7".into(),
-            groups: vec!["agents".into()],
-            kind: "oidc".into(),
-        },
-        statement: "DELETE FROM orders WHERE id = 42".into(),
-        parameters: vec![],
-        fingerprint: "f00d".into(),
-        rule: "writes-need-approval".into(),
-        reason: "delete on orders".into(),
-        approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
-        requested_at,
-        expires_at: requested_at.plus(timeout),
-    }
-}
-
-/// Publish a hold request as a proxy would; returns its session.
-async fn request_hold(bus: &EventBus, req: &HoldRequest) -> anyhow::Result<SessionId> {
-    let session = Uuid::now_v7();
-    bus.publish(&Envelope::new(session, Event::HoldRequested(Box::new(req.clone())))).await?;
-    Ok(session)
+/// The service with an admin token, through `approval_service::run`.
+async fn start(bus: EventBus) -> anyhow::Result<Service> {
+    Service::start_plain(bus, ApprovalsConfig { admin_token: Some(TOKEN.into()), ..Default::default() }).await
 }
 
 /// Poll the API until the hold is listed.
@@ -95,29 +38,13 @@ async fn listed(client: &ApprovalsClient, id: Uuid) -> anyhow::Result<PendingHol
     }
 }
 
-/// The first decision for `hold` seen on `sub`, with its envelope.
-async fn decision_for(sub: &mut Subscription, hold: Uuid) -> anyhow::Result<(Envelope, HoldDecision)> {
-    let wait = async {
-        while let Some(env) = sub.next().await {
-            if let Event::HoldDecided(d) = &env.event
-                && d.hold_id == hold
-            {
-                let d = d.clone();
-                return Ok((env, d));
-            }
-        }
-        bail!("the bus closed")
-    };
-    tokio::time::timeout(WAIT, wait).await.context("no decision in time")?
-}
-
 async fn approve_flow(bus: EventBus) -> anyhow::Result<()> {
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone()).await?;
-    let req = hold_request(Timestamp::now(), Duration::from_secs(300));
+    let svc = start(bus.clone()).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
     let session = request_hold(&bus, &req).await?;
 
-    let shown = listed(&svc.client, req.hold_id).await?;
+    let shown = listed(&svc.client(), req.hold_id).await?;
     assert_eq!(shown.session, session);
     assert_eq!(shown.connection, "shop");
     assert_eq!(shown.principal.subject, "agent-7");
@@ -126,21 +53,21 @@ async fn approve_flow(bus: EventBus) -> anyhow::Result<()> {
     assert_eq!(shown.rule, "writes-need-approval");
     assert_eq!(shown.reason, "delete on orders");
     assert_eq!(shown.expires_at, req.expires_at);
-    assert_eq!(svc.client.get(req.hold_id).await?, shown);
+    assert_eq!(svc.client().get(req.hold_id).await?, shown);
 
-    let view = svc.client.approve(req.hold_id, Some("alice")).await?;
+    let view = svc.client().approve(req.hold_id, Some("alice")).await?;
     assert_eq!(view.outcome, Some(HoldOutcome::Approved));
     assert_eq!(view.decided_by, "alice");
     assert_eq!(view.session, session);
 
-    let (env, d) = decision_for(&mut decisions, req.hold_id).await?;
+    let (env, d) = decision_within(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(env.session, session, "the decision is on the hold's session");
     assert_eq!(env.subject(), subjects::session_subject(session, "hold_decided"));
     assert_eq!(d.outcome, HoldOutcome::Approved);
     assert_eq!(d.decided_by, "alice");
 
-    assert!(svc.client.list().await?.is_empty(), "a decided hold is no longer pending");
-    let again = svc.client.approve(req.hold_id, None).await.unwrap_err();
+    assert!(svc.client().list().await?.is_empty(), "a decided hold is no longer pending");
+    let again = svc.client().approve(req.hold_id, None).await.unwrap_err();
     assert_eq!(again.status(), Some(StatusCode::NOT_FOUND));
     svc.stop().await
 }
@@ -165,10 +92,10 @@ async fn deny_requires_a_reason_and_publishes_it() -> anyhow::Result<()> {
     let nats = testkit::Nats::start()?;
     let bus = nats_bus(&nats).await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone()).await?;
-    let req = hold_request(Timestamp::now(), Duration::from_secs(300));
+    let svc = start(bus.clone()).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
     let session = request_hold(&bus, &req).await?;
-    listed(&svc.client, req.hold_id).await?;
+    listed(&svc.client(), req.hold_id).await?;
 
     let http = reqwest::Client::new();
     let deny_url = format!("{}/v1/holds/{}/deny", svc.url, req.hold_id);
@@ -179,13 +106,13 @@ async fn deny_requires_a_reason_and_publishes_it() -> anyhow::Result<()> {
         let err: serde_json::Value = resp.json().await?;
         assert!(err["error"].as_str().is_some_and(|e| !e.is_empty()), "{err}");
     }
-    assert_eq!(listed(&svc.client, req.hold_id).await?.id, req.hold_id, "still pending after bad requests");
+    assert_eq!(listed(&svc.client(), req.hold_id).await?.id, req.hold_id, "still pending after bad requests");
 
-    let view = svc.client.deny(req.hold_id, "too risky on a Friday", None).await?;
+    let view = svc.client().deny(req.hold_id, "too risky on a Friday", None).await?;
     assert_eq!(view.outcome, Some(HoldOutcome::Denied));
     assert_eq!(view.decided_by, "admin");
     // The first decision seen is this one: the rejected requests published nothing.
-    let (env, d) = decision_for(&mut decisions, req.hold_id).await?;
+    let (env, d) = decision_within(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(env.session, session);
     assert_eq!(d.outcome, HoldOutcome::Denied);
     assert_eq!(d.reason.as_deref(), Some("too risky on a Friday"));
@@ -198,10 +125,10 @@ async fn wrong_or_missing_token_is_401_and_decides_nothing() -> anyhow::Result<(
     let nats = testkit::Nats::start()?;
     let bus = nats_bus(&nats).await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone()).await?;
-    let req = hold_request(Timestamp::now(), Duration::from_secs(300));
+    let svc = start(bus.clone()).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
-    listed(&svc.client, req.hold_id).await?;
+    listed(&svc.client(), req.hold_id).await?;
 
     let intruder = ApprovalsClient::new(&svc.url, "not-the-token");
     let err = intruder.approve(req.hold_id, Some("mallory")).await.unwrap_err();
@@ -225,9 +152,9 @@ async fn wrong_or_missing_token_is_401_and_decides_nothing() -> anyhow::Result<(
     assert_eq!(resp.text().await?, "ok");
 
     // Still pending; the first decision published is the legitimate one.
-    listed(&svc.client, req.hold_id).await?;
-    svc.client.approve(req.hold_id, Some("alice")).await?;
-    let (_, d) = decision_for(&mut decisions, req.hold_id).await?;
+    listed(&svc.client(), req.hold_id).await?;
+    svc.client().approve(req.hold_id, Some("alice")).await?;
+    let (_, d) = decision_within(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(d.decided_by, "alice");
     svc.stop().await
 }
@@ -235,11 +162,14 @@ async fn wrong_or_missing_token_is_401_and_decides_nothing() -> anyhow::Result<(
 #[tokio::test]
 async fn unknown_or_malformed_hold_ids_get_clear_errors() -> anyhow::Result<()> {
     let nats = testkit::Nats::start()?;
-    let svc = Service::start(nats_bus(&nats).await?).await?;
+    let svc = start(nats_bus(&nats).await?).await?;
     let unknown = Uuid::now_v7();
-    assert_eq!(svc.client.approve(unknown, None).await.unwrap_err().status(), Some(StatusCode::NOT_FOUND));
-    assert_eq!(svc.client.deny(unknown, "no", None).await.unwrap_err().status(), Some(StatusCode::NOT_FOUND));
-    assert_eq!(svc.client.get(unknown).await.unwrap_err().status(), Some(StatusCode::NOT_FOUND));
+    assert_eq!(svc.client().approve(unknown, None).await.unwrap_err().status(), Some(StatusCode::NOT_FOUND));
+    assert_eq!(
+        svc.client().deny(unknown, "no", None).await.unwrap_err().status(),
+        Some(StatusCode::NOT_FOUND)
+    );
+    assert_eq!(svc.client().get(unknown).await.unwrap_err().status(), Some(StatusCode::NOT_FOUND));
 
     let http = reqwest::Client::new();
     let resp =
@@ -255,20 +185,20 @@ async fn hold_expires_when_nobody_answers() -> anyhow::Result<()> {
     let nats = testkit::Nats::start()?;
     let bus = nats_bus(&nats).await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let svc = Service::start(bus.clone()).await?;
-    let req = hold_request(Timestamp::now(), Duration::from_secs(1));
+    let svc = start(bus.clone()).await?;
+    let req = hold_request(Duration::from_secs(1), 1);
     let session = request_hold(&bus, &req).await?;
 
-    let (env, d) = decision_for(&mut decisions, req.hold_id).await?;
+    let (env, d) = decision_within(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(env.session, session);
     assert_eq!(d.outcome, HoldOutcome::Expired);
     assert_eq!(d.decided_by, "approval-service");
     assert_eq!(d.reason.as_deref(), Some("no decision within 1s"));
     assert!(env.at >= req.expires_at, "not expired early");
-    assert!(svc.client.list().await?.is_empty());
+    assert!(svc.client().list().await?.is_empty());
     // Exactly once: no second expiry for the same hold.
     let second =
-        tokio::time::timeout(Duration::from_secs(2), decision_for(&mut decisions, req.hold_id)).await;
+        tokio::time::timeout(Duration::from_secs(2), next_decision(&mut decisions, req.hold_id)).await;
     assert!(second.is_err(), "a second decision was published: {second:?}");
     svc.stop().await
 }
@@ -279,10 +209,11 @@ async fn hold_already_past_its_expiry_on_arrival_expires_at_once() -> anyhow::Re
     let bus = nats_bus(&nats).await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
     // Published while no approval service runs; it expired a minute ago.
-    let req = hold_request(Timestamp(Timestamp::now().as_micros() - 61_000_000), Duration::from_secs(60));
+    let req =
+        hold_request_at(Timestamp(Timestamp::now().as_micros() - 61_000_000), Duration::from_secs(60), 1);
     let session = request_hold(&bus, &req).await?;
-    let svc = Service::start(bus.clone()).await?;
-    let (env, d) = decision_for(&mut decisions, req.hold_id).await?;
+    let svc = start(bus.clone()).await?;
+    let (env, d) = decision_within(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(env.session, session);
     assert_eq!(d.outcome, HoldOutcome::Expired);
     assert_eq!(d.reason.as_deref(), Some("no decision within 1m"));
@@ -300,28 +231,28 @@ async fn restarted_service_gets_undecided_holds_again() -> anyhow::Result<()> {
         .await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
 
-    let first = Service::start(nats_bus(&nats).await?).await?;
-    let req = hold_request(Timestamp::now(), Duration::from_secs(300));
+    let first = start(nats_bus(&nats).await?).await?;
+    let req = hold_request(Duration::from_secs(300), 1);
     let session = request_hold(&bus, &req).await?;
-    listed(&first.client, req.hold_id).await?;
+    listed(&first.client(), req.hold_id).await?;
     // Redeliveries while pending (ack wait 2 s) keep it listed once.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let ids: Vec<Uuid> = first.client.list().await?.iter().map(|h| h.id).collect();
+    let ids: Vec<Uuid> = first.client().list().await?.iter().map(|h| h.id).collect();
     assert_eq!(ids, vec![req.hold_id]);
     first.stop().await?;
 
-    let second = Service::start(nats_bus(&nats).await?).await?;
-    let shown = listed(&second.client, req.hold_id).await?;
+    let second = start(nats_bus(&nats).await?).await?;
+    let shown = listed(&second.client(), req.hold_id).await?;
     assert_eq!(shown.session, session);
-    second.client.approve(req.hold_id, Some("carol")).await?;
-    let (env, d) = decision_for(&mut decisions, req.hold_id).await?;
+    second.client().approve(req.hold_id, Some("carol")).await?;
+    let (env, d) = decision_within(&mut decisions, req.hold_id, WAIT).await?;
     assert_eq!(env.session, session);
     assert_eq!((d.outcome, d.decided_by.as_str()), (HoldOutcome::Approved, "carol"));
     // Acked once decided: not redelivered to a third instance.
     second.stop().await?;
-    let third = Service::start(nats_bus(&nats).await?).await?;
+    let third = start(nats_bus(&nats).await?).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(third.client.list().await?.is_empty(), "a decided hold came back");
+    assert!(third.client().list().await?.is_empty(), "a decided hold came back");
     third.stop().await
 }
 
@@ -330,12 +261,12 @@ async fn memory_bus_hold_expires_on_the_paused_clock() -> anyhow::Result<()> {
     let bus = EventBus::memory();
     bus.durable(subjects::APPROVALS_DURABLE, subjects::HOLD_REQUESTED).await?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let req = hold_request(Timestamp::now(), Duration::from_secs(300));
+    let req = hold_request(Duration::from_secs(300), 1);
     let session = request_hold(&bus, &req).await?;
-    let svc = Service::start(bus.clone()).await?;
+    let svc = start(bus.clone()).await?;
 
     let started = tokio::time::Instant::now();
-    let (env, d) = decision_for_paused(&mut decisions, req.hold_id).await?;
+    let (env, d) = next_decision(&mut decisions, req.hold_id).await?;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(299), "expired after {waited:?}");
     assert!(waited <= Duration::from_secs(301), "expired after {waited:?}");
@@ -345,19 +276,6 @@ async fn memory_bus_hold_expires_on_the_paused_clock() -> anyhow::Result<()> {
     let _ = svc.stop.send(());
     svc.task.await??;
     Ok(())
-}
-
-/// [`decision_for`] without a timeout, for the paused clock (auto-advance would fire it).
-async fn decision_for_paused(sub: &mut Subscription, hold: Uuid) -> anyhow::Result<(Envelope, HoldDecision)> {
-    while let Some(env) = sub.next().await {
-        if let Event::HoldDecided(d) = &env.event
-            && d.hold_id == hold
-        {
-            let d = d.clone();
-            return Ok((env, d));
-        }
-    }
-    bail!("the bus closed")
 }
 
 #[tokio::test]

@@ -1,107 +1,29 @@
 //! Approvals through Slack, OIDC approvers, webhooks, grants and replicas: the service against a
 //! real nats-server and a fake Slack that records every Web API call.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use approval_service::ApprovalsConfig;
 use approval_service::client::ApprovalsClient;
-use approval_service::config::{ApproverEntry, SlackConfig, WebhookConfig};
+use approval_service::config::WebhookConfig;
 use approval_service::slack::fake::{self, FakeSlack};
 use approval_service::slack::{APPROVE_ACTION, DENY_ACTION};
-use approval_service::{ApprovalError, ApprovalsConfig};
-use eventbus::{EventBus, NatsConfig, Subscription};
-use policy_store::client::ActivePolicy;
-use proto::events::{
-    ApproverSpec, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, SessionId, Timestamp,
+use common::{
+    CHANNEL, DBA_RULE, SECRET, Service, TOKEN, WAIT, decision_for, entry, hold_request, nats_bus,
+    no_decision_for, oidc_config, posted, request_hold, slack_config, token_with_email, visible,
 };
+use proto::events::{ApproverSpec, Envelope, Event, HoldOutcome, HoldRequest, Principal, Timestamp};
 use proto::subjects;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
-
-const TOKEN: &str = "test-admin-token";
-const SECRET: &str = "slack-signing-secret";
-const CHANNEL: &str = "C_APPROVALS";
-const WAIT: Duration = Duration::from_secs(15);
-/// A policy whose hold rule names `dba` as its approvers.
-const DBA_RULE: &str =
-    "rules:\n  - name: writes-need-approval\n    action: hold\n    approvers: { groups: [dba] }\n";
-
-struct Service {
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ApprovalError>>,
-}
-
-impl Service {
-    async fn start(bus: EventBus, cfg: ApprovalsConfig, policy: Option<&str>) -> anyhow::Result<Service> {
-        testkit::init_crypto();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let policy = policy.map(|yaml| {
-            let document = proto::policy::parse(yaml).expect("test policy is valid");
-            let (tx, rx) =
-                watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: String::new() })));
-            // Keep the sender alive for the test's lifetime.
-            std::mem::forget(tx);
-            rx
-        });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(approval_service::run_with_policy(cfg, bus, policy, listener, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Service { url, stop, task })
-    }
-
-    fn client(&self) -> ApprovalsClient {
-        ApprovalsClient::new(&self.url, TOKEN)
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task).await.context("service did not stop")??.context("run failed")
-    }
-
-    /// POST a Slack callback with the given timestamp and signature headers.
-    async fn callback(
-        &self,
-        body: &str,
-        ts: Option<&str>,
-        sig: Option<&str>,
-    ) -> anyhow::Result<(StatusCode, String)> {
-        let mut req = reqwest::Client::new()
-            .post(format!("{}/slack/interactions", self.url))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body.to_string());
-        if let Some(ts) = ts {
-            req = req.header("x-slack-request-timestamp", ts);
-        }
-        if let Some(sig) = sig {
-            req = req.header("x-slack-signature", sig);
-        }
-        let resp = req.send().await?;
-        Ok((resp.status(), resp.text().await?))
-    }
-
-    /// POST a correctly signed Slack callback.
-    async fn signed(&self, body: &str) -> anyhow::Result<(StatusCode, String)> {
-        let ts = fake::now_ts();
-        self.callback(body, Some(&ts), Some(&fake::sign(SECRET, &ts, body))).await
-    }
-}
-
-fn entry(name: &str, email: Option<&str>, slack_user: Option<&str>, groups: &[&str]) -> ApproverEntry {
-    ApproverEntry {
-        name: name.into(),
-        email: email.map(str::to_string),
-        slack_user: slack_user.map(str::to_string),
-        groups: groups.iter().map(|g| g.to_string()).collect(),
-    }
-}
 
 /// A service config wired to `slack`, with these Slack users:
 /// `U_DANA`, `U_ERIN` (dba, by e-mail), `U_OLLY` (support, by e-mail), `U_AGENT` (the requester
@@ -124,83 +46,13 @@ fn config(slack: &FakeSlack) -> ApprovalsConfig {
             entry("olly", Some("olly@example.com"), None, &["support"]),
             entry("agent-7", None, Some("U_AGENT"), &["dba"]),
         ],
-        slack: Some(SlackConfig {
-            bot_token: Some("xoxb-test".into()),
-            bot_token_file: None,
-            signing_secret: Some(SECRET.into()),
-            signing_secret_file: None,
-            api_url: slack.api_url.clone(),
-            default_channel: Some(CHANNEL.into()),
-            team_id: Some("T0001".into()),
-        }),
+        slack: Some(slack_config(slack)),
         ..Default::default()
     }
 }
 
-async fn nats_bus(nats: &testkit::Nats) -> anyhow::Result<EventBus> {
-    testkit::init_crypto();
-    Ok(EventBus::connect_nats(&NatsConfig { url: nats.url.clone(), ..Default::default() }).await?)
-}
-
-fn hold_request(timeout: Duration, min: u32) -> HoldRequest {
-    let now = Timestamp::now();
-    HoldRequest {
-        requester_email: None,
-        hold_id: Uuid::now_v7(),
-        seq: 3,
-        connection: "shop".into(),
-        principal: Principal {
-            subject: "agent-7".into(),
-            groups: vec!["agents".into()],
-            kind: "oidc".into(),
-        },
-        statement: "DELETE FROM orders WHERE id = 42".into(),
-        parameters: vec![],
-        fingerprint: "f00d".into(),
-        rule: "writes-need-approval".into(),
-        reason: "delete on orders".into(),
-        approvers: ApproverSpec { groups: vec!["dba".into()], min },
-        requested_at: now,
-        expires_at: now.plus(timeout),
-    }
-}
-
-async fn request_hold(bus: &EventBus, req: &HoldRequest) -> anyhow::Result<SessionId> {
-    let session = Uuid::now_v7();
-    bus.publish(&Envelope::new(session, Event::HoldRequested(Box::new(req.clone())))).await?;
-    Ok(session)
-}
-
-async fn decision_for(sub: &mut Subscription, hold: Uuid, within: Duration) -> anyhow::Result<HoldDecision> {
-    let wait = async {
-        while let Some(env) = sub.next().await {
-            if let Event::HoldDecided(d) = env.event
-                && d.hold_id == hold
-            {
-                return Ok(d);
-            }
-        }
-        bail!("the bus closed")
-    };
-    tokio::time::timeout(within, wait).await.context("no decision in time")?
-}
-
-async fn no_decision_for(sub: &mut Subscription, hold: Uuid, within: Duration) {
-    let r = decision_for(sub, hold, within).await;
-    assert!(r.is_err(), "unexpected decision: {r:?}");
-}
-
 fn text_of(v: &Value) -> String {
     v.to_string()
-}
-
-/// The hold's message, once posted.
-async fn posted(slack: &FakeSlack, hold: Uuid) -> Value {
-    slack
-        .wait_for("chat.postMessage", WAIT, |b| text_of(b).contains(&hold.to_string()))
-        .await
-        .expect("the hold was posted to Slack")
-        .body
 }
 
 /// Waits until `svc` lists `n` pending holds.
@@ -644,11 +496,7 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() -> anyhow::Res
     let svc = Service::start(bus.clone(), cfg, Some(policy)).await?;
     let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while svc.client().get(req.hold_id).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    visible(&svc.client(), req.hold_id).await?;
     // From the approval on: the hold.created deliveries are failing and being retried meanwhile.
     let started = std::time::Instant::now();
     svc.client().approve(req.hold_id, Some("dana")).await?;
@@ -693,20 +541,14 @@ async fn oidc_approvers_act_as_their_token_and_their_groups_are_enforced() -> an
     let bus = nats_bus(&nats).await?;
     let oidc = testkit::OidcIssuer::start()?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let mut oidc_cfg = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
-    oidc_cfg.audience = oidc.audience.clone();
-    let cfg = ApprovalsConfig { oidc: Some(oidc_cfg), ..Default::default() };
+    let cfg = ApprovalsConfig { oidc: Some(oidc_config(&oidc)), ..Default::default() };
     // The rule makes `dba` an approver group: a token in it is an approver's.
     let svc = Service::start(bus.clone(), cfg, Some(DBA_RULE)).await?;
     let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
 
     let dana = ApprovalsClient::new(&svc.url, &oidc.token("dana", &["dba"]));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while dana.get(req.hold_id).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    visible(&dana, req.hold_id).await?;
     let outsider = ApprovalsClient::new(&svc.url, &oidc.token("olly", &["support"]));
     assert_eq!(outsider.approve(req.hold_id, None).await.unwrap_err().status(), Some(StatusCode::FORBIDDEN));
     let requester = ApprovalsClient::new(&svc.url, &oidc.token("agent-7", &["dba"]));
@@ -746,11 +588,7 @@ async fn approving_an_access_request_grants_until_a_capped_time_and_the_grant_ca
     let req = hold_request(Duration::from_secs(300), 1);
     request_hold(&bus, &req).await?;
     let c = svc.client();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while c.get(req.hold_id).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    visible(&c, req.hold_id).await?;
     let before = Timestamp::now();
     let view = c.approve_for(req.hold_id, Some("dana"), Some("3h")).await?;
     let until = view.grant_until.clone().context("a grant")?;
@@ -776,9 +614,7 @@ async fn approver_groups_in_the_policy_let_their_members_approve_and_nobody_else
     let slack = FakeSlack::start().await?;
     let oidc = testkit::OidcIssuer::start()?;
     let mut decisions = bus.subscribe(subjects::HOLD_DECIDED).await?;
-    let mut oidc_cfg = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
-    oidc_cfg.audience = oidc.audience.clone();
-    let cfg = ApprovalsConfig { oidc: Some(oidc_cfg), ..config(&slack) };
+    let cfg = ApprovalsConfig { oidc: Some(oidc_config(&oidc)), ..config(&slack) };
     slack.add_user("U0GUS", "gus@example.com");
     // `dba` is known only to the policy: no token below carries it, and no Slack mapping has it.
     let policy = "approver_groups:\n  - name: dba\n    members: [Carol@Example.com, sub-frank]\n    \
@@ -838,13 +674,6 @@ async fn approver_groups_in_the_policy_let_their_members_approve_and_nobody_else
     svc.stop().await
 }
 
-/// The approvers' OIDC settings for `oidc`.
-fn oidc_config(oidc: &testkit::OidcIssuer) -> proxy_node::identity::OidcConfig {
-    let mut c = proxy_node::identity::OidcConfig::for_issuer(&oidc.issuer);
-    c.audience = oidc.audience.clone();
-    c
-}
-
 /// Every string in a JSON value (a Slack message's texts, as a person would read them), one per
 /// line, unescaped.
 fn all_text(v: &Value) -> String {
@@ -854,24 +683,6 @@ fn all_text(v: &Value) -> String {
         Value::Object(o) => o.values().map(all_text).collect(),
         _ => String::new(),
     }
-}
-
-/// A token with a verified `email` claim.
-fn token_with_email(oidc: &testkit::OidcIssuer, sub: &str, email: &str, groups: &[&str]) -> String {
-    let mut claims = oidc.claims(sub, groups);
-    claims["email"] = email.into();
-    claims["email_verified"] = true.into();
-    oidc.token_with(claims)
-}
-
-/// Waits until `client` (an approver) sees the hold.
-async fn visible(client: &ApprovalsClient, id: Uuid) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while client.get(id).await.is_err() {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "hold {id} never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 #[tokio::test]

@@ -2,24 +2,23 @@
 //! the session first but its manifest write is held back until replica B has appended a chunk
 //! and written its own manifest.
 
-use std::fmt;
-use std::pin::Pin;
+#[path = "../tests/common/store.rs"]
+mod store;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, Result, ensure};
 use futures::TryStreamExt;
-use futures::stream::BoxStream;
+use futures::future::BoxFuture;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
-};
+use object_store::{ObjectStore, ObjectStoreExt};
 use proto::events::{Envelope, Event};
 use tokio::sync::{Mutex, Notify};
 use uuid::Uuid;
 
+use self::store::{Hooked, PutHook};
 use crate::archive::{self, LogEntry};
 use crate::audit;
 use crate::manifest::Manifest;
@@ -27,100 +26,32 @@ use crate::session::SessionState;
 use crate::signed::Signed;
 use crate::{Ctx, RecorderConfig, chunk, finalize, record_session};
 
-type Fut<'a, T> = Pin<Box<dyn Future<Output = object_store::Result<T>> + Send + 'a>>;
-
-/// A store whose first manifest write, once armed, waits until released.
+/// Holds back the first manifest write, once armed, until released.
 #[derive(Debug)]
-struct Gated {
-    inner: Arc<dyn ObjectStore>,
+struct Gate {
     armed: AtomicBool,
     reached: Notify,
     release: Notify,
 }
 
-impl Gated {
-    fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        Self { inner, armed: AtomicBool::new(true), reached: Notify::new(), release: Notify::new() }
+impl Gate {
+    /// `inner`, its first manifest write held back.
+    fn new(inner: Arc<dyn ObjectStore>) -> Arc<Hooked<Self>> {
+        Hooked::new(
+            inner,
+            Self { armed: AtomicBool::new(true), reached: Notify::new(), release: Notify::new() },
+        )
     }
 }
 
-impl fmt::Display for Gated {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Gated({})", self.inner)
-    }
-}
-
-impl ObjectStore for Gated {
-    fn put_opts<'s, 'l, 'f>(
-        &'s self,
-        location: &'l Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Fut<'f, PutResult>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
+impl PutHook for Gate {
+    fn before<'a>(&'a self, location: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if location.filename() == Some("manifest.json") && self.armed.swap(false, Ordering::SeqCst) {
                 self.reached.notify_one();
                 self.release.notified().await;
             }
-            self.inner.put_opts(location, payload, opts).await
         })
-    }
-
-    fn put_multipart_opts<'s, 'l, 'f>(
-        &'s self,
-        location: &'l Path,
-        opts: PutMultipartOptions,
-    ) -> Fut<'f, Box<dyn MultipartUpload>>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.put_multipart_opts(location, opts))
-    }
-
-    fn get_opts<'s, 'l, 'f>(&'s self, location: &'l Path, options: GetOptions) -> Fut<'f, GetResult>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.get_opts(location, options))
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    fn list_with_delimiter<'s, 'l, 'f>(&'s self, prefix: Option<&'l Path>) -> Fut<'f, ListResult>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.list_with_delimiter(prefix))
-    }
-
-    fn copy_opts<'s, 'a, 'b, 'f>(&'s self, from: &'a Path, to: &'b Path, options: CopyOptions) -> Fut<'f, ()>
-    where
-        's: 'f,
-        'a: 'f,
-        'b: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.copy_opts(from, to, options))
     }
 }
 
@@ -170,7 +101,7 @@ async fn race(store: Arc<dyn ObjectStore>, prior: bool) -> Result<()> {
         ensure!(stored_manifest(store.as_ref(), &state).await?.incomplete, "an incomplete manifest first");
     }
 
-    let gated = Arc::new(Gated::new(store.clone()));
+    let gated = Gate::new(store.clone());
     let a = ctx(gated.clone());
     let a_events = vec![events[0].clone(), events[1].clone(), events[3].clone()];
     let a_task = async {
@@ -179,10 +110,10 @@ async fn race(store: Arc<dyn ObjectStore>, prior: bool) -> Result<()> {
         state.context("A's state")
     };
     let b_task = async {
-        gated.reached.notified().await;
+        gated.hook.reached.notified().await;
         let mut state = None;
         record_session(&plain, id, &events[2..3], &mut state).await.map_err(step)?;
-        gated.release.notify_one();
+        gated.hook.release.notify_one();
         state.context("B's state")
     };
     let (a_state, b_state) = tokio::try_join!(a_task, b_task)?;

@@ -4,33 +4,30 @@
 //! incomplete; the Parquet index answers an auditor's DuckDB query.
 //! Real NATS and a real S3 server (testkit), or the in-process bus with a local directory.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::fmt;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use eventbus::{EventBus, NatsConfig};
+use common::store::{Hooked, PutHook};
+use common::{
+    agent, approved_hold, envelopes, local_setup, nats_bus, policy_decided, response_sent, session_started,
+    start_recorder,
+};
 use futures::TryStreamExt;
-use futures::stream::BoxStream;
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
-};
-use proto::events::{
-    ApproverSpec, Decision, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal, Timestamp,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, PutResult};
+use proto::events::{Decision, Envelope, Event, Timestamp};
 use proto::subjects;
 use recorder::archive::LogEntry;
 use recorder::audit::{self, Verdict, VerifyReport};
 use recorder::manifest::Manifest;
-use recorder::{RecorderConfig, Shard, StorageConfig};
+use recorder::{RecorderConfig, Shard};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use testkit::sessions::interleave;
 use uuid::Uuid;
 
 /// A session of `requests` statements: every third denied, every fifth held (approved by
@@ -40,15 +37,8 @@ fn session(principal: &str, requests: u64, start: i64, ended: bool) -> Vec<Envel
 }
 
 fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: bool) -> Vec<Envelope> {
-    let p = Principal { subject: principal.into(), groups: vec!["agents".into()], kind: "oidc".into() };
-    let mut events = vec![Event::SessionStarted {
-        principal: p.clone(),
-        connection: "shop".into(),
-        protocol: "postgres".into(),
-        client_addr: "127.0.0.1:5000".into(),
-        node: "n1".into(),
-        policy_version: 1,
-    }];
+    let p = agent(principal);
+    let mut events = vec![session_started(&p)];
     for seq in 1..=requests {
         events.push(Event::RequestReceived {
             seq,
@@ -60,124 +50,29 @@ fn session_with_id(id: Uuid, principal: &str, requests: u64, start: i64, ended: 
             s if s % 5 == 0 => Decision::Hold,
             _ => Decision::Allow,
         };
-        events.push(Event::PolicyDecided {
-            seq,
-            decision,
-            rule: Some(format!("rule-{decision}").into()),
-            operations: ["select".into()].into(),
-            tables: ["users".into()].into(),
-            reason: "".into(),
-            policy_version: 1,
-        });
+        events.push(policy_decided(seq, decision, "users", ""));
         if decision == Decision::Hold {
-            let hold_id = Uuid::now_v7();
-            events.push(Event::HoldRequested(Box::new(HoldRequest {
-                hold_id,
-                seq,
-                connection: "shop".into(),
-                principal: p.clone(),
-                requester_email: None,
-                statement: String::new(),
-                parameters: Default::default(),
-                fingerprint: String::new(),
-                rule: "rule-hold".into(),
-                reason: "".into(),
-                approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
-                requested_at: Timestamp(start),
-                expires_at: Timestamp(start + 60_000_000),
-            })));
-            events.push(Event::HoldDecided(HoldDecision {
-                hold_id,
-                outcome: HoldOutcome::Approved,
-                decided_by: "alice".into(),
-                reason: None,
-            }));
+            let (request, decided) = approved_hold(&p, seq, start);
+            events.push(Event::HoldRequested(Box::new(request)));
+            events.push(Event::HoldDecided(decided));
         }
         if decision != Decision::Deny {
-            events.push(Event::ResponseSent {
-                seq,
-                rows: 1,
-                duration_us: 900,
-                command_tag: Some("SELECT 1".into()),
-                error: None,
-                result: None,
-            });
+            events.push(response_sent(seq, 900, None));
         }
     }
     if ended {
         events.push(Event::SessionEnded { reason: "client closed".into() });
     }
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(i, event)| {
-            let mut env = Envelope::new(id, event);
-            env.at = Timestamp(start + i64::try_from(i).expect("small") * 1_000);
-            env
-        })
-        .collect()
-}
-
-fn interleave(sessions: &[Vec<Envelope>]) -> Vec<Envelope> {
-    let longest = sessions.iter().map(Vec::len).max().unwrap_or(0);
-    (0..longest).flat_map(|i| sessions.iter().filter_map(move |s| s.get(i).cloned())).collect()
-}
-
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), recorder::RecorderError>>,
-}
-
-fn start_recorder(bus: &EventBus, store: &Arc<dyn ObjectStore>, cfg: RecorderConfig) -> Running {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(recorder::run(cfg, bus.clone(), store.clone(), async move {
-        let _ = stopped.await;
-    }));
-    Running { stop, task }
-}
-
-impl Running {
-    async fn shutdown(self) -> Result<()> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .context("recorder did not stop")??
-            .context("recorder failed")
-    }
+    envelopes(id, events, start)
 }
 
 fn small_batches() -> RecorderConfig {
     RecorderConfig { batch_max: 7, batch_wait: Duration::from_millis(50), ..Default::default() }
 }
 
-async fn nats_bus(nats: &testkit::Nats) -> Result<EventBus> {
-    testkit::init_crypto();
-    let cfg = NatsConfig { url: nats.url.clone(), ..Default::default() };
-    EventBus::connect_nats(&cfg).await.context("connecting to NATS")
-}
-
+/// The archive's store in `s3`.
 fn s3_store(s3: &testkit::S3) -> Result<Arc<dyn ObjectStore>> {
-    testkit::init_crypto();
-    Ok(recorder::open_store(&StorageConfig {
-        url: format!("s3://{}/archive", s3.bucket),
-        endpoint: Some(s3.endpoint.clone()),
-        region: Some(s3.region.clone()),
-        access_key_id: Some(s3.access_key_id.clone()),
-        secret_access_key: Some(s3.secret_access_key.clone()),
-        allow_http: true,
-        max_retries: 0,
-        retry_timeout: Duration::from_secs(1),
-    })?)
-}
-
-async fn local_setup(dir: &std::path::Path) -> Result<(EventBus, Arc<dyn ObjectStore>)> {
-    let store = recorder::open_store(&StorageConfig {
-        url: format!("file://{}", dir.display()),
-        ..Default::default()
-    })?;
-    let bus = EventBus::memory();
-    bus.durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS).await?;
-    Ok((bus, store))
+    common::s3_store(s3, "archive")
 }
 
 /// Poll `verify` until every one of `sessions` is intact (manifests are written just after the
@@ -571,30 +466,21 @@ async fn two_recorders_share_the_sessions_and_write_every_event_once() -> Result
     Ok(())
 }
 
-type Fut<'a, T> = Pin<Box<dyn Future<Output = object_store::Result<T>> + Send + 'a>>;
-
 /// One replica's view of the store: notes the sessions it wrote chunks of, and how many chunk
 /// writes found their index already taken (by another replica).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Witness {
-    inner: Arc<dyn ObjectStore>,
     wrote: std::sync::Mutex<BTreeSet<Uuid>>,
     conflicts: AtomicUsize,
 }
 
 impl Witness {
-    fn new(inner: Arc<dyn ObjectStore>) -> Arc<Self> {
-        Arc::new(Self { inner, wrote: Default::default(), conflicts: AtomicUsize::new(0) })
+    fn new(inner: Arc<dyn ObjectStore>) -> Arc<Hooked<Self>> {
+        Hooked::new(inner, Self::default())
     }
 
     fn wrote(&self) -> BTreeSet<Uuid> {
         self.wrote.lock().expect("not poisoned").clone()
-    }
-}
-
-impl fmt::Display for Witness {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Witness({})", self.inner)
     }
 }
 
@@ -607,80 +493,14 @@ fn chunk_session(location: &Path) -> Option<Uuid> {
     Uuid::parse_str(parts.get(parts.len().checked_sub(2)?)?.as_ref()).ok()
 }
 
-impl ObjectStore for Witness {
-    fn put_opts<'s, 'l, 'f>(
-        &'s self,
-        location: &'l Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Fut<'f, PutResult>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(async move {
-            let result = self.inner.put_opts(location, payload, opts).await;
-            if let Some(session) = chunk_session(location) {
-                self.wrote.lock().expect("not poisoned").insert(session);
-                if matches!(result, Err(object_store::Error::AlreadyExists { .. })) {
-                    self.conflicts.fetch_add(1, Ordering::SeqCst);
-                }
+impl PutHook for Witness {
+    fn after(&self, location: &Path, result: &object_store::Result<PutResult>) {
+        if let Some(session) = chunk_session(location) {
+            self.wrote.lock().expect("not poisoned").insert(session);
+            if matches!(result, Err(object_store::Error::AlreadyExists { .. })) {
+                self.conflicts.fetch_add(1, Ordering::SeqCst);
             }
-            result
-        })
-    }
-
-    fn put_multipart_opts<'s, 'l, 'f>(
-        &'s self,
-        location: &'l Path,
-        opts: PutMultipartOptions,
-    ) -> Fut<'f, Box<dyn MultipartUpload>>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.put_multipart_opts(location, opts))
-    }
-
-    fn get_opts<'s, 'l, 'f>(&'s self, location: &'l Path, options: GetOptions) -> Fut<'f, GetResult>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.get_opts(location, options))
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    fn list_with_delimiter<'s, 'l, 'f>(&'s self, prefix: Option<&'l Path>) -> Fut<'f, ListResult>
-    where
-        's: 'f,
-        'l: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.list_with_delimiter(prefix))
-    }
-
-    fn copy_opts<'s, 'a, 'b, 'f>(&'s self, from: &'a Path, to: &'b Path, options: CopyOptions) -> Fut<'f, ()>
-    where
-        's: 'f,
-        'a: 'f,
-        'b: 'f,
-        Self: 'f,
-    {
-        Box::pin(self.inner.copy_opts(from, to, options))
+        }
     }
 }
 
@@ -756,7 +576,7 @@ async fn sharded_recorders_split_batched_sessions_and_each_session_is_written_by
         ensure!(audit::read_session(store.as_ref(), s[0].session).await? == *s, "read back exactly");
     }
     ensure!(report.sessions.len() == sessions.len(), "nothing else recorded:\n{}", report.render());
-    let wrote: Vec<BTreeSet<Uuid>> = witnesses.iter().map(|w| w.wrote()).collect();
+    let wrote: Vec<BTreeSet<Uuid>> = witnesses.iter().map(|w| w.hook.wrote()).collect();
     ensure!(
         wrote[0].is_disjoint(&wrote[1]),
         "a session written by both shards: {:?}",
@@ -766,7 +586,7 @@ async fn sharded_recorders_split_batched_sessions_and_each_session_is_written_by
         ensure!(wrote == owned, "shard {k}/2 wrote {wrote:?}, owns {owned:?}");
     }
     for (k, w) in witnesses.iter().enumerate() {
-        ensure!(w.conflicts.load(Ordering::SeqCst) == 0, "shard {k}/2 lost chunk writes");
+        ensure!(w.hook.conflicts.load(Ordering::SeqCst) == 0, "shard {k}/2 lost chunk writes");
     }
     ensure!(audit::verify(store.as_ref(), None, None).await?.ok(), "the archive verifies");
     Ok(())

@@ -2,35 +2,30 @@
 //! order, through restarts and storage outages. Real NATS and a real S3 server (testkit), plus
 //! the in-process bus with a local directory.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use eventbus::{EventBus, NatsConfig};
-use object_store::ObjectStore;
-use proto::events::{
-    ApproverSpec, Decision, Envelope, Event, HoldDecision, HoldOutcome, HoldRequest, Principal,
-    ResultCapture, Timestamp,
+use common::{
+    Running, agent, approved_hold, envelopes, local_setup, nats_bus, policy_decided, response_sent,
+    session_started,
 };
+use eventbus::EventBus;
+use object_store::ObjectStore;
+use proto::events::{Decision, Envelope, Event, ResultCapture, Timestamp};
 use proto::subjects;
-use recorder::{RecorderConfig, StorageConfig, audit};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use recorder::{RecorderConfig, audit};
+use testkit::sessions::interleave;
 use uuid::Uuid;
 
 /// A session: start, `requests` statements (every third denied, every fourth held and approved,
 /// the rest allowed with a result), end. Timestamps are 1ms apart from `start`.
 fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
     let id = Uuid::now_v7();
-    let p = Principal { subject: principal.into(), groups: vec!["agents".into()], kind: "oidc".into() };
-    let mut events = vec![Event::SessionStarted {
-        principal: p.clone(),
-        connection: "shop".into(),
-        protocol: "postgres".into(),
-        client_addr: "127.0.0.1:5000".into(),
-        node: "n1".into(),
-        policy_version: 1,
-    }];
+    let p = agent(principal);
+    let mut events = vec![session_started(&p)];
     for seq in 1..=requests {
         let statement = format!("select * from orders where id = {seq}");
         events.push(Event::RequestReceived {
@@ -43,94 +38,33 @@ fn session(principal: &str, requests: u64, start: i64) -> Vec<Envelope> {
             s if s % 4 == 0 => Decision::Hold,
             _ => Decision::Allow,
         };
-        events.push(Event::PolicyDecided {
-            seq,
-            decision,
-            rule: Some(format!("rule-{decision}").into()),
-            operations: ["select".into()].into(),
-            tables: ["orders".into()].into(),
-            reason: "matched".into(),
-            policy_version: 1,
-        });
+        events.push(policy_decided(seq, decision, "orders", "matched"));
         if decision == Decision::Hold {
-            let hold_id = Uuid::now_v7();
-            events.push(Event::HoldRequested(Box::new(HoldRequest {
-                hold_id,
-                seq,
-                connection: "shop".into(),
-                principal: p.clone(),
-                requester_email: None,
-                statement: statement.as_str().into(),
-                parameters: Default::default(),
-                fingerprint: "f".into(),
-                rule: "rule-hold".into(),
-                reason: "matched".into(),
-                approvers: ApproverSpec { groups: vec!["dba".into()], min: 1 },
-                requested_at: Timestamp(start),
-                expires_at: Timestamp(start + 60_000_000),
-            })));
-            events.push(Event::HoldDecided(HoldDecision {
-                hold_id,
-                outcome: HoldOutcome::Approved,
-                decided_by: "alice".into(),
-                reason: Some("looks fine".into()),
-            }));
+            let (mut request, mut decided) = approved_hold(&p, seq, start);
+            request.statement = statement.as_str().into();
+            request.fingerprint = "f".into();
+            request.reason = "matched".into();
+            decided.reason = Some("looks fine".into());
+            events.push(Event::HoldRequested(Box::new(request)));
+            events.push(Event::HoldDecided(decided));
         }
         if decision != Decision::Deny {
-            events.push(Event::ResponseSent {
-                seq,
-                rows: 1,
-                duration_us: 1_200,
-                command_tag: Some("SELECT 1".into()),
-                error: None,
-                result: Some(ResultCapture {
-                    columns: vec!["id".into(), "total".into()],
-                    rows: vec![vec![Some(seq.to_string()), Some(format!("{seq}.50"))]],
-                    truncated: false,
-                }),
-            });
+            let result = ResultCapture {
+                columns: vec!["id".into(), "total".into()],
+                rows: vec![vec![Some(seq.to_string()), Some(format!("{seq}.50"))]],
+                truncated: false,
+            };
+            events.push(response_sent(seq, 1_200, Some(result)));
         }
     }
     events.push(Event::SessionEnded { reason: "client closed".into() });
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(i, event)| {
-            let mut env = Envelope::new(id, event);
-            env.at = Timestamp(start + i64::try_from(i).expect("small") * 1_000);
-            env
-        })
-        .collect()
+    envelopes(id, events, start)
 }
 
-/// Interleave sessions event by event, as concurrent sessions would be published.
-fn interleave(sessions: &[Vec<Envelope>]) -> Vec<Envelope> {
-    let longest = sessions.iter().map(Vec::len).max().unwrap_or(0);
-    (0..longest).flat_map(|i| sessions.iter().filter_map(move |s| s.get(i).cloned())).collect()
-}
-
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), recorder::RecorderError>>,
-}
-
+/// Runs a recorder on `bus` and `store`, in batches of up to 50.
 fn start_recorder(bus: &EventBus, store: &Arc<dyn ObjectStore>) -> Running {
-    let (stop, stopped) = oneshot::channel::<()>();
     let cfg = RecorderConfig { batch_max: 50, batch_wait: Duration::from_millis(100), ..Default::default() };
-    let task = tokio::spawn(recorder::run(cfg, bus.clone(), store.clone(), async move {
-        let _ = stopped.await;
-    }));
-    Running { stop, task }
-}
-
-impl Running {
-    async fn shutdown(self) -> Result<()> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .context("recorder did not stop")??
-            .context("recorder failed")
-    }
+    common::start_recorder(bus, store, cfg)
 }
 
 /// Poll until session `expected` is fully recorded; then it must be exactly the published events.
@@ -152,26 +86,9 @@ async fn wait_recorded(store: &dyn ObjectStore, expected: &[Envelope], within: D
     }
 }
 
-async fn nats_bus(nats: &testkit::Nats) -> Result<EventBus> {
-    testkit::init_crypto();
-    let cfg = NatsConfig { url: nats.url.clone(), ..Default::default() };
-    EventBus::connect_nats(&cfg).await.context("connecting to NATS")
-}
-
+/// The recordings' store in `s3`.
 fn s3_store(s3: &testkit::S3) -> Result<Arc<dyn ObjectStore>> {
-    testkit::init_crypto();
-    let cfg = StorageConfig {
-        url: format!("s3://{}/recordings", s3.bucket),
-        endpoint: Some(s3.endpoint.clone()),
-        region: Some(s3.region.clone()),
-        access_key_id: Some(s3.access_key_id.clone()),
-        secret_access_key: Some(s3.secret_access_key.clone()),
-        allow_http: true,
-        // No retries inside object_store: outages go through the recorder's own retry loop.
-        max_retries: 0,
-        retry_timeout: Duration::from_secs(1),
-    };
-    Ok(recorder::open_store(&cfg)?)
+    common::s3_store(s3, "recordings")
 }
 
 /// The shared scenario: three interleaved sessions are recorded, read back, summarized, rendered.
@@ -237,14 +154,7 @@ async fn nats_and_s3_record_sessions_that_read_back_exactly_and_summarize() -> R
 #[tokio::test]
 async fn memory_bus_and_local_directory_record_sessions_the_same_way() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = recorder::open_store(&StorageConfig {
-        url: format!("file://{}", dir.path().join("recordings").display()),
-        ..Default::default()
-    })?;
-    let bus = EventBus::memory();
-    // The in-process bus only queues events for durables that exist: create it before publishing,
-    // as `airlock up` does by starting the recorder first.
-    bus.durable(subjects::RECORDER_DURABLE, subjects::ALL_SESSION_EVENTS).await?;
+    let (bus, store) = local_setup(&dir.path().join("recordings")).await?;
     records_sessions_and_reads_them_back(bus, store).await
 }
 

@@ -23,6 +23,7 @@ pub mod pki;
 pub mod postgres;
 pub mod proc;
 pub mod s3;
+pub mod sessions;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
