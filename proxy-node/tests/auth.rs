@@ -8,22 +8,23 @@
 //! proxy authenticated is told so (3D000), one it refused gets 28P01 (or 08P01 for a broken
 //! message), and no target is needed to tell the two apart.
 
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::Proxy;
 use eventbus::EventBus;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey};
-use policy_store::client::ActivePolicy;
 use proxy_node::ProxyConfig;
 use proxy_node::identity::OidcConfig;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 const API_KEY: &str = "ak_auth_tests_0123456789abcdef";
 /// Authenticated: the proxy says the database names no connection.
@@ -147,27 +148,19 @@ fn claims(iss: &str) -> Value {
 /// The proxy, trusting `issuer` for tokens and one service account's API key; its port.
 async fn proxy(issuer: &str) -> u16 {
     testkit::init_crypto();
-    let yaml = format!(
-        "connections:\n  - name: shop\n    kind: postgres\n    upstream: {{ host: 127.0.0.1, port: 1, database: shop }}\n    \
-         credentials: {{ user: svc, password_env: SHOP_DB_PASSWORD }}\n\
-         service_accounts:\n  - {{ name: etl, groups: [batch], api_key_sha256: {} }}\n",
-        proxy_node::identity::hash_api_key(API_KEY)
+    let yaml = common::policy_yaml(
+        "  - name: shop\n    kind: postgres\n    upstream: { host: 127.0.0.1, port: 1, database: shop }\n    \
+         credentials: { user: svc, password_env: SHOP_DB_PASSWORD }\n",
+        "",
+        &common::service_account("etl", "batch", API_KEY),
     );
-    let document = proto::policy::parse(&yaml).unwrap();
-    let (tx, rx) = watch::channel(Some(Arc::new(ActivePolicy { version: 1, document, digest: "t".into() })));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let cfg = ProxyConfig {
         oidc: Some(OidcConfig::for_issuer(issuer)),
         auth_timeout: Duration::from_secs(10),
         ..Default::default()
     };
     cfg.validate().unwrap();
-    tokio::spawn(async move {
-        let _keep = tx;
-        proxy_node::run(cfg, EventBus::memory(), rx, listener, std::future::pending()).await.unwrap();
-    });
-    port
+    Proxy::start(cfg, EventBus::memory(), &yaml).await.detach()
 }
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {

@@ -1,36 +1,19 @@
 //! Unmodified clients through the gateway: psql, pgbench in its three query modes, and psycopg 3
 //! in simple and extended mode. The proxy runs in-process against a real PostgreSQL.
 
+mod common;
+
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus::EventBus;
-use policy_store::client::ActivePolicy;
-use testkit::Postgres;
-use tokio::sync::watch;
+use common::{DB_PASSWORD, Node, pg_bindir};
 
 const KEY: &str = "ak_clients_tests_0123456789";
-const DB_PASSWORD: &str = "svc-Pa55word";
 
-struct Gateway {
-    pg: Postgres,
-    port: u16,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn gateway() -> Gateway {
-    testkit::init_crypto();
-    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
-    let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql("shop", "SET ROLE airlock_svc; CREATE TABLE orders (id int primary key, item text); INSERT INTO orders VALUES (1, 'apple');")
-        .unwrap();
-    // pgbench's tables, made directly on the target.
-    let bindir = pg_bindir();
-    let out = Command::new(bindir.join("pgbench"))
+/// [`Node::no_ddl`], with pgbench's tables made directly on the target.
+async fn gateway() -> Node {
+    let g = Node::no_ddl(KEY).await;
+    let out = Command::new(pg_bindir().join("pgbench"))
         .args([
             "-i",
             "-q",
@@ -39,7 +22,7 @@ async fn gateway() -> Gateway {
             "-h",
             "127.0.0.1",
             "-p",
-            &pg.port.to_string(),
+            &g.pg.port.to_string(),
             "-U",
             "airlock_svc",
             "shop",
@@ -48,53 +31,7 @@ async fn gateway() -> Gateway {
         .output()
         .unwrap();
     assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let yaml = format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {pw} }}
-rules:
-  - name: no-ddl
-    match: {{ operations: [create, drop, alter] }}
-    action: deny
-service_accounts:
-  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
-"#,
-        port = pg.port,
-        pw = pw.display(),
-        hash = proxy_node::identity::hash_api_key(KEY)
-    );
-    let doc = proto::policy::parse(&yaml).unwrap();
-    let (tx, rx) =
-        watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "t".into() })));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let cfg = proxy_node::ProxyConfig {
-        target_password_dir: Some(dir.path().display().to_string()),
-        ..Default::default()
-    };
-    tokio::spawn(async move {
-        let _keep = tx;
-        proxy_node::run(cfg, EventBus::memory(), rx, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Gateway { pg, port, _dir: dir, _stop: stop }
-}
-
-fn pg_bindir() -> std::path::PathBuf {
-    let out = Command::new("pg_config").arg("--bindir").output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().into(),
-        _ => "/usr/lib/postgresql/15/bin".into(),
-    }
+    g
 }
 
 fn dsn(port: u16) -> String {

@@ -3,173 +3,73 @@
 //! what approvers were shown. The proxy runs in-process against a real PostgreSQL on the
 //! in-memory event bus; holds are decided by publishing decisions as the approval service would.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Holds, Node, ORDERS_AND_PAYMENTS, sqlstate};
 use eventbus::EventBus;
-use policy_store::client::ActivePolicy;
 use proto::events::{Envelope, Event, GrantDecision, HoldDecision, HoldOutcome, HoldRequest, Timestamp};
-use testkit::Postgres;
 use testkit::pgwire::{
     self, bind, close, contains, execute, parse, query, read_answers, read_until_ready, sync,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 const KEY: &str = "ak_holds_tests_0123456789abcdef";
-const DB_PASSWORD: &str = "svc-Pa55word";
 
+/// The ids in `orders`, in order.
+const IDS: &str = "SELECT string_agg(id::text, ',' ORDER BY id) FROM orders";
+
+/// The node, and the hold requests it publishes.
 struct Harness {
-    pg: Postgres,
-    bus: EventBus,
-    port: u16,
-    holds: mpsc::UnboundedReceiver<(Uuid, HoldRequest)>,
-    policy: watch::Sender<Option<Arc<ActivePolicy>>>,
-    pw_file: String,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    node: Node,
+    holds: Holds,
 }
 
+common::deref_to_node!(Harness);
+
 fn policy(pg_port: u16, pw_file: &str, rules: &str) -> String {
-    let hash = proxy_node::identity::hash_api_key(KEY);
-    format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {pw_file} }}
-rules:
-{rules}
-service_accounts:
-  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
-"#
-    )
+    common::agent_policy("127.0.0.1", pg_port, pw_file, rules, KEY)
 }
 
 async fn start(rules: &str) -> Harness {
-    testkit::init_crypto();
-    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
-    let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql(
-        "shop",
-        "SET ROLE airlock_svc; \
-         CREATE TABLE orders (id int primary key, item text); \
-         INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum'); \
-         CREATE TABLE payments (id int primary key, amount int); \
-         INSERT INTO payments VALUES (1, 10);",
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let pw_file = pw.to_str().unwrap().to_string();
-    let doc = proto::policy::parse(&policy(pg.port, &pw_file, rules)).unwrap();
-    let (policy_tx, rx) =
-        watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "1".into() })));
-    let bus = EventBus::memory();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    common::init_tracing("proxy_node=debug");
     let cfg = proxy_node::ProxyConfig {
         hold_grace: Duration::from_secs(1),
         auth_timeout: Duration::from_secs(10),
-        target_password_dir: Some(dir.path().display().to_string()),
         ..Default::default()
     };
-    let b = bus.clone();
-    tokio::spawn(async move {
-        proxy_node::run(cfg, b, rx, listener, async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let (htx, holds) = mpsc::unbounded_channel();
-    let mut sub = bus.subscribe(proto::subjects::HOLD_REQUESTED).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(env) = sub.next().await {
-            if let Event::HoldRequested(h) = env.event {
-                let _ = htx.send((env.session, *h));
-            }
-        }
-    });
-    Harness { pg, bus, port, holds, policy: policy_tx, pw_file, _dir: dir, _stop: stop_tx }
+    let node =
+        Node::start(ORDERS_AND_PAYMENTS, cfg, EventBus::memory(), |pg, pw| policy(pg.port, pw, rules)).await;
+    let holds = Holds::subscribe(&node.bus).await;
+    Harness { node, holds }
 }
 
 impl Harness {
     async fn connect(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::Config::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("agent")
-            .password(KEY)
-            .dbname("shop")
-            .connect(NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
+        self.connect_as("agent", KEY).await
     }
 
     async fn raw(&self) -> tokio::net::TcpStream {
-        pgwire::connect(self.port, "agent", "shop", KEY).await
-    }
-
-    /// The next hold request, and the session it came on.
-    async fn held(&mut self) -> (Uuid, HoldRequest) {
-        tokio::time::timeout(Duration::from_secs(30), self.holds.recv()).await.expect("a hold").unwrap()
-    }
-
-    /// No hold request comes within `d`.
-    async fn no_hold_within(&mut self, d: Duration) {
-        if let Ok(Some((_, h))) = tokio::time::timeout(d, self.holds.recv()).await {
-            panic!("unexpected hold of {:?}", h.statement);
-        }
-    }
-
-    /// Decide hold `h` of `session`, as the approval service would.
-    async fn answer(&self, session: Uuid, h: &HoldRequest, outcome: HoldOutcome) {
-        let d = HoldDecision { hold_id: h.hold_id, outcome, decided_by: "tester".into(), reason: None };
-        self.bus.publish(&Envelope::new(session, Event::HoldDecided(d))).await.unwrap();
-    }
-
-    fn sql(&self, sql: &str) -> String {
-        self.pg.psql("shop", sql).unwrap()
+        self.raw_as("agent", KEY).await
     }
 
     fn ids(&self) -> String {
-        self.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders")
+        self.sql(IDS)
     }
 
     /// Wait up to 10 s for the ids in `orders` to be `want`.
     async fn wait_ids(&self, want: &str, what: &str) {
-        for _ in 0..100 {
-            if self.ids() == want {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{what}: orders has ids {}, not {want}", self.ids());
+        common::wait_for_target(&self.pg, IDS, want, Duration::from_secs(10), what).await;
     }
 
     /// Replace the proxy's policy with `rules`, as version `version`.
     fn apply(&self, version: u64, rules: &str) {
         self.apply_yaml(version, &policy(self.pg.port, &self.pw_file, rules));
     }
-
-    fn apply_yaml(&self, version: u64, yaml: &str) {
-        let document = proto::policy::parse(yaml).unwrap();
-        let active = ActivePolicy { version, document, digest: format!("{version}") };
-        self.policy.send(Some(Arc::new(active))).unwrap();
-    }
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_else(|| format!("not a db error: {e}"))
 }
 
 fn flush() -> Vec<u8> {
@@ -208,7 +108,7 @@ async fn what_a_client_sends_while_its_execute_is_held_runs_after_it_and_is_judg
     let mut raw = h.raw().await;
     let first = [parse("s", "DELETE FROM orders WHERE id = $1"), bind("p", "s", &["1"]), execute("p")];
     raw.write_all(&first.concat()).await.unwrap();
-    let (session, held) = h.held().await;
+    let (session, held) = h.holds.next().await;
     assert_eq!(held.statement, "DELETE FROM orders WHERE id = $1");
     assert_eq!(held.parameters, vec![Some("1".to_string())]);
     let meanwhile = [
@@ -226,25 +126,25 @@ async fn what_a_client_sends_while_its_execute_is_held_runs_after_it_and_is_judg
     raw.write_all(&meanwhile.concat()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.ids(), "1,2,3", "nothing runs before the decision");
-    h.answer(session, &held, HoldOutcome::Approved).await;
+    h.holds.answer(session, &held, HoldOutcome::Approved).await;
     // The replaced statement is held on its own (the approval does not carry over).
-    let (s2, second) = h.held().await;
+    let (s2, second) = h.holds.next().await;
     assert_eq!((second.statement.as_str(), second.parameters.len()), ("DELETE FROM orders", 0));
     assert_ne!(second.hold_id, held.hold_id);
     h.wait_ids("2,3", "the approved statement ran, with its own parameter").await;
     // A replay of the first approval does not release the second.
-    h.answer(session, &held, HoldOutcome::Approved).await;
+    h.holds.answer(session, &held, HoldOutcome::Approved).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.ids(), "2,3");
-    h.answer(s2, &second, HoldOutcome::Denied).await;
+    h.holds.answer(s2, &second, HoldOutcome::Denied).await;
     // The second Execute is skipped with the failed pipeline; the simple query is held.
-    let (s3, third) = h.held().await;
+    let (s3, third) = h.holds.next().await;
     assert_eq!(third.statement, "DELETE FROM orders WHERE id = 3");
-    h.answer(s3, &third, HoldOutcome::Denied).await;
+    h.holds.answer(s3, &third, HoldOutcome::Denied).await;
     let seen = read_answers(&mut raw, 3).await;
     assert!(seen.contains("DELETE 1") && seen.contains("42501"), "{seen}");
     assert_eq!(seen.matches("DELETE 1").count(), 1, "{seen}");
-    h.no_hold_within(Duration::from_millis(200)).await;
+    h.holds.none_within(Duration::from_millis(200)).await;
     assert_eq!(h.ids(), "2,3");
 }
 
@@ -261,22 +161,22 @@ async fn a_decision_releases_its_own_hold_only_once() {
         tokio::spawn(async move { c.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await })
     };
     let first = del(&a);
-    let (sa, ha) = h.held().await;
-    h.answer(sa, &ha, HoldOutcome::Approved).await;
+    let (sa, ha) = h.holds.next().await;
+    h.holds.answer(sa, &ha, HoldOutcome::Approved).await;
     assert_eq!(first.await.unwrap().unwrap(), 1);
     h.sql("INSERT INTO orders VALUES (1, 'apple')");
     // The same statement with the same parameters, again on a and on b.
     let again = del(&a);
-    let (sa2, ha2) = h.held().await;
+    let (sa2, ha2) = h.holds.next().await;
     let other = del(&b);
-    let (sb, hb) = h.held().await;
+    let (sb, hb) = h.holds.next().await;
     assert_ne!(sa, sb);
     assert_eq!(
         (ha2.fingerprint.as_str(), hb.fingerprint.as_str()),
         (ha.fingerprint.as_str(), ha.fingerprint.as_str())
     );
-    h.answer(sa, &ha, HoldOutcome::Approved).await;
-    h.answer(sb, &ha, HoldOutcome::Approved).await;
+    h.holds.answer(sa, &ha, HoldOutcome::Approved).await;
+    h.holds.answer(sb, &ha, HoldOutcome::Approved).await;
     let stray = HoldDecision {
         hold_id: Uuid::now_v7(),
         outcome: HoldOutcome::Approved,
@@ -288,12 +188,12 @@ async fn a_decision_releases_its_own_hold_only_once() {
     assert!(!again.is_finished() && !other.is_finished());
     assert_eq!(h.ids(), "1,2,3");
     // b's approval runs b's statement only.
-    h.answer(sb, &hb, HoldOutcome::Approved).await;
+    h.holds.answer(sb, &hb, HoldOutcome::Approved).await;
     assert_eq!(other.await.unwrap().unwrap(), 1);
     assert!(!again.is_finished());
     h.sql("INSERT INTO orders VALUES (1, 'apple')");
-    h.answer(sa2, &ha2, HoldOutcome::Denied).await;
-    assert_eq!(code(&again.await.unwrap().unwrap_err()), "42501");
+    h.holds.answer(sa2, &ha2, HoldOutcome::Denied).await;
+    assert_eq!(sqlstate(&again.await.unwrap().unwrap_err()), "42501");
     assert_eq!(h.ids(), "1,2,3");
 }
 
@@ -312,9 +212,9 @@ async fn a_block_ended_while_its_statement_is_held_ends_after_the_decision() {
             query(end),
         ];
         raw.write_all(&msgs.concat()).await.unwrap();
-        let (s, held) = h.held().await;
+        let (s, held) = h.holds.next().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        h.answer(s, &held, outcome).await;
+        h.holds.answer(s, &held, outcome).await;
         let seen = read_answers(&mut raw, 4).await;
         assert!(seen.contains("ROLLBACK"), "{end}: {seen}");
         assert_eq!(h.ids(), "1,2,3", "{end}");
@@ -331,21 +231,21 @@ async fn an_approval_after_the_client_left_runs_nothing() {
     let mut decided = h.bus.subscribe(proto::subjects::HOLD_DECIDED).await.unwrap();
     let mut raw = h.raw().await;
     raw.write_all(&query("DELETE FROM orders WHERE id = 1")).await.unwrap();
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     raw.set_zero_linger().unwrap();
     drop(raw);
     let d = decision_of(&mut decided, held.hold_id).await.expect("the proxy denies the abandoned hold");
     assert_eq!(d.outcome, HoldOutcome::Denied);
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     let mut raw = h.raw().await;
     raw.write_all(&query("DELETE FROM orders WHERE id = 1")).await.unwrap();
-    let (s2, again) = h.held().await;
+    let (s2, again) = h.holds.next().await;
     assert_ne!((s2, again.hold_id), (s, held.hold_id));
     // The old session's approval again, now on the new session.
-    h.answer(s2, &held, HoldOutcome::Approved).await;
+    h.holds.answer(s2, &held, HoldOutcome::Approved).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.ids(), "1,2,3");
-    h.answer(s2, &again, HoldOutcome::Denied).await;
+    h.holds.answer(s2, &again, HoldOutcome::Denied).await;
     assert!(contains(&read_until_ready(&mut raw).await, "42501"));
     assert_eq!(h.ids(), "1,2,3");
 }
@@ -375,14 +275,14 @@ async fn a_cancelled_held_statement_is_denied_and_never_runs() {
     let c = Arc::new(h.connect().await);
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await });
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     c.cancel_token().cancel_query(NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), del).await.expect("answered").unwrap().unwrap_err();
-    assert_eq!(code(&e), "57014", "{e:?}");
+    assert_eq!(sqlstate(&e), "57014", "{e:?}");
     let d = decision_of(&mut decided, held.hold_id).await.expect("the proxy denies the cancelled hold");
     assert_eq!(d.outcome, HoldOutcome::Denied);
     // An approval that comes anyway runs nothing, and the session goes on.
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.ids(), "1,2,3");
     assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
@@ -396,12 +296,12 @@ async fn an_approval_does_not_run_what_the_policy_now_denies() {
     let c = Arc::new(h.connect().await);
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await });
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     h.apply(2, "  - name: order-deletes-denied\n    match: { operations: [delete], tables: [orders] }\n    action: deny\n");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     let e = del.await.unwrap().unwrap_err();
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     assert!(e.as_db_error().unwrap().message().contains("order-deletes-denied"), "{e:?}");
     assert_eq!(h.ids(), "1,2,3");
     // The session goes on.
@@ -415,11 +315,11 @@ async fn an_approval_does_not_run_a_statement_of_a_revoked_session() {
     let mut h = start(RULES).await;
     let mut raw = h.raw().await;
     raw.write_all(&query("DELETE FROM orders WHERE id = 1")).await.unwrap();
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     let revoked = policy(h.pg.port, &h.pw_file, RULES).replace("name: agent,", "name: agent-2,");
     h.apply_yaml(2, &revoked);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     let seen = pgwire::read_to_close(&mut raw).await;
     assert!(contains(&seen, "57P03"), "{}", String::from_utf8_lossy(&seen));
     assert_eq!(h.ids(), "1,2,3");
@@ -437,9 +337,8 @@ async fn approve_blindly(
     let mut got = None;
     let seen = tokio::select! {
         seen = read_answers(raw, answers) => seen,
-        hold = h.holds.recv() => {
-            let (s, req) = hold.unwrap();
-            h.answer(s, &req, HoldOutcome::Approved).await;
+        (s, req) = h.holds.recv() => {
+            h.holds.answer(s, &req, HoldOutcome::Approved).await;
             got = Some(req);
             read_answers(raw, answers).await
         }
@@ -456,8 +355,8 @@ async fn a_statement_approvers_cannot_be_shown_is_refused_not_held() {
     let mut h = start(&rules).await;
     let mut raw = h.raw().await;
     raw.write_all(&query("PREPARE d(int) AS DELETE FROM orders WHERE id = $1")).await.unwrap();
-    let (s, held) = h.held().await;
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    let (s, held) = h.holds.next().await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     read_until_ready(&mut raw).await;
     let (seen, hold) =
         approve_blindly(&mut h, &mut raw, &[bind("p", "d", &["2"]), execute("p"), sync()], 1).await;
@@ -493,29 +392,29 @@ async fn approvers_see_what_an_execute_of_a_prepared_statement_runs() {
     raw.write_all(&[parse("w", "DELETE FROM orders WHERE id > 0"), sync()].concat()).await.unwrap();
     read_until_ready(&mut raw).await;
     raw.write_all(&query("EXECUTE w")).await.unwrap();
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     assert_eq!(held.statement, "EXECUTE w");
     assert!(held.reason.contains("DELETE FROM orders WHERE id > 0"), "{}", held.reason);
-    h.answer(s, &held, HoldOutcome::Denied).await;
+    h.holds.answer(s, &held, HoldOutcome::Denied).await;
     read_until_ready(&mut raw).await;
     // Prepared with SQL PREPARE (approved), then executed through the protocol.
     raw.write_all(&query("PREPARE d(int) AS DELETE FROM orders WHERE id = $1")).await.unwrap();
-    let (s, held) = h.held().await;
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    let (s, held) = h.holds.next().await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     read_until_ready(&mut raw).await;
     raw.write_all(&[parse("", "EXECUTE d(2)"), bind("", "", &[]), execute(""), sync()].concat())
         .await
         .unwrap();
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     assert_eq!(held.statement, "EXECUTE d(2)");
     assert!(held.reason.contains("PREPARE d(int) AS DELETE FROM orders WHERE id = $1"), "{}", held.reason);
-    h.answer(s, &held, HoldOutcome::Approved).await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
     assert!(read_until_ready(&mut raw).await.windows(8).any(|w| w == b"DELETE 1"));
     // Prepared in the same message: the statement shows it already.
     raw.write_all(&query("PREPARE e AS DELETE FROM orders WHERE id = 3; EXECUTE e")).await.unwrap();
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     assert!(!held.reason.contains("EXECUTE e runs"), "{}", held.reason);
-    h.answer(s, &held, HoldOutcome::Denied).await;
+    h.holds.answer(s, &held, HoldOutcome::Denied).await;
     read_until_ready(&mut raw).await;
     assert_eq!(h.ids(), "1,3");
 }
@@ -528,51 +427,17 @@ async fn approvers_are_told_when_unqualified_names_may_resolve_elsewhere() {
     let c = Arc::new(h.connect().await);
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.simple_query("DELETE FROM orders WHERE id = 1").await });
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     assert!(!held.reason.contains("search_path"), "{}", held.reason);
-    h.answer(s, &held, HoldOutcome::Denied).await;
+    h.holds.answer(s, &held, HoldOutcome::Denied).await;
     assert!(del.await.unwrap().is_err());
     c.simple_query("SET search_path TO public").await.unwrap();
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.simple_query("DELETE FROM orders WHERE id = 1").await });
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     assert!(held.reason.contains("search_path"), "{}", held.reason);
-    h.answer(s, &held, HoldOutcome::Denied).await;
+    h.holds.answer(s, &held, HoldOutcome::Denied).await;
     assert!(del.await.unwrap().is_err());
-}
-
-/// Runs a write that changes nothing under `rule` on `c` until it is held (`held`) or runs
-/// without a hold (`!held`), for up to 10 s (grants reach the node in the background). A held
-/// probe is denied.
-async fn wait_until_held(h: &mut Harness, c: &tokio_postgres::Client, probe: &str, held: bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let run = c.execute(probe, &[]);
-        tokio::pin!(run);
-        let hold = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::select! {
-                r = &mut run => {
-                    assert_eq!(r.unwrap(), 0);
-                    None
-                }
-                hold = h.holds.recv() => Some(hold.unwrap()),
-            }
-        });
-        let was_held = match hold.await.expect("the probe neither ran nor was held") {
-            None => false,
-            Some((session, req)) => {
-                h.answer(session, &req, HoldOutcome::Denied).await;
-                let e = tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap_err();
-                assert_eq!(code(&e), "42501");
-                true
-            }
-        };
-        if was_held == held {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{probe}: held is not {held}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 const GRANT_RULES: &str = r#"  - name: order-deletes
@@ -611,19 +476,19 @@ async fn a_grant_covers_only_its_rule_and_only_as_long_as_the_policy_now_allows(
     for g in [grant("someone-else", "shop", 10), grant("agent", "crm", 10), grant("agent", "shop", 10)] {
         h.bus.publish(&Envelope::new(Uuid::now_v7(), Event::GrantDecided(g))).await.unwrap();
     }
-    wait_until_held(&mut h, &c, orders, false).await;
-    wait_until_held(&mut h, &c, payments, true).await;
+    h.holds.wait_until_held(&c, orders, false).await;
+    h.holds.wait_until_held(&c, payments, true).await;
     // Both tables in one statement: the payments rule still holds it.
     let both = "WITH p AS (DELETE FROM payments WHERE false RETURNING id) DELETE FROM orders WHERE id IN (SELECT id FROM p)";
-    wait_until_held(&mut h, &c, both, true).await;
+    h.holds.wait_until_held(&c, both, true).await;
     // The rule's longest grant shortened below the grant's age: over.
     h.apply(2, &GRANT_RULES.replacen("max: 8h", "max: 5m", 1));
-    wait_until_held(&mut h, &c, orders, true).await;
+    h.holds.wait_until_held(&c, orders, true).await;
     h.apply(3, GRANT_RULES);
-    wait_until_held(&mut h, &c, orders, false).await;
+    h.holds.wait_until_held(&c, orders, false).await;
     // The rule no longer grants access: over.
     h.apply(4, &GRANT_RULES.replacen("    grant: { max: 8h }\n", "", 1));
-    wait_until_held(&mut h, &c, orders, true).await;
+    h.holds.wait_until_held(&c, orders, true).await;
 }
 
 /// Parameters that differ in bytes or format never look the same to approvers: the text `\x41`
@@ -644,8 +509,8 @@ async fn text_and_binary_parameters_never_look_the_same_to_approvers() {
             sync(),
         ];
         raw.write_all(&msgs.concat()).await.unwrap();
-        let (s, held) = h.held().await;
-        h.answer(s, &held, HoldOutcome::Denied).await;
+        let (s, held) = h.holds.next().await;
+        h.holds.answer(s, &held, HoldOutcome::Denied).await;
         read_until_ready(&mut raw).await;
         shown.push((held.parameters[0].clone().unwrap(), held.fingerprint));
     }
@@ -676,14 +541,14 @@ async fn a_setting_queued_behind_a_held_statement_does_not_change_what_it_runs()
         query("DELETE FROM orders WHERE id = 1"),
     ];
     raw.write_all(&msgs.concat()).await.unwrap();
-    let (s, held) = h.held().await;
+    let (s, held) = h.holds.next().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    h.answer(s, &held, HoldOutcome::Approved).await;
-    let (s, second) = h.held().await;
+    h.holds.answer(s, &held, HoldOutcome::Approved).await;
+    let (s, second) = h.holds.next().await;
     assert!(second.reason.contains("search_path"), "{}", second.reason);
     h.wait_ids("2,3", "the approved DELETE ran on public.orders").await;
     assert_eq!(h.sql("SELECT count(*) FROM evil.orders"), "1");
-    h.answer(s, &second, HoldOutcome::Denied).await;
+    h.holds.answer(s, &second, HoldOutcome::Denied).await;
     let seen = read_answers(&mut raw, 4).await;
     assert!(seen.contains("DELETE 1") && seen.contains("42501"), "{seen}");
     assert_eq!(h.sql("SELECT count(*) FROM evil.orders"), "1");

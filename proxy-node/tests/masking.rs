@@ -6,22 +6,21 @@
 //! the client or the recording. The keep corpus checks that values which are not sensitive come
 //! back byte for byte.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{DB_PASSWORD, Node};
 use eventbus::EventBus;
 use futures::TryStreamExt;
-use policy_store::client::ActivePolicy;
 use proto::events::{Envelope, Event};
-use testkit::Postgres;
-use tokio::sync::watch;
+use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 const AGENT_KEY: &str = "ak_masking_agent_0123456789abcdef";
 const DBA_KEY: &str = "ak_masking_dba_0123456789abcdef00";
-const DB_PASSWORD: &str = "svc-Pa55word";
 
 /// Values that must never reach the agent or the recording, whole or in part.
 const SECRETS: &[&str] = &[
@@ -42,8 +41,7 @@ const SECRETS: &[&str] = &[
     "555-0100",
 ];
 
-const SEED: &str = "SET ROLE airlock_svc; \
-    CREATE TABLE users (id int primary key, name text, email text, phone text, card text, \
+const SEED: &str = "CREATE TABLE users (id int primary key, name text, email text, phone text, card text, \
       card_num bigint, notes text, ip inet, profile jsonb, amount numeric(10,2)); \
     INSERT INTO users VALUES \
       (1, 'Alice Smith', 'alice.liddell@example.com', '+1 415-555-0100', '4111 1111 1111 1111', 4111111111111111, \
@@ -58,15 +56,8 @@ const SEED: &str = "SET ROLE airlock_svc; \
     INSERT INTO orders VALUES (1, 1, 10), (2, 2, 20);";
 
 fn policy(pg_port: u16, pw_file: &str, extra: &str) -> String {
-    let agent = proxy_node::identity::hash_api_key(AGENT_KEY);
-    let dba = proxy_node::identity::hash_api_key(DBA_KEY);
-    format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {pw_file} }}
-masking:
+    let masking = format!(
+        r#"masking:
   - connections: [shop]
     columns: [users.email, users.phone, customers.*]
     strategy: redact
@@ -77,22 +68,23 @@ masking:
   - detectors: [email, credit_card, phone, iban, ssn, ipv4, jwt, api_key]
     exempt: {{ groups: [dba] }}
 {extra}
-service_accounts:
-  - {{ name: agent, groups: [agents], api_key_sha256: {agent} }}
-  - {{ name: dba, groups: [dba], api_key_sha256: {dba} }}
 "#
+    );
+    common::policy_yaml(
+        &common::connection("shop", "127.0.0.1", pg_port, "tls: disable", pw_file),
+        &masking,
+        &(common::service_account("agent", "agents", AGENT_KEY)
+            + &common::service_account("dba", "dba", DBA_KEY)),
     )
 }
 
+/// The node, and every session event it recorded.
 struct Harness {
-    pg: Postgres,
-    port: u16,
+    node: Node,
     recorded: Arc<Mutex<Vec<Envelope>>>,
-    policy: watch::Sender<Option<Arc<ActivePolicy>>>,
-    pw_file: String,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
+
+common::deref_to_node!(Harness);
 
 const DEFAULTS: &str = "defaults: { unknown_operation: deny }";
 
@@ -102,18 +94,7 @@ const DEFAULTS: &str = "defaults: { unknown_operation: deny }";
 const ALLOW_PREDICATES: &str = "defaults: { unknown_operation: deny, masked_predicates: allow }";
 
 async fn start(extra: &str) -> Harness {
-    testkit::init_crypto();
-    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=info").with_test_writer().try_init();
-    let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql("shop", SEED).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let doc = proto::policy::parse(&policy(pg.port, pw.to_str().unwrap(), extra)).unwrap();
-    let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
-    let (tx, rx) = watch::channel(Some(Arc::new(active)));
+    common::init_tracing("proxy_node=info");
     let bus = EventBus::memory();
     let recorded = Arc::new(Mutex::new(Vec::new()));
     let mut sub = bus.subscribe(proto::subjects::ALL_SESSION_EVENTS).await.unwrap();
@@ -123,46 +104,25 @@ async fn start(extra: &str) -> Harness {
             sink.lock().unwrap().push(env);
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = proxy_node::ProxyConfig {
-        hold_grace: Duration::from_millis(200),
-        target_password_dir: Some(dir.path().display().to_string()),
-        ..Default::default()
-    };
-    tokio::spawn(async move {
-        proxy_node::run(cfg, bus, rx, listener, async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let pw_file = pw.to_str().unwrap().to_string();
-    Harness { pg, port, recorded, policy: tx, pw_file, _dir: dir, _stop: stop_tx }
+    let cfg = proxy_node::ProxyConfig { hold_grace: Duration::from_millis(200), ..Default::default() };
+    let node = Node::start(SEED, cfg, bus, |pg, pw| policy(pg.port, pw, extra)).await;
+    Harness { node, recorded }
 }
 
 impl Harness {
     async fn connect(&self, key: &str) -> tokio_postgres::Client {
         let user = if key == AGENT_KEY { "agent" } else { "dba" };
-        let (client, conn) = tokio_postgres::Config::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .user(user)
-            .password(key)
-            .dbname("shop")
-            .connect(NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
+        self.connect_as(user, key).await
+    }
+
+    /// A raw wire-protocol session of the agent.
+    async fn raw(&self) -> tokio::net::TcpStream {
+        self.raw_as("agent", AGENT_KEY).await
     }
 
     /// Replace the proxy's policy with the test policy plus `extra`, as version `version`.
     fn apply(&self, version: u64, extra: &str) {
-        let document = proto::policy::parse(&policy(self.pg.port, &self.pw_file, extra)).unwrap();
-        let active = ActivePolicy { version, document, digest: format!("test-{version}") };
-        self.policy.send(Some(Arc::new(active))).unwrap();
+        self.apply_yaml(version, &policy(self.pg.port, &self.pw_file, extra));
     }
 
     /// Waits (10 s at most) until the recording holds the response to the statement `sql` (sent
@@ -525,7 +485,7 @@ async fn a_clients_describe_of_the_portal_plans_its_masking_and_no_other_does() 
     use testkit::pgwire::{self, bind, describe, execute, parse, sync, tags};
     use tokio::io::AsyncWriteExt;
     let h = start(ALLOW_PREDICATES).await;
-    let mut s = pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     let mut failures = Vec::new();
     for q in LEAK_QUERIES {
         let pipeline = [parse("", q), bind("", "", &[]), describe(b'P', ""), execute(""), sync()].concat();
@@ -577,7 +537,7 @@ async fn a_describe_is_planned_as_what_its_portal_held_when_it_was_sent() {
     use testkit::pgwire::{self, bind, describe, execute, message, parse, sync};
     use tokio::io::AsyncWriteExt;
     let h = start(DEFAULTS).await;
-    let mut s = pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     let pipeline = [
         parse("s1", EMAIL_IN_HEX),
         bind("", "s1", &[]),
@@ -605,7 +565,7 @@ async fn queries_skipped_after_a_pipeline_error_do_not_plan_the_masking_of_later
     use testkit::pgwire::{self, message, parse, query, sync};
     use tokio::io::AsyncWriteExt;
     let h = start(DEFAULTS).await;
-    let mut s = pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     s.write_all(&[parse("e", "SELECT nocol FROM users"), message(b'H', &[])].concat()).await.unwrap();
     pgwire::read_until(&mut s, b'E').await;
     s.write_all(&[query("SELECT 'a'::text AS x"), query("SELECT 'b'::text AS x"), sync()].concat())
@@ -908,7 +868,7 @@ async fn a_failing_write_does_not_show_the_row_it_would_have_written() {
         }
     }
     // The trigger's notice, on a write that succeeds.
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     tokio::io::AsyncWriteExt::write_all(
         &mut s,
         &testkit::pgwire::query("UPDATE users SET notes = 'n' WHERE id = 2"),
@@ -960,7 +920,7 @@ async fn copy_in_a_foreign_encoding_is_refused_while_masking() {
     assert!(seen.starts_with("ERROR") && !seen.contains("Alice") && !seen.contains("Bob"), "{seen}");
     // The setting changed by an earlier statement of the same message is reported only after
     // the COPY's rows.
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     tokio::io::AsyncWriteExt::write_all(
         &mut s,
         &testkit::pgwire::query(&format!(
@@ -991,7 +951,7 @@ async fn copy_in_a_foreign_encoding_is_refused_while_masking() {
     let seen = copy_out(&c, "COPY (SELECT id, name FROM users) TO STDOUT WITH (FORMAT csv)").await;
     assert!(seen.starts_with("ERROR") && !seen.contains("Alice"), "{seen}");
     // Behind a BEGIN, which changes no setting, a COPY in the same message is served.
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     tokio::io::AsyncWriteExt::write_all(
         &mut s,
         &testkit::pgwire::query(
@@ -1055,7 +1015,7 @@ async fn a_name_changed_by_a_statement_still_running_is_masked_as_unknown() {
         ),
     ];
     for (what, setup, pipelined) in cases {
-        let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+        let mut s = h.raw().await;
         for step in setup {
             s.write_all(&step).await.unwrap();
             read_until_ready(&mut s).await;
@@ -1080,7 +1040,7 @@ async fn a_portal_name_freed_inside_a_block_is_masked_as_the_cursor_declared_und
         ("ROLLBACK TO", query("ROLLBACK TO SAVEPOINT before_p")),
     ];
     for (how, free) in frees {
-        let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+        let mut s = h.raw().await;
         s.write_all(&query("BEGIN; SAVEPOINT before_p")).await.unwrap();
         read_until_ready(&mut s).await;
         s.write_all(&[parse("s", "SELECT id, 'x' FROM users"), bind("p", "s", &[]), sync()].concat())
@@ -1108,7 +1068,7 @@ async fn a_portal_name_reused_after_its_transaction_is_masked_as_what_it_now_run
     use testkit::pgwire::{bind, execute, parse, query, read_until_ready, sync};
     use tokio::io::AsyncWriteExt;
     let h = start(DEFAULTS).await;
-    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", AGENT_KEY).await;
+    let mut s = h.raw().await;
     // Bound in one transaction block, gone when a simple-protocol COMMIT ends it.
     s.write_all(&query("BEGIN")).await.unwrap();
     read_until_ready(&mut s).await;
@@ -1133,6 +1093,16 @@ async fn a_portal_name_reused_after_its_transaction_is_masked_as_what_it_now_run
 /// An email that no detector recognises: only column masking stands between it and the agent.
 const PLAIN_EMAIL: &str = "carol private handle";
 
+/// The proxy under `extra` (see [`start`]), with a third user whose email is [`PLAIN_EMAIL`], and
+/// `fixtures` run on the target as the tables' owner.
+async fn start_with_carol(extra: &str, fixtures: &str) -> Harness {
+    let h = start(extra).await;
+    h.as_owner(&format!(
+        "INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); {fixtures}"
+    ));
+    h
+}
+
 /// The proxy, with a user whose email is [`PLAIN_EMAIL`] and a `notes` table to copy values into.
 async fn start_with_plain_email() -> Harness {
     start_with_plain_email_under(DEFAULTS).await
@@ -1140,16 +1110,7 @@ async fn start_with_plain_email() -> Harness {
 
 /// [`start_with_plain_email`] under `defaults` (a policy's `defaults:` line).
 async fn start_with_plain_email_under(defaults: &str) -> Harness {
-    let h = start(defaults).await;
-    h.pg.psql(
-        "shop",
-        &format!(
-            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
-             CREATE TABLE notes (body text);"
-        ),
-    )
-    .unwrap();
-    h
+    start_with_carol(defaults, "CREATE TABLE notes (body text);").await
 }
 
 /// `select`, whose first column is users.email under another guise, through the simple and the
@@ -1343,24 +1304,19 @@ async fn views_the_session_just_created_are_masked() {
 /// DDL is refused while the names are masked; renaming what is not masked still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renaming_or_detaching_what_is_masked_is_refused() {
-    let h = start(&format!(
-        "  - columns: [people.name, staff.name, ps.t.secret]\n    strategy: redact\n{DEFAULTS}"
-    ))
-    .await;
-    h.pg.psql(
-        "shop",
-        &format!(
-            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
-             INSERT INTO customers VALUES (7, 'zed quiet number', 'zed quiet account'); \
-             CREATE TABLE people (id int, name text) PARTITION BY RANGE (id); \
-             CREATE TABLE people_low PARTITION OF people FOR VALUES FROM (0) TO (100); \
-             INSERT INTO people VALUES (1, 'zed quiet person'); \
-             CREATE TABLE staff (id int, name text); CREATE TABLE contractors () INHERITS (staff); \
-             INSERT INTO contractors VALUES (2, 'zed quiet contractor'); \
-             CREATE SCHEMA ps; CREATE TABLE ps.t (secret text); INSERT INTO ps.t VALUES ('zed quiet schema');"
-        ),
+    let extra =
+        format!("  - columns: [people.name, staff.name, ps.t.secret]\n    strategy: redact\n{DEFAULTS}");
+    let h = start_with_carol(
+        &extra,
+        "INSERT INTO customers VALUES (7, 'zed quiet number', 'zed quiet account'); \
+         CREATE TABLE people (id int, name text) PARTITION BY RANGE (id); \
+         CREATE TABLE people_low PARTITION OF people FOR VALUES FROM (0) TO (100); \
+         INSERT INTO people VALUES (1, 'zed quiet person'); \
+         CREATE TABLE staff (id int, name text); CREATE TABLE contractors () INHERITS (staff); \
+         INSERT INTO contractors VALUES (2, 'zed quiet contractor'); \
+         CREATE SCHEMA ps; CREATE TABLE ps.t (secret text); INSERT INTO ps.t VALUES ('zed quiet schema');",
     )
-    .unwrap();
+    .await;
     let c = h.connect(AGENT_KEY).await;
     let mut failures = Vec::new();
     for q in [
@@ -1410,15 +1366,7 @@ async fn renaming_or_detaching_what_is_masked_is_refused() {
 /// character at a time. Refused even where the policy lets functions of unknown effect run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtins_that_keep_their_arguments_are_not_given_masked_values() {
-    let h = start("defaults: { unknown_operation: allow }").await;
-    h.pg.psql(
-        "shop",
-        &format!(
-            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
-             CREATE SEQUENCE sq;"
-        ),
-    )
-    .unwrap();
+    let h = start_with_carol("defaults: { unknown_operation: allow }", "CREATE SEQUENCE sq;").await;
     let c = h.connect(AGENT_KEY).await;
     let mut failures = Vec::new();
     for q in [
@@ -1482,17 +1430,13 @@ async fn copy_text_with_the_delimiter_inside_a_value_is_masked_field_by_field() 
 /// (`pg_stat_activity.query`), which hold whatever values those statements named, are masked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_handed_to_writing_functions_or_shown_in_other_sessions_statements_stay_masked() {
-    let h = start("defaults: { unknown_operation: allow }").await;
-    h.pg.psql(
-        "shop",
-        &format!(
-            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
-             CREATE TABLE notes (body text); \
-             CREATE FUNCTION lg(t text) RETURNS int LANGUAGE plpgsql AS \
-               $$ BEGIN INSERT INTO notes VALUES (t); RETURN 1; END $$;"
-        ),
+    let h = start_with_carol(
+        "defaults: { unknown_operation: allow }",
+        "CREATE TABLE notes (body text); \
+         CREATE FUNCTION lg(t text) RETURNS int LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO notes VALUES (t); RETURN 1; END $$;",
     )
-    .unwrap();
+    .await;
     let c = h.connect(AGENT_KEY).await;
     let mut failures = Vec::new();
     for q in ["SELECT lg(email) FROM users WHERE id = 3", "SELECT lg(u::text) FROM users u WHERE id = 3"] {
@@ -1563,17 +1507,14 @@ async fn unparsed_text_is_refused_where_columns_are_masked() {
 /// is [`PLAIN_EMAIL`] (only its column masks it: no detector recognises it), a table of
 /// addresses to join it with, and a view computing something from the email.
 async fn start_choosing(defaults: &str) -> Harness {
-    let h = start(defaults).await;
-    h.pg.psql(
-        "shop",
+    start_with_carol(
+        defaults,
         &format!(
-            "SET ROLE airlock_svc; INSERT INTO users (id, name, email) VALUES (3, 'Carol', '{PLAIN_EMAIL}'); \
-             CREATE TABLE contacts (addr text); INSERT INTO contacts VALUES ('{PLAIN_EMAIL}'), ('someone'); \
+            "CREATE TABLE contacts (addr text); INSERT INTO contacts VALUES ('{PLAIN_EMAIL}'), ('someone'); \
              CREATE VIEW v_initial AS SELECT id, substr(email, 1, 1) AS initial FROM users;"
         ),
     )
-    .unwrap();
-    h
+    .await
 }
 
 /// Was the statement refused for choosing rows by a masked column?

@@ -3,77 +3,14 @@
 //! its dependencies are installed with `npm ci` from the committed lock file the first time.
 //! The proxy runs in-process against a real PostgreSQL, as in `clients.rs`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
-use eventbus::EventBus;
-use policy_store::client::ActivePolicy;
-use testkit::Postgres;
-use tokio::sync::watch;
+use common::Node;
 
 const KEY: &str = "ak_node_client_tests_0123456789";
-const DB_PASSWORD: &str = "svc-Pa55word";
-
-struct Gateway {
-    pg: Postgres,
-    port: u16,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn gateway() -> Gateway {
-    testkit::init_crypto();
-    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
-    let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql(
-        "shop",
-        "SET ROLE airlock_svc; CREATE TABLE orders (id int primary key, item text); \
-         INSERT INTO orders VALUES (1, 'apple');",
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let yaml = format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {pw} }}
-rules:
-  - name: no-ddl
-    match: {{ operations: [create, drop, alter] }}
-    action: deny
-service_accounts:
-  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
-"#,
-        port = pg.port,
-        pw = pw.display(),
-        hash = proxy_node::identity::hash_api_key(KEY)
-    );
-    let doc = proto::policy::parse(&yaml).unwrap();
-    let (tx, rx) =
-        watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "t".into() })));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let cfg = proxy_node::ProxyConfig {
-        target_password_dir: Some(dir.path().display().to_string()),
-        ..Default::default()
-    };
-    tokio::spawn(async move {
-        let _keep = tx;
-        proxy_node::run(cfg, EventBus::memory(), rx, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Gateway { pg, port, _dir: dir, _stop: stop }
-}
 
 fn script_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
@@ -114,7 +51,7 @@ async fn node_postgres_works_through_the_gateway() {
     .await
     .unwrap();
 
-    let g = gateway().await;
+    let g = Node::no_ddl(KEY).await;
     let mut cmd = Command::new("timeout");
     cmd.args(["60", "node", "client.js"])
         .current_dir(&dir)

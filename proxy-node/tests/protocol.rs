@@ -3,51 +3,35 @@
 //! the in-memory event bus; holds are decided by publishing decisions as the approval service
 //! would.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Holds, Node, ORDERS_AND_PAYMENTS, sqlstate};
 use eventbus::EventBus;
 use futures::SinkExt;
-use policy_store::client::ActivePolicy;
-use proto::events::{Envelope, Event, HoldDecision, HoldOutcome, HoldRequest};
+use proto::events::{Envelope, Event, HoldOutcome};
 use testkit::Postgres;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 const KEY: &str = "ak_protocol_tests_0123456789";
 /// The proxy's `auth_timeout` in these tests.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-const DB_PASSWORD: &str = "svc-Pa55word";
 
+/// The node, the hold requests it publishes, and where it reaches the target.
 struct Harness {
-    pg: Postgres,
-    bus: EventBus,
-    port: u16,
-    holds: mpsc::UnboundedReceiver<(uuid::Uuid, HoldRequest)>,
-    /// The policy the proxy runs under: send a new one to change it.
-    policy: watch::Sender<Option<Arc<ActivePolicy>>>,
-    pw_file: String,
+    node: Node,
+    holds: Holds,
     /// `upstream.host`: 127.0.0.1, or the directory of the target's Unix-domain socket.
     upstream_host: String,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
+common::deref_to_node!(Harness);
+
 fn policy(host: &str, pg_port: u16, pw_file: &str, rules: &str) -> String {
-    let hash = proxy_node::identity::hash_api_key(KEY);
-    format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: "{host}", port: {pg_port}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {pw_file} }}
-rules:
-{rules}
-service_accounts:
-  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
-"#
-    )
+    common::agent_policy(host, pg_port, pw_file, rules, KEY)
 }
 
 async fn start(rules: &str) -> Harness {
@@ -57,122 +41,40 @@ async fn start(rules: &str) -> Harness {
 /// The harness, with the proxy reaching PostgreSQL through its Unix-domain socket when
 /// `unix_socket`, else over TCP.
 async fn start_on(rules: &str, unix_socket: bool) -> Harness {
-    testkit::init_crypto();
-    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
-    let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql(
-        "shop",
-        "SET ROLE airlock_svc; \
-         CREATE TABLE orders (id int primary key, item text); \
-         INSERT INTO orders VALUES (1, 'apple'), (2, 'pear'), (3, 'plum'); \
-         CREATE TABLE payments (id int primary key, amount int); \
-         INSERT INTO payments VALUES (1, 10);",
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let upstream_host =
-        if unix_socket { pg.socket_dir().display().to_string() } else { "127.0.0.1".to_string() };
-    let doc = proto::policy::parse(&policy(&upstream_host, pg.port, pw.to_str().unwrap(), rules)).unwrap();
-    let active = ActivePolicy { version: 1, document: doc, digest: "test".into() };
-    let (policy_tx, rx) = watch::channel(Some(Arc::new(active)));
-    let bus = EventBus::memory();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    common::init_tracing("proxy_node=debug");
     let cfg = proxy_node::ProxyConfig {
         hold_grace: Duration::from_secs(1),
         // Long enough for any client to log in on a loaded machine.
         auth_timeout: AUTH_TIMEOUT,
-        target_password_dir: Some(dir.path().display().to_string()),
         ..Default::default()
     };
-    let b = bus.clone();
-    tokio::spawn(async move {
-        proxy_node::run(cfg, b, rx, listener, async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let (htx, holds) = mpsc::unbounded_channel();
-    let mut sub = bus.subscribe(proto::subjects::HOLD_REQUESTED).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(env) = sub.next().await {
-            if let Event::HoldRequested(h) = env.event {
-                let _ = htx.send((env.session, *h));
-            }
-        }
-    });
-    let pw_file = pw.to_str().unwrap().to_string();
-    Harness { pg, bus, port, holds, policy: policy_tx, pw_file, upstream_host, _dir: dir, _stop: stop_tx }
+    let host = |pg: &Postgres| {
+        if unix_socket { pg.socket_dir().display().to_string() } else { "127.0.0.1".to_string() }
+    };
+    let node = Node::start(ORDERS_AND_PAYMENTS, cfg, EventBus::memory(), |pg, pw| {
+        policy(&host(pg), pg.port, pw, rules)
+    })
+    .await;
+    let holds = Holds::subscribe(&node.bus).await;
+    let upstream_host = host(&node.pg);
+    Harness { node, holds, upstream_host }
 }
 
 impl Harness {
     async fn connect(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::Config::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("agent")
-            .password(KEY)
-            .dbname("shop")
-            .connect(NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
-    }
-
-    async fn decide(&mut self, outcome: HoldOutcome) -> HoldRequest {
-        let (session, h) =
-            tokio::time::timeout(Duration::from_secs(30), self.holds.recv()).await.unwrap().unwrap();
-        self.answer(session, &h, outcome).await;
-        h
-    }
-
-    /// Decide the hold `h` of `session`, as the approval service would.
-    async fn answer(&self, session: uuid::Uuid, h: &HoldRequest, outcome: HoldOutcome) {
-        let d = HoldDecision {
-            hold_id: h.hold_id,
-            outcome,
-            decided_by: "tester".into(),
-            reason: Some("test".into()),
-        };
-        self.bus.publish(&Envelope::new(session, Event::HoldDecided(d))).await.unwrap();
-    }
-
-    fn count(&self, sql: &str) -> String {
-        self.pg.psql("shop", sql).unwrap()
+        self.connect_as("agent", KEY).await
     }
 
     /// Polls `sql` on the target (directly, not through the proxy) until it returns `want`;
     /// panics saying `what` did not happen after 15 s.
     async fn wait_for(&self, sql: &str, want: &str, what: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let got = self.count(sql);
-            if got == want {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what} (`{sql}` is {got}, not {want})");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::wait_for_target(&self.pg, sql, want, Duration::from_secs(15), what).await;
     }
 
     /// Replace the proxy's policy with `rules`, as version `version`.
     fn apply(&self, version: u64, rules: &str) {
-        let document =
-            proto::policy::parse(&policy(&self.upstream_host, self.pg.port, &self.pw_file, rules)).unwrap();
-        let active = ActivePolicy { version, document, digest: format!("test-{version}") };
-        self.policy.send(Some(Arc::new(active))).unwrap();
+        self.apply_yaml(version, &policy(&self.upstream_host, self.pg.port, &self.pw_file, rules));
     }
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_else(|| format!("not a db error: {e}"))
 }
 
 const RULES: &str = r#"  - name: order-deletes-held
@@ -219,13 +121,13 @@ async fn denied_parse_fails_like_the_server_and_the_connection_goes_on() {
     let h = start(RULES).await;
     let c = h.connect().await;
     let e = c.query("CREATE TABLE stolen AS SELECT * FROM orders", &[]).await.unwrap_err();
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     let e = c.execute("INSERT INTO payments VALUES ($1, $2)", &[&9i32, &1i32]).await.unwrap_err();
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     // The next statements on the same connection work.
     assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
-    assert_eq!(h.count("SELECT count(*) FROM pg_tables WHERE tablename = 'stolen'"), "0");
-    assert_eq!(h.count("SELECT count(*) FROM payments"), "1");
+    assert_eq!(h.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'stolen'"), "0");
+    assert_eq!(h.sql("SELECT count(*) FROM payments"), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,24 +136,24 @@ async fn a_held_execute_binds_its_parameters_and_runs_only_when_approved() {
     let c = Arc::new(h.connect().await);
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await });
-    let req = h.decide(HoldOutcome::Approved).await;
+    let req = h.holds.decide(HoldOutcome::Approved).await;
     assert_eq!(req.statement, "DELETE FROM orders WHERE id = $1");
     assert_eq!(req.parameters, vec![Some("\\x00000001".to_string())], "binary int4 parameter");
     assert_eq!(del.await.unwrap().unwrap(), 1);
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 1"), "0");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 1"), "0");
 
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&2i32]).await });
-    h.decide(HoldOutcome::Denied).await;
-    assert_eq!(code(&del.await.unwrap().unwrap_err()), "42501");
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 2"), "1");
+    h.holds.decide(HoldOutcome::Denied).await;
+    assert_eq!(sqlstate(&del.await.unwrap().unwrap_err()), "42501");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 2"), "1");
     // Same statement text, other parameters: a new hold, not the old approval.
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&3i32]).await });
-    let req = h.decide(HoldOutcome::Denied).await;
+    let req = h.holds.decide(HoldOutcome::Denied).await;
     assert_eq!(req.parameters, vec![Some("\\x00000003".to_string())]);
     assert!(del.await.unwrap().is_err());
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "2");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,24 +163,24 @@ async fn a_refusal_inside_a_transaction_fails_it_like_postgres_does() {
     c.simple_query("BEGIN").await.unwrap();
     c.simple_query("INSERT INTO orders VALUES (10, 'fig')").await.unwrap();
     let e = c.simple_query("DROP TABLE orders").await.unwrap_err();
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     let e = c.simple_query("SELECT 1").await.unwrap_err();
-    assert_eq!(code(&e), "25P02", "the transaction is aborted on the target too");
+    assert_eq!(sqlstate(&e), "25P02", "the transaction is aborted on the target too");
     let msgs = c.simple_query("COMMIT").await.unwrap();
     let tag = msgs.iter().find_map(|m| match m {
         SimpleQueryMessage::CommandComplete(n) => Some(*n),
         _ => None,
     });
     assert!(tag.is_some());
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 10"), "0", "COMMIT rolled back");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 10"), "0", "COMMIT rolled back");
     // Extended protocol inside a transaction block behaves the same.
     let mut c = h.connect().await;
     let tx = c.transaction().await.unwrap();
     tx.execute("INSERT INTO orders VALUES ($1, 'kiwi')", &[&11i32]).await.unwrap();
-    assert_eq!(code(&tx.execute("INSERT INTO payments VALUES (5, 5)", &[]).await.unwrap_err()), "42501");
+    assert_eq!(sqlstate(&tx.execute("INSERT INTO payments VALUES (5, 5)", &[]).await.unwrap_err()), "42501");
     // COMMIT of a failed transaction is a ROLLBACK, as in PostgreSQL.
     let _ = tx.commit().await;
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 11"), "0");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 11"), "0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +193,7 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
         tokio::spawn(
             async move { c2.simple_query("PREPARE p(int) AS DELETE FROM orders WHERE id = $1").await },
         );
-    h.decide(HoldOutcome::Approved).await;
+    h.holds.decide(HoldOutcome::Approved).await;
     prep.await.unwrap().unwrap();
     // A PREPARE that fails on the target (the name exists) must not rename what p runs.
     assert!(c.simple_query("PREPARE p(int) AS SELECT $1").await.is_err());
@@ -302,10 +204,10 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
     // EXECUTE p runs the DELETE: it is held again, and denied here.
     let c2 = c.clone();
     let exec = tokio::spawn(async move { c2.simple_query("EXECUTE p(1)").await });
-    let req = h.decide(HoldOutcome::Denied).await;
+    let req = h.holds.decide(HoldOutcome::Denied).await;
     assert_eq!(req.statement, "EXECUTE p(1)");
     assert!(exec.await.unwrap().is_err());
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 1"), "1");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 1"), "1");
     // A protocol-level named statement is in the same namespace as SQL PREPARE.
     {
         use testkit::pgwire::{contains, parse, query, read_until, read_until_ready, sync};
@@ -313,12 +215,12 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
         raw.write_all(&[parse("w2", "DELETE FROM orders WHERE id = 2"), sync()].concat()).await.unwrap();
         read_until_ready(&mut raw).await;
         raw.write_all(&query("EXECUTE w2")).await.unwrap();
-        let req = h.decide(HoldOutcome::Denied).await;
+        let req = h.holds.decide(HoldOutcome::Denied).await;
         assert_eq!((req.statement.as_str(), req.rule.as_str()), ("EXECUTE w2", "order-deletes-held"));
         let seen = read_until(&mut raw, b'Z').await;
         assert!(contains(&seen, "42501"), "{}", String::from_utf8_lossy(&seen));
     }
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 2"), "1");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 2"), "1");
     // Unknown names take unknown_operation (deny by default).
     let e = c.simple_query("EXECUTE nosuch").await.expect_err("unknown");
     let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
@@ -331,15 +233,15 @@ async fn sql_prepare_and_execute_cannot_launder_a_write() {
     let c2 = fresh.clone();
     let prep =
         tokio::spawn(async move { c2.execute("PREPARE q AS DELETE FROM orders WHERE id = 3", &[]).await });
-    h.decide(HoldOutcome::Approved).await;
+    h.holds.decide(HoldOutcome::Approved).await;
     prep.await.unwrap().unwrap();
     fresh.simple_query("SELECT 1").await.unwrap();
     let c2 = fresh.clone();
     let exec = tokio::spawn(async move { c2.simple_query("EXECUTE q").await });
-    let req = h.decide(HoldOutcome::Denied).await;
+    let req = h.holds.decide(HoldOutcome::Denied).await;
     assert_eq!(req.statement, "EXECUTE q");
     assert!(exec.await.unwrap().is_err());
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 3"), "1");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 3"), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,33 +252,19 @@ async fn copy_in_and_out_are_relayed_and_decided() {
     futures::pin_mut!(sink);
     sink.send(bytes::Bytes::from_static(b"20\tmango\n21\tlime\n")).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 2);
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id IN (20, 21)"), "2");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id IN (20, 21)"), "2");
     let out = c.copy_out("COPY (SELECT item FROM orders WHERE id = 20) TO STDOUT").await.unwrap();
     let data: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(out).await.unwrap();
     assert_eq!(data.concat(), b"mango\n");
     let e = c.copy_in::<_, bytes::Bytes>("COPY payments FROM STDIN").await.err().expect("denied");
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     assert_eq!(c.query_one("SELECT 1::int", &[]).await.unwrap().get::<_, i32>(0), 1);
-}
-
-/// Start a long query on `c`, cancel it through the gateway once the target runs it, and check
-/// the target cancelled it.
-async fn cancel_a_long_query(h: &Harness, c: tokio_postgres::Client) {
-    let token = c.cancel_token();
-    let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
-    // A cancel that reaches the backend before the query would find it idle and do nothing.
-    let running =
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(%'";
-    h.wait_for(running, "1", "the query never started on the target").await;
-    token.cancel_query(NoTls).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap().unwrap_err();
-    assert_eq!(code(&e), "57014");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_requests_reach_the_right_backend() {
     let h = start(RULES).await;
-    cancel_a_long_query(&h, h.connect().await).await;
+    common::cancel_a_long_query(&h.pg, h.connect().await, NoTls).await;
 }
 
 /// `upstream.host` as a socket directory: sessions, the catalog side connection (a function
@@ -398,11 +286,11 @@ async fn a_target_on_a_unix_socket_is_served_cancelled_and_guarded() {
     let row = c.query_one("SELECT shout(item) FROM orders WHERE id = $1", &[&1i32]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "APPLE");
     let e = c.batch_execute("DROP TABLE payments").await.unwrap_err();
-    assert_eq!(code(&e), "42501");
-    assert_eq!(h.count("SELECT count(*) FROM payments"), "1");
+    assert_eq!(sqlstate(&e), "42501");
+    assert_eq!(h.sql("SELECT count(*) FROM payments"), "1");
     let sockets = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'airlock_svc' AND client_port = -1";
-    assert_ne!(h.count(sockets), "0", "no target session on the socket");
-    cancel_a_long_query(&h, c).await;
+    assert_ne!(h.sql(sockets), "0", "no target session on the socket");
+    common::cancel_a_long_query(&h.pg, c, NoTls).await;
 }
 
 /// The proxy's own SCRAM-SHA-256 client logs in to a real PostgreSQL: again and again (its
@@ -453,10 +341,10 @@ async fn a_statement_too_large_to_hold_is_refused() {
         .await
         .expect("held instead of refused")
         .expect_err("ran");
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     let why = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
     assert!(why.contains("held for approval, but"), "{why}");
-    assert_eq!(h.count("SELECT count(*) FROM orders WHERE id = 3"), "1");
+    assert_eq!(h.sql("SELECT count(*) FROM orders WHERE id = 3"), "1");
 }
 
 /// Catalog lookups borrow side connections from the node: sessions one after another reuse
@@ -487,7 +375,7 @@ async fn sessions_share_catalog_connections_and_survive_one_being_closed() {
     for i in 0..4 {
         let c = h.connect().await;
         shout(&c).await;
-        let pids = h.count(&catalog_pids);
+        let pids = h.sql(&catalog_pids);
         assert_eq!(pids.split(',').count(), 1, "session {i}: catalog backends {pids:?}");
         if i == 0 {
             first = pids;
@@ -496,11 +384,11 @@ async fn sessions_share_catalog_connections_and_survive_one_being_closed() {
         }
     }
     // The target ends the idle catalog backend; the next lookup opens a new one.
-    h.count(&format!("SELECT pg_terminate_backend({first})"));
+    h.sql(&format!("SELECT pg_terminate_backend({first})"));
     h.wait_for(&catalog_pids, "", "the catalog backend to end").await;
     let c = h.connect().await;
     shout(&c).await;
-    let pids = h.count(&catalog_pids);
+    let pids = h.sql(&catalog_pids);
     assert!(!pids.is_empty() && pids != first, "catalog backends after the restart: {pids:?}");
 }
 
@@ -621,8 +509,14 @@ const DENY_ORDER_WRITES: &str = r#"  - name: orders-are-read-only
     action: deny
 "#;
 
+/// The harness under [`DENY_ORDER_WRITES`], where nothing waits for a human
+/// (`unknown_operation: deny`).
+async fn start_guarded() -> Harness {
+    start(&format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n")).await
+}
+
 fn snapshot(h: &Harness) -> String {
-    h.count(
+    h.sql(
         "SELECT (SELECT string_agg(id || ':' || item, ',' ORDER BY id) FROM orders) || ' | ' || \
          (SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_class c \
           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast'))",
@@ -631,9 +525,7 @@ fn snapshot(h: &Harness) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_bypass_reaches_the_target() {
-    // unknown_operation: deny, so nothing waits for a human in this test.
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
@@ -649,12 +541,12 @@ async fn no_bypass_reaches_the_target() {
     let c = h.connect().await;
     for sql in BYPASSES {
         let simple = tokio::time::timeout(Duration::from_secs(5), c.simple_query(sql)).await;
-        let refused = matches!(&simple, Ok(Err(e)) if code(e) == "42501");
+        let refused = matches!(&simple, Ok(Err(e)) if sqlstate(e) == "42501");
         assert!(refused, "simple protocol let through {sql:?}: {simple:?}");
         // The extended protocol (where a single statement is allowed).
         if !sql.contains(';') || sql.starts_with("DO") {
             let ext = tokio::time::timeout(Duration::from_secs(5), c.query(*sql, &[])).await;
-            let refused = matches!(&ext, Ok(Err(e)) if code(e) == "42501");
+            let refused = matches!(&ext, Ok(Err(e)) if sqlstate(e) == "42501");
             assert!(refused, "extended protocol let through {sql:?}: {ext:?}");
         }
         // The connection stays usable after every refusal.
@@ -694,9 +586,9 @@ async fn a_function_made_volatile_in_the_session_ends_the_reads_that_call_it() {
     }
     c.simple_query("ALTER FUNCTION order_count() VOLATILE").await.unwrap();
     let e = c.query_one("SELECT order_count()", &[]).await.unwrap_err();
-    assert_eq!(code(&e), "42501", "extended: {e}");
+    assert_eq!(sqlstate(&e), "42501", "extended: {e}");
     let e = c.simple_query("SELECT order_count()").await.unwrap_err();
-    assert_eq!(code(&e), "42501", "simple: {e}");
+    assert_eq!(sqlstate(&e), "42501", "simple: {e}");
     // And back: read-only again, allowed again.
     c.simple_query("ALTER FUNCTION order_count() STABLE").await.unwrap();
     assert_eq!(c.query_one("SELECT order_count()", &[]).await.unwrap().get::<_, i64>(0), 3);
@@ -718,7 +610,7 @@ async fn reading_a_view_the_catalog_cannot_see_is_of_unknown_effect() {
     }
     for read in ["SELECT * FROM tv", "SELECT * FROM pg_temp.tv"] {
         let e = c.simple_query(read).await.expect_err(read);
-        assert_eq!(code(&e), "42501", "{read}: {e}");
+        assert_eq!(sqlstate(&e), "42501", "{read}: {e}");
     }
     for sql in [
         "CREATE FUNCTION calm() RETURNS int STABLE LANGUAGE sql AS 'SELECT 1'",
@@ -729,9 +621,9 @@ async fn reading_a_view_the_catalog_cannot_see_is_of_unknown_effect() {
         c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
     let e = c.simple_query("SELECT * FROM uncommitted").await.expect_err("uncommitted view");
-    assert_eq!(code(&e), "42501", "{e}");
+    assert_eq!(sqlstate(&e), "42501", "{e}");
     c.simple_query("ROLLBACK").await.unwrap();
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "a view wrote through the gateway");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "a view wrote through the gateway");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -752,16 +644,16 @@ defaults: { unknown_operation: allow }
     let c = h.connect().await;
     // The function's write slips past the classifier, and the target refuses it.
     let e = c.simple_query("SELECT wipe_orders_fn()").await.unwrap_err();
-    assert_eq!(code(&e), "25006", "read_only_sql_transaction");
+    assert_eq!(sqlstate(&e), "25006", "read_only_sql_transaction");
     // Undoing read-only is refused by the gateway.
     for sql in
         ["SET default_transaction_read_only = off", "BEGIN READ WRITE", "RESET ALL", "SET ROLE postgres"]
     {
         let e = c.simple_query(sql).await.unwrap_err();
-        assert_eq!(code(&e), "42501", "{sql}");
+        assert_eq!(sqlstate(&e), "42501", "{sql}");
         c.simple_query("ROLLBACK").await.unwrap();
     }
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3");
     assert_eq!(c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 3);
 }
 
@@ -805,9 +697,9 @@ async fn a_new_policy_decides_the_next_statement_of_an_open_session() {
     }
     h.apply(2, &reads("deny"));
     let e = c.query("SELECT item FROM orders WHERE id = $1", &[&1i32]).await.unwrap_err();
-    assert_eq!(code(&e), "42501", "{e}");
+    assert_eq!(sqlstate(&e), "42501", "{e}");
     let e = c.simple_query("SELECT item FROM orders WHERE id = 1").await.unwrap_err();
-    assert_eq!(code(&e), "42501", "{e}");
+    assert_eq!(sqlstate(&e), "42501", "{e}");
     // And back: the denials were not kept either.
     h.apply(3, &reads("allow"));
     assert_eq!(c.query("SELECT item FROM orders WHERE id = $1", &[&2i32]).await.unwrap().len(), 1);
@@ -829,48 +721,10 @@ async fn touching_search_path_ends_schema_allow_rules_for_repeated_statements_to
     // Denied (no rule allows SET), but the gateway can no longer be sure where `orders` resolves.
     c.simple_query("SET search_path TO public").await.unwrap_err();
     let e = c.simple_query("SELECT item FROM orders WHERE id = 1").await.unwrap_err();
-    assert_eq!(code(&e), "42501", "{e}");
+    assert_eq!(sqlstate(&e), "42501", "{e}");
     let e = c.query("SELECT item FROM orders WHERE id = $1", &[&1i32]).await.unwrap_err();
-    assert_eq!(code(&e), "42501", "{e}");
+    assert_eq!(sqlstate(&e), "42501", "{e}");
     c.simple_query("SELECT item FROM public.orders WHERE id = 1").await.unwrap();
-}
-
-/// Grants and revocations reach the node on the bus, in the background: runs a write that
-/// changes nothing (under the grant rule of the test below) on `c` until it is held (`held`) or
-/// runs without a hold (`!held`), for up to 10 s. A held probe is denied, so the harness has no
-/// hold left pending for a later `decide`.
-async fn wait_until_held(h: &mut Harness, c: &tokio_postgres::Client, held: bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let probe = c.execute("DELETE FROM orders WHERE false", &[]);
-        tokio::pin!(probe);
-        // Either the statement completes (not held) or its hold request arrives (held).
-        let hold = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::select! {
-                r = &mut probe => {
-                    assert_eq!(r.unwrap(), 0);
-                    None
-                }
-                hold = h.holds.recv() => Some(hold.unwrap()),
-            }
-        });
-        let was_held = match hold.await.expect("the probe neither ran nor was held") {
-            None => false,
-            Some((session, req)) => {
-                assert_eq!(req.statement, "DELETE FROM orders WHERE false");
-                h.answer(session, &req, HoldOutcome::Denied).await;
-                let e = tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap_err();
-                assert_eq!(code(&e), "42501");
-                true
-            }
-        };
-        if was_held == held {
-            return;
-        }
-        let what = if held { "the revocation" } else { "the grant" };
-        assert!(std::time::Instant::now() < deadline, "the node never took up {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -881,6 +735,8 @@ async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
     timeout: 30s
     grant: { max: 1h }
 "#;
+    // A write that changes nothing: held, or let through by a grant.
+    const PROBE: &str = "DELETE FROM orders WHERE false";
     let mut h = start(rules).await;
     let c = Arc::new(h.connect().await);
     let grant = |until: proto::events::Timestamp| proto::events::GrantDecision {
@@ -899,7 +755,7 @@ async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
     let granted_at = std::time::Instant::now();
     let g = grant(proto::events::Timestamp::now().plus(lasts));
     h.bus.publish(&Envelope::new(session, Event::GrantDecided(g))).await.unwrap();
-    wait_until_held(&mut h, &c, false).await;
+    h.holds.wait_until_held(&c, PROBE, false).await;
     // Under the grant: no hold.
     let n =
         tokio::time::timeout(Duration::from_secs(5), c.execute("DELETE FROM orders WHERE id = $1", &[&1i32]))
@@ -911,34 +767,32 @@ async fn a_grant_lets_statements_through_until_it_expires_or_is_revoked() {
     tokio::time::sleep_until((granted_at + lasts + Duration::from_millis(300)).into()).await;
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&2i32]).await });
-    h.decide(HoldOutcome::Denied).await;
+    h.holds.decide(HoldOutcome::Denied).await;
     assert!(del.await.unwrap().is_err());
     // A revoked grant stops at once.
     let g = grant(proto::events::Timestamp::now().plus(Duration::from_secs(3600)));
     let grant_id = g.grant_id;
     let hold_id = g.hold_id;
     h.bus.publish(&Envelope::new(session, Event::GrantDecided(g))).await.unwrap();
-    wait_until_held(&mut h, &c, false).await;
+    h.holds.wait_until_held(&c, PROBE, false).await;
     c.execute("UPDATE orders SET item = 'x' WHERE id = 3", &[]).await.unwrap();
     let r = proto::events::GrantRevocation { grant_id, hold_id, revoked_by: "dana".into(), reason: None };
     h.bus.publish(&Envelope::new(session, Event::GrantRevoked(r))).await.unwrap();
-    wait_until_held(&mut h, &c, true).await;
+    h.holds.wait_until_held(&c, PROBE, true).await;
     let c2 = c.clone();
     let del = tokio::spawn(async move { c2.execute("DELETE FROM orders WHERE id = $1", &[&3i32]).await });
-    h.decide(HoldOutcome::Denied).await;
+    h.holds.decide(HoldOutcome::Denied).await;
     assert!(del.await.unwrap().is_err());
-    assert_eq!(h.count("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders"), "2,3");
+    assert_eq!(h.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM orders"), "2,3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then_fails_closed() {
     testkit::init_crypto();
     let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
+    common::create_shop(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
+    let pw = common::write_password(dir.path());
     // A real policy store, in-process.
     let store_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", store_listener.local_addr().unwrap());
@@ -962,7 +816,7 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     let yaml = policy(
         "127.0.0.1",
         pg.port,
-        pw.to_str().unwrap(),
+        &pw,
         "  - { name: no-ddl, match: { operations: [create] }, action: deny }\n",
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -1008,20 +862,19 @@ async fn an_unreachable_policy_store_is_tolerated_until_the_staleness_limit_then
     let _ = stop_store.send(());
     let _ = store.await;
     c.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(code(&c.simple_query("CREATE TABLE t (x int)").await.unwrap_err()), "42501");
+    assert_eq!(sqlstate(&c.simple_query("CREATE TABLE t (x int)").await.unwrap_err()), "42501");
     // ...and past the limit the node refuses, saying why.
     tokio::time::sleep(Duration::from_millis(6600)).await;
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
     assert!(msg.contains("stale"), "{msg}");
     let e = connect().await.err().expect("new sessions refused");
-    assert_eq!(code(&e), "57P03");
+    assert_eq!(sqlstate(&e), "57P03");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_are_read_as_the_server_reads_them() {
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     let before = snapshot(&h);
     let c = h.connect().await;
     // With standard_conforming_strings off the server reads `'x\' , 1 -- '` as one literal, so
@@ -1029,10 +882,10 @@ async fn statements_are_read_as_the_server_reads_them() {
     c.simple_query("SET standard_conforming_strings = off").await.unwrap();
     let sneaky = r"SELECT 'x\' , 1 -- '; DELETE FROM orders; --";
     let e = c.simple_query(sneaky).await.expect_err("refused");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     assert!(format!("{e:?}").contains("standard_conforming_strings"), "{e:?}");
     let e = c.query(r"SELECT 'a\'b'", &[]).await.expect_err("refused in the extended protocol too");
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     // Statements without backslashes read the same either way and still run.
     assert_eq!(c.query_one("SELECT 'plain'", &[]).await.unwrap().get::<_, String>(0), "plain");
     c.simple_query("SET standard_conforming_strings = on").await.unwrap();
@@ -1054,8 +907,7 @@ async fn statements_are_read_as_the_server_reads_them() {
 /// different text is never taken for the remembered one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_statement_is_read_again_when_the_session_reads_text_differently() {
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     let before = snapshot(&h);
     let c = h.connect().await;
     // With the setting on, both the gateway and the server read a literal, then a comment.
@@ -1070,7 +922,7 @@ async fn a_repeated_statement_is_read_again_when_the_session_reads_text_differen
     c.simple_query(sneaky).await.unwrap();
     c.execute(&off, &[]).await.unwrap();
     let e = c.simple_query(sneaky).await.expect_err("refused");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     assert!(format!("{e:?}").contains("standard_conforming_strings"), "{e:?}");
     c.simple_query("SET standard_conforming_strings = on").await.unwrap();
     // Texts that differ from the remembered one by a character are decided on their own.
@@ -1080,7 +932,7 @@ async fn a_repeated_statement_is_read_again_when_the_session_reads_text_differen
     }
     for write in ["DELETE FROM orders WHERE id = $1", "UPDATE orders SET item = item WHERE id = $1"] {
         let e = c.query(write, &[&1i32]).await.expect_err(write);
-        assert_eq!(code(&e), "42501", "{write}: {e:?}");
+        assert_eq!(sqlstate(&e), "42501", "{write}: {e:?}");
     }
     assert_eq!(c.query(read, &[&2i32]).await.unwrap().len(), 1);
     assert_eq!(snapshot(&h), before, "the target changed");
@@ -1088,8 +940,7 @@ async fn a_repeated_statement_is_read_again_when_the_session_reads_text_differen
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_pipelined_behind_a_setting_change_is_not_read_with_the_old_setting() {
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     let before = snapshot(&h);
     let c = h.connect().await;
     // Sent together, before the target answers the SET: the server reads the second text with
@@ -1099,7 +950,7 @@ async fn text_pipelined_behind_a_setting_change_is_not_read_with_the_old_setting
         tokio::join!(c.simple_query("SET standard_conforming_strings = off"), c.simple_query(sneaky));
     set.unwrap();
     let e = read.expect_err("refused");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     // Refused for the unanswered SET, or, when the client's two writes reach the proxy after
     // the SET was answered (a busy machine), for the setting it then knows.
     let why = format!("{e:?}");
@@ -1120,8 +971,7 @@ async fn text_pipelined_behind_a_setting_change_is_not_read_with_the_old_setting
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_the_target_reports_at_startup_are_how_the_first_statement_is_read() {
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     // A role default the agent never sent: the server reads backslashes as escapes from the
     // session's first statement.
     h.pg.psql("postgres", "ALTER ROLE airlock_svc SET standard_conforming_strings = off").unwrap();
@@ -1129,7 +979,7 @@ async fn settings_the_target_reports_at_startup_are_how_the_first_statement_is_r
     let c = h.connect().await;
     let sneaky = r"SELECT 'x\' , 1 -- '; DELETE FROM orders; --";
     let e = c.simple_query(sneaky).await.expect_err("refused");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     assert!(format!("{e:?}").contains("standard_conforming_strings is off"), "{e:?}");
     assert_eq!(snapshot(&h), before, "the target changed");
 }
@@ -1148,7 +998,7 @@ async fn a_bound_portal_stays_the_statement_it_was_bound_to() {
         let st = tx.prepare("DELETE FROM orders WHERE id > $1").await.unwrap();
         let portal = tx.bind(&st, &[&0i32]).await.unwrap();
         tx.batch_execute(between).await.unwrap();
-        let (run, req) = tokio::join!(tx.query_portal(&portal, 0), h.decide(HoldOutcome::Denied));
+        let (run, req) = tokio::join!(tx.query_portal(&portal, 0), h.holds.decide(HoldOutcome::Denied));
         assert!(run.is_err(), "{between}: the held DELETE ran");
         assert_eq!(req.statement, "DELETE FROM orders WHERE id > $1", "{between}");
         // Bound in binary format: recorded as hex.
@@ -1179,16 +1029,16 @@ async fn rules_name_tables_as_the_server_stores_them() {
         ),
     )
     .unwrap();
-    let count = |t: &str| h.count(&format!("SELECT count(*) FROM {t}"));
+    let count = |t: &str| h.sql(&format!("SELECT count(*) FROM {t}"));
     let c = h.connect().await;
     // A deny rule on `User` holds for the quoted, case-kept name however it is spelled.
     for sql in [r#"DELETE FROM "User""#, r#"UPDATE public."User" SET id = 2"#] {
         let e = c.simple_query(sql).await.expect_err(sql);
-        assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+        assert_eq!(sqlstate(&e), "42501", "{sql}: {e:?}");
     }
     // PostgreSQL keeps 63 bytes of a name: a longer one is the table the rule names.
     let e = c.simple_query(&format!("DELETE FROM {long}_and_more")).await.expect_err("cut to the long name");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     assert_eq!((count(r#""User""#), count(&long)), ("1".to_string(), "1".to_string()));
 }
 
@@ -1215,8 +1065,7 @@ impl tokio_postgres::types::ToSql for AnyInt4 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     // A domain whose CHECK writes: binding a value of it runs the CHECK.
     h.pg.psql(
         "shop",
@@ -1226,7 +1075,7 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
          CREATE FUNCTION takes(sneaky_int) RETURNS int STABLE LANGUAGE sql AS $f$ SELECT 1 $f$;",
     )
     .unwrap();
-    let oid: u32 = h.count("SELECT 'sneaky_int'::regtype::oid").trim().parse().unwrap();
+    let oid: u32 = h.sql("SELECT 'sneaky_int'::regtype::oid").trim().parse().unwrap();
     let sneaky = tokio_postgres::types::Type::new(
         "sneaky_int".into(),
         oid,
@@ -1238,7 +1087,7 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
     // The text is a plain read; the declared type is not.
     let refused = match c.prepare_typed("SELECT $1", &[sneaky]).await {
         Ok(st) => c.query(&st, &[&AnyInt4(1)]).await.map(|_| ()).map_err(|e| format!("{e:?}")),
-        Err(e) => Err(code(&e)),
+        Err(e) => Err(sqlstate(&e)),
     };
     assert_eq!(snapshot(&h), before, "binding a value ran the domain's CHECK");
     assert_eq!(refused, Err("42501".to_string()), "refused at Parse");
@@ -1251,7 +1100,7 @@ async fn a_parameter_declared_of_a_user_type_is_an_unknown_effect() {
     ] {
         let r = c.simple_query(sql).await;
         assert_eq!(snapshot(&h), before, "{sql} ran the domain's CHECK");
-        assert_eq!(code(&r.expect_err(sql)), "42501", "{sql}");
+        assert_eq!(sqlstate(&r.expect_err(sql)), "42501", "{sql}");
     }
     // Built-in types are read as before.
     let read = c.prepare_typed("SELECT $1", &[tokio_postgres::types::Type::INT4]).await.unwrap();
@@ -1294,7 +1143,7 @@ async fn a_query_skipped_after_a_pipeline_error_does_not_shift_what_names_mean()
         _ => Vec::new(),
     };
     assert!(!contains(&seen, "DELETE"), "{}", String::from_utf8_lossy(&seen));
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
 }
 
 /// A policy version that takes away what an open session was opened on ends the session at
@@ -1304,12 +1153,6 @@ async fn a_query_skipped_after_a_pipeline_error_does_not_shift_what_names_mean()
 async fn a_policy_that_revokes_a_sessions_key_or_connection_ends_the_session() {
     let h = start(RULES).await;
     let good = policy(&h.upstream_host, h.pg.port, &h.pw_file, RULES);
-    let send = |version: u64, yaml: &str| {
-        let document = proto::policy::parse(yaml).unwrap();
-        h.policy
-            .send(Some(Arc::new(ActivePolicy { version, document, digest: format!("v{version}") })))
-            .unwrap();
-    };
     let c = h.connect().await;
     h.apply(
         2,
@@ -1330,10 +1173,10 @@ async fn a_policy_that_revokes_a_sessions_key_or_connection_ends_the_session() {
     let mut version = 3;
     for (why, yaml) in revocations {
         assert_ne!(yaml, good, "{why}: the policy is unchanged");
-        send(version, &good);
+        h.apply_yaml(version, &good);
         let c = h.connect().await;
         c.simple_query("SELECT 1").await.expect(why);
-        send(version + 1, &yaml);
+        h.apply_yaml(version + 1, &yaml);
         version += 2;
         let e = c.simple_query("SELECT 1").await.expect_err(why);
         let db = e.as_db_error().unwrap_or_else(|| panic!("{why}: {e:?}"));
@@ -1402,7 +1245,7 @@ async fn executing_w_is_held(h: &Harness, s: &mut tokio::net::TcpStream) {
     let seen = read_until(s, b'N').await;
     assert!(contains(&seen, "waiting for approval"), "{}", String::from_utf8_lossy(&seen));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the DELETE ran unapproved");
 }
 
 /// A Parse or Bind the target may refuse or skip (its name is in use; an earlier error skips
@@ -1502,7 +1345,7 @@ async fn a_name_redefined_across_a_sync_is_not_trusted_before_the_target_answers
             seen.extend_from_slice(&buf[..n]);
         }
         assert!(!contains(&seen, "DELETE 3"), "{what}: {}", String::from_utf8_lossy(&seen));
-        assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "{what}: the DELETE ran unapproved");
+        assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "{what}: the DELETE ran unapproved");
     }
 }
 
@@ -1548,8 +1391,7 @@ async fn an_error_at_a_sync_keeps_the_answers_in_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_execute_names_a_bound_portal_or_a_declared_cursor() {
     use testkit::pgwire::{contains, execute, query, read_until_ready, sync};
-    let rules = format!("{DENY_ORDER_WRITES}defaults: {{ unknown_operation: deny }}\n");
-    let h = start(&rules).await;
+    let h = start_guarded().await;
     let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
     s.write_all(&query("BEGIN; DECLARE cur CURSOR FOR SELECT item FROM orders ORDER BY id")).await.unwrap();
     let seen = read_until_ready(&mut s).await;
@@ -1590,7 +1432,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let state = || {
-        h.count("SELECT (SELECT count(*) FROM ledger) || ',' || (SELECT count(*) FROM base_items) || ',' || (SELECT count(*) FROM orders) || ',' || (SELECT count(*) FROM parent_t)")
+        h.sql("SELECT (SELECT count(*) FROM ledger) || ',' || (SELECT count(*) FROM base_items) || ',' || (SELECT count(*) FROM orders) || ',' || (SELECT count(*) FROM parent_t)")
     };
     let before = state();
     assert_eq!(before, "1,1,3,1");
@@ -1610,9 +1452,9 @@ defaults: { no_match: allow, unknown_operation: deny }
         "SELECT * FROM ledger_eu",
     ] {
         let e = c.simple_query(sql).await.expect_err(sql);
-        assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+        assert_eq!(sqlstate(&e), "42501", "{sql}: {e:?}");
         let e = c.query(sql, &[]).await.expect_err(sql);
-        assert_eq!(code(&e), "42501", "extended {sql}: {e:?}");
+        assert_eq!(sqlstate(&e), "42501", "extended {sql}: {e:?}");
     }
     assert_eq!(state(), before, "the target changed");
     // What the rules do not restrict still runs: reading the base table through its view,
@@ -1635,8 +1477,8 @@ defaults: { no_match: allow, unknown_operation: deny }
     }
     c.simple_query("ALTER TABLE late_child INHERIT base_items").await.unwrap();
     let e = c.simple_query("DELETE FROM late_child WHERE id = 7").await.expect_err("now a child");
-    assert_eq!(code(&e), "42501", "{e:?}");
-    assert_eq!(h.count("SELECT count(*) FROM late_child"), "1", "the target changed");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
+    assert_eq!(h.sql("SELECT count(*) FROM late_child"), "1", "the target changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1737,10 +1579,10 @@ defaults: { no_match: deny, unknown_operation: allow }
         // The target now reads `orders` as secret.orders.
         match c.simple_query("SELECT item FROM orders ORDER BY id LIMIT 1").await {
             Ok(rows) => panic!("after `{moves}`, read {rows:?}"),
-            Err(e) => assert_eq!(code(&e), "42501", "{moves}: {e:?}"),
+            Err(e) => assert_eq!(sqlstate(&e), "42501", "{moves}: {e:?}"),
         }
         let e = c.query("SELECT item FROM orders", &[]).await.expect_err("extended protocol too");
-        assert_eq!(code(&e), "42501");
+        assert_eq!(sqlstate(&e), "42501");
     }
 }
 
@@ -1777,13 +1619,13 @@ defaults: { no_match: deny, unknown_operation: deny }
         ["apple"]
     );
     let e = c.simple_query("SELECT item FROM secret.orders").await.expect_err("not allowed");
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     // Once the session may have moved its search_path, `orders` could be secret.orders.
     c.simple_query("SET search_path = secret, public").await.unwrap();
     let e = c.simple_query("SELECT item FROM orders").await.expect_err("no longer provably public.orders");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     let e = c.query("SELECT item FROM orders", &[]).await.expect_err("extended protocol too");
-    assert_eq!(code(&e), "42501");
+    assert_eq!(sqlstate(&e), "42501");
     assert_eq!(
         items(c.simple_query("SELECT item FROM public.orders ORDER BY id LIMIT 1").await.unwrap()),
         ["apple"]
@@ -1795,11 +1637,11 @@ defaults: { no_match: deny, unknown_operation: deny }
     {
         match c.simple_query(sql).await {
             Ok(rows) => assert_ne!(items(rows), ["top secret"], "{sql}"),
-            Err(e) => assert_eq!(code(&e), "42501", "{sql}: {e:?}"),
+            Err(e) => assert_eq!(sqlstate(&e), "42501", "{sql}: {e:?}"),
         }
     }
     let e = c.simple_query("SELECT item FROM orders").await.expect_err("no longer provably public.orders");
-    assert_eq!(code(&e), "42501", "{e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     // The default search_path starts with "$user": a new role can bring its own `orders`.
     let c = h.connect().await;
     assert_eq!(
@@ -1809,7 +1651,7 @@ defaults: { no_match: deny, unknown_operation: deny }
     c.simple_query("SET ROLE sneaky").await.unwrap();
     match c.simple_query("SELECT item FROM orders").await {
         Ok(rows) => assert_ne!(items(rows), ["top secret"], "read sneaky.orders"),
-        Err(e) => assert_eq!(code(&e), "42501", "{e:?}"),
+        Err(e) => assert_eq!(sqlstate(&e), "42501", "{e:?}"),
     }
 }
 
@@ -1825,9 +1667,9 @@ async fn refused_twice(c: &tokio_postgres::Client, sqls: &[&str]) {
 
 async fn refused(c: &tokio_postgres::Client, sql: &str) {
     let e = c.simple_query(sql).await.expect_err(sql);
-    assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+    assert_eq!(sqlstate(&e), "42501", "{sql}: {e:?}");
     let e = c.query(sql, &[]).await.expect_err(sql);
-    assert_eq!(code(&e), "42501", "extended {sql}: {e:?}");
+    assert_eq!(sqlstate(&e), "42501", "extended {sql}: {e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1853,7 +1695,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let state = || {
-        h.count(
+        h.sql(
             "SELECT (SELECT string_agg(id || ':' || customer_id, ',' ORDER BY id) FROM orders) || ' ' || \
              (SELECT count(*) FROM customers) || ' ' || (SELECT count(*) FROM regions) || ' ' || \
              (SELECT string_agg(id || ':' || parent_id || ':' || parent_ref, ',') FROM kids)",
@@ -1891,7 +1733,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     c.simple_query("DELETE FROM plain WHERE id = 1").await.unwrap();
     c.query("DELETE FROM plain WHERE id = $1", &[&2i32]).await.unwrap();
     c.simple_query("TRUNCATE plain").await.unwrap();
-    assert_eq!(h.count("SELECT count(*) FROM plain"), "0");
+    assert_eq!(h.sql("SELECT count(*) FROM plain"), "0");
     assert_eq!(state(), "1:1,2:2,3:3 5 1 1:1:1", "the target changed");
     // A key referencing its own table ends; a chain of keys longer than the gateway follows
     // is of unknown effect (a shorter one is followed to its end).
@@ -1911,12 +1753,15 @@ defaults: { no_match: allow, unknown_operation: deny }
     refused(&c, "DELETE FROM chain_0").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_that_fires_a_trigger_or_rule_is_of_unknown_effect() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
+/// Keeps `orders` (no DELETE, UPDATE or TRUNCATE), lets other statements through, and refuses
+/// those of unknown effect.
+const KEEP_ORDERS: &str = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
 defaults: { no_match: allow, unknown_operation: deny }
 "#;
-    let h = start(rules).await;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fires_a_trigger_or_rule_is_of_unknown_effect() {
+    let h = start(KEEP_ORDERS).await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
@@ -1946,7 +1791,7 @@ defaults: { no_match: allow, unknown_operation: deny }
         ],
     )
     .await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     // Reading such a table runs nothing; a disabled trigger does not fire; a view's own
     // (SELECT) rule is no write rule.
     c.simple_query("SELECT * FROM audit_me").await.unwrap();
@@ -1955,7 +1800,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     c.simple_query("INSERT INTO plain_view VALUES (1)").await.unwrap();
     c.simple_query("DELETE FROM plain_view").await.unwrap();
     c.simple_query("INSERT INTO plain VALUES (1)").await.unwrap();
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     // A trigger the session itself adds counts from its next statement, however often the
     // write ran before.
     c.simple_query(
@@ -1964,7 +1809,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     .await
     .unwrap();
     refused(&c, "INSERT INTO plain VALUES (1)").await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
 }
 
 /// `zap()` deletes every order; `zapi()` and `zapb(int)` are declared IMMUTABLE (as defaults,
@@ -1978,10 +1823,7 @@ const ZAP: &str = "SET ROLE airlock_svc; \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_runs_a_user_function_in_a_default_constraint_or_index_is_of_unknown_effect() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
-defaults: { no_match: allow, unknown_operation: deny }
-"#;
-    let h = start(rules).await;
+    let h = start(KEEP_ORDERS).await;
     h.pg.psql(
         "shop",
         &format!(
@@ -2044,7 +1886,7 @@ defaults: { no_match: allow, unknown_operation: deny }
             "SELECT zapi()",
     ])
     .await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     // Deleting runs no default, constraint or index expression; built-ins and a SQL function
     // that only computes are known.
     c.simple_query("DELETE FROM checked").await.unwrap();
@@ -2053,16 +1895,13 @@ defaults: { no_match: allow, unknown_operation: deny }
         c.simple_query("INSERT INTO plain (name, n) VALUES ('a', 1)").await.unwrap();
         c.simple_query("UPDATE plain SET n = 2, s = DEFAULT").await.unwrap();
     }
-    assert_eq!(h.count("SELECT count(*) || ' ' || min(s) FROM plain"), "2 x");
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) || ' ' || min(s) FROM plain"), "2 x");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_security_policies_that_call_user_functions_are_of_unknown_effect() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
-defaults: { no_match: allow, unknown_operation: deny }
-"#;
-    let h = start(rules).await;
+    let h = start(KEEP_ORDERS).await;
     h.pg.psql(
         "shop",
         &format!(
@@ -2098,7 +1937,7 @@ defaults: { no_match: allow, unknown_operation: deny }
         ],
     )
     .await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     // A policy of built-ins reading a plain table, and one on a table without row security,
     // run no user code.
     for _ in 0..2 {
@@ -2107,15 +1946,12 @@ defaults: { no_match: allow, unknown_operation: deny }
         c.simple_query("SELECT * FROM off").await.unwrap();
         c.simple_query("INSERT INTO off VALUES (1)").await.unwrap();
     }
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn casts_operators_and_what_function_bodies_read_run_user_code() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
-defaults: { no_match: allow, unknown_operation: deny }
-"#;
-    let h = start(rules).await;
+    let h = start(KEEP_ORDERS).await;
     h.pg.psql(
         "shop",
         &format!(
@@ -2161,7 +1997,7 @@ defaults: { no_match: allow, unknown_operation: deny }
         ],
     )
     .await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     for _ in 0..2 {
         c.simple_query("SELECT reads_orders(), upper(f::text) FROM feelings").await.unwrap();
         c.simple_query("SELECT item || item FROM orders").await.unwrap();
@@ -2177,15 +2013,12 @@ defaults: { no_match: allow, unknown_operation: deny }
     .unwrap();
     let c = h.connect().await;
     refused(&c, "SELECT item + item FROM orders").await;
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_lookups_run_no_user_operator() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
-defaults: { no_match: allow, unknown_operation: deny }
-"#;
-    let h = start(rules).await;
+    let h = start(KEEP_ORDERS).await;
     // Operators for exactly the argument types the catalog queries could write (an OID and an
     // integer, arrays of OIDs), and for OIDs alike with a search_path that puts pg_catalog
     // after public: the first call on a catalog connection turns its read-only default off,
@@ -2233,19 +2066,16 @@ defaults: { no_match: allow, unknown_operation: deny }
         ] {
             // Run, or refused: reading a column of a type with such an operator may run it.
             if let Err(e) = c.simple_query(sql).await {
-                assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+                assert_eq!(sqlstate(&e), "42501", "{sql}: {e:?}");
             }
         }
-        assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+        assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_builtin_that_makes_a_value_of_a_named_type_is_of_unknown_effect() {
-    let rules = r#"  - { name: keep, match: { operations: [delete, update, truncate], tables: [orders] }, action: deny }
-defaults: { no_match: allow, unknown_operation: deny }
-"#;
-    let h = start(rules).await;
+    let h = start(KEEP_ORDERS).await;
     h.pg.psql(
         "shop",
         "SET ROLE airlock_svc; \
@@ -2264,7 +2094,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     ] {
         refused(&c, sql).await;
     }
-    assert_eq!(h.count("SELECT count(*) FROM orders"), "3", "the target changed");
+    assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     // Other built-ins still read.
     c.simple_query("SELECT lower('A'), int4in('5') IS NULL, now() IS NULL").await.unwrap();
 }
@@ -2278,7 +2108,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     h.pg.psql("shop", "SET ROLE airlock_svc; COMMENT ON TABLE orders IS 'what was sold';").unwrap();
     // Its comments, privileges, statistics, storage and triggers, read on the target directly.
     let state = |t: &str| {
-        h.count(&format!(
+        h.sql(&format!(
             "SELECT concat_ws(' | ', coalesce(obj_description(c.oid, 'pg_class'), 'no comment'), \
                coalesce(col_description(c.oid, 2), 'no column comment'), coalesce(c.relacl::text, 'default acl'), \
                c.reltuples, pg_relation_filenode(c.oid), (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid)) \
@@ -2318,11 +2148,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     }
     let after = state("payments");
     assert!(after.starts_with("paid | ") && after.contains("=r/airlock_svc"), "{before} -> {after}");
-    assert_eq!(
-        h.count("SELECT reltuples FROM pg_class WHERE oid = 'payments'::regclass"),
-        "1",
-        "not vacuumed"
-    );
+    assert_eq!(h.sql("SELECT reltuples FROM pg_class WHERE oid = 'payments'::regclass"), "1", "not vacuumed");
 }
 
 /// `DROP … CASCADE` drops what depends on the object wherever it is: a type's columns, a
@@ -2344,7 +2170,7 @@ defaults: { no_match: allow, unknown_operation: deny }
     )
     .unwrap();
     let columns = || {
-        h.count(
+        h.sql(
             "SELECT string_agg(attname || ':' || coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ',' ORDER BY attnum) \
              FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
              WHERE attrelid = 'orders'::regclass AND attnum > 0 AND NOT attisdropped",

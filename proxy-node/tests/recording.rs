@@ -4,31 +4,29 @@
 //! nothing the target answers reaches the client before its request is recorded. With NATS
 //! stopped, the client gets an error and not one byte of the rows, and no write is committed.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
+use common::Node;
 use eventbus::{EventBus, NatsConfig};
-use policy_store::client::ActivePolicy;
 use proto::events::{Envelope, Event};
+use testkit::Nats;
 use testkit::pgwire::{self, contains, query, read_to_close, read_until_ready, tags};
-use testkit::{Nats, Postgres};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 const KEY: &str = "ak_recording_tests_0123456789";
-const DB_PASSWORD: &str = "svc-Pa55word";
 /// A value only the target holds: it must never reach a client whose session cannot record.
 const SECRET: &str = "s3cret-7f1c9e";
 
+/// The node, on the bus of a NATS server of its own.
 struct Harness {
-    pg: Postgres,
+    node: Node,
     nats: Nats,
-    bus: EventBus,
-    port: u16,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
+
+common::deref_to_node!(Harness);
 
 /// The harness for tests that keep NATS up: an ack timeout no record takes on a loaded machine.
 async fn start() -> Harness {
@@ -44,68 +42,25 @@ async fn start_for_outages() -> Harness {
 /// The harness, with the bus's ack timeout (how long a strict session waits for a record).
 async fn start_with(ack_timeout: Duration) -> Harness {
     testkit::init_crypto();
-    let pg = Postgres::start().unwrap();
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql(
-        "shop",
-        &format!(
-            "SET ROLE airlock_svc; CREATE TABLE vault (id int primary key, v text); \
-             INSERT INTO vault VALUES (1, '{SECRET}'), (2, repeat('x', 100000) || '{SECRET}');"
-        ),
-    )
-    .unwrap();
     let nats = Nats::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let hash = proxy_node::identity::hash_api_key(KEY);
-    let doc = proto::policy::parse(&format!(
-        r#"connections:
-  - name: shop
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {} }}
-    require_recording: true
-  - name: shop_lax
-    kind: postgres
-    upstream: {{ host: 127.0.0.1, port: {}, database: shop, tls: disable }}
-    credentials: {{ user: airlock_svc, password_file: {} }}
-    require_recording: false
-rules:
-  - {{ name: everything, match: {{ operations: [select, insert, transaction] }}, action: allow }}
-service_accounts:
-  - {{ name: agent, groups: [agents], api_key_sha256: {hash} }}
-"#,
-        pg.port,
-        pw.display(),
-        pg.port,
-        pw.display()
-    ))
-    .unwrap();
-    let (tx, rx) =
-        watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "t".into() })));
     let cfg = NatsConfig { url: nats.url.clone(), ack_timeout, ..Default::default() };
     let bus = EventBus::connect_nats(&cfg).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let b = bus.clone();
-    let pw_dir = dir.path().display().to_string();
-    tokio::spawn(async move {
-        let _keep = tx;
-        let cfg = proxy_node::ProxyConfig {
-            auth_timeout: Duration::from_secs(10),
-            target_password_dir: Some(pw_dir),
-            ..Default::default()
-        };
-        proxy_node::run(cfg, b, rx, listener, async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    Harness { pg, nats, bus, port, _dir: dir, _stop: stop_tx }
+    let seed = format!(
+        "CREATE TABLE vault (id int primary key, v text); \
+         INSERT INTO vault VALUES (1, '{SECRET}'), (2, repeat('x', 100000) || '{SECRET}');"
+    );
+    let cfg = proxy_node::ProxyConfig { auth_timeout: Duration::from_secs(10), ..Default::default() };
+    let node = Node::start(&seed, cfg, bus, |pg, pw| {
+        let shop = common::connection("shop", "127.0.0.1", pg.port, "tls: disable", pw);
+        let lax = common::connection("shop_lax", "127.0.0.1", pg.port, "tls: disable", pw);
+        common::policy_yaml(
+            &format!("{shop}    require_recording: true\n{lax}    require_recording: false\n"),
+            "rules:\n  - { name: everything, match: { operations: [select, insert, transaction] }, action: allow }\n",
+            &common::service_account("agent", "agents", KEY),
+        )
+    })
+    .await;
+    Harness { node, nats }
 }
 
 async fn raw_session(port: u16) -> TcpStream {

@@ -4,22 +4,22 @@
 //! verify-full with the right and a wrong CA) to a target with `ssl = on`. Certificates are
 //! made by rcgen for each test.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{ONE_ORDER, Proxy, pg_bindir};
 use eventbus::EventBus;
-use policy_store::client::ActivePolicy;
 use proxy_node::{ClientTls, ProxyConfig};
 use testkit::Postgres;
 use testkit::pki::{Pki, make_pki};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio_postgres::SimpleQueryMessage;
 
 const KEY: &str = "ak_tls_tests_0123456789abcdef";
-const DB_PASSWORD: &str = "svc-Pa55word";
 const SSL_OF_BACKEND: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
 /// The proxy's `auth_timeout` in these tests: long enough for any client to log in on a
 /// loaded machine.
@@ -28,9 +28,9 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 struct Harness {
     pg: Postgres,
     port: u16,
+    _proxy: Proxy,
     pki: Pki,
     dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// A target (with `ssl = on` when `target_ssl`), and the proxy in front of it with a listener
@@ -42,7 +42,7 @@ async fn start(
     connections: impl FnOnce(u16, &str, &Pki, &Path) -> String,
 ) -> Harness {
     testkit::init_crypto();
-    let _ = tracing_subscriber::fmt().with_env_filter("proxy_node=debug").with_test_writer().try_init();
+    common::init_tracing("proxy_node=debug");
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path(), "good");
     let wrong = make_pki(dir.path(), "wrong");
@@ -50,23 +50,13 @@ async fn start(
     if target_ssl {
         pg.enable_ssl(&pki.cert_pem, &pki.key_pem).unwrap();
     }
-    pg.psql("postgres", &format!("CREATE ROLE airlock_svc LOGIN PASSWORD '{DB_PASSWORD}'")).unwrap();
-    pg.psql("postgres", "CREATE DATABASE shop OWNER airlock_svc").unwrap();
-    pg.psql("shop", "SET ROLE airlock_svc; CREATE TABLE orders (id int primary key, item text); INSERT INTO orders VALUES (1, 'apple');")
-        .unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, DB_PASSWORD).unwrap();
-    let yaml = format!(
-        "connections:\n{}rules:\n  - name: no-ddl\n    match: {{ operations: [create, drop, alter] }}\n    action: deny\n\
-         service_accounts:\n  - {{ name: agent, groups: [agents], api_key_sha256: {} }}\n",
-        connections(pg.port, pw.to_str().unwrap(), &pki, &wrong.ca),
-        proxy_node::identity::hash_api_key(KEY)
+    common::seed_shop(&pg, ONE_ORDER);
+    let pw = common::write_password(dir.path());
+    let yaml = common::policy_yaml(
+        &connections(pg.port, &pw, &pki, &wrong.ca),
+        &format!("rules:\n{}", common::NO_DDL),
+        &common::service_account("agent", "agents", KEY),
     );
-    let doc = proto::policy::parse(&yaml).unwrap();
-    let (tx, rx) =
-        watch::channel(Some(Arc::new(ActivePolicy { version: 1, document: doc, digest: "t".into() })));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let cfg = ProxyConfig {
         tls_cert_file: Some(pki.cert.to_str().unwrap().into()),
         tls_key_file: Some(pki.key.to_str().unwrap().into()),
@@ -76,31 +66,12 @@ async fn start(
         ..Default::default()
     };
     cfg.validate().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _keep = tx;
-        proxy_node::run(cfg, EventBus::memory(), rx, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Harness { pg, port, pki, dir, _stop: stop }
+    let proxy = Proxy::start(cfg, EventBus::memory(), &yaml).await;
+    Harness { pg, port: proxy.port, _proxy: proxy, pki, dir }
 }
 
 fn connection(name: &str, pg_port: u16, pw: &str, tls: &str) -> String {
-    format!(
-        "  - name: {name}\n    kind: postgres\n    upstream: {{ host: 127.0.0.1, port: {pg_port}, database: shop, {tls} }}\n    \
-         credentials: {{ user: airlock_svc, password_file: {pw} }}\n"
-    )
-}
-
-fn pg_bindir() -> PathBuf {
-    let out = Command::new("pg_config").arg("--bindir").output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().into(),
-        _ => "/usr/lib/postgresql/15/bin".into(),
-    }
+    common::connection(name, "127.0.0.1", pg_port, tls, pw)
 }
 
 /// psql through the proxy with extra connection settings; (success, stdout, stderr).
@@ -141,27 +112,6 @@ fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<String> {
             _ => None,
         })
         .collect()
-}
-
-/// Start a long query on `client`, cancel it through the proxy (connecting with `tls`) once the
-/// target `pg` runs it, and check the target cancelled it.
-async fn cancel_a_long_query<T>(pg: &Postgres, client: tokio_postgres::Client, tls: T)
-where
-    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
-{
-    let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-    // A cancel that reaches the backend before the query would find it idle and do nothing.
-    let running =
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(%'";
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while pg.psql("shop", running).unwrap() != "1" {
-        assert!(std::time::Instant::now() < deadline, "the query never started on the target");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    token.cancel_query(tls).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), sleeper).await.unwrap().unwrap().unwrap_err();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +162,7 @@ async fn clients_connect_with_tls_or_without_when_allowed() {
     assert_eq!((a.unwrap().get::<_, i32>(0), b.unwrap().get::<_, i32>(0)), (2, 3));
     let big = client.simple_query("SELECT repeat('x', 1000000)").await.unwrap();
     assert_eq!(simple_rows(&big)[0].len(), 1_000_000);
-    cancel_a_long_query(&h.pg, client, tls).await;
+    common::cancel_a_long_query(&h.pg, client, tls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,17 +260,8 @@ async fn target_tls_verifies_the_target_and_encrypts() {
     assert_eq!(h.pg.psql("shop", "SELECT count(*) FROM orders").unwrap(), "1");
 
     // Cancel requests reach a TLS target's backend.
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(h.port)
-        .user("agent")
-        .password(KEY)
-        .dbname("full")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    cancel_a_long_query(&h.pg, client, tokio_postgres::NoTls).await;
+    let client = common::connect(h.port, "agent", KEY, "full").await;
+    common::cancel_a_long_query(&h.pg, client, tokio_postgres::NoTls).await;
     let _ = &h.dir;
 }
 
