@@ -12,12 +12,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use proto::policy::Operation;
 use proxy_node::policy::{Classification, FunctionRef, SessionEffect, classify};
 use testkit::Postgres;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+mod common;
 #[path = "differential/generate.rs"]
 mod generate;
 
@@ -770,7 +772,7 @@ async fn a_generated_corpus_holds_no_write_the_classifier_calls_read_only() -> a
     let n = var("DIFFERENTIAL_RANDOM", 500) as usize;
     let mut sqls = generate::systematic();
     let systematic = sqls.len();
-    sqls.extend(generate::random(&mut generate::Rng::new(seed), n));
+    sqls.extend(generate::random(&mut common::Rng::new(seed), n));
     let cases: Vec<(Option<&str>, String)> = sqls.into_iter().map(|s| (None, s)).collect();
     let target = Target::start().await?;
     let rows = target.run(&cases).await?;
@@ -791,5 +793,80 @@ async fn a_generated_corpus_holds_no_write_the_classifier_calls_read_only() -> a
     assert!(wrote_in(&rows[systematic..]) * 3 >= n, "{counts:?}");
     let read_only_clean = rows.iter().filter(|r| r.verdict.is_ok() && r.outcome == Outcome::Clean).count();
     assert!(read_only_clean >= 40, "{read_only_clean} read-only statements ran clean: {counts:?}");
+    Ok(())
+}
+
+/// Writes to the seeded tables and DDL denied, and whatever has an unknown effect; other writes
+/// allowed, so the proxy opens its target session read-write and only the gateway's reading of
+/// each statement stands between it and the data.
+const SEEDED_TABLES_READ_ONLY: &str = "  - name: seeded-tables-are-read-only
+    match: { operations: [insert, update, delete, merge, truncate, create, drop, alter, grant, revoke, copy, call, do, lock, vacuum, analyze, comment, escalate], tables: [orders, payments, MixedCase, app.Audit, mv_orders] }
+    action: deny
+  - name: no-ddl
+    match: { operations: [create, drop, alter, grant, revoke, escalate, call, do] }
+    action: deny
+defaults: { unknown_operation: deny }
+";
+
+const GATEWAY_KEY: &str = "ak_differential_agent_0123456789ab";
+
+/// The seeded tables, the catalog's size and the sequence, read on the target directly.
+async fn target_state(pg: &Postgres) -> anyhow::Result<Vec<String>> {
+    let c = pg.connect("shop").await?;
+    let mut state = first_row(&c.simple_query(&format!("SELECT {}", fingerprint_sql())).await?);
+    state.extend(sequence_state(&c).await?);
+    Ok(state)
+}
+
+/// The generated corpus again, end to end: each statement sent through the gateway (simple
+/// protocol, then a `COMMIT` so that nothing it began is rolled back unseen) to a real
+/// PostgreSQL under a policy that denies writing the seeded tables; the target's data, catalog
+/// and sequence, read directly after each, must not have changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_corpus_changes_nothing_through_the_gateway() -> anyhow::Result<()> {
+    let seed = common::env_number("DIFFERENTIAL_SEED", 0x5eed_a11c);
+    let mut sqls = generate::systematic();
+    let n = common::env_number("DIFFERENTIAL_RANDOM", 500) as usize;
+    sqls.extend(generate::random(&mut common::Rng::new(seed), n));
+    let node = common::Node::start(
+        SEED,
+        proxy_node::ProxyConfig::default(),
+        eventbus::EventBus::memory(),
+        |pg, pw| common::agent_policy("127.0.0.1", pg.port, pw, SEEDED_TABLES_READ_ONLY, GATEWAY_KEY),
+    )
+    .await;
+    node.pg.psql("postgres", "CREATE DATABASE shop_tpl TEMPLATE shop OWNER airlock_svc")?;
+    let dir = tempfile::tempdir()?;
+    let csv = dir.path().join("orders.csv");
+    std::fs::write(&csv, "78,from file\n")?;
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let baseline = target_state(&node.pg).await?;
+    let mut client = node.connect_as("agent", GATEWAY_KEY).await;
+    // The target session is writable: the gateway alone keeps the writes out.
+    let ro = client.simple_query("SHOW default_transaction_read_only").await?;
+    assert_eq!(first_row(&ro), ["off"]);
+    let (mut changed, mut served) = (Vec::new(), 0);
+    for sql in &sqls {
+        let sql = sql.replace("{file}", csv.to_str().expect("utf-8 path"));
+        if client.is_closed() {
+            client = node.connect_as("agent", GATEWAY_KEY).await;
+        }
+        let ran = tokio::time::timeout(Duration::from_secs(10), client.simple_query(&sql)).await;
+        served += usize::from(matches!(ran, Ok(Ok(_))));
+        // What the statement left open is committed, and names it made are freed for the next.
+        for after in ["COMMIT", "DEALLOCATE ALL", "CLOSE ALL"] {
+            let _ = tokio::time::timeout(Duration::from_secs(10), client.simple_query(after)).await;
+        }
+        if target_state(&node.pg).await? != baseline {
+            changed.push(format!("{sql:?} ({ran:?})"));
+            node.pg.psql("postgres", "DROP DATABASE shop WITH (FORCE)")?;
+            node.pg.psql("postgres", "CREATE DATABASE shop TEMPLATE shop_tpl OWNER airlock_svc")?;
+            client = node.connect_as("agent", GATEWAY_KEY).await;
+        }
+    }
+    println!("{} statements: {served} served", sqls.len());
+    assert!(changed.is_empty(), "seed {seed}: the target changed after:\n{}", changed.join("\n"));
+    // Not vacuous: the gateway served many statements (the reads) and refused the rest.
+    assert!(served >= 40, "only {served} of {} statements were served", sqls.len());
     Ok(())
 }

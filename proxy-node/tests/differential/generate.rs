@@ -18,6 +18,8 @@
 //! read-only must not write. The generator is deterministic for a seed, so a failure can be
 //! reproduced; `DIFFERENTIAL_SEED` and `DIFFERENTIAL_RANDOM` choose another seed and size.
 
+use crate::common::Rng;
+
 /// Where a payload can stand.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -215,37 +217,6 @@ const NAMES: &[(&str, &[&str])] = &[
     ("lower", &["public.lower", "\"lower\""]),
     ("p_insert", &["public.p_insert", "\"p_insert\""]),
 ];
-
-/// A small deterministic generator (xorshift64*), so the corpus needs no dependency and a seed
-/// reproduces it.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
 
 /// Every payload in every context of its kind.
 pub(crate) fn systematic() -> Vec<String> {
