@@ -2091,12 +2091,16 @@ async fn a_builtin_that_makes_a_value_of_a_named_type_is_of_unknown_effect() {
         "SELECT pg_catalog.domain_in('5', 'sneaky_int'::regtype, -1) IS NULL",
         "SELECT array_in('{5}', 'sneaky_int'::regtype, -1) IS NULL",
         "SELECT jsonb_populate_record(h, '{\"x\": 7}') IS NULL FROM (SELECT 1) s LEFT JOIN holder h ON false",
+        // A cast in FROM, which sqlparser reads as a table function `cast`.
+        "SELECT * FROM CAST(5 AS sneaky_int) f",
+        "SELECT * FROM cast(5 as SNEAKY_INT) AS f(x)",
     ] {
         refused(&c, sql).await;
     }
     assert_eq!(h.sql("SELECT count(*) FROM orders"), "3", "the target changed");
     // Other built-ins still read.
     c.simple_query("SELECT lower('A'), int4in('5') IS NULL, now() IS NULL").await.unwrap();
+    c.simple_query("SELECT * FROM CAST(5 AS int) f").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
