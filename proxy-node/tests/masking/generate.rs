@@ -63,6 +63,14 @@ const DISGUISES: &[&str] = &[
     "unnest(array[{}])",
     "(SELECT {})",
     "md5({}) || {}",
+    "(SELECT string_agg(ascii(ch)::text, ',') FROM regexp_split_to_table({}, '') ch)",
+    "(SELECT string_agg(ch, '' ORDER BY n DESC) FROM regexp_split_to_table({}, '') WITH ORDINALITY AS t(ch, n))",
+    "regexp_split_to_table({}, '')",
+    "({})::bytea::text",
+    "(jsonb_populate_record(NULL::users, jsonb_build_object('name', {}))).name",
+    "(json_populate_record(NULL::customers, json_build_object('id', 1, 'ssn', 'x'))).ssn || {}",
+    "jsonb_build_object('k', {}) ->> 'k'",
+    "(xpath('/e/text()', xmlelement(name e, {})))[1]::text",
 ];
 
 /// Aggregates, for the shapes that group.
@@ -109,6 +117,11 @@ const SHAPES: &[&str] = &[
     "SELECT to_number(({})::text, '999') FROM users u, customers c",
     "SELECT jsonb_path_query('{}', ({})::text::jsonpath) FROM users u, customers c",
     "SELECT 1 FROM users u, customers c WHERE ({})::text::int > 0",
+    "SELECT v FROM users u, customers c, LATERAL regexp_split_to_table(({})::text, '') v",
+    "SELECT * FROM regexp_split_to_table((SELECT string_agg(({})::text, ',') FROM users u, customers c), '') s",
+    "SELECT * FROM jsonb_each_text((SELECT jsonb_build_object('k', {}) FROM users u, customers c LIMIT 1))",
+    "SELECT * FROM json_populate_record(NULL::users, (SELECT json_build_object('name', {}) FROM users u, customers c LIMIT 1))",
+    "SELECT * FROM unnest((SELECT array_agg(({})::text) FROM users u, customers c)) WITH ORDINALITY",
 ];
 
 /// Shapes that aggregate; `{}` is an aggregate.
@@ -157,13 +170,14 @@ pub(crate) fn normalized(text: &str) -> String {
     text.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
 }
 
-/// The forms in which a secret can be given away by the disguises: as it is, reversed, and
-/// hex-encoded (base64 is looked for by decoding the answer's base64-looking words, see
+/// The forms in which a secret can be given away by the disguises: as it is, reversed,
+/// hex-encoded, and as its characters' codes (base64 is looked for by decoding the answer's base64-looking words, see
 /// [`decoded_words`]); each [`normalized`].
 pub(crate) fn forms(secret: &str) -> Vec<String> {
     let plain = normalized(secret);
     let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
-    vec![plain.clone(), plain.chars().rev().collect(), hex]
+    let codes: String = secret.bytes().map(|b| b.to_string()).collect();
+    vec![plain.clone(), plain.chars().rev().collect(), hex, codes]
 }
 
 /// Words of `text` that decode as base64 (as `encode(..., 'base64')` writes it), decoded.
