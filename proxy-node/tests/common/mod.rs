@@ -397,8 +397,8 @@ impl Rng {
         (self.next() % n as u64) as usize
     }
 
-    pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
+    pub(crate) fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
     }
 
     /// True `percent` times in a hundred.

@@ -271,7 +271,7 @@ pub(crate) fn systematic() -> Vec<String> {
 pub(crate) fn random(rng: &mut Rng, n: usize) -> Vec<String> {
     (0..n)
         .map(|_| {
-            let (kind, payload) = *rng.pick(PAYLOADS);
+            let (kind, payload) = rng.pick(PAYLOADS);
             let mut sql = rng.pick(contexts(kind)).replace("{}", payload);
             if rng.chance(50) {
                 sql = respell_names(rng, &sql);
@@ -282,7 +282,7 @@ pub(crate) fn random(rng: &mut Rng, n: usize) -> Vec<String> {
             if rng.chance(60) {
                 sql = respace(rng, &sql);
             }
-            format!("{}{sql}", *rng.pick(TRICKS))
+            format!("{}{sql}", rng.pick(TRICKS))
         })
         .collect()
 }
@@ -292,7 +292,7 @@ fn respell_names(rng: &mut Rng, sql: &str) -> String {
     let mut out = sql.to_string();
     for (name, spellings) in NAMES {
         if rng.chance(70) {
-            out = replace_word(&out, name, rng.pick::<&str>(spellings));
+            out = replace_word(&out, name, rng.pick(spellings));
         }
     }
     out
@@ -354,7 +354,7 @@ fn respace(rng: &mut Rng, sql: &str) -> String {
             _ => {}
         }
         if c == ' ' && quote.is_none() && rng.chance(30) {
-            out.push_str(rng.pick::<&str>(SPACES));
+            out.push_str(rng.pick(SPACES));
         } else {
             out.push(c);
         }
