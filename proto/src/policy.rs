@@ -1259,6 +1259,93 @@ defaults: { unparsed: deny, unknown_operation: hold }
         assert!(parse("rules: [{name: x}]").is_err());
     }
 
+    /// Valid documents broken at random (bytes cut out, YAML syntax put in, lines repeated or
+    /// swapped, the text cut short) are accepted or refused with a message, never a panic; deep
+    /// nesting and alias bombs are refused quickly.
+    #[test]
+    fn mutated_documents_are_refused_with_a_message_never_a_panic() {
+        const PIECES: &[&str] = &[
+            ":",
+            "- ",
+            "[",
+            "]",
+            "{",
+            "}",
+            "&a ",
+            "*a",
+            "!!binary ",
+            "!<tag:x> ",
+            "|",
+            ">",
+            "'",
+            "\"",
+            "\n",
+            "\t",
+            "#",
+            "%YAML 1.1\n",
+            "---\n",
+            "...\n",
+            "? ",
+            "\u{feff}",
+            "\u{0}",
+            "99999999999999999999999",
+            "-1",
+            "1e309",
+            "~",
+            ".inf",
+            "\\",
+            "<<: *a\n",
+            "  ",
+            "\u{2028}",
+            "é",
+        ];
+        let seeds = [GOOD, include_str!("../../deploy/policy.example.yaml")];
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let (mut refused, mut accepted) = (0, 0);
+        for _ in 0..3000 {
+            let mut doc: Vec<char> = seeds[next(seeds.len())].chars().collect();
+            for _ in 0..=next(3) {
+                let at = next(doc.len() + 1);
+                match next(5) {
+                    0 => drop(doc.drain(at..(at + next(20)).min(doc.len()))),
+                    1 | 2 => doc.splice(at..at, PIECES[next(PIECES.len())].chars()).for_each(drop),
+                    3 => doc.truncate(at),
+                    _ => {
+                        let text: String = doc.iter().collect();
+                        let mut lines: Vec<&str> = text.lines().collect();
+                        let (i, j) = (next(lines.len()), next(lines.len()));
+                        lines.swap(i, j);
+                        lines.insert(j, lines[i]);
+                        doc = lines.join("\n").chars().collect();
+                    }
+                }
+            }
+            match parse(&doc.iter().collect::<String>()) {
+                Ok(_) => accepted += 1,
+                Err(e) => {
+                    refused += 1;
+                    assert!(!e.0.is_empty() && e.0.iter().all(|v| !v.message.is_empty()), "{e:?}");
+                }
+            }
+        }
+        assert!(refused > 1000 && accepted > 0, "{refused} refused, {accepted} accepted");
+        let started = std::time::Instant::now();
+        assert!(parse(&format!("rules: {}", "[".repeat(50_000))).is_err());
+        assert!(parse(&format!("rules: {}", "- ".repeat(50_000))).is_err());
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"].windows(2).map(|w| (w[0], w[1])) {
+            bomb += &format!("{name}: &{name} [{}]\n", vec![format!("*{prev}"); 10].join(", "));
+        }
+        assert!(parse(&format!("{bomb}connections: *h\n")).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+    }
+
     #[test]
     fn slack_webhook_and_grant_parse_on_hold_rules() {
         let doc = GOOD.replace(
