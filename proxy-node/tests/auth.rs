@@ -349,6 +349,28 @@ async fn forged_and_misshapen_tokens_are_refused_and_point_the_proxy_nowhere() {
         misshapen.iter().map(|(w, c)| (*w, es256(&trusted, "k1", c))).collect();
     expect(port, REFUSED, &misshapen).await;
 
+    // Any one character of a good token changed (its header, claims or signature, or a dot):
+    // refused.
+    let token = es256(&trusted, "k1", &good);
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ ";
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut mutated = Vec::new();
+    while mutated.len() < 150 {
+        let (at, c) = (next(token.len()), alphabet[next(alphabet.len())]);
+        if token.as_bytes()[at] != c {
+            let mut t = token.clone().into_bytes();
+            t[at] = c;
+            mutated.push(("a good token with one character changed", String::from_utf8(t).unwrap()));
+        }
+    }
+    expect(port, REFUSED, &mutated).await;
+
     // A token as large as a password message may be is read whole; a larger one is refused at
     // once, not read.
     let padded = changed(json!({ "pad": "x".repeat(40 * 1024) }));
