@@ -90,7 +90,8 @@ async fn a_slack_user_mapped_by_id_is_known_by_their_profile_email_too() -> anyh
 
 /// A Slack callback signed with the right secret but a timestamp no clock could give gets 401,
 /// not a panic (the verifier's `now - ts` overflowed near `i64::MIN`). Signatures in the wrong
-/// form get 401 too (regression: the `v0=` prefix, its case, the hex's case).
+/// form get 401 too (regression: the `v0=` prefix, its case, the hex's case), and so does a
+/// callback with one character of its body, signature or timestamp changed.
 #[tokio::test]
 async fn absurd_timestamps_and_misshapen_signatures_get_401() -> anyhow::Result<()> {
     let nats = testkit::Nats::start()?;
@@ -126,6 +127,46 @@ async fn absurd_timestamps_and_misshapen_signatures_get_401() -> anyhow::Result<
         ("only half of it", good[..good.len() / 2].to_string()),
     ] {
         assert_eq!(svc.callback(&body, Some(&now), Some(&sig)).await?.0, StatusCode::UNAUTHORIZED, "{what}");
+    }
+    // One character of the body, the signature or the timestamp changed, the rest as signed.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let changed = |text: &str, at: usize, c: u8| {
+        let mut t = text.as_bytes().to_vec();
+        (t[at] != c).then(|| {
+            t[at] = c;
+            String::from_utf8_lossy(&t).into_owned()
+        })
+    };
+    let alphabet = b"0123456789abcdefABCDEF%&=_-+.";
+    for _ in 0..40 {
+        let c = alphabet[next(alphabet.len())];
+        if let Some(b) = changed(&body, next(body.len()), c) {
+            assert_eq!(
+                svc.callback(&b, Some(&now), Some(&good)).await?.0,
+                StatusCode::UNAUTHORIZED,
+                "body {b}"
+            );
+        }
+        if let Some(sig) = changed(&good, 3 + next(good.len() - 3), c) {
+            assert_eq!(
+                svc.callback(&body, Some(&now), Some(&sig)).await?.0,
+                StatusCode::UNAUTHORIZED,
+                "{sig}"
+            );
+        }
+        if let Some(ts) = changed(&now, next(now.len()), c) {
+            assert_eq!(
+                svc.callback(&body, Some(&ts), Some(&good)).await?.0,
+                StatusCode::UNAUTHORIZED,
+                "ts {ts}"
+            );
+        }
     }
     no_decision_for(&mut decisions, req.hold_id, Duration::from_millis(300)).await;
     assert!(svc.client().get(req.hold_id).await?.approvals.is_empty());
