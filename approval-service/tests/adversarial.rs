@@ -129,13 +129,8 @@ async fn absurd_timestamps_and_misshapen_signatures_get_401() -> anyhow::Result<
         assert_eq!(svc.callback(&body, Some(&now), Some(&sig)).await?.0, StatusCode::UNAUTHORIZED, "{what}");
     }
     // One character of the body, the signature or the timestamp changed, the rest as signed.
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = move |n: usize| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n as u64) as usize
-    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let mut next = |n: usize| rand::Rng::random_range(&mut rng, 0..n);
     let changed = |text: &str, at: usize, c: u8| {
         let mut t = text.as_bytes().to_vec();
         (t[at] != c).then(|| {

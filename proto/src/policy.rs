@@ -1300,13 +1300,9 @@ defaults: { unparsed: deny, unknown_operation: hold }
             "é",
         ];
         let seeds = [GOOD, include_str!("../../deploy/policy.example.yaml")];
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut next = |n: usize| rng.random_range(0..n);
         let (mut refused, mut accepted) = (0, 0);
         for _ in 0..3000 {
             let mut doc: Vec<char> = seeds[next(seeds.len())].chars().collect();
@@ -1319,6 +1315,9 @@ defaults: { unparsed: deny, unknown_operation: hold }
                     _ => {
                         let text: String = doc.iter().collect();
                         let mut lines: Vec<&str> = text.lines().collect();
+                        if lines.is_empty() {
+                            continue;
+                        }
                         let (i, j) = (next(lines.len()), next(lines.len()));
                         lines.swap(i, j);
                         lines.insert(j, lines[i]);

@@ -353,13 +353,8 @@ async fn forged_and_misshapen_tokens_are_refused_and_point_the_proxy_nowhere() {
     // refused.
     let token = es256(&trusted, "k1", &good);
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ ";
-    let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move |n: usize| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n as u64) as usize
-    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let mut next = |n: usize| rand::Rng::random_range(&mut rng, 0..n);
     let mut mutated = Vec::new();
     while mutated.len() < 150 {
         let (at, c) = (next(token.len()), alphabet[next(alphabet.len())]);

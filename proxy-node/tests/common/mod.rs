@@ -375,26 +375,17 @@ impl Holds {
     }
 }
 
-/// A small deterministic generator (xorshift64*) for the generated corpora: no dependency, and
-/// a seed reproduces a corpus.
-pub(crate) struct Rng(u64);
+/// The random choices of the generated corpora, from a seed, so a seed reproduces a corpus.
+pub(crate) struct Rng(rand::rngs::StdRng);
 
 impl Rng {
     pub(crate) fn new(seed: u64) -> Self {
-        Self(seed.max(1))
+        Self(rand::SeedableRng::seed_from_u64(seed))
     }
 
-    pub(crate) fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
+    /// A number below `n`.
     pub(crate) fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        rand::Rng::random_range(&mut self.0, 0..n)
     }
 
     pub(crate) fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
@@ -402,8 +393,8 @@ impl Rng {
     }
 
     /// True `percent` times in a hundred.
-    pub(crate) fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+    pub(crate) fn chance(&mut self, percent: u32) -> bool {
+        rand::Rng::random_ratio(&mut self.0, percent, 100)
     }
 }
 
