@@ -287,6 +287,46 @@ pub enum LineageError {
     TooComplex,
 }
 
+/// Settings whose values are one of a fixed few, numbers, or fixed by the server, and the name
+/// of the column `SHOW` answers with.
+const FIXED_KIND_SETTINGS: &[&str] = &[
+    "transaction_isolation",
+    "default_transaction_isolation",
+    "transaction_read_only",
+    "default_transaction_read_only",
+    "transaction_deferrable",
+    "default_transaction_deferrable",
+    "server_version",
+    "server_version_num",
+    "server_encoding",
+    "client_encoding",
+    "standard_conforming_strings",
+    "integer_datetimes",
+    "intervalstyle",
+    "datestyle",
+    "max_identifier_length",
+    "is_superuser",
+    "in_hot_standby",
+    "bytea_output",
+    "extra_float_digits",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "max_connections",
+    "block_size",
+];
+
+/// The setting `SHOW` names, when it is one of [`FIXED_KIND_SETTINGS`].
+fn fixed_kind_setting(variable: &[Ident]) -> Option<&'static str> {
+    let words: Vec<String> = variable.iter().map(fold_ident).collect();
+    let name = match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["transaction", "isolation", "level"] => "transaction_isolation".to_string(),
+        [one] => (*one).to_string(),
+        _ => return None,
+    };
+    FIXED_KIND_SETTINGS.iter().copied().find(|s| *s == name)
+}
+
 /// The lineage of one parsed statement.
 ///
 /// Statements that return no rows (plain `INSERT`/`UPDATE`/`DELETE`/`MERGE`, DDL, `SET`,
@@ -1320,6 +1360,19 @@ impl Analyzer {
                     }
                 };
                 Ok(if matches!(target, CopyTarget::Stdout) { d } else { Derived::exact(vec![]) })
+            }
+            // A setting whose value is one of a fixed few, a number or the server's own: no
+            // session can put a masked value there (what drivers ask at connect, like JDBC's
+            // `SHOW TRANSACTION ISOLATION LEVEL`). Any other setting (a custom one, or text such
+            // as `application_name` that `set_config` could fill with a masked value) is unknown.
+            Statement::ShowVariable { variable } if fixed_kind_setting(variable).is_some() => {
+                let name = fixed_kind_setting(variable).map(str::to_string);
+                Ok(Derived::exact(vec![Output::Column {
+                    name,
+                    sources: BTreeSet::new(),
+                    opaque: false,
+                    plain: true,
+                }]))
             }
             Statement::ShowFunctions { .. }
             | Statement::ShowVariable { .. }
@@ -2991,6 +3044,31 @@ mod tests {
         match lineage_sql(sql) {
             Err(LineageError::Unsupported(_)) => {}
             other => panic!("{sql}: expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn show_of_a_setting_of_fixed_kind_derives_from_nothing_and_any_other_is_unknown() {
+        for (sql, name) in [
+            ("SHOW TRANSACTION ISOLATION LEVEL", "transaction_isolation"),
+            ("show transaction_isolation", "transaction_isolation"),
+            ("SHOW server_version", "server_version"),
+            ("SHOW DateStyle", "datestyle"),
+        ] {
+            let l = one(sql);
+            assert_eq!(column(&l, 0), (Some(name), &set(&[]), false), "{sql}");
+        }
+        // Text a session can set (with set_config, to a masked value), custom settings, every
+        // setting at once, and a quoted name (matched as the server does, case-insensitively).
+        for sql in [
+            "SHOW application_name",
+            "SHOW search_path",
+            "SHOW my.secret",
+            "SHOW ALL",
+            "SHOW \"TRANSACTION_ISOLATION\"",
+            "SHOW \"Application_Name\"",
+        ] {
+            assert!(matches!(lineage_sql(sql), Err(_)), "{sql}");
         }
     }
 

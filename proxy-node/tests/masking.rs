@@ -414,6 +414,9 @@ async fn values_that_are_not_sensitive_come_back_byte_for_byte() {
         ("SELECT o.total, o.user_id FROM orders o ORDER BY o.id", "10|1\n20|2"),
         ("SELECT count(*) FROM users WHERE email IS NOT NULL", "2"),
         ("SELECT 'Order #4111-2222', 'café ☕', E'tab\\there'", "Order #4111-2222|café ☕|tab\there"),
+        // Settings drivers ask for at connect, whose values no session can make a masked one.
+        ("SHOW TRANSACTION ISOLATION LEVEL", "read committed"),
+        ("SHOW standard_conforming_strings", "on"),
     ];
     for (q, want) in cases {
         assert_eq!(simple(&c, q).await, *want, "simple `{q}`");
@@ -427,6 +430,15 @@ async fn values_that_are_not_sensitive_come_back_byte_for_byte() {
     assert_eq!(row.get::<_, i32>(3), 2);
     let copied = copy_out(&c, "COPY (SELECT id, name, amount FROM users ORDER BY id) TO STDOUT").await;
     assert_eq!(copied, "1\tAlice Smith\t12.50\n2\tBob Jones\t99.99\n");
+    // A text setting a session can fill with a masked value stays masked, filled or not.
+    for sql in [
+        "SET application_name = 'harmless'",
+        "SELECT set_config('application_name', email, false) FROM users WHERE id = 1",
+    ] {
+        let _ = simple(&c, sql).await;
+        let shown = simple(&c, "SHOW application_name").await;
+        assert!(!shown.contains("harmless") && leaked(&shown).is_none(), "after {sql}: {shown}");
+    }
     // Masked columns keep their place: a masked email is replaced, not dropped.
     let masked = simple(&c, "SELECT id, email, name FROM users WHERE id = 1").await;
     assert!(masked.starts_with("1|") && masked.ends_with("|Alice Smith"), "{masked}");
