@@ -417,6 +417,7 @@ async fn values_that_are_not_sensitive_come_back_byte_for_byte() {
         // Settings drivers ask for at connect, whose values no session can make a masked one.
         ("SHOW TRANSACTION ISOLATION LEVEL", "read committed"),
         ("SHOW standard_conforming_strings", "on"),
+        ("SHOW DateStyle", "ISO, MDY"),
     ];
     for (q, want) in cases {
         assert_eq!(simple(&c, q).await, *want, "simple `{q}`");
