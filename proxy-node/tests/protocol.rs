@@ -1237,6 +1237,38 @@ async fn a_sync_sent_during_copy_from_stdin_expects_no_answer() {
     executing_w_is_held(&h, &mut s).await;
 }
 
+/// A client may send its COPY data right behind `COPY … FROM STDIN`, without waiting for the
+/// CopyInResponse: the data reaches the target as data (the gateway used to drop it as copy
+/// messages outside a COPY, and the target waited for it forever). Through the extended
+/// protocol too, and when the target refuses the COPY at Execute (its error must not wait for
+/// the Sync the gateway holds back while it waits for the target's answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_sent_right_behind_copy_from_stdin_is_copied() {
+    use testkit::pgwire::{bind, contains, execute, message, parse, query, read_answers, sync};
+    let h = start(RULES).await;
+    h.as_owner("CREATE TABLE scratch (x int)");
+    h.sql("CREATE TABLE locked (x int)");
+    let mut s = testkit::pgwire::connect(h.port, "agent", "shop", KEY).await;
+    let data = [message(b'd', b"1\n2\n"), message(b'd', b"3\n"), message(b'c', &[])].concat();
+    s.write_all(&[query("COPY scratch FROM STDIN"), data.clone()].concat()).await.unwrap();
+    let seen = read_answers(&mut s, 1).await;
+    assert!(seen.contains("COPY 3"), "{seen}");
+    let extended =
+        [parse("", "COPY scratch FROM STDIN"), bind("", "", &[]), execute(""), data.clone(), sync()];
+    s.write_all(&extended.concat()).await.unwrap();
+    let seen = read_answers(&mut s, 1).await;
+    assert!(seen.contains("COPY 3"), "{seen}");
+    assert_eq!(h.sql("SELECT count(*), sum(x) FROM scratch"), "6|12");
+    // The target refuses the COPY (no privilege on `locked`): its error, then the data ignored.
+    let refused = [parse("", "COPY locked FROM STDIN"), bind("", "", &[]), execute(""), data, sync()];
+    s.write_all(&refused.concat()).await.unwrap();
+    let seen = read_answers(&mut s, 1).await;
+    assert!(seen.contains("42501") && seen.contains("locked"), "{seen}");
+    s.write_all(&query("SELECT 'still in step'")).await.unwrap();
+    let seen = read_answers(&mut s, 1).await;
+    assert!(contains(seen.as_bytes(), "still in step"), "{seen}");
+}
+
 /// `EXECUTE w`, where `w` is the target's `DELETE FROM orders`: held (the notice says so), and
 /// never run.
 async fn executing_w_is_held(h: &Harness, s: &mut tokio::net::TcpStream) {
@@ -2235,6 +2267,8 @@ const FUZZ_SQL: &[&str] = &[
     "EXECUTE b",
     "DEALLOCATE a",
     "SELECT 1; DELETE FROM orders",
+    "COPY orders TO STDOUT",
+    "COPY (SELECT id, item FROM orders) TO STDOUT (FORMAT csv)",
     "SELEC",
     "",
 ];
@@ -2265,17 +2299,31 @@ fn fuzz_pipeline(rng: &mut common::Rng) -> (Vec<u8>, usize) {
     for _ in 0..=rng.below(12) {
         let name = rng.pick(FUZZ_NAMES);
         let kind = rng.pick(b"SP");
-        let choice = rng.below(11);
-        if matches!(choice, 0 | 1) && !synced {
+        let choice = rng.below(13);
+        let simple = matches!(choice, 0 | 1 | 11);
+        if simple && !synced {
             out.extend(sync());
             readies += 1;
         }
-        synced = matches!(choice, 0 | 1);
+        synced = simple;
         out.extend(match choice {
             0 | 1 => {
                 readies += 1;
                 query(rng.pick(FUZZ_SQL))
             }
+            // COPY FROM STDIN (allowed into `scratch`, denied into the seeded tables), its data
+            // and its end. No Sync in between: the server ignores one during COPY.
+            11 => {
+                readies += 1;
+                let mut copy = query(rng.pick(&["COPY scratch FROM STDIN", "COPY orders FROM STDIN"]));
+                for _ in 0..rng.below(3) {
+                    copy.extend(message(b'd', rng.pick(&[&b"7\n"[..], b"8\n9\n", b"oops\tx\n", b""])));
+                }
+                copy.extend(if rng.chance(70) { message(b'c', &[]) } else { message(b'f', b"stop\0") });
+                copy
+            }
+            // Copy messages outside a COPY, which the server ignores.
+            12 => message(rng.pick(b"dcf"), b"stray\0"),
             2 | 3 => parse(name, rng.pick(FUZZ_SQL)),
             4 | 5 => {
                 let params: &[&str] = if rng.chance(50) { &["1"] } else { &[] };

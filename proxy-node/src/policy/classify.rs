@@ -184,6 +184,8 @@ pub struct Classification {
     /// savepoint): it makes what the block did durable, and what follows it in the message
     /// runs outside the block.
     pub ends_block: bool,
+    /// A `COPY … FROM STDIN`: once it runs, the target reads the client's CopyData.
+    pub copies_in: bool,
     /// What masking must know before the statements run (see `mask::PrecheckFacts`).
     pub mask_facts: crate::mask::PrecheckFacts,
     /// A function other than a known read-only built-in is called (kept when
@@ -1179,6 +1181,7 @@ fn classify_statement(top: &Statement, c: &mut Classification) {
                 "text after COPY … FROM STDIN; in the same message (the server runs it as SQL, not as data)".into()
             });
         }
+        c.copies_in |= !*to && matches!(target, CopyTarget::Stdin);
         if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
             c.denied_function.get_or_insert_with(|| "COPY to or from a server file or program".into());
         }

@@ -217,6 +217,11 @@ struct Relay<'s> {
     skip_until_sync: bool,
     /// The target is in COPY FROM STDIN: client CopyData goes straight through.
     copy_in: bool,
+    /// The request number of a `COPY … FROM STDIN` that went to the target, which has not yet
+    /// said whether it takes the data (CopyInResponse) or not (an error). Until it does, the
+    /// client's next messages are left unread: a client may send its CopyData right behind the statement, and whether
+    /// the target reads them as data or ignores them is only known then.
+    copy_pending: Option<u64>,
     statements: crate::Map<String, Prepared>,
     portals: crate::Map<String, Portal>,
     /// What [`Relay::lookup_portal`] gives for a name it cannot be sure of.
@@ -452,6 +457,7 @@ pub(crate) async fn run(s: &mut Session, client: &mut Client, up: &mut Upstream)
         expect: VecDeque::new(),
         skip_until_sync: false,
         copy_in: false,
+        copy_pending: None,
         statements: crate::Map::default(),
         portals: crate::Map::default(),
         uncertain_portal: Portal { stmt: None, params: Arc::from([]) },
@@ -540,7 +546,7 @@ impl Relay<'_> {
     async fn run(&mut self) -> Result<(), SessionError> {
         loop {
             // Decide what the client sent, unless a hold pauses it or the target is not reading.
-            while self.held.is_none() && self.uout.len() < HIGH_WATER {
+            while self.held.is_none() && self.copy_pending.is_none() && self.uout.len() < HIGH_WATER {
                 let f = match decode_frame(&mut self.cin, self.max) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
@@ -553,6 +559,7 @@ impl Relay<'_> {
                 }
             }
             // Relay what the target sent.
+            let copy_was_pending = self.copy_pending.is_some();
             while self.cout.len() < HIGH_WATER {
                 let f = match decode_frame(&mut self.uin, self.max) {
                     Ok(Some(f)) => f,
@@ -571,6 +578,11 @@ impl Relay<'_> {
                 }
             }
             self.emit_locals();
+            // The target answered a COPY: the client's messages behind it, already read, are
+            // decided now (nothing else would wake the loop for them).
+            if copy_was_pending && self.copy_pending.is_none() {
+                continue;
+            }
 
             let client_room = self.cin.len() < self.max.max(HIGH_WATER) + 5;
             let up_room = self.cout.len() < HIGH_WATER;
@@ -1479,7 +1491,7 @@ impl Relay<'_> {
         match verdict.decision {
             Decision::Allow => {
                 self.record_allowed(&c, events).await?;
-                self.forward_query(&f, sql, effects, seq);
+                self.forward_query(&f, sql, effects, seq, c.copies_in);
                 Ok(())
             }
             Decision::Deny => {
@@ -1496,9 +1508,19 @@ impl Relay<'_> {
     }
 
     /// Send the client's Query frame (whose text is `sql`) to the target.
-    fn forward_query(&mut self, frame: &Frame, sql: Arc<str>, effects: Vec<SessionEffect>, seq: u64) {
+    fn forward_query(
+        &mut self,
+        frame: &Frame,
+        sql: Arc<str>,
+        effects: Vec<SessionEffect>,
+        seq: u64,
+        copies_in: bool,
+    ) {
         self.send_upstream(frame);
         let r = Response::new(seq).with_sql(Some(sql));
+        if copies_in {
+            self.copy_pending = Some(seq);
+        }
         self.expect.push_back(Expect::Query(Box::new(r), effects.into()));
     }
 
@@ -1506,8 +1528,18 @@ impl Relay<'_> {
     /// portal, so the rows' columns are known even when the client did not ask. When the
     /// client's own Describe of the same portal is what the target answers just before (as
     /// libpq sends them), its row description gives the plan instead.
-    fn forward_execute(&mut self, frame: &Frame, portal: &str, sql: Option<Arc<str>>, seq: u64) {
+    fn forward_execute(
+        &mut self,
+        frame: &Frame,
+        portal: &str,
+        sql: Option<Arc<str>>,
+        seq: u64,
+        copies_in: bool,
+    ) {
         let mut r = Response::new(seq).with_sql(sql);
+        if copies_in {
+            self.copy_pending = Some(seq);
+        }
         r.effect = self
             .lookup_portal(portal)
             .and_then(|p| p.stmt.as_ref())
@@ -1526,6 +1558,13 @@ impl Relay<'_> {
             }
         }
         self.send_upstream(frame);
+        if copies_in {
+            // Should it fail instead, its error must not wait in the target's output for the
+            // client's Sync, which the relay holds back until the target answers (see
+            // `copy_pending`): PostgreSQL 15 sends it at once, a Flush makes sure of it. The
+            // target ignores a Flush once it reads data.
+            self.send_upstream(&msg::flush());
+        }
         self.expect.push_back(Expect::Execute(Box::new(r)));
     }
 
@@ -1645,7 +1684,7 @@ impl Relay<'_> {
         match verdict.decision {
             Decision::Allow => {
                 self.record_allowed(&c, events).await?;
-                self.forward_execute(&f, &portal, stmt_sql, seq);
+                self.forward_execute(&f, &portal, stmt_sql, seq, c.copies_in);
                 Ok(())
             }
             Decision::Deny => {
@@ -1821,12 +1860,13 @@ impl Relay<'_> {
                 info!(hold.id = %h.hold_id, "approved statement not run: the policy denies it now");
                 return self.refuse(seq, sqlstate::INSUFFICIENT_PRIVILEGE, m, h.extended, Vec::new()).await;
             }
+            let copies_in = h.classification.copies_in;
             match h.then {
                 AfterHold::Query { frame, sql, effects, seq } => {
-                    self.forward_query(&frame, sql, effects, seq)
+                    self.forward_query(&frame, sql, effects, seq, copies_in)
                 }
                 AfterHold::Execute { frame, portal, sql, seq } => {
-                    self.forward_execute(&frame, &portal, sql, seq)
+                    self.forward_execute(&frame, &portal, sql, seq, copies_in)
                 }
             }
             return Ok(());
@@ -1873,6 +1913,18 @@ impl Relay<'_> {
                 format!("airlock: unexpected message {:?} from the target", f.tag as char),
             ));
         };
+        // The target's first word on a `COPY … FROM STDIN`: CopyInResponse, or an error (in a
+        // simple query, which may run statements before it, the end of it).
+        if let Some(pending) = self.copy_pending {
+            let answered = match head {
+                Expect::Query(r, _) if r.seq == pending => matches!(f.tag, b'G' | b'E' | b'Z'),
+                Expect::Execute(r) => r.seq == pending,
+                _ => false,
+            };
+            if answered {
+                self.copy_pending = None;
+            }
+        }
         if f.tag == b'E' {
             if matches!(head, Expect::SwallowError) {
                 self.expect.pop_front();

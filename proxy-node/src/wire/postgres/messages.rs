@@ -267,6 +267,12 @@ pub fn sync() -> Frame {
     Frame { tag: b'S', body: Bytes::new() }
 }
 
+/// Flush: the target sends what it holds back (an error in the extended protocol waits for
+/// the next Sync or Flush otherwise); nothing answers it.
+pub fn flush() -> Frame {
+    Frame { tag: b'H', body: Bytes::new() }
+}
+
 /// The row count at the end of a CommandComplete tag (`SELECT 3`, `INSERT 0 1`, `DELETE 2`).
 pub fn rows_in_tag(tag: &str) -> Option<u64> {
     tag.rsplit(' ').next()?.parse().ok()
