@@ -2452,3 +2452,27 @@ async fn random_pipelines_change_nothing_leak_nothing_and_stay_in_step() {
     );
     assert_eq!(bystander.simple_query("SELECT 1").await.map(|m| m.len()).ok(), Some(3), "the other session");
 }
+
+/// A read allowed to run before it is recorded, skipped by the target because a message ahead
+/// of it in the pipeline failed (here its own Bind, with a parameter too many): its answers
+/// are not withheld forever waiting for a response that never comes (found by the pipeline
+/// fuzzer: the session stalled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_skipped_after_a_failed_bind_does_not_stall_the_session() {
+    use testkit::pgwire::{execute, parse, query, sync};
+    let h = start(RULES).await;
+    let mut s = h.raw_as("agent", KEY).await;
+    for sql in ["BEGIN", "SELECT 1"] {
+        let pipeline = [parse("c", sql), bind_in("c", "c", &["1"], 0), execute("c"), sync()].concat();
+        let seen = exchange(&mut s, &pipeline, 1, sql).await.expect("answered");
+        let seen = String::from_utf8_lossy(&seen);
+        assert!(seen.contains("bind message supplies 1 parameters"), "{seen}");
+        let seen = exchange(&mut s, &[close_statement("c"), query("SELECT 'next'")].concat(), 2, sql).await;
+        assert!(seen.is_some_and(|s| testkit::pgwire::contains(&s, "next")), "{sql}: the session goes on");
+    }
+}
+
+/// Close the prepared statement `name`, then Sync.
+fn close_statement(name: &str) -> Vec<u8> {
+    [testkit::pgwire::close(b'S', name), testkit::pgwire::sync()].concat()
+}

@@ -1929,7 +1929,7 @@ impl Relay<'_> {
             if matches!(head, Expect::SwallowError) {
                 self.expect.pop_front();
                 self.skip_failed_pipeline();
-                return Ok(());
+                return self.record_skipped().await;
             }
             let extended = head.extended();
             match head {
@@ -1954,6 +1954,7 @@ impl Relay<'_> {
             self.send_client(&f);
             if extended {
                 self.skip_failed_pipeline();
+                self.record_skipped().await?;
             }
             return Ok(());
         }
@@ -2076,6 +2077,17 @@ impl Relay<'_> {
             self.expect.pop_front();
         }
         self.skip_until_sync = true;
+    }
+
+    /// After [`Relay::skip_failed_pipeline`]: a read allowed to run before it was recorded
+    /// (see [`Relay::deferrable`]) may have been among the skipped, and nothing would record
+    /// it then, nor let out the answers withheld from the client until it is: record its
+    /// request now. (A later statement's early record is what an undeferred one gets anyway.)
+    async fn record_skipped(&mut self) -> Result<(), SessionError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        self.record(Vec::new()).await
     }
 
     /// Apply what a statement did to the session's names; `text`: the message it came in.
