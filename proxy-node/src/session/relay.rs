@@ -219,8 +219,9 @@ struct Relay<'s> {
     copy_in: bool,
     /// The request number of a `COPY … FROM STDIN` that went to the target, which has not yet
     /// said whether it takes the data (CopyInResponse) or not (an error). Until it does, the
-    /// client's next messages are left unread: a client may send its CopyData right behind the statement, and whether
-    /// the target reads them as data or ignores them is only known then.
+    /// client's next messages are left unread: a client may send its CopyData right behind
+    /// the statement, and whether the target reads them as data or ignores them is only known
+    /// then.
     copy_pending: Option<u64>,
     statements: crate::Map<String, Prepared>,
     portals: crate::Map<String, Portal>,
