@@ -1760,7 +1760,8 @@ async fn seen_by(c: &tokio_postgres::Client, sql: &str) -> String {
 }
 
 /// The generated leak corpus ([`generate`]): every disguise of a masked column in every query
-/// shape, then random chains of disguises of every masked column. The exempt principal's
+/// shape, then random chains of disguises of every masked column (a single statement also
+/// through the extended protocol, with binary results). The exempt principal's
 /// answers show that the shapes carry the raw values out; the agent's may hold none of them,
 /// in any case, spacing or punctuation, reversed, hex- or base64-encoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1802,6 +1803,13 @@ async fn a_generated_corpus_of_disguised_masked_values_leaks_none() {
         assert!(!seen.contains("closed"), "`{q}` closed the agent's session: {seen}");
         served += usize::from(!seen.starts_with("ERROR"));
         carried += usize::from(found(&seen_by(&dba, q).await).is_some());
+        // A single statement through the extended protocol too, with results in binary.
+        if !q.contains(';') && !q.starts_with("COPY") {
+            let seen = extended(&agent, q).await;
+            if let Some(s) = found(&seen) {
+                leaks.push(format!("extended `{q}` leaked `{s}`:\n{seen}"));
+            }
+        }
     }
     println!(
         "{} queries: {served} served to the agent, {carried} showed the exempt principal a raw value",
