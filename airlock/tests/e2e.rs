@@ -77,6 +77,29 @@ fn config(dir: &Path, ports: &Ports, oidc: &OidcIssuer, nats: Option<&Nats>, s3:
     path
 }
 
+/// A seeded target, an OIDC issuer, free ports and a config for `airlock up` on its embedded
+/// defaults (no NATS, no S3) in a folder of its own.
+struct Local {
+    pg: Postgres,
+    oidc: OidcIssuer,
+    dir: tempfile::TempDir,
+    ports: Ports,
+    cfg: PathBuf,
+}
+
+impl Local {
+    fn start() -> Self {
+        testkit::init_crypto();
+        let pg = Postgres::start().unwrap();
+        seed(&pg);
+        let oidc = OidcIssuer::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ports = Ports::new();
+        let cfg = config(dir.path(), &ports, &oidc, None, None);
+        Self { pg, oidc, dir, ports, cfg }
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -320,13 +343,7 @@ async fn split_deployment_allows_denies_holds_and_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn airlock_up_alone_allows_denies_holds_and_records() {
-    testkit::init_crypto();
-    let pg = Postgres::start().unwrap();
-    seed(&pg);
-    let oidc = OidcIssuer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports::new();
-    let cfg = config(dir.path(), &ports, &oidc, None, None);
+    let Local { pg, oidc, dir, ports, cfg } = Local::start();
     let policy = dir.path().join("initial.yaml");
     std::fs::write(&policy, policy_yaml(&pg)).unwrap();
     let admin = with_admin_port(&cfg);
@@ -364,13 +381,7 @@ async fn airlock_up_alone_allows_denies_holds_and_records() {
 /// next statement is refused and the session ends, as a new login with it would fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_its_token_expires() {
-    testkit::init_crypto();
-    let pg = Postgres::start().unwrap();
-    seed(&pg);
-    let oidc = OidcIssuer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports::new();
-    let cfg = config(dir.path(), &ports, &oidc, None, None);
+    let Local { pg, oidc, dir, ports, cfg } = Local::start();
     let text = std::fs::read_to_string(&cfg).unwrap().replacen(
         "[proxy.oidc]\n",
         "[proxy.oidc]\nleeway = \"0s\"\n",
@@ -437,13 +448,7 @@ async fn a_proxy_without_a_policy_is_live_but_not_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_misaddressed_tokens_are_rejected_before_the_target() {
-    testkit::init_crypto();
-    let pg = Postgres::start().unwrap();
-    seed(&pg);
-    let oidc = OidcIssuer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports::new();
-    let cfg = config(dir.path(), &ports, &oidc, None, None);
+    let Local { pg, oidc, dir, ports, cfg } = Local::start();
     let policy = dir.path().join("initial.yaml");
     std::fs::write(&policy, policy_yaml(&pg)).unwrap();
     let _up = spawn(dir.path(), &cfg, &["up", "-f", policy.to_str().unwrap()], "up");
