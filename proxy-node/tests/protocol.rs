@@ -2277,18 +2277,6 @@ const FUZZ_SQL: &[&str] = &[
 /// prepared statements and cursors above.
 const FUZZ_NAMES: &[&str] = &["", "a", "b", "c", "p"];
 
-/// A Bind of `stmt` to `portal` with `params` in text, asking for every result in `format`.
-fn bind_in(portal: &str, stmt: &str, params: &[&str], format: u8) -> Vec<u8> {
-    let mut b = [portal.as_bytes(), b"\0", stmt.as_bytes(), b"\0", &[0, 0]].concat();
-    b.extend_from_slice(&u16::try_from(params.len()).expect("few").to_be_bytes());
-    for p in params {
-        b.extend_from_slice(&u32::try_from(p.len()).expect("short").to_be_bytes());
-        b.extend_from_slice(p.as_bytes());
-    }
-    b.extend_from_slice(&[0, 1, 0, format]);
-    testkit::pgwire::message(b'B', &b)
-}
-
 /// A random pipeline of 1 to 12 extended-protocol messages and Queries, then a Sync, and how
 /// many ReadyForQuery answer it. A Query comes only after a Sync (one is put in before it
 /// otherwise): after an error the server skips every message up to the next Sync, a Query too,
@@ -2327,7 +2315,12 @@ fn fuzz_pipeline(rng: &mut common::Rng) -> (Vec<u8>, usize) {
             2 | 3 => parse(name, rng.pick(FUZZ_SQL)),
             4 | 5 => {
                 let params: &[&str] = if rng.chance(50) { &["1"] } else { &[] };
-                bind_in(name, rng.pick(FUZZ_NAMES), params, u8::from(rng.chance(30)))
+                testkit::pgwire::bind_results(
+                    name,
+                    rng.pick(FUZZ_NAMES),
+                    params,
+                    &[u16::from(rng.chance(30))],
+                )
             }
             6 => describe(kind, name),
             7 | 8 => execute(name),
@@ -2344,20 +2337,6 @@ fn fuzz_pipeline(rng: &mut common::Rng) -> (Vec<u8>, usize) {
     (out, readies)
 }
 
-/// The tags of the whole messages of `bytes`, and whether a part of one is left over.
-fn whole_tags(bytes: &[u8]) -> (Vec<u8>, bool) {
-    let (mut i, mut tags) = (0, Vec::new());
-    while i + 5 <= bytes.len() {
-        let len = u32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]) as usize;
-        if i + 1 + len > bytes.len() {
-            break;
-        }
-        tags.push(bytes[i]);
-        i += 1 + len;
-    }
-    (tags, i < bytes.len())
-}
-
 /// Send `msgs` and read until `readies` ReadyForQuery have come: everything the gateway sent,
 /// or `None` if it closed the session. Panics (naming `what`) if the answers stop short.
 async fn exchange(s: &mut tokio::net::TcpStream, msgs: &[u8], readies: usize, what: &str) -> Option<Vec<u8>> {
@@ -2365,10 +2344,10 @@ async fn exchange(s: &mut tokio::net::TcpStream, msgs: &[u8], readies: usize, wh
     let mut seen = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
-        let (tags, partial) = whole_tags(&seen);
+        let (tags, partial) = testkit::pgwire::whole_tags(&seen);
         let got = tags.iter().filter(|&&t| t == b'Z').count();
         assert!(got <= readies, "{what}: more answers than asked for: {}", String::from_utf8_lossy(&seen));
-        if got == readies && !partial {
+        if got == readies && partial == 0 {
             return Some(seen);
         }
         let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
@@ -2426,7 +2405,7 @@ async fn random_pipelines_change_nothing_leak_nothing_and_stay_in_step() {
             continue;
         };
         answered += 1;
-        let (tags, _) = whole_tags(&seen);
+        let (tags, _) = testkit::pgwire::whole_tags(&seen);
         rows += tags.iter().filter(|&&t| t == b'D').count();
         errors += tags.iter().filter(|&&t| t == b'E').count();
         masked += usize::from(testkit::pgwire::contains(&seen, "[redacted]"));
@@ -2463,7 +2442,8 @@ async fn a_read_skipped_after_a_failed_bind_does_not_stall_the_session() {
     let h = start(RULES).await;
     let mut s = h.raw_as("agent", KEY).await;
     for sql in ["BEGIN", "SELECT 1"] {
-        let pipeline = [parse("c", sql), bind_in("c", "c", &["1"], 0), execute("c"), sync()].concat();
+        let pipeline =
+            [parse("c", sql), testkit::pgwire::bind("c", "c", &["1"]), execute("c"), sync()].concat();
         let seen = exchange(&mut s, &pipeline, 1, sql).await.expect("answered");
         let seen = String::from_utf8_lossy(&seen);
         assert!(seen.contains("bind message supplies 1 parameters"), "{seen}");

@@ -57,6 +57,12 @@ pub fn parse(name: &str, sql: &str) -> Vec<u8> {
 
 /// Bind statement `stmt` to `portal` with text parameters, all results in text.
 pub fn bind(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
+    bind_results(portal, stmt, params, &[])
+}
+
+/// Bind statement `stmt` to `portal` with text parameters, asking for results in `formats`
+/// (0 text, 1 binary; none: all in text, one: all in that format).
+pub fn bind_results(portal: &str, stmt: &str, params: &[&str], formats: &[u16]) -> Vec<u8> {
     let mut b = [cstr(portal), cstr(stmt)].concat();
     b.extend_from_slice(&[0, 0]);
     b.extend_from_slice(&u16::try_from(params.len()).expect("few parameters").to_be_bytes());
@@ -64,7 +70,10 @@ pub fn bind(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
         b.extend_from_slice(&len_prefix(p.len()));
         b.extend_from_slice(p.as_bytes());
     }
-    b.extend_from_slice(&[0, 0]);
+    b.extend_from_slice(&u16::try_from(formats.len()).expect("few formats").to_be_bytes());
+    for f in formats {
+        b.extend_from_slice(&f.to_be_bytes());
+    }
     message(b'B', &b)
 }
 
@@ -122,16 +131,27 @@ pub async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
-/// The tags of the whole messages in `bytes`.
+/// The tags of the messages in `bytes`, the last one's too once its length has come.
 pub fn tags(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut i = 0;
+    let (mut out, rest) = whole_tags(bytes);
+    if rest >= 5 {
+        out.push(bytes[bytes.len() - rest]);
+    }
+    out
+}
+
+/// The tags of the whole messages in `bytes`, and how many bytes of a message follow them.
+pub fn whole_tags(bytes: &[u8]) -> (Vec<u8>, usize) {
+    let (mut out, mut i) = (Vec::new(), 0);
     while i + 5 <= bytes.len() {
         let len = u32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]]) as usize;
+        if i + 1 + len > bytes.len() {
+            break;
+        }
         out.push(bytes[i]);
         i += 1 + len;
     }
-    out
+    (out, bytes.len() - i)
 }
 
 /// Does `needle` occur anywhere in `hay`?
