@@ -188,22 +188,16 @@ pub(crate) fn decoded_words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `word` decoded as base64, padded or not (PostgreSQL pads; a word cut out of a longer text
+/// need not be).
 fn decode_base64(word: &str) -> Option<String> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let digits: Vec<u8> = word.trim_end_matches('=').bytes().map(value).collect::<Option<_>>()?;
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, d)| n | (u32::from(*d) << (18 - 6 * i)));
-        out.extend(n.to_be_bytes()[1..chunk.len()].iter());
-    }
-    String::from_utf8(out).ok()
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let config = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
+    let bytes = GeneralPurpose::new(&base64::alphabet::STANDARD, config).decode(word).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 #[test]
