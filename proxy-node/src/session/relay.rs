@@ -1929,8 +1929,7 @@ impl Relay<'_> {
         if f.tag == b'E' {
             if matches!(head, Expect::SwallowError) {
                 self.expect.pop_front();
-                self.skip_failed_pipeline();
-                return self.record_skipped().await;
+                return self.skip_failed_pipeline().await;
             }
             let extended = head.extended();
             match head {
@@ -1954,8 +1953,7 @@ impl Relay<'_> {
             }
             self.send_client(&f);
             if extended {
-                self.skip_failed_pipeline();
-                self.record_skipped().await?;
+                self.skip_failed_pipeline().await?;
             }
             return Ok(());
         }
@@ -2070,21 +2068,22 @@ impl Relay<'_> {
     /// When the client has not sent that Sync yet, what it sends until then is skipped by the
     /// target as well, so the proxy drops it unread: forwarded and expected, it would take the
     /// answers of what comes after, and the proxy would mistake one statement for another.
-    fn skip_failed_pipeline(&mut self) {
-        while let Some(e) = self.expect.front() {
-            if matches!(e, Expect::Sync) {
-                return;
+    ///
+    /// A read allowed to run before it was recorded (see [`Relay::deferrable`]) may be among
+    /// what is skipped, and then nothing would record it, nor let out the answers withheld
+    /// from the client until it is: its request is recorded here. (A later statement's early
+    /// record is what an undeferred one gets anyway.)
+    async fn skip_failed_pipeline(&mut self) -> Result<(), SessionError> {
+        loop {
+            match self.expect.front() {
+                Some(Expect::Sync) => break,
+                Some(_) => drop(self.expect.pop_front()),
+                None => {
+                    self.skip_until_sync = true;
+                    break;
+                }
             }
-            self.expect.pop_front();
         }
-        self.skip_until_sync = true;
-    }
-
-    /// After [`Relay::skip_failed_pipeline`]: a read allowed to run before it was recorded
-    /// (see [`Relay::deferrable`]) may have been among the skipped, and nothing would record
-    /// it then, nor let out the answers withheld from the client until it is: record its
-    /// request now. (A later statement's early record is what an undeferred one gets anyway.)
-    async fn record_skipped(&mut self) -> Result<(), SessionError> {
         if self.deferred.is_empty() {
             return Ok(());
         }
