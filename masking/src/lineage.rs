@@ -1365,17 +1365,16 @@ impl Analyzer {
             // session can put a masked value there (what drivers ask at connect, like JDBC's
             // `SHOW TRANSACTION ISOLATION LEVEL`). Any other setting (a custom one, or text such
             // as `application_name` that `set_config` could fill with a masked value) is unknown.
-            Statement::ShowVariable { variable } if fixed_kind_setting(variable).is_some() => {
-                let name = fixed_kind_setting(variable).map(str::to_string);
-                Ok(Derived::exact(vec![Output::Column {
-                    name,
+            Statement::ShowVariable { variable } => match fixed_kind_setting(variable) {
+                Some(name) => Ok(Derived::exact(vec![Output::Column {
+                    name: Some(name.to_string()),
                     sources: BTreeSet::new(),
                     opaque: false,
                     plain: true,
-                }]))
-            }
+                }])),
+                None => Err(LineageError::Unsupported("SHOW".into())),
+            },
             Statement::ShowFunctions { .. }
-            | Statement::ShowVariable { .. }
             | Statement::ShowStatus { .. }
             | Statement::ShowVariables { .. }
             | Statement::ShowCreate { .. }
